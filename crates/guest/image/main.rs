@@ -1,0 +1,389 @@
+//! consnap workload guest: the ring-3 part.
+//!
+//! `boot.s` brings every CPU to ring 3 and calls [`user_entry`]. CPU 0 reads
+//! the PVH start_info (command line, memory map), finds the CPU count in the
+//! MP table, starts the other CPUs, and runs its share of the workload; the
+//! others run theirs. CPU 0 then combines the results, publishes them in the
+//! status page, prints them on COM1 and writes the exit code to the
+//! debug-exit port. Nothing here runs in ring 0.
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::fmt::{self, Write};
+use core::mem::offset_of;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+use workload::abi::{self, MAX_CPUS, exit, state};
+use workload::{Env, Outcome, Share, Spec};
+
+global_asm!(include_str!("boot.s"), options(att_syntax));
+global_asm!(include_str!("mem.s"), options(att_syntax));
+
+/// Referenced by the prebuilt `core` even though the guest never unwinds.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}
+
+/// The status page, shared with the VMM (layout: `workload::abi`).
+#[repr(C, align(4096))]
+struct StatusPage {
+    magic: AtomicU64,
+    version: AtomicU32,
+    state: AtomicU32,
+    ncpus: AtomicU32,
+    exit_code: AtomicU32,
+    ops: AtomicU64,
+    checksum: AtomicU64,
+    errors: AtomicU64,
+    _reserved: [u64; 2],
+    ops_done: [AtomicU64; MAX_CPUS],
+}
+
+const _: () = {
+    assert!(offset_of!(StatusPage, magic) == abi::off::MAGIC as usize);
+    assert!(offset_of!(StatusPage, version) == abi::off::VERSION as usize);
+    assert!(offset_of!(StatusPage, state) == abi::off::STATE as usize);
+    assert!(offset_of!(StatusPage, ncpus) == abi::off::NCPUS as usize);
+    assert!(offset_of!(StatusPage, exit_code) == abi::off::EXIT_CODE as usize);
+    assert!(offset_of!(StatusPage, ops) == abi::off::OPS as usize);
+    assert!(offset_of!(StatusPage, checksum) == abi::off::CHECKSUM as usize);
+    assert!(offset_of!(StatusPage, errors) == abi::off::ERRORS as usize);
+    assert!(offset_of!(StatusPage, ops_done) == abi::off::OPS_DONE as usize);
+};
+
+// Exported so the compiler keeps every store: only the VMM reads most fields.
+#[unsafe(link_section = ".status")]
+#[unsafe(no_mangle)]
+static STATUS: StatusPage = StatusPage {
+    magic: AtomicU64::new(0),
+    version: AtomicU32::new(0),
+    state: AtomicU32::new(0),
+    ncpus: AtomicU32::new(0),
+    exit_code: AtomicU32::new(0),
+    ops: AtomicU64::new(0),
+    checksum: AtomicU64::new(0),
+    errors: AtomicU64::new(0),
+    _reserved: [0; 2],
+    ops_done: [const { AtomicU64::new(0) }; MAX_CPUS],
+};
+
+// Rendezvous between CPUs (all in guest RAM, so snapshots capture them).
+static NCPUS: AtomicU32 = AtomicU32::new(1);
+static CHECKED_IN: AtomicU32 = AtomicU32::new(0);
+static GO: AtomicU32 = AtomicU32::new(0);
+static FINISHED: AtomicU32 = AtomicU32::new(0);
+static ARENA: AtomicU64 = AtomicU64::new(0);
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+static RES_OPS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static RES_SUM: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static RES_ERR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+unsafe extern "C" {
+    static __image_end: u8;
+}
+
+const COM1: u16 = 0x3f8;
+const START_INFO_MAGIC: u32 = 0x336e_c578;
+
+fn outb(port: u16, val: u8) {
+    // SAFETY: port I/O to ports the TSS I/O bitmap grants to ring 3; no memory effects.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags)) }
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as in `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is allowed in ring 3 (CR4.TSD is clear) and has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Ask ring 0 for `request` (see boot.s): HLT at CPL 3 raises #GP.
+fn kernel_request(request: u64) {
+    // SAFETY: the #GP handler in boot.s services the request and resumes after the HLT.
+    unsafe { asm!("hlt", in("rax") request, options(nostack)) }
+}
+
+fn park() -> ! {
+    loop {
+        kernel_request(0);
+    }
+}
+
+struct Serial;
+
+impl Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            outb(COM1, b);
+        }
+        Ok(())
+    }
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {{ let _ = writeln!(Serial, "consnap-guest: {}", format_args!($($arg)*)); }};
+}
+
+fn finish(code: u32) -> ! {
+    STATUS.exit_code.store(code, Release);
+    if code != exit::OK && code != exit::INTEGRITY {
+        STATUS.state.store(state::FAILED, Release);
+    }
+    outb(abi::DEBUG_EXIT_PORT, code as u8);
+    park()
+}
+
+fn fail(code: u32, args: fmt::Arguments<'_>) -> ! {
+    say!("error: {args}");
+    finish(code)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    say!("panic: {info}");
+    finish(exit::FAULT)
+}
+
+/// Entered in ring 3 by every CPU, with its index and the PVH start_info address.
+#[unsafe(no_mangle)]
+extern "C" fn user_entry(cpu: u64, start_info: u64) -> ! {
+    if cpu == 0 { bsp_main(start_info) } else { ap_main(cpu as u32, start_info) }
+}
+
+fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: all guest-physical memory below 4 GiB is identity-mapped and
+    // user-accessible; callers pass addresses from start_info or the MP table.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+fn cmdline(start_info: u64) -> &'static str {
+    if start_info == 0 || read::<u32>(start_info) != START_INFO_MAGIC {
+        fail(exit::BAD_CMDLINE, format_args!("no PVH start_info (boot through the PVH entry)"));
+    }
+    let p = read::<u64>(start_info + 24);
+    if p == 0 {
+        return "";
+    }
+    let len = (0..4096).find(|&i| read::<u8>(p + i) == 0).unwrap_or(4096);
+    // SAFETY: `len` bytes from `p` lie in identity-mapped guest memory that nothing writes.
+    let bytes = unsafe { core::slice::from_raw_parts(p as *const u8, len as usize) };
+    match core::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(_) => fail(exit::BAD_CMDLINE, format_args!("command line is not UTF-8")),
+    }
+}
+
+fn parse_spec(start_info: u64) -> Spec {
+    match Spec::parse(cmdline(start_info)) {
+        Ok(s) => s,
+        Err(e) => fail(exit::BAD_CMDLINE, format_args!("bad command line: {e}")),
+    }
+}
+
+/// Enabled processors listed in the Intel MP table, if there is one.
+fn mp_table_cpus() -> Option<u32> {
+    let ebda = u64::from(read::<u16>(0x40e)) << 4;
+    let ranges = [(ebda, ebda + 1024), (0x9fc00, 0xa0000), (0xf0000, 0x100000)];
+    for (start, end) in ranges {
+        if start == 0 {
+            continue;
+        }
+        let mut p = start;
+        while p + 16 <= end {
+            if read::<[u8; 4]>(p) == *b"_MP_" && (0..16).fold(0u8, |s, i| s.wrapping_add(read(p + i))) == 0 {
+                let table = u64::from(read::<u32>(p + 4));
+                if table == 0 || read::<[u8; 4]>(table) != *b"PCMP" {
+                    return None;
+                }
+                let count = read::<u16>(table + 34);
+                let mut e = table + 44;
+                let mut cpus = 0;
+                for _ in 0..count {
+                    match read::<u8>(e) {
+                        0 => {
+                            if read::<u8>(e + 3) & 1 != 0 {
+                                cpus += 1;
+                            }
+                            e += 20;
+                        }
+                        _ => e += 8,
+                    }
+                }
+                return Some(cpus);
+            }
+            p += 16;
+        }
+    }
+    None
+}
+
+/// First RAM address after the image, 2 MiB aligned.
+fn arena_base() -> u64 {
+    // SAFETY: only the address of the linker-defined symbol is taken.
+    let end = unsafe { core::ptr::addr_of!(__image_end) } as u64;
+    end.next_multiple_of(2 << 20)
+}
+
+fn check_arena(start_info: u64, base: u64, bytes: u64) {
+    let version = read::<u32>(start_info + 4);
+    let (map, entries) = (read::<u64>(start_info + 40), read::<u32>(start_info + 48));
+    if version < 1 || map == 0 {
+        fail(exit::RESOURCES, format_args!("start_info has no memory map"));
+    }
+    let mut largest = 0;
+    for i in 0..u64::from(entries.min(128)) {
+        let e = map + i * 24;
+        let (addr, size, kind) = (read::<u64>(e), read::<u64>(e + 8), read::<u32>(e + 16));
+        if kind != 1 {
+            continue;
+        }
+        let end = addr.saturating_add(size).min(4 << 30);
+        if addr <= base && base + bytes <= end {
+            return;
+        }
+        largest = largest.max(end.saturating_sub(base.max(addr)));
+    }
+    fail(
+        exit::RESOURCES,
+        format_args!("wss needs {} MiB of RAM from {base:#x}, but only {} MiB is usable there", bytes >> 20, largest >> 20),
+    )
+}
+
+/// TSC frequency from a 10 ms countdown of PIT channel 2.
+fn calibrate_tsc() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const COUNT: u16 = 11_932;
+    outb(0x61, (inb(0x61) & !0x02) | 0x01);
+    outb(0x43, 0xb0);
+    outb(0x42, COUNT as u8);
+    outb(0x42, (COUNT >> 8) as u8);
+    let t0 = rdtsc();
+    let mut spins = 0u64;
+    while inb(0x61) & 0x20 == 0 {
+        spins += 1;
+        if spins > 50_000_000 {
+            fail(exit::RESOURCES, format_args!("PIT channel 2 does not count; cannot pace the workload"));
+        }
+    }
+    let cycles = rdtsc() - t0;
+    cycles * PIT_HZ / u64::from(COUNT)
+}
+
+struct GuestEnv {
+    cpu: usize,
+    rate: u64,
+    tsc_hz: u64,
+    start: u64,
+}
+
+impl Env for GuestEnv {
+    #[inline]
+    fn step(&mut self, ops: u64, units: u64) {
+        STATUS.ops_done[self.cpu].store(ops, Relaxed);
+        if self.rate != 0 {
+            let due = self.start + (u128::from(units) * u128::from(self.tsc_hz) / u128::from(self.rate)) as u64;
+            while rdtsc() < due {
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+fn run_cpu(cpu: u32, spec: &Spec) {
+    let ncpus = NCPUS.load(Acquire);
+    let share = Share::new(spec, cpu, ncpus);
+    let base = ARENA.load(Acquire) + u64::from(cpu) * share.bytes;
+    // SAFETY: [base, base + share.bytes) is RAM checked by `check_arena`,
+    // identity-mapped, and used by this CPU alone.
+    let mem = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, share.words()) };
+    let mut env = GuestEnv {
+        cpu: cpu as usize,
+        rate: spec.rate,
+        tsc_hz: TSC_HZ.load(Acquire),
+        start: rdtsc(),
+    };
+    let out = workload::run_share(&share, mem, &mut env);
+    let i = cpu as usize;
+    RES_OPS[i].store(out.ops, Relaxed);
+    RES_SUM[i].store(out.checksum, Relaxed);
+    RES_ERR[i].store(out.errors, Relaxed);
+    FINISHED.fetch_add(1, Release);
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let start = rdtsc();
+    while !cond() {
+        core::hint::spin_loop();
+        if rdtsc() - start > 60_000_000_000 {
+            fail(exit::RESOURCES, format_args!("timed out waiting for {what}"));
+        }
+    }
+}
+
+fn bsp_main(start_info: u64) -> ! {
+    STATUS.version.store(abi::STATUS_ABI_VERSION, Relaxed);
+    STATUS.state.store(state::BOOTING, Relaxed);
+    STATUS.magic.store(abi::STATUS_MAGIC, Release);
+    let spec = parse_spec(start_info);
+    let ncpus = mp_table_cpus().unwrap_or(1).clamp(1, MAX_CPUS as u32);
+    let share = Share::new(&spec, 0, ncpus);
+    let base = arena_base();
+    check_arena(start_info, base, share.bytes * u64::from(ncpus));
+    ARENA.store(base, Relaxed);
+    NCPUS.store(ncpus, Relaxed);
+    if spec.rate != 0 {
+        TSC_HZ.store(calibrate_tsc(), Relaxed);
+    }
+    say!(
+        "workload={} cpus={ncpus} wss={} ops={} seed={} rate={}",
+        spec.kind.name(),
+        spec.wss,
+        spec.ops,
+        spec.seed,
+        spec.rate
+    );
+    if ncpus > 1 {
+        kernel_request(1);
+        wait_until("the other CPUs to start", || CHECKED_IN.load(Acquire) == ncpus - 1);
+    }
+    STATUS.ncpus.store(ncpus, Relaxed);
+    STATUS.state.store(state::RUNNING, Release);
+    GO.store(1, Release);
+    run_cpu(0, &spec);
+    wait_until("the other CPUs to finish", || FINISHED.load(Acquire) == ncpus);
+    let outs: [Outcome; MAX_CPUS] = core::array::from_fn(|i| Outcome {
+        ops: RES_OPS[i].load(Relaxed),
+        checksum: RES_SUM[i].load(Relaxed),
+        errors: RES_ERR[i].load(Relaxed),
+    });
+    let total = workload::combine(&outs[..ncpus as usize]);
+    STATUS.ops.store(total.ops, Relaxed);
+    STATUS.checksum.store(total.checksum, Relaxed);
+    STATUS.errors.store(total.errors, Relaxed);
+    let code = if total.errors == 0 { exit::OK } else { exit::INTEGRITY };
+    STATUS.exit_code.store(code, Relaxed);
+    STATUS.state.store(state::DONE, Release);
+    say!(
+        "done workload={} cpus={ncpus} ops={} checksum={:#018x} errors={}",
+        spec.kind.name(),
+        total.ops,
+        total.checksum,
+        total.errors
+    );
+    finish(code)
+}
+
+fn ap_main(cpu: u32, start_info: u64) -> ! {
+    let spec = parse_spec(start_info);
+    CHECKED_IN.fetch_add(1, AcqRel);
+    wait_until("the start signal", || GO.load(Acquire) != 0);
+    if cpu < NCPUS.load(Acquire) {
+        run_cpu(cpu, &spec);
+    }
+    park()
+}

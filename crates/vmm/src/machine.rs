@@ -1,0 +1,437 @@
+//! A whole virtual machine: KVM VM, guest RAM, devices and vCPUs.
+//!
+//! Build order for a fresh boot: VM → TSS/identity map → in-kernel irqchip
+//! and PIT → RAM slots → devices (serial irqfd) → kernel and boot tables →
+//! vCPUs (CPUID, boot registers on the BSP, LAPIC LINT0/1 on all).
+//!
+//! Restore order: VM → irqchip and PIT → RAM slots → memory contents →
+//! devices from their state → VM-wide KVM state (PIT, PIC, IOAPIC, clock) →
+//! vCPUs, each applying its own state on its own thread before it first runs.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootConfig, BootError, layout};
+use crate::cpuid;
+use crate::devices::serial::COM1_IRQ;
+use crate::devices::{DeviceError, Devices, SerialDevice};
+use crate::memory::{GuestRam, MemoryError, RamRange};
+use crate::state::{self, DeviceStates, MachineConfig, MachineState, StateError};
+use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
+
+/// Most vCPUs consnap runs.
+pub const MAX_VCPUS: u8 = 4;
+/// How long a pause may take before it is an error.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors building or driving a machine.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// /dev/kvm could not be opened.
+    #[error("{0}")]
+    NoKvm(String),
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A required KVM capability is missing.
+    #[error("this host's KVM lacks {0}, which consnap needs")]
+    MissingCap(&'static str),
+    /// Bad vCPU count.
+    #[error("--vcpus {0} is not supported: use 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    /// Memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Devices.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Machine state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The machine was used in the wrong phase.
+    #[error("machine is {0}")]
+    Phase(&'static str),
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { op, source }
+}
+
+/// Open /dev/kvm with a message a user can act on.
+pub fn open_kvm() -> Result<Kvm, MachineError> {
+    Kvm::new().map_err(|e| {
+        MachineError::NoKvm(match e.errno() {
+            libc::ENOENT => {
+                "/dev/kvm does not exist: this host has no KVM (enable virtualization or load kvm)"
+                    .into()
+            }
+            libc::EACCES | libc::EPERM => {
+                "permission denied opening /dev/kvm: run as root or add your user to the kvm group"
+                    .into()
+            }
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })
+    })
+}
+
+/// A VM with its RAM, devices and vCPUs.
+pub struct Machine {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: Arc<GuestRam>,
+    devices: Arc<Devices>,
+    config: MachineConfig,
+    pending: Vec<Vcpu>,
+    restore: Option<Vec<state::VcpuState>>,
+    vcpus: Option<Vcpus>,
+    events_tx: Sender<VcpuEvent>,
+    events_rx: Receiver<VcpuEvent>,
+    dirty_logging: bool,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Parts {
+    kvm: Kvm,
+    vm: VmFd,
+    ram: GuestRam,
+}
+
+/// VM with irqchip, PIT and RAM slots, plus the serial interrupt event.
+fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError> {
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(MachineError::Vcpus(vcpus));
+    }
+    let kvm = open_kvm()?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(MachineError::MissingCap(name));
+        }
+    }
+    let ram = GuestRam::new(mem_size)?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+        what: "serial interrupt",
+        source,
+    })?;
+    vm.register_irqfd(&serial_evt, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    for r in ram.ranges() {
+        set_slot(&vm, &ram, r, false)?;
+    }
+    Ok((Parts { kvm, vm, ram }, serial_evt))
+}
+
+fn set_slot(vm: &VmFd, ram: &GuestRam, r: &RamRange, log_dirty: bool) -> Result<(), MachineError> {
+    let region = kvm_userspace_memory_region {
+        slot: r.slot,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: r.gpa,
+        memory_size: r.len,
+        userspace_addr: ram.host_ptr(r) as u64,
+    };
+    // SAFETY: the host range is a live mapping owned by `ram`, which outlives
+    // the VM (the Machine drops the VM first), and slots do not overlap.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, n: u8) -> Result<Vec<Vcpu>, MachineError> {
+    let mut base = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    cpuid::filter_to_host(&mut base);
+    let xsave_size = (kvm.check_extension_int(Cap::Xsave2).max(0) as usize).max(4096);
+    let mut vcpus = Vec::with_capacity(n as usize);
+    for id in 0..n {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(&base, id, n))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            msr_list: Arc::new(Vec::new()),
+            xsave_size,
+        });
+    }
+    let msrs = Arc::new(state::saveable_msrs(kvm, &vcpus[0])?);
+    for v in &mut vcpus {
+        v.msr_list = msrs.clone();
+    }
+    Ok(vcpus)
+}
+
+/// LAPIC LVT LINT0 as ExtINT (the PIC's output) and LINT1 as NMI, like a PC.
+fn set_lint(v: &Vcpu) -> Result<(), MachineError> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    let mut lapic = v.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    for (off, mode) in [(LVT_LINT0, 0x7u32), (LVT_LINT1, 0x4u32)] {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = lapic.regs[off + i] as u8;
+        }
+        let val = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+        for (i, x) in val.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *x as _;
+        }
+    }
+    v.fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
+impl Machine {
+    /// Create a VM and boot `boot` in it (vCPUs not started yet).
+    pub fn boot(
+        mem_size: u64,
+        boot: &BootConfig,
+        workload: Option<String>,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine, MachineError> {
+        let (parts, serial_evt) = create_vm(mem_size, boot.vcpus)?;
+        let entry = boot::load(&parts.ram, boot)?;
+        let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus)?;
+        for v in &vcpus {
+            set_lint(v)?;
+            v.fd.set_fpu(&boot::regs::initial_fpu())
+                .map_err(kvm_err("KVM_SET_FPU"))?;
+        }
+        let sregs = vcpus[0].fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let (regs, sregs) = boot::regs::boot_cpu_state(&parts.ram, &entry, sregs)?;
+        vcpus[0]
+            .fd
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpus[0]
+            .fd
+            .set_regs(&regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let kernel = match &boot.kernel {
+            boot::KernelSource::Bytes { name, .. } => name.clone(),
+            boot::KernelSource::File(p) => p.display().to_string(),
+        };
+        tracing::debug!(?entry, "kernel loaded");
+        let devices = Devices {
+            serial: SerialDevice::new(serial_evt, serial_out),
+        };
+        let config = MachineConfig {
+            mem_size,
+            vcpus: boot.vcpus,
+            workload,
+            kernel,
+        };
+        Ok(Self::assemble(parts, devices, config, vcpus, None))
+    }
+
+    /// Recreate a VM from `state`; `fill` writes guest memory (vCPUs not started).
+    pub fn restore(
+        state: &MachineState,
+        fill: impl FnOnce(&GuestRam) -> Result<(), MachineError>,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine, MachineError> {
+        let cfg = &state.config;
+        let (parts, serial_evt) = create_vm(cfg.mem_size, cfg.vcpus)?;
+        fill(&parts.ram)?;
+        parts.ram.clear_vmm_dirty();
+        let devices = Devices {
+            serial: SerialDevice::with_state(serial_evt, serial_out, &state.devices.serial)?,
+        };
+        state::restore_vm(&parts.vm, &state.vm)?;
+        let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
+        Ok(Self::assemble(
+            parts,
+            devices,
+            cfg.clone(),
+            vcpus,
+            Some(state.vcpus.clone()),
+        ))
+    }
+
+    fn assemble(
+        parts: Parts,
+        devices: Devices,
+        config: MachineConfig,
+        vcpus: Vec<Vcpu>,
+        restore: Option<Vec<state::VcpuState>>,
+    ) -> Machine {
+        let (events_tx, events_rx) = channel();
+        Machine {
+            kvm: parts.kvm,
+            vm: parts.vm,
+            ram: Arc::new(parts.ram),
+            devices: Arc::new(devices),
+            config,
+            pending: vcpus,
+            restore,
+            vcpus: None,
+            events_tx,
+            events_rx,
+            dirty_logging: false,
+        }
+    }
+
+    /// Start the vCPU threads.
+    pub fn start(&mut self) -> Result<(), MachineError> {
+        if self.vcpus.is_some() {
+            return Err(MachineError::Phase("already running"));
+        }
+        let vcpus = std::mem::take(&mut self.pending);
+        let running = Vcpus::start(
+            vcpus,
+            self.restore.take(),
+            self.ram.clone(),
+            self.devices.clone(),
+            self.events_tx.clone(),
+        )?;
+        self.vcpus = Some(running);
+        Ok(())
+    }
+
+    fn running(&self) -> Result<&Vcpus, MachineError> {
+        self.vcpus
+            .as_ref()
+            .ok_or(MachineError::Phase("not started"))
+    }
+
+    /// Pause all vCPUs.
+    pub fn pause(&self, action: PauseAction) -> Result<Paused, MachineError> {
+        Ok(self.running()?.pause(action, PAUSE_TIMEOUT)?)
+    }
+
+    /// Resume after [`Machine::pause`].
+    pub fn resume(&self) -> Result<(), MachineError> {
+        self.running()?.resume();
+        Ok(())
+    }
+
+    /// Capture everything but memory. Call with vCPU states from a
+    /// [`PauseAction::SaveState`] pause, while still paused. Devices are
+    /// saved before the VM-wide KVM state, so an interrupt a device raises
+    /// meanwhile is caught in the irqchip state rather than lost.
+    pub fn save_state(&self, paused: Paused) -> Result<MachineState, MachineError> {
+        if paused.states.len() != usize::from(self.config.vcpus) {
+            return Err(MachineError::Phase("paused without saving every vCPU"));
+        }
+        let devices = DeviceStates {
+            serial: self.devices.serial.state(),
+        };
+        let vm = state::save_vm(&self.vm)?;
+        Ok(MachineState {
+            config: self.config.clone(),
+            vm,
+            vcpus: paused.states,
+            devices,
+        })
+    }
+
+    /// Turn KVM dirty logging on or off for all RAM.
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), MachineError> {
+        if self.dirty_logging == on {
+            return Ok(());
+        }
+        for r in self.ram.ranges().to_vec() {
+            set_slot(&self.vm, &self.ram, &r, on)?;
+        }
+        self.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Fetch and clear KVM's dirty bitmap for `range` (bit i = page i).
+    pub fn take_dirty_log(&self, range: &RamRange) -> Result<Vec<u64>, MachineError> {
+        if !self.dirty_logging {
+            return Err(MachineError::Phase("not logging dirty pages"));
+        }
+        self.vm
+            .get_dirty_log(range.slot, range.len as usize)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Wait up to `timeout` for a vCPU event.
+    pub fn next_event(&self, timeout: Duration) -> Option<VcpuEvent> {
+        match self.events_rx.recv_timeout(timeout) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Devices.
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Static configuration.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Stop the vCPU threads.
+    pub fn stop(&mut self) {
+        if let Some(v) = self.vcpus.take() {
+            v.stop();
+        }
+        self.devices.serial.flush();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

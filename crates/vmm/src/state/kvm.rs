@@ -1,0 +1,268 @@
+//! Capturing and applying KVM state, in the order KVM needs.
+//!
+//! vCPU save order (each on the vCPU's own thread, vCPU paused with no I/O
+//! in flight): MP_STATE first, then REGS, SREGS, XSAVE, XCRS, DEBUGREGS,
+//! LAPIC, TSC_KHZ, CPUID, MSRs, and VCPU_EVENTS last, so that events
+//! reflect everything read before them.
+//!
+//! vCPU restore order: CPUID first (MSR and XSAVE checks depend on it), then
+//! MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC *before* MSRs (the
+//! TSC-deadline MSR is only accepted once the LAPIC timer is in deadline
+//! mode), MSRs with IA32_TSC first (guest TSC resumes at the saved value,
+//! so guest time never goes backwards) and TSC_DEADLINE last, VCPU_EVENTS,
+//! and finally KVM_KVMCLOCK_CTRL to tell a paravirtual guest it was paused.
+//!
+//! VM-wide state (PIC, IOAPIC, PIT, kvmclock) is captured after the devices
+//! and after the vCPUs are parked, and restored before any vCPU runs.
+
+use kvm_bindings::{
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_irqchip,
+    kvm_msr_entry, kvm_xsave,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use super::{StateError, VcpuState, VmState};
+use crate::vcpu::Vcpu;
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// MSRs outside KVM_GET_MSR_INDEX_LIST that guests rely on (MTRRs).
+const EXTRA_MSRS: [u32; 13] = [
+    0x2ff, 0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, 0x1b,
+];
+/// MSRs that are state of no guest consequence or are rebuilt elsewhere.
+const SKIP_MSRS: [u32; 2] = [
+    0x8b, // microcode revision (read-only view)
+    0x34, // SMI count
+];
+const MSR_CHUNK: usize = 64;
+
+fn kvm_err(vcpu: u8, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { vcpu, op, source }
+}
+
+/// The MSRs to save: KVM's index list plus MTRRs, minus ones that cannot
+/// be read back on this host (probed on `probe`).
+pub fn saveable_msrs(kvm: &Kvm, probe: &Vcpu) -> Result<Vec<u32>, StateError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err(probe.id, "KVM_GET_MSR_INDEX_LIST"))?;
+    let mut idx: Vec<u32> = list.as_slice().iter().copied().chain(EXTRA_MSRS).collect();
+    idx.retain(|m| !SKIP_MSRS.contains(m));
+    idx.sort_unstable();
+    idx.dedup();
+    let readable: Vec<u32> = idx
+        .into_iter()
+        .filter(|&m| read_msrs(probe, &[m]).is_ok())
+        .collect();
+    Ok(readable)
+}
+
+fn read_msrs(vcpu: &Vcpu, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateError> {
+    let mut out = Vec::with_capacity(indices.len());
+    for chunk in indices.chunks(MSR_CHUNK) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|_| StateError::Invalid("MSR list too long".into()))?;
+        let n = vcpu
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(vcpu.id, "KVM_GET_MSRS"))?;
+        if n != chunk.len() {
+            return Err(StateError::Msr {
+                vcpu: vcpu.id,
+                index: chunk[n.min(chunk.len() - 1)],
+                op: "read",
+            });
+        }
+        out.extend(msrs.as_slice().iter().map(|e| (e.index, e.data)));
+    }
+    Ok(out)
+}
+
+/// Capture one vCPU. Call on the vCPU's thread while it is parked.
+pub fn save_vcpu(vcpu: &Vcpu) -> Result<VcpuState, StateError> {
+    let e = |op| kvm_err(vcpu.id, op);
+    let mp_state = vcpu.fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+    let regs = vcpu.fd.get_regs().map_err(e("KVM_GET_REGS"))?;
+    let sregs = vcpu.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    let xsave = save_xsave(vcpu)?;
+    let xcrs = vcpu.fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
+    let debugregs = vcpu.fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+    let lapic = vcpu.fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    let tsc_khz = vcpu.fd.get_tsc_khz().ok();
+    let cpuid = vcpu
+        .fd
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(e("KVM_GET_CPUID2"))?
+        .as_slice()
+        .to_vec();
+    let msrs = read_msrs(vcpu, &vcpu.msr_list)?;
+    let events = vcpu
+        .fd
+        .get_vcpu_events()
+        .map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        id: vcpu.id,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        tsc_khz,
+        cpuid,
+        msrs,
+        events,
+    })
+}
+
+fn save_xsave(vcpu: &Vcpu) -> Result<Vec<u32>, StateError> {
+    if vcpu.xsave_size <= std::mem::size_of::<kvm_xsave>() {
+        let x = vcpu
+            .fd
+            .get_xsave()
+            .map_err(kvm_err(vcpu.id, "KVM_GET_XSAVE"))?;
+        return Ok(x.region.to_vec());
+    }
+    let extra = (vcpu.xsave_size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
+    let mut x = kvm_bindings::Xsave::new(extra)
+        .map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
+    // SAFETY: `x` has room for the xsave_size bytes KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) reported.
+    unsafe { vcpu.fd.get_xsave2(&mut x) }.map_err(kvm_err(vcpu.id, "KVM_GET_XSAVE2"))?;
+    let mut v = x.as_fam_struct_ref().xsave.region.to_vec();
+    v.extend_from_slice(x.as_slice());
+    Ok(v)
+}
+
+fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
+    let base = std::mem::size_of::<kvm_xsave>() / 4;
+    if words.len() < base {
+        return Err(StateError::Invalid(format!(
+            "vCPU {}: XSAVE area of {} bytes is smaller than 4096",
+            vcpu.id,
+            words.len() * 4
+        )));
+    }
+    if words.len() == base {
+        let mut x = kvm_xsave::default();
+        x.region.copy_from_slice(words);
+        // SAFETY: a plain 4096-byte kvm_xsave needs no trailing space.
+        return unsafe { vcpu.fd.set_xsave(&x) }.map_err(kvm_err(vcpu.id, "KVM_SET_XSAVE"));
+    }
+    let mut x = kvm_bindings::Xsave::from_entries(&words[base..])
+        .map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
+    // SAFETY: `as_mut_fam_struct` gives the fixed header; we copy 1024 words into its region.
+    unsafe { x.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(&words[..base]);
+    // SAFETY: `x` holds the full area saved on a host with the same XSAVE2 size.
+    unsafe { vcpu.fd.set_xsave2(&x) }.map_err(kvm_err(vcpu.id, "KVM_SET_XSAVE2"))
+}
+
+/// Apply a saved state to a fresh vCPU, on its own thread, before it runs.
+pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
+    let e = |op| kvm_err(vcpu.id, op);
+    let cpuid = CpuId::from_entries(&st.cpuid)
+        .map_err(|_| StateError::Invalid("CPUID list too long".into()))?;
+    vcpu.fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
+    vcpu.fd
+        .set_mp_state(st.mp_state)
+        .map_err(e("KVM_SET_MP_STATE"))?;
+    vcpu.fd.set_regs(&st.regs).map_err(e("KVM_SET_REGS"))?;
+    vcpu.fd.set_sregs(&st.sregs).map_err(e("KVM_SET_SREGS"))?;
+    restore_xsave(vcpu, &st.xsave)?;
+    vcpu.fd.set_xcrs(&st.xcrs).map_err(e("KVM_SET_XCRS"))?;
+    vcpu.fd
+        .set_debug_regs(&st.debugregs)
+        .map_err(e("KVM_SET_DEBUGREGS"))?;
+    vcpu.fd.set_lapic(&st.lapic).map_err(e("KVM_SET_LAPIC"))?;
+    if let Some(khz) = st.tsc_khz {
+        if vcpu.fd.get_tsc_khz().ok() != Some(khz) && vcpu.fd.set_tsc_khz(khz).is_err() {
+            tracing::warn!(
+                vcpu = vcpu.id,
+                "TSC frequency {khz} kHz cannot be set here; guest time may drift"
+            );
+        }
+    }
+    let mut msrs = st.msrs.clone();
+    msrs.sort_by_key(|(i, _)| match *i {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+    for chunk in msrs.chunks(MSR_CHUNK) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let list = Msrs::from_entries(&entries)
+            .map_err(|_| StateError::Invalid("MSR list too long".into()))?;
+        let n = vcpu.fd.set_msrs(&list).map_err(e("KVM_SET_MSRS"))?;
+        if n != chunk.len() {
+            return Err(StateError::Msr {
+                vcpu: vcpu.id,
+                index: chunk[n.min(chunk.len() - 1)].0,
+                op: "restore",
+            });
+        }
+    }
+    vcpu.fd
+        .set_vcpu_events(&st.events)
+        .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    // Only meaningful for guests using kvmclock; EINVAL otherwise.
+    let _ = vcpu.fd.kvmclock_ctrl();
+    Ok(())
+}
+
+fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut c = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c)
+        .map_err(kvm_err(0, "KVM_GET_IRQCHIP"))?;
+    Ok(c)
+}
+
+/// Capture PIC, IOAPIC, PIT and kvmclock. Call with all vCPUs parked.
+pub fn save_vm(vm: &VmFd) -> Result<VmState, StateError> {
+    let mut clock = vm.get_clock().map_err(kvm_err(0, "KVM_GET_CLOCK"))?;
+    // Only the clock value is restored; the host-specific fields are not.
+    clock.flags = 0;
+    clock.realtime = 0;
+    clock.host_tsc = 0;
+    Ok(VmState {
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(kvm_err(0, "KVM_GET_PIT2"))?,
+        clock,
+    })
+}
+
+/// Apply VM-wide state to a fresh VM (irqchip and PIT created) before vCPUs run.
+pub fn restore_vm(vm: &VmFd, st: &VmState) -> Result<(), StateError> {
+    let e = |op| kvm_err(0, op);
+    vm.set_pit2(&st.pit).map_err(e("KVM_SET_PIT2"))?;
+    vm.set_irqchip(&st.pic_master)
+        .map_err(e("KVM_SET_IRQCHIP (PIC master)"))?;
+    vm.set_irqchip(&st.pic_slave)
+        .map_err(e("KVM_SET_IRQCHIP (PIC slave)"))?;
+    vm.set_irqchip(&st.ioapic)
+        .map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
+    vm.set_clock(&st.clock).map_err(e("KVM_SET_CLOCK"))?;
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! vCPU threads: the run loop, exits, and fast pause/resume.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread. To pause, the controller
+//! raises a flag and sends every vCPU thread a real-time signal; the handler
+//! sets `kvm_run.immediate_exit`, so a vCPU leaves the guest whether it was
+//! inside `KVM_RUN` or just about to enter it. A paused vCPU first re-enters
+//! `KVM_RUN` once with `immediate_exit` set, which completes any port or MMIO
+//! access in flight (the KVM API requires this before state is read), then
+//! optionally saves its own state on its own thread, and parks.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+
+use crate::devices::{Devices, GuestStop};
+use crate::memory::GuestRam;
+use crate::state::{self, VcpuState};
+
+/// vCPU errors; each names the vCPU.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {vcpu}: {op} failed: {source}")]
+    Kvm {
+        /// vCPU index.
+        vcpu: u8,
+        /// The operation.
+        op: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// The in-kernel instruction emulator could not run an instruction.
+    #[error(
+        "vCPU {vcpu}: KVM could not emulate the instruction at RIP {rip:#x} (bytes: {bytes}). \
+         This host's KVM emulates guest kernel code and lacks some instructions; \
+         kernels such as Linux need a host with hardware virtualization (VMX or SVM)"
+    )]
+    Emulation {
+        /// vCPU index.
+        vcpu: u8,
+        /// Guest RIP.
+        rip: u64,
+        /// Instruction bytes in hex, or why they could not be read.
+        bytes: String,
+    },
+    /// Some other KVM internal error.
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}, RIP {rip:#x}")]
+    Internal {
+        /// vCPU index.
+        vcpu: u8,
+        /// KVM suberror code.
+        suberror: u32,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// Triple fault.
+    #[error("vCPU {vcpu}: guest triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}")]
+    TripleFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Guest RIP.
+        rip: u64,
+    },
+    /// VM entry failed.
+    #[error("vCPU {vcpu}: VM entry failed, hardware reason {reason:#x}")]
+    FailEntry {
+        /// vCPU index.
+        vcpu: u8,
+        /// Hardware reason.
+        reason: u64,
+    },
+    /// An exit consnap does not handle.
+    #[error("vCPU {vcpu}: unexpected exit {what}")]
+    UnexpectedExit {
+        /// vCPU index.
+        vcpu: u8,
+        /// Description.
+        what: String,
+    },
+    /// Thread creation failed.
+    #[error("cannot start the thread of vCPU {vcpu}: {source}")]
+    Spawn {
+        /// vCPU index.
+        vcpu: u8,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The vCPU did not reach the pause point in time.
+    #[error("vCPU(s) did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// Saving or restoring vCPU state failed.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The kick signal could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// What a vCPU thread tells the controller.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// The guest asked to stop.
+    Stop {
+        /// vCPU index.
+        vcpu: u8,
+        /// How.
+        how: GuestStop,
+    },
+    /// The vCPU failed and its thread ended.
+    Error(VcpuError),
+}
+
+/// What paused vCPUs do before parking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseAction {
+    /// Just stop running.
+    Hold,
+    /// Save the vCPU's complete state (on its own thread).
+    SaveState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause(PauseAction),
+    Stop,
+}
+
+#[derive(Debug)]
+struct Ctrl {
+    generation: u64,
+    want: Want,
+    parked: usize,
+    finished: usize,
+    saved: Vec<Option<Result<VcpuState, VcpuError>>>,
+}
+
+/// State shared by the controller and the vCPU threads.
+#[derive(Debug)]
+struct Control {
+    requested: AtomicBool,
+    m: Mutex<Ctrl>,
+    cv: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, Ctrl> {
+        self.m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+thread_local! {
+    /// `&kvm_run.immediate_exit` of the vCPU on this thread (null elsewhere).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: the pointer targets the kvm_run mapping of the vCPU owned by
+        // this thread; it is set after the mapping exists and cleared before
+        // the vCPU is dropped. A volatile byte store is async-signal-safe.
+        unsafe { p.write_volatile(1) };
+    }
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(VcpuError::Signal);
+    });
+    res
+}
+
+/// One vCPU before its thread starts.
+#[derive(Debug)]
+pub struct Vcpu {
+    /// Index (also the APIC ID).
+    pub id: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// MSRs saved and restored with this vCPU.
+    pub msr_list: Arc<Vec<u32>>,
+    /// Bytes of XSAVE state KVM reports (KVM_CAP_XSAVE2, at least 4096).
+    pub xsave_size: usize,
+}
+
+impl Vcpu {
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Build the error for KVM_EXIT_INTERNAL_ERROR, reading the instruction
+    /// bytes at RIP from guest memory.
+    fn internal_error(&mut self, ram: &GuestRam) -> VcpuError {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live union member.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        let rip = self.rip();
+        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return VcpuError::Internal {
+                vcpu: self.id,
+                suberror,
+                rip,
+            };
+        }
+        let bytes = match self.fd.get_sregs() {
+            Ok(sregs) => match ram.translate(&sregs, sregs.cs.base.wrapping_add(rip)) {
+                Some(gpa) => {
+                    let bytes: Vec<String> = (0..15u64)
+                        .map_while(|i| ram.read_u8(gpa + i))
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    bytes.join(" ")
+                }
+                None => "unmapped".to_string(),
+            },
+            Err(e) => format!("unreadable: {e}"),
+        };
+        VcpuError::Emulation {
+            vcpu: self.id,
+            rip,
+            bytes,
+        }
+    }
+}
+
+/// Handles to the running vCPU threads.
+#[derive(Debug)]
+pub struct Vcpus {
+    control: Arc<Control>,
+    threads: Vec<(u8, JoinHandle<()>)>,
+}
+
+/// Result of a pause.
+#[derive(Debug)]
+pub struct Paused {
+    /// From the request to the last vCPU parked.
+    pub latency: Duration,
+    /// Saved states, by vCPU index, when [`PauseAction::SaveState`] was asked.
+    pub states: Vec<VcpuState>,
+}
+
+impl Vcpus {
+    /// Start one thread per vCPU. Each applies `restore` (if any) on its own
+    /// thread before it first runs.
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        restore: Option<Vec<VcpuState>>,
+        ram: Arc<GuestRam>,
+        devices: Arc<Devices>,
+        events: Sender<VcpuEvent>,
+    ) -> Result<Vcpus, VcpuError> {
+        install_kick_handler()?;
+        let n = vcpus.len();
+        let control = Arc::new(Control {
+            requested: AtomicBool::new(false),
+            m: Mutex::new(Ctrl {
+                generation: 0,
+                want: Want::Run,
+                parked: 0,
+                finished: 0,
+                saved: (0..n).map(|_| None).collect(),
+            }),
+            cv: Condvar::new(),
+        });
+        let mut restore = restore.map(|v| v.into_iter().map(Some).collect::<Vec<_>>());
+        let mut threads = Vec::with_capacity(n);
+        for vcpu in vcpus {
+            let id = vcpu.id;
+            let st = restore
+                .as_mut()
+                .and_then(|r| r.get_mut(id as usize).and_then(Option::take));
+            let ctx = Worker {
+                vcpu,
+                control: control.clone(),
+                ram: ram.clone(),
+                devices: devices.clone(),
+                events: events.clone(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || ctx.run(st))
+                .map_err(|source| VcpuError::Spawn { vcpu: id, source })?;
+            threads.push((id, handle));
+        }
+        Ok(Vcpus { control, threads })
+    }
+
+    fn kick_all(&self) {
+        for (_, t) in &self.threads {
+            // SAFETY: pthread_kill with a handle of a thread we spawned and have
+            // not joined; the signal has a handler installed.
+            unsafe {
+                libc::pthread_kill(
+                    std::os::unix::thread::JoinHandleExt::as_pthread_t(t),
+                    kick_signal(),
+                );
+            }
+        }
+    }
+
+    /// Pause every vCPU; returns once all are parked (or have finished).
+    pub fn pause(&self, action: PauseAction, timeout: Duration) -> Result<Paused, VcpuError> {
+        let start = Instant::now();
+        let n = self.threads.len();
+        {
+            let mut g = self.control.lock();
+            g.generation += 1;
+            g.want = Want::Pause(action);
+            g.parked = 0;
+            g.saved.iter_mut().for_each(|s| *s = None);
+        }
+        self.control.requested.store(true, Ordering::SeqCst);
+        self.kick_all();
+        let mut g = self.control.lock();
+        while g.parked + g.finished < n {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                drop(g);
+                self.resume();
+                return Err(VcpuError::PauseTimeout(timeout));
+            }
+            g = self
+                .control
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let latency = start.elapsed();
+        let mut states = Vec::new();
+        if action == PauseAction::SaveState {
+            for slot in g.saved.iter_mut() {
+                match slot.take() {
+                    Some(Ok(s)) => states.push(s),
+                    Some(Err(e)) => {
+                        drop(g);
+                        self.resume();
+                        return Err(e);
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(Paused { latency, states })
+    }
+
+    /// Let paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut g = self.control.lock();
+        g.want = Want::Run;
+        self.control.requested.store(false, Ordering::SeqCst);
+        drop(g);
+        self.control.cv.notify_all();
+    }
+
+    /// Stop and join every vCPU thread.
+    pub fn stop(self) {
+        {
+            let mut g = self.control.lock();
+            g.generation += 1;
+            g.want = Want::Stop;
+        }
+        self.control.requested.store(true, Ordering::SeqCst);
+        self.control.cv.notify_all();
+        self.kick_all();
+        for (id, t) in self.threads {
+            if t.join().is_err() {
+                tracing::error!("vCPU {id} thread panicked");
+            }
+        }
+    }
+
+    /// Number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// True when there are no vCPUs.
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+}
+
+struct Worker {
+    vcpu: Vcpu,
+    control: Arc<Control>,
+    ram: Arc<GuestRam>,
+    devices: Arc<Devices>,
+    events: Sender<VcpuEvent>,
+}
+
+enum Flow {
+    Continue,
+    Done,
+}
+
+impl Worker {
+    fn run(mut self, restore: Option<VcpuState>) {
+        let exit_ptr: *mut u8 = &mut self.vcpu.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(exit_ptr));
+        let result = match restore {
+            Some(st) => state::restore_vcpu(&self.vcpu, &st).map_err(VcpuError::from),
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => self.run_loop(),
+            Err(e) => {
+                let _ = self.events.send(VcpuEvent::Error(e));
+            }
+        }
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        let mut g = self.control.lock();
+        g.finished += 1;
+        drop(g);
+        self.control.cv.notify_all();
+    }
+
+    fn run_loop(&mut self) {
+        loop {
+            if self.control.requested.load(Ordering::SeqCst) && !self.park() {
+                return;
+            }
+            let flow = match self.vcpu.fd.run() {
+                Ok(exit) => handle_exit(self.vcpu.id, exit, &self.devices),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.vcpu.fd.set_kvm_immediate_exit(0);
+                    Ok(None)
+                }
+                Err(source) => Err(ExitError::Kvm(source)),
+            };
+            let flow = match flow {
+                Ok(None) => Flow::Continue,
+                Ok(Some(how)) => {
+                    let _ = self.events.send(VcpuEvent::Stop {
+                        vcpu: self.vcpu.id,
+                        how,
+                    });
+                    Flow::Done
+                }
+                Err(e) => {
+                    let err = self.describe(e);
+                    let _ = self.events.send(VcpuEvent::Error(err));
+                    Flow::Done
+                }
+            };
+            if let Flow::Done = flow {
+                return;
+            }
+        }
+    }
+
+    fn describe(&mut self, e: ExitError) -> VcpuError {
+        let vcpu = self.vcpu.id;
+        match e {
+            ExitError::Kvm(source) => VcpuError::Kvm {
+                vcpu,
+                op: "KVM_RUN",
+                source,
+            },
+            ExitError::Internal => self.vcpu.internal_error(&self.ram),
+            ExitError::Shutdown => VcpuError::TripleFault {
+                vcpu,
+                rip: self.vcpu.rip(),
+            },
+            ExitError::FailEntry(reason) => VcpuError::FailEntry { vcpu, reason },
+            ExitError::Unexpected(what) => VcpuError::UnexpectedExit { vcpu, what },
+        }
+    }
+
+    /// Park until resumed. Returns false when the vCPU should stop.
+    fn park(&mut self) -> bool {
+        // Complete an in-flight I/O exit so the registers are consistent.
+        self.vcpu.fd.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.fd.run();
+        self.vcpu.fd.set_kvm_immediate_exit(0);
+        let mut g = self.control.lock();
+        let generation = g.generation;
+        match g.want {
+            Want::Stop => return false,
+            Want::Run => return true,
+            Want::Pause(PauseAction::SaveState) => {
+                drop(g);
+                let saved = state::save_vcpu(&self.vcpu).map_err(VcpuError::from);
+                g = self.control.lock();
+                g.saved[self.vcpu.id as usize] = Some(saved);
+            }
+            Want::Pause(PauseAction::Hold) => {}
+        }
+        g.parked += 1;
+        self.control.cv.notify_all();
+        while g.generation == generation && matches!(g.want, Want::Pause(_)) {
+            g = self.control.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.want != Want::Stop
+    }
+}
+
+enum ExitError {
+    Kvm(kvm_ioctls::Error),
+    Internal,
+    Shutdown,
+    FailEntry(u64),
+    Unexpected(String),
+}
+
+fn handle_exit(
+    vcpu: u8,
+    exit: VcpuExit<'_>,
+    devices: &Devices,
+) -> Result<Option<GuestStop>, ExitError> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            devices.pio_read(port, data);
+            Ok(None)
+        }
+        VcpuExit::IoOut(port, data) => Ok(devices.pio_write(port, data)),
+        VcpuExit::MmioRead(addr, data) => {
+            tracing::debug!(vcpu, "MMIO read of unbacked address {addr:#x}");
+            data.fill(0xff);
+            Ok(None)
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            tracing::debug!(vcpu, "MMIO write to unbacked address {addr:#x}");
+            Ok(None)
+        }
+        VcpuExit::Hlt => Ok(Some(GuestStop::Shutdown)),
+        VcpuExit::Shutdown => Err(ExitError::Shutdown),
+        VcpuExit::InternalError => Err(ExitError::Internal),
+        VcpuExit::FailEntry(reason, _) => Err(ExitError::FailEntry(reason)),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ok(Some(GuestStop::Reset)),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(GuestStop::Shutdown)),
+            other => Err(ExitError::Unexpected(format!("system event {other}"))),
+        },
+        VcpuExit::Intr => Ok(None),
+        other => Err(ExitError::Unexpected(format!("{other:?}"))),
+    }
+}
