@@ -10,7 +10,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
 use kvm_bindings::{
@@ -395,10 +395,7 @@ impl Machine {
 
     /// Wait up to `timeout` for a vCPU event.
     pub fn next_event(&self, timeout: Duration) -> Option<VcpuEvent> {
-        match self.events_rx.recv_timeout(timeout) {
-            Ok(e) => Some(e),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.events_rx.recv_timeout(timeout).ok()
     }
 
     /// Guest RAM.

@@ -85,7 +85,7 @@ impl RamRange {
 
 /// Split `size` bytes of RAM into ranges below and above the MMIO hole.
 pub fn layout(size: u64) -> Result<Vec<RamRange>, MemoryError> {
-    if !(MIN_RAM..=MAX_RAM).contains(&size) || size % PAGE_SIZE != 0 {
+    if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::BadSize { size });
     }
     let low = size.min(MMIO_HOLE_START);
@@ -124,13 +124,13 @@ impl GuestRam {
     /// Map `size` bytes of private anonymous guest RAM.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         let ranges = layout(size)?;
-        if let Some(avail) = host_available_memory() {
-            if size > avail {
-                return Err(MemoryError::TooLarge {
-                    requested: size >> 20,
-                    available: avail >> 20,
-                });
-            }
+        if let Some(avail) = host_available_memory()
+            && size > avail
+        {
+            return Err(MemoryError::TooLarge {
+                requested: size >> 20,
+                available: avail >> 20,
+            });
         }
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {

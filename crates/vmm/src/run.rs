@@ -77,10 +77,10 @@ pub fn run(machine: &mut Machine, tasks: &mut [&mut dyn Task]) -> Result<RunEnd,
         }
         let now = Instant::now();
         for t in tasks.iter_mut() {
-            if t.due().is_some_and(|d| d <= now) {
-                if let TaskFlow::Stop(why) = t.run(machine) {
-                    return Ok(RunEnd::Task(why));
-                }
+            if t.due().is_some_and(|d| d <= now)
+                && let TaskFlow::Stop(why) = t.run(machine)
+            {
+                return Ok(RunEnd::Task(why));
             }
         }
     }

@@ -310,7 +310,7 @@ impl Spec {
 
     fn validate(&self) -> Result<(), ParseError<'static>> {
         use ParseError::Inconsistent;
-        if self.wss < PAGE || self.wss % PAGE != 0 {
+        if self.wss < PAGE || !self.wss.is_multiple_of(PAGE) {
             return Err(Inconsistent("wss must be a positive multiple of 4K"));
         }
         if self.hot == 0 {
@@ -329,7 +329,7 @@ impl Spec {
                 }
             }
             Kind::Ftp => {
-                if self.chunk < 512 || self.chunk % 8 != 0 {
+                if self.chunk < 512 || !self.chunk.is_multiple_of(8) {
                     return Err(Inconsistent(
                         "chunk must be a multiple of 8 and at least 512",
                     ));

@@ -186,7 +186,8 @@ fn load_image<F: Read + Seek + ReadVolatile>(
     write(ram, EBDA_START, &mptable::build(cfg.vcpus), "MP table")?;
 
     if n >= 4 && head[..4] == *b"\x7fELF" {
-        let res = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        // No high-memory check: an ELF without the note must reach the NoPvhNote error below.
+        let res = Elf::load(mem, None, image, None).map_err(load_err)?;
         let entry = match res.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(a) => a.0,
             _ => return Err(BootError::NoPvhNote { path }),

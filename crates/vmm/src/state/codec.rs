@@ -94,7 +94,7 @@ impl Enc {
         self.0
             .extend_from_slice(&(payload.len() as u32).to_le_bytes());
         self.0.extend_from_slice(payload);
-        while self.0.len() % 8 != 0 {
+        while !self.0.len().is_multiple_of(8) {
             self.0.push(0);
         }
     }
@@ -252,7 +252,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
             ended = true;
             break;
         }
-        if tag >= MP_STATE && tag <= EVENTS {
+        if (MP_STATE..=EVENTS).contains(&tag) {
             if index >= 255 {
                 return Err(StateError::Corrupt(format!(
                     "vCPU index {index} out of range"
@@ -267,7 +267,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 REGS => v.regs = Some(pod_from(p, "REGS")?),
                 SREGS => v.sregs = Some(pod_from(p, "SREGS")?),
                 XSAVE => {
-                    if p.len() % 4 != 0 || p.len() < 4096 {
+                    if !p.len().is_multiple_of(4) || p.len() < 4096 {
                         return Err(StateError::Corrupt(format!(
                             "XSAVE record has {} bytes",
                             p.len()
@@ -293,7 +293,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 }
                 CPUID => {
                     let sz = std::mem::size_of::<kvm_cpuid_entry2>();
-                    if p.len() % sz != 0 {
+                    if !p.len().is_multiple_of(sz) {
                         return Err(StateError::Corrupt("CPUID record size".into()));
                     }
                     v.cpuid = Some(
@@ -303,7 +303,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                     );
                 }
                 MSRS => {
-                    if p.len() % 16 != 0 {
+                    if !p.len().is_multiple_of(16) {
                         return Err(StateError::Corrupt("MSRS record size".into()));
                     }
                     let mut r = Reader { b: p, what: "MSRS" };
@@ -423,8 +423,10 @@ mod tests {
     use super::*;
 
     pub(crate) fn sample() -> MachineState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x1234;
+        let regs = kvm_regs {
+            rip: 0x1234,
+            ..Default::default()
+        };
         let vcpu = |id| VcpuState {
             id,
             mp_state: kvm_mp_state { mp_state: 3 },

@@ -185,13 +185,14 @@ pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
         .set_debug_regs(&st.debugregs)
         .map_err(e("KVM_SET_DEBUGREGS"))?;
     vcpu.fd.set_lapic(&st.lapic).map_err(e("KVM_SET_LAPIC"))?;
-    if let Some(khz) = st.tsc_khz {
-        if vcpu.fd.get_tsc_khz().ok() != Some(khz) && vcpu.fd.set_tsc_khz(khz).is_err() {
-            tracing::warn!(
-                vcpu = vcpu.id,
-                "TSC frequency {khz} kHz cannot be set here; guest time may drift"
-            );
-        }
+    if let Some(khz) = st.tsc_khz
+        && vcpu.fd.get_tsc_khz().ok() != Some(khz)
+        && vcpu.fd.set_tsc_khz(khz).is_err()
+    {
+        tracing::warn!(
+            vcpu = vcpu.id,
+            "TSC frequency {khz} kHz cannot be set here; guest time may drift"
+        );
     }
     let mut msrs = st.msrs.clone();
     msrs.sort_by_key(|(i, _)| match *i {

@@ -1,0 +1,139 @@
+//! Bad input gets one clear line naming the problem and a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = consnap().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(
+        err.contains(needle),
+        "{args:?}: stderr does not mention '{needle}':\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    assert!(
+        !err.contains("RUST_BACKTRACE"),
+        "{args:?} printed a backtrace hint:\n{err}"
+    );
+}
+
+#[test]
+fn unknown_workload_and_key() {
+    fails_with(
+        &["run", "--workload", "nosuch"],
+        "unknown workload 'nosuch'",
+    );
+    fails_with(
+        &["run", "--workload", "memstress,colour=red"],
+        "unknown key 'colour'",
+    );
+    fails_with(
+        &["run", "--workload", "ftp,chunk=12Q"],
+        "bad value '12Q' for 'chunk'",
+    );
+    fails_with(
+        &["run", "--workload", "memstress,pattern"],
+        "'pattern' is not key=value",
+    );
+}
+
+#[test]
+fn bad_flags() {
+    fails_with(&["run", "--mem", "lots"], "not a size");
+    fails_with(&["run", "--pause-probe", "fast"], "not a duration");
+    fails_with(
+        &["run", "--kernel", "/x", "--workload", "build"],
+        "cannot be used with",
+    );
+    fails_with(
+        &["run", "--workload", "memstress,wss=512M", "--mem", "256M"],
+        "does not fit in --mem",
+    );
+}
+
+#[test]
+fn kernel_files() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("bad-kernels");
+    fails_with(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "cannot read kernel /nonexistent/vmlinux",
+    );
+    let junk = dir.join("junk.bin");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    fails_with(
+        &["run", "--kernel", junk.to_str().unwrap()],
+        "neither an ELF kernel with a PVH entry note nor a Linux bzImage",
+    );
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    fails_with(
+        &["run", "--kernel", empty.to_str().unwrap()],
+        "neither an ELF",
+    );
+    // An ELF without a PVH note: the test binary itself.
+    let me = std::env::current_exe().unwrap();
+    fails_with(
+        &["run", "--kernel", me.to_str().unwrap()],
+        "without a PVH entry note",
+    );
+    fails_with(
+        &[
+            "run",
+            "--kernel",
+            junk.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        "",
+    );
+}
+
+#[test]
+fn memory_and_vcpus() {
+    if !kvm_ready() {
+        return;
+    }
+    fails_with(&["run", "--mem", "100T"], "--mem");
+    fails_with(
+        &["run", "--mem", "900G", "--workload", "memstress,wss=1M"],
+        "more than this host can give",
+    );
+    fails_with(&["run", "--vcpus", "9"], "--vcpus 9 is not supported");
+    fails_with(&["run", "--vcpus", "0"], "--vcpus 0 is not supported");
+}
+
+#[test]
+fn the_guest_itself_rejects_what_does_not_fit() {
+    if !kvm_ready() {
+        return;
+    }
+    // Boot the exported guest as a plain kernel so that only the guest checks its command line.
+    let dir = tempdir("guest-checks");
+    let elf = dir.join("guest.elf");
+    run_ok(consnap().args(["guest", "export"]).arg(&elf));
+    let run = |cmdline: &str| {
+        let report = dir.join("r.json");
+        let out = consnap()
+            .args(["run", "--mem", "256M", "--kernel"])
+            .arg(&elf)
+            .args(["--cmdline", cmdline, "--report"])
+            .arg(&report)
+            .output()
+            .unwrap();
+        (out, read_report(&report))
+    };
+    let (out, r) = run("workload=memstress wss=1G");
+    assert_eq!(out.status.code(), Some(3), "RESOURCES exit code expected");
+    assert_eq!(r["guest_exit_code"], 3);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wss needs 1024 MiB"));
+    let (out, r) = run("workload=memstress wss=lots");
+    assert_eq!(out.status.code(), Some(2), "BAD_CMDLINE exit code expected");
+    assert_eq!(r["guest_exit_code"], 2);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bad value 'lots' for 'wss'"));
+}

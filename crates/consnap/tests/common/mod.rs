@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
+/// unusable /dev/kvm fails the test instead of skipping it.
+pub fn kvm_ready() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    match ok {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!("skipping: /dev/kvm unusable ({e})");
+            false
+        }
+    }
+}
+
+pub fn consnap() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_consnap"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// A fresh private directory for one test.
+pub fn tempdir(name: &str) -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let d = base.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn read_report(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The checksum the host computes for a workload spec (`NAME,k=v,...`).
+pub fn reference(spec: &str, vcpus: u32) -> (u64, String) {
+    let words: Vec<String> = spec
+        .split(',')
+        .enumerate()
+        .map(|(i, w)| {
+            if i == 0 {
+                format!("workload={w}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let s = workload::Spec::parse(&words.join(" ")).unwrap();
+    let out = workload::reference(&s, vcpus);
+    (out.ops, format!("{:#018x}", out.checksum))
+}

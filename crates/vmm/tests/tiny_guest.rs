@@ -1,0 +1,174 @@
+//! kvm-ioctls-style tests: a few bytes of guest code in a minimal PVH ELF,
+//! run through the real loader, vCPU threads and devices.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm::boot::{BootConfig, KernelSource};
+use vmm::devices::GuestStop;
+use vmm::machine::Machine;
+use vmm::run::RunEnd;
+use vmm::vcpu::{PauseAction, VcpuError};
+
+fn kvm_ready() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: /dev/kvm unusable ({e})");
+            false
+        }
+    }
+}
+
+const LOAD: u64 = 0x10_0000;
+
+/// A minimal ELF64 whose only segment is `code` at 1 MiB, entered through a
+/// PVH note in 32-bit protected mode.
+fn pvh_elf(code: &[u8]) -> &'static [u8] {
+    let mut f = vec![0u8; 0x1000];
+    f[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    let put = |f: &mut Vec<u8>, off: usize, b: &[u8]| f[off..off + b.len()].copy_from_slice(b);
+    put(&mut f, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut f, 18, &0x3eu16.to_le_bytes()); // x86-64
+    put(&mut f, 20, &1u32.to_le_bytes());
+    put(&mut f, 24, &LOAD.to_le_bytes()); // e_entry
+    put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut f, 56, &2u16.to_le_bytes()); // e_phnum
+    // PT_LOAD
+    let ph = 64;
+    put(&mut f, ph, &1u32.to_le_bytes());
+    put(&mut f, ph + 4, &7u32.to_le_bytes());
+    put(&mut f, ph + 8, &0x1000u64.to_le_bytes());
+    put(&mut f, ph + 16, &LOAD.to_le_bytes());
+    put(&mut f, ph + 24, &LOAD.to_le_bytes());
+    put(&mut f, ph + 32, &(code.len() as u64).to_le_bytes());
+    put(&mut f, ph + 40, &(code.len() as u64).to_le_bytes());
+    put(&mut f, ph + 48, &0x1000u64.to_le_bytes());
+    // PT_NOTE
+    let ph = 64 + 56;
+    put(&mut f, ph, &4u32.to_le_bytes());
+    put(&mut f, ph + 4, &4u32.to_le_bytes());
+    put(&mut f, ph + 8, &0x200u64.to_le_bytes());
+    put(&mut f, ph + 32, &20u64.to_le_bytes());
+    put(&mut f, ph + 40, &20u64.to_le_bytes());
+    put(&mut f, ph + 48, &4u64.to_le_bytes());
+    // The note: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY, desc = entry.
+    put(
+        &mut f,
+        0x200,
+        &[4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0],
+    );
+    put(&mut f, 0x210, &(LOAD as u32).to_le_bytes());
+    f.extend_from_slice(code);
+    Box::leak(f.into_boxed_slice())
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn machine(code: &[u8], vcpus: u8, out: Capture) -> Machine {
+    let boot = BootConfig {
+        kernel: KernelSource::Bytes {
+            name: "tiny".into(),
+            image: pvh_elf(code),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vcpus,
+    };
+    Machine::boot(32 << 20, &boot, None, Box::new(out)).unwrap()
+}
+
+#[test]
+fn serial_output_and_debug_exit() {
+    if !kvm_ready() {
+        return;
+    }
+    let code = [
+        0x66, 0xba, 0xf8, 0x03, // mov $0x3f8, %dx
+        0xb0, b'h', 0xee, // mov $'h', %al; out %al, (%dx)
+        0xb0, b'i', 0xee, // mov $'i', %al; out
+        0x66, 0xba, 0x01, 0x05, // mov $0x501, %dx
+        0xb0, 42, 0xee, // mov $42, %al; out
+        0xf4, 0xeb, 0xfd, // hlt; jmp .-1
+    ];
+    let out = Capture::default();
+    let mut m = machine(&code, 1, out.clone());
+    let end = vmm::run::run(&mut m, &mut []).unwrap();
+    assert!(
+        matches!(end, RunEnd::Guest(GuestStop::PowerOff { code: 42 })),
+        "{end:?}"
+    );
+    assert_eq!(out.0.lock().unwrap().as_slice(), b"hi");
+}
+
+#[test]
+fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
+    if !kvm_ready() {
+        return;
+    }
+    // loop: inc %eax; jmp loop
+    let code = [0x40, 0xeb, 0xfd];
+    let mut m = machine(&code, 2, Capture::default());
+    m.start().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let p1 = m.pause(PauseAction::SaveState).unwrap();
+    let a = p1.states[0].regs.rax;
+    let st = m.save_state(p1).unwrap();
+    assert_eq!(st.vcpus.len(), 2);
+    assert!(!st.vcpus[0].msrs.is_empty());
+    // The encoded state decodes to the same bytes.
+    let bytes = vmm::state::encode(&st);
+    assert_eq!(
+        vmm::state::encode(&vmm::state::decode(&bytes).unwrap()),
+        bytes
+    );
+    m.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    let p2 = m.pause(PauseAction::SaveState).unwrap();
+    let b = p2.states[0].regs.rax;
+    assert!(b > a, "guest did not advance between pauses ({a} -> {b})");
+    assert!(p2.latency < Duration::from_secs(1));
+    // The application processor never got a SIPI: it stays in wait-for-SIPI.
+    assert_eq!(
+        p2.states[1].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+    m.resume().unwrap();
+    m.stop();
+}
+
+#[test]
+fn triple_fault_is_reported_with_rip() {
+    if !kvm_ready() {
+        return;
+    }
+    // ud2 with no IDT: #UD cannot be delivered, then #DF, then shutdown.
+    let code = [0x90, 0x0f, 0x0b];
+    let mut m = machine(&code, 1, Capture::default());
+    match vmm::run::run(&mut m, &mut []).unwrap() {
+        RunEnd::Error(VcpuError::TripleFault { vcpu: 0, rip }) => assert_eq!(rip, LOAD + 1),
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+}
