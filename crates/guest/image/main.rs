@@ -2,7 +2,7 @@
 //!
 //! `boot.s` brings every CPU to ring 3 and calls [`user_entry`]. CPU 0 reads
 //! the PVH start_info (command line, memory map), finds the CPU count in the
-//! MP table, starts the other CPUs, and runs its share of the workload; the
+//! ACPI MADT or the MP table, starts the other CPUs, and runs its share of the workload; the
 //! others run theirs. CPU 0 then combines the results, publishes them in the
 //! status page, prints them on COM1 and writes the exit code to the
 //! debug-exit port. Nothing here runs in ring 0.
@@ -222,6 +222,44 @@ fn mp_table_cpus() -> Option<u32> {
     None
 }
 
+/// Enabled processors in the ACPI MADT, found through start_info's RSDP
+/// pointer or the BIOS area (QEMU's firmware provides ACPI, not an MP table).
+fn acpi_cpus(start_info: u64) -> Option<u32> {
+    let sig_at = |p: u64, s: &[u8; 4]| read::<[u8; 4]>(p) == *s;
+    let mut rsdp = read::<u64>(start_info + 32);
+    if rsdp == 0 {
+        rsdp = (0xe0000u64..0x100000).step_by(16).find(|&p| read::<[u8; 8]>(p) == *b"RSD PTR ")?;
+    }
+    if read::<[u8; 8]>(rsdp) != *b"RSD PTR " {
+        return None;
+    }
+    let xsdt = if read::<u8>(rsdp + 15) >= 2 { read::<u64>(rsdp + 24) } else { 0 };
+    let (sdt, entry) = if xsdt != 0 { (xsdt, 8) } else { (u64::from(read::<u32>(rsdp + 16)), 4) };
+    if sdt == 0 || !(sig_at(sdt, b"XSDT") || sig_at(sdt, b"RSDT")) {
+        return None;
+    }
+    let len = u64::from(read::<u32>(sdt + 4)).min(4096);
+    let tables = len.saturating_sub(36) / entry;
+    let madt = (0..tables)
+        .map(|i| if entry == 8 { read::<u64>(sdt + 36 + i * 8) } else { u64::from(read::<u32>(sdt + 36 + i * 4)) })
+        .find(|&t| t != 0 && sig_at(t, b"APIC"))?;
+    let end = madt + u64::from(read::<u32>(madt + 4)).min(64 << 10);
+    let (mut p, mut cpus) = (madt + 44, 0);
+    while p + 2 <= end {
+        let (kind, elen) = (read::<u8>(p), u64::from(read::<u8>(p + 1)));
+        if elen < 2 {
+            break;
+        }
+        match kind {
+            0 if read::<u32>(p + 4) & 1 != 0 => cpus += 1, // local APIC, enabled
+            9 if read::<u32>(p + 8) & 1 != 0 => cpus += 1, // local x2APIC, enabled
+            _ => {}
+        }
+        p += elen;
+    }
+    (cpus > 0).then_some(cpus)
+}
+
 /// First RAM address after the image, 2 MiB aligned.
 fn arena_base() -> u64 {
     // SAFETY: only the address of the linker-defined symbol is taken.
@@ -330,7 +368,7 @@ fn bsp_main(start_info: u64) -> ! {
     STATUS.state.store(state::BOOTING, Relaxed);
     STATUS.magic.store(abi::STATUS_MAGIC, Release);
     let spec = parse_spec(start_info);
-    let ncpus = mp_table_cpus().unwrap_or(1).clamp(1, MAX_CPUS as u32);
+    let ncpus = acpi_cpus(start_info).or_else(mp_table_cpus).unwrap_or(1).clamp(1, MAX_CPUS as u32);
     let share = Share::new(&spec, 0, ncpus);
     let base = arena_base();
     check_arena(start_info, base, share.bytes * u64::from(ncpus));
