@@ -21,10 +21,7 @@ fn rustc(args: &[&str]) {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .status()
         .unwrap_or_else(|e| panic!("cannot run {rustc}: {e}"));
-    assert!(
-        status.success(),
-        "building the workload guest failed: {rustc} {args:?}"
-    );
+    assert!(status.success(), "building the workload guest failed: {rustc} {args:?}");
 }
 
 fn main() {
@@ -59,16 +56,7 @@ fn main() {
     let lib_dir = out.join("guest-deps");
     std::fs::create_dir_all(&lib_dir).expect("create guest-deps");
     let mut args: Vec<String> = common.iter().map(|a| a.to_string()).collect();
-    args.extend(
-        [
-            "--crate-type",
-            "rlib",
-            "--crate-name",
-            "workload",
-            "--out-dir",
-        ]
-        .map(String::from),
-    );
+    args.extend(["--crate-type", "rlib", "--crate-name", "workload", "--out-dir"].map(String::from));
     args.push(s(&lib_dir));
     args.push(s(&workload.join("lib.rs")));
     rustc(&args.iter().map(String::as_str).collect::<Vec<_>>());

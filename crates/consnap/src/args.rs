@@ -6,8 +6,7 @@ use workload::Spec;
 
 /// Parse a byte size such as `256M`, `1G`, `4096`.
 pub fn size(s: &str) -> Result<u64, String> {
-    workload::spec::parse_size(s)
-        .ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G, 4096)"))
+    workload::spec::parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G, 4096)"))
 }
 
 /// Parse a duration such as `100ms`, `2s`, `1m`, `250us`; `0` means off.
@@ -58,10 +57,6 @@ mod tests {
         assert_eq!(s.ops, 10);
         let e = workload_cmdline("memstress,bogus=1").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
-        assert!(
-            workload_cmdline("nope")
-                .unwrap_err()
-                .contains("unknown workload")
-        );
+        assert!(workload_cmdline("nope").unwrap_err().contains("unknown workload"));
     }
 }

@@ -95,10 +95,7 @@ mod tests {
     fn percentiles_nearest_rank() {
         let s: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
         let p = Percentiles::of(&s);
-        assert_eq!(
-            (p.count, p.p50_us, p.p99_us, p.max_us),
-            (100, 50.0, 99.0, 100.0)
-        );
+        assert_eq!((p.count, p.p50_us, p.p99_us, p.max_us), (100, 50.0, 99.0, 100.0));
         assert_eq!(Percentiles::of(&[]).count, 0);
     }
 }

@@ -65,10 +65,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
             boot: BootConfig {
                 kernel: KernelSource::File(kernel.clone()),
                 initrd: a.initrd.clone(),
-                cmdline: a
-                    .cmdline
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.to_string()),
+                cmdline: a.cmdline.clone().unwrap_or_else(|| DEFAULT_LINUX_CMDLINE.to_string()),
                 vcpus: a.vcpus,
             },
             mem: a.mem.unwrap_or(512 << 20),
@@ -106,25 +103,23 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
 
 /// Feed terminal input to the guest's serial port.
 fn spawn_stdin(devices: Arc<Devices>) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let k = devices.serial.enqueue_input(rest);
-                    rest = &rest[k..];
-                    if k == 0 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let k = devices.serial.enqueue_input(rest);
+                rest = &rest[k..];
+                if k == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
-        });
+        }
+    });
 }
 
 /// Run a VM to its end; returns consnap's exit status.
@@ -148,14 +143,7 @@ pub fn run(a: RunArgs) -> Result<i32, String> {
     };
     machine.stop();
     let _ = std::io::stdout().flush();
-    let report = build_report(
-        "run",
-        &machine,
-        &end,
-        started,
-        &probe.pauses,
-        sampler.samples,
-    );
+    let report = build_report("run", &machine, &end, started, &probe.pauses, sampler.samples);
     if let Some(path) = &a.report {
         report
             .write(path)
@@ -174,9 +162,7 @@ fn build_report(
     progress: Vec<(u64, u64)>,
 ) -> Report {
     let (status, exit_code, guest_exit_code, error) = match end {
-        RunEnd::Guest(GuestStop::PowerOff { code }) => {
-            ("poweroff", (*code).min(255) as i32, Some(*code), None)
-        }
+        RunEnd::Guest(GuestStop::PowerOff { code }) => ("poweroff", (*code).min(255) as i32, Some(*code), None),
         RunEnd::Guest(GuestStop::Reset) => ("reset", 0, None, None),
         RunEnd::Guest(GuestStop::Shutdown) => ("shutdown", 0, None, None),
         RunEnd::Signal(sig) => ("signal", 128 + sig, None, None),
@@ -186,10 +172,7 @@ fn build_report(
     let cfg = machine.config();
     let status_page = vmm::guest_status::read(machine.ram());
     let done = status_page.filter(|s| s.done());
-    let spec = cfg
-        .workload
-        .as_deref()
-        .and_then(|w| workload::Spec::parse(w).ok());
+    let spec = cfg.workload.as_deref().and_then(|w| workload::Spec::parse(w).ok());
     Report {
         schema: SCHEMA,
         command,

@@ -22,18 +22,9 @@ fn fails_with(args: &[&str], needle: &str) {
 
 #[test]
 fn unknown_workload_and_key() {
-    fails_with(
-        &["run", "--workload", "nosuch"],
-        "unknown workload 'nosuch'",
-    );
-    fails_with(
-        &["run", "--workload", "memstress,colour=red"],
-        "unknown key 'colour'",
-    );
-    fails_with(
-        &["run", "--workload", "ftp,chunk=12Q"],
-        "bad value '12Q' for 'chunk'",
-    );
+    fails_with(&["run", "--workload", "nosuch"], "unknown workload 'nosuch'");
+    fails_with(&["run", "--workload", "memstress,colour=red"], "unknown key 'colour'");
+    fails_with(&["run", "--workload", "ftp,chunk=12Q"], "bad value '12Q' for 'chunk'");
     fails_with(
         &["run", "--workload", "memstress,pattern"],
         "'pattern' is not key=value",
@@ -44,10 +35,7 @@ fn unknown_workload_and_key() {
 fn bad_flags() {
     fails_with(&["run", "--mem", "lots"], "not a size");
     fails_with(&["run", "--pause-probe", "fast"], "not a duration");
-    fails_with(
-        &["run", "--kernel", "/x", "--workload", "build"],
-        "cannot be used with",
-    );
+    fails_with(&["run", "--kernel", "/x", "--workload", "build"], "cannot be used with");
     fails_with(
         &["run", "--workload", "memstress,wss=512M", "--mem", "256M"],
         "does not fit in --mem",
@@ -72,16 +60,10 @@ fn kernel_files() {
     );
     let empty = dir.join("empty");
     std::fs::write(&empty, b"").unwrap();
-    fails_with(
-        &["run", "--kernel", empty.to_str().unwrap()],
-        "neither an ELF",
-    );
+    fails_with(&["run", "--kernel", empty.to_str().unwrap()], "neither an ELF");
     // An ELF without a PVH note: the test binary itself.
     let me = std::env::current_exe().unwrap();
-    fails_with(
-        &["run", "--kernel", me.to_str().unwrap()],
-        "without a PVH entry note",
-    );
+    fails_with(&["run", "--kernel", me.to_str().unwrap()], "without a PVH entry note");
     fails_with(
         &[
             "run",

@@ -10,14 +10,7 @@ fn run_workload(spec: &str, vcpus: u32, dir: &std::path::Path, tag: &str) -> ser
     let report = dir.join(format!("{tag}.json"));
     let out = run_ok(
         consnap()
-            .args([
-                "run",
-                "--workload",
-                spec,
-                "--vcpus",
-                &vcpus.to_string(),
-                "--report",
-            ])
+            .args(["run", "--workload", spec, "--vcpus", &vcpus.to_string(), "--report"])
             .arg(&report),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -113,10 +106,7 @@ fn pause_figures_are_reported() {
     );
     assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{pause}");
     let progress = r["progress"].as_array().unwrap();
-    assert!(
-        progress.len() >= 3,
-        "too few progress samples: {progress:?}"
-    );
+    assert!(progress.len() >= 3, "too few progress samples: {progress:?}");
     let ops: Vec<u64> = progress.iter().map(|s| s[1].as_u64().unwrap()).collect();
     assert!(
         ops.windows(2).all(|w| w[0] <= w[1]),

@@ -102,13 +102,27 @@ fn vmlinux_boots_through_pvh() {
         |_| false,
         Duration::from_secs(600),
     );
-    assert!(r.stdout.contains(BANNER), "no banner.\nstdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(BANNER),
+        "no banner.\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
     if r.stdout.contains(INIT_MARKER) {
-        assert_eq!(r.exited, Some(0), "init ran but the reset did not end the run: {}", r.stderr);
+        assert_eq!(
+            r.exited,
+            Some(0),
+            "init ran but the reset did not end the run: {}",
+            r.stderr
+        );
     } else {
         // A host that emulates kernel code: a clear error, not a hang or a panic.
         assert_eq!(r.exited, Some(1), "stderr:\n{}", r.stderr);
-        assert!(r.stderr.contains("could not emulate the instruction at RIP 0x"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("could not emulate the instruction at RIP 0x"),
+            "{}",
+            r.stderr
+        );
         assert!(r.stderr.contains("(bytes: "), "{}", r.stderr);
         assert!(r.stderr.contains("hardware virtualization"), "{}", r.stderr);
         assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
@@ -128,7 +142,17 @@ fn bzimage_boots_through_the_linux_boot_protocol() {
         |out| out.contains("reboot=k panic=-1\n") || out.contains("reboot=k panic=-1\r"),
         Duration::from_secs(600),
     );
-    assert!(r.stdout.contains(BANNER), "no banner.\nstdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(BANNER),
+        "no banner.\nstdout:\n{}\nstderr:\n{}",
+        r.stdout,
+        r.stderr
+    );
     assert!(r.stdout.contains("Command line: console=ttyS0"), "{}", r.stdout);
-    assert!(r.stdout.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
+        "{}",
+        r.stdout
+    );
 }

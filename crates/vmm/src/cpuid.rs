@@ -43,16 +43,8 @@ pub fn filter_to_host(cpuid: &mut CpuId) {
             if e.function != leaf || e.index != sub {
                 continue;
             }
-            let max = if leaf >= 0x8000_0000 {
-                host_ext_max
-            } else {
-                host_max
-            };
-            let host = if leaf <= max {
-                host_cpuid(leaf, sub)[reg]
-            } else {
-                0
-            };
+            let max = if leaf >= 0x8000_0000 { host_ext_max } else { host_max };
+            let host = if leaf <= max { host_cpuid(leaf, sub)[reg] } else { 0 };
             let mask = match (leaf, reg) {
                 // Leaf 1 ECX bit 31 (hypervisor) is ours to set; keep it.
                 (1, 2) => host | (1 << 31),

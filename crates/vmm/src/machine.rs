@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Duration;
 
-use kvm_bindings::{
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -81,13 +79,9 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> MachineError {
 pub fn open_kvm() -> Result<Kvm, MachineError> {
     Kvm::new().map_err(|e| {
         MachineError::NoKvm(match e.errno() {
-            libc::ENOENT => {
-                "/dev/kvm does not exist: this host has no KVM (enable virtualization or load kvm)"
-                    .into()
-            }
+            libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (enable virtualization or load kvm)".into(),
             libc::EACCES | libc::EPERM => {
-                "permission denied opening /dev/kvm: run as root or add your user to the kvm group"
-                    .into()
+                "permission denied opening /dev/kvm: run as root or add your user to the kvm group".into()
             }
             _ => format!("cannot open /dev/kvm: {e}"),
         })
@@ -146,8 +140,7 @@ fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError>
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     vm.create_pit2(kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -157,8 +150,7 @@ fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError>
         what: "serial interrupt",
         source,
     })?;
-    vm.register_irqfd(&serial_evt, COM1_IRQ)
-        .map_err(kvm_err("KVM_IRQFD"))?;
+    vm.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
     for r in ram.ranges() {
         set_slot(&vm, &ram, r, false)?;
     }
@@ -168,11 +160,7 @@ fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError>
 fn set_slot(vm: &VmFd, ram: &GuestRam, r: &RamRange, log_dirty: bool) -> Result<(), MachineError> {
     let region = kvm_userspace_memory_region {
         slot: r.slot,
-        flags: if log_dirty {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        },
+        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         guest_phys_addr: r.gpa,
         memory_size: r.len,
         userspace_addr: ram.host_ptr(r) as u64,
@@ -190,9 +178,7 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, n: u8) -> Result<Vec<Vcpu>, MachineError> 
     let xsave_size = (kvm.check_extension_int(Cap::Xsave2).max(0) as usize).max(4096);
     let mut vcpus = Vec::with_capacity(n as usize);
     for id in 0..n {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         fd.set_cpuid2(&cpuid::for_vcpu(&base, id, n))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         vcpus.push(Vcpu {
@@ -245,14 +231,8 @@ impl Machine {
         }
         let sregs = vcpus[0].fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let (regs, sregs) = boot::regs::boot_cpu_state(&parts.ram, &entry, sregs)?;
-        vcpus[0]
-            .fd
-            .set_sregs(&sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpus[0]
-            .fd
-            .set_regs(&regs)
-            .map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpus[0].fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpus[0].fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let kernel = match &boot.kernel {
             boot::KernelSource::Bytes { name, .. } => name.clone(),
             boot::KernelSource::File(p) => p.display().to_string(),
@@ -335,9 +315,7 @@ impl Machine {
     }
 
     fn running(&self) -> Result<&Vcpus, MachineError> {
-        self.vcpus
-            .as_ref()
-            .ok_or(MachineError::Phase("not started"))
+        self.vcpus.as_ref().ok_or(MachineError::Phase("not started"))
     }
 
     /// Pause all vCPUs.

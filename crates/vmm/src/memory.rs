@@ -30,17 +30,13 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 #[derive(Debug, Error)]
 pub enum MemoryError {
     /// Size outside the supported range or not page aligned.
-    #[error(
-        "--mem {size} bytes is not supported: it must be a multiple of 4 KiB between 16 MiB and 1 TiB"
-    )]
+    #[error("--mem {size} bytes is not supported: it must be a multiple of 4 KiB between 16 MiB and 1 TiB")]
     BadSize {
         /// Requested size.
         size: u64,
     },
     /// More than the host has.
-    #[error(
-        "--mem {requested} MiB is more than this host can give ({available} MiB of RAM available)"
-    )]
+    #[error("--mem {requested} MiB is more than this host can give ({available} MiB of RAM available)")]
     TooLarge {
         /// Requested MiB.
         requested: u64,
@@ -135,24 +131,17 @@ impl GuestRam {
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {
             let len = r.len as usize;
-            let bitmap = AtomicBitmap::new(
-                len,
-                NonZeroUsize::new(PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN),
-            );
+            let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
             let map = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, bitmap)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                 .build()
-                .map_err(|source| MemoryError::Mmap {
-                    size: r.len,
-                    source,
-                })?;
+                .map_err(|source| MemoryError::Mmap { size: r.len, source })?;
             let region = GuestRegionMmap::new(map, GuestAddress(r.gpa))
                 .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", r.gpa)))?;
             regions.push(region);
         }
-        let mem =
-            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mem = GuestMemory::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))?;
         Ok(Self { mem, ranges, size })
     }
 

@@ -179,8 +179,7 @@ fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
     let mut res = Ok(());
     ONCE.call_once(|| {
-        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-            .map_err(VcpuError::Signal);
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal);
     });
     res
 }
@@ -305,10 +304,7 @@ impl Vcpus {
             // SAFETY: pthread_kill with a handle of a thread we spawned and have
             // not joined; the signal has a handler installed.
             unsafe {
-                libc::pthread_kill(
-                    std::os::unix::thread::JoinHandleExt::as_pthread_t(t),
-                    kick_signal(),
-                );
+                libc::pthread_kill(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), kick_signal());
             }
         }
     }
@@ -518,11 +514,7 @@ enum ExitError {
     Unexpected(String),
 }
 
-fn handle_exit(
-    vcpu: u8,
-    exit: VcpuExit<'_>,
-    devices: &Devices,
-) -> Result<Option<GuestStop>, ExitError> {
+fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<Option<GuestStop>, ExitError> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             devices.pio_read(port, data);

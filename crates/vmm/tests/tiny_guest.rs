@@ -13,11 +13,7 @@ use vmm::run::RunEnd;
 use vmm::vcpu::{PauseAction, VcpuError};
 
 fn kvm_ready() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
             panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
@@ -140,10 +136,7 @@ fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
     assert!(!st.vcpus[0].msrs.is_empty());
     // The encoded state decodes to the same bytes.
     let bytes = vmm::state::encode(&st);
-    assert_eq!(
-        vmm::state::encode(&vmm::state::decode(&bytes).unwrap()),
-        bytes
-    );
+    assert_eq!(vmm::state::encode(&vmm::state::decode(&bytes).unwrap()), bytes);
     m.resume().unwrap();
     std::thread::sleep(Duration::from_millis(30));
     let p2 = m.pause(PauseAction::SaveState).unwrap();
@@ -151,10 +144,7 @@ fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
     assert!(b > a, "guest did not advance between pauses ({a} -> {b})");
     assert!(p2.latency < Duration::from_secs(1));
     // The application processor never got a SIPI: it stays in wait-for-SIPI.
-    assert_eq!(
-        p2.states[1].mp_state.mp_state,
-        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
-    );
+    assert_eq!(p2.states[1].mp_state.mp_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
     m.resume().unwrap();
     m.stop();
 }

@@ -181,10 +181,7 @@ impl<'a> Compiler<'a> {
     fn new_table(h: &mut Heap<'_>, entries: usize) -> R<Arr> {
         let at = h.alloc(entries * 2)?;
         h.mem[at..at + entries * 2].fill(0);
-        Ok(Arr {
-            at,
-            len: entries * 2,
-        })
+        Ok(Arr { at, len: entries * 2 })
     }
 
     /// End the session: fold everything into the checksum and start afresh.
@@ -329,11 +326,7 @@ impl<'a> Compiler<'a> {
     }
 
     fn gen_expr(&mut self, st: &mut FileState, rng: &mut Rng, vocab: u64, depth: u32) {
-        let choice = if depth == 0 {
-            rng.below(2)
-        } else {
-            rng.below(6)
-        };
+        let choice = if depth == 0 { rng.below(2) } else { rng.below(6) };
         match choice {
             0 => {
                 let n = rng.below(1000);

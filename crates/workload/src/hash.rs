@@ -11,9 +11,7 @@ const P4: u64 = 0x85EB_CA77_C2B2_AE63;
 
 #[inline(always)]
 fn round(acc: u64, word: u64) -> u64 {
-    acc.wrapping_add(word.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
+    acc.wrapping_add(word.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
 }
 
 /// Final avalanche so that every input bit affects every output bit.

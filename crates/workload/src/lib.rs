@@ -165,11 +165,7 @@ mod tests {
             assert_eq!(a.ops, spec.ops);
             assert_eq!(a.errors, 0, "{kind:?} found integrity errors");
             let other = Spec { seed: 2, ..spec };
-            assert_ne!(
-                a.checksum,
-                reference(&other, 1).checksum,
-                "{kind:?} ignores seed"
-            );
+            assert_ne!(a.checksum, reference(&other, 1).checksum, "{kind:?} ignores seed");
             let two = reference(&spec, 2);
             assert_eq!(two.ops, spec.ops);
             assert_ne!(two.checksum, a.checksum);
@@ -184,10 +180,7 @@ mod tests {
         };
         let s: std::vec::Vec<Share> = (0..3).map(|c| Share::new(&spec, c, 3)).collect();
         assert_eq!(s.iter().map(|x| x.ops).sum::<u64>(), 7);
-        assert!(
-            s.iter()
-                .all(|x| x.bytes % 4096 == 0 && x.bytes * 3 <= spec.wss)
-        );
+        assert!(s.iter().all(|x| x.bytes % 4096 == 0 && x.bytes * 3 <= spec.wss));
         assert_ne!(s[0].seed, s[1].seed);
     }
 

@@ -129,32 +129,23 @@ impl fmt::Display for ParseError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ParseError::MissingWorkload => {
-                write!(
-                    f,
-                    "no workload given (expected workload=memstress|build|ftp)"
-                )
+                write!(f, "no workload given (expected workload=memstress|build|ftp)")
             }
             ParseError::UnknownWorkload(w) => {
                 write!(f, "unknown workload '{w}' (known: memstress, build, ftp)")
             }
             ParseError::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
             ParseError::UnknownKey { workload, key } => {
-                write!(
-                    f,
-                    "unknown key '{key}' for workload {} (known:",
-                    workload.name()
-                )?;
+                write!(f, "unknown key '{key}' for workload {} (known:", workload.name())?;
                 for k in workload.keys() {
                     write!(f, " {k}")?;
                 }
                 write!(f, ")")
             }
             ParseError::Duplicate(k) => write!(f, "key '{k}' given twice"),
-            ParseError::BadValue {
-                key,
-                value,
-                expected,
-            } => write!(f, "bad value '{value}' for '{key}': expected {expected}"),
+            ParseError::BadValue { key, value, expected } => {
+                write!(f, "bad value '{value}' for '{key}': expected {expected}")
+            }
             ParseError::Inconsistent(why) => write!(f, "{why}"),
         }
     }
@@ -253,10 +244,7 @@ impl Spec {
                 .keys()
                 .iter()
                 .position(|k| *k == key)
-                .ok_or(ParseError::UnknownKey {
-                    workload: kind,
-                    key,
-                })?;
+                .ok_or(ParseError::UnknownKey { workload: kind, key })?;
             if seen & (1 << idx) != 0 {
                 return Err(ParseError::Duplicate(key));
             }
@@ -268,11 +256,7 @@ impl Spec {
     }
 
     fn set<'a>(&mut self, key: &'a str, value: &'a str) -> Result<(), ParseError<'a>> {
-        let bad = |expected| ParseError::BadValue {
-            key,
-            value,
-            expected,
-        };
+        let bad = |expected| ParseError::BadValue { key, value, expected };
         match key {
             "wss" => self.wss = parse_size(value).ok_or(bad("a size such as 64M"))?,
             "ops" => self.ops = parse_count(value).ok_or(bad("a count such as 200000"))?,
@@ -323,16 +307,12 @@ impl Spec {
                     return Err(Inconsistent("filesize must be between 256 and 16M"));
                 }
                 if self.wss < 16 * self.filesize.max(64 << 10) {
-                    return Err(Inconsistent(
-                        "build needs wss of at least 16 x filesize (and 1M)",
-                    ));
+                    return Err(Inconsistent("build needs wss of at least 16 x filesize (and 1M)"));
                 }
             }
             Kind::Ftp => {
                 if self.chunk < 512 || !self.chunk.is_multiple_of(8) {
-                    return Err(Inconsistent(
-                        "chunk must be a multiple of 8 and at least 512",
-                    ));
+                    return Err(Inconsistent("chunk must be a multiple of 8 and at least 512"));
                 }
                 if self.chunk.saturating_mul(4) > self.wss {
                     return Err(Inconsistent("ftp needs wss of at least 4 chunks"));
@@ -353,10 +333,8 @@ mod tests {
 
     #[test]
     fn parses_all_keys_and_suffixes() {
-        let s = Spec::parse(
-            "workload=memstress wss=64M ops=200k seed=9 rate=50k pattern=hotcold hot=5 hotw=95",
-        )
-        .unwrap();
+        let s =
+            Spec::parse("workload=memstress wss=64M ops=200k seed=9 rate=50k pattern=hotcold hot=5 hotw=95").unwrap();
         assert_eq!(s.kind, Kind::Memstress);
         assert_eq!(s.wss, 64 << 20);
         assert_eq!(s.ops, 200_000);
@@ -365,24 +343,15 @@ mod tests {
         assert_eq!(s.pattern, Pattern::HotCold);
         assert_eq!((s.hot, s.hotw), (5, 95));
         let f = Spec::parse("ops=10 workload=ftp rate=100M chunk=16K").unwrap();
-        assert_eq!(
-            (f.kind, f.rate, f.chunk, f.ops),
-            (Kind::Ftp, 100 << 20, 16 << 10, 10)
-        );
+        assert_eq!((f.kind, f.rate, f.chunk, f.ops), (Kind::Ftp, 100 << 20, 16 << 10, 10));
         assert_eq!(Spec::parse("workload=ftp rate=max").unwrap().rate, 0);
-        assert_eq!(
-            Spec::parse("workload=build").unwrap(),
-            Spec::defaults(Kind::Build)
-        );
+        assert_eq!(Spec::parse("workload=build").unwrap(), Spec::defaults(Kind::Build));
     }
 
     #[test]
     fn rejects_bad_input_with_named_culprit() {
         assert_eq!(Spec::parse("wss=1M"), Err(ParseError::MissingWorkload));
-        assert_eq!(
-            Spec::parse("workload=nope"),
-            Err(ParseError::UnknownWorkload("nope"))
-        );
+        assert_eq!(Spec::parse("workload=nope"), Err(ParseError::UnknownWorkload("nope")));
         assert!(matches!(
             Spec::parse("workload=build pattern=seq"),
             Err(ParseError::UnknownKey { key: "pattern", .. })

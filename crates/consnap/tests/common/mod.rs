@@ -7,10 +7,7 @@ use std::process::{Command, Output, Stdio};
 /// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
 /// unusable /dev/kvm fails the test instead of skipping it.
 pub fn kvm_ready() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
     match ok {
         Ok(_) => true,
         Err(e) => {
@@ -41,8 +38,7 @@ pub fn tempdir(name: &str) -> PathBuf {
 }
 
 pub fn read_report(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
@@ -63,13 +59,7 @@ pub fn reference(spec: &str, vcpus: u32) -> (u64, String) {
     let words: Vec<String> = spec
         .split(',')
         .enumerate()
-        .map(|(i, w)| {
-            if i == 0 {
-                format!("workload={w}")
-            } else {
-                w.to_string()
-            }
-        })
+        .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
         .collect();
     let s = workload::Spec::parse(&words.join(" ")).unwrap();
     let out = workload::reference(&s, vcpus);

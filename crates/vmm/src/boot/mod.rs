@@ -22,9 +22,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader};
 use thiserror::Error;
@@ -153,9 +151,7 @@ pub enum Entry {
 /// Load the kernel, initrd, command line and boot tables into `ram`.
 pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<Entry, BootError> {
     match &cfg.kernel {
-        KernelSource::Bytes { name, image } => {
-            load_image(ram, cfg, PathBuf::from(name), &mut Cursor::new(*image))
-        }
+        KernelSource::Bytes { name, image } => load_image(ram, cfg, PathBuf::from(name), &mut Cursor::new(*image)),
         KernelSource::File(p) => {
             let mut f = File::open(p).map_err(|source| BootError::KernelRead {
                 path: p.clone(),
@@ -199,8 +195,7 @@ fn load_image<F: Read + Seek + ReadVolatile>(
             start_info: PVH_INFO_ADDR,
         })
     } else if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
-        let res =
-            BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+        let res = BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
         let Some(hdr) = res.setup_header else {
             return Err(BootError::NotAKernel { path });
         };
@@ -233,14 +228,12 @@ fn load_image<F: Read + Seek + ReadVolatile>(
             };
         }
         params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
-        LinuxBootConfigurator::write_bootparams(
-            &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
-            mem,
-        )
-        .map_err(|_| BootError::GuestWrite {
-            what: "boot_params",
-            addr: ZERO_PAGE_ADDR,
-        })?;
+        LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)), mem).map_err(
+            |_| BootError::GuestWrite {
+                what: "boot_params",
+                addr: ZERO_PAGE_ADDR,
+            },
+        )?;
         regs::write_identity_page_tables(ram)?;
         Ok(Entry::Linux64 {
             entry: res.kernel_load.0 + 0x200,
@@ -264,12 +257,7 @@ fn read_head<F: Read + Seek>(image: &mut F, head: &mut [u8]) -> std::io::Result<
     Ok(n)
 }
 
-pub(crate) fn write(
-    ram: &GuestRam,
-    addr: u64,
-    bytes: &[u8],
-    what: &'static str,
-) -> Result<(), BootError> {
+pub(crate) fn write(ram: &GuestRam, addr: u64, bytes: &[u8], what: &'static str) -> Result<(), BootError> {
     ram.memory()
         .write_slice(bytes, GuestAddress(addr))
         .map_err(|_| BootError::GuestWrite { what, addr })
@@ -348,11 +336,7 @@ fn write_pvh_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<(), Boot
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
-        modlist_paddr: if initrd.is_some() {
-            PVH_MODLIST_ADDR
-        } else {
-            0
-        },
+        modlist_paddr: if initrd.is_some() { PVH_MODLIST_ADDR } else { 0 },
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
@@ -365,10 +349,8 @@ fn write_pvh_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<(), Boot
         };
         params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
     }
-    PvhBootConfigurator::write_bootparams(&params, ram.memory()).map_err(|_| {
-        BootError::GuestWrite {
-            what: "PVH start_info",
-            addr: PVH_INFO_ADDR,
-        }
+    PvhBootConfigurator::write_bootparams(&params, ram.memory()).map_err(|_| BootError::GuestWrite {
+        what: "PVH start_info",
+        addr: PVH_INFO_ADDR,
     })
 }

@@ -59,11 +59,7 @@ pub fn write_identity_page_tables(ram: &GuestRam) -> Result<(), BootError> {
 }
 
 /// Registers and segments the boot CPU starts with.
-pub fn boot_cpu_state(
-    ram: &GuestRam,
-    entry: &Entry,
-    mut sregs: kvm_sregs,
-) -> Result<(kvm_regs, kvm_sregs), BootError> {
+pub fn boot_cpu_state(ram: &GuestRam, entry: &Entry, mut sregs: kvm_sregs) -> Result<(kvm_regs, kvm_sregs), BootError> {
     for (i, e) in GDT.iter().enumerate() {
         super::write(ram, GDT_ADDR + i as u64 * 8, &e.to_le_bytes(), "GDT")?;
     }
@@ -122,15 +118,9 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let code64 = segment(1, GDT[1]);
-        assert_eq!(
-            (code64.l, code64.db, code64.base, code64.limit),
-            (1, 0, 0, 0xffff_ffff)
-        );
+        assert_eq!((code64.l, code64.db, code64.base, code64.limit), (1, 0, 0, 0xffff_ffff));
         let code32 = segment(3, GDT[3]);
-        assert_eq!(
-            (code32.l, code32.db, code32.type_, code32.selector),
-            (0, 1, 0xb, 0x18)
-        );
+        assert_eq!((code32.l, code32.db, code32.type_, code32.selector), (0, 1, 0xb, 0x18));
         let tss = segment(4, GDT[4]);
         assert_eq!((tss.type_, tss.s, tss.present), (0xb, 0, 1));
     }

@@ -47,16 +47,10 @@ impl SerialDevice {
     }
 
     /// A UART with saved register state.
-    pub fn with_state(
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-        state: &SerialState,
-    ) -> Result<Self, DeviceError> {
+    pub fn with_state(irq: EventFd, out: Box<dyn Write + Send>, state: &SerialState) -> Result<Self, DeviceError> {
         let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
             .map_err(|e| DeviceError::State(format!("serial: {e:?}")))?;
-        Ok(Self {
-            uart: Mutex::new(uart),
-        })
+        Ok(Self { uart: Mutex::new(uart) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {

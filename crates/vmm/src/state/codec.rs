@@ -7,8 +7,8 @@
 //! out field by field, little-endian.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use vm_superio::serial::SerialState;
 
@@ -91,8 +91,7 @@ impl Enc {
     fn rec(&mut self, tag: u16, index: u16, payload: &[u8]) {
         self.0.extend_from_slice(&tag.to_le_bytes());
         self.0.extend_from_slice(&index.to_le_bytes());
-        self.0
-            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         self.0.extend_from_slice(payload);
         while !self.0.len().is_multiple_of(8) {
             self.0.push(0);
@@ -176,10 +175,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
         if self.b.len() < n {
-            return Err(StateError::Corrupt(format!(
-                "{} record is truncated",
-                self.what
-            )));
+            return Err(StateError::Corrupt(format!("{} record is truncated", self.what)));
         }
         let (h, t) = self.b.split_at(n);
         self.b = t;
@@ -229,8 +225,7 @@ fn need<T>(v: Option<T>, what: &str) -> Result<T, StateError> {
 /// Decode a machine state, checking every record.
 pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
     let mut config = None;
-    let (mut pm, mut ps, mut io, mut pit, mut clock, mut serial) =
-        (None, None, None, None, None, None);
+    let (mut pm, mut ps, mut io, mut pit, mut clock, mut serial) = (None, None, None, None, None, None);
     let mut vcpus: Vec<PartialVcpu> = Vec::new();
     let mut ended = false;
     while !b.is_empty() {
@@ -242,9 +237,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
         let padded = 8 + len.div_ceil(8) * 8;
         if b.len() < 8 + len {
-            return Err(StateError::Corrupt(format!(
-                "record {tag:#06x} is truncated"
-            )));
+            return Err(StateError::Corrupt(format!("record {tag:#06x} is truncated")));
         }
         let p = &b[8..8 + len];
         b = &b[padded.min(b.len())..];
@@ -254,9 +247,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
         }
         if (MP_STATE..=EVENTS).contains(&tag) {
             if index >= 255 {
-                return Err(StateError::Corrupt(format!(
-                    "vCPU index {index} out of range"
-                )));
+                return Err(StateError::Corrupt(format!("vCPU index {index} out of range")));
             }
             if vcpus.len() <= index {
                 vcpus.resize_with(index + 1, PartialVcpu::default);
@@ -268,10 +259,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 SREGS => v.sregs = Some(pod_from(p, "SREGS")?),
                 XSAVE => {
                     if !p.len().is_multiple_of(4) || p.len() < 4096 {
-                        return Err(StateError::Corrupt(format!(
-                            "XSAVE record has {} bytes",
-                            p.len()
-                        )));
+                        return Err(StateError::Corrupt(format!("XSAVE record has {} bytes", p.len())));
                     }
                     v.xsave = Some(
                         p.chunks_exact(4)
@@ -282,15 +270,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 XCRS => v.xcrs = Some(pod_from(p, "XCRS")?),
                 DEBUGREGS => v.debugregs = Some(pod_from(p, "DEBUGREGS")?),
                 LAPIC => v.lapic = Some(pod_from(p, "LAPIC")?),
-                TSC_KHZ => {
-                    v.tsc_khz = Some(
-                        Reader {
-                            b: p,
-                            what: "TSC_KHZ",
-                        }
-                        .u32()?,
-                    )
-                }
+                TSC_KHZ => v.tsc_khz = Some(Reader { b: p, what: "TSC_KHZ" }.u32()?),
                 CPUID => {
                     let sz = std::mem::size_of::<kvm_cpuid_entry2>();
                     if !p.len().is_multiple_of(sz) {
@@ -321,10 +301,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
         }
         match tag {
             CONFIG => {
-                let mut r = Reader {
-                    b: p,
-                    what: "CONFIG",
-                };
+                let mut r = Reader { b: p, what: "CONFIG" };
                 let mem_size = r.u64()?;
                 let vcpus = r.take(8)?[0];
                 let kernel = r.string()?.unwrap_or_default();
@@ -342,10 +319,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
             PIT2 => pit = Some(pod_from(p, "PIT")?),
             CLOCK => clock = Some(pod_from(p, "CLOCK")?),
             SERIAL => {
-                let mut r = Reader {
-                    b: p,
-                    what: "SERIAL",
-                };
+                let mut r = Reader { b: p, what: "SERIAL" };
                 let regs = r.take(9)?;
                 let n = r.u32()? as usize;
                 let in_buffer = r.take(n)?.to_vec();
@@ -363,16 +337,12 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 });
             }
             other => {
-                return Err(StateError::Corrupt(format!(
-                    "unknown record tag {other:#06x}"
-                )));
+                return Err(StateError::Corrupt(format!("unknown record tag {other:#06x}")));
             }
         }
     }
     if !ended {
-        return Err(StateError::Corrupt(
-            "END record missing (truncated state)".into(),
-        ));
+        return Err(StateError::Corrupt("END record missing (truncated state)".into()));
     }
     let config = need(config, "CONFIG")?;
     if vcpus.len() != usize::from(config.vcpus) || config.vcpus == 0 {

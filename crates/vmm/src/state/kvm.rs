@@ -16,8 +16,8 @@
 //! and after the vCPUs are parked, and restored before any vCPU runs.
 
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_irqchip,
-    kvm_msr_entry, kvm_xsave,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_irqchip, kvm_msr_entry,
+    kvm_xsave,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -51,10 +51,7 @@ pub fn saveable_msrs(kvm: &Kvm, probe: &Vcpu) -> Result<Vec<u32>, StateError> {
     idx.retain(|m| !SKIP_MSRS.contains(m));
     idx.sort_unstable();
     idx.dedup();
-    let readable: Vec<u32> = idx
-        .into_iter()
-        .filter(|&m| read_msrs(probe, &[m]).is_ok())
-        .collect();
+    let readable: Vec<u32> = idx.into_iter().filter(|&m| read_msrs(probe, &[m]).is_ok()).collect();
     Ok(readable)
 }
 
@@ -68,12 +65,8 @@ fn read_msrs(vcpu: &Vcpu, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateError
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|_| StateError::Invalid("MSR list too long".into()))?;
-        let n = vcpu
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(kvm_err(vcpu.id, "KVM_GET_MSRS"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::Invalid("MSR list too long".into()))?;
+        let n = vcpu.fd.get_msrs(&mut msrs).map_err(kvm_err(vcpu.id, "KVM_GET_MSRS"))?;
         if n != chunk.len() {
             return Err(StateError::Msr {
                 vcpu: vcpu.id,
@@ -104,10 +97,7 @@ pub fn save_vcpu(vcpu: &Vcpu) -> Result<VcpuState, StateError> {
         .as_slice()
         .to_vec();
     let msrs = read_msrs(vcpu, &vcpu.msr_list)?;
-    let events = vcpu
-        .fd
-        .get_vcpu_events()
-        .map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    let events = vcpu.fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id: vcpu.id,
         mp_state,
@@ -126,15 +116,11 @@ pub fn save_vcpu(vcpu: &Vcpu) -> Result<VcpuState, StateError> {
 
 fn save_xsave(vcpu: &Vcpu) -> Result<Vec<u32>, StateError> {
     if vcpu.xsave_size <= std::mem::size_of::<kvm_xsave>() {
-        let x = vcpu
-            .fd
-            .get_xsave()
-            .map_err(kvm_err(vcpu.id, "KVM_GET_XSAVE"))?;
+        let x = vcpu.fd.get_xsave().map_err(kvm_err(vcpu.id, "KVM_GET_XSAVE"))?;
         return Ok(x.region.to_vec());
     }
     let extra = (vcpu.xsave_size - std::mem::size_of::<kvm_xsave>()).div_ceil(4);
-    let mut x = kvm_bindings::Xsave::new(extra)
-        .map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
+    let mut x = kvm_bindings::Xsave::new(extra).map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
     // SAFETY: `x` has room for the xsave_size bytes KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) reported.
     unsafe { vcpu.fd.get_xsave2(&mut x) }.map_err(kvm_err(vcpu.id, "KVM_GET_XSAVE2"))?;
     let mut v = x.as_fam_struct_ref().xsave.region.to_vec();
@@ -157,8 +143,8 @@ fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
         // SAFETY: a plain 4096-byte kvm_xsave needs no trailing space.
         return unsafe { vcpu.fd.set_xsave(&x) }.map_err(kvm_err(vcpu.id, "KVM_SET_XSAVE"));
     }
-    let mut x = kvm_bindings::Xsave::from_entries(&words[base..])
-        .map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
+    let mut x =
+        kvm_bindings::Xsave::from_entries(&words[base..]).map_err(|_| StateError::Invalid("XSAVE area size".into()))?;
     // SAFETY: `as_mut_fam_struct` gives the fixed header; we copy 1024 words into its region.
     unsafe { x.as_mut_fam_struct() }
         .xsave
@@ -171,19 +157,14 @@ fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
 /// Apply a saved state to a fresh vCPU, on its own thread, before it runs.
 pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
     let e = |op| kvm_err(vcpu.id, op);
-    let cpuid = CpuId::from_entries(&st.cpuid)
-        .map_err(|_| StateError::Invalid("CPUID list too long".into()))?;
+    let cpuid = CpuId::from_entries(&st.cpuid).map_err(|_| StateError::Invalid("CPUID list too long".into()))?;
     vcpu.fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
-    vcpu.fd
-        .set_mp_state(st.mp_state)
-        .map_err(e("KVM_SET_MP_STATE"))?;
+    vcpu.fd.set_mp_state(st.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
     vcpu.fd.set_regs(&st.regs).map_err(e("KVM_SET_REGS"))?;
     vcpu.fd.set_sregs(&st.sregs).map_err(e("KVM_SET_SREGS"))?;
     restore_xsave(vcpu, &st.xsave)?;
     vcpu.fd.set_xcrs(&st.xcrs).map_err(e("KVM_SET_XCRS"))?;
-    vcpu.fd
-        .set_debug_regs(&st.debugregs)
-        .map_err(e("KVM_SET_DEBUGREGS"))?;
+    vcpu.fd.set_debug_regs(&st.debugregs).map_err(e("KVM_SET_DEBUGREGS"))?;
     vcpu.fd.set_lapic(&st.lapic).map_err(e("KVM_SET_LAPIC"))?;
     if let Some(khz) = st.tsc_khz
         && vcpu.fd.get_tsc_khz().ok() != Some(khz)
@@ -209,8 +190,7 @@ pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
                 ..Default::default()
             })
             .collect();
-        let list = Msrs::from_entries(&entries)
-            .map_err(|_| StateError::Invalid("MSR list too long".into()))?;
+        let list = Msrs::from_entries(&entries).map_err(|_| StateError::Invalid("MSR list too long".into()))?;
         let n = vcpu.fd.set_msrs(&list).map_err(e("KVM_SET_MSRS"))?;
         if n != chunk.len() {
             return Err(StateError::Msr {
@@ -220,9 +200,7 @@ pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
             });
         }
     }
-    vcpu.fd
-        .set_vcpu_events(&st.events)
-        .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.fd.set_vcpu_events(&st.events).map_err(e("KVM_SET_VCPU_EVENTS"))?;
     // Only meaningful for guests using kvmclock; EINVAL otherwise.
     let _ = vcpu.fd.kvmclock_ctrl();
     Ok(())
@@ -233,8 +211,7 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
         chip_id,
         ..Default::default()
     };
-    vm.get_irqchip(&mut c)
-        .map_err(kvm_err(0, "KVM_GET_IRQCHIP"))?;
+    vm.get_irqchip(&mut c).map_err(kvm_err(0, "KVM_GET_IRQCHIP"))?;
     Ok(c)
 }
 
@@ -262,8 +239,7 @@ pub fn restore_vm(vm: &VmFd, st: &VmState) -> Result<(), StateError> {
         .map_err(e("KVM_SET_IRQCHIP (PIC master)"))?;
     vm.set_irqchip(&st.pic_slave)
         .map_err(e("KVM_SET_IRQCHIP (PIC slave)"))?;
-    vm.set_irqchip(&st.ioapic)
-        .map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
+    vm.set_irqchip(&st.ioapic).map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
     vm.set_clock(&st.clock).map_err(e("KVM_SET_CLOCK"))?;
     Ok(())
 }
