@@ -66,26 +66,24 @@ fn run_kernel(kernel: &str, cmdline: &str, done: impl Fn(&str) -> bool, deadline
     });
     let start = Instant::now();
     let mut stdout = String::new();
-    let mut exited = None;
-    while start.elapsed() < deadline {
+    let mut finished = false;
+    while start.elapsed() < deadline && !done(&stdout) {
         if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
             stdout += &chunk;
         }
-        if done(&stdout) {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            exited = status.code();
-            while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-                stdout += &chunk;
-            }
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
             break;
         }
     }
-    if exited.is_none() {
+    if !finished {
         let _ = child.kill();
-        let _ = child.wait();
     }
+    let status = child.wait().unwrap();
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        stdout += &chunk;
+    }
+    let exited = if finished { status.code() } else { None };
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     Run { stdout, stderr, exited }
