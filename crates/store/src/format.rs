@@ -1,0 +1,407 @@
+//! The on-disk layout, version 1 (docs/FORMAT.md is the normative text).
+//!
+//! Every integer is little-endian. Every file starts with a magic, a format
+//! version and ends its header with an XXH3-64 checksum.
+
+use crate::error::{Result, StoreError};
+use std::path::Path;
+
+/// Format version written and read by this build.
+pub const VERSION: u32 = 1;
+/// Guest page size.
+pub const PAGE: usize = 4096;
+/// Epoch header size (one page, so the data section can be page aligned).
+pub const HEADER_SIZE: usize = 4096;
+/// Magic of epoch files.
+pub const EPOCH_MAGIC: [u8; 8] = *b"CSNPEPOC";
+/// Magic of the STORE file.
+pub const STORE_MAGIC: [u8; 8] = *b"CSNPSTOR";
+/// Size of the STORE file.
+pub const STORE_SIZE: usize = 64;
+/// Size of one index entry.
+pub const EXTENT_SIZE: usize = 24;
+
+/// XXH3-64, the checksum of every header, section and page.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// How an epoch was captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Paused while all memory was written.
+    StopCopyFull,
+    /// Paused while the dirty pages were copied; written after resuming.
+    StopCopy,
+}
+
+impl Mode {
+    /// Code in the header.
+    pub fn code(self) -> u32 {
+        match self {
+            Mode::StopCopyFull => 1,
+            Mode::StopCopy => 2,
+        }
+    }
+
+    /// From a header code.
+    pub fn from_code(c: u32) -> Option<Mode> {
+        match c {
+            1 => Some(Mode::StopCopyFull),
+            2 => Some(Mode::StopCopy),
+            _ => None,
+        }
+    }
+
+    /// Name on the command line and in listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::StopCopyFull => "stop-copy-full",
+            Mode::StopCopy => "stop-copy",
+        }
+    }
+}
+
+/// Section kinds in the header's section table.
+pub mod section {
+    /// Encoded machine state.
+    pub const STATE: u32 = 1;
+    /// Page index (extents).
+    pub const INDEX: u32 = 2;
+    /// One XXH3-64 per data page.
+    pub const PAGE_SUMS: u32 = 3;
+    /// Page data, 4096-aligned.
+    pub const DATA: u32 = 4;
+}
+
+/// A section table entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Section {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// XXH3-64 of the section (0 for DATA, covered by PAGE_SUMS).
+    pub sum: u64,
+}
+
+/// Flags in the epoch header.
+pub mod flags {
+    /// The index covers every page of guest RAM (a chain may end here).
+    pub const FULL: u32 = 1;
+}
+
+/// Kind of an index extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Pages stored in DATA starting at `data_page`.
+    Data,
+    /// Pages that are all zero; nothing stored.
+    Zero,
+}
+
+/// A run of guest pages in the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest frame number (guest-physical address / 4096).
+    pub gfn: u64,
+    /// Number of pages.
+    pub count: u32,
+    /// Data or zero.
+    pub kind: ExtentKind,
+    /// For data extents: index of the first page in DATA.
+    pub data_page: u64,
+}
+
+impl Extent {
+    /// Serialize to 24 bytes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.gfn.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&(if self.kind == ExtentKind::Data { 0u32 } else { 1u32 }).to_le_bytes());
+        out.extend_from_slice(&self.data_page.to_le_bytes());
+    }
+
+    /// Parse 24 bytes.
+    pub fn decode(b: &[u8]) -> Option<Extent> {
+        let kind = match le32(b, 12) {
+            0 => ExtentKind::Data,
+            1 => ExtentKind::Zero,
+            _ => return None,
+        };
+        Some(Extent {
+            gfn: le64(b, 0),
+            count: le32(b, 8),
+            kind,
+            data_page: le64(b, 16),
+        })
+    }
+}
+
+/// The epoch file header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Epoch id (unique in the store, increasing).
+    pub id: u64,
+    /// Parent epoch id, 0 for none.
+    pub parent: u64,
+    /// Store this epoch belongs to.
+    pub store_uuid: [u8; 16],
+    /// When the VM was paused for it (Unix ns).
+    pub created_ns: u64,
+    /// Capture mode.
+    pub mode: Mode,
+    /// [`flags`].
+    pub flags: u32,
+    /// vCPU count of the VM.
+    pub vcpus: u32,
+    /// Guest RAM bytes.
+    pub mem_size: u64,
+    /// Ops the workload guest had published (u64::MAX if unknown).
+    pub guest_ops: u64,
+    /// Pages stored with data.
+    pub pages_data: u64,
+    /// Pages recorded as zero.
+    pub pages_zero: u64,
+    /// Index entries.
+    pub extents: u64,
+    /// How long the VM was paused for this epoch (ns).
+    pub pause_ns: u64,
+    /// STATE, INDEX, PAGE_SUMS, DATA.
+    pub sections: [Section; 4],
+}
+
+pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+const SECTIONS_AT: usize = 128;
+const SUM_AT: usize = HEADER_SIZE - 8;
+
+impl Header {
+    /// True when this epoch's index covers all of RAM.
+    pub fn is_full(&self) -> bool {
+        self.flags & flags::FULL != 0
+    }
+
+    /// Serialize to [`HEADER_SIZE`] bytes with the checksum filled in.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_SIZE];
+        let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+        put(0, &EPOCH_MAGIC);
+        put(8, &VERSION.to_le_bytes());
+        put(12, &(HEADER_SIZE as u32).to_le_bytes());
+        put(16, &self.id.to_le_bytes());
+        put(24, &self.parent.to_le_bytes());
+        put(32, &self.store_uuid);
+        put(48, &self.created_ns.to_le_bytes());
+        put(56, &self.mode.code().to_le_bytes());
+        put(60, &self.flags.to_le_bytes());
+        put(64, &(PAGE as u32).to_le_bytes());
+        put(68, &self.vcpus.to_le_bytes());
+        put(72, &self.mem_size.to_le_bytes());
+        put(80, &self.guest_ops.to_le_bytes());
+        put(88, &self.pages_data.to_le_bytes());
+        put(96, &self.pages_zero.to_le_bytes());
+        put(104, &self.extents.to_le_bytes());
+        put(112, &self.pause_ns.to_le_bytes());
+        let kinds = [section::STATE, section::INDEX, section::PAGE_SUMS, section::DATA];
+        for (i, (s, kind)) in self.sections.iter().zip(kinds).enumerate() {
+            let at = SECTIONS_AT + i * 32;
+            put(at, &kind.to_le_bytes());
+            put(at + 8, &s.offset.to_le_bytes());
+            put(at + 16, &s.len.to_le_bytes());
+            put(at + 24, &s.sum.to_le_bytes());
+        }
+        let sum = checksum(&b[..SUM_AT]);
+        b[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    /// Parse and verify a header read from `path`.
+    pub fn decode(b: &[u8], path: &Path) -> Result<Header> {
+        let corrupt = |why: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why,
+        };
+        if b.len() < HEADER_SIZE {
+            return Err(corrupt(format!(
+                "truncated header ({} of {HEADER_SIZE} bytes)",
+                b.len()
+            )));
+        }
+        if b[..8] != EPOCH_MAGIC {
+            return Err(corrupt("not a consnap epoch file (bad magic)".into()));
+        }
+        let version = le32(b, 8);
+        if version != VERSION {
+            return Err(StoreError::Version {
+                path: path.to_path_buf(),
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if checksum(&b[..SUM_AT]) != le64(b, SUM_AT) {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        if le32(b, 12) as usize != HEADER_SIZE || le32(b, 64) as usize != PAGE {
+            return Err(corrupt("unsupported header or page size".into()));
+        }
+        let mode = Mode::from_code(le32(b, 56)).ok_or_else(|| corrupt(format!("unknown mode {}", le32(b, 56))))?;
+        let mut store_uuid = [0u8; 16];
+        store_uuid.copy_from_slice(&b[32..48]);
+        let mut sections = [Section::default(); 4];
+        let kinds = [section::STATE, section::INDEX, section::PAGE_SUMS, section::DATA];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let at = SECTIONS_AT + i * 32;
+            if le32(b, at) != kind {
+                return Err(corrupt(format!("section table entry {i} has kind {}", le32(b, at))));
+            }
+            sections[i] = Section {
+                offset: le64(b, at + 8),
+                len: le64(b, at + 16),
+                sum: le64(b, at + 24),
+            };
+        }
+        Ok(Header {
+            id: le64(b, 16),
+            parent: le64(b, 24),
+            store_uuid,
+            created_ns: le64(b, 48),
+            mode,
+            flags: le32(b, 60),
+            vcpus: le32(b, 68),
+            mem_size: le64(b, 72),
+            guest_ops: le64(b, 80),
+            pages_data: le64(b, 88),
+            pages_zero: le64(b, 96),
+            extents: le64(b, 104),
+            pause_ns: le64(b, 112),
+            sections,
+        })
+    }
+
+    /// Check the section table against the counts and the file length.
+    pub fn check_layout(&self, file_len: u64, path: &Path) -> Result<()> {
+        let corrupt = |why: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why,
+        };
+        let [state, index, sums, data] = self.sections;
+        let expect = [
+            ("INDEX", index.len, self.extents.checked_mul(EXTENT_SIZE as u64)),
+            ("PAGE_SUMS", sums.len, self.pages_data.checked_mul(8)),
+            ("DATA", data.len, self.pages_data.checked_mul(PAGE as u64)),
+        ];
+        for (name, got, want) in expect {
+            if Some(got) != want {
+                return Err(corrupt(format!(
+                    "{name} section is {got} bytes, the header's counts say {want:?}"
+                )));
+            }
+        }
+        if data.offset % PAGE as u64 != 0 {
+            return Err(corrupt("DATA section is not page aligned".into()));
+        }
+        for (name, s) in [("STATE", state), ("INDEX", index), ("PAGE_SUMS", sums), ("DATA", data)] {
+            let end = s.offset.checked_add(s.len);
+            if s.offset < HEADER_SIZE as u64 || end.is_none_or(|e| e > file_len) {
+                return Err(corrupt(format!(
+                    "{name} section [{}, +{}) lies outside the file ({file_len} bytes): truncated?",
+                    s.offset, s.len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            id: 7,
+            parent: 6,
+            store_uuid: [9; 16],
+            created_ns: 123,
+            mode: Mode::StopCopy,
+            flags: 0,
+            vcpus: 2,
+            mem_size: 1 << 30,
+            guest_ops: 55,
+            pages_data: 3,
+            pages_zero: 1,
+            extents: 2,
+            pause_ns: 999,
+            sections: [
+                Section {
+                    offset: 4096,
+                    len: 100,
+                    sum: 1,
+                },
+                Section {
+                    offset: 4096 * 5,
+                    len: 48,
+                    sum: 2,
+                },
+                Section {
+                    offset: 4096 * 5 + 48,
+                    len: 24,
+                    sum: 3,
+                },
+                Section {
+                    offset: 8192,
+                    len: 3 * 4096,
+                    sum: 0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_detects_damage() {
+        let h = header();
+        let b = h.encode();
+        let p = Path::new("x");
+        assert_eq!(Header::decode(&b, p).unwrap(), h);
+        h.check_layout(4096 * 6, p).unwrap();
+        assert!(h.check_layout(4096 * 5, p).is_err(), "truncation must be caught");
+        for i in [0, 8, 20, 200, 4000] {
+            let mut bad = b.clone();
+            bad[i] ^= 1;
+            assert!(Header::decode(&bad, p).is_err(), "flip at {i} accepted");
+        }
+        let mut v2 = b.clone();
+        v2[8] = 2;
+        assert!(matches!(
+            Header::decode(&v2, p),
+            Err(StoreError::Version { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn extents_round_trip() {
+        let e = Extent {
+            gfn: 1 << 20,
+            count: 5,
+            kind: ExtentKind::Zero,
+            data_page: 0,
+        };
+        let mut v = Vec::new();
+        e.encode(&mut v);
+        assert_eq!(v.len(), EXTENT_SIZE);
+        assert_eq!(Extent::decode(&v), Some(e));
+        v[12] = 9;
+        assert_eq!(Extent::decode(&v), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! consnap's snapshot store.
+//!
+//! A store is a directory of epoch files. Each epoch holds the encoded
+//! machine state and a set of guest pages with an explicit index (data or
+//! zero extents, never holes) and a checksum per page. A full epoch records
+//! every page; an incremental one records the pages dirtied since its
+//! parent, so restoring epoch N reads N, its parent, and so on down to a
+//! full epoch. The layout is specified in docs/FORMAT.md.
+
+mod error;
+pub mod format;
+mod plan;
+mod reader;
+mod store;
+mod writer;
+
+pub use error::{Result, StoreError};
+pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
+pub use plan::{Run, Source, plan};
+pub use reader::EpochReader;
+pub use store::{Access, EpochInfo, Store};
+pub use writer::{EpochMeta, EpochWriter};

@@ -1,0 +1,146 @@
+//! Where each guest page comes from when restoring an epoch.
+//!
+//! Walk the chain newest first; each extent contributes the pages no newer
+//! epoch has claimed. The chain ends at a full epoch, so every page of RAM
+//! is claimed exactly once, and each data page is read once.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Result, StoreError};
+use crate::format::ExtentKind;
+use crate::reader::EpochReader;
+
+/// A run of pages and its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First guest frame number.
+    pub gfn: u64,
+    /// Pages.
+    pub count: u64,
+    /// Where they come from.
+    pub source: Source,
+}
+
+/// Source of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// All-zero pages.
+    Zero,
+    /// Data pages of `chain[epoch]`, starting at data page `page`.
+    Data {
+        /// Index into the chain (0 = the restored epoch).
+        epoch: usize,
+        /// First data page.
+        page: u64,
+    },
+}
+
+/// Covered frame intervals, start -> end (exclusive), non-overlapping.
+#[derive(Default)]
+struct Covered(BTreeMap<u64, u64>);
+
+impl Covered {
+    /// Parts of [a, b) not yet covered; then cover [a, b).
+    fn claim(&mut self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut at = a;
+        let start_key = self.0.range(..=a).next_back().map_or(a, |(s, _)| *s);
+        for (&s, &e) in self.0.range(start_key..b) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                gaps.push((at, s.min(b)));
+            }
+            at = at.max(e);
+            if at >= b {
+                break;
+            }
+        }
+        if at < b {
+            gaps.push((at, b));
+        }
+        // Merge [a, b) with overlapping or touching intervals.
+        let (mut lo, mut hi) = (a, b);
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..=b)
+            .filter(|(s, e)| **e >= a && **s <= b)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            lo = lo.min(s);
+            hi = hi.max(e);
+            self.0.remove(&s);
+        }
+        self.0.insert(lo, hi);
+        gaps
+    }
+
+    fn total(&self) -> u64 {
+        self.0.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// Plan the restore of `chain[0]` (chain newest first, ending at a full epoch).
+pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
+    let Some(base) = chain.last() else {
+        return Err(StoreError::Usage("empty chain"));
+    };
+    if !base.header().is_full() {
+        return Err(StoreError::Corrupt {
+            path: base.path().to_path_buf(),
+            why: "chain does not end at a full epoch".into(),
+        });
+    }
+    let mut covered = Covered::default();
+    let mut runs = Vec::new();
+    for (i, epoch) in chain.iter().enumerate() {
+        for ext in epoch.index() {
+            let (a, b) = (ext.gfn, ext.gfn + u64::from(ext.count));
+            for (s, e) in covered.claim(a, b) {
+                let source = match ext.kind {
+                    ExtentKind::Zero => Source::Zero,
+                    ExtentKind::Data => Source::Data {
+                        epoch: i,
+                        page: ext.data_page + (s - a),
+                    },
+                };
+                runs.push(Run {
+                    gfn: s,
+                    count: e - s,
+                    source,
+                });
+            }
+        }
+    }
+    let base_pages = base.header().pages_data + base.header().pages_zero;
+    if covered.total() != base_pages {
+        return Err(StoreError::Corrupt {
+            path: chain[0].path().to_path_buf(),
+            why: format!(
+                "chain covers {} pages but its full epoch has {base_pages}: an incremental epoch records pages outside guest RAM",
+                covered.total()
+            ),
+        });
+    }
+    runs.sort_by_key(|r| r.gfn);
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_returns_only_new_parts() {
+        let mut c = Covered::default();
+        assert_eq!(c.claim(10, 20), vec![(10, 20)]);
+        assert_eq!(c.claim(5, 25), vec![(5, 10), (20, 25)]);
+        assert_eq!(c.claim(12, 18), vec![]);
+        assert_eq!(c.claim(30, 40), vec![(30, 40)]);
+        assert_eq!(c.claim(0, 50), vec![(0, 5), (25, 30), (40, 50)]);
+        assert_eq!(c.total(), 50);
+        assert_eq!(c.0.len(), 1);
+    }
+}

@@ -1,0 +1,139 @@
+//! Reading and verifying one epoch file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, StoreError, io};
+use crate::format::{EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, PAGE, checksum, le64};
+
+/// An opened, verified epoch: header, index and page checksums in memory.
+#[derive(Debug)]
+pub struct EpochReader {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    index: Vec<Extent>,
+    sums: Vec<u64>,
+}
+
+fn read_at(file: &File, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, at).map_err(io(path, "read"))?;
+    Ok(buf)
+}
+
+/// Read and verify only the header of `path` (for listings).
+pub fn read_header(path: &Path) -> Result<(Header, u64)> {
+    let file = File::open(path).map_err(io(path, "open"))?;
+    let len = file.metadata().map_err(io(path, "stat"))?.len();
+    let mut b = vec![0u8; HEADER_SIZE.min(len as usize)];
+    file.read_exact_at(&mut b, 0).map_err(io(path, "read header"))?;
+    let h = Header::decode(&b, path)?;
+    h.check_layout(len, path)?;
+    Ok((h, len))
+}
+
+impl EpochReader {
+    /// Open `path`, verifying the header, the section layout, the index and
+    /// the page-checksum table.
+    pub fn open(path: &Path) -> Result<EpochReader> {
+        let corrupt = |why: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why,
+        };
+        let (header, _) = read_header(path)?;
+        let file = File::open(path).map_err(io(path, "open"))?;
+        let [_, isec, ssec, _] = header.sections;
+        let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
+        if checksum(&index_bytes) != isec.sum {
+            return Err(corrupt("INDEX section checksum mismatch".into()));
+        }
+        let sum_bytes = read_at(&file, path, ssec.len, ssec.offset)?;
+        if checksum(&sum_bytes) != ssec.sum {
+            return Err(corrupt("PAGE_SUMS section checksum mismatch".into()));
+        }
+        let mut index = Vec::with_capacity(header.extents as usize);
+        for (i, b) in index_bytes.chunks_exact(EXTENT_SIZE).enumerate() {
+            index.push(Extent::decode(b).ok_or_else(|| corrupt(format!("index entry {i} has an unknown kind")))?);
+        }
+        // The index must be ascending, non-overlapping, and account for every stored page once.
+        let (mut next_gfn, mut next_data, mut zero) = (0u64, 0u64, 0u64);
+        for (i, e) in index.iter().enumerate() {
+            if e.count == 0 || e.gfn < next_gfn {
+                return Err(corrupt(format!("index entry {i} is empty or out of order")));
+            }
+            next_gfn = e
+                .gfn
+                .checked_add(u64::from(e.count))
+                .ok_or_else(|| corrupt("index overflows".into()))?;
+            match e.kind {
+                ExtentKind::Data if e.data_page != next_data => {
+                    return Err(corrupt(format!("index entry {i} points at data page {}", e.data_page)));
+                }
+                ExtentKind::Data => next_data += u64::from(e.count),
+                ExtentKind::Zero => zero += u64::from(e.count),
+            }
+        }
+        if next_data != header.pages_data || zero != header.pages_zero {
+            return Err(corrupt("index does not match the header's page counts".into()));
+        }
+        let sums = sum_bytes.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        Ok(EpochReader {
+            path: path.to_path_buf(),
+            file,
+            header,
+            index,
+            sums,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The page index.
+    pub fn index(&self) -> &[Extent] {
+        &self.index
+    }
+
+    /// The encoded machine state, verified.
+    pub fn state(&self) -> Result<Vec<u8>> {
+        let s = self.header.sections[0];
+        let b = read_at(&self.file, &self.path, s.len, s.offset)?;
+        if checksum(&b) != s.sum {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                why: "STATE section checksum mismatch".into(),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Read `dst.len() / 4096` data pages starting at data page `first`,
+    /// verifying each against its checksum.
+    pub fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<()> {
+        let n = (dst.len() / PAGE) as u64;
+        if dst.len() % PAGE != 0 || first.checked_add(n).is_none_or(|end| end > self.header.pages_data) {
+            return Err(StoreError::Usage("page read outside the DATA section"));
+        }
+        let at = self.header.sections[3].offset + first * PAGE as u64;
+        self.file.read_exact_at(dst, at).map_err(io(&self.path, "read pages"))?;
+        for (i, page) in dst.chunks_exact(PAGE).enumerate() {
+            let p = first + i as u64;
+            if checksum(page) != self.sums[p as usize] {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    why: format!("data page {p} fails its checksum"),
+                });
+            }
+        }
+        Ok(())
+    }
+}

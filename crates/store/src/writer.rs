@@ -1,0 +1,254 @@
+//! Writing one epoch file: to a temporary name, fsync, rename, fsync the
+//! directory. Until the rename nothing is visible; a crash at any point
+//! leaves at most a `.tmp-*` file, which readers ignore and the next writer
+//! removes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::error::{Result, StoreError, io};
+use crate::format::{self, EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, Mode, PAGE, Section, checksum};
+use crate::store::{EpochInfo, fsync_dir};
+
+/// What the caller knows about an epoch before writing it.
+#[derive(Debug, Clone)]
+pub struct EpochMeta {
+    /// Epoch id, from [`crate::Store::next_id`].
+    pub id: u64,
+    /// Parent epoch, `None` for a full epoch.
+    pub parent: Option<u64>,
+    /// Capture mode.
+    pub mode: Mode,
+    /// True when every page of RAM will be recorded.
+    pub full: bool,
+    /// When the VM was paused (Unix ns).
+    pub created_ns: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM bytes.
+    pub mem_size: u64,
+    /// Ops the guest had published, if known.
+    pub guest_ops: Option<u64>,
+}
+
+/// An epoch being written.
+#[derive(Debug)]
+pub struct EpochWriter {
+    epochs_dir: PathBuf,
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: File,
+    meta: EpochMeta,
+    uuid: [u8; 16],
+    state: Option<Section>,
+    data_start: u64,
+    pos: u64,
+    extents: Vec<Extent>,
+    sums: Vec<u64>,
+    pages_zero: u64,
+    next_gfn: u64,
+    committed: bool,
+}
+
+impl EpochWriter {
+    pub(crate) fn new(
+        epochs_dir: PathBuf,
+        tmp: PathBuf,
+        dest: PathBuf,
+        file: File,
+        meta: EpochMeta,
+        uuid: [u8; 16],
+    ) -> Self {
+        Self {
+            epochs_dir,
+            tmp,
+            dest,
+            file,
+            meta,
+            uuid,
+            state: None,
+            data_start: 0,
+            pos: 0,
+            extents: Vec::new(),
+            sums: Vec::new(),
+            pages_zero: 0,
+            next_gfn: 0,
+            committed: false,
+        }
+    }
+
+    fn pwrite(&self, bytes: &[u8], at: u64) -> Result<()> {
+        self.file.write_all_at(bytes, at).map_err(io(&self.tmp, "write"))
+    }
+
+    /// Write the encoded machine state. Must come before any page.
+    pub fn write_state(&mut self, state: &[u8]) -> Result<()> {
+        if self.state.is_some() {
+            return Err(StoreError::Usage("state written twice"));
+        }
+        let offset = HEADER_SIZE as u64;
+        self.pwrite(state, offset)?;
+        self.state = Some(Section {
+            offset,
+            len: state.len() as u64,
+            sum: checksum(state),
+        });
+        self.data_start = (offset + state.len() as u64).next_multiple_of(PAGE as u64);
+        self.pos = self.data_start;
+        Ok(())
+    }
+
+    fn check_order(&mut self, gfn: u64, count: u64) -> Result<()> {
+        if self.state.is_none() {
+            return Err(StoreError::Usage("pages before state"));
+        }
+        if gfn < self.next_gfn {
+            return Err(StoreError::Usage("pages out of order"));
+        }
+        self.next_gfn = gfn + count;
+        Ok(())
+    }
+
+    fn push(&mut self, gfn: u64, count: u32, kind: ExtentKind, data_page: u64) {
+        if let Some(last) = self.extents.last_mut() {
+            let contiguous = last.kind == kind
+                && last.gfn + u64::from(last.count) == gfn
+                && (kind == ExtentKind::Zero || last.data_page + u64::from(last.count) == data_page);
+            if contiguous && u64::from(last.count) + u64::from(count) <= u64::from(u32::MAX) {
+                last.count += count;
+                return;
+            }
+        }
+        self.extents.push(Extent {
+            gfn,
+            count,
+            kind,
+            data_page: if kind == ExtentKind::Data { data_page } else { 0 },
+        });
+    }
+
+    /// Append consecutive pages starting at `gfn` (`bytes` is a multiple of 4096).
+    pub fn data_pages(&mut self, gfn: u64, bytes: &[u8]) -> Result<()> {
+        let n = (bytes.len() / PAGE) as u64;
+        if bytes.len() % PAGE != 0 {
+            return Err(StoreError::Usage("partial page"));
+        }
+        self.check_order(gfn, n)?;
+        self.pwrite(bytes, self.pos)?;
+        self.pos += bytes.len() as u64;
+        for (i, page) in bytes.chunks_exact(PAGE).enumerate() {
+            let data_page = self.sums.len() as u64;
+            self.sums.push(checksum(page));
+            self.push(gfn + i as u64, 1, ExtentKind::Data, data_page);
+        }
+        Ok(())
+    }
+
+    /// Append pages at the listed (ascending) frame numbers; `bytes` holds them in that order.
+    pub fn scattered_pages(&mut self, gfns: &[u64], bytes: &[u8]) -> Result<()> {
+        if bytes.len() != gfns.len() * PAGE {
+            return Err(StoreError::Usage("page list and buffer differ in size"));
+        }
+        if gfns.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(StoreError::Usage("pages out of order"));
+        }
+        if let Some(&first) = gfns.first() {
+            self.check_order(first, 1)?;
+            self.next_gfn = gfns[gfns.len() - 1] + 1;
+        }
+        self.pwrite(bytes, self.pos)?;
+        self.pos += bytes.len() as u64;
+        for (gfn, page) in gfns.iter().zip(bytes.chunks_exact(PAGE)) {
+            let data_page = self.sums.len() as u64;
+            self.sums.push(checksum(page));
+            self.push(*gfn, 1, ExtentKind::Data, data_page);
+        }
+        Ok(())
+    }
+
+    /// Record `count` zero pages from `gfn`.
+    pub fn zero_pages(&mut self, gfn: u64, count: u64) -> Result<()> {
+        self.check_order(gfn, count)?;
+        let mut left = count;
+        let mut at = gfn;
+        while left > 0 {
+            let n = left.min(u64::from(u32::MAX)) as u32;
+            self.push(at, n, ExtentKind::Zero, 0);
+            at += u64::from(n);
+            left -= u64::from(n);
+        }
+        self.pages_zero += count;
+        Ok(())
+    }
+
+    /// Pages with data so far.
+    pub fn pages_data(&self) -> u64 {
+        self.sums.len() as u64
+    }
+
+    /// Write index and header, make the file durable and visible.
+    pub fn commit(mut self, pause_ns: u64) -> Result<EpochInfo> {
+        let state = self.state.ok_or(StoreError::Usage("no state written"))?;
+        let mut index = Vec::with_capacity(self.extents.len() * EXTENT_SIZE);
+        for e in &self.extents {
+            e.encode(&mut index);
+        }
+        let sums: Vec<u8> = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let index_at = self.pos;
+        let sums_at = index_at + index.len() as u64;
+        self.pwrite(&index, index_at)?;
+        self.pwrite(&sums, sums_at)?;
+        let header = Header {
+            id: self.meta.id,
+            parent: self.meta.parent.unwrap_or(0),
+            store_uuid: self.uuid,
+            created_ns: self.meta.created_ns,
+            mode: self.meta.mode,
+            flags: if self.meta.full { format::flags::FULL } else { 0 },
+            vcpus: self.meta.vcpus,
+            mem_size: self.meta.mem_size,
+            guest_ops: self.meta.guest_ops.unwrap_or(u64::MAX),
+            pages_data: self.sums.len() as u64,
+            pages_zero: self.pages_zero,
+            extents: self.extents.len() as u64,
+            pause_ns,
+            sections: [
+                state,
+                Section {
+                    offset: index_at,
+                    len: index.len() as u64,
+                    sum: checksum(&index),
+                },
+                Section {
+                    offset: sums_at,
+                    len: sums.len() as u64,
+                    sum: checksum(&sums),
+                },
+                Section {
+                    offset: self.data_start,
+                    len: self.sums.len() as u64 * PAGE as u64,
+                    sum: 0,
+                },
+            ],
+        };
+        self.pwrite(&header.encode(), 0)?;
+        self.file.sync_all().map_err(io(&self.tmp, "fsync"))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest, "rename into place"))?;
+        self.committed = true;
+        fsync_dir(&self.epochs_dir)?;
+        Ok(EpochInfo {
+            header,
+            file_bytes: sums_at + sums.len() as u64,
+            path: self.dest.clone(),
+        })
+    }
+}
+
+impl Drop for EpochWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

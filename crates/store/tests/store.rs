@@ -1,0 +1,227 @@
+//! Store round trips and damage detection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use store::{Access, EpochMeta, Mode, PAGE, Source, Store, StoreError, plan};
+
+fn tempdir(name: &str) -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let d = base.join(format!("store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn page(fill: u8) -> Vec<u8> {
+    vec![fill; PAGE]
+}
+
+fn meta(id: u64, parent: Option<u64>) -> EpochMeta {
+    EpochMeta {
+        id,
+        parent,
+        mode: if parent.is_some() {
+            Mode::StopCopy
+        } else {
+            Mode::StopCopyFull
+        },
+        full: parent.is_none(),
+        created_ns: id * 1000,
+        vcpus: 1,
+        mem_size: 8 * PAGE as u64,
+        guest_ops: Some(id),
+    }
+}
+
+/// Epoch 1: full, pages 0..8 = [1,1,0,0,2,2,2,0]. Epoch 2: page 1 = 9, page 4 = zero.
+/// Epoch 3: pages 2,3 = 7.
+fn build(dir: &std::path::Path) -> Store {
+    let s = Store::open_or_create(dir).unwrap();
+    let mut w = s.writer(meta(1, None)).unwrap();
+    w.write_state(b"state-1").unwrap();
+    w.data_pages(0, &[page(1), page(1)].concat()).unwrap();
+    w.zero_pages(2, 2).unwrap();
+    w.data_pages(4, &[page(2), page(2), page(2)].concat()).unwrap();
+    w.zero_pages(7, 1).unwrap();
+    w.commit(10).unwrap();
+    let mut w = s.writer(meta(2, Some(1))).unwrap();
+    w.write_state(b"state-2").unwrap();
+    w.scattered_pages(&[1], &page(9)).unwrap();
+    w.zero_pages(4, 1).unwrap();
+    w.commit(20).unwrap();
+    let mut w = s.writer(meta(3, Some(2))).unwrap();
+    w.write_state(b"state-3").unwrap();
+    w.scattered_pages(&[2, 3], &[page(7), page(7)].concat()).unwrap();
+    w.commit(30).unwrap();
+    s
+}
+
+fn materialize(s: &Store, id: u64) -> (Vec<u8>, Vec<u8>) {
+    let chain = s.chain(id).unwrap();
+    let state = chain[0].state().unwrap();
+    let mut mem = vec![0xeeu8; 8 * PAGE];
+    for run in plan(&chain).unwrap() {
+        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
+        match run.source {
+            Source::Zero => dst.fill(0),
+            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
+        }
+    }
+    (state, mem)
+}
+
+fn first_bytes(mem: &[u8]) -> Vec<u8> {
+    mem.chunks(PAGE).map(|p| p[0]).collect()
+}
+
+#[test]
+fn chains_restore_every_epoch_exactly() {
+    let dir = tempdir("chain");
+    let s = build(&dir);
+    assert_eq!(s.ids().unwrap(), vec![1, 2, 3]);
+    assert_eq!(s.latest().unwrap(), 3);
+    assert_eq!(s.next_id().unwrap(), 4);
+    let (st, m) = materialize(&s, 1);
+    assert_eq!(
+        (st.as_slice(), first_bytes(&m)),
+        (&b"state-1"[..], vec![1, 1, 0, 0, 2, 2, 2, 0])
+    );
+    let (st, m) = materialize(&s, 2);
+    assert_eq!(
+        (st.as_slice(), first_bytes(&m)),
+        (&b"state-2"[..], vec![1, 9, 0, 0, 0, 2, 2, 0])
+    );
+    let (st, m) = materialize(&s, 3);
+    assert_eq!(
+        (st.as_slice(), first_bytes(&m)),
+        (&b"state-3"[..], vec![1, 9, 7, 7, 0, 2, 2, 0])
+    );
+    let listed = s.list().unwrap();
+    assert_eq!(listed.len(), 3);
+    let h = &listed[2].1.as_ref().unwrap().header;
+    assert_eq!((h.parent, h.pages_data, h.pause_ns, h.guest_ops), (2, 2, 30, 3));
+}
+
+#[test]
+fn files_are_private() {
+    let dir = tempdir("perms");
+    let s = build(&dir);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("epochs")), 0o700);
+    assert_eq!(mode(&dir.join("STORE")), 0o600);
+    assert_eq!(mode(&s.epoch_path(2)), 0o600);
+}
+
+#[test]
+fn uncommitted_epochs_stay_invisible() {
+    let dir = tempdir("uncommitted");
+    let s = build(&dir);
+    {
+        let mut w = s.writer(meta(4, Some(3))).unwrap();
+        w.write_state(b"never").unwrap();
+        w.scattered_pages(&[0], &page(5)).unwrap();
+        // Dropped without commit, as when the write fails or the process dies.
+    }
+    assert_eq!(s.ids().unwrap(), vec![1, 2, 3]);
+    // A leftover temporary file (a crash mid-write) is ignored, then cleaned.
+    std::fs::write(dir.join("epochs/.tmp-00000000000000000004"), b"partial").unwrap();
+    assert_eq!(s.ids().unwrap(), vec![1, 2, 3]);
+    drop(s);
+    let _s = Store::open_or_create(&dir).unwrap();
+    assert!(!dir.join("epochs/.tmp-00000000000000000004").exists());
+}
+
+#[test]
+fn writer_lock_is_exclusive() {
+    let dir = tempdir("lock");
+    let s = build(&dir);
+    assert!(matches!(Store::open(&dir, Access::Write), Err(StoreError::Busy(_))));
+    assert!(Store::open(&dir, Access::Read).is_ok(), "readers do not need the lock");
+    drop(s);
+    assert!(Store::open(&dir, Access::Write).is_ok());
+}
+
+#[test]
+fn damage_is_detected_and_named() {
+    let dir = tempdir("damage");
+    let s = build(&dir);
+    let p3 = s.epoch_path(3);
+    let good = std::fs::read(&p3).unwrap();
+
+    // A flipped bit in a data page: the page fails its checksum on read.
+    let mut bad = good.clone();
+    bad[4096 * 2 + 10] ^= 0x40;
+    std::fs::write(&p3, &bad).unwrap();
+    let chain = s.chain(3).unwrap();
+    let mut buf = vec![0u8; PAGE];
+    let err = chain[0].read_pages(0, &mut buf).unwrap_err().to_string();
+    assert!(
+        err.contains("00000000000000000003.epoch") && err.contains("data page 0 fails its checksum"),
+        "{err}"
+    );
+
+    // Truncation.
+    std::fs::write(&p3, &good[..good.len() - 5]).unwrap();
+    let err = s.open_epoch(3).unwrap_err().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    std::fs::write(&p3, &good[..100]).unwrap();
+    assert!(s.open_epoch(3).unwrap_err().to_string().contains("truncated header"));
+
+    // A damaged header, a damaged state, a wrong version.
+    let mut bad = good.clone();
+    bad[20] ^= 1;
+    std::fs::write(&p3, &bad).unwrap();
+    assert!(
+        s.open_epoch(3)
+            .unwrap_err()
+            .to_string()
+            .contains("header checksum mismatch")
+    );
+    let mut bad = good.clone();
+    bad[4096] ^= 1;
+    std::fs::write(&p3, &bad).unwrap();
+    assert!(
+        s.open_epoch(3)
+            .unwrap()
+            .state()
+            .unwrap_err()
+            .to_string()
+            .contains("STATE section checksum")
+    );
+    let mut bad = good.clone();
+    bad[8] = 9;
+    std::fs::write(&p3, &bad).unwrap();
+    assert!(matches!(s.open_epoch(3), Err(StoreError::Version { found: 9, .. })));
+
+    // A missing parent breaks the chain with a clear message.
+    std::fs::write(&p3, &good).unwrap();
+    std::fs::rename(s.epoch_path(2), dir.join("moved")).unwrap();
+    let err = s.chain(3).unwrap_err().to_string();
+    assert!(err.contains("epoch 3 needs its parent epoch 2"), "{err}");
+    assert!(matches!(s.open_epoch(2), Err(StoreError::NoEpoch { id: 2, .. })));
+    std::fs::rename(dir.join("moved"), s.epoch_path(2)).unwrap();
+
+    // Reading never modified anything.
+    assert_eq!(std::fs::read(&p3).unwrap(), good);
+    assert_eq!(materialize(&s, 3).1[2 * PAGE], 7);
+}
+
+#[test]
+fn foreign_and_empty_directories() {
+    let dir = tempdir("foreign");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"hello").unwrap();
+    let err = Store::open_or_create(&dir).unwrap_err().to_string();
+    assert!(err.contains("not a consnap snapshot directory"), "{err}");
+    let empty = tempdir("empty");
+    let s = Store::open_or_create(&empty).unwrap();
+    assert!(matches!(s.latest(), Err(StoreError::Empty(_))));
+    // An epoch copied in from another store is refused.
+    let other = build(&tempdir("other"));
+    std::fs::copy(other.epoch_path(1), s.epoch_path(1)).unwrap();
+    assert!(s.open_epoch(1).unwrap_err().to_string().contains("another store"));
+}
