@@ -133,11 +133,11 @@ fn bzimage_boots_through_the_linux_boot_protocol() {
         return;
     }
     // The decompressor runs first; stop once the kernel proper has printed
-    // its banner and the command line we passed in boot_params.
+    // its banner, the command line and the memory map we passed in boot_params.
     let r = run_kernel(
         "bzImage",
         "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1",
-        |out| out.contains("reboot=k panic=-1\n") || out.contains("reboot=k panic=-1\r"),
+        |out| out.contains("0x000000001fffffff] usable"),
         Duration::from_secs(600),
     );
     assert!(
