@@ -1,8 +1,11 @@
 //! `consnap`: run a VM under KVM with continuous snapshots.
 
 mod args;
+mod ls_cmd;
 mod report;
+mod restore_cmd;
 mod run_cmd;
+mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,8 +23,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Boot a VM and run it until the guest powers off.
+    /// Boot a VM and run it until the guest powers off, optionally taking snapshots.
     Run(run_cmd::RunArgs),
+    /// Rebuild a VM from a snapshot and run it on until the guest powers off.
+    Restore(restore_cmd::RestoreArgs),
+    /// List the snapshots in a snapshot directory.
+    Ls(ls_cmd::LsArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -46,9 +53,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // A file-size limit must turn into a write error (EFBIG) that the
+    // snapshot engine reports, not kill the VM.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run_cmd::run(a),
+        Command::Restore(a) => restore_cmd::restore(a),
+        Command::Ls(a) => ls_cmd::ls(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
+use snapshot::{EpochRecord, SnapshotEngine};
 
 /// Report schema identifier; bump when fields change meaning.
 pub const SCHEMA: &str = "consnap.report/1";
@@ -21,6 +22,10 @@ pub struct Percentiles {
     pub max_us: f64,
 }
 
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 impl Percentiles {
     /// Compute from samples (nearest-rank).
     pub fn of(samples: &[Duration]) -> Self {
@@ -29,14 +34,147 @@ impl Percentiles {
         }
         let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
         v.sort_by(f64::total_cmp);
-        let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
         Self {
             count: v.len(),
-            p50_us: rank(0.50),
-            p99_us: rank(0.99),
+            p50_us: nearest_rank(&v, 0.50),
+            p99_us: nearest_rank(&v, 0.99),
             max_us: v[v.len() - 1],
         }
     }
+}
+
+/// Distribution of a per-epoch count.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spread {
+    /// Sum over epochs.
+    pub total: u64,
+    /// Median.
+    pub p50: u64,
+    /// Maximum.
+    pub max: u64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = u64>) -> Self {
+        let mut v: Vec<u64> = values.collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_unstable();
+        Self {
+            total: v.iter().sum(),
+            p50: v[(v.len() + 1) / 2 - 1],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// One committed epoch.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochEntry {
+    /// Epoch id.
+    pub id: u64,
+    /// Parent epoch (null for full epochs).
+    pub parent: Option<u64>,
+    /// Full epoch.
+    pub full: bool,
+    /// Pages written with data.
+    pub pages: u64,
+    /// Pages recorded as zero.
+    pub zero_pages: u64,
+    /// Epoch file size.
+    pub bytes: u64,
+    /// Guest downtime.
+    pub pause_us: f64,
+    /// Of which: stopping the vCPUs.
+    pub vcpu_pause_us: f64,
+    /// Pause request to durable.
+    pub durable_ms: f64,
+}
+
+impl From<&EpochRecord> for EpochEntry {
+    fn from(r: &EpochRecord) -> Self {
+        Self {
+            id: r.id,
+            parent: r.parent,
+            full: r.full,
+            pages: r.pages_data,
+            zero_pages: r.pages_zero,
+            bytes: r.bytes,
+            pause_us: r.pause.as_secs_f64() * 1e6,
+            vcpu_pause_us: r.vcpu_pause.as_secs_f64() * 1e6,
+            durable_ms: r.durable.as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// Snapshot figures of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshots {
+    /// Snapshot directory.
+    pub dir: String,
+    /// Mode.
+    pub mode: String,
+    /// Interval in milliseconds.
+    pub interval_ms: f64,
+    /// Committed epochs.
+    pub count: usize,
+    /// Failed attempts.
+    pub failed: usize,
+    /// Snapshots that waited for the previous one to be durable.
+    pub delayed: u64,
+    /// Error messages.
+    pub errors: Vec<String>,
+    /// Guest downtime per epoch.
+    pub pause: Percentiles,
+    /// Stopping the vCPUs, per epoch.
+    pub vcpu_pause: Percentiles,
+    /// Pause request to durable, per epoch.
+    pub durable: Percentiles,
+    /// Data pages per epoch.
+    pub pages: Spread,
+    /// File bytes per epoch.
+    pub bytes: Spread,
+    /// Every committed epoch.
+    pub epochs: Vec<EpochEntry>,
+}
+
+impl Snapshots {
+    /// Figures from an engine after its last epoch.
+    pub fn from_engine(e: &SnapshotEngine) -> Self {
+        let r = &e.records;
+        let cfg = e.config();
+        Self {
+            dir: cfg.dir.display().to_string(),
+            mode: cfg.mode.name().to_string(),
+            interval_ms: cfg.interval.as_secs_f64() * 1e3,
+            count: r.len(),
+            failed: e.errors.len(),
+            delayed: e.delayed,
+            errors: e.errors.clone(),
+            pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
+            vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),
+            durable: Percentiles::of(&r.iter().map(|x| x.durable).collect::<Vec<_>>()),
+            pages: Spread::of(r.iter().map(|x| x.pages_data)),
+            bytes: Spread::of(r.iter().map(|x| x.bytes)),
+            epochs: r.iter().map(EpochEntry::from).collect(),
+        }
+    }
+}
+
+/// Where a restored run came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredFrom {
+    /// Snapshot directory.
+    pub dir: String,
+    /// Epoch.
+    pub epoch: u64,
+    /// Epochs read (chain length).
+    pub chain: usize,
+    /// Page data read.
+    pub bytes_read: u64,
+    /// Seconds to rebuild the VM before it ran.
+    pub restore_s: f64,
 }
 
 /// The report of one `consnap run` or `consnap restore`.
@@ -71,10 +209,16 @@ pub struct Report {
     pub vcpus: u8,
     /// Guest RAM bytes.
     pub mem_bytes: u64,
-    /// Pause latency of all-vCPU pauses (probes and snapshots).
+    /// Latency of pausing all vCPUs (pause probes and snapshots).
     pub pause: Percentiles,
     /// Guest progress over time: [milliseconds, ops].
     pub progress: Vec<(u64, u64)>,
+    /// Snapshot figures, when snapshots were taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Snapshots>,
+    /// For `restore`: the epoch the VM came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<RestoredFrom>,
 }
 
 impl Report {
@@ -97,5 +241,7 @@ mod tests {
         let p = Percentiles::of(&s);
         assert_eq!((p.count, p.p50_us, p.p99_us, p.max_us), (100, 50.0, 99.0, 100.0));
         assert_eq!(Percentiles::of(&[]).count, 0);
+        let sp = Spread::of([5u64, 1, 3].into_iter());
+        assert_eq!((sp.total, sp.p50, sp.max), (9, 3, 5));
     }
 }

@@ -66,6 +66,9 @@ pub enum MachineError {
     /// Machine state.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Filling guest memory from a snapshot failed.
+    #[error("cannot restore guest memory: {0}")]
+    RestoreMemory(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The machine was used in the wrong phase.
     #[error("machine is {0}")]
     Phase(&'static str),
@@ -359,6 +362,11 @@ impl Machine {
         }
         self.dirty_logging = on;
         Ok(())
+    }
+
+    /// True while KVM logs dirty pages.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
     }
 
     /// Fetch and clear KVM's dirty bitmap for `range` (bit i = page i).

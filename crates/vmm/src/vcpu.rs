@@ -97,6 +97,9 @@ pub enum VcpuError {
     /// Saving or restoring vCPU state failed.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// A vCPU has already stopped (the guest is shutting down), so there is no state to save.
+    #[error("the VM is shutting down")]
+    Stopping,
     /// The kick signal could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -339,6 +342,11 @@ impl Vcpus {
         }
         let latency = start.elapsed();
         let mut states = Vec::new();
+        if action == PauseAction::SaveState && g.finished > 0 {
+            drop(g);
+            self.resume();
+            return Err(VcpuError::Stopping);
+        }
         if action == PauseAction::SaveState {
             for slot in g.saved.iter_mut() {
                 match slot.take() {

@@ -1,0 +1,214 @@
+//! Running a machine to its end with probes, sampling and snapshots, and
+//! reporting on it. Shared by `run` and `restore`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use snapshot::{Mode, SnapshotConfig, SnapshotEngine};
+use vmm::devices::{Devices, GuestStop};
+use vmm::machine::Machine;
+use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
+
+use crate::args;
+use crate::report::{Percentiles, Report, RestoredFrom, SCHEMA, Snapshots};
+
+/// Snapshot modes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Pause, write all memory and state, resume.
+    StopCopyFull,
+    /// Pause, copy the pages dirtied since the last epoch, resume, write (the first epoch is full).
+    StopCopy,
+}
+
+/// What to do when a snapshot fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    /// Report it and keep the VM running.
+    Continue,
+    /// Stop the VM and exit non-zero.
+    Stop,
+}
+
+/// Options shared by `run` and `restore`.
+#[derive(Debug, Args)]
+pub struct SessionArgs {
+    /// Write a JSON report here when the run ends.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Pause and resume all vCPUs this often to measure pause latency (0 = never).
+    #[arg(long, default_value = "200ms", value_parser = args::duration)]
+    pub pause_probe: Duration,
+    /// Sample the guest's progress counter this often (0 = never).
+    #[arg(long, default_value = "100ms", value_parser = args::duration)]
+    pub sample_interval: Duration,
+    /// Take snapshots into this directory (created 0700 if missing).
+    #[arg(long)]
+    pub snapshot_dir: Option<PathBuf>,
+    /// How snapshots capture memory.
+    #[arg(long, value_enum, default_value = "stop-copy", requires = "snapshot_dir")]
+    pub mode: ModeArg,
+    /// Time between snapshots.
+    #[arg(long, default_value = "1s", value_parser = args::duration, requires = "snapshot_dir")]
+    pub interval: Duration,
+    /// When a snapshot fails: keep running, or stop with a non-zero exit.
+    #[arg(long, value_enum, default_value = "continue")]
+    pub on_snapshot_error: OnError,
+}
+
+/// Feed terminal input to the guest's serial port.
+fn spawn_stdin(devices: Arc<Devices>) {
+    let _ = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let k = devices.serial.enqueue_input(rest);
+                rest = &rest[k..];
+                if k == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    });
+}
+
+/// Run `machine` to its end. `parent` is the epoch of the snapshot
+/// directory the machine was restored from, if it is the same directory.
+pub fn execute(
+    mut machine: Machine,
+    command: &'static str,
+    a: &SessionArgs,
+    restored: Option<RestoredFrom>,
+    parent: Option<u64>,
+    started: Instant,
+) -> Result<i32, String> {
+    if a.interval.is_zero() {
+        return Err("--interval must be longer than 0".into());
+    }
+    let mut engine = match &a.snapshot_dir {
+        Some(dir) => {
+            let cfg = SnapshotConfig {
+                dir: dir.clone(),
+                mode: match a.mode {
+                    ModeArg::StopCopyFull => Mode::StopCopyFull,
+                    ModeArg::StopCopy => Mode::StopCopy,
+                },
+                interval: a.interval,
+                stop_on_error: a.on_snapshot_error == OnError::Stop,
+            };
+            let mut e = SnapshotEngine::new(cfg, parent);
+            if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {
+                return Err(format!("stopping on snapshot failure: {}", e.errors[0]));
+            }
+            e.prepare(&mut machine).map_err(|e| e.to_string())?;
+            Some(e)
+        }
+        None => None,
+    };
+    let mut probe = PauseProbe::new(a.pause_probe);
+    let mut sampler = ProgressSampler::new(a.sample_interval);
+    vmm::run::install_stop_signals();
+    spawn_stdin(machine.devices().clone());
+    let end = {
+        let mut tasks: Vec<&mut dyn Task> = vec![&mut probe, &mut sampler];
+        if let Some(e) = engine.as_mut() {
+            tasks.push(e);
+        }
+        vmm::run::run(&mut machine, &mut tasks).map_err(|e| e.to_string())?
+    };
+    machine.stop();
+    if let Some(e) = engine.as_mut() {
+        e.finish();
+    }
+    let _ = std::io::stdout().flush();
+    let mut pauses = probe.pauses.clone();
+    if let Some(e) = &engine {
+        pauses.extend(e.records.iter().map(|r| r.vcpu_pause));
+    }
+    let mut report = build_report(command, &machine, &end, started, &pauses, sampler.samples);
+    report.snapshots = engine.as_ref().map(Snapshots::from_engine);
+    report.restored_from = restored;
+    if let Some(path) = &a.report {
+        report
+            .write(path)
+            .map_err(|e| format!("cannot write report {}: {e}", path.display()))?;
+    }
+    summarize(&report);
+    Ok(report.exit_code)
+}
+
+fn build_report(
+    command: &'static str,
+    machine: &Machine,
+    end: &RunEnd,
+    started: Instant,
+    pauses: &[Duration],
+    progress: Vec<(u64, u64)>,
+) -> Report {
+    let (status, exit_code, guest_exit_code, error) = match end {
+        RunEnd::Guest(GuestStop::PowerOff { code }) => ("poweroff", (*code).min(255) as i32, Some(*code), None),
+        RunEnd::Guest(GuestStop::Reset) => ("reset", 0, None, None),
+        RunEnd::Guest(GuestStop::Shutdown) => ("shutdown", 0, None, None),
+        RunEnd::Signal(sig) => ("signal", 128 + sig, None, None),
+        RunEnd::Error(e) => ("error", 1, None, Some(e.to_string())),
+        RunEnd::Task(why) => ("error", 1, None, Some(why.clone())),
+    };
+    let cfg = machine.config();
+    let status_page = vmm::guest_status::read(machine.ram());
+    let done = status_page.filter(|s| s.done());
+    let spec = cfg.workload.as_deref().and_then(|w| workload::Spec::parse(w).ok());
+    Report {
+        schema: SCHEMA,
+        command,
+        status: status.to_string(),
+        error,
+        exit_code,
+        guest_exit_code,
+        workload: spec.map(|s| s.kind.name().to_string()),
+        workload_spec: cfg.workload.clone(),
+        ops: done.map(|s| s.ops).or(status_page.map(|s| s.ops_done)),
+        checksum: done.map(|s| format!("{:#018x}", s.checksum)),
+        workload_errors: done.map(|s| s.errors),
+        wall_time_s: started.elapsed().as_secs_f64(),
+        vcpus: cfg.vcpus,
+        mem_bytes: cfg.mem_size,
+        pause: Percentiles::of(pauses),
+        progress,
+        snapshots: None,
+        restored_from: None,
+    }
+}
+
+fn summarize(r: &Report) {
+    let mut line = format!("consnap: {} after {:.2}s", r.status, r.wall_time_s);
+    if let Some(code) = r.guest_exit_code {
+        line += &format!(", guest exit code {code}");
+    }
+    if let (Some(w), Some(ops), Some(sum)) = (&r.workload, r.ops, &r.checksum) {
+        line += &format!("; {w} ops={ops} checksum={sum}");
+    }
+    if r.pause.count > 0 {
+        line += &format!(
+            "; vCPU pause p50={:.0}us p99={:.0}us max={:.0}us (n={})",
+            r.pause.p50_us, r.pause.p99_us, r.pause.max_us, r.pause.count
+        );
+    }
+    if let Some(s) = &r.snapshots {
+        line += &format!(
+            "; {} snapshots ({} failed), downtime p50={:.0}us p99={:.0}us max={:.0}us",
+            s.count, s.failed, s.pause.p50_us, s.pause.p99_us, s.pause.max_us
+        );
+    }
+    if let Some(e) = &r.error {
+        line += &format!("; error: {e}");
+    }
+    eprintln!("{line}");
+}

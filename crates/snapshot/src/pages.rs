@@ -1,0 +1,135 @@
+//! Page-level helpers: bitmaps of guest pages, host residency, zero pages.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// Guest page size.
+pub const PAGE: usize = 4096;
+
+/// OR `src` into `dst` (bitmaps of u64 words, bit i = page i).
+pub fn or_into(dst: &mut Vec<u64>, src: &[u64]) {
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0);
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d |= *s;
+    }
+}
+
+/// Indices of set bits, ascending, limited to `limit` pages.
+pub fn set_bits(bits: &[u64], limit: u64) -> impl Iterator<Item = u64> + '_ {
+    bits.iter().enumerate().flat_map(move |(w, &word)| {
+        let mut word = word;
+        std::iter::from_fn(move || {
+            if word == 0 {
+                return None;
+            }
+            let b = word.trailing_zeros() as u64;
+            word &= word - 1;
+            Some(w as u64 * 64 + b)
+        })
+        .filter(move |p| *p < limit)
+    })
+}
+
+/// Number of set bits.
+pub fn count(bits: &[u64]) -> u64 {
+    bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// True when the page holds only zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    let all = chunks.by_ref().all(|c| {
+        c.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+        }) == 0
+    });
+    all && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// Which pages of a host mapping may hold data: present in RAM or swapped
+/// out, per /proc/self/pagemap. A page never touched reads as zero and
+/// needs no scanning. Falls back to "every page" if pagemap is unreadable.
+pub fn populated(host: *const u8, pages: u64) -> Vec<u64> {
+    let words = pages.div_ceil(64) as usize;
+    let all = || {
+        let mut v = vec![u64::MAX; words];
+        if pages % 64 != 0 {
+            v[words - 1] = (1u64 << (pages % 64)) - 1;
+        }
+        v
+    };
+    let Ok(f) = File::open("/proc/self/pagemap") else {
+        return all();
+    };
+    let mut bits = vec![0u64; words];
+    let first = host as u64 / PAGE as u64;
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(8192);
+        let bytes = &mut buf[..(n * 8) as usize];
+        if f.read_exact_at(bytes, (first + done) * 8).is_err() {
+            return all();
+        }
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if entry & (3 << 62) != 0 {
+                let p = done + i as u64;
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+        done += n;
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_helpers() {
+        let mut a = vec![0b101u64];
+        or_into(&mut a, &[0b010, 1 << 63]);
+        assert_eq!(a, vec![0b111, 1 << 63]);
+        assert_eq!(set_bits(&a, 200).collect::<Vec<_>>(), vec![0, 1, 2, 127]);
+        assert_eq!(set_bits(&a, 100).count(), 3);
+        assert_eq!(count(&a), 4);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; PAGE];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+
+    #[test]
+    fn pagemap_sees_touched_pages_only() {
+        let len = 64 * PAGE;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: offsets are inside the mapping.
+        unsafe {
+            p.cast::<u8>().add(3 * PAGE).write(1);
+            p.cast::<u8>().add(40 * PAGE).write(1);
+        }
+        let bits = populated(p.cast(), 64);
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(set_bits(&bits, 64).collect::<Vec<_>>(), vec![3, 40]);
+    }
+}

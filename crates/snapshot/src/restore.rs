@@ -1,0 +1,152 @@
+//! Bringing a machine back from an epoch: read the chain, decode the
+//! state, fill fresh guest RAM page by page from the newest epoch that has
+//! each page (verifying every page's checksum), then rebuild the VM.
+
+use std::io::Write;
+
+use store::{EpochReader, Source, Store, StoreError};
+use thiserror::Error;
+use vmm::machine::{Machine, MachineError};
+use vmm::memory::GuestRam;
+use vmm::state::{MachineState, StateError};
+
+use crate::pages::PAGE;
+
+/// Restore errors; each names the epoch or file.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    /// The store or an epoch file.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The machine state in an epoch.
+    #[error("epoch {id} ({path}): {source}")]
+    State {
+        /// Epoch.
+        id: u64,
+        /// Its file.
+        path: String,
+        /// Cause.
+        source: StateError,
+    },
+    /// The state does not match the epoch header.
+    #[error("epoch {id}: {why}")]
+    Mismatch {
+        /// Epoch.
+        id: u64,
+        /// What disagrees.
+        why: String,
+    },
+    /// Building the VM.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
+
+/// A restored, not yet started machine.
+#[derive(Debug)]
+pub struct Restored {
+    /// The machine.
+    pub machine: Machine,
+    /// The epoch it came from.
+    pub epoch: u64,
+    /// Epochs read (the chain length).
+    pub chain: usize,
+    /// Bytes of page data read.
+    pub bytes_read: u64,
+}
+
+fn fill(
+    ram: &GuestRam,
+    chain: &[EpochReader],
+    runs: &[store::Run],
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, StoreError> {
+    const CHUNK: u64 = 2048; // pages per read: 8 MiB
+    let mut bytes = 0;
+    for run in runs {
+        let Source::Data { epoch, page } = run.source else {
+            continue; // fresh anonymous memory is already zero
+        };
+        let gpa = run.gfn * PAGE as u64;
+        let range = ram
+            .ranges()
+            .iter()
+            .find(|r| r.gpa <= gpa && gpa + run.count * PAGE as u64 <= r.end())
+            .ok_or_else(|| StoreError::Corrupt {
+                path: chain[epoch].path().to_path_buf(),
+                why: format!("pages at {gpa:#x} lie outside guest RAM"),
+            })?;
+        // SAFETY: no vCPU exists yet; this is the only reference to guest RAM.
+        let mem = unsafe { ram.range_bytes_mut(range) };
+        let mut done = 0;
+        while done < run.count {
+            let n = (run.count - done).min(CHUNK);
+            let off = (gpa - range.gpa) as usize + done as usize * PAGE;
+            chain[epoch].read_pages(page + done, &mut mem[off..off + n as usize * PAGE])?;
+            done += n;
+            bytes += n * PAGE as u64;
+            progress(bytes);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Rebuild the VM of epoch `id` of `store`. `progress` receives bytes read so far.
+pub fn restore(
+    store: &Store,
+    id: u64,
+    serial_out: Box<dyn Write + Send>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Restored, RestoreError> {
+    let chain = store.chain(id)?;
+    let head = &chain[0];
+    let state_err = |source| RestoreError::State {
+        id,
+        path: head.path().display().to_string(),
+        source,
+    };
+    let state: MachineState = vmm::state::decode(&head.state()?).map_err(state_err)?;
+    let h = head.header();
+    if state.config.mem_size != h.mem_size || u32::from(state.config.vcpus) != h.vcpus {
+        return Err(RestoreError::Mismatch {
+            id,
+            why: format!(
+                "header says {} bytes and {} vCPUs, state says {} bytes and {} vCPUs",
+                h.mem_size, h.vcpus, state.config.mem_size, state.config.vcpus
+            ),
+        });
+    }
+    let runs = store::plan(&chain)?;
+    let total: u64 = runs
+        .iter()
+        .filter(|r| matches!(r.source, Source::Data { .. }))
+        .map(|r| r.count * PAGE as u64)
+        .sum();
+    let mut read = 0;
+    let mut fill_err = None;
+    let machine = Machine::restore(
+        &state,
+        |ram| match fill(ram, &chain, &runs, &mut |b| progress(b, total)) {
+            Ok(b) => {
+                read = b;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                fill_err = Some(e);
+                Err(MachineError::RestoreMemory(msg.into()))
+            }
+        },
+        serial_out,
+    );
+    let machine = match (machine, fill_err) {
+        (Ok(m), _) => m,
+        (Err(_), Some(e)) => return Err(e.into()),
+        (Err(e), None) => return Err(e.into()),
+    };
+    Ok(Restored {
+        machine,
+        epoch: id,
+        chain: chain.len(),
+        bytes_read: read,
+    })
+}
