@@ -65,3 +65,66 @@ pub fn reference(spec: &str, vcpus: u32) -> (u64, String) {
     let out = workload::reference(&s, vcpus);
     (out.ops, format!("{:#018x}", out.checksum))
 }
+
+/// Committed epoch files in a snapshot directory.
+pub fn epoch_count(snaps: &Path) -> usize {
+    std::fs::read_dir(snaps.join("epochs"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".epoch"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `consnap ls --json`.
+pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok(consnap().args(["ls", "--json"]).arg(snaps));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Start `consnap` with `args`, wait until `snaps` holds at least `epochs`
+/// committed epochs, then kill it with SIGKILL. Panics if it ends first.
+pub fn run_and_kill(args: &[&str], snaps: &Path, epochs: usize) {
+    let mut child = consnap()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if epoch_count(snaps) >= epochs {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!(
+                "{args:?} ended ({status}) with only {} epochs before it could be killed:\n{err}",
+                epoch_count(snaps)
+            );
+        }
+        assert!(start.elapsed().as_secs() < 120, "timed out waiting for {epochs} epochs");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// `consnap restore DIR --at AT` to the end; returns its report.
+pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_json::Value {
+    run_ok(
+        consnap()
+            .args(["restore"])
+            .arg(snaps)
+            .args(["--at", at, "--pause-probe", "0", "--report"])
+            .arg(report)
+            .args(extra),
+    );
+    read_report(report)
+}

@@ -1,0 +1,317 @@
+//! The heart of exact snapshots: run a deterministic workload with
+//! snapshots, kill -9 the VMM part-way, restore from the latest snapshot and
+//! from an earlier one, let the guest finish, and get exactly the checksum
+//! of an uninterrupted run (computed on the host by the same workload code).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+
+/// Workloads that run for about three seconds, so that a kill lands mid-run.
+fn spec(workload: &str, vcpus: u32) -> String {
+    let n = u64::from(vcpus);
+    match workload {
+        "memstress" => format!("memstress,wss=64M,ops={},rate=10000,pattern=hotcold", 30_000 * n),
+        "build" => format!("build,wss=64M,ops={}", 3_000 * n),
+        "ftp" => format!("ftp,wss=64M,ops={},rate=20M", 1_000 * n),
+        _ => unreachable!(),
+    }
+}
+
+fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = spec(workload, vcpus);
+    let (ops, sum) = reference(&spec, vcpus);
+    let dir = tempdir(&format!("kill-{workload}-{mode}-{vcpus}"));
+    let snaps = dir.join("snaps");
+    let want = 12;
+    run_and_kill(
+        &[
+            "run",
+            "--workload",
+            &spec,
+            "--vcpus",
+            &vcpus.to_string(),
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--interval",
+            "100ms",
+            "--pause-probe",
+            "0",
+        ],
+        &snaps,
+        want,
+    );
+    let epochs = ls(&snaps);
+    assert!(epochs.len() >= want, "{epochs:?}");
+    let ids: Vec<u64> = epochs.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    if mode == "stop-copy" {
+        // One full epoch, then a chain of incremental ones, each on the previous.
+        assert_eq!(epochs[0]["full"], true);
+        assert!(epochs[0]["parent"].is_null());
+        for w in epochs.windows(2) {
+            assert_eq!(w[1]["full"], false, "{w:?}");
+            assert_eq!(w[1]["parent"], w[0]["id"], "{w:?}");
+        }
+        assert!(epochs.len() - 1 >= 10, "need a chain of at least 10 incremental epochs");
+    } else {
+        assert!(epochs.iter().all(|e| e["full"] == true && e["parent"].is_null()));
+    }
+    let latest = *ids.last().unwrap();
+    let middle = ids[ids.len() / 2];
+    for (at, epoch) in [("latest", latest), (&middle.to_string()[..], middle)] {
+        let r = restore(&snaps, at, &[], &dir.join(format!("restore-{epoch}.json")));
+        assert_eq!(r["command"], "restore");
+        assert_eq!(r["status"], "poweroff", "{r}");
+        assert_eq!(r["exit_code"], 0);
+        assert_eq!(r["restored_from"]["epoch"], epoch);
+        assert_eq!(r["ops"], ops);
+        assert_eq!(r["workload_errors"], 0);
+        assert_eq!(
+            r["checksum"],
+            sum.as_str(),
+            "restore of epoch {epoch} diverged ({workload}, {mode}, {vcpus} vCPUs)"
+        );
+        if mode == "stop-copy" {
+            let chain = r["restored_from"]["chain"].as_u64().unwrap();
+            assert_eq!(chain, ids.iter().position(|i| *i == epoch).unwrap() as u64 + 1);
+        }
+    }
+}
+
+#[test]
+fn memstress_stop_copy_1_vcpu() {
+    kill_restore("memstress", "stop-copy", 1);
+}
+
+#[test]
+fn memstress_stop_copy_2_vcpus() {
+    kill_restore("memstress", "stop-copy", 2);
+}
+
+#[test]
+fn memstress_stop_copy_full_1_vcpu() {
+    kill_restore("memstress", "stop-copy-full", 1);
+}
+
+#[test]
+fn memstress_stop_copy_full_2_vcpus() {
+    kill_restore("memstress", "stop-copy-full", 2);
+}
+
+#[test]
+fn build_stop_copy_1_vcpu() {
+    kill_restore("build", "stop-copy", 1);
+}
+
+#[test]
+fn build_stop_copy_2_vcpus() {
+    kill_restore("build", "stop-copy", 2);
+}
+
+#[test]
+fn build_stop_copy_full_1_vcpu() {
+    kill_restore("build", "stop-copy-full", 1);
+}
+
+#[test]
+fn build_stop_copy_full_2_vcpus() {
+    kill_restore("build", "stop-copy-full", 2);
+}
+
+#[test]
+fn ftp_stop_copy_1_vcpu() {
+    kill_restore("ftp", "stop-copy", 1);
+}
+
+#[test]
+fn ftp_stop_copy_2_vcpus() {
+    kill_restore("ftp", "stop-copy", 2);
+}
+
+#[test]
+fn ftp_stop_copy_full_1_vcpu() {
+    kill_restore("ftp", "stop-copy-full", 1);
+}
+
+#[test]
+fn ftp_stop_copy_full_2_vcpus() {
+    kill_restore("ftp", "stop-copy-full", 2);
+}
+
+#[test]
+fn restoring_the_same_epoch_twice_gives_the_same_run() {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = spec("memstress", 2);
+    let dir = tempdir("twice");
+    let snaps = dir.join("snaps");
+    run_and_kill(
+        &[
+            "run",
+            "--workload",
+            &spec,
+            "--vcpus",
+            "2",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--interval",
+            "100ms",
+        ],
+        &snaps,
+        6,
+    );
+    let before: Vec<Vec<u8>> = ls(&snaps)
+        .iter()
+        .map(|e| std::fs::read(snaps.join(format!("epochs/{:020}.epoch", e["id"].as_u64().unwrap()))).unwrap())
+        .collect();
+    let a = restore(&snaps, "4", &[], &dir.join("a.json"));
+    let b = restore(&snaps, "4", &[], &dir.join("b.json"));
+    for key in ["status", "ops", "checksum", "workload_errors"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    assert_eq!(a["checksum"], reference(&spec, 2).1.as_str());
+    // Restoring read the store and changed nothing in it.
+    let after: Vec<Vec<u8>> = ls(&snaps)
+        .iter()
+        .map(|e| std::fs::read(snaps.join(format!("epochs/{:020}.epoch", e["id"].as_u64().unwrap()))).unwrap())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn snapshot_a_restored_vm_and_restore_that() {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = spec("build", 1);
+    let (ops, sum) = reference(&spec, 1);
+    let dir = tempdir("resnap");
+    let snaps = dir.join("snaps");
+    let s = snaps.to_str().unwrap();
+    run_and_kill(
+        &["run", "--workload", &spec, "--snapshot-dir", s, "--interval", "100ms"],
+        &snaps,
+        5,
+    );
+    let first: Vec<u64> = ls(&snaps).iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    let from = first[2];
+
+    // Restore epoch `from` and keep snapshotting into the same directory:
+    // the new epochs branch off `from`, the first one incremental.
+    run_and_kill(
+        &[
+            "restore",
+            s,
+            "--at",
+            &from.to_string(),
+            "--snapshot-dir",
+            s,
+            "--interval",
+            "100ms",
+        ],
+        &snaps,
+        first.len() + 4,
+    );
+    let all = ls(&snaps);
+    let branch: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|e| e["id"].as_u64().unwrap() > *first.last().unwrap())
+        .collect();
+    assert!(branch.len() >= 4);
+    assert_eq!(
+        branch[0]["parent"], from,
+        "first epoch after the restore must build on the restored one"
+    );
+    assert_eq!(branch[0]["full"], false);
+    let r = restore(&snaps, "latest", &[], &dir.join("branch.json"));
+    assert_eq!(
+        (r["ops"].as_u64(), r["checksum"].as_str()),
+        (Some(ops), Some(sum.as_str()))
+    );
+    assert!(
+        r["restored_from"]["chain"].as_u64().unwrap() >= 5,
+        "{}",
+        r["restored_from"]
+    );
+
+    // Restored into a different directory, the first epoch there is full.
+    let other = dir.join("other");
+    let o = other.to_str().unwrap();
+    run_and_kill(
+        &[
+            "restore",
+            s,
+            "--at",
+            &from.to_string(),
+            "--snapshot-dir",
+            o,
+            "--interval",
+            "100ms",
+        ],
+        &other,
+        3,
+    );
+    let epochs = ls(&other);
+    assert_eq!(epochs[0]["full"], true);
+    let r = restore(&other, "latest", &[], &dir.join("other.json"));
+    assert_eq!(
+        (r["ops"].as_u64(), r["checksum"].as_str()),
+        (Some(ops), Some(sum.as_str()))
+    );
+}
+
+#[test]
+fn report_has_snapshot_figures() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("figures");
+    let report = dir.join("r.json");
+    let snaps = dir.join("snaps");
+    run_ok(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=32M,ops=8000,rate=10000",
+                "--snapshot-dir",
+            ])
+            .arg(&snaps)
+            .args(["--interval", "100ms", "--report"])
+            .arg(&report),
+    );
+    let r = read_report(&report);
+    let s = &r["snapshots"];
+    let count = s["count"].as_u64().unwrap();
+    assert!(count >= 5, "{s}");
+    assert_eq!(s["failed"], 0);
+    assert_eq!(s["mode"], "stop-copy");
+    assert_eq!(s["epochs"].as_array().unwrap().len() as u64, count);
+    assert_eq!(count as usize, epoch_count(&snaps));
+    for key in ["pause", "durable", "vcpu_pause"] {
+        let p = &s[key];
+        assert_eq!(p["count"].as_u64(), Some(count), "{key}");
+        assert!(
+            p["p50_us"].as_f64().unwrap() > 0.0 && p["p50_us"].as_f64() <= p["max_us"].as_f64(),
+            "{key}: {p}"
+        );
+    }
+    for e in s["epochs"].as_array().unwrap() {
+        assert!(
+            e["durable_ms"].as_f64().unwrap() * 1000.0 >= e["pause_us"].as_f64().unwrap(),
+            "{e}"
+        );
+        assert!(
+            e["bytes"].as_u64().unwrap() >= 4096 * (1 + e["pages"].as_u64().unwrap()),
+            "{e}"
+        );
+    }
+    assert!(s["pages"]["total"].as_u64().unwrap() > 0);
+}
