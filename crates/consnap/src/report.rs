@@ -63,7 +63,7 @@ impl Spread {
         v.sort_unstable();
         Self {
             total: v.iter().sum(),
-            p50: v[(v.len() + 1) / 2 - 1],
+            p50: v[v.len().div_ceil(2) - 1],
             max: v[v.len() - 1],
         }
     }

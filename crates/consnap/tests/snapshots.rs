@@ -58,7 +58,7 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
             assert_eq!(w[1]["full"], false, "{w:?}");
             assert_eq!(w[1]["parent"], w[0]["id"], "{w:?}");
         }
-        assert!(epochs.len() - 1 >= 10, "need a chain of at least 10 incremental epochs");
+        assert!(epochs.len() > 10, "need a chain of at least 10 incremental epochs");
     } else {
         assert!(epochs.iter().all(|e| e["full"] == true && e["parent"].is_null()));
     }

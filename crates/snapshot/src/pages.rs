@@ -55,7 +55,7 @@ pub fn populated(host: *const u8, pages: u64) -> Vec<u64> {
     let words = pages.div_ceil(64) as usize;
     let all = || {
         let mut v = vec![u64::MAX; words];
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             v[words - 1] = (1u64 << (pages % 64)) - 1;
         }
         v

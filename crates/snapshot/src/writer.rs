@@ -2,7 +2,7 @@
 //! the VM runs, one at a time, and hands staging buffers back for reuse.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -115,10 +115,7 @@ impl Writer {
         if block {
             return self.done.recv().ok();
         }
-        match self.done.try_recv() {
-            Ok(d) => Some(d),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.done.try_recv().ok()
     }
 }
 

@@ -120,7 +120,7 @@ impl EpochReader {
     /// verifying each against its checksum.
     pub fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         let n = (dst.len() / PAGE) as u64;
-        if dst.len() % PAGE != 0 || first.checked_add(n).is_none_or(|end| end > self.header.pages_data) {
+        if !dst.len().is_multiple_of(PAGE) || first.checked_add(n).is_none_or(|end| end > self.header.pages_data) {
             return Err(StoreError::Usage("page read outside the DATA section"));
         }
         let at = self.header.sections[3].offset + first * PAGE as u64;

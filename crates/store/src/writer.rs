@@ -131,7 +131,7 @@ impl EpochWriter {
     /// Append consecutive pages starting at `gfn` (`bytes` is a multiple of 4096).
     pub fn data_pages(&mut self, gfn: u64, bytes: &[u8]) -> Result<()> {
         let n = (bytes.len() / PAGE) as u64;
-        if bytes.len() % PAGE != 0 {
+        if !bytes.len().is_multiple_of(PAGE) {
             return Err(StoreError::Usage("partial page"));
         }
         self.check_order(gfn, n)?;

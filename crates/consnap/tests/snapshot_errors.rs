@@ -1,0 +1,349 @@
+//! Bad snapshot input: restore from missing, truncated, corrupted or
+//! wrong-version snapshots fails clearly and modifies nothing; a snapshot
+//! directory that is unusable or fills up gives errors while the VM keeps
+//! running, or stops the run when asked to.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    for n in needles {
+        assert!(err.contains(n), "{cmd:?}: stderr lacks '{n}':\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// A finished run's snapshot directory with a few epochs.
+fn store_with_epochs(name: &str) -> (PathBuf, PathBuf) {
+    let dir = tempdir(name);
+    let snaps = dir.join("snaps");
+    run_ok(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=16M,ops=4000,rate=10000",
+                "--snapshot-dir",
+            ])
+            .arg(&snaps)
+            .args(["--interval", "100ms"]),
+    );
+    assert!(epoch_count(&snaps) >= 3);
+    (dir, snaps)
+}
+
+fn epoch_file(snaps: &Path, id: u64) -> PathBuf {
+    snaps.join(format!("epochs/{id:020}.epoch"))
+}
+
+fn snapshot_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir.join("epochs"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn restore_rejects_missing_and_unknown() {
+    if !kvm_ready() {
+        return;
+    }
+    fails_with(
+        consnap().args(["restore", "/nonexistent/snaps"]),
+        &["/nonexistent/snaps", "does not exist"],
+    );
+    let dir = tempdir("restore-missing");
+    fails_with(
+        consnap().arg("restore").arg(&dir),
+        &["not a consnap snapshot directory"],
+    );
+    let (_d, snaps) = store_with_epochs("restore-unknown");
+    fails_with(
+        consnap().arg("restore").arg(&snaps).args(["--at", "999"]),
+        &["epoch 999 is not in"],
+    );
+    fails_with(
+        consnap().arg("restore").arg(&snaps).args(["--at", "yesterday"]),
+        &["--at 'yesterday'"],
+    );
+    fails_with(consnap().args(["ls", "/nonexistent/snaps"]), &["does not exist"]);
+}
+
+#[test]
+fn restore_rejects_damaged_epochs_and_changes_nothing() {
+    if !kvm_ready() {
+        return;
+    }
+    let (_d, snaps) = store_with_epochs("restore-damaged");
+    let last = epoch_count(&snaps) as u64;
+    let path = epoch_file(&snaps, last);
+    let good = std::fs::read(&path).unwrap();
+    let name = path.file_name().unwrap().to_str().unwrap().to_string();
+
+    // (what, file contents, expected message, visible to `ls`, which reads headers only)
+    let cases: Vec<(&str, Vec<u8>, &str, bool)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated", true),
+        ("truncated header", good[..1000].to_vec(), "truncated header", true),
+        (
+            "corrupted header",
+            {
+                let mut b = good.clone();
+                b[70] ^= 0xff;
+                b
+            },
+            "header checksum mismatch",
+            true,
+        ),
+        (
+            "corrupted state",
+            {
+                let mut b = good.clone();
+                b[4096 + 64] ^= 0x01;
+                b
+            },
+            "STATE section checksum mismatch",
+            false,
+        ),
+        (
+            "wrong version",
+            {
+                let mut b = good.clone();
+                b[8] = 7;
+                b
+            },
+            "format version 7 is not supported",
+            true,
+        ),
+        ("not an epoch", vec![0x42; 8192], "bad magic", true),
+    ];
+    for (what, bytes, needle, in_header) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let before = snapshot_of(&snaps);
+        let err = fails_with(
+            consnap().arg("restore").arg(&snaps).args(["--at", "latest"]),
+            &[needle, &name],
+        );
+        assert!(err.lines().count() <= 2, "{what}: expected one clear line:\n{err}");
+        assert_eq!(snapshot_of(&snaps), before, "{what}: restore modified the store");
+        // ls shows header damage instead of failing outright, and exits non-zero.
+        if in_header {
+            let out = consnap().arg("ls").arg(&snaps).output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{what}");
+            assert!(String::from_utf8_lossy(&out.stdout).contains("damaged"), "{what}");
+        }
+    }
+
+    // A data page that fails its checksum is caught while restoring memory.
+    let data_start = (4096 + u64::from_le_bytes(good[128 + 16..128 + 24].try_into().unwrap())).next_multiple_of(4096);
+    let mut b = good.clone();
+    b[data_start as usize + 100] ^= 0x10;
+    std::fs::write(&path, &b).unwrap();
+    fails_with(
+        consnap().arg("restore").arg(&snaps),
+        &["data page 0 fails its checksum", &name],
+    );
+
+    // Undamaged, the same epoch restores; earlier epochs never needed the damaged one.
+    std::fs::write(&path, &good).unwrap();
+    run_ok(consnap().arg("restore").arg(&snaps));
+    std::fs::write(&path, &good[..100]).unwrap();
+    run_ok(
+        consnap()
+            .arg("restore")
+            .arg(&snaps)
+            .args(["--at", &(last - 1).to_string()]),
+    );
+}
+
+#[test]
+fn unusable_snapshot_dir_keeps_the_vm_running() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("unusable");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("snaps");
+    let report = dir.join("r.json");
+    let out = run_ok(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=16M,ops=3000,rate=10000",
+                "--interval",
+                "100ms",
+            ])
+            .arg("--snapshot-dir")
+            .arg(&bad)
+            .arg("--report")
+            .arg(&report),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshot directory unusable") && err.contains("a-file/snaps"),
+        "{err}"
+    );
+    let r = read_report(&report);
+    assert_eq!(r["status"], "poweroff");
+    assert_eq!(
+        r["checksum"],
+        reference("memstress,wss=16M,ops=3000,rate=10000", 1).1.as_str()
+    );
+    assert_eq!(r["snapshots"]["count"], 0);
+    assert!(r["snapshots"]["failed"].as_u64().unwrap() >= 1);
+
+    // Asked to stop on snapshot failure: it says so and exits non-zero.
+    fails_with(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=16M,ops=3000",
+                "--on-snapshot-error",
+                "stop",
+            ])
+            .arg("--snapshot-dir")
+            .arg(&bad),
+        &["stopping on snapshot failure", "a-file/snaps"],
+    );
+}
+
+/// Limit the size of files consnap writes, so the snapshot disk "fills up".
+fn with_file_limit(cmd: &mut std::process::Command, bytes: u64) -> &mut std::process::Command {
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn full_disk_errors_then_carries_on_or_stops() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("full-disk");
+    let spec = "memstress,wss=32M,ops=12000,rate=4000,pattern=seq";
+    let snaps = dir.join("snaps");
+    let report = dir.join("r.json");
+    // Epoch files up to 2 MiB fit; the working set grows past that while running.
+    let out = run_ok(
+        with_file_limit(&mut consnap(), 2 << 20)
+            .args([
+                "run",
+                "--workload",
+                spec,
+                "--mode",
+                "stop-copy-full",
+                "--interval",
+                "50ms",
+            ])
+            .arg("--snapshot-dir")
+            .arg(&snaps)
+            .arg("--report")
+            .arg(&report),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshot error") && err.contains("File too large"),
+        "{err}"
+    );
+    let r = read_report(&report);
+    assert_eq!(r["status"], "poweroff", "the VM keeps running");
+    assert_eq!(r["checksum"], reference(spec, 1).1.as_str());
+    let s = &r["snapshots"];
+    assert!(s["count"].as_u64().unwrap() >= 1, "early epochs fit: {s}");
+    assert!(s["failed"].as_u64().unwrap() >= 1, "{s}");
+    // Only committed epochs are visible, and each restores.
+    let epochs = ls(&snaps);
+    assert_eq!(epochs.len() as u64, s["count"].as_u64().unwrap());
+    assert!(
+        std::fs::read_dir(snaps.join("epochs"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".tmp"))
+    );
+    let rr = restore(&snaps, "latest", &[], &dir.join("rr.json"));
+    assert_eq!(rr["checksum"], reference(spec, 1).1.as_str());
+
+    let snaps2 = dir.join("snaps2");
+    fails_with(
+        with_file_limit(&mut consnap(), 2 << 20)
+            .args([
+                "run",
+                "--workload",
+                spec,
+                "--mode",
+                "stop-copy-full",
+                "--interval",
+                "50ms",
+            ])
+            .args(["--on-snapshot-error", "stop", "--snapshot-dir"])
+            .arg(&snaps2),
+        &["stopping on snapshot failure", "File too large"],
+    );
+}
+
+#[test]
+fn a_failed_incremental_epoch_loses_no_pages() {
+    if !kvm_ready() {
+        return;
+    }
+    // Incremental epochs that fail after capture (injected, as a failed write
+    // would) must hand their dirty pages to the next epoch, or restoring any
+    // later epoch would diverge.
+    let dir = tempdir("carry");
+    let spec = "memstress,wss=32M,ops=20000,rate=10000,pattern=random";
+    let snaps = dir.join("snaps");
+    let report = dir.join("r.json");
+    run_ok(
+        consnap()
+            .env("CONSNAP_FAIL_EPOCHS", "3,4,7")
+            .args([
+                "run",
+                "--workload",
+                spec,
+                "--mode",
+                "stop-copy",
+                "--interval",
+                "100ms",
+                "--report",
+            ])
+            .arg(&report)
+            .arg("--snapshot-dir")
+            .arg(&snaps),
+    );
+    let r = read_report(&report);
+    assert_eq!(r["snapshots"]["failed"].as_u64(), Some(3), "{}", r["snapshots"]);
+    let epochs = ls(&snaps);
+    assert!(epochs.len() >= 8, "{epochs:?}");
+    // Epoch ids are reused after a failure, so the chain stays dense.
+    assert!(epochs.windows(2).all(|w| w[1]["parent"] == w[0]["id"]));
+    let (_, sum) = reference(spec, 1);
+    for e in epochs.iter().skip(1) {
+        let id = e["id"].as_u64().unwrap().to_string();
+        let rr = restore(&snaps, &id, &[], &dir.join(format!("r{id}.json")));
+        assert_eq!(rr["checksum"], sum.as_str(), "epoch {id} diverged after a failed epoch");
+    }
+}
