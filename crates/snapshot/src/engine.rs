@@ -207,8 +207,9 @@ impl SnapshotEngine {
     pub fn prepare(&mut self, m: &mut Machine) -> Result<(), SnapshotError> {
         if self.cfg.mode == Mode::StopCopy {
             m.set_dirty_logging(true)?;
+            // One buffer: an epoch is captured only after the previous one is durable.
             let size = (m.config().mem_size as usize / 8).clamp(PAGE, STAGING_START);
-            self.staging = (0..2).map(|_| vec![0u8; size]).collect();
+            self.staging = vec![vec![0u8; size]];
         }
         self.writer = Some(Writer::start().map_err(SnapshotError::Thread)?);
         Ok(())
@@ -353,6 +354,7 @@ impl SnapshotEngine {
                 gfns,
                 buf,
             } => Job::Write {
+                reserve: (gfns.len() * PAGE * 3 / 2).min(m.config().mem_size as usize),
                 store,
                 meta,
                 state,

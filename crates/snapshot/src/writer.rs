@@ -22,6 +22,8 @@ pub(crate) enum Job {
         gfns: Vec<u64>,
         buf: Vec<u8>,
         pause_ns: u64,
+        /// Grow `buf` to this many bytes afterwards, off the pause path.
+        reserve: usize,
     },
 }
 
@@ -80,12 +82,17 @@ impl Writer {
                             meta,
                             state,
                             gfns,
-                            buf,
+                            mut buf,
                             pause_ns,
-                        } => (
-                            write_incremental(&store, meta, &state, &gfns, &buf, pause_ns),
-                            Some(buf),
-                        ),
+                            reserve,
+                        } => {
+                            let r = write_incremental(&store, meta, &state, &gfns, &buf, pause_ns);
+                            if buf.len() < reserve {
+                                // Fault the pages in now, so that the next pause does not pay for them.
+                                buf.resize(reserve, 0);
+                            }
+                            (r, Some(buf))
+                        }
                     };
                     if tx
                         .send(Done {
