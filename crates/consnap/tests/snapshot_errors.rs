@@ -45,16 +45,6 @@ fn epoch_file(snaps: &Path, id: u64) -> PathBuf {
     snaps.join(format!("epochs/{id:020}.epoch"))
 }
 
-fn snapshot_of(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir.join("epochs"))
-        .unwrap()
-        .flatten()
-        .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn restore_rejects_missing_and_unknown() {
     if !kvm_ready() {
@@ -130,13 +120,13 @@ fn restore_rejects_damaged_epochs_and_changes_nothing() {
     ];
     for (what, bytes, needle, in_header) in cases {
         std::fs::write(&path, &bytes).unwrap();
-        let before = snapshot_of(&snaps);
+        let before = store_files(&snaps);
         let err = fails_with(
             consnap().arg("restore").arg(&snaps).args(["--at", "latest"]),
             &[needle, &name],
         );
         assert!(err.lines().count() <= 2, "{what}: expected one clear line:\n{err}");
-        assert_eq!(snapshot_of(&snaps), before, "{what}: restore modified the store");
+        assert_eq!(store_files(&snaps), before, "{what}: restore modified the store");
         // ls shows header damage instead of failing outright, and exits non-zero.
         if in_header {
             let out = consnap().arg("ls").arg(&snaps).output().unwrap();

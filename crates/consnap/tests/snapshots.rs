@@ -167,10 +167,7 @@ fn restoring_the_same_epoch_twice_gives_the_same_run() {
         &snaps,
         6,
     );
-    let before: Vec<Vec<u8>> = ls(&snaps)
-        .iter()
-        .map(|e| std::fs::read(snaps.join(format!("epochs/{:020}.epoch", e["id"].as_u64().unwrap()))).unwrap())
-        .collect();
+    let before = store_files(&snaps);
     let a = restore(&snaps, "4", &[], &dir.join("a.json"));
     let b = restore(&snaps, "4", &[], &dir.join("b.json"));
     for key in ["status", "ops", "checksum", "workload_errors"] {
@@ -178,10 +175,7 @@ fn restoring_the_same_epoch_twice_gives_the_same_run() {
     }
     assert_eq!(a["checksum"], reference(&spec, 2).1.as_str());
     // Restoring read the store and changed nothing in it.
-    let after: Vec<Vec<u8>> = ls(&snaps)
-        .iter()
-        .map(|e| std::fs::read(snaps.join(format!("epochs/{:020}.epoch", e["id"].as_u64().unwrap()))).unwrap())
-        .collect();
+    let after = store_files(&snaps);
     assert_eq!(before, after);
 }
 

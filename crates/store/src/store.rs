@@ -53,6 +53,27 @@ pub struct Store {
     _lock: Option<File>,
 }
 
+/// Guest memory holds secrets: directories are 0700.
+fn private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir, "create directory"))
+}
+
+/// Guest memory holds secrets: files are created 0600 (read-write, truncated).
+fn private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path, "create"))
+}
+
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -146,24 +167,10 @@ impl Store {
                     why: "the directory exists, is not empty, and has no STORE file".into(),
                 });
             }
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io(dir, "create directory"))?;
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir.join(EPOCHS))
-                .map_err(io(dir.join(EPOCHS), "create directory"))?;
+            private_dir(dir)?;
+            private_dir(&dir.join(EPOCHS))?;
             let tmp = dir.join(".STORE.tmp");
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp, "create"))?;
+            let mut f = private_file(&tmp)?;
             std::io::Write::write_all(&mut f, &encode_store_file(&random_uuid())).map_err(io(&tmp, "write"))?;
             f.sync_all().map_err(io(&tmp, "fsync"))?;
             std::fs::rename(&tmp, dir.join(STORE_FILE)).map_err(io(dir.join(STORE_FILE), "rename"))?;
@@ -355,14 +362,7 @@ impl Store {
         if dest.exists() {
             return Err(StoreError::Usage("epoch id already committed"));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp, "create"))?;
+        let file = private_file(&tmp)?;
         Ok(EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid))
     }
 }

@@ -128,3 +128,15 @@ pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_j
     );
     read_report(report)
 }
+
+/// Every file under `snaps/epochs` with its contents, sorted: to show that
+/// an operation changed nothing in a store.
+pub fn store_files(snaps: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(snaps.join("epochs"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
