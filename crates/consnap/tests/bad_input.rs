@@ -119,3 +119,50 @@ fn the_guest_itself_rejects_what_does_not_fit() {
     assert_eq!(r["guest_exit_code"], 2);
     assert!(String::from_utf8_lossy(&out.stdout).contains("bad value 'lots' for 'wss'"));
 }
+
+/// Run consnap in a changed environment: as an unprivileged user, or with
+/// an empty /dev. Needs root (to drop privileges or mount); skipped otherwise.
+fn privileged(wrapper: &[&str]) -> Option<std::process::Output> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || std::process::Command::new(wrapper[0]).arg("--help").output().is_err() {
+        eprintln!("skipping: needs root and {}", wrapper[0]);
+        return None;
+    }
+    let bin = env!("CARGO_BIN_EXE_consnap");
+    let mut cmd = std::process::Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(format!("{bin} run --workload memstress,ops=10"))
+        .stdin(std::process::Stdio::null());
+    Some(cmd.output().unwrap())
+}
+
+#[test]
+fn missing_or_forbidden_dev_kvm() {
+    let Some(out) = privileged(&[
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && exec \"$0\" \"$@\"",
+        "sh",
+        "-c",
+    ]) else {
+        return;
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/kvm does not exist"), "{err}");
+    let Some(out) = privileged(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+    ]) else {
+        return;
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied opening /dev/kvm"), "{err}");
+}

@@ -309,3 +309,36 @@ fn report_has_snapshot_figures() {
     }
     assert!(s["pages"]["total"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn sigterm_stops_cleanly_and_the_last_snapshot_is_whole() {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = spec("ftp", 1);
+    let dir = tempdir("sigterm");
+    let snaps = dir.join("snaps");
+    let report = dir.join("r.json");
+    let mut child = consnap()
+        .args(["run", "--workload", &spec, "--interval", "100ms", "--snapshot-dir"])
+        .arg(&snaps)
+        .arg("--report")
+        .arg(&report)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while epoch_count(&snaps) < 4 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let r = read_report(&report);
+    assert_eq!(r["status"], "signal");
+    assert_eq!(r["exit_code"], 128 + libc::SIGTERM);
+    // Every snapshot the report counts is committed, and the latest restores exactly.
+    assert_eq!(r["snapshots"]["count"].as_u64().unwrap() as usize, epoch_count(&snaps));
+    let rr = restore(&snaps, "latest", &[], &dir.join("rr.json"));
+    assert_eq!(rr["checksum"], reference(&spec, 1).1.as_str());
+}

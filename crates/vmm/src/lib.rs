@@ -16,6 +16,7 @@ pub mod machine;
 pub mod memory;
 pub mod run;
 pub mod state;
+pub mod testing;
 pub mod vcpu;
 
 pub use machine::{Machine, MachineError};

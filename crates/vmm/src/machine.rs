@@ -23,7 +23,7 @@ use crate::cpuid;
 use crate::devices::serial::COM1_IRQ;
 use crate::devices::{DeviceError, Devices, SerialDevice};
 use crate::memory::{GuestRam, MemoryError, RamRange};
-use crate::state::{self, DeviceStates, MachineConfig, MachineState, StateError};
+use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
 
 /// Most vCPUs consnap runs.
@@ -264,9 +264,9 @@ impl Machine {
         fill(&parts.ram)?;
         parts.ram.clear_vmm_dirty();
         let devices = Devices {
-            serial: SerialDevice::with_state(serial_evt, serial_out, &state.devices.serial)?,
+            serial: SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?,
         };
-        state::restore_vm(&parts.vm, &state.vm)?;
+        InKernelDevices::restore(&parts.vm, &state.vm)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
         Ok(Self::assemble(
             parts,
@@ -341,9 +341,9 @@ impl Machine {
             return Err(MachineError::Phase("paused without saving every vCPU"));
         }
         let devices = DeviceStates {
-            serial: self.devices.serial.state(),
+            serial: self.devices.serial.save()?,
         };
-        let vm = state::save_vm(&self.vm)?;
+        let vm = InKernelDevices(&self.vm).save()?;
         Ok(MachineState {
             config: self.config.clone(),
             vm,

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::devices::{Devices, GuestStop};
 use crate::memory::GuestRam;
-use crate::state::{self, VcpuState};
+use crate::state::{self, Persist, VcpuState};
 
 /// vCPU errors; each names the vCPU.
 #[derive(Debug, Error)]
@@ -200,6 +200,23 @@ pub struct Vcpu {
     pub xsave_size: usize,
 }
 
+/// A vCPU's state; restoring applies it to a fresh vCPU, which must happen
+/// on the thread that will run it, before its first `KVM_RUN`.
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type Args = Vcpu;
+    type Error = state::StateError;
+
+    fn save(&self) -> Result<VcpuState, state::StateError> {
+        state::save_vcpu(self)
+    }
+
+    fn restore(vcpu: Vcpu, st: &VcpuState) -> Result<Vcpu, state::StateError> {
+        state::restore_vcpu(&vcpu, st)?;
+        Ok(vcpu)
+    }
+}
+
 impl Vcpu {
     fn rip(&self) -> u64 {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
@@ -286,16 +303,30 @@ impl Vcpus {
             let st = restore
                 .as_mut()
                 .and_then(|r| r.get_mut(id as usize).and_then(Option::take));
-            let ctx = Worker {
-                vcpu,
-                control: control.clone(),
-                ram: ram.clone(),
-                devices: devices.clone(),
-                events: events.clone(),
-            };
+            let (control, ram, devices, events) = (control.clone(), ram.clone(), devices.clone(), events.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || ctx.run(st))
+                .spawn(move || {
+                    let vcpu = match st {
+                        Some(st) => Vcpu::restore(vcpu, &st),
+                        None => Ok(vcpu),
+                    };
+                    match vcpu {
+                        Ok(vcpu) => Worker {
+                            vcpu,
+                            control,
+                            ram,
+                            devices,
+                            events,
+                        }
+                        .run(),
+                        Err(e) => {
+                            let _ = events.send(VcpuEvent::Error(e.into()));
+                            control.lock().finished += 1;
+                            control.cv.notify_all();
+                        }
+                    }
+                })
                 .map_err(|source| VcpuError::Spawn { vcpu: id, source })?;
             threads.push((id, handle));
         }
@@ -414,19 +445,10 @@ enum Flow {
 }
 
 impl Worker {
-    fn run(mut self, restore: Option<VcpuState>) {
+    fn run(mut self) {
         let exit_ptr: *mut u8 = &mut self.vcpu.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(exit_ptr));
-        let result = match restore {
-            Some(st) => state::restore_vcpu(&self.vcpu, &st).map_err(VcpuError::from),
-            None => Ok(()),
-        };
-        match result {
-            Ok(()) => self.run_loop(),
-            Err(e) => {
-                let _ = self.events.send(VcpuEvent::Error(e));
-            }
-        }
+        self.run_loop();
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         let mut g = self.control.lock();
         g.finished += 1;
@@ -499,7 +521,7 @@ impl Worker {
             Want::Run => return true,
             Want::Pause(PauseAction::SaveState) => {
                 drop(g);
-                let saved = state::save_vcpu(&self.vcpu).map_err(VcpuError::from);
+                let saved = self.vcpu.save().map_err(VcpuError::from);
                 g = self.control.lock();
                 g.saved[self.vcpu.id as usize] = Some(saved);
             }

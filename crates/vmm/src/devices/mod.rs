@@ -6,7 +6,9 @@
 //! | 0x501        | debug exit: a write powers the VM off with that code (QEMU isa-debug-exit) |
 //! | 0x60, 0x64   | i8042 stub: reads 0, command 0xfe resets the VM |
 //!
-//! Reads of any other port return all ones; writes are ignored.
+//! Reads of any other port return all ones; writes are ignored. The
+//! debug-exit and i8042 stubs hold no state; COM1's state is saved through
+//! [`crate::state::Persist`].
 
 pub mod serial;
 

@@ -8,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::DeviceError;
+use crate::state::Persist;
 
 /// First port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -46,13 +47,6 @@ impl SerialDevice {
         }
     }
 
-    /// A UART with saved register state.
-    pub fn with_state(irq: EventFd, out: Box<dyn Write + Send>, state: &SerialState) -> Result<Self, DeviceError> {
-        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| DeviceError::State(format!("serial: {e:?}")))?;
-        Ok(Self { uart: Mutex::new(uart) })
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {
         self.uart.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -78,9 +72,22 @@ impl SerialDevice {
     pub fn flush(&self) {
         let _ = self.lock().writer_mut().flush();
     }
+}
 
-    /// Register state for a snapshot.
-    pub fn state(&self) -> SerialState {
-        self.lock().state()
+/// COM1's registers and pending input; its output writer and interrupt fd are
+/// the restore arguments.
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type Args = (EventFd, Box<dyn Write + Send>);
+    type Error = DeviceError;
+
+    fn save(&self) -> Result<SerialState, DeviceError> {
+        Ok(self.lock().state())
+    }
+
+    fn restore((irq, out): Self::Args, state: &SerialState) -> Result<Self, DeviceError> {
+        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| DeviceError::State(format!("serial: {e:?}")))?;
+        Ok(Self { uart: Mutex::new(uart) })
     }
 }

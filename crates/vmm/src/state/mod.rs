@@ -20,18 +20,39 @@ use vm_superio::serial::SerialState;
 pub use codec::{decode, encode};
 pub use kvm::{restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs};
 
-/// Save/restore for one component, with its state type beside it.
+/// Save/restore for one component, implemented next to the component with
+/// its state type: [`crate::devices::SerialDevice`], [`crate::vcpu::Vcpu`],
+/// [`InKernelDevices`].
 pub trait Persist: Sized {
     /// The saved form.
     type State;
-    /// What restoring needs besides the state (fds, writers...).
+    /// What restoring needs besides the state (fds, writers, a fresh vCPU...).
     type Args;
-    /// The error type of restore.
+    /// The error type.
     type Error;
     /// Capture the state. Called with the VM paused.
-    fn save(&self) -> Self::State;
+    fn save(&self) -> Result<Self::State, Self::Error>;
     /// Rebuild the component from `state`.
     fn restore(args: Self::Args, state: &Self::State) -> Result<Self, Self::Error>;
+}
+
+/// The VM-wide devices KVM emulates in the kernel: PIC, IOAPIC, PIT, kvmclock.
+#[derive(Debug)]
+pub struct InKernelDevices<'a>(pub &'a kvm_ioctls::VmFd);
+
+impl<'a> Persist for InKernelDevices<'a> {
+    type State = VmState;
+    type Args = &'a kvm_ioctls::VmFd;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VmState, StateError> {
+        save_vm(self.0)
+    }
+
+    fn restore(vm: &'a kvm_ioctls::VmFd, state: &VmState) -> Result<Self, StateError> {
+        restore_vm(vm, state)?;
+        Ok(InKernelDevices(vm))
+    }
 }
 
 /// State errors.
