@@ -54,37 +54,91 @@ pub struct Restored {
     pub bytes_read: u64,
 }
 
+/// Largest read, in pages (8 MiB).
+const SPAN_PAGES: u64 = 2048;
+/// Unneeded pages a read may skip over to merge two runs into one read.
+const SPAN_GAP: u64 = 64;
+
+/// Where one run lands in guest memory.
+fn target<'a>(ram: &'a GuestRam, run: &store::Run, path: &std::path::Path) -> Result<&'a mut [u8], StoreError> {
+    let gpa = run.gfn * PAGE as u64;
+    let len = run.count * PAGE as u64;
+    let range = ram
+        .ranges()
+        .iter()
+        .find(|r| r.gpa <= gpa && gpa + len <= r.end())
+        .ok_or_else(|| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("pages at {gpa:#x} lie outside guest RAM"),
+        })?;
+    // SAFETY: no vCPU exists yet and runs never overlap, so this is the only
+    // live reference to these bytes of guest RAM.
+    let mem = unsafe { ram.range_bytes_mut(range) };
+    let off = (gpa - range.gpa) as usize;
+    Ok(&mut mem[off..off + len as usize])
+}
+
+/// Fill guest RAM from the plan. Each epoch's DATA is read in ascending
+/// order, in reads of up to 8 MiB that merge nearby runs; a run that makes
+/// up a whole read goes straight into guest memory. Every page used is
+/// verified against its checksum. Zero runs are left alone: fresh anonymous
+/// memory is already zero.
 fn fill(
     ram: &GuestRam,
     chain: &[EpochReader],
     runs: &[store::Run],
     progress: &mut dyn FnMut(u64),
 ) -> Result<u64, StoreError> {
-    const CHUNK: u64 = 2048; // pages per read: 8 MiB
-    let mut bytes = 0;
+    let mut by_epoch: Vec<Vec<(u64, store::Run)>> = vec![Vec::new(); chain.len()];
     for run in runs {
-        let Source::Data { epoch, page } = run.source else {
-            continue; // fresh anonymous memory is already zero
-        };
-        let gpa = run.gfn * PAGE as u64;
-        let range = ram
-            .ranges()
-            .iter()
-            .find(|r| r.gpa <= gpa && gpa + run.count * PAGE as u64 <= r.end())
-            .ok_or_else(|| StoreError::Corrupt {
-                path: chain[epoch].path().to_path_buf(),
-                why: format!("pages at {gpa:#x} lie outside guest RAM"),
-            })?;
-        // SAFETY: no vCPU exists yet; this is the only reference to guest RAM.
-        let mem = unsafe { ram.range_bytes_mut(range) };
-        let mut done = 0;
-        while done < run.count {
-            let n = (run.count - done).min(CHUNK);
-            let off = (gpa - range.gpa) as usize + done as usize * PAGE;
-            chain[epoch].read_pages(page + done, &mut mem[off..off + n as usize * PAGE])?;
-            done += n;
-            bytes += n * PAGE as u64;
+        if let Source::Data { epoch, page } = run.source {
+            // A run may be longer than one read; split it.
+            let mut done = 0;
+            while done < run.count {
+                let n = (run.count - done).min(SPAN_PAGES);
+                let part = store::Run {
+                    gfn: run.gfn + done,
+                    count: n,
+                    source: run.source,
+                };
+                by_epoch[epoch].push((page + done, part));
+                done += n;
+            }
+        }
+    }
+    let mut bytes = 0;
+    let mut buf = Vec::new();
+    for (epoch, mut list) in by_epoch.into_iter().enumerate() {
+        let reader = &chain[epoch];
+        list.sort_by_key(|(page, _)| *page);
+        let mut i = 0;
+        while i < list.len() {
+            // Grow a span of runs that one read covers.
+            let first = list[i].0;
+            let mut end = first + list[i].1.count;
+            let mut j = i + 1;
+            while j < list.len() && list[j].0 <= end + SPAN_GAP && list[j].0 + list[j].1.count - first <= SPAN_PAGES {
+                end = end.max(list[j].0 + list[j].1.count);
+                j += 1;
+            }
+            if j == i + 1 {
+                let (page, run) = &list[i];
+                let dst = target(ram, run, reader.path())?;
+                reader.read_unverified(*page, dst)?;
+                reader.verify(*page, dst)?;
+            } else {
+                buf.resize((end - first) as usize * PAGE, 0);
+                reader.read_unverified(first, &mut buf)?;
+                for (page, run) in &list[i..j] {
+                    let at = (page - first) as usize * PAGE;
+                    let src = &buf[at..at + run.count as usize * PAGE];
+                    reader.verify(*page, src)?;
+                    target(ram, run, reader.path())?.copy_from_slice(src);
+                }
+            }
+            bytes += list[i..j].iter().map(|(_, r)| r.count * PAGE as u64).sum::<u64>();
             progress(bytes);
+            i = j;
         }
     }
     Ok(bytes)

@@ -40,15 +40,21 @@ pub enum Source {
 struct Covered(BTreeMap<u64, u64>);
 
 impl Covered {
-    /// Parts of [a, b) not yet covered; then cover [a, b).
+    /// Parts of [a, b) not yet covered; then cover [a, b). Logarithmic in
+    /// the number of intervals plus the number it touches.
     fn claim(&mut self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        use std::ops::Bound::{Excluded, Included};
+        // Intervals that overlap or touch [a, b], in order.
+        let mut touching: Vec<(u64, u64)> = Vec::new();
+        if let Some((&s, &e)) = self.0.range(..=a).next_back() {
+            if e >= a {
+                touching.push((s, e));
+            }
+        }
+        touching.extend(self.0.range((Excluded(a), Included(b))).map(|(s, e)| (*s, *e)));
         let mut gaps = Vec::new();
         let mut at = a;
-        let start_key = self.0.range(..=a).next_back().map_or(a, |(s, _)| *s);
-        for (&s, &e) in self.0.range(start_key..b) {
-            if e <= at {
-                continue;
-            }
+        for &(s, e) in &touching {
             if s > at {
                 gaps.push((at, s.min(b)));
             }
@@ -60,18 +66,10 @@ impl Covered {
         if at < b {
             gaps.push((at, b));
         }
-        // Merge [a, b) with overlapping or touching intervals.
-        let (mut lo, mut hi) = (a, b);
-        let touching: Vec<(u64, u64)> = self
-            .0
-            .range(..=b)
-            .filter(|(s, e)| **e >= a && **s <= b)
-            .map(|(s, e)| (*s, *e))
-            .collect();
-        for (s, e) in touching {
-            lo = lo.min(s);
-            hi = hi.max(e);
-            self.0.remove(&s);
+        let lo = touching.first().map_or(a, |t| t.0.min(a));
+        let hi = touching.last().map_or(b, |t| t.1.max(b));
+        for (s, _) in &touching {
+            self.0.remove(s);
         }
         self.0.insert(lo, hi);
         gaps
@@ -142,5 +140,18 @@ mod tests {
         assert_eq!(c.claim(0, 50), vec![(0, 5), (25, 30), (40, 50)]);
         assert_eq!(c.total(), 50);
         assert_eq!(c.0.len(), 1);
+        // Touching intervals merge; gaps between many small ones are found.
+        let mut c = Covered::default();
+        for i in 0..100 {
+            assert_eq!(c.claim(i * 10, i * 10 + 5), vec![(i * 10, i * 10 + 5)]);
+        }
+        let gaps = c.claim(3, 997);
+        assert_eq!(gaps.len(), 100);
+        assert_eq!(gaps[0], (5, 10));
+        assert_eq!(gaps[98], (985, 990));
+        assert_eq!(gaps[99], (995, 997));
+        assert_eq!(c.0.len(), 1);
+        assert_eq!(c.claim(997, 1001), vec![(997, 1001)]);
+        assert_eq!(c.0.len(), 1, "touching intervals merge");
     }
 }

@@ -119,15 +119,26 @@ impl EpochReader {
     /// Read `dst.len() / 4096` data pages starting at data page `first`,
     /// verifying each against its checksum.
     pub fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<()> {
+        self.read_unverified(first, dst)?;
+        self.verify(first, dst)
+    }
+
+    /// Read data pages without checking them; call [`EpochReader::verify`]
+    /// on every page that is used.
+    pub fn read_unverified(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         let n = (dst.len() / PAGE) as u64;
         if !dst.len().is_multiple_of(PAGE) || first.checked_add(n).is_none_or(|end| end > self.header.pages_data) {
             return Err(StoreError::Usage("page read outside the DATA section"));
         }
         let at = self.header.sections[3].offset + first * PAGE as u64;
-        self.file.read_exact_at(dst, at).map_err(io(&self.path, "read pages"))?;
-        for (i, page) in dst.chunks_exact(PAGE).enumerate() {
+        self.file.read_exact_at(dst, at).map_err(io(&self.path, "read pages"))
+    }
+
+    /// Check `pages` (consecutive data pages from `first`) against their checksums.
+    pub fn verify(&self, first: u64, pages: &[u8]) -> Result<()> {
+        for (i, page) in pages.chunks_exact(PAGE).enumerate() {
             let p = first + i as u64;
-            if checksum(page) != self.sums[p as usize] {
+            if self.sums.get(p as usize) != Some(&checksum(page)) {
                 return Err(StoreError::Corrupt {
                     path: self.path.clone(),
                     why: format!("data page {p} fails its checksum"),
