@@ -46,10 +46,8 @@ impl Covered {
         use std::ops::Bound::{Excluded, Included};
         // Intervals that overlap or touch [a, b], in order.
         let mut touching: Vec<(u64, u64)> = Vec::new();
-        if let Some((&s, &e)) = self.0.range(..=a).next_back() {
-            if e >= a {
-                touching.push((s, e));
-            }
+        if let Some((&s, &e)) = self.0.range(..=a).next_back().filter(|(_, e)| **e >= a) {
+            touching.push((s, e));
         }
         touching.extend(self.0.range((Excluded(a), Included(b))).map(|(s, e)| (*s, *e)));
         let mut gaps = Vec::new();
