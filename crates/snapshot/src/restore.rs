@@ -59,23 +59,23 @@ const SPAN_PAGES: u64 = 2048;
 /// Unneeded pages a read may skip over to merge two runs into one read.
 const SPAN_GAP: u64 = 64;
 
-/// Where one run lands in guest memory.
-fn target<'a>(ram: &'a GuestRam, run: &store::Run, path: &std::path::Path) -> Result<&'a mut [u8], StoreError> {
+/// Where one run lands in guest memory (`mems` holds each RAM range's bytes).
+fn target<'a>(
+    mems: &'a mut [(u64, &mut [u8])],
+    run: &store::Run,
+    path: &std::path::Path,
+) -> Result<&'a mut [u8], StoreError> {
     let gpa = run.gfn * PAGE as u64;
-    let len = run.count * PAGE as u64;
-    let range = ram
-        .ranges()
-        .iter()
-        .find(|r| r.gpa <= gpa && gpa + len <= r.end())
+    let len = run.count as usize * PAGE;
+    let (base, mem) = mems
+        .iter_mut()
+        .find(|(base, mem)| *base <= gpa && (gpa - *base) as usize + len <= mem.len())
         .ok_or_else(|| StoreError::Corrupt {
             path: path.to_path_buf(),
             why: format!("pages at {gpa:#x} lie outside guest RAM"),
         })?;
-    // SAFETY: no vCPU exists yet and runs never overlap, so this is the only
-    // live reference to these bytes of guest RAM.
-    let mem = unsafe { ram.range_bytes_mut(range) };
-    let off = (gpa - range.gpa) as usize;
-    Ok(&mut mem[off..off + len as usize])
+    let off = (gpa - *base) as usize;
+    Ok(&mut mem[off..off + len])
 }
 
 /// Fill guest RAM from the plan. Each epoch's DATA is read in ascending
@@ -106,6 +106,13 @@ fn fill(
             }
         }
     }
+    let mut mems: Vec<(u64, &mut [u8])> = ram
+        .ranges()
+        .iter()
+        // SAFETY: no vCPU exists yet and nothing else holds a reference to
+        // guest RAM while the machine is being restored.
+        .map(|r| (r.gpa, unsafe { ram.range_bytes_mut(r) }))
+        .collect();
     let mut bytes = 0;
     let mut buf = Vec::new();
     for (epoch, mut list) in by_epoch.into_iter().enumerate() {
@@ -123,7 +130,7 @@ fn fill(
             }
             if j == i + 1 {
                 let (page, run) = &list[i];
-                let dst = target(ram, run, reader.path())?;
+                let dst = target(&mut mems, run, reader.path())?;
                 reader.read_unverified(*page, dst)?;
                 reader.verify(*page, dst)?;
             } else {
@@ -133,7 +140,7 @@ fn fill(
                     let at = (page - first) as usize * PAGE;
                     let src = &buf[at..at + run.count as usize * PAGE];
                     reader.verify(*page, src)?;
-                    target(ram, run, reader.path())?.copy_from_slice(src);
+                    target(&mut mems, run, reader.path())?.copy_from_slice(src);
                 }
             }
             bytes += list[i..j].iter().map(|(_, r)| r.count * PAGE as u64).sum::<u64>();
