@@ -36,11 +36,7 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// The in-kernel instruction emulator could not run an instruction.
-    #[error(
-        "vCPU {vcpu}: KVM could not emulate the instruction at RIP {rip:#x} (bytes: {bytes}). \
-         This host's KVM emulates guest kernel code and lacks some instructions; \
-         kernels such as Linux need a host with hardware virtualization (VMX or SVM)"
-    )]
+    #[error("vCPU {vcpu}: KVM could not emulate the instruction at RIP {rip:#x} (bytes: {bytes}){hint}")]
     Emulation {
         /// vCPU index.
         vcpu: u8,
@@ -48,6 +44,8 @@ pub enum VcpuError {
         rip: u64,
         /// Instruction bytes in hex, or why they could not be read.
         bytes: String,
+        /// What the user can do about it, if known.
+        hint: &'static str,
     },
     /// Some other KVM internal error.
     #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}, RIP {rip:#x}")]
@@ -103,6 +101,17 @@ pub enum VcpuError {
     /// The kick signal could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+}
+
+/// On kvm_pvm (nested virtualization without VMX) KVM emulates all guest
+/// kernel code, and its emulator lacks instructions stock kernels use.
+fn emulation_hint() -> &'static str {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        ". This host's KVM (kvm_pvm) emulates guest kernel code and lacks some instructions; \
+         kernels such as Linux need a host with hardware virtualization (VMX or SVM)"
+    } else {
+        ""
+    }
 }
 
 /// What a vCPU thread tells the controller.
@@ -253,6 +262,7 @@ impl Vcpu {
             vcpu: self.id,
             rip,
             bytes,
+            hint: emulation_hint(),
         }
     }
 }
