@@ -108,6 +108,7 @@ pub struct SnapshotEngine {
     need_full: bool,
     next_due: Instant,
     carry: Vec<Vec<u64>>,
+    /// Free staging buffers (one: an epoch is captured only once the previous one is durable).
     staging: Vec<Vec<u8>>,
     writer: Option<Writer>,
     in_flight: Option<InFlight>,
@@ -155,7 +156,7 @@ fn fault_injection() -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Staging buffers start at this size (pre-faulted), and grow when needed.
+/// The staging buffer starts at this size (pre-faulted) and grows when needed.
 const STAGING_START: usize = 16 << 20;
 
 impl SnapshotEngine {
@@ -302,7 +303,7 @@ impl SnapshotEngine {
     fn snapshot(&mut self, m: &mut Machine) -> Result<(), String> {
         let store = self.open_store()?;
         let id = store.next_id().map_err(store_err)?;
-        let full = self.need_full || self.parent.is_none() || self.cfg.mode == Mode::StopCopyFull;
+        let full = self.need_full || self.cfg.mode == Mode::StopCopyFull;
         let ranges = m.ram().ranges().to_vec();
         let started = Instant::now();
         let created_ns = now_ns();

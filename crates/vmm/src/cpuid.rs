@@ -4,7 +4,10 @@
 //! KVM reports what it can virtualize; on nested or paravirtual hosts that
 //! list can include bits the host CPU itself lacks. Feature leaves are
 //! intersected with the host's own CPUID so the guest never sees a feature
-//! it cannot use. Then each vCPU gets its APIC ID and the hypervisor bit.
+//! it cannot use, and on kvm_pvm the instructions its emulator lacks are
+//! removed too (kvm_pvm passes several other host bits through whatever
+//! KVM_SET_CPUID2 says; CX16 it does honour). Then each vCPU gets its APIC ID
+//! and the hypervisor bit.
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 
@@ -53,6 +56,29 @@ pub fn filter_to_host(cpuid: &mut CpuId) {
                 _ => host,
             };
             *reg_mut(e, reg) &= mask;
+        }
+    }
+}
+
+/// True on kvm_pvm, whose KVM emulates guest kernel code one instruction at
+/// a time with an emulator that lacks some instructions.
+pub fn kvm_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Leaf 1 ECX bits of instructions kvm_pvm's emulator cannot run in guest
+/// kernel mode: CMPXCHG16B (13) and the XSAVE family (26 XSAVE, 27 OSXSAVE,
+/// 28 AVX, whose state needs XSAVE). Guest kernels that see them use them.
+const PVM_UNRUNNABLE_LEAF1_ECX: u32 = (1 << 13) | (1 << 26) | (1 << 27) | (1 << 28);
+
+/// Remove what this host cannot run even though KVM lists it.
+pub fn filter_host_quirks(cpuid: &mut CpuId) {
+    if !kvm_pvm() {
+        return;
+    }
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx &= !PVM_UNRUNNABLE_LEAF1_ECX;
         }
     }
 }

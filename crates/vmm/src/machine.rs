@@ -178,6 +178,7 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, n: u8) -> Result<Vec<Vcpu>, MachineError> 
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid::filter_to_host(&mut base);
+    cpuid::filter_host_quirks(&mut base);
     let xsave_size = (kvm.check_extension_int(Cap::Xsave2).max(0) as usize).max(4096);
     let mut vcpus = Vec::with_capacity(n as usize);
     for id in 0..n {

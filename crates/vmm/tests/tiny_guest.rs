@@ -119,3 +119,33 @@ fn triple_fault_is_reported_with_rip() {
         other => panic!("expected a triple fault, got {other:?}"),
     }
 }
+
+#[test]
+fn guest_cpuid_has_topology_and_hides_what_the_host_cannot_run() {
+    if !kvm_ready() {
+        return;
+    }
+    // mov $1,%eax; cpuid; then print EBX and ECX on COM1, byte by byte; exit.
+    let mut code = vec![0xb8, 1, 0, 0, 0, 0x0f, 0xa2, 0x66, 0xba, 0xf8, 0x03];
+    for reg_to_eax in [[0x89, 0xd8], [0x89, 0xc8]] {
+        code.extend_from_slice(&reg_to_eax); // mov %ebx/%ecx, %eax
+        for _ in 0..4 {
+            code.extend_from_slice(&[0xee, 0xc1, 0xe8, 0x08]); // out %al,(%dx); shr $8,%eax
+        }
+    }
+    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xb0, 0, 0xee, 0xf4]);
+    let out = Capture::default();
+    let mut m = machine(&code, 2, out.clone());
+    let end = vmm::run::run(&mut m, &mut []).unwrap();
+    assert!(matches!(end, RunEnd::Guest(GuestStop::PowerOff { code: 0 })), "{end:?}");
+    let b = out.0.lock().unwrap().clone();
+    assert_eq!(b.len(), 8);
+    let ebx = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let ecx = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    assert_eq!(ebx >> 24, 0, "APIC ID of vCPU 0");
+    assert_eq!((ebx >> 16) & 0xff, 2, "logical processor count");
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor bit");
+    if vmm::cpuid::kvm_pvm() {
+        assert_eq!(ecx & (1 << 13), 0, "CMPXCHG16B must be hidden on kvm_pvm");
+    }
+}
