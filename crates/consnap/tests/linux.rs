@@ -43,9 +43,22 @@ struct Run {
 }
 
 fn run_kernel(kernel: &str, cmdline: &str, done: impl Fn(&str) -> bool, deadline: Duration) -> Run {
+    run_kernel_on(1, kernel, cmdline, done, deadline)
+}
+
+fn run_kernel_on(vcpus: u8, kernel: &str, cmdline: &str, done: impl Fn(&str) -> bool, deadline: Duration) -> Run {
     let dir = linux_dir().unwrap();
     let mut child: Child = consnap()
-        .args(["run", "--mem", "512M", "--pause-probe", "0", "--kernel"])
+        .args([
+            "run",
+            "--mem",
+            "512M",
+            "--pause-probe",
+            "0",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--kernel",
+        ])
         .arg(dir.join(kernel))
         .arg("--initrd")
         .arg(dir.join("initramfs.cpio.gz"))
@@ -155,4 +168,29 @@ fn bzimage_boots_through_the_linux_boot_protocol() {
         "{}",
         r.stdout
     );
+}
+
+#[test]
+fn linux_finds_every_vcpu_in_the_acpi_madt() {
+    if !kvm_ready() || linux_dir().is_none() {
+        return;
+    }
+    // Debian's cloud kernel has no MP-table parser: only ACPI can show it more than one CPU.
+    let r = run_kernel_on(
+        3,
+        "vmlinux",
+        "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1",
+        |out| out.contains("hotplug CPUs"),
+        Duration::from_secs(300),
+    );
+    for line in [
+        "ACPI: FACP",
+        "ACPI: DSDT",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "IOAPIC[0]: apic_id 3",
+        "smpboot: Allowing 3 CPUs, 0 hotplug CPUs",
+    ] {
+        assert!(r.stdout.contains(line), "missing '{line}':\n{}", r.stdout);
+    }
+    assert!(!r.stdout.contains("ACPI BIOS Error"), "{}", r.stdout);
 }

@@ -7,9 +7,10 @@
 //! - **Linux 64-bit boot protocol** for bzImage: `boot_params` at the zero
 //!   page, entry at `startup_64` in long mode on identity page tables.
 //!
-//! Both get an e820/PVH memory map, the command line, an optional initrd and
-//! an MP table.
+//! Both get an e820/PVH memory map, the command line, an optional initrd,
+//! an MP table and ACPI tables.
 
+pub mod acpi;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
@@ -180,6 +181,9 @@ fn load_image<F: Read + Seek + ReadVolatile>(
     };
     let cmdline_len = write_cmdline(ram, &cfg.cmdline)?;
     write(ram, EBDA_START, &mptable::build(cfg.vcpus), "MP table")?;
+    for (addr, bytes) in acpi::build(cfg.vcpus) {
+        write(ram, addr, &bytes, "ACPI tables")?;
+    }
 
     if n >= 4 && head[..4] == *b"\x7fELF" {
         // No high-memory check: an ELF without the note must reach the NoPvhNote error below.
@@ -215,6 +219,7 @@ fn load_image<F: Read + Seek + ReadVolatile>(
         params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
         params.hdr.cmdline_size = cmdline_len as u32;
         params.hdr.kernel_alignment = 0x0100_0000;
+        params.acpi_rsdp_addr = acpi::RSDP_ADDR;
         if let Some((addr, size)) = initrd {
             params.hdr.ramdisk_image = addr as u32;
             params.hdr.ramdisk_size = size as u32;
@@ -334,6 +339,7 @@ fn write_pvh_info(ram: &GuestRam, initrd: Option<(u64, u64)>) -> Result<(), Boot
         version: 1,
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
+        rsdp_paddr: acpi::RSDP_ADDR,
         memmap_entries: memmap.len() as u32,
         nr_modules: u32::from(initrd.is_some()),
         modlist_paddr: if initrd.is_some() { PVH_MODLIST_ADDR } else { 0 },

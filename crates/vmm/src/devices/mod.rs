@@ -5,6 +5,7 @@
 //! | 0x3f8-0x3ff  | COM1 16550A (guest console)                    |
 //! | 0x501        | debug exit: a write powers the VM off with that code (QEMU isa-debug-exit) |
 //! | 0x60, 0x64   | i8042 stub: reads 0, command 0xfe resets the VM |
+//! | 0x600, 0x601 | ACPI sleep control/status: SLP_EN powers the VM off (guest `poweroff`) |
 //!
 //! Reads of any other port return all ones; writes are ignored. The
 //! debug-exit and i8042 stubs hold no state; COM1's state is saved through
@@ -67,6 +68,7 @@ impl Devices {
                 data[0] = self.serial.read((p - serial::COM1_BASE) as u8);
             }
             I8042_DATA | I8042_CMD => data.fill(0),
+            crate::boot::acpi::SLEEP_CONTROL_PORT | crate::boot::acpi::SLEEP_STATUS_PORT => data.fill(0),
             _ => data.fill(0xff),
         }
     }
@@ -86,6 +88,12 @@ impl Devices {
                 Some(GuestStop::PowerOff {
                     code: u32::from_le_bytes(v),
                 })
+            }
+            p if p == crate::boot::acpi::SLEEP_CONTROL_PORT
+                && data.first().is_some_and(|v| v & crate::boot::acpi::SLP_EN != 0) =>
+            {
+                self.serial.flush();
+                Some(GuestStop::Shutdown)
             }
             I8042_CMD if data.first() == Some(&I8042_RESET) => {
                 self.serial.flush();
