@@ -12,16 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::machine::Machine;
 use vmm::run::Task;
-
-fn kvm_ready() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(_) => false,
-    }
-}
+use vmm::testing::kvm_ready;
 
 fn tempdir(name: &str) -> PathBuf {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR")

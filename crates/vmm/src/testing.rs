@@ -1,5 +1,21 @@
-//! Support for tests of consnap's crates: a minimal PVH kernel around a few
-//! bytes of 32-bit guest code, in the style of kvm-ioctls' tests.
+//! Support for tests of consnap's crates: whether KVM tests may run, and a
+//! minimal PVH kernel around a few bytes of 32-bit guest code, in the style
+//! of kvm-ioctls' tests.
+
+/// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
+/// unusable /dev/kvm panics (fails the test) instead of skipping it.
+pub fn kvm_ready() -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping: /dev/kvm unusable ({e})");
+            false
+        }
+    }
+}
 
 /// Where [`pvh_elf`] loads its code and enters.
 pub const LOAD: u64 = 0x10_0000;

@@ -10,20 +10,8 @@ use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
 use vmm::machine::Machine;
 use vmm::run::RunEnd;
+use vmm::testing::kvm_ready;
 use vmm::vcpu::{PauseAction, VcpuError};
-
-fn kvm_ready() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm unusable ({e})");
-            false
-        }
-    }
-}
 
 const LOAD: u64 = vmm::testing::LOAD;
 

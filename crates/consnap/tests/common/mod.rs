@@ -4,21 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
-/// unusable /dev/kvm fails the test instead of skipping it.
-pub fn kvm_ready() -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
-    match ok {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
-            }
-            eprintln!("skipping: /dev/kvm unusable ({e})");
-            false
-        }
-    }
-}
+pub use vmm::testing::kvm_ready;
 
 pub fn consnap() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_consnap"));
