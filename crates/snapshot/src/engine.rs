@@ -197,8 +197,9 @@ impl SnapshotEngine {
         Ok(s)
     }
 
+    /// Record a failure and tell the user once, on stderr (the VM keeps running).
     fn fail(&mut self, msg: String) {
-        tracing::error!("{msg}");
+        tracing::debug!(error = %msg, "snapshot failed");
         eprintln!("consnap: snapshot error: {msg}");
         self.errors.push(msg);
     }
