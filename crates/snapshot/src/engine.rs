@@ -211,7 +211,7 @@ impl SnapshotEngine {
             m.set_dirty_logging(true)?;
             // One buffer: an epoch is captured only after the previous one is durable.
             let size = (m.config().mem_size as usize / 8).clamp(PAGE, STAGING_START);
-            self.staging = vec![vec![0u8; size]];
+            self.staging = vec![pages::prefaulted(size)];
         }
         self.writer = Some(Writer::start().map_err(SnapshotError::Thread)?);
         Ok(())
@@ -454,7 +454,7 @@ impl SnapshotEngine {
         let need = total as usize * PAGE;
         if buf.len() < need {
             // Grown once and reused afterwards; fresh host pages cost a fault each.
-            buf.resize(need.next_power_of_two(), 0);
+            buf = pages::prefaulted(need.next_power_of_two());
         }
         let mut gfns = Vec::with_capacity(total as usize);
         let mut at = 0;

@@ -89,7 +89,7 @@ impl Writer {
                             let r = write_incremental(&store, meta, &state, &gfns, &buf, pause_ns);
                             if buf.len() < reserve {
                                 // Fault the pages in now, so that the next pause does not pay for them.
-                                buf.resize(reserve, 0);
+                                buf = crate::pages::prefaulted(reserve);
                             }
                             (r, Some(buf))
                         }
