@@ -135,14 +135,7 @@ impl EpochWriter {
             return Err(StoreError::Usage("partial page"));
         }
         self.check_order(gfn, n)?;
-        self.pwrite(bytes, self.pos)?;
-        self.pos += bytes.len() as u64;
-        for (i, page) in bytes.chunks_exact(PAGE).enumerate() {
-            let data_page = self.sums.len() as u64;
-            self.sums.push(checksum(page));
-            self.push(gfn + i as u64, 1, ExtentKind::Data, data_page);
-        }
-        Ok(())
+        self.append(gfn..gfn + n, bytes)
     }
 
     /// Append pages at the listed (ascending) frame numbers; `bytes` holds them in that order.
@@ -157,12 +150,17 @@ impl EpochWriter {
             self.check_order(first, 1)?;
             self.next_gfn = gfns[gfns.len() - 1] + 1;
         }
+        self.append(gfns.iter().copied(), bytes)
+    }
+
+    /// Write checked, ordered pages to DATA and index them at `gfns`, one per page.
+    fn append(&mut self, gfns: impl Iterator<Item = u64>, bytes: &[u8]) -> Result<()> {
         self.pwrite(bytes, self.pos)?;
         self.pos += bytes.len() as u64;
-        for (gfn, page) in gfns.iter().zip(bytes.chunks_exact(PAGE)) {
+        for (gfn, page) in gfns.zip(bytes.chunks_exact(PAGE)) {
             let data_page = self.sums.len() as u64;
             self.sums.push(checksum(page));
-            self.push(*gfn, 1, ExtentKind::Data, data_page);
+            self.push(gfn, 1, ExtentKind::Data, data_page);
         }
         Ok(())
     }

@@ -210,18 +210,20 @@ impl GuestRam {
 
     /// Read a little-endian u64 at `gpa` (used to sample the guest status page).
     pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        self.read_array(gpa).map(u64::from_le_bytes)
+    }
+
+    /// `N` bytes at `gpa`, or `None` outside RAM.
+    fn read_array<const N: usize>(&self, gpa: u64) -> Option<[u8; N]> {
         use vm_memory::Bytes;
-        let mut b = [0u8; 8];
+        let mut b = [0u8; N];
         self.mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
-        Some(u64::from_le_bytes(b))
+        Some(b)
     }
 
     /// Read one byte at `gpa`.
     pub fn read_u8(&self, gpa: u64) -> Option<u8> {
-        use vm_memory::Bytes;
-        let mut b = [0u8; 1];
-        self.mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
-        Some(b[0])
+        self.read_array(gpa).map(u8::from_le_bytes)
     }
 
     /// Translate a guest linear address to guest-physical by walking the
@@ -262,10 +264,7 @@ impl GuestRam {
 
     /// Read a little-endian u32 at `gpa`.
     pub fn read_u32(&self, gpa: u64) -> Option<u32> {
-        use vm_memory::Bytes;
-        let mut b = [0u8; 4];
-        self.mem.read_slice(&mut b, GuestAddress(gpa)).ok()?;
-        Some(u32::from_le_bytes(b))
+        self.read_array(gpa).map(u32::from_le_bytes)
     }
 }
 
