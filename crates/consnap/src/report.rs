@@ -90,6 +90,16 @@ pub struct EpochEntry {
     pub vcpu_pause_us: f64,
     /// Pause request to durable.
     pub durable_ms: f64,
+    /// Resume to commit: the writer's or saver's time.
+    pub save_ms: f64,
+    /// Write-protect faults the guest took on this epoch's pages (cow).
+    pub faults: u64,
+    /// Pages the fault handler copied aside (cow).
+    pub copied_aside: u64,
+    /// Times the fault handler waited for copy-aside memory (cow).
+    pub aside_waits: u64,
+    /// Write-protect calls made while paused (cow).
+    pub protect_calls: u64,
 }
 
 impl From<&EpochRecord> for EpochEntry {
@@ -104,6 +114,11 @@ impl From<&EpochRecord> for EpochEntry {
             pause_us: r.pause.as_secs_f64() * 1e6,
             vcpu_pause_us: r.vcpu_pause.as_secs_f64() * 1e6,
             durable_ms: r.durable.as_secs_f64() * 1e3,
+            save_ms: r.stats.save_time.as_secs_f64() * 1e3,
+            faults: r.stats.faults,
+            copied_aside: r.stats.pages_copied_aside,
+            aside_waits: r.stats.aside_waits,
+            protect_calls: r.stats.protect_calls,
         }
     }
 }
@@ -121,8 +136,11 @@ pub struct Snapshots {
     pub count: usize,
     /// Failed attempts.
     pub failed: usize,
-    /// Snapshots that waited for the previous one to be durable.
+    /// Times a snapshot was due while the previous one was still being saved
+    /// (the interval then stretches until it is durable).
     pub delayed: u64,
+    /// Total time snapshots were late because of that.
+    pub delayed_ms: f64,
     /// Error messages.
     pub errors: Vec<String>,
     /// Guest downtime per epoch.
@@ -135,6 +153,10 @@ pub struct Snapshots {
     pub pages: Spread,
     /// File bytes per epoch.
     pub bytes: Spread,
+    /// Write-protect faults per epoch (cow).
+    pub faults: Spread,
+    /// Page bytes saved per second of writer or saver time.
+    pub save_mb_s: f64,
     /// Every committed epoch.
     pub epochs: Vec<EpochEntry>,
 }
@@ -150,13 +172,20 @@ impl Snapshots {
             interval_ms: cfg.interval.as_secs_f64() * 1e3,
             count: r.len(),
             failed: e.errors.len(),
-            delayed: e.delayed,
+            delayed: e.overloads,
+            delayed_ms: e.overload_time.as_secs_f64() * 1e3,
             errors: e.errors.clone(),
             pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
             vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),
             durable: Percentiles::of(&r.iter().map(|x| x.durable).collect::<Vec<_>>()),
             pages: Spread::of(r.iter().map(|x| x.pages_data)),
             bytes: Spread::of(r.iter().map(|x| x.bytes)),
+            faults: Spread::of(r.iter().map(|x| x.stats.faults)),
+            save_mb_s: {
+                let secs: f64 = r.iter().map(|x| x.stats.save_time.as_secs_f64()).sum();
+                let bytes: u64 = r.iter().map(|x| x.pages_data * 4096).sum();
+                if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 }
+            },
             epochs: r.iter().map(EpochEntry::from).collect(),
         }
     }

@@ -94,6 +94,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
 /// Run a VM to its end; returns consnap's exit status.
 pub fn run(a: RunArgs) -> Result<i32, String> {
     let plan = plan(&a)?;
+    session::preflight(&a.session)?;
     let started = Instant::now();
     let machine = Machine::boot(
         plan.mem,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use snapshot::{Mode, SnapshotConfig, SnapshotEngine};
+use snapshot::{CowOptions, Mode, SnapshotConfig, SnapshotEngine};
 use vmm::devices::{Devices, GuestStop};
 use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
@@ -18,10 +18,35 @@ use crate::report::{Percentiles, Report, RestoredFrom, SCHEMA, Snapshots};
 /// Snapshot modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
+    /// Pause, capture state and write-protect the pages dirtied since the last epoch, resume;
+    /// save them while the VM runs, copying a page aside before the guest writes it.
+    Cow,
     /// Pause, write all memory and state, resume.
     StopCopyFull,
     /// Pause, copy the pages dirtied since the last epoch, resume, write (the first epoch is full).
     StopCopy,
+}
+
+impl ModeArg {
+    /// The store's mode.
+    pub fn mode(self) -> Mode {
+        match self {
+            ModeArg::Cow => Mode::Cow,
+            ModeArg::StopCopyFull => Mode::StopCopyFull,
+            ModeArg::StopCopy => Mode::StopCopy,
+        }
+    }
+}
+
+/// Protection block sizes for `cow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CowBlock {
+    /// 4 KiB: protect and release single pages.
+    #[value(name = "4K")]
+    Small,
+    /// 2 MiB: protect and release whole huge pages (they stay huge).
+    #[value(name = "2M")]
+    Huge,
 }
 
 /// What to do when a snapshot fails.
@@ -49,8 +74,15 @@ pub struct SessionArgs {
     #[arg(long)]
     pub snapshot_dir: Option<PathBuf>,
     /// How snapshots capture memory.
-    #[arg(long, value_enum, default_value = "stop-copy", requires = "snapshot_dir")]
+    #[arg(long, value_enum, default_value = "cow", requires = "snapshot_dir")]
     pub mode: ModeArg,
+    /// cow: granularity of write protection.
+    #[arg(long, value_enum, default_value = "2M", requires = "snapshot_dir")]
+    pub cow_block: CowBlock,
+    /// cow: memory for pages copied aside before the guest writes them; when
+    /// it is full, a writing vCPU waits for the saver.
+    #[arg(long, default_value = "256M", value_parser = args::size, requires = "snapshot_dir")]
+    pub cow_buffer: u64,
     /// Time between snapshots.
     #[arg(long, default_value = "1s", value_parser = args::duration, requires = "snapshot_dir")]
     pub interval: Duration,
@@ -80,6 +112,18 @@ fn spawn_stdin(devices: Arc<Devices>) {
     });
 }
 
+/// Check the session options before any VM exists: the snapshot mode must
+/// be able to run on this host.
+pub fn preflight(a: &SessionArgs) -> Result<(), String> {
+    if a.interval.is_zero() {
+        return Err("--interval must be longer than 0".into());
+    }
+    if a.snapshot_dir.is_some() {
+        SnapshotEngine::check_host(a.mode.mode()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Run `machine` to its end. `parent` is the epoch of the snapshot
 /// directory the machine was restored from, if it is the same directory.
 pub fn execute(
@@ -97,12 +141,17 @@ pub fn execute(
         Some(dir) => {
             let cfg = SnapshotConfig {
                 dir: dir.clone(),
-                mode: match a.mode {
-                    ModeArg::StopCopyFull => Mode::StopCopyFull,
-                    ModeArg::StopCopy => Mode::StopCopy,
-                },
+                mode: a.mode.mode(),
                 interval: a.interval,
                 stop_on_error: a.on_snapshot_error == OnError::Stop,
+                cow: CowOptions {
+                    block_pages: match a.cow_block {
+                        CowBlock::Small => 1,
+                        CowBlock::Huge => 512,
+                    },
+                    aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
+                    ..CowOptions::default()
+                },
             };
             let mut e = SnapshotEngine::new(cfg, parent);
             if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {
@@ -126,7 +175,7 @@ pub fn execute(
     };
     machine.stop();
     if let Some(e) = engine.as_mut() {
-        e.finish();
+        e.finish(&mut machine);
     }
     let _ = std::io::stdout().flush();
     let mut pauses = probe.pauses.clone();

@@ -1,11 +1,22 @@
-//! consnap's snapshot engine: captures epochs of a running [`vmm::Machine`]
-//! into a [`store::Store`], and brings a machine back from one.
+//! consnap's snapshot engine: captures epochs of a running machine into a
+//! [`store::Store`] with one of three strategies (`stop-copy-full`,
+//! `stop-copy`, `cow`), and brings a machine back from one.
 
+mod cow;
 mod engine;
+mod errlog;
+mod error;
 pub mod pages;
 mod restore;
-mod writer;
+mod stop_copy;
+mod strategy;
+mod target;
+mod worker;
 
-pub use engine::{EpochRecord, SnapshotConfig, SnapshotEngine, SnapshotError};
+pub use cow::CowOptions;
+pub use engine::{EpochRecord, SnapshotConfig, SnapshotEngine};
+pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use restore::{RestoreError, Restored, restore};
 pub use store::Mode;
+pub use strategy::EpochStats;
+pub use target::{Captured, Target, TargetError};

@@ -1,41 +1,12 @@
-//! Page-level helpers: bitmaps of guest pages, host residency, zero pages.
+//! Page-level helpers: host residency, zero pages, pre-faulted buffers.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use vmm::dirty::PageBits;
+
 /// Guest page size.
 pub const PAGE: usize = 4096;
-
-/// OR `src` into `dst` (bitmaps of u64 words, bit i = page i).
-pub fn or_into(dst: &mut Vec<u64>, src: &[u64]) {
-    if dst.len() < src.len() {
-        dst.resize(src.len(), 0);
-    }
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d |= *s;
-    }
-}
-
-/// Indices of set bits, ascending, limited to `limit` pages.
-pub fn set_bits(bits: &[u64], limit: u64) -> impl Iterator<Item = u64> + '_ {
-    bits.iter().enumerate().flat_map(move |(w, &word)| {
-        let mut word = word;
-        std::iter::from_fn(move || {
-            if word == 0 {
-                return None;
-            }
-            let b = word.trailing_zeros() as u64;
-            word &= word - 1;
-            Some(w as u64 * 64 + b)
-        })
-        .filter(move |p| *p < limit)
-    })
-}
-
-/// Number of set bits.
-pub fn count(bits: &[u64]) -> u64 {
-    bits.iter().map(|w| u64::from(w.count_ones())).sum()
-}
 
 /// A zeroed buffer of `len` bytes whose pages are already faulted in.
 ///
@@ -73,19 +44,12 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// Which pages of a host mapping may hold data: present in RAM or swapped
 /// out, per /proc/self/pagemap. A page never touched reads as zero and
 /// needs no scanning. Falls back to "every page" if pagemap is unreadable.
-pub fn populated(host: *const u8, pages: u64) -> Vec<u64> {
-    let words = pages.div_ceil(64) as usize;
-    let all = || {
-        let mut v = vec![u64::MAX; words];
-        if !pages.is_multiple_of(64) {
-            v[words - 1] = (1u64 << (pages % 64)) - 1;
-        }
-        v
-    };
+pub fn populated(host: *const u8, pages: u64) -> PageBits {
+    let all = || PageBits::full(pages);
     let Ok(f) = File::open("/proc/self/pagemap") else {
         return all();
     };
-    let mut bits = vec![0u64; words];
+    let mut bits = PageBits::new(pages);
     let first = host as u64 / PAGE as u64;
     let mut buf = vec![0u8; 8 * 8192];
     let mut done = 0u64;
@@ -98,8 +62,7 @@ pub fn populated(host: *const u8, pages: u64) -> Vec<u64> {
         for (i, e) in bytes.chunks_exact(8).enumerate() {
             let entry = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
             if entry & (3 << 62) != 0 {
-                let p = done + i as u64;
-                bits[(p / 64) as usize] |= 1 << (p % 64);
+                bits.set(done + i as u64);
             }
         }
         done += n;
@@ -110,16 +73,6 @@ pub fn populated(host: *const u8, pages: u64) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bit_helpers() {
-        let mut a = vec![0b101u64];
-        or_into(&mut a, &[0b010, 1 << 63]);
-        assert_eq!(a, vec![0b111, 1 << 63]);
-        assert_eq!(set_bits(&a, 200).collect::<Vec<_>>(), vec![0, 1, 2, 127]);
-        assert_eq!(set_bits(&a, 100).count(), 3);
-        assert_eq!(count(&a), 4);
-    }
 
     #[test]
     fn zero_detection() {
@@ -152,6 +105,6 @@ mod tests {
         let bits = populated(p.cast(), 64);
         // SAFETY: unmapping what we mapped.
         unsafe { libc::munmap(p, len) };
-        assert_eq!(set_bits(&bits, 64).collect::<Vec<_>>(), vec![3, 40]);
+        assert_eq!(bits.iter().collect::<Vec<_>>(), vec![3, 40]);
     }
 }

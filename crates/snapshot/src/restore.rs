@@ -59,36 +59,17 @@ const SPAN_PAGES: u64 = 2048;
 /// Unneeded pages a read may skip over to merge two runs into one read.
 const SPAN_GAP: u64 = 64;
 
-/// Where one run lands in guest memory (`mems` holds each RAM range's bytes).
-fn target<'a>(
-    mems: &'a mut [(u64, &mut [u8])],
-    run: &store::Run,
-    path: &std::path::Path,
-) -> Result<&'a mut [u8], StoreError> {
-    let gpa = run.gfn * PAGE as u64;
-    let len = run.count as usize * PAGE;
-    let (base, mem) = mems
-        .iter_mut()
-        .find(|(base, mem)| *base <= gpa && (gpa - *base) as usize + len <= mem.len())
-        .ok_or_else(|| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            why: format!("pages at {gpa:#x} lie outside guest RAM"),
-        })?;
-    let off = (gpa - *base) as usize;
-    Ok(&mut mem[off..off + len])
-}
-
 /// Fill guest RAM from the plan. Each epoch's DATA is read in ascending
-/// order, in reads of up to 8 MiB that merge nearby runs; a run that makes
-/// up a whole read goes straight into guest memory. Every page used is
-/// verified against its checksum. Zero runs are left alone: fresh anonymous
+/// order, in reads of up to 8 MiB that merge nearby runs, into a reused
+/// buffer; every page used is verified against its checksum before it is
+/// copied into guest memory. Zero runs are left alone: fresh anonymous
 /// memory is already zero.
 fn fill(
     ram: &GuestRam,
     chain: &[EpochReader],
     runs: &[store::Run],
     progress: &mut dyn FnMut(u64),
-) -> Result<u64, StoreError> {
+) -> Result<u64, RestoreError> {
     let mut by_epoch: Vec<Vec<(u64, store::Run)>> = vec![Vec::new(); chain.len()];
     for run in runs {
         if let Source::Data { epoch, page } = run.source {
@@ -106,15 +87,8 @@ fn fill(
             }
         }
     }
-    let mut mems: Vec<(u64, &mut [u8])> = ram
-        .ranges()
-        .iter()
-        // SAFETY: no vCPU exists yet and nothing else holds a reference to
-        // guest RAM while the machine is being restored.
-        .map(|r| (r.gpa, unsafe { ram.range_bytes_mut(r) }))
-        .collect();
     let mut bytes = 0;
-    let mut buf = Vec::new();
+    let mut buf = crate::pages::prefaulted(SPAN_PAGES as usize * PAGE);
     for (epoch, mut list) in by_epoch.into_iter().enumerate() {
         let reader = &chain[epoch];
         list.sort_by_key(|(page, _)| *page);
@@ -128,20 +102,17 @@ fn fill(
                 end = end.max(list[j].0 + list[j].1.count);
                 j += 1;
             }
-            if j == i + 1 {
-                let (page, run) = &list[i];
-                let dst = target(&mut mems, run, reader.path())?;
-                reader.read_unverified(*page, dst)?;
-                reader.verify(*page, dst)?;
-            } else {
-                buf.resize((end - first) as usize * PAGE, 0);
-                reader.read_unverified(first, &mut buf)?;
-                for (page, run) in &list[i..j] {
-                    let at = (page - first) as usize * PAGE;
-                    let src = &buf[at..at + run.count as usize * PAGE];
-                    reader.verify(*page, src)?;
-                    target(&mut mems, run, reader.path())?.copy_from_slice(src);
-                }
+            let span = &mut buf[..(end - first) as usize * PAGE];
+            reader.read_unverified(first, span)?;
+            for (page, run) in &list[i..j] {
+                let at = (page - first) as usize * PAGE;
+                let src = &span[at..at + run.count as usize * PAGE];
+                reader.verify(*page, src)?;
+                let gpa = run.gfn * PAGE as u64;
+                ram.write_from(gpa, src).map_err(|e| StoreError::Corrupt {
+                    path: reader.path().to_path_buf(),
+                    why: format!("pages at {gpa:#x}: {e}"),
+                })?;
             }
             bytes += list[i..j].iter().map(|(_, r)| r.count * PAGE as u64).sum::<u64>();
             progress(bytes);
@@ -182,28 +153,9 @@ pub fn restore(
         .filter(|r| matches!(r.source, Source::Data { .. }))
         .map(|r| r.count * PAGE as u64)
         .sum();
-    let mut read = 0;
-    let mut fill_err = None;
-    let machine = Machine::restore(
-        &state,
-        |ram| match fill(ram, &chain, &runs, &mut |b| progress(b, total)) {
-            Ok(b) => {
-                read = b;
-                Ok(())
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                fill_err = Some(e);
-                Err(MachineError::RestoreMemory(msg.into()))
-            }
-        },
-        serial_out,
-    );
-    let machine = match (machine, fill_err) {
-        (Ok(m), _) => m,
-        (Err(_), Some(e)) => return Err(e.into()),
-        (Err(e), None) => return Err(e.into()),
-    };
+    let ram = GuestRam::new(state.config.mem_size).map_err(MachineError::from)?;
+    let read = fill(&ram, &chain, &runs, &mut |b| progress(b, total))?;
+    let machine = Machine::restore(&state, ram, serial_out)?;
     Ok(Restored {
         machine,
         epoch: id,

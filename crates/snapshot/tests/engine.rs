@@ -45,12 +45,13 @@ fn vmm_written_pages_reach_the_next_epoch() {
         mode: Mode::StopCopy,
         interval: Duration::from_secs(3600),
         stop_on_error: true,
+        cow: Default::default(),
     };
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut m).unwrap();
     m.start().unwrap();
     engine.run(&mut m);
-    assert!(engine.finish().is_none());
+    assert!(engine.wait(&mut m).is_none());
     // A device writes into a page the guest never touches.
     let gpa = 0x30_0000u64;
     m.ram()
@@ -58,7 +59,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
         .write_slice(b"written by the VMM", GuestAddress(gpa + 100))
         .unwrap();
     engine.run(&mut m);
-    assert!(engine.finish().is_none());
+    assert!(engine.wait(&mut m).is_none());
     m.stop();
     assert_eq!(engine.records.len(), 2, "{:?}", engine.errors);
 

@@ -33,6 +33,9 @@ pub enum Mode {
     StopCopyFull,
     /// Paused while the dirty pages were copied; written after resuming.
     StopCopy,
+    /// Paused only to capture state and write-protect the dirty pages, which
+    /// were saved copy-on-write while the VM ran.
+    Cow,
 }
 
 impl Mode {
@@ -41,6 +44,7 @@ impl Mode {
         match self {
             Mode::StopCopyFull => 1,
             Mode::StopCopy => 2,
+            Mode::Cow => 3,
         }
     }
 
@@ -49,6 +53,7 @@ impl Mode {
         match c {
             1 => Some(Mode::StopCopyFull),
             2 => Some(Mode::StopCopy),
+            3 => Some(Mode::Cow),
             _ => None,
         }
     }
@@ -58,6 +63,7 @@ impl Mode {
         match self {
             Mode::StopCopyFull => "stop-copy-full",
             Mode::StopCopy => "stop-copy",
+            Mode::Cow => "cow",
         }
     }
 }

@@ -11,6 +11,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty;
 pub mod guest_status;
 pub mod machine;
 pub mod memory;

@@ -9,8 +9,8 @@
 //! vCPUs, each applying its own state on its own thread before it first runs.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
@@ -22,6 +22,7 @@ use crate::boot::{self, BootConfig, BootError, layout};
 use crate::cpuid;
 use crate::devices::serial::COM1_IRQ;
 use crate::devices::{DeviceError, Devices, SerialDevice};
+use crate::dirty::{DirtySet, PageBits};
 use crate::memory::{GuestRam, MemoryError, RamRange};
 use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
@@ -104,6 +105,8 @@ pub struct Machine {
     events_tx: Sender<VcpuEvent>,
     events_rx: Receiver<VcpuEvent>,
     dirty_logging: bool,
+    /// Pages handed back by [`Machine::mark_dirty`], reported by the next [`Machine::take_dirty`].
+    redirty: Mutex<DirtySet>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -120,8 +123,9 @@ struct Parts {
     ram: GuestRam,
 }
 
-/// VM with irqchip, PIT and RAM slots, plus the serial interrupt event.
-fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError> {
+/// VM with irqchip, PIT and RAM slots (over `ram`, or fresh RAM of
+/// `mem_size` bytes), plus the serial interrupt event.
+fn create_vm(mem_size: u64, vcpus: u8, ram: Option<GuestRam>) -> Result<(Parts, EventFd), MachineError> {
     if vcpus == 0 || vcpus > MAX_VCPUS {
         return Err(MachineError::Vcpus(vcpus));
     }
@@ -137,7 +141,17 @@ fn create_vm(mem_size: u64, vcpus: u8) -> Result<(Parts, EventFd), MachineError>
             return Err(MachineError::MissingCap(name));
         }
     }
-    let ram = GuestRam::new(mem_size)?;
+    let ram = match ram {
+        Some(r) if r.size() == mem_size => r,
+        Some(r) => {
+            return Err(MachineError::Phase(if r.size() < mem_size {
+                "given less RAM than its state describes"
+            } else {
+                "given more RAM than its state describes"
+            }));
+        }
+        None => GuestRam::new(mem_size)?,
+    };
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -225,7 +239,7 @@ impl Machine {
         workload: Option<String>,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
-        let (parts, serial_evt) = create_vm(mem_size, boot.vcpus)?;
+        let (parts, serial_evt) = create_vm(mem_size, boot.vcpus, None)?;
         let entry = boot::load(&parts.ram, boot)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus)?;
         for v in &vcpus {
@@ -254,15 +268,15 @@ impl Machine {
         Ok(Self::assemble(parts, devices, config, vcpus, None))
     }
 
-    /// Recreate a VM from `state`; `fill` writes guest memory (vCPUs not started).
+    /// Recreate a VM from `state` over `ram`, which already holds the
+    /// guest's memory (vCPUs not started).
     pub fn restore(
         state: &MachineState,
-        fill: impl FnOnce(&GuestRam) -> Result<(), MachineError>,
+        ram: GuestRam,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
         let cfg = &state.config;
-        let (parts, serial_evt) = create_vm(cfg.mem_size, cfg.vcpus)?;
-        fill(&parts.ram)?;
+        let (parts, serial_evt) = create_vm(cfg.mem_size, cfg.vcpus, Some(ram))?;
         parts.ram.clear_vmm_dirty();
         let devices = Devices {
             serial: SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?,
@@ -286,6 +300,7 @@ impl Machine {
         restore: Option<Vec<state::VcpuState>>,
     ) -> Machine {
         let (events_tx, events_rx) = channel();
+        let redirty = Mutex::new(DirtySet::empty(parts.ram.ranges()));
         Machine {
             kvm: parts.kvm,
             vm: parts.vm,
@@ -298,6 +313,7 @@ impl Machine {
             events_tx,
             events_rx,
             dirty_logging: false,
+            redirty,
         }
     }
 
@@ -370,14 +386,34 @@ impl Machine {
         self.dirty_logging
     }
 
-    /// Fetch and clear KVM's dirty bitmap for `range` (bit i = page i).
-    pub fn take_dirty_log(&self, range: &RamRange) -> Result<Vec<u64>, MachineError> {
-        if !self.dirty_logging {
-            return Err(MachineError::Phase("not logging dirty pages"));
+    /// The pages written since the last call, over all RAM: KVM's dirty
+    /// log (while logging), ORed with the pages the VMM itself wrote and the
+    /// pages handed back by [`Machine::mark_dirty`]. Clears all three, so
+    /// each write is reported once. KVM re-protects the pages it reports.
+    pub fn take_dirty(&self) -> Result<DirtySet, MachineError> {
+        let ranges = self.ram.ranges();
+        let mut out = DirtySet::empty(ranges);
+        for (r, bits) in ranges.iter().zip(out.ranges.iter_mut()) {
+            if self.dirty_logging {
+                let log = self
+                    .vm
+                    .get_dirty_log(r.slot, r.len as usize)
+                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+                bits.or_words(&log);
+            }
+            bits.or_words(&self.ram.take_vmm_dirty(r));
         }
-        self.vm
-            .get_dirty_log(range.slot, range.len as usize)
-            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+        let mut carried = self.redirty.lock().unwrap_or_else(|p| p.into_inner());
+        out.or(&carried);
+        carried.ranges.iter_mut().for_each(PageBits::clear);
+        Ok(out)
+    }
+
+    /// Hand pages back to dirty tracking: the next [`Machine::take_dirty`]
+    /// reports them again (an epoch that failed to save them does this, so
+    /// that no write is ever lost from the chain).
+    pub fn mark_dirty(&self, pages: &DirtySet) {
+        self.redirty.lock().unwrap_or_else(|p| p.into_inner()).or(pages);
     }
 
     /// Wait up to `timeout` for a vCPU event.

@@ -1,0 +1,149 @@
+//! `cow`: the ConSnap pipeline. While paused, capture the state, take the
+//! dirty set and write-protect those pages (in blocks and merged runs);
+//! resume at once. The saver (on the writer thread) then saves the
+//! protected pages and lifts their protection while the guest runs, and the
+//! fault handler thread copies a page aside before the guest may write it.
+//! The first epoch is full, saved the same way.
+//!
+//! Host requirements: userfaultfd with write-protect and
+//! `UFFD_FEATURE_WP_UNPOPULATED`, created without the user-mode-only flag
+//! (KVM's own accesses to guest memory fault too).
+
+mod saver;
+mod shared;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use shared::CowOptions;
+use store::Mode;
+use uffd::{Uffd, feature};
+use vmm::dirty::DirtySet;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::shared::Shared;
+use crate::error::{EpochFailure, SnapshotError};
+use crate::strategy::{Committed, EpochCtx, EpochStats, JobFn, Strategy};
+use crate::target::Target;
+use crate::worker::{self, Health};
+
+/// The `cow` strategy.
+pub(crate) struct Cow {
+    opts: CowOptions,
+    shared: Option<Arc<Shared>>,
+    stop: Option<EventFd>,
+    handler: Option<JoinHandle<()>>,
+    scratch: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Cow {
+    pub(crate) fn new(opts: CowOptions) -> Cow {
+        Cow {
+            opts,
+            shared: None,
+            stop: None,
+            handler: None,
+            scratch: Arc::default(),
+        }
+    }
+
+    /// Check that this host can run the cow engine (used for a clear error up front).
+    pub fn probe() -> Result<(), uffd::UffdError> {
+        Uffd::new(feature::PAGEFAULT_FLAG_WP | feature::WP_UNPOPULATED).map(drop)
+    }
+}
+
+impl Strategy for Cow {
+    fn mode(&self) -> Mode {
+        Mode::Cow
+    }
+
+    fn prepare(&mut self, t: &mut dyn Target, health: &Arc<Health>) -> Result<(), SnapshotError> {
+        let u = Uffd::new(feature::PAGEFAULT_FLAG_WP | feature::WP_UNPOPULATED).map_err(SnapshotError::Cow)?;
+        let ram = t.ram().clone();
+        for r in ram.ranges() {
+            u.register(ram.host_ptr(r) as u64, r.len, uffd::Mode::WriteProtect)
+                .map_err(SnapshotError::Cow)?;
+        }
+        t.set_dirty_logging(true)?;
+        let shared = Arc::new(Shared::new(u, ram, self.opts.clone()));
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| SnapshotError::Thread {
+            thread: "fault handler",
+            source,
+        })?;
+        let stop2 = stop.try_clone().map_err(|source| SnapshotError::Thread {
+            thread: "fault handler",
+            source,
+        })?;
+        let sh = shared.clone();
+        let handler = worker::spawn("faults", health.clone(), move |ready| {
+            shared::handle_faults(&sh, &stop2, ready);
+        })?;
+        self.shared = Some(shared);
+        self.stop = Some(stop);
+        self.handler = Some(handler);
+        Ok(())
+    }
+
+    fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
+        let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
+        let pages = if ctx.meta.full {
+            // Everything so far is in this epoch.
+            drop(t.take_dirty()?);
+            DirtySet::all(t.ram().ranges())
+        } else {
+            let d = t.take_dirty()?;
+            ctx.taken = Some(d.clone());
+            d
+        };
+        let calls = shared.arm(&pages)?;
+        let store = ctx.store.clone();
+        let meta = ctx.meta.clone();
+        let state = std::mem::take(&mut ctx.state);
+        let pool = self.scratch.clone();
+        Ok(Box::new(move |pause_ns| {
+            let started = Instant::now();
+            let mut scratch = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns);
+            pool.lock().unwrap_or_else(|p| p.into_inner()).push(scratch);
+            let c = &shared.counters;
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(Committed {
+                info: r?,
+                stats: EpochStats {
+                    faults: ld(&c.faults),
+                    pages_copied_aside: ld(&c.copied),
+                    aside_waits: ld(&c.waits),
+                    protect_calls: calls,
+                    save_time: started.elapsed(),
+                },
+            })
+        }))
+    }
+
+    fn abort(&mut self) {
+        if let Some(s) = &self.shared {
+            s.release_all();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = &self.shared {
+            s.release_all();
+        }
+        if let Some(stop) = &self.stop {
+            let _ = stop.write(1);
+        }
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        self.shared = None;
+    }
+}
+
+impl Drop for Cow {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,207 @@
+//! The saver: writes the pages of a copy-on-write epoch while the guest
+//! runs, in ascending page order, span by span: claim the span's pending
+//! pages and copied-aside pages, copy the claimed ones from guest memory
+//! (still write-protected, so unchanged since the pause), write them, then
+//! lift protection on the span's armed blocks in merged runs.
+
+use store::{EpochInfo, EpochMeta, EpochWriter, Store};
+use vmm::memory::PAGE_SIZE;
+
+use super::shared::Shared;
+use crate::error::EpochFailure;
+use crate::pages;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Save one epoch whose pages `shared` holds armed and pending, and commit
+/// it. On failure every protection is lifted before returning.
+pub(crate) fn save_epoch(
+    shared: &Shared,
+    store: &Store,
+    meta: EpochMeta,
+    state: &[u8],
+    scratch: &mut Vec<u8>,
+    pause_ns: u64,
+) -> Result<EpochInfo, EpochFailure> {
+    let full = meta.full;
+    let r = (|| {
+        let mut w = store.writer(meta)?;
+        w.write_state(state)?;
+        for ri in 0..shared.ranges.len() {
+            save_range(shared, ri, full, &mut w, scratch)?;
+        }
+        let (leftovers, aborted) = {
+            let g = shared.lock();
+            let n = g.aside.len() + g.pending.iter().map(|p| p.count() as usize).sum::<usize>();
+            (n, g.aborted)
+        };
+        if aborted {
+            return Err(EpochFailure::ThreadGone("saver (epoch abandoned)"));
+        }
+        if leftovers != 0 {
+            return Err(EpochFailure::Target(crate::target::TargetError(
+                format!("{leftovers} pages were neither saved nor copied aside").into(),
+            )));
+        }
+        Ok(w.commit(pause_ns)?)
+    })();
+    if r.is_err() {
+        shared.release_all();
+    }
+    r
+}
+
+#[derive(Clone, Copy)]
+enum Src {
+    Guest,
+    Aside,
+}
+
+fn save_range(
+    shared: &Shared,
+    ri: usize,
+    full: bool,
+    w: &mut EpochWriter,
+    scratch: &mut Vec<u8>,
+) -> Result<(), EpochFailure> {
+    let range = shared.ranges[ri];
+    let pages_n = range.pages();
+    let bp = shared.opts.block_pages;
+    let span = shared.opts.chunk_pages.div_ceil(bp).max(1) * bp;
+    let gfn0 = range.gpa / PAGE_SIZE;
+    let mut cursor = 0u64;
+    loop {
+        let mut g = shared.lock();
+        if g.aborted {
+            return Err(EpochFailure::ThreadGone("saver (epoch abandoned)"));
+        }
+        let next_pending = g.pending[ri].next_set(cursor);
+        let next_aside = g.aside.range((ri, cursor)..(ri + 1, 0)).next().map(|(k, _)| k.1);
+        let next_armed = g.armed[ri].next_set(cursor.div_ceil(bp)).map(|b| b * bp);
+        let Some(p0) = [next_pending, next_aside, next_armed].into_iter().flatten().min() else {
+            return Ok(());
+        };
+        let start = p0 / bp * bp;
+        let end = (start + span).min(pages_n);
+        let claimed = g.pending[ri].take_span(start, end);
+        let aside: Vec<(u64, u32)> = g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
+        let mut entries: Vec<(u64, Src)> = claimed
+            .iter()
+            .map(|p| (*p, Src::Guest))
+            .chain(aside.iter().map(|(p, _)| (*p, Src::Aside)))
+            .collect();
+        entries.sort_unstable_by_key(|e| e.0);
+        let need = entries.len() * PAGE;
+        if scratch.len() < need {
+            *scratch = pages::prefaulted(need.max(span as usize * PAGE));
+        }
+        // Copied-aside pages go to their place in the scratch buffer now, freeing their slots.
+        {
+            let inner = &mut *g;
+            for (p, slot) in &aside {
+                inner.aside.remove(&(ri, *p));
+                let i = entries.partition_point(|e| e.0 < *p);
+                let at = *slot as usize * PAGE;
+                scratch[i * PAGE..(i + 1) * PAGE].copy_from_slice(&inner.slab[at..at + PAGE]);
+                inner.free.push(*slot);
+            }
+            inner.held = Some((ri, start, end));
+        }
+        drop(g);
+        shared.cv.notify_all();
+
+        let present = full.then(|| {
+            pages::populated(
+                shared.ram.host_ptr(&range).wrapping_add(start as usize * PAGE),
+                end - start,
+            )
+        });
+        let is_present = |p: u64| present.as_ref().is_none_or(|b| b.get(p - start));
+        let result = copy_and_write(shared, ri, &entries, &is_present, scratch, w, gfn0);
+        let lifted = lift(shared, ri, start, end);
+        result?;
+        lifted?;
+        cursor = end;
+    }
+}
+
+/// Copy the claimed pages of `entries` from guest memory into `scratch`,
+/// then write the span: data pages in batches, zero and never-touched pages
+/// only in the index.
+fn copy_and_write(
+    shared: &Shared,
+    ri: usize,
+    entries: &[(u64, Src)],
+    is_present: &dyn Fn(u64) -> bool,
+    scratch: &mut [u8],
+    w: &mut EpochWriter,
+    gfn0: u64,
+) -> Result<(), EpochFailure> {
+    let base = shared.ranges[ri].gpa;
+    let mut i = 0;
+    while i < entries.len() {
+        let (p, src) = entries[i];
+        if matches!(src, Src::Guest) && is_present(p) {
+            // A run of consecutive claimed pages is one copy.
+            let mut j = i + 1;
+            while j < entries.len()
+                && matches!(entries[j].1, Src::Guest)
+                && entries[j].0 == p + (j - i) as u64
+                && is_present(entries[j].0)
+            {
+                j += 1;
+            }
+            shared
+                .ram
+                .read_to(base + p * PAGE_SIZE, &mut scratch[i * PAGE..j * PAGE])?;
+            i = j;
+        } else {
+            i += 1;
+        }
+    }
+    let zero = |k: usize| {
+        let (p, src) = entries[k];
+        (matches!(src, Src::Guest) && !is_present(p)) || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE])
+    };
+    let mut batch: Vec<u64> = Vec::new();
+    let mut batch_at = 0;
+    for k in 0..=entries.len() {
+        let z = k < entries.len() && zero(k);
+        if k == entries.len() || z {
+            if !batch.is_empty() {
+                w.scattered_pages(&batch, &scratch[batch_at * PAGE..k * PAGE])?;
+                batch.clear();
+            }
+            if z {
+                w.zero_pages(gfn0 + entries[k].0, 1)?;
+            }
+            batch_at = k + 1;
+        } else {
+            batch.push(gfn0 + entries[k].0);
+        }
+    }
+    Ok(())
+}
+
+/// Lift protection on the armed blocks of [start, end) and release the span.
+fn lift(shared: &Shared, ri: usize, start: u64, end: u64) -> Result<(), EpochFailure> {
+    let bp = shared.opts.block_pages;
+    let mut g = shared.lock();
+    let (b0, b1) = (start / bp, end.div_ceil(bp));
+    let runs = shared.merged_runs(ri, &g.armed[ri], b0, b1);
+    let mut result = Ok(());
+    for (s, e) in runs {
+        let (addr, len) = shared.span(ri, s, e);
+        if let Err(err) = shared.uffd.unprotect(addr, len, true) {
+            result = Err(err.into());
+            break;
+        }
+    }
+    for b in b0..b1 {
+        g.armed[ri].unset(b);
+    }
+    g.held = None;
+    drop(g);
+    shared.cv.notify_all();
+    result
+}

@@ -1,0 +1,316 @@
+//! State shared by the copy-on-write saver and fault handler, and the fault
+//! handler itself.
+//!
+//! Every page of the epoch being saved is *pending* until exactly one of
+//! them claims it, under one lock:
+//! - the **saver** claims a span of pages, copies them from guest memory
+//!   (still write-protected, so unchanged since the pause), writes them,
+//!   then lifts protection on the span;
+//! - the **fault handler**, when the guest (or KVM, or a VMM thread) writes
+//!   a protected page, claims the pending pages of that protection block,
+//!   copies them aside, then lifts protection on the block, which wakes the
+//!   writer. The saver later writes the copies in page order.
+//!
+//! A fault in a block the saver holds is left alone: the saver's own lift
+//! wakes the writer. Protection is armed and lifted in whole blocks
+//! (1 page, or 512 pages so that huge pages stay whole) and in merged runs,
+//! because every call costs an MMU-notifier round trip in KVM.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use uffd::{Event, Uffd, UffdError};
+use vmm::dirty::{DirtySet, PageBits};
+use vmm::memory::{GuestRam, PAGE_SIZE, RamRange};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Tuning of the copy-on-write engine.
+#[derive(Debug, Clone)]
+pub struct CowOptions {
+    /// Pages per protection block: 1 (4 KiB) or 512 (2 MiB, keeps huge pages whole).
+    pub block_pages: u64,
+    /// Bytes of memory for pages copied aside; when full, a faulting writer
+    /// waits for the saver (counted in the report).
+    pub aside_bytes: usize,
+    /// Pages the saver claims at a time (rounded up to whole blocks).
+    pub chunk_pages: u64,
+    /// Runs of protected blocks closer than this many pages are armed and
+    /// lifted with one call.
+    pub merge_gap_pages: u64,
+    /// Test hook for mutation checks: the fault handler lifts protection
+    /// without copying the page first (the saved epoch is then wrong).
+    #[doc(hidden)]
+    pub test_skip_copy: bool,
+}
+
+impl Default for CowOptions {
+    fn default() -> Self {
+        CowOptions {
+            block_pages: 512,
+            aside_bytes: 256 << 20,
+            chunk_pages: 512,
+            merge_gap_pages: 16,
+            test_skip_copy: false,
+        }
+    }
+}
+
+/// Counters for one epoch.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub faults: AtomicU64,
+    pub copied: AtomicU64,
+    pub waits: AtomicU64,
+    pub spurious: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn reset(&self) {
+        for c in [&self.faults, &self.copied, &self.waits, &self.spurious] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Mutable state under the lock.
+pub(crate) struct Inner {
+    /// Per range: pages of the epoch not yet claimed.
+    pub pending: Vec<PageBits>,
+    /// Per range: protection blocks armed and not yet lifted by the saver.
+    pub armed: Vec<PageBits>,
+    /// The span the saver has claimed and not yet lifted: (range, first page, end page).
+    pub held: Option<(usize, u64, u64)>,
+    /// Pages copied aside: (range, page) -> slot in `slab`.
+    pub aside: BTreeMap<(usize, u64), u32>,
+    /// Copy-aside memory, `slots` pages.
+    pub slab: Vec<u8>,
+    /// Free slots.
+    pub free: Vec<u32>,
+    /// The epoch was given up ([`Shared::release_all`]): the saver must not commit it.
+    pub aborted: bool,
+}
+
+/// Shared by the strategy, the saver and the fault handler.
+pub(crate) struct Shared {
+    pub uffd: Uffd,
+    pub ram: Arc<GuestRam>,
+    pub ranges: Vec<RamRange>,
+    /// Host address of each range.
+    pub hosts: Vec<u64>,
+    pub opts: CowOptions,
+    pub inner: Mutex<Inner>,
+    /// Signalled when aside slots are freed or the saver releases a span.
+    pub cv: Condvar,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions) -> Shared {
+        let ranges = ram.ranges().to_vec();
+        let hosts = ranges.iter().map(|r| ram.host_ptr(r) as u64).collect();
+        let slots = (opts.aside_bytes / PAGE_SIZE as usize).max(opts.block_pages as usize);
+        let inner = Inner {
+            pending: ranges.iter().map(|r| PageBits::new(r.pages())).collect(),
+            armed: ranges
+                .iter()
+                .map(|r| PageBits::new(r.pages().div_ceil(opts.block_pages)))
+                .collect(),
+            held: None,
+            aside: BTreeMap::new(),
+            // Faulted in on first use and reused afterwards.
+            slab: vec![0u8; slots * PAGE_SIZE as usize],
+            free: (0..slots as u32).rev().collect(),
+            aborted: false,
+        };
+        Shared {
+            uffd,
+            ram,
+            ranges,
+            hosts,
+            opts,
+            inner: Mutex::new(inner),
+            cv: Condvar::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Host address and length of pages [first, end) of range `ri`.
+    pub(crate) fn span(&self, ri: usize, first: u64, end: u64) -> (u64, u64) {
+        (self.hosts[ri] + first * PAGE_SIZE, (end - first) * PAGE_SIZE)
+    }
+
+    /// Page range of block `b` of range `ri`.
+    pub(crate) fn block_pages(&self, ri: usize, b: u64) -> (u64, u64) {
+        let bp = self.opts.block_pages;
+        (b * bp, ((b + 1) * bp).min(self.ranges[ri].pages()))
+    }
+
+    /// Runs of set blocks of `blocks` within [b0, b1), merging gaps of up
+    /// to the configured number of pages, as page ranges.
+    pub(crate) fn merged_runs(&self, ri: usize, blocks: &PageBits, b0: u64, b1: u64) -> Vec<(u64, u64)> {
+        let gap = self.opts.merge_gap_pages.div_ceil(self.opts.block_pages);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut b = b0;
+        while let Some(s) = blocks.next_set(b).filter(|s| *s < b1) {
+            let e = blocks.next_clear(s).min(b1);
+            let (ps, _) = self.block_pages(ri, s);
+            let (_, pe) = self.block_pages(ri, e - 1);
+            match out.last_mut() {
+                Some(last) if ps - last.1 <= gap * self.opts.block_pages => last.1 = pe,
+                _ => out.push((ps, pe)),
+            }
+            b = e;
+        }
+        out
+    }
+
+    /// While paused: make `pages` pending and write-protect their blocks,
+    /// in merged runs. Every protected block is marked armed, so that the
+    /// saver visits and lifts it. Returns the number of protect calls.
+    pub(crate) fn arm(&self, pages: &DirtySet) -> Result<u64, UffdError> {
+        self.counters.reset();
+        let mut g = self.lock();
+        g.aborted = false;
+        let mut calls = 0;
+        for ri in 0..self.ranges.len() {
+            let Some(bits) = pages.ranges.get(ri) else { continue };
+            g.pending[ri] = bits.clone();
+            let nblocks = g.armed[ri].pages();
+            let mut blocks = PageBits::new(nblocks);
+            for (first, n) in bits.runs() {
+                for b in first / self.opts.block_pages..=(first + n - 1) / self.opts.block_pages {
+                    blocks.set(b);
+                }
+            }
+            let runs = self.merged_runs(ri, &blocks, 0, nblocks);
+            let mut armed = PageBits::new(nblocks);
+            for &(s, e) in &runs {
+                for b in s / self.opts.block_pages..e.div_ceil(self.opts.block_pages) {
+                    armed.set(b);
+                }
+            }
+            g.armed[ri] = armed;
+            for (s, e) in runs {
+                let (addr, len) = self.span(ri, s, e);
+                if let Err(err) = self.uffd.protect(addr, len) {
+                    drop(g);
+                    self.release_all();
+                    return Err(err);
+                }
+                calls += 1;
+            }
+        }
+        Ok(calls)
+    }
+
+    /// Give up on the epoch: lift every protection, forget pending and
+    /// copied-aside pages, and wake every waiter. Used on failure.
+    pub(crate) fn release_all(&self) {
+        let mut g = self.lock();
+        for ri in 0..self.ranges.len() {
+            g.pending[ri].clear();
+            g.armed[ri].clear();
+            let (addr, len) = self.span(ri, 0, self.ranges[ri].pages());
+            if let Err(e) = self.uffd.unprotect(addr, len, true) {
+                tracing::error!("cannot lift write protection: {e}");
+            }
+        }
+        let slots: Vec<u32> = std::mem::take(&mut g.aside).into_values().collect();
+        g.free.extend(slots);
+        g.held = None;
+        g.aborted = true;
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Serve one write-protect fault at host address `addr`.
+    fn on_fault(&self, addr: u64) -> Result<(), UffdError> {
+        let Some(ri) =
+            (0..self.ranges.len()).find(|&i| self.hosts[i] <= addr && addr < self.hosts[i] + self.ranges[i].len)
+        else {
+            tracing::warn!("write-protect fault outside guest RAM at {addr:#x}");
+            return Ok(());
+        };
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let page = (addr - self.hosts[ri]) / PAGE_SIZE;
+        let block = page / self.opts.block_pages;
+        let (b0, b1) = self.block_pages(ri, block);
+        let mut g = self.lock();
+        loop {
+            if self.opts.test_skip_copy {
+                break;
+            }
+            let mut want = Vec::new();
+            let mut p = b0;
+            while let Some(q) = g.pending[ri].next_set(p).filter(|q| *q < b1) {
+                want.push(q);
+                p = q + 1;
+            }
+            if want.is_empty() {
+                if g.held.is_some_and(|(hr, s, e)| hr == ri && s <= b0 && b1 <= e) {
+                    // The saver holds this block and will lift it.
+                    return Ok(());
+                }
+                self.counters.spurious.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            if g.free.len() < want.len() {
+                self.counters.waits.fetch_add(1, Ordering::Relaxed);
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let inner = &mut *g;
+            for q in &want {
+                let slot = inner.free.pop().unwrap_or_default();
+                let at = slot as usize * PAGE_SIZE as usize;
+                let gpa = self.ranges[ri].gpa + q * PAGE_SIZE;
+                if let Err(e) = self.ram.read_to(gpa, &mut inner.slab[at..at + PAGE_SIZE as usize]) {
+                    tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
+                }
+                inner.aside.insert((ri, *q), slot);
+                inner.pending[ri].unset(*q);
+            }
+            self.counters.copied.fetch_add(want.len() as u64, Ordering::Relaxed);
+            break;
+        }
+        g.armed[ri].unset(block);
+        drop(g);
+        let (a, l) = self.span(ri, b0, b1);
+        self.uffd.unprotect(a, l, true)
+    }
+}
+
+/// The fault handler thread's body: serve faults until `stop` is signalled.
+pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
+    ready();
+    let mut events = [Event::Other(0); 32];
+    loop {
+        let (_, stopping) = match uffd::poll2(shared.uffd.as_raw_fd(), stop.as_raw_fd(), -1) {
+            Ok(r) => r,
+            Err(e) => panic!("polling the userfaultfd failed: {e}"),
+        };
+        if stopping {
+            return;
+        }
+        let n = match shared.uffd.read_events(&mut events) {
+            Ok(n) => n,
+            Err(e) => panic!("reading the userfaultfd failed: {e}"),
+        };
+        for ev in &events[..n] {
+            match *ev {
+                Event::Fault { addr, wp: true, .. } => {
+                    if let Err(e) = shared.on_fault(addr & !(PAGE_SIZE - 1)) {
+                        panic!("serving a write-protect fault failed: {e}");
+                    }
+                }
+                other => tracing::warn!("unexpected userfaultfd event {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Errors of the snapshot engine: one typed error for an epoch, from its
+//! capture to its commit, and the errors of setting the engine up.
+
+use thiserror::Error;
+
+use crate::target::TargetError;
+
+/// What went wrong with one epoch. Always wrapped in [`EpochError`], which names the epoch.
+#[derive(Debug, Error)]
+pub enum EpochFailure {
+    /// The snapshot directory or the epoch file.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Pausing, capturing state, dirty tracking or resuming the machine.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// Write-protecting or releasing guest memory.
+    #[error(transparent)]
+    Uffd(#[from] uffd::UffdError),
+    /// Reading guest memory.
+    #[error(transparent)]
+    Memory(#[from] vmm::memory::MemoryError),
+    /// An engine thread is gone.
+    #[error("the {0} thread is gone")]
+    ThreadGone(&'static str),
+    /// An engine thread panicked.
+    #[error("the {thread} thread panicked: {message}")]
+    Panicked {
+        /// Which thread.
+        thread: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// The test hook `CONSNAP_FAIL_EPOCHS` asked for this failure.
+    #[error("injected failure (CONSNAP_FAIL_EPOCHS)")]
+    Injected,
+}
+
+/// One epoch that was not committed, and why.
+#[derive(Debug, Error)]
+#[error("epoch {id}: {failure}")]
+pub struct EpochError {
+    /// The epoch's id.
+    pub id: u64,
+    /// The cause.
+    pub failure: EpochFailure,
+}
+
+impl EpochError {
+    /// Wrap `failure` for epoch `id`.
+    pub fn new(id: u64, failure: impl Into<EpochFailure>) -> EpochError {
+        EpochError {
+            id,
+            failure: failure.into(),
+        }
+    }
+}
+
+/// Errors setting the engine up before the VM runs.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// Arming dirty tracking or registering memory failed.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// userfaultfd is unavailable or refused.
+    #[error("--mode cow cannot run on this host: {0}; --mode stop-copy works without it")]
+    Cow(#[source] uffd::UffdError),
+    /// An engine thread could not start.
+    #[error("cannot start the snapshot {thread} thread: {source}")]
+    Thread {
+        /// Which thread.
+        thread: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// An engine thread did not report ready.
+    #[error("the snapshot {0} thread did not start")]
+    NotReady(&'static str),
+}
+
+/// Text of a panic payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

@@ -1,0 +1,102 @@
+//! What the engine needs from a machine, as a trait, so that the engine can
+//! be tested against a fake machine (no KVM) as well as run on a
+//! [`vmm::machine::Machine`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use vmm::dirty::DirtySet;
+use vmm::machine::{Machine, MachineError};
+use vmm::memory::GuestRam;
+use vmm::vcpu::{PauseAction, VcpuError};
+
+/// A machine operation failed.
+#[derive(Debug, Error)]
+#[error(transparent)]
+pub struct TargetError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl From<MachineError> for TargetError {
+    fn from(e: MachineError) -> Self {
+        TargetError(Box::new(e))
+    }
+}
+
+/// The machine's state, captured while paused.
+#[derive(Debug)]
+pub struct Captured {
+    /// Encoded machine state (everything but memory; docs/FORMAT.md).
+    pub state: Vec<u8>,
+    /// Time the vCPUs took to stop.
+    pub vcpu_pause: Duration,
+}
+
+/// A machine the engine snapshots.
+pub trait Target {
+    /// Guest RAM.
+    fn ram(&self) -> &Arc<GuestRam>;
+    /// Number of vCPUs.
+    fn vcpus(&self) -> u32;
+    /// Turn dirty-page logging on (before the vCPUs start).
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), TargetError>;
+    /// Pause every vCPU and capture the machine state. `Ok(None)`: the
+    /// guest is stopping and there is nothing left to capture (not paused).
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError>;
+    /// Let the vCPUs run again.
+    fn resume(&mut self) -> Result<(), TargetError>;
+    /// Pages written since the last call (see [`Machine::take_dirty`]).
+    fn take_dirty(&mut self) -> Result<DirtySet, TargetError>;
+    /// Hand pages back to dirty tracking.
+    fn mark_dirty(&mut self, pages: &DirtySet);
+    /// Ops the workload guest has published, if it is the workload guest.
+    fn guest_ops(&self) -> Option<u64>;
+}
+
+impl Target for Machine {
+    fn ram(&self) -> &Arc<GuestRam> {
+        Machine::ram(self)
+    }
+
+    fn vcpus(&self) -> u32 {
+        u32::from(self.config().vcpus)
+    }
+
+    fn set_dirty_logging(&mut self, on: bool) -> Result<(), TargetError> {
+        Ok(Machine::set_dirty_logging(self, on)?)
+    }
+
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {
+        let paused = match self.pause(PauseAction::SaveState) {
+            Ok(p) => p,
+            Err(MachineError::Vcpu(VcpuError::Stopping)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let vcpu_pause = paused.latency;
+        match self.save_state(paused) {
+            Ok(st) => Ok(Some(Captured {
+                state: vmm::state::encode(&st),
+                vcpu_pause,
+            })),
+            Err(e) => {
+                let _ = self.resume();
+                Err(e.into())
+            }
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), TargetError> {
+        Ok(Machine::resume(self)?)
+    }
+
+    fn take_dirty(&mut self) -> Result<DirtySet, TargetError> {
+        Ok(Machine::take_dirty(self)?)
+    }
+
+    fn mark_dirty(&mut self, pages: &DirtySet) {
+        Machine::mark_dirty(self, pages);
+    }
+
+    fn guest_ops(&self) -> Option<u64> {
+        vmm::guest_status::read(Machine::ram(self)).map(|s| s.ops_done)
+    }
+}

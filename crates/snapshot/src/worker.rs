@@ -1,0 +1,168 @@
+//! Engine threads: each starts with a ready handshake, ends when told to
+//! stop, and reports a panic instead of dying silently, so that the run can
+//! stop with an error (a dead saver or fault handler would otherwise leave
+//! the guest waiting on a write-protected page forever).
+//!
+//! The writer thread runs one epoch job at a time, in submission order, and
+//! reports each result; the controller collects results without blocking.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{EpochFailure, SnapshotError, panic_message};
+use crate::strategy::{Committed, JobFn};
+
+/// How long a thread may take to report ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared record of an engine thread's death.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    failed: Mutex<Option<(&'static str, String)>>,
+}
+
+impl Health {
+    /// Record that `thread` died with `message` (the first death wins).
+    pub(crate) fn fail(&self, thread: &'static str, message: String) {
+        tracing::error!(thread, %message, "snapshot engine thread failed");
+        let mut g = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert((thread, message));
+    }
+
+    /// The failure, if a thread died.
+    pub(crate) fn check(&self) -> Option<EpochFailure> {
+        let g = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().map(|(thread, message)| EpochFailure::Panicked {
+            thread,
+            message: message.clone(),
+        })
+    }
+}
+
+/// Start thread `name`: `body` gets a `ready` callback to call once it is
+/// set up. Returns once it called it; a panic anywhere in `body` is
+/// recorded in `health`.
+pub(crate) fn spawn<F>(name: &'static str, health: Arc<Health>, body: F) -> Result<JoinHandle<()>, SnapshotError>
+where
+    F: FnOnce(&dyn Fn()) + Send + 'static,
+{
+    let (tx, rx) = sync_channel::<()>(1);
+    let h = health.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("snap-{name}"))
+        .spawn(move || {
+            let ready = move || {
+                let _ = tx.try_send(());
+            };
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| body(&ready))) {
+                h.fail(name, panic_message(p.as_ref()));
+            }
+        })
+        .map_err(|source| SnapshotError::Thread { thread: name, source })?;
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(()) => Ok(handle),
+        Err(_) => {
+            if let Some(f) = health.check() {
+                tracing::error!("{f}");
+            }
+            Err(SnapshotError::NotReady(name))
+        }
+    }
+}
+
+/// A finished epoch job.
+pub(crate) struct Done {
+    /// The epoch.
+    pub id: u64,
+    /// What happened.
+    pub result: Result<Committed, EpochFailure>,
+    /// When it finished.
+    pub finished: Instant,
+}
+
+/// The writer thread.
+pub(crate) struct Writer {
+    jobs: Option<Sender<(u64, u64, JobFn)>>,
+    done: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Start the writer thread.
+    pub(crate) fn start(health: Arc<Health>) -> Result<Writer, SnapshotError> {
+        let (jobs, rx) = channel::<(u64, u64, JobFn)>();
+        let (tx, done) = channel::<Done>();
+        let thread = spawn("writer", health, move |ready| {
+            ready();
+            for (id, pause_ns, job) in rx {
+                let result = match catch_unwind(AssertUnwindSafe(|| job(pause_ns))) {
+                    Ok(r) => r,
+                    Err(p) => {
+                        let message = panic_message(p.as_ref());
+                        let _ = tx.send(Done {
+                            id,
+                            result: Err(EpochFailure::Panicked {
+                                thread: "writer",
+                                message: message.clone(),
+                            }),
+                            finished: Instant::now(),
+                        });
+                        // Let the health record stop the run too.
+                        std::panic::resume_unwind(Box::new(message));
+                    }
+                };
+                if tx
+                    .send(Done {
+                        id,
+                        result,
+                        finished: Instant::now(),
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queue a job for epoch `id`; false if the thread is gone.
+    pub(crate) fn submit(&self, id: u64, pause_ns: u64, job: JobFn) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send((id, pause_ns, job)).is_ok())
+    }
+
+    /// A finished job: waits up to `wait` (zero = only if one is ready).
+    /// `Err(())` when the thread is gone and nothing is left to collect.
+    pub(crate) fn done(&self, wait: Duration) -> Result<Option<Done>, ()> {
+        let r = if wait.is_zero() {
+            self.done
+                .try_recv()
+                .map_err(|e| matches!(e, std::sync::mpsc::TryRecvError::Disconnected))
+        } else {
+            self.done
+                .recv_timeout(wait)
+                .map_err(|e| matches!(e, std::sync::mpsc::RecvTimeoutError::Disconnected))
+        };
+        match r {
+            Ok(d) => Ok(Some(d)),
+            Err(true) => Err(()),
+            Err(false) => Ok(None),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
