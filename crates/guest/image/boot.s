@@ -8,6 +8,8 @@
  *     pages, all user-accessible),
  *   - loads GDT, IDT and a per-CPU TSS whose I/O bitmap lets ring 3 use the
  *     serial port, the debug-exit port and the PIT,
+ *   - on KVM, registers a per-CPU kvmclock (pvclock) slot that ring 3 reads
+ *     for time (see main.rs),
  *   - drops to ring 3 (iretq, IF=0) into the Rust workload code.
  * Ring 3 reaches ring 0 only by executing HLT (a #GP at CPL 3) with a request
  * number in RAX: 0 parks the CPU for good, 1 starts the application processors.
@@ -29,6 +31,9 @@
 .set COM1, 0x3f8
 .set DEBUG_EXIT, 0x501
 .set EXIT_FAULT, 4
+.set MSR_KVM_SYSTEM_TIME_NEW, 0x4b564d01
+.set KVM_FEATURE_CLOCKSOURCE2, 0x8
+.set PVCLOCK_SLOT, 32
 
 /* ---------------------------------------------------------------- PVH note */
 .section .note.Xen, "a", @note
@@ -120,6 +125,27 @@ enter_cpu:
     shll $4, %eax
     addl $TSS0, %eax
     ltr %ax
+    /* kvmclock, if CPUID says KVM ("KVMKVMKVM\0\0\0") with
+     * KVM_FEATURE_CLOCKSOURCE2: MSR_KVM_SYSTEM_TIME_NEW = this CPU's slot | 1. */
+    movl $0x40000000, %eax
+    cpuid
+    cmpl $0x4b4d564b, %ebx
+    jne 1f
+    cmpl $0x564b4d56, %ecx
+    jne 1f
+    cmpl $0x4d, %edx
+    jne 1f
+    movl $0x40000001, %eax
+    cpuid
+    testb $KVM_FEATURE_CLOCKSOURCE2, %al
+    jz 1f
+    movl %edi, %eax
+    shll $5, %eax                   /* index * PVCLOCK_SLOT */
+    addl $pvclock_slots + 1, %eax
+    xorl %edx, %edx
+    movl $MSR_KVM_SYSTEM_TIME_NEW, %ecx
+    wrmsr
+1:
     leal 1(%edi), %ecx
     shll $18, %ecx                  /* (index + 1) * USTACK_SIZE */
     leaq ustacks(%rip), %rax
@@ -442,6 +468,12 @@ tss_area:
 .balign 4096
 idt:
     .skip 32 * 16
+/* One pvclock_vcpu_time_info per CPU, written by KVM, read by ring 3; the
+ * 256 bytes sit in one page, as KVM requires. */
+.balign 256
+.globl pvclock_slots
+pvclock_slots:
+    .skip PVCLOCK_SLOT * MAX_CPUS
 .balign 4096
 kstacks:
     .skip KSTACK_SIZE * MAX_CPUS

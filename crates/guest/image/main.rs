@@ -12,7 +12,7 @@
 use core::arch::{asm, global_asm};
 use core::fmt::{self, Write};
 use core::mem::offset_of;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 use workload::abi::{self, MAX_CPUS, exit, state};
 use workload::{Env, Outcome, Share, Spec};
@@ -73,13 +73,19 @@ static CHECKED_IN: AtomicU32 = AtomicU32::new(0);
 static GO: AtomicU32 = AtomicU32::new(0);
 static FINISHED: AtomicU32 = AtomicU32::new(0);
 static ARENA: AtomicU64 = AtomicU64::new(0);
-static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// The guest clock, chosen by CPU 0 before the others start: kvmclock
+/// (nanoseconds) when the host runs it, else the TSC. See [`ticks`].
+static KVMCLOCK: AtomicBool = AtomicBool::new(false);
+/// Ticks per second of the guest clock (0: TSC not calibrated).
+static TICK_HZ: AtomicU64 = AtomicU64::new(0);
 static RES_OPS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static RES_SUM: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static RES_ERR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 unsafe extern "C" {
     static __image_end: u8;
+    /// boot.s: one 32-byte `pvclock_vcpu_time_info` per CPU, written by KVM.
+    static pvclock_slots: u8;
 }
 
 const COM1: u16 = 0x3f8;
@@ -100,6 +106,78 @@ fn inb(port: u16) -> u8 {
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC is allowed in ring 3 (CR4.TSD is clear) and has no memory effects.
     unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// RDTSC after every earlier load has completed (LFENCE). Not `nomem`, so
+/// the compiler keeps the memory accesses around it in program order.
+fn rdtsc_ordered() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: LFENCE and RDTSC are allowed in ring 3 and only read the TSC.
+    unsafe { asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Size of one CPU's pvclock slot (`PVCLOCK_SLOT` in boot.s).
+const PVCLOCK_SLOT: usize = 32;
+
+/// CPU `cpu`'s pvclock slot. boot.s registered it with KVM
+/// (MSR_KVM_SYSTEM_TIME_NEW) if CPUID offers kvmclock; it stays zero otherwise.
+fn pvclock_slot(cpu: usize) -> *const u8 {
+    // SAFETY: only the address of the boot.s symbol is taken.
+    let base = unsafe { core::ptr::addr_of!(pvclock_slots) };
+    base.wrapping_add(cpu * PVCLOCK_SLOT)
+}
+
+/// The slot's version: odd while KVM updates it, 0 if KVM never wrote it.
+fn pvclock_version(slot: *const u8) -> u32 {
+    // SAFETY: the slot lies in boot.s's .bss (MAX_CPUS slots), identity-mapped
+    // and user-accessible; KVM may rewrite it at any VM exit, hence volatile.
+    unsafe { core::ptr::read_volatile(slot.cast::<u32>()) }
+}
+
+/// kvmclock in nanoseconds, read from the running CPU's own slot
+/// (struct pvclock_vcpu_time_info: u32 version, u32 pad, u64 tsc_timestamp,
+/// u64 system_time, u32 tsc_to_system_mul, i8 tsc_shift, u8 flags, u8 pad[2]).
+/// KVM makes `version` odd while it rewrites the slot; a read is retried
+/// until it sees the same even version before and after.
+fn kvmclock_ns(cpu: usize) -> u64 {
+    let slot = pvclock_slot(cpu);
+    loop {
+        let version = pvclock_version(slot);
+        if version & 1 != 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        // SAFETY: as in `pvclock_version`; offsets 8..29 are within the slot.
+        let (tsc_timestamp, system_time, mul, shift) = unsafe {
+            (
+                core::ptr::read_volatile(slot.add(8).cast::<u64>()),
+                core::ptr::read_volatile(slot.add(16).cast::<u64>()),
+                core::ptr::read_volatile(slot.add(24).cast::<u32>()),
+                core::ptr::read_volatile(slot.add(28).cast::<i8>()),
+            )
+        };
+        let tsc = rdtsc_ordered();
+        if pvclock_version(slot) != version {
+            continue;
+        }
+        let delta = tsc.saturating_sub(tsc_timestamp);
+        let shifted = if shift < 0 {
+            delta.checked_shr(u32::from(shift.unsigned_abs())).unwrap_or(0)
+        } else {
+            delta.checked_shl(shift as u32).unwrap_or(0)
+        };
+        let ns = (u128::from(shifted) * u128::from(mul)) >> 32;
+        return system_time.wrapping_add(ns as u64);
+    }
+}
+
+/// The guest clock as seen by CPU `cpu` (the caller's own index): kvmclock
+/// nanoseconds or TSC cycles. kvmclock is saved and restored with the VM, so
+/// it continues from the capture instant after a restore; the TSC need not
+/// (on kvm_pvm it is always the host's).
+fn ticks(cpu: usize) -> u64 {
+    if KVMCLOCK.load(Relaxed) { kvmclock_ns(cpu) } else { rdtsc() }
 }
 
 /// Ask ring 0 for `request` (see boot.s): HLT at CPL 3 raises #GP.
@@ -315,7 +393,7 @@ fn calibrate_tsc() -> u64 {
 struct GuestEnv {
     cpu: usize,
     rate: u64,
-    tsc_hz: u64,
+    hz: u64,
     start: u64,
 }
 
@@ -324,8 +402,8 @@ impl Env for GuestEnv {
     fn step(&mut self, ops: u64, units: u64) {
         STATUS.ops_done[self.cpu].store(ops, Relaxed);
         if self.rate != 0 {
-            let due = self.start + (u128::from(units) * u128::from(self.tsc_hz) / u128::from(self.rate)) as u64;
-            while rdtsc() < due {
+            let due = self.start + (u128::from(units) * u128::from(self.hz) / u128::from(self.rate)) as u64;
+            while ticks(self.cpu) < due {
                 core::hint::spin_loop();
             }
         }
@@ -342,8 +420,8 @@ fn run_cpu(cpu: u32, spec: &Spec) {
     let mut env = GuestEnv {
         cpu: cpu as usize,
         rate: spec.rate,
-        tsc_hz: TSC_HZ.load(Acquire),
-        start: rdtsc(),
+        hz: TICK_HZ.load(Acquire),
+        start: ticks(cpu as usize),
     };
     let out = workload::run_share(&share, mem, &mut env);
     let i = cpu as usize;
@@ -353,11 +431,14 @@ fn run_cpu(cpu: u32, spec: &Spec) {
     FINISHED.fetch_add(1, Release);
 }
 
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let start = rdtsc();
+/// Give up waiting after this many ticks: 60 s of kvmclock, 15-30 s of TSC.
+const WAIT_TICKS: u64 = 60_000_000_000;
+
+fn wait_until(cpu: u32, what: &str, cond: impl Fn() -> bool) {
+    let start = ticks(cpu as usize);
     while !cond() {
         core::hint::spin_loop();
-        if rdtsc() - start > 60_000_000_000 {
+        if ticks(cpu as usize).saturating_sub(start) > WAIT_TICKS {
             fail(exit::RESOURCES, format_args!("timed out waiting for {what}"));
         }
     }
@@ -374,26 +455,31 @@ fn bsp_main(start_info: u64) -> ! {
     check_arena(start_info, base, share.bytes * u64::from(ncpus));
     ARENA.store(base, Relaxed);
     NCPUS.store(ncpus, Relaxed);
-    if spec.rate != 0 {
-        TSC_HZ.store(calibrate_tsc(), Relaxed);
+    let kvmclock = pvclock_version(pvclock_slot(0)) != 0;
+    if kvmclock {
+        TICK_HZ.store(1_000_000_000, Relaxed);
+        KVMCLOCK.store(true, Release);
+    } else if spec.rate != 0 {
+        TICK_HZ.store(calibrate_tsc(), Relaxed);
     }
     say!(
-        "workload={} cpus={ncpus} wss={} ops={} seed={} rate={}",
+        "workload={} cpus={ncpus} wss={} ops={} seed={} rate={} clock={}",
         spec.kind.name(),
         spec.wss,
         spec.ops,
         spec.seed,
-        spec.rate
+        spec.rate,
+        if kvmclock { "kvmclock" } else { "tsc" }
     );
     if ncpus > 1 {
         kernel_request(1);
-        wait_until("the other CPUs to start", || CHECKED_IN.load(Acquire) == ncpus - 1);
+        wait_until(0, "the other CPUs to start", || CHECKED_IN.load(Acquire) == ncpus - 1);
     }
     STATUS.ncpus.store(ncpus, Relaxed);
     STATUS.state.store(state::RUNNING, Release);
     GO.store(1, Release);
     run_cpu(0, &spec);
-    wait_until("the other CPUs to finish", || FINISHED.load(Acquire) == ncpus);
+    wait_until(0, "the other CPUs to finish", || FINISHED.load(Acquire) == ncpus);
     let outs: [Outcome; MAX_CPUS] = core::array::from_fn(|i| Outcome {
         ops: RES_OPS[i].load(Relaxed),
         checksum: RES_SUM[i].load(Relaxed),
@@ -418,8 +504,13 @@ fn bsp_main(start_info: u64) -> ! {
 
 fn ap_main(cpu: u32, start_info: u64) -> ! {
     let spec = parse_spec(start_info);
+    // CPU 0 chose the clock before starting this CPU, whose boot.s ran the
+    // same CPUID test; KVM fills a registered slot before the CPU runs again.
+    if KVMCLOCK.load(Acquire) && pvclock_version(pvclock_slot(cpu as usize)) == 0 {
+        fail(exit::RESOURCES, format_args!("kvmclock is not running on CPU {cpu}"));
+    }
     CHECKED_IN.fetch_add(1, AcqRel);
-    wait_until("the start signal", || GO.load(Acquire) != 0);
+    wait_until(cpu, "the start signal", || GO.load(Acquire) != 0);
     if cpu < NCPUS.load(Acquire) {
         run_cpu(cpu, &spec);
     }

@@ -9,8 +9,12 @@
 //! MP_STATE, REGS, SREGS, XSAVE, XCRS, DEBUGREGS, LAPIC *before* MSRs (the
 //! TSC-deadline MSR is only accepted once the LAPIC timer is in deadline
 //! mode), MSRs with IA32_TSC first (guest TSC resumes at the saved value,
-//! so guest time never goes backwards) and TSC_DEADLINE last, VCPU_EVENTS,
-//! and finally KVM_KVMCLOCK_CTRL to tell a paravirtual guest it was paused.
+//! so guest time never goes backwards, where KVM honours the TSC offset;
+//! kvm_pvm ignores it and the guest reads the host's TSC) and TSC_DEADLINE
+//! last, VCPU_EVENTS, and finally KVM_KVMCLOCK_CTRL to tell a paravirtual
+//! guest it was paused. The saved MSRs include MSR_KVM_SYSTEM_TIME_NEW, so a
+//! guest's kvmclock registration survives, and the VM-wide KVM_SET_CLOCK
+//! makes that kvmclock continue from the capture instant.
 //!
 //! VM-wide state (PIC, IOAPIC, PIT, kvmclock) is captured after the devices
 //! and after the vCPUs are parked, and restored before any vCPU runs.
@@ -166,14 +170,8 @@ pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
     vcpu.fd.set_xcrs(&st.xcrs).map_err(e("KVM_SET_XCRS"))?;
     vcpu.fd.set_debug_regs(&st.debugregs).map_err(e("KVM_SET_DEBUGREGS"))?;
     vcpu.fd.set_lapic(&st.lapic).map_err(e("KVM_SET_LAPIC"))?;
-    if let Some(khz) = st.tsc_khz
-        && vcpu.fd.get_tsc_khz().ok() != Some(khz)
-        && vcpu.fd.set_tsc_khz(khz).is_err()
-    {
-        tracing::warn!(
-            vcpu = vcpu.id,
-            "TSC frequency {khz} kHz cannot be set here; guest time may drift"
-        );
+    if let Some(khz) = st.tsc_khz {
+        restore_tsc_khz(vcpu, khz);
     }
     let mut msrs = st.msrs.clone();
     msrs.sort_by_key(|(i, _)| match *i {
@@ -204,6 +202,35 @@ pub fn restore_vcpu(vcpu: &Vcpu, st: &VcpuState) -> Result<(), StateError> {
     // Only meaningful for guests using kvmclock; EINVAL otherwise.
     let _ = vcpu.fd.kvmclock_ctrl();
     Ok(())
+}
+
+/// Give the vCPU the saved TSC frequency if KVM allows it. A failed
+/// KVM_SET_TSC_KHZ may still have changed the frequency (KVM_GET_TSC_KHZ
+/// then reports the refused value, as seen on kvm_pvm), so the previous one
+/// is put back and the vCPU keeps the frequency it was created with.
+/// Returns whether the vCPU now runs at `khz`.
+fn restore_tsc_khz(vcpu: &Vcpu, khz: u32) -> bool {
+    let before = vcpu.fd.get_tsc_khz().ok();
+    if before == Some(khz) || vcpu.fd.set_tsc_khz(khz).is_ok() {
+        return true;
+    }
+    let now = vcpu.fd.get_tsc_khz().ok();
+    let kept = match before {
+        Some(prev) if now != Some(prev) => vcpu.fd.set_tsc_khz(prev).is_ok(),
+        _ => true,
+    };
+    if kept {
+        tracing::warn!(
+            vcpu = vcpu.id,
+            "TSC frequency {khz} kHz cannot be set here; the vCPU keeps {before:?} kHz and guest time may drift"
+        );
+    } else {
+        tracing::warn!(
+            vcpu = vcpu.id,
+            "TSC frequency {khz} kHz cannot be set here, nor {before:?} kHz put back (KVM reports {now:?} kHz); guest time may drift"
+        );
+    }
+    false
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
@@ -242,4 +269,35 @@ pub fn restore_vm(vm: &VmFd, st: &VmState) -> Result<(), StateError> {
     vm.set_irqchip(&st.ioapic).map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
     vm.set_clock(&st.clock).map_err(e("KVM_SET_CLOCK"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_refused_tsc_frequency_leaves_the_previous_one() {
+        if !crate::testing::kvm_ready() {
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let Ok(khz) = fd.get_tsc_khz() else {
+            return;
+        };
+        let vcpu = Vcpu {
+            id: 0,
+            fd,
+            msr_list: Arc::new(Vec::new()),
+            xsave_size: 4096,
+        };
+        // 1 MHz slower: kvm_pvm refuses it yet used to keep it.
+        let wanted = khz - 1000;
+        let applied = restore_tsc_khz(&vcpu, wanted);
+        let now = vcpu.fd.get_tsc_khz().unwrap();
+        assert_eq!(now, if applied { wanted } else { khz }, "applied: {applied}");
+    }
 }

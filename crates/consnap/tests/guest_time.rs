@@ -1,0 +1,88 @@
+//! Guest time across a restore: the guest's clock continues from the
+//! capture instant, so a rate-limited workload restored from an epoch takes
+//! the same time whether it is restored at once or long after the capture
+//! (it must not run unthrottled to catch up with the host's clock).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const VCPUS: u32 = 2;
+/// memstress `rate` is pages per second per vCPU.
+const RATE: u64 = 10_000;
+const OPS: u64 = 80_000;
+const EPOCH: u64 = 3;
+
+/// Guest ops recorded in epoch `id` (`consnap ls --json`).
+fn epoch_ops(snaps: &std::path::Path, id: u64) -> u64 {
+    let out = consnap().args(["ls", "--json"]).arg(snaps).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"].as_u64() == Some(id))
+        .unwrap_or_else(|| panic!("no epoch {id} in {rows}"));
+    row["guest_ops"].as_u64().unwrap()
+}
+
+#[test]
+fn a_delayed_restore_runs_as_long_as_an_immediate_one() {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = format!("memstress,wss=32M,ops={OPS},rate={RATE}");
+    let dir = tempdir("guest-time");
+    let snaps = dir.join("snaps");
+    run_and_kill(
+        &[
+            "run",
+            "--workload",
+            &spec,
+            "--vcpus",
+            &VCPUS.to_string(),
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--interval",
+            "100ms",
+        ],
+        &snaps,
+        6,
+    );
+    let left = OPS - epoch_ops(&snaps, EPOCH);
+    let expected = left as f64 / (RATE * u64::from(VCPUS)) as f64;
+    assert!(
+        expected >= 2.0,
+        "only {expected:.2}s of paced work left after epoch {EPOCH}"
+    );
+
+    let at = EPOCH.to_string();
+    let now = restore(&snaps, &at, &[], &dir.join("now.json"));
+    std::thread::sleep(Duration::from_secs(3));
+    let later = restore(&snaps, &at, &[], &dir.join("later.json"));
+
+    let reference = reference(&spec, VCPUS).1;
+    let (t_now, t_later) = (
+        now["wall_time_s"].as_f64().unwrap(),
+        later["wall_time_s"].as_f64().unwrap(),
+    );
+    eprintln!("{left} ops left, {expected:.2}s expected; restored at once: {t_now:.2}s, 3 s later: {t_later:.2}s");
+    for r in [&now, &later] {
+        assert_eq!(r["status"], "poweroff", "{r}");
+        assert_eq!(r["checksum"], reference.as_str(), "{r}");
+    }
+    // The paced work takes its time in both runs (generous margins: timing
+    // on a loaded machine only ever makes a run slower).
+    assert!(
+        t_now > 0.6 * expected,
+        "restored at once in {t_now:.2}s, but {expected:.2}s of paced work was left"
+    );
+    assert!(
+        t_later > 0.6 * t_now,
+        "restored 3 s later in {t_later:.2}s, at once in {t_now:.2}s: guest time jumped by the delay"
+    );
+}
