@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use snapshot::{CowOptions, Mode, SnapshotConfig, SnapshotEngine};
+use snapshot::{CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine};
 use vmm::devices::{Devices, GuestStop};
 use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
@@ -152,6 +152,7 @@ pub fn execute(
                     aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
                     ..CowOptions::default()
                 },
+                inject: Inject::from_env(),
             };
             let mut e = SnapshotEngine::new(cfg, parent);
             if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {

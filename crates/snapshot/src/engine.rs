@@ -41,6 +41,33 @@ pub struct SnapshotConfig {
     pub stop_on_error: bool,
     /// Tuning of `cow`.
     pub cow: CowOptions,
+    /// Test hook: which capture attempts of this engine fail on purpose.
+    #[doc(hidden)]
+    pub inject: Inject,
+}
+
+/// Failures injected on purpose, for tests of what the engine does with them.
+#[derive(Debug, Clone, Default)]
+pub struct Inject {
+    /// Capture attempts (1-based) that fail at their very end, as a failed
+    /// final rename would.
+    pub fail_attempts: Vec<u64>,
+    /// Capture attempts whose background job panics (a writer thread that dies).
+    pub panic_attempts: Vec<u64>,
+}
+
+impl Inject {
+    /// From `CONSNAP_FAIL_EPOCHS=3,4`: those capture attempts fail at their
+    /// very end, as a failed write would, so that tests of the whole program
+    /// can check that no dirty page is lost.
+    pub fn from_env() -> Inject {
+        Inject {
+            fail_attempts: std::env::var("CONSNAP_FAIL_EPOCHS")
+                .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+                .unwrap_or_default(),
+            panic_attempts: Vec::new(),
+        }
+    }
 }
 
 /// One committed epoch, for the report.
@@ -100,7 +127,6 @@ pub struct SnapshotEngine {
     pub overload_time: Duration,
     log: ErrorLog,
     attempts: u64,
-    fail_attempts: Vec<u64>,
 }
 
 impl std::fmt::Debug for SnapshotEngine {
@@ -118,15 +144,6 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-/// Test hook: `CONSNAP_FAIL_EPOCHS=3,4` makes the 3rd and 4th capture
-/// attempts of this process fail after the VM resumed, as a failed write
-/// would, so tests can check that no dirty page is lost.
-fn fault_injection() -> Vec<u64> {
-    std::env::var("CONSNAP_FAIL_EPOCHS")
-        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_default()
 }
 
 /// How long the controller waits before checking again whether an overdue
@@ -160,7 +177,6 @@ impl SnapshotEngine {
             overloads: 0,
             overload_time: Duration::ZERO,
             attempts: 0,
-            fail_attempts: fault_injection(),
         };
         if let Err(f) = e.open_store() {
             e.report(&format!("snapshot directory unusable: {f}"));
@@ -363,6 +379,28 @@ impl SnapshotEngine {
         }
     }
 
+    /// Test hooks: make this attempt's job panic, or fail at its very end
+    /// (the file it committed is removed again, as if the final rename had
+    /// failed), so that the failure takes the same path as a real one.
+    fn inject(&self, job: crate::strategy::JobFn) -> crate::strategy::JobFn {
+        let n = self.attempts;
+        if self.cfg.inject.panic_attempts.contains(&n) {
+            return Box::new(move |pause_ns| {
+                drop(job(pause_ns));
+                panic!("injected writer panic")
+            });
+        }
+        if self.cfg.inject.fail_attempts.contains(&n) {
+            return Box::new(move |pause_ns| {
+                let c = job(pause_ns)?;
+                std::fs::remove_file(&c.info.path)
+                    .map_err(|e| EpochFailure::Target(crate::target::TargetError(Box::new(e))))?;
+                Err(EpochFailure::Injected)
+            });
+        }
+        job
+    }
+
     /// Take one epoch now (none may be in flight).
     fn capture(&mut self, t: &mut dyn Target) -> Result<(), CaptureError> {
         let store = self.open_store().map_err(|e| Failed(EpochError::new(0, e)))?;
@@ -395,12 +433,7 @@ impl SnapshotEngine {
             }
         };
         self.attempts += 1;
-        if self.fail_attempts.contains(&self.attempts) {
-            drop(job);
-            self.strategy.abort();
-            self.lost(t, full, ctx.taken);
-            return Err(fail(EpochFailure::Injected));
-        }
+        let job = self.inject(job);
         let submitted = self
             .writer
             .as_ref()

@@ -14,7 +14,7 @@ mod target;
 mod worker;
 
 pub use cow::CowOptions;
-pub use engine::{EpochRecord, SnapshotConfig, SnapshotEngine};
+pub use engine::{EpochRecord, Inject, SnapshotConfig, SnapshotEngine};
 pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use restore::{RestoreError, Restored, restore};
 pub use store::Mode;

@@ -46,6 +46,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
         interval: Duration::from_secs(3600),
         stop_on_error: true,
         cow: Default::default(),
+        inject: Default::default(),
     };
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut m).unwrap();

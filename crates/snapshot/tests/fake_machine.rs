@@ -1,0 +1,481 @@
+//! The engine against a fake machine (no KVM): a "guest" thread writes
+//! pseudo-random pages of real guest RAM through vm-memory (so the VMM
+//! dirty bitmap tracks them, as KVM's log would), and every pause takes a
+//! reference copy of all of RAM. Every committed epoch, restored through
+//! its chain, must equal the reference copy of its own pause, page for
+//! page, in every capture mode and whatever failures are injected.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use snapshot::{Captured, CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
+use store::{Access, Source, Store};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::dirty::DirtySet;
+use vmm::memory::GuestRam;
+use vmm::run::TaskFlow;
+
+const RAM: u64 = 32 << 20;
+const PAGE: u64 = 4096;
+/// The guest writes within this many bytes of RAM (plus zeroing some pages).
+const WSS: u64 = 12 << 20;
+
+#[derive(Default)]
+struct GuestCtl {
+    want_pause: bool,
+    paused: bool,
+    stop: bool,
+}
+
+struct Fake {
+    ram: Arc<GuestRam>,
+    ctl: Arc<(Mutex<GuestCtl>, Condvar)>,
+    writes: Arc<AtomicU64>,
+    guest: Option<JoinHandle<()>>,
+    seq: u64,
+    refs: HashMap<u64, Vec<u8>>,
+    redirty: DirtySet,
+}
+
+impl Fake {
+    fn new(huge: bool) -> Fake {
+        let ram = Arc::new(GuestRam::with_huge_pages(RAM, huge).unwrap());
+        let ctl: Arc<(Mutex<GuestCtl>, Condvar)> = Arc::default();
+        let writes = Arc::new(AtomicU64::new(0));
+        let (r, c, w) = (ram.clone(), ctl.clone(), writes.clone());
+        let guest = std::thread::spawn(move || guest(&r, &c, &w));
+        let redirty = DirtySet::empty(ram.ranges());
+        Fake {
+            ram,
+            ctl,
+            writes,
+            guest: Some(guest),
+            seq: 0,
+            refs: HashMap::new(),
+            redirty,
+        }
+    }
+
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn stop(&mut self) {
+        self.ctl.0.lock().unwrap().stop = true;
+        self.ctl.1.notify_all();
+        if let Some(g) = self.guest.take() {
+            g.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The fake guest: batches of writes of a counter, half at pseudo-random
+/// places in a hot first MiB, half sweeping slowly through the working set
+/// (so that a page is often written in one epoch only: an epoch that lost
+/// its pages would show), now and then a whole page of zeros; it parks
+/// whenever a pause is asked.
+fn guest(ram: &GuestRam, ctl: &(Mutex<GuestCtl>, Condvar), writes: &AtomicU64) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut n: u64 = 0;
+    loop {
+        {
+            let mut g = ctl.0.lock().unwrap();
+            if g.stop {
+                return;
+            }
+            if g.want_pause {
+                g.paused = true;
+                ctl.1.notify_all();
+                while g.want_pause && !g.stop {
+                    g = ctl.1.wait(g).unwrap();
+                }
+                g.paused = false;
+                continue;
+            }
+        }
+        for _ in 0..32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            n += 1;
+            let at = if n % 2 == 0 {
+                (x % (1 << 20)) & !7
+            } else {
+                ((n / 64 * PAGE) % WSS + (x % PAGE)) & !7
+            };
+            if n % 997 == 0 {
+                let page = at & !(PAGE - 1);
+                ram.memory()
+                    .write_slice(&[0u8; PAGE as usize], GuestAddress(page))
+                    .unwrap();
+            } else {
+                ram.memory().write_obj(n, GuestAddress(at)).unwrap();
+            }
+        }
+        writes.fetch_add(32, Ordering::Relaxed);
+    }
+}
+
+impl Target for Fake {
+    fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+    fn vcpus(&self) -> u32 {
+        1
+    }
+    fn set_dirty_logging(&mut self, _on: bool) -> Result<(), TargetError> {
+        Ok(())
+    }
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {
+        let t = Instant::now();
+        let mut g = self.ctl.0.lock().unwrap();
+        g.want_pause = true;
+        while !g.paused && !g.stop {
+            g = self.ctl.1.wait(g).unwrap();
+        }
+        drop(g);
+        self.seq += 1;
+        let mut copy = vec![0u8; RAM as usize];
+        self.ram.read_to(0, &mut copy).unwrap();
+        self.refs.insert(self.seq, copy);
+        let mut state = self.seq.to_le_bytes().to_vec();
+        state.extend_from_slice(b"fake machine state");
+        Ok(Some(Captured {
+            state,
+            vcpu_pause: t.elapsed(),
+        }))
+    }
+    fn resume(&mut self) -> Result<(), TargetError> {
+        self.ctl.0.lock().unwrap().want_pause = false;
+        self.ctl.1.notify_all();
+        Ok(())
+    }
+    fn take_dirty(&mut self) -> Result<DirtySet, TargetError> {
+        let mut d = DirtySet::empty(self.ram.ranges());
+        for (r, bits) in self.ram.ranges().iter().zip(d.ranges.iter_mut()) {
+            bits.or_words(&self.ram.take_vmm_dirty(r));
+        }
+        d.or(&self.redirty);
+        self.redirty = DirtySet::empty(self.ram.ranges());
+        Ok(d)
+    }
+    fn mark_dirty(&mut self, pages: &DirtySet) {
+        self.redirty.or(pages);
+    }
+    fn guest_ops(&self) -> Option<u64> {
+        Some(self.writes())
+    }
+}
+
+/// A directory removed when the test passes, kept (and named) when it fails.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fake-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn config(dir: &Path, mode: Mode, cow: CowOptions, inject: Inject) -> SnapshotConfig {
+    SnapshotConfig {
+        dir: dir.to_path_buf(),
+        mode,
+        interval: Duration::from_millis(5),
+        stop_on_error: false,
+        cow,
+        inject,
+    }
+}
+
+/// Tick the engine until `epochs` epochs are committed (or a tick says stop).
+fn run_epochs(engine: &mut SnapshotEngine, fake: &mut Fake, epochs: usize) -> TaskFlow {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while engine.records.len() < epochs {
+        assert!(Instant::now() < deadline, "timed out: {:?}", engine.errors);
+        // Let the guest write between epochs.
+        let before = fake.writes();
+        while fake.writes() < before + 2000 {
+            std::thread::yield_now();
+        }
+        if let TaskFlow::Stop(why) = engine.tick(fake) {
+            return TaskFlow::Stop(why);
+        }
+    }
+    TaskFlow::Continue
+}
+
+/// Rebuild RAM as epoch `id` restores it, and the pause it belongs to.
+fn image(store: &Store, id: u64) -> (u64, Vec<u8>) {
+    let chain = store.chain(id).unwrap();
+    let state = chain[0].state().unwrap();
+    let seq = u64::from_le_bytes(state[..8].try_into().unwrap());
+    let mut img = vec![0u8; RAM as usize];
+    for run in store::plan(&chain).unwrap() {
+        if let Source::Data { epoch, page } = run.source {
+            let at = (run.gfn * PAGE) as usize;
+            chain[epoch]
+                .read_pages(page, &mut img[at..at + (run.count * PAGE) as usize])
+                .unwrap();
+        }
+    }
+    (seq, img)
+}
+
+/// Every committed epoch restores to its reference copy; returns how many.
+fn check_all(dir: &Path, fake: &Fake) -> usize {
+    let store = Store::open(dir, Access::Read).unwrap();
+    let ids = store.ids().unwrap();
+    for &id in &ids {
+        let (seq, img) = image(&store, id);
+        let want = &fake.refs[&seq];
+        if let Some(p) = (0..RAM / PAGE).find(|p| {
+            let r = (p * PAGE) as usize..((p + 1) * PAGE) as usize;
+            img[r.clone()] != want[r]
+        }) {
+            panic!("epoch {id} (pause {seq}) differs from guest memory at its pause, first at page {p}");
+        }
+    }
+    ids.len()
+}
+
+fn exact(name: &str, mode: Mode, cow: CowOptions, huge: bool) {
+    let dir = Dir::new(name);
+    let mut fake = Fake::new(huge);
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow, Inject::default()), None);
+    engine.prepare(&mut fake).unwrap();
+    assert!(matches!(run_epochs(&mut engine, &mut fake, 12), TaskFlow::Continue));
+    assert!(engine.finish(&mut fake).is_none(), "{:?}", engine.errors);
+    fake.stop();
+    assert!(engine.errors.is_empty(), "{:?}", engine.errors);
+    assert_eq!(check_all(&dir.0, &fake), engine.records.len());
+    if mode == Mode::Cow {
+        let faults: u64 = engine.records.iter().map(|r| r.stats.faults).sum();
+        assert!(faults > 0, "the guest never raced the saver: the test proves nothing");
+    }
+}
+
+#[test]
+fn stop_copy_epochs_are_exact() {
+    exact("stop-copy", Mode::StopCopy, CowOptions::default(), true);
+}
+
+#[test]
+fn stop_copy_full_epochs_are_exact() {
+    exact("full", Mode::StopCopyFull, CowOptions::default(), true);
+}
+
+#[test]
+fn cow_epochs_are_exact_with_huge_blocks() {
+    exact("cow-2m", Mode::Cow, CowOptions::default(), true);
+}
+
+#[test]
+fn cow_epochs_are_exact_with_small_blocks() {
+    let cow = CowOptions {
+        block_pages: 1,
+        ..CowOptions::default()
+    };
+    exact("cow-4k", Mode::Cow, cow, false);
+}
+
+#[test]
+fn cow_with_little_aside_memory_waits_but_stays_exact() {
+    let cow = CowOptions {
+        block_pages: 1,
+        aside_bytes: 16 * 4096,
+        ..CowOptions::default()
+    };
+    exact("cow-small-aside", Mode::Cow, cow, false);
+}
+
+/// Mutation check: a fault handler that lifts protection without copying
+/// the page first must make some epoch differ from its pause.
+#[test]
+fn cow_without_copy_on_fault_is_caught() {
+    let dir = Dir::new("mutant");
+    let mut fake = Fake::new(true);
+    let cow = CowOptions {
+        test_skip_copy: true,
+        ..CowOptions::default()
+    };
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow, Inject::default()), None);
+    engine.prepare(&mut fake).unwrap();
+    run_epochs(&mut engine, &mut fake, 12);
+    engine.finish(&mut fake);
+    fake.stop();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_all(&dir.0, &fake)));
+    assert!(caught.is_err(), "a handler that does not copy went unnoticed");
+}
+
+fn with_failures(mode: Mode, fail: &[u64]) {
+    let dir = Dir::new(&format!("fail-{mode:?}-{}", fail.len()));
+    let mut fake = Fake::new(true);
+    let inject = Inject {
+        fail_attempts: fail.to_vec(),
+        ..Inject::default()
+    };
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
+    engine.prepare(&mut fake).unwrap();
+    run_epochs(&mut engine, &mut fake, 10);
+    engine.finish(&mut fake);
+    fake.stop();
+    assert_eq!(engine.errors.len(), fail.len(), "{:?}", engine.errors);
+    assert!(
+        engine.errors.iter().all(|e| e.contains("injected")),
+        "{:?}",
+        engine.errors
+    );
+    // Pages of failed epochs were carried into later ones: every epoch is exact.
+    assert_eq!(check_all(&dir.0, &fake), engine.records.len());
+    let store = Store::open(&dir.0, Access::Read).unwrap();
+    let first = store.open_epoch(store.ids().unwrap()[0]).unwrap();
+    assert!(first.header().is_full(), "the first committed epoch must be full");
+    if fail.contains(&1) {
+        // The full epoch failed: the next one is full again, and only that one.
+        let fulls = store
+            .ids()
+            .unwrap()
+            .iter()
+            .filter(|id| store.open_epoch(**id).unwrap().header().is_full())
+            .count();
+        assert_eq!(
+            fulls,
+            if mode == Mode::StopCopyFull {
+                engine.records.len()
+            } else {
+                1
+            }
+        );
+    }
+}
+
+#[test]
+fn failed_incremental_epochs_carry_their_pages_stop_copy() {
+    with_failures(Mode::StopCopy, &[3, 4, 7]);
+}
+
+#[test]
+fn failed_incremental_epochs_carry_their_pages_cow() {
+    with_failures(Mode::Cow, &[3, 4, 7]);
+}
+
+#[test]
+fn a_failed_full_epoch_forces_a_full_one() {
+    with_failures(Mode::StopCopy, &[1]);
+    with_failures(Mode::Cow, &[1, 2]);
+}
+
+#[test]
+fn stop_on_error_stops_at_the_first_failure() {
+    let dir = Dir::new("stop");
+    let mut fake = Fake::new(true);
+    let inject = Inject {
+        fail_attempts: vec![3],
+        ..Inject::default()
+    };
+    let mut cfg = config(&dir.0, Mode::Cow, CowOptions::default(), inject);
+    cfg.stop_on_error = true;
+    let mut engine = SnapshotEngine::new(cfg, None);
+    engine.prepare(&mut fake).unwrap();
+    match run_epochs(&mut engine, &mut fake, 10) {
+        TaskFlow::Stop(why) => assert!(
+            why.contains("stopping on snapshot failure") && why.contains("injected"),
+            "{why}"
+        ),
+        TaskFlow::Continue => panic!("kept going after a failure"),
+    }
+    engine.finish(&mut fake);
+    assert_eq!(engine.records.len(), 2);
+    // The guest is not left waiting on a protected page.
+    let w = fake.writes();
+    let t = Instant::now();
+    while fake.writes() < w + 10_000 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the guest is stuck");
+        std::thread::yield_now();
+    }
+    fake.stop();
+    check_all(&dir.0, &fake);
+}
+
+#[test]
+fn a_dying_writer_stops_the_run_and_releases_the_guest() {
+    for mode in [Mode::StopCopy, Mode::Cow] {
+        let dir = Dir::new(&format!("panic-{mode:?}"));
+        let mut fake = Fake::new(true);
+        let inject = Inject {
+            panic_attempts: vec![3],
+            ..Inject::default()
+        };
+        let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
+        engine.prepare(&mut fake).unwrap();
+        match run_epochs(&mut engine, &mut fake, 10) {
+            TaskFlow::Stop(why) => assert!(why.contains("panicked") && why.contains("writer"), "{why}"),
+            TaskFlow::Continue => panic!("{mode:?}: a dead writer went unnoticed"),
+        }
+        assert_eq!(engine.records.len(), 2, "{mode:?}");
+        let w = fake.writes();
+        let t = Instant::now();
+        while fake.writes() < w + 10_000 {
+            assert!(t.elapsed() < Duration::from_secs(30), "{mode:?}: the guest is stuck");
+            std::thread::yield_now();
+        }
+        engine.finish(&mut fake);
+        fake.stop();
+        check_all(&dir.0, &fake);
+    }
+}
+
+#[test]
+fn a_vanished_store_directory_fails_epochs_then_recovers() {
+    // A real I/O failure: the epochs directory disappears under the writer.
+    let dir = Dir::new("vanish");
+    let mut fake = Fake::new(true);
+    let mut engine = SnapshotEngine::new(
+        config(&dir.0, Mode::Cow, CowOptions::default(), Inject::default()),
+        None,
+    );
+    engine.prepare(&mut fake).unwrap();
+    run_epochs(&mut engine, &mut fake, 3);
+    engine.wait(&mut fake);
+    let epochs = dir.0.join("epochs");
+    let moved = dir.0.join("moved");
+    std::fs::rename(&epochs, &moved).unwrap();
+    for _ in 0..3 {
+        let before = fake.writes();
+        while fake.writes() < before + 2000 {
+            std::thread::yield_now();
+        }
+        engine.tick(&mut fake);
+        engine.wait(&mut fake);
+    }
+    assert!(!engine.errors.is_empty(), "writing into a missing directory must fail");
+    std::fs::rename(&moved, &epochs).unwrap();
+    let committed = engine.records.len();
+    run_epochs(&mut engine, &mut fake, committed + 3);
+    engine.finish(&mut fake);
+    fake.stop();
+    assert_eq!(check_all(&dir.0, &fake), engine.records.len());
+}
