@@ -109,12 +109,12 @@ fn guest(ram: &GuestRam, ctl: &(Mutex<GuestCtl>, Condvar), writes: &AtomicU64) {
             x ^= x >> 7;
             x ^= x << 17;
             n += 1;
-            let at = if n % 2 == 0 {
+            let at = if n.is_multiple_of(2) {
                 (x % (1 << 20)) & !7
             } else {
                 ((n / 64 * PAGE) % WSS + (x % PAGE)) & !7
             };
-            if n % 997 == 0 {
+            if n.is_multiple_of(997) {
                 let page = at & !(PAGE - 1);
                 ram.memory()
                     .write_slice(&[0u8; PAGE as usize], GuestAddress(page))
