@@ -38,6 +38,15 @@ impl ModeArg {
     }
 }
 
+/// How epoch files are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SnapshotIo {
+    /// O_DIRECT: bypass the page cache (its writeback steals CPU from the guest).
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
 /// Protection block sizes for `cow`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CowBlock {
@@ -76,6 +85,9 @@ pub struct SessionArgs {
     /// How snapshots capture memory.
     #[arg(long, value_enum, default_value = "cow", requires = "snapshot_dir")]
     pub mode: ModeArg,
+    /// How page data is written: O_DIRECT or through the page cache.
+    #[arg(long, value_enum, default_value = "direct", requires = "snapshot_dir")]
+    pub snapshot_io: SnapshotIo,
     /// cow: granularity of write protection.
     #[arg(long, value_enum, default_value = "2M", requires = "snapshot_dir")]
     pub cow_block: CowBlock,
@@ -110,6 +122,26 @@ fn spawn_stdin(devices: Arc<Devices>) {
             }
         }
     });
+}
+
+/// The hot-region policy, from `CONSNAP_COW_HOT` (`off`, or
+/// `STREAK,PAGES,PROBE`), a tuning knob for measurements.
+fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
+    let Ok(v) = std::env::var("CONSNAP_COW_HOT") else {
+        return Ok(Some(snapshot::HotPolicy::default()));
+    };
+    if v == "off" {
+        return Ok(None);
+    }
+    let n: Vec<u64> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    match n[..] {
+        [streak, pages, probe] => Ok(Some(snapshot::HotPolicy {
+            min_streak: streak.min(255) as u8,
+            min_pages: pages.min(64) as u32,
+            probe_every: probe,
+        })),
+        _ => Err(format!("CONSNAP_COW_HOT='{v}' is not 'off' or STREAK,PAGES,PROBE")),
+    }
 }
 
 /// Check the session options before any VM exists: the snapshot mode must
@@ -150,9 +182,11 @@ pub fn execute(
                         CowBlock::Huge => 512,
                     },
                     aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
+                    hot: hot_policy()?,
                     ..CowOptions::default()
                 },
                 inject: Inject::from_env(),
+                direct_io: a.snapshot_io == SnapshotIo::Direct,
             };
             let mut e = SnapshotEngine::new(cfg, parent);
             if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {

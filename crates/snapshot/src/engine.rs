@@ -41,6 +41,8 @@ pub struct SnapshotConfig {
     pub stop_on_error: bool,
     /// Tuning of `cow`.
     pub cow: CowOptions,
+    /// Write page data with O_DIRECT (bypassing the page cache).
+    pub direct_io: bool,
     /// Test hook: which capture attempts of this engine fail on purpose.
     #[doc(hidden)]
     pub inject: Inject,
@@ -418,6 +420,7 @@ impl SnapshotEngine {
             store,
             state: cap.state,
             taken: None,
+            direct_io: self.cfg.direct_io,
         };
         let job = self.strategy.paused(t, &mut ctx);
         if let Err(e) = t.resume() {

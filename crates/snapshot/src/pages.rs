@@ -8,26 +8,89 @@ use vmm::dirty::PageBits;
 /// Guest page size.
 pub const PAGE: usize = 4096;
 
-/// A zeroed buffer of `len` bytes whose pages are already faulted in.
-///
-/// A large `vec![0; n]` is fresh anonymous memory that the kernel has not
-/// populated yet; touching it page by page costs a fault each (about 2 µs
-/// here). MADV_POPULATE_WRITE faults the whole range in one call, cheaper,
-/// and ahead of the pause that will copy into it.
-pub fn prefaulted(len: usize) -> Vec<u8> {
-    const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let v = vec![0u8; len];
-    if len >= 1 << 20 {
-        let start = (v.as_ptr() as usize).next_multiple_of(PAGE);
-        let end = (v.as_ptr() as usize + len) / PAGE * PAGE;
-        if end > start {
-            // SAFETY: [start, end) lies inside `v`'s allocation; populating
-            // writable anonymous pages changes no contents (they stay zero).
-            // Older kernels return EINVAL, and the pages then fault on use.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
+/// A zeroed, page-aligned buffer whose pages are already faulted in, so
+/// that it can be written with O_DIRECT and copied into without a host
+/// page fault per page.
+pub struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only reads, like &[u8].
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(PAGE).next_multiple_of(PAGE), PAGE)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; PAGE]>())
+    }
+
+    /// A buffer of `len` bytes (rounded up to whole pages).
+    pub fn new(len: usize) -> PageBuf {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        if layout.size() >= 1 << 20 {
+            // SAFETY: the range is exactly our allocation; populating
+            // writable anonymous pages changes no contents (they stay
+            // zero). Older kernels return EINVAL and the pages fault on use.
+            unsafe { libc::madvise(raw.cast(), layout.size(), MADV_POPULATE_WRITE) };
+        }
+        PageBuf {
+            ptr,
+            len: layout.size(),
         }
     }
-    v
+
+    /// An empty buffer (one page).
+    pub fn empty() -> PageBuf {
+        PageBuf::new(PAGE)
+    }
+}
+
+impl Default for PageBuf {
+    fn default() -> Self {
+        PageBuf::empty()
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `len` initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBuf({} bytes)", self.len)
+    }
+}
+
+/// A zeroed, page-aligned, pre-faulted buffer of at least `len` bytes.
+pub fn prefaulted(len: usize) -> PageBuf {
+    PageBuf::new(len)
 }
 
 /// True when the page holds only zero bytes.
@@ -73,6 +136,16 @@ pub fn populated(host: *const u8, pages: u64) -> PageBits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_buffers_are_aligned_and_zeroed() {
+        let mut b = PageBuf::new(3 << 20);
+        assert_eq!(b.as_ptr() as usize % PAGE, 0);
+        assert_eq!(b.len(), 3 << 20);
+        assert!(b.iter().all(|x| *x == 0));
+        b[5] = 1;
+        assert_eq!(PageBuf::new(1).len(), PAGE);
+    }
 
     #[test]
     fn zero_detection() {

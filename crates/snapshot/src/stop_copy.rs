@@ -11,7 +11,7 @@ use store::{EpochInfo, EpochMeta, Mode, Store};
 use vmm::memory::PAGE_SIZE;
 
 use crate::error::{EpochFailure, SnapshotError};
-use crate::pages::{self, PAGE, is_zero};
+use crate::pages::{self, PAGE, PageBuf, is_zero};
 use crate::strategy::{Committed, EpochCtx, EpochStats, JobFn, Strategy, capture_full_paused};
 use crate::target::Target;
 use crate::worker::Health;
@@ -23,8 +23,8 @@ const STAGING_START: usize = 16 << 20;
 #[derive(Debug, Default)]
 pub(crate) struct StopCopy {
     /// Free staging buffers (one: an epoch is captured only once the previous one is done).
-    staging: Arc<Mutex<Vec<Vec<u8>>>>,
-    chunk: Vec<u8>,
+    staging: Arc<Mutex<Vec<PageBuf>>>,
+    chunk: PageBuf,
 }
 
 impl Strategy for StopCopy {
@@ -81,9 +81,10 @@ impl Strategy for StopCopy {
         let meta = ctx.meta.clone();
         let state = std::mem::take(&mut ctx.state);
         let pool = self.staging.clone();
+        let direct = ctx.direct_io;
         Ok(Box::new(move |pause_ns| {
             let started = Instant::now();
-            let r = write_incremental(&store, meta, &state, &gfns, &buf, pause_ns);
+            let r = write_incremental(&store, meta, &state, &gfns, &buf, pause_ns, direct);
             if buf.len() < need * 3 / 2 && need > 0 {
                 // Fault the pages in now, so that the next pause does not pay for them.
                 buf = pages::prefaulted((need * 3 / 2).min(ram.size() as usize));
@@ -101,7 +102,7 @@ impl Strategy for StopCopy {
 }
 
 impl StopCopy {
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: PageBuf) {
         self.staging.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
     }
 }
@@ -115,9 +116,9 @@ fn write_incremental(
     gfns: &[u64],
     buf: &[u8],
     pause_ns: u64,
+    direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
-    let mut w = store.writer(meta)?;
-    w.write_state(state)?;
+    let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
     let mut batch_start = 0;
     for i in 0..=gfns.len() {
         let zero = i < gfns.len() && is_zero(&buf[i * PAGE..(i + 1) * PAGE]);

@@ -17,7 +17,7 @@ use vmm::dirty::DirtySet;
 use vmm::memory::{GuestRam, PAGE_SIZE};
 
 use crate::error::{EpochFailure, SnapshotError};
-use crate::pages;
+use crate::pages::{self, PageBuf};
 use crate::target::Target;
 use crate::worker::Health;
 
@@ -60,6 +60,30 @@ pub struct EpochCtx {
     /// The dirty set the strategy took from the machine, so that a failure
     /// can hand it back.
     pub taken: Option<DirtySet>,
+    /// Write page data with O_DIRECT.
+    pub direct_io: bool,
+}
+
+impl EpochCtx {
+    /// Open the epoch's file and write its state.
+    pub(crate) fn writer(&self) -> Result<EpochWriter, EpochFailure> {
+        open_writer(&self.store, self.meta.clone(), &self.state, self.direct_io)
+    }
+}
+
+/// Open an epoch file and write its state.
+pub(crate) fn open_writer(
+    store: &Store,
+    meta: EpochMeta,
+    state: &[u8],
+    direct_io: bool,
+) -> Result<EpochWriter, EpochFailure> {
+    let mut w = store.writer(meta)?;
+    if direct_io {
+        w.use_direct_io();
+    }
+    w.write_state(state)?;
+    Ok(w)
 }
 
 /// A capture mode.
@@ -90,13 +114,12 @@ const FULL_CHUNK_PAGES: u64 = 2048;
 pub(crate) fn capture_full_paused(
     t: &mut dyn Target,
     ctx: &mut EpochCtx,
-    chunk: &mut Vec<u8>,
+    chunk: &mut PageBuf,
 ) -> Result<JobFn, EpochFailure> {
     // Everything written so far is in this epoch.
     drop(t.take_dirty()?);
     let ram = t.ram().clone();
-    let mut w = ctx.store.writer(ctx.meta.clone())?;
-    w.write_state(&ctx.state)?;
+    let mut w = ctx.writer()?;
     write_all_pages(&ram, &mut w, chunk)?;
     Ok(Box::new(move |pause_ns| {
         let started = std::time::Instant::now();
@@ -113,7 +136,7 @@ pub(crate) fn capture_full_paused(
 
 /// Write every page of `ram` in order, reading populated pages through a
 /// reused chunk buffer. The caller guarantees nothing writes RAM meanwhile.
-fn write_all_pages(ram: &GuestRam, w: &mut EpochWriter, chunk: &mut Vec<u8>) -> Result<(), EpochFailure> {
+fn write_all_pages(ram: &GuestRam, w: &mut EpochWriter, chunk: &mut PageBuf) -> Result<(), EpochFailure> {
     let want = (FULL_CHUNK_PAGES * PAGE_SIZE) as usize;
     if chunk.len() < want {
         *chunk = pages::prefaulted(want);
@@ -157,7 +180,7 @@ fn write_all_pages(ram: &GuestRam, w: &mut EpochWriter, chunk: &mut Vec<u8>) -> 
 /// `stop-copy-full`: pause, write all memory and state, resume.
 #[derive(Debug, Default)]
 pub(crate) struct StopCopyFull {
-    chunk: Vec<u8>,
+    chunk: PageBuf,
 }
 
 impl Strategy for StopCopyFull {

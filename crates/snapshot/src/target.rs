@@ -39,6 +39,16 @@ pub trait Target {
     fn vcpus(&self) -> u32;
     /// Turn dirty-page logging on (before the vCPUs start).
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), TargetError>;
+    /// Stop re-protecting reported pages automatically: [`Target::take_dirty`]
+    /// then keeps reporting a page until [`Target::rearm_dirty`] is called
+    /// for it. Before dirty logging is on; false if unsupported.
+    fn set_manual_rearm(&mut self) -> Result<bool, TargetError> {
+        Ok(false)
+    }
+    /// Track `pages` again (manual mode).
+    fn rearm_dirty(&mut self, _pages: &DirtySet) -> Result<(), TargetError> {
+        Ok(())
+    }
     /// Pause every vCPU and capture the machine state. `Ok(None)`: the
     /// guest is stopping and there is nothing left to capture (not paused).
     fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError>;
@@ -63,6 +73,14 @@ impl Target for Machine {
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<(), TargetError> {
         Ok(Machine::set_dirty_logging(self, on)?)
+    }
+
+    fn set_manual_rearm(&mut self) -> Result<bool, TargetError> {
+        Ok(Machine::set_manual_rearm(self)?)
+    }
+
+    fn rearm_dirty(&mut self, pages: &DirtySet) -> Result<(), TargetError> {
+        Ok(Machine::rearm_dirty(self, pages)?)
     }
 
     fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {

@@ -47,6 +47,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
         stop_on_error: true,
         cow: Default::default(),
         inject: Default::default(),
+        direct_io: true,
     };
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut m).unwrap();

@@ -207,6 +207,7 @@ fn config(dir: &Path, mode: Mode, cow: CowOptions, inject: Inject) -> SnapshotCo
         stop_on_error: false,
         cow,
         inject,
+        direct_io: true,
     }
 }
 

@@ -13,7 +13,12 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1,
+    kvm_pit_config, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +31,9 @@ use crate::dirty::{DirtySet, PageBits};
 use crate::memory::{GuestRam, MemoryError, RamRange};
 use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
+
+/// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30) | (24 << 16) | (0xae << 8) | 0xc0;
 
 /// Most vCPUs consnap runs.
 pub const MAX_VCPUS: u8 = 4;
@@ -105,6 +113,8 @@ pub struct Machine {
     events_tx: Sender<VcpuEvent>,
     events_rx: Receiver<VcpuEvent>,
     dirty_logging: bool,
+    /// KVM_GET_DIRTY_LOG does not re-protect; [`Machine::rearm_dirty`] does.
+    manual_rearm: bool,
     /// Pages handed back by [`Machine::mark_dirty`], reported by the next [`Machine::take_dirty`].
     redirty: Mutex<DirtySet>,
 }
@@ -313,6 +323,7 @@ impl Machine {
             events_tx,
             events_rx,
             dirty_logging: false,
+            manual_rearm: false,
             redirty,
         }
     }
@@ -378,6 +389,66 @@ impl Machine {
             set_slot(&self.vm, &self.ram, &r, on)?;
         }
         self.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Ask KVM to stop re-protecting the pages it reports dirty
+    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): [`Machine::take_dirty`] then
+    /// keeps reporting a page until [`Machine::rearm_dirty`] re-protects it,
+    /// so that pages written in most epochs can stay unprotected (a page
+    /// that stays dirty costs no fault). Call before dirty logging is on.
+    /// Returns false when the host's KVM cannot.
+    pub fn set_manual_rearm(&mut self) -> Result<bool, MachineError> {
+        const MANUAL_PROTECT_ENABLE: u64 = 1;
+        if self.dirty_logging {
+            return Err(MachineError::Phase("already logging dirty pages"));
+        }
+        let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+        let have = self.vm.check_extension_raw(libc::c_ulong::from(cap));
+        if have <= 0 || have as u64 & MANUAL_PROTECT_ENABLE == 0 {
+            return Ok(false);
+        }
+        let mut c = kvm_bindings::kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        c.args[0] = MANUAL_PROTECT_ENABLE;
+        self.vm
+            .enable_cap(&c)
+            .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+        self.manual_rearm = true;
+        Ok(true)
+    }
+
+    /// Re-protect `pages` in KVM's dirty log, so that their next write is
+    /// logged again (manual mode only; a no-op otherwise).
+    pub fn rearm_dirty(&self, pages: &DirtySet) -> Result<(), MachineError> {
+        if !self.manual_rearm || !self.dirty_logging {
+            return Ok(());
+        }
+        for (r, bits) in self.ram.ranges().iter().zip(&pages.ranges) {
+            if bits.is_empty() {
+                continue;
+            }
+            let mut words = bits.words().to_vec();
+            let arg = kvm_clear_dirty_log {
+                slot: r.slot,
+                num_pages: r.pages() as u32,
+                first_page: 0,
+                __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: words.as_mut_ptr().cast(),
+                },
+            };
+            // SAFETY: KVM_CLEAR_DIRTY_LOG reads the struct and `num_pages`
+            // bits of the bitmap, which `words` holds for the whole slot.
+            let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &arg) };
+            if rc != 0 {
+                return Err(MachineError::Kvm {
+                    op: "KVM_CLEAR_DIRTY_LOG",
+                    source: kvm_ioctls::Error::last(),
+                });
+            }
+        }
         Ok(())
     }
 

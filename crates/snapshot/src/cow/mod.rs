@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::shared::Shared;
 use crate::error::{EpochFailure, SnapshotError};
+use crate::hot::Hotness;
 use crate::strategy::{Committed, EpochCtx, EpochStats, JobFn, Strategy};
 use crate::target::Target;
 use crate::worker::{self, Health};
@@ -34,7 +35,8 @@ pub(crate) struct Cow {
     shared: Option<Arc<Shared>>,
     stop: Option<EventFd>,
     handler: Option<JoinHandle<()>>,
-    scratch: Arc<Mutex<Vec<Vec<u8>>>>,
+    scratch: Arc<Mutex<Vec<crate::pages::PageBuf>>>,
+    hot: Option<Hotness>,
 }
 
 impl Cow {
@@ -45,6 +47,7 @@ impl Cow {
             stop: None,
             handler: None,
             scratch: Arc::default(),
+            hot: None,
         }
     }
 
@@ -65,6 +68,11 @@ impl Strategy for Cow {
         for r in ram.ranges() {
             u.register(ram.host_ptr(r) as u64, r.len, uffd::Mode::WriteProtect)
                 .map_err(SnapshotError::Cow)?;
+        }
+        if let Some(policy) = self.opts.hot
+            && t.set_manual_rearm()?
+        {
+            self.hot = Some(Hotness::new(policy));
         }
         t.set_dirty_logging(true)?;
         let shared = Arc::new(Shared::new(u, ram, self.opts.clone()));
@@ -88,24 +96,28 @@ impl Strategy for Cow {
 
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
+        let taken = t.take_dirty()?;
+        // Re-protect the pages worth tracking (all of them, without a policy).
+        if let Some(h) = &mut self.hot {
+            t.rearm_dirty(&h.rearm(&taken))?;
+        }
         let pages = if ctx.meta.full {
             // Everything so far is in this epoch.
-            drop(t.take_dirty()?);
             DirtySet::all(t.ram().ranges())
         } else {
-            let d = t.take_dirty()?;
-            ctx.taken = Some(d.clone());
-            d
+            ctx.taken = Some(taken.clone());
+            taken
         };
         let calls = shared.arm(&pages)?;
         let store = ctx.store.clone();
         let meta = ctx.meta.clone();
         let state = std::mem::take(&mut ctx.state);
         let pool = self.scratch.clone();
+        let direct = ctx.direct_io;
         Ok(Box::new(move |pause_ns| {
             let started = Instant::now();
             let mut scratch = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns);
+            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns, direct);
             pool.lock().unwrap_or_else(|p| p.into_inner()).push(scratch);
             let c = &shared.counters;
             let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

@@ -9,7 +9,7 @@ use vmm::memory::PAGE_SIZE;
 
 use super::shared::Shared;
 use crate::error::EpochFailure;
-use crate::pages;
+use crate::pages::{self, PageBuf};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -20,13 +20,13 @@ pub(crate) fn save_epoch(
     store: &Store,
     meta: EpochMeta,
     state: &[u8],
-    scratch: &mut Vec<u8>,
+    scratch: &mut PageBuf,
     pause_ns: u64,
+    direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
     let full = meta.full;
     let r = (|| {
-        let mut w = store.writer(meta)?;
-        w.write_state(state)?;
+        let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
         for ri in 0..shared.ranges.len() {
             save_range(shared, ri, full, &mut w, scratch)?;
         }
@@ -62,7 +62,7 @@ fn save_range(
     ri: usize,
     full: bool,
     w: &mut EpochWriter,
-    scratch: &mut Vec<u8>,
+    scratch: &mut PageBuf,
 ) -> Result<(), EpochFailure> {
     let range = shared.ranges[ri];
     let pages_n = range.pages();

@@ -39,6 +39,9 @@ pub struct CowOptions {
     /// Runs of protected blocks closer than this many pages are armed and
     /// lifted with one call.
     pub merge_gap_pages: u64,
+    /// Leave pages of regions written in most epochs unprotected in KVM's
+    /// dirty log (`None`: re-protect every page each epoch).
+    pub hot: Option<crate::hot::HotPolicy>,
     /// Test hook for mutation checks: the fault handler lifts protection
     /// without copying the page first (the saved epoch is then wrong).
     #[doc(hidden)]
@@ -52,6 +55,7 @@ impl Default for CowOptions {
             aside_bytes: 256 << 20,
             chunk_pages: 512,
             merge_gap_pages: 16,
+            hot: Some(crate::hot::HotPolicy::default()),
             test_skip_copy: false,
         }
     }
