@@ -28,6 +28,8 @@ pub struct EpochStats {
     pub faults: u64,
     /// Pages copied aside by the fault handler before the guest wrote them (cow).
     pub pages_copied_aside: u64,
+    /// Pages copied aside in all, on faults or ahead of the saver (cow).
+    pub pages_captured: u64,
     /// Times the fault handler waited for copy-aside memory (cow overload).
     pub aside_waits: u64,
     /// write-protect calls made to arm this epoch (cow).

@@ -40,6 +40,9 @@ struct Fake {
     seq: u64,
     refs: HashMap<u64, Vec<u8>>,
     redirty: DirtySet,
+    /// Emulates KVM's manual re-arm mode: reported pages stay reported
+    /// until re-armed.
+    manual: Option<DirtySet>,
 }
 
 impl Fake {
@@ -58,6 +61,7 @@ impl Fake {
             seq: 0,
             refs: HashMap::new(),
             redirty,
+            manual: None,
         }
     }
 
@@ -161,10 +165,24 @@ impl Target for Fake {
         self.ctl.1.notify_all();
         Ok(())
     }
+    fn set_manual_rearm(&mut self) -> Result<bool, TargetError> {
+        self.manual = Some(DirtySet::empty(self.ram.ranges()));
+        Ok(true)
+    }
+    fn rearm_dirty(&mut self, pages: &DirtySet) -> Result<(), TargetError> {
+        if let Some(log) = &mut self.manual {
+            log.remove(pages);
+        }
+        Ok(())
+    }
     fn take_dirty(&mut self) -> Result<DirtySet, TargetError> {
         let mut d = DirtySet::empty(self.ram.ranges());
         for (r, bits) in self.ram.ranges().iter().zip(d.ranges.iter_mut()) {
             bits.or_words(&self.ram.take_vmm_dirty(r));
+        }
+        if let Some(log) = &mut self.manual {
+            log.or(&d);
+            d = log.clone();
         }
         d.or(&self.redirty);
         self.redirty = DirtySet::empty(self.ram.ranges());

@@ -411,6 +411,27 @@ fn feature_names(bits: u64) -> &'static str {
     }
 }
 
+/// Wait until one of `fds` is readable, or `timeout_ms` passes (-1 =
+/// forever); `ready[i]` tells whether `fds[i]` is. An interrupted wait
+/// returns with nothing ready.
+pub fn poll_fds<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: poll reads and writes the N pollfd entries of `p`.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = last_err();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok([false; N]);
+        }
+        return Err(e);
+    }
+    Ok(p.map(|x| x.revents != 0))
+}
+
 /// Wait until `fd` or `stop` is readable, or `timeout_ms` passes (-1 = forever).
 /// Returns (fd readable, stop readable).
 pub fn poll2(fd: RawFd, stop: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)> {

@@ -52,6 +52,13 @@ impl PageBits {
         }
     }
 
+    /// Remove `other`'s pages (the same range).
+    pub fn remove(&mut self, other: &PageBits) {
+        for (d, s) in self.words.iter_mut().zip(&other.words) {
+            *d &= !*s;
+        }
+    }
+
     /// Add pages from raw bitmap words.
     pub fn or_words(&mut self, words: &[u64]) {
         for (d, s) in self.words.iter_mut().zip(words) {
@@ -208,6 +215,13 @@ impl DirtySet {
         }
         for (d, s) in self.ranges.iter_mut().zip(&other.ranges) {
             d.or(s);
+        }
+    }
+
+    /// Remove `other`'s pages.
+    pub fn remove(&mut self, other: &DirtySet) {
+        for (d, s) in self.ranges.iter_mut().zip(&other.ranges) {
+            d.remove(s);
         }
     }
 

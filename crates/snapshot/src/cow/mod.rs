@@ -75,11 +75,14 @@ impl Strategy for Cow {
             self.hot = Some(Hotness::new(policy));
         }
         t.set_dirty_logging(true)?;
-        let shared = Arc::new(Shared::new(u, ram, self.opts.clone()));
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| SnapshotError::Thread {
-            thread: "fault handler",
-            source,
-        })?;
+        let evt = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| SnapshotError::Thread {
+                thread: "fault handler",
+                source,
+            })
+        };
+        let shared = Arc::new(Shared::new(u, ram, self.opts.clone(), evt()?));
+        let stop = evt()?;
         let stop2 = stop.try_clone().map_err(|source| SnapshotError::Thread {
             thread: "fault handler",
             source,
@@ -126,6 +129,7 @@ impl Strategy for Cow {
                 stats: EpochStats {
                     faults: ld(&c.faults),
                     pages_copied_aside: ld(&c.copied),
+                    pages_captured: ld(&c.captured),
                     aside_waits: ld(&c.waits),
                     protect_calls: calls,
                     save_time: started.elapsed(),

@@ -117,25 +117,24 @@ fn save_range(
             )
         });
         let is_present = |p: u64| present.as_ref().is_none_or(|b| b.get(p - start));
-        let result = copy_and_write(shared, ri, &entries, &is_present, scratch, w, gfn0);
+        // Copy, then lift protection at once, then write: the guest waits
+        // for a memory copy at most, never for the disk.
+        let copied = copy_claimed(shared, ri, &entries, &is_present, scratch);
         let lifted = lift(shared, ri, start, end);
-        result?;
+        copied?;
         lifted?;
+        write_span(&entries, &is_present, scratch, w, gfn0)?;
         cursor = end;
     }
 }
 
-/// Copy the claimed pages of `entries` from guest memory into `scratch`,
-/// then write the span: data pages in batches, zero and never-touched pages
-/// only in the index.
-fn copy_and_write(
+/// Copy the claimed pages of `entries` from guest memory into `scratch`.
+fn copy_claimed(
     shared: &Shared,
     ri: usize,
     entries: &[(u64, Src)],
     is_present: &dyn Fn(u64) -> bool,
     scratch: &mut [u8],
-    w: &mut EpochWriter,
-    gfn0: u64,
 ) -> Result<(), EpochFailure> {
     let base = shared.ranges[ri].gpa;
     let mut i = 0;
@@ -159,6 +158,18 @@ fn copy_and_write(
             i += 1;
         }
     }
+    Ok(())
+}
+
+/// Write a span from `scratch`: data pages in batches, zero and
+/// never-touched pages only in the index.
+fn write_span(
+    entries: &[(u64, Src)],
+    is_present: &dyn Fn(u64) -> bool,
+    scratch: &[u8],
+    w: &mut EpochWriter,
+    gfn0: u64,
+) -> Result<(), EpochFailure> {
     let zero = |k: usize| {
         let (p, src) = entries[k];
         (matches!(src, Src::Guest) && !is_present(p)) || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE])

@@ -42,6 +42,9 @@ pub struct CowOptions {
     /// Leave pages of regions written in most epochs unprotected in KVM's
     /// dirty log (`None`: re-protect every page each epoch).
     pub hot: Option<crate::hot::HotPolicy>,
+    /// Between faults, the fault handler copies pending pages aside ahead
+    /// of the saver and lifts their protection.
+    pub capture_ahead: bool,
     /// Test hook for mutation checks: the fault handler lifts protection
     /// without copying the page first (the saved epoch is then wrong).
     #[doc(hidden)]
@@ -56,6 +59,7 @@ impl Default for CowOptions {
             chunk_pages: 512,
             merge_gap_pages: 16,
             hot: Some(crate::hot::HotPolicy::default()),
+            capture_ahead: true,
             test_skip_copy: false,
         }
     }
@@ -68,11 +72,13 @@ pub(crate) struct Counters {
     pub copied: AtomicU64,
     pub waits: AtomicU64,
     pub spurious: AtomicU64,
+    /// Pages copied aside, by faults or ahead of the saver.
+    pub captured: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn reset(&self) {
-        for c in [&self.faults, &self.copied, &self.waits, &self.spurious] {
+        for c in [&self.faults, &self.copied, &self.waits, &self.spurious, &self.captured] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -94,6 +100,9 @@ pub(crate) struct Inner {
     pub free: Vec<u32>,
     /// The epoch was given up ([`Shared::release_all`]): the saver must not commit it.
     pub aborted: bool,
+    /// Where the fault handler's capture-ahead goes next: (range, block);
+    /// `None` when it has nothing left to capture.
+    pub capture: Option<(usize, u64)>,
 }
 
 /// Shared by the strategy, the saver and the fault handler.
@@ -108,10 +117,12 @@ pub(crate) struct Shared {
     /// Signalled when aside slots are freed or the saver releases a span.
     pub cv: Condvar,
     pub counters: Counters,
+    /// Wakes the fault handler when an epoch is armed (to capture ahead).
+    pub kick: EventFd,
 }
 
 impl Shared {
-    pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions) -> Shared {
+    pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
         let ranges = ram.ranges().to_vec();
         let hosts = ranges.iter().map(|r| ram.host_ptr(r) as u64).collect();
         let slots = (opts.aside_bytes / PAGE_SIZE as usize).max(opts.block_pages as usize);
@@ -127,6 +138,7 @@ impl Shared {
             slab: vec![0u8; slots * PAGE_SIZE as usize],
             free: (0..slots as u32).rev().collect(),
             aborted: false,
+            capture: None,
         };
         Shared {
             uffd,
@@ -137,6 +149,7 @@ impl Shared {
             inner: Mutex::new(inner),
             cv: Condvar::new(),
             counters: Counters::default(),
+            kick,
         }
     }
 
@@ -210,6 +223,9 @@ impl Shared {
                 calls += 1;
             }
         }
+        g.capture = self.opts.capture_ahead.then_some((0, 0));
+        drop(g);
+        let _ = self.kick.write(1);
         Ok(calls)
     }
 
@@ -229,8 +245,87 @@ impl Shared {
         g.free.extend(slots);
         g.held = None;
         g.aborted = true;
+        g.capture = None;
         drop(g);
         self.cv.notify_all();
+    }
+
+    /// Capture ahead of the saver while no fault waits: copy the pending
+    /// pages of the next armed blocks into the copy-aside memory and lift
+    /// their protection, so that the guest finds them writable. Keeps a
+    /// quarter of the copy-aside memory free for faults.
+    fn capture_ahead(&self) -> Result<Capture, UffdError> {
+        let mut g = self.lock();
+        let Some((mut ri, mut block)) = g.capture else {
+            return Ok(Capture::Idle);
+        };
+        let reserve = g.free.len() + g.aside.len();
+        let reserve = (reserve / 4).max(self.opts.block_pages as usize);
+        let mut taken = 0u64;
+        let mut lift: Vec<(usize, u64, u64)> = Vec::new();
+        while taken < self.opts.chunk_pages {
+            let Some(b) = g.armed.get(ri).and_then(|a| a.next_set(block)) else {
+                ri += 1;
+                block = 0;
+                if ri >= self.ranges.len() {
+                    g.capture = None;
+                    break;
+                }
+                continue;
+            };
+            let (b0, b1) = self.block_pages(ri, b);
+            if g.held.is_some_and(|(hr, s, e)| hr == ri && s < b1 && b0 < e) {
+                // The saver has it.
+                block = b + 1;
+                continue;
+            }
+            let want = g.pending[ri].take_span(b0, b1);
+            if g.free.len() < want.len() + reserve {
+                for q in want {
+                    g.pending[ri].set(q);
+                }
+                g.capture = Some((ri, b));
+                break;
+            }
+            self.copy_aside(&mut g, ri, &want);
+            g.armed[ri].unset(b);
+            taken += want.len() as u64 + 1;
+            match lift.last_mut() {
+                Some(l) if l.0 == ri && l.2 == b0 => l.2 = b1,
+                _ => lift.push((ri, b0, b1)),
+            }
+            block = b + 1;
+            g.capture = Some((ri, block));
+        }
+        let state = if g.capture.is_none() {
+            Capture::Idle
+        } else if lift.is_empty() {
+            Capture::Blocked
+        } else {
+            Capture::Progress
+        };
+        drop(g);
+        for (r, s, e) in lift {
+            let (a, l) = self.span(r, s, e);
+            self.uffd.unprotect(a, l, true)?;
+        }
+        Ok(state)
+    }
+
+    /// Copy pages `pages` of range `ri` into free slots (the caller checked there are enough).
+    fn copy_aside(&self, g: &mut MutexGuard<'_, Inner>, ri: usize, pages: &[u64]) {
+        let inner = &mut **g;
+        for q in pages {
+            let slot = inner.free.pop().unwrap_or_default();
+            let at = slot as usize * PAGE_SIZE as usize;
+            let gpa = self.ranges[ri].gpa + q * PAGE_SIZE;
+            if let Err(e) = self.ram.read_to(gpa, &mut inner.slab[at..at + PAGE_SIZE as usize]) {
+                tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
+            }
+            inner.aside.insert((ri, *q), slot);
+            inner.pending[ri].unset(*q);
+        }
+        self.counters.captured.fetch_add(pages.len() as u64, Ordering::Relaxed);
     }
 
     /// Serve one write-protect fault at host address `addr`.
@@ -269,17 +364,7 @@ impl Shared {
                 g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let inner = &mut *g;
-            for q in &want {
-                let slot = inner.free.pop().unwrap_or_default();
-                let at = slot as usize * PAGE_SIZE as usize;
-                let gpa = self.ranges[ri].gpa + q * PAGE_SIZE;
-                if let Err(e) = self.ram.read_to(gpa, &mut inner.slab[at..at + PAGE_SIZE as usize]) {
-                    tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
-                }
-                inner.aside.insert((ri, *q), slot);
-                inner.pending[ri].unset(*q);
-            }
+            self.copy_aside(&mut g, ri, &want);
             self.counters.copied.fetch_add(want.len() as u64, Ordering::Relaxed);
             break;
         }
@@ -290,17 +375,42 @@ impl Shared {
     }
 }
 
-/// The fault handler thread's body: serve faults until `stop` is signalled.
+/// What capturing ahead did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// Nothing left to capture.
+    Idle,
+    /// Waiting for copy-aside memory.
+    Blocked,
+    /// Captured some pages; there may be more.
+    Progress,
+}
+
+/// The fault handler thread's body: serve faults until `stop` is
+/// signalled; between faults, capture ahead of the saver.
 pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
     ready();
     let mut events = [Event::Other(0); 32];
+    let mut capture = Capture::Idle;
     loop {
-        let (_, stopping) = match uffd::poll2(shared.uffd.as_raw_fd(), stop.as_raw_fd(), -1) {
+        let timeout = match capture {
+            Capture::Idle => -1,
+            Capture::Blocked => 1,
+            Capture::Progress => 0,
+        };
+        let [_, stopping, kicked] = match uffd::poll_fds(
+            [shared.uffd.as_raw_fd(), stop.as_raw_fd(), shared.kick.as_raw_fd()],
+            timeout,
+        ) {
             Ok(r) => r,
             Err(e) => panic!("polling the userfaultfd failed: {e}"),
         };
         if stopping {
             return;
+        }
+        if kicked {
+            let _ = shared.kick.read();
+            capture = Capture::Progress;
         }
         let n = match shared.uffd.read_events(&mut events) {
             Ok(n) => n,
@@ -315,6 +425,12 @@ pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
                 }
                 other => tracing::warn!("unexpected userfaultfd event {other:?}"),
             }
+        }
+        if n == 0 && capture != Capture::Idle {
+            capture = match shared.capture_ahead() {
+                Ok(c) => c,
+                Err(e) => panic!("capturing ahead failed: {e}"),
+            };
         }
     }
 }
