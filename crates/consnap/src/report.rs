@@ -96,6 +96,8 @@ pub struct EpochEntry {
     pub faults: u64,
     /// Pages the fault handler copied aside (cow).
     pub copied_aside: u64,
+    /// Pages copied aside in all, on faults or ahead of the saver (cow).
+    pub captured: u64,
     /// Times the fault handler waited for copy-aside memory (cow).
     pub aside_waits: u64,
     /// Write-protect calls made while paused (cow).
@@ -117,6 +119,7 @@ impl From<&EpochRecord> for EpochEntry {
             save_ms: r.stats.save_time.as_secs_f64() * 1e3,
             faults: r.stats.faults,
             copied_aside: r.stats.pages_copied_aside,
+            captured: r.stats.pages_captured,
             aside_waits: r.stats.aside_waits,
             protect_calls: r.stats.protect_calls,
         }
