@@ -102,6 +102,10 @@ pub struct EpochEntry {
     pub aside_waits: u64,
     /// Write-protect calls made while paused (cow).
     pub protect_calls: u64,
+    /// Of the pause: taking and re-arming the dirty set.
+    pub dirty_us: f64,
+    /// Of the pause: copying (stop-copy) or write-protecting (cow) the pages.
+    pub capture_us: f64,
 }
 
 impl From<&EpochRecord> for EpochEntry {
@@ -122,6 +126,8 @@ impl From<&EpochRecord> for EpochEntry {
             captured: r.stats.pages_captured,
             aside_waits: r.stats.aside_waits,
             protect_calls: r.stats.protect_calls,
+            dirty_us: r.stats.dirty_time.as_secs_f64() * 1e6,
+            capture_us: r.stats.capture_time.as_secs_f64() * 1e6,
         }
     }
 }

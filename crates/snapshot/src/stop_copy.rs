@@ -46,7 +46,9 @@ impl Strategy for StopCopy {
         if ctx.meta.full {
             return capture_full_paused(t, ctx, &mut self.chunk);
         }
+        let t0 = Instant::now();
         let dirty = t.take_dirty()?;
+        let dirty_time = t0.elapsed();
         let total = dirty.count() as usize;
         let ram = t.ram().clone();
         ctx.taken = Some(dirty);
@@ -77,6 +79,7 @@ impl Strategy for StopCopy {
                 gfns.extend(gfn0 + first..gfn0 + first + n);
             }
         }
+        let capture_time = t0.elapsed() - dirty_time;
         let store = ctx.store.clone();
         let meta = ctx.meta.clone();
         let state = std::mem::take(&mut ctx.state);
@@ -94,6 +97,8 @@ impl Strategy for StopCopy {
                 info: r?,
                 stats: EpochStats {
                     save_time: started.elapsed(),
+                    dirty_time,
+                    capture_time,
                     ..EpochStats::default()
                 },
             })

@@ -34,6 +34,10 @@ pub struct EpochStats {
     pub aside_waits: u64,
     /// write-protect calls made to arm this epoch (cow).
     pub protect_calls: u64,
+    /// Of the pause: taking (and re-arming) the dirty set.
+    pub dirty_time: Duration,
+    /// Of the pause: copying pages (stop-copy) or write-protecting them (cow).
+    pub capture_time: Duration,
     /// Time the background part took (writer or saver), resume to commit.
     pub save_time: Duration,
 }

@@ -99,6 +99,7 @@ impl Strategy for Cow {
 
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
+        let t0 = Instant::now();
         let taken = t.take_dirty()?;
         // Re-protect the pages worth tracking (all of them, without a policy).
         if let Some(h) = &mut self.hot {
@@ -111,7 +112,9 @@ impl Strategy for Cow {
             ctx.taken = Some(taken.clone());
             taken
         };
+        let t1 = Instant::now();
         let calls = shared.arm(&pages)?;
+        let (dirty_time, capture_time) = (t1 - t0, t1.elapsed());
         let store = ctx.store.clone();
         let meta = ctx.meta.clone();
         let state = std::mem::take(&mut ctx.state);
@@ -132,6 +135,8 @@ impl Strategy for Cow {
                     pages_captured: ld(&c.captured),
                     aside_waits: ld(&c.waits),
                     protect_calls: calls,
+                    dirty_time,
+                    capture_time,
                     save_time: started.elapsed(),
                 },
             })
