@@ -106,8 +106,18 @@ impl Strategy for Cow {
             t.rearm_dirty(&h.rearm(&taken))?;
         }
         let pages = if ctx.meta.full {
-            // Everything so far is in this epoch.
-            DirtySet::all(t.ram().ranges())
+            // Every populated page; the rest is zero at this instant, and
+            // is not write-protected: a protected unpopulated page would be
+            // faulted in later as a small page, splitting the huge pages
+            // the guest has not touched yet.
+            let ram = t.ram();
+            DirtySet {
+                ranges: ram
+                    .ranges()
+                    .iter()
+                    .map(|r| crate::pages::populated(ram.host_ptr(r), r.pages()))
+                    .collect(),
+            }
         } else {
             ctx.taken = Some(taken.clone());
             taken

@@ -5,6 +5,7 @@
 //! lift protection on the span's armed blocks in merged runs.
 
 use store::{EpochInfo, EpochMeta, EpochWriter, Store};
+use vmm::dirty::PageBits;
 use vmm::memory::PAGE_SIZE;
 
 use super::shared::Shared;
@@ -51,10 +52,14 @@ pub(crate) fn save_epoch(
     r
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Src {
+    /// Claimed by the saver: still protected in guest memory.
     Guest,
+    /// Copied aside by the fault handler.
     Aside,
+    /// Not populated at the pause of a full epoch: zero.
+    Zero,
 }
 
 fn save_range(
@@ -79,10 +84,18 @@ fn save_range(
         let next_aside = g.aside.range((ri, cursor)..(ri + 1, 0)).next().map(|(k, _)| k.1);
         let next_armed = g.armed[ri].next_set(cursor.div_ceil(bp)).map(|b| b * bp);
         let Some(p0) = [next_pending, next_aside, next_armed].into_iter().flatten().min() else {
+            drop(g);
+            if full && cursor < pages_n {
+                w.zero_pages(gfn0 + cursor, pages_n - cursor)?;
+            }
             return Ok(());
         };
-        let start = p0 / bp * bp;
+        let start = (p0 / bp * bp).max(cursor);
         let end = (start + span).min(pages_n);
+        if full && start > cursor {
+            // A full epoch lists every page: these were not populated at the pause.
+            w.zero_pages(gfn0 + cursor, start - cursor)?;
+        }
         let claimed = g.pending[ri].take_span(start, end);
         let aside: Vec<(u64, u32)> = g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
         let mut entries: Vec<(u64, Src)> = claimed
@@ -90,6 +103,13 @@ fn save_range(
             .map(|p| (*p, Src::Guest))
             .chain(aside.iter().map(|(p, _)| (*p, Src::Aside)))
             .collect();
+        if full {
+            let mut have = PageBits::new(end - start);
+            for (p, _) in &entries {
+                have.set(p - start);
+            }
+            entries.extend((start..end).filter(|p| !have.get(p - start)).map(|p| (p, Src::Zero)));
+        }
         entries.sort_unstable_by_key(|e| e.0);
         let need = entries.len() * PAGE;
         if scratch.len() < need {
@@ -110,44 +130,27 @@ fn save_range(
         drop(g);
         shared.cv.notify_all();
 
-        let present = full.then(|| {
-            pages::populated(
-                shared.ram.host_ptr(&range).wrapping_add(start as usize * PAGE),
-                end - start,
-            )
-        });
-        let is_present = |p: u64| present.as_ref().is_none_or(|b| b.get(p - start));
         // Copy, then lift protection at once, then write: the guest waits
         // for a memory copy at most, never for the disk.
-        let copied = copy_claimed(shared, ri, &entries, &is_present, scratch);
+        let copied = copy_claimed(shared, ri, &entries, scratch);
         let lifted = lift(shared, ri, start, end);
         copied?;
         lifted?;
-        write_span(&entries, &is_present, scratch, w, gfn0)?;
+        write_span(&entries, scratch, w, gfn0)?;
         cursor = end;
     }
 }
 
 /// Copy the claimed pages of `entries` from guest memory into `scratch`.
-fn copy_claimed(
-    shared: &Shared,
-    ri: usize,
-    entries: &[(u64, Src)],
-    is_present: &dyn Fn(u64) -> bool,
-    scratch: &mut [u8],
-) -> Result<(), EpochFailure> {
+fn copy_claimed(shared: &Shared, ri: usize, entries: &[(u64, Src)], scratch: &mut [u8]) -> Result<(), EpochFailure> {
     let base = shared.ranges[ri].gpa;
     let mut i = 0;
     while i < entries.len() {
         let (p, src) = entries[i];
-        if matches!(src, Src::Guest) && is_present(p) {
+        if src == Src::Guest {
             // A run of consecutive claimed pages is one copy.
             let mut j = i + 1;
-            while j < entries.len()
-                && matches!(entries[j].1, Src::Guest)
-                && entries[j].0 == p + (j - i) as u64
-                && is_present(entries[j].0)
-            {
+            while j < entries.len() && entries[j].1 == Src::Guest && entries[j].0 == p + (j - i) as u64 {
                 j += 1;
             }
             shared
@@ -163,17 +166,8 @@ fn copy_claimed(
 
 /// Write a span from `scratch`: data pages in batches, zero and
 /// never-touched pages only in the index.
-fn write_span(
-    entries: &[(u64, Src)],
-    is_present: &dyn Fn(u64) -> bool,
-    scratch: &[u8],
-    w: &mut EpochWriter,
-    gfn0: u64,
-) -> Result<(), EpochFailure> {
-    let zero = |k: usize| {
-        let (p, src) = entries[k];
-        (matches!(src, Src::Guest) && !is_present(p)) || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE])
-    };
+fn write_span(entries: &[(u64, Src)], scratch: &[u8], w: &mut EpochWriter, gfn0: u64) -> Result<(), EpochFailure> {
+    let zero = |k: usize| entries[k].1 == Src::Zero || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE]);
     let mut batch: Vec<u64> = Vec::new();
     let mut batch_at = 0;
     for k in 0..=entries.len() {
