@@ -38,50 +38,134 @@ fn vmm_written_pages_reach_the_next_epoch() {
         cmdline: String::new(),
         vcpus: 1,
     };
-    let mut m = Machine::boot(32 << 20, &boot, None, Box::new(std::io::sink())).unwrap();
-    let dir = tempdir("vmm-dirty");
-    let cfg = SnapshotConfig {
-        dir: dir.clone(),
-        mode: Mode::StopCopy,
-        interval: Duration::from_secs(3600),
-        stop_on_error: true,
-        cow: Default::default(),
-        inject: Default::default(),
-        direct_io: true,
-    };
-    let mut engine = SnapshotEngine::new(cfg, None);
-    engine.prepare(&mut m).unwrap();
-    m.start().unwrap();
-    engine.run(&mut m);
-    assert!(engine.wait(&mut m).is_none());
-    // A device writes into a page the guest never touches.
-    let gpa = 0x30_0000u64;
-    m.ram()
-        .memory()
-        .write_slice(b"written by the VMM", GuestAddress(gpa + 100))
-        .unwrap();
-    engine.run(&mut m);
-    assert!(engine.wait(&mut m).is_none());
-    m.stop();
-    assert_eq!(engine.records.len(), 2, "{:?}", engine.errors);
+    for mode in [Mode::StopCopy, Mode::Cow] {
+        let mut m = Machine::boot(32 << 20, &boot, None, Box::new(std::io::sink())).unwrap();
+        let dir = tempdir(&format!("vmm-dirty-{mode:?}"));
+        let cfg = SnapshotConfig {
+            dir: dir.clone(),
+            mode,
+            interval: Duration::from_secs(3600),
+            stop_on_error: true,
+            cow: Default::default(),
+            inject: Default::default(),
+            direct_io: true,
+        };
+        let mut engine = SnapshotEngine::new(cfg, None);
+        engine.prepare(&mut m).unwrap();
+        m.start().unwrap();
+        engine.run(&mut m);
+        assert!(engine.wait(&mut m).is_none());
+        // A device writes into a page the guest never touches.
+        let gpa = 0x30_0000u64;
+        m.ram()
+            .memory()
+            .write_slice(b"written by the VMM", GuestAddress(gpa + 100))
+            .unwrap();
+        engine.run(&mut m);
+        assert!(engine.wait(&mut m).is_none());
+        m.stop();
+        assert_eq!(engine.records.len(), 2, "{:?}", engine.errors);
 
-    let store = Store::open(&dir, Access::Read).unwrap();
-    let e2 = store.open_epoch(2).unwrap();
-    assert_eq!(e2.header().parent, 1);
-    let ext = e2
-        .index()
-        .iter()
-        .find(|x| x.gfn <= gpa / 4096 && gpa / 4096 < x.gfn + u64::from(x.count))
-        .expect("the VMM-written page is missing from the incremental epoch");
-    assert_eq!(ext.kind, ExtentKind::Data);
+        let store = Store::open(&dir, Access::Read).unwrap();
+        let e2 = store.open_epoch(2).unwrap();
+        assert_eq!(e2.header().parent, 1);
+        let ext = e2
+            .index()
+            .iter()
+            .find(|x| x.gfn <= gpa / 4096 && gpa / 4096 < x.gfn + u64::from(x.count))
+            .expect("the VMM-written page is missing from the incremental epoch");
+        assert_eq!(ext.kind, ExtentKind::Data);
 
-    let restored = snapshot::restore(&store, 2, Box::new(std::io::sink()), &mut |_, _| {}).unwrap();
-    let mut buf = [0u8; 18];
-    restored
-        .machine
-        .ram()
-        .memory()
-        .read_slice(&mut buf, GuestAddress(gpa + 100))
-        .unwrap();
-    assert_eq!(&buf, b"written by the VMM");
+        let restored = snapshot::restore(&store, 2, Box::new(std::io::sink()), &mut |_, _| {}).unwrap();
+        let mut buf = [0u8; 18];
+        restored
+            .machine
+            .ram()
+            .memory()
+            .read_slice(&mut buf, GuestAddress(gpa + 100))
+            .unwrap();
+        assert_eq!(&buf, b"written by the VMM");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// KVM itself writes guest memory (here the kvmclock page, on every
+/// registration): those writes reach the next epoch, and under `cow` they
+/// fault from kernel mode into the fault handler instead of failing KVM_RUN.
+#[test]
+fn kvm_written_pages_reach_the_next_epoch() {
+    if !kvm_ready() {
+        return;
+    }
+    const PVCLOCK: u64 = 0x30_0000;
+    // loop: mov ecx, MSR_KVM_SYSTEM_TIME_NEW; mov eax, PVCLOCK|1; xor edx, edx;
+    // wrmsr; mov esi, 2000; spin: dec esi; jnz spin; jmp loop
+    let mut code = vec![0xb9, 0x01, 0x4d, 0x56, 0x4b, 0xb8];
+    code.extend_from_slice(&(PVCLOCK as u32 | 1).to_le_bytes());
+    code.extend_from_slice(&[0x31, 0xd2, 0x0f, 0x30, 0xbe, 0xd0, 0x07, 0x00, 0x00, 0x4e, 0x75, 0xfd]);
+    let back = -(code.len() as i8 + 2);
+    code.extend_from_slice(&[0xeb, back as u8]);
+    for mode in [Mode::StopCopy, Mode::Cow] {
+        let boot = BootConfig {
+            kernel: KernelSource::Bytes {
+                name: "kvmclock".into(),
+                image: vmm::testing::pvh_elf(&code),
+            },
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+        };
+        let mut m = Machine::boot(32 << 20, &boot, None, Box::new(std::io::sink())).unwrap();
+        let dir = tempdir(&format!("kvm-dirty-{mode:?}"));
+        let cfg = SnapshotConfig {
+            dir: dir.clone(),
+            mode,
+            interval: Duration::from_secs(3600),
+            stop_on_error: true,
+            // The saver starts late: KVM's writes meet protected pages.
+            cow: snapshot::CowOptions {
+                capture_ahead: false,
+                test_saver_delay: Duration::from_millis(50),
+                ..Default::default()
+            },
+            inject: Default::default(),
+            direct_io: true,
+        };
+        let mut engine = SnapshotEngine::new(cfg, None);
+        engine.prepare(&mut m).unwrap();
+        m.start().unwrap();
+        let version = |m: &Machine| m.ram().read_u32(PVCLOCK).unwrap_or(0);
+        let wait_version = |m: &Machine, above: u32| {
+            let t = std::time::Instant::now();
+            while version(m) <= above {
+                assert!(t.elapsed() < Duration::from_secs(30), "kvmclock never updated");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_version(&m, 0);
+        for _ in 0..4 {
+            engine.run(&mut m);
+            assert!(engine.wait(&mut m).is_none(), "{mode:?}: {:?}", engine.errors);
+            let v = version(&m);
+            wait_version(&m, v + 2);
+        }
+        engine.run(&mut m);
+        assert!(engine.finish(&mut m).is_none(), "{mode:?}: {:?}", engine.errors);
+        assert!(m.next_event(Duration::ZERO).is_none(), "{mode:?}: the vCPU failed");
+        m.stop();
+        if mode == Mode::Cow {
+            let faults: u64 = engine.records.iter().map(|r| r.stats.faults).sum();
+            assert!(faults > 0, "KVM never wrote a protected page: the test proves nothing");
+        }
+        let store = Store::open(&dir, Access::Read).unwrap();
+        for id in 2..=5 {
+            let e = store.open_epoch(id).unwrap();
+            assert!(!e.header().is_full());
+            let has = e.index().iter().any(|x| {
+                x.kind == ExtentKind::Data && x.gfn <= PVCLOCK / 4096 && PVCLOCK / 4096 < x.gfn + u64::from(x.count)
+            });
+            assert!(has, "{mode:?}: epoch {id} lacks the page KVM wrote");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

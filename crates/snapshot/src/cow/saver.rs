@@ -26,6 +26,7 @@ pub(crate) fn save_epoch(
     direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
     let full = meta.full;
+    std::thread::sleep(shared.opts.test_saver_delay);
     let r = (|| {
         let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
         for ri in 0..shared.ranges.len() {

@@ -45,6 +45,10 @@ pub struct CowOptions {
     /// Between faults, the fault handler copies pending pages aside ahead
     /// of the saver and lifts their protection.
     pub capture_ahead: bool,
+    /// Test hook: the saver waits this long before it starts, so that
+    /// writes meet protected pages.
+    #[doc(hidden)]
+    pub test_saver_delay: std::time::Duration,
     /// Test hook for mutation checks: the fault handler lifts protection
     /// without copying the page first (the saved epoch is then wrong).
     #[doc(hidden)]
@@ -60,6 +64,7 @@ impl Default for CowOptions {
             merge_gap_pages: 16,
             hot: Some(crate::hot::HotPolicy::default()),
             capture_ahead: true,
+            test_saver_delay: std::time::Duration::ZERO,
             test_skip_copy: false,
         }
     }
