@@ -116,8 +116,16 @@ fn decode_store_file(b: &[u8], dir: &Path) -> Result<[u8; 16]> {
         path: dir.to_path_buf(),
         why: why.to_string(),
     };
-    if b.len() != STORE_SIZE || b[..8] != STORE_MAGIC {
-        return Err(not("STORE has the wrong size or magic"));
+    if b.len() != STORE_SIZE {
+        let got = if b.len() > STORE_SIZE {
+            format!("longer than {STORE_SIZE} bytes")
+        } else {
+            format!("{} bytes long", b.len())
+        };
+        return Err(not(&format!("{} is {got}, not {STORE_SIZE}", path.display())));
+    }
+    if b[..8] != STORE_MAGIC {
+        return Err(not(&format!("{} does not start with {:?}", path.display(), "CSNPSTOR")));
     }
     let version = le32(b, 8);
     if version != VERSION {
@@ -199,7 +207,10 @@ impl Store {
             Err(e) => return Err(io(&path, "open")(e)),
         };
         let mut b = Vec::new();
-        f.read_to_end(&mut b).map_err(io(&path, "read"))?;
+        Read::by_ref(&mut f)
+            .take(STORE_SIZE as u64 + 1)
+            .read_to_end(&mut b)
+            .map_err(io(&path, "read"))?;
         let uuid = decode_store_file(&b, dir)?;
         let lock_file = if access == Access::Write {
             lock(&f, dir)?;
@@ -345,10 +356,14 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            if p.header().mem_size != h.mem_size || p.header().vcpus != h.vcpus {
+            let ph = p.header();
+            if ph.mem_size != h.mem_size || ph.vcpus != h.vcpus {
                 return Err(StoreError::Mismatch {
                     path: p.path().to_path_buf(),
-                    why: format!("parent of epoch {} describes a different machine", h.id),
+                    why: format!(
+                        "epoch {} has {} bytes of RAM and {} vCPUs but its parent epoch {} has {} bytes and {}: a chain describes one machine",
+                        h.id, h.mem_size, h.vcpus, ph.id, ph.mem_size, ph.vcpus
+                    ),
                 });
             }
             chain.push(p);
@@ -357,6 +372,25 @@ impl Store {
 
     /// Start writing a new epoch (file created 0600 under a temporary name).
     pub fn writer(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        // Never write what a reader refuses.
+        let related = match (meta.full, meta.parent) {
+            (true, None) => true,
+            (false, Some(p)) => p >= 1 && p < meta.id,
+            _ => false,
+        };
+        if meta.id == 0 || !related {
+            return Err(StoreError::Usage(
+                "epoch ids start at 1; a full epoch has no parent, an incremental one an older parent",
+            ));
+        }
+        if meta.vcpus == 0 || meta.vcpus > format::MAX_VCPUS {
+            return Err(StoreError::Usage("vCPU count outside 1..=255"));
+        }
+        if meta.mem_size == 0 || !meta.mem_size.is_multiple_of(format::PAGE as u64) || meta.mem_size > format::MAX_RAM {
+            return Err(StoreError::Usage(
+                "guest RAM size not a non-zero multiple of 4096 up to 1 TiB",
+            ));
+        }
         let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
         let dest = self.epoch_path(meta.id);
         if dest.exists() {
