@@ -355,6 +355,12 @@ impl Header {
                 "FULL epoch {id} lists {pages_data} data and {pages_zero} zero pages, but its guest RAM has {ram_pages} pages"
             )));
         }
+        let extents = le64(b, 104);
+        if listed.is_some_and(|n| extents > n) {
+            return Err(corrupt(format!(
+                "epoch {id} has {extents} index extents for {pages_data} data and {pages_zero} zero pages (extents are never empty)"
+            )));
+        }
         let mut store_uuid = [0u8; 16];
         store_uuid.copy_from_slice(&b[32..48]);
         let mut sections = [Section::default(); 4];
@@ -392,7 +398,7 @@ impl Header {
             guest_ops: le64(b, 80),
             pages_data,
             pages_zero,
-            extents: le64(b, 104),
+            extents,
             pause_ns: le64(b, 112),
             sections,
         })

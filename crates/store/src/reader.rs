@@ -1,7 +1,7 @@
 //! Reading and verifying one epoch file.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError, io};
@@ -20,14 +20,41 @@ pub struct EpochReader {
 }
 
 fn read_at(file: &File, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
+    // The length comes from the file: a sparse file may claim more than this
+    // host can allocate, which must be an error, not an abort.
+    let mut buf = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| buf.try_reserve_exact(n).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("a section of {len} bytes does not fit in memory"),
+        })?;
+    buf.resize(len as usize, 0);
     file.read_exact_at(&mut buf, at).map_err(io(path, "read"))?;
     Ok(buf)
 }
 
+/// Open `path` for reading if it is a regular file (a FIFO planted under
+/// the name would block the reader forever).
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(path, "open"))?;
+    if !file.metadata().map_err(io(path, "stat"))?.is_file() {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "not a regular file".into(),
+        });
+    }
+    Ok(file)
+}
+
 /// Read and verify only the header of `path` (for listings).
 pub fn read_header(path: &Path) -> Result<(Header, u64)> {
-    let file = File::open(path).map_err(io(path, "open"))?;
+    let file = open_regular(path)?;
     header_of(&file, path)
 }
 
@@ -110,7 +137,7 @@ impl EpochReader {
             path: path.to_path_buf(),
             why,
         };
-        let file = File::open(path).map_err(io(path, "open"))?;
+        let file = open_regular(path)?;
         let (header, _) = header_of(&file, path)?;
         let [_, isec, ssec, _] = header.sections;
         let index_bytes = read_at(&file, path, isec.len, isec.offset)?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError, io};
 use crate::format::{self, Header, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
-use crate::reader::{EpochReader, read_header};
+use crate::reader::{EpochReader, open_regular, read_header};
 use crate::writer::{EpochMeta, EpochWriter};
 
 const EPOCHS: &str = "epochs";
@@ -359,9 +359,9 @@ impl Store {
     /// epoch files (0600), warning when one was open to other users.
     pub fn open(dir: &Path, access: Access) -> Result<Store> {
         let path = dir.join(STORE_FILE);
-        let mut f = match File::open(&path) {
+        let mut f = match open_regular(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotAStore {
                     path: dir.to_path_buf(),
                     why: if dir.exists() {
@@ -371,7 +371,7 @@ impl Store {
                     },
                 });
             }
-            Err(e) => return Err(io(&path, "open")(e)),
+            Err(e) => return Err(e),
         };
         let mut b = Vec::new();
         Read::by_ref(&mut f)

@@ -596,7 +596,21 @@ fn section_lengths_match_counts() {
         },
         "DATA section is 4096 bytes, but the header's 5 data pages need 20480",
     );
-    // A count whose section length overflows: the message has no Some(..).
+}
+
+#[test]
+fn extents_are_at_most_the_listed_pages() {
+    // Also what bounds the INDEX a reader loads to the size of guest RAM.
+    let (_d, s) = build("extent-count");
+    refused_header(
+        &s,
+        2,
+        |b| {
+            put64(b, 104, 3);
+            reseal(b);
+        },
+        "epoch 2 has 3 index extents for 1 data and 1 zero pages (extents are never empty)",
+    );
     refused_header(
         &s,
         1,
@@ -604,8 +618,54 @@ fn section_lengths_match_counts() {
             put64(b, 104, u64::MAX / 2);
             reseal(b);
         },
-        "INDEX section would need more than 2^64 bytes for the header's 9223372036854775807 index extents",
+        "epoch 1 has 9223372036854775807 index extents for 5 data and 3 zero pages",
     );
+}
+
+/// Run `f` on a thread; fail if it takes longer than 20 s (a reader blocked
+/// on a FIFO would never return).
+fn within_deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what} blocked for 20 s"))
+}
+
+#[test]
+fn files_that_are_not_regular_files() {
+    let (d, s) = build("fifos");
+    let fifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", p.display());
+    };
+    let p4 = s.epoch_path(4);
+    fifo(&p4);
+    let dir = d.0.clone();
+    let err = within_deadline("listing a FIFO epoch", move || {
+        let s = Store::open(&dir, Access::Read).unwrap();
+        let listed = s.list().unwrap();
+        let e = listed[3].1.as_ref().map(|_| ()).unwrap_err().to_string();
+        let o = s.open_epoch(4).map(|_| ()).unwrap_err().to_string();
+        (e, o)
+    });
+    for e in [err.0, err.1] {
+        assert!(e.contains("00000000000000000004.epoch: not a regular file"), "{e}");
+    }
+    std::fs::remove_file(&p4).unwrap();
+    drop(s);
+    let store = d.0.join("STORE");
+    std::fs::rename(&store, d.0.join("STORE.real")).unwrap();
+    fifo(&store);
+    let dir = d.0.clone();
+    let err = within_deadline("opening a FIFO STORE", move || {
+        Store::open(&dir, Access::Read).map(|_| ()).unwrap_err().to_string()
+    });
+    assert!(err.contains("STORE: not a regular file"), "{err}");
+    std::fs::remove_file(&store).unwrap();
+    std::fs::rename(d.0.join("STORE.real"), &store).unwrap();
 }
 
 #[test]
@@ -841,4 +901,29 @@ fn the_writer_refuses_what_the_reader_refuses() {
     for m in bad {
         assert!(s.writer(m.clone()).is_err(), "{m:?} accepted");
     }
+}
+
+#[test]
+fn a_huge_section_is_an_error_not_an_abort() {
+    // A sparse file whose STATE section claims 4 TiB: inside the file, so
+    // the layout is valid, but no host allocates it.
+    let (_d, s) = build("huge-state");
+    let path = s.epoch_path(3);
+    let mut b = std::fs::read(&path).unwrap();
+    let at = (b.len() as u64).next_multiple_of(4096);
+    let len = 4u64 << 40;
+    put64(&mut b, entry(0) + 8, at);
+    put64(&mut b, entry(0) + 16, len);
+    reseal(&mut b);
+    std::fs::write(&path, &b).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    if let Err(e) = f.set_len(at + len) {
+        eprintln!("skipping: this file system has no 4 TiB sparse files ({e})");
+        return;
+    }
+    let err = s.open_epoch(3).unwrap().state().unwrap_err().to_string();
+    assert!(
+        err.contains("00000000000000000003.epoch: a section of 4398046511104 bytes does not fit in memory"),
+        "{err}"
+    );
 }
