@@ -30,19 +30,20 @@ fn a_report_into_a_fifo_leaves_the_fifo() {
     let d = TempDir::new("report-fifo");
     let fifo = d.join("fifo");
     mkfifo(&fifo);
+    // Hold a write end ourselves, so that the reader's open returns at once
+    // and its read ends (EOF) when we let go, whatever consnap did with the
+    // path: a reader waiting on a FIFO that was replaced would wait forever.
+    let keeper = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
     let reader = {
-        let fifo = fifo.clone();
-        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+        let mut r = std::fs::File::open(&fifo).unwrap();
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut r, &mut v).unwrap();
+            v
+        })
     };
     let out = run(consnap().args(QUICK).arg("--report").arg(&fifo), 60);
-    // If consnap never opened the FIFO, let the reader finish (it then reads nothing).
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo);
-    }
+    drop(keeper);
     let got = reader.join().unwrap();
     expect_code(&out, 0, "run --report FIFO");
     assert!(
