@@ -90,7 +90,7 @@ fn a_regular_report_file_is_replaced_atomically() {
     let out = run(consnap().args(QUICK).arg("--report").arg(&report), 60);
     expect_code(&out, 0, "run --report FILE");
     assert!(is_report(&std::fs::read(&report).unwrap()));
-    assert_eq!(mode(&report), 0o640, "the replaced report keeps its mode");
+    assert_eq!(mode(&report), "0640", "the replaced report keeps its mode");
     assert_eq!(names(&d.0), ["r.json"], "temporary files left");
 }
 

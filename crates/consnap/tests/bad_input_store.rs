@@ -65,12 +65,12 @@ fn store_modes_do_not_follow_the_umask() {
     expect_code(&out, 0, "run under umask 777");
     assert!(epoch_count(&snaps) >= 1, "{}", text(&out.stderr));
     for dir in [d.join("new"), d.join("new/parent"), snaps.clone(), snaps.join("epochs")] {
-        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        assert_eq!(mode(&dir), "0700", "{}", dir.display());
     }
-    assert_eq!(mode(&snaps.join("STORE")), 0o600);
+    assert_eq!(mode(&snaps.join("STORE")), "0600");
     for e in std::fs::read_dir(snaps.join("epochs")).unwrap() {
         let p = e.unwrap().path();
-        assert_eq!(mode(&p), 0o600, "{}", p.display());
+        assert_eq!(mode(&p), "0600", "{}", p.display());
     }
 }
 
@@ -90,7 +90,7 @@ fn an_open_directory_is_made_private_with_a_warning() {
     );
     expect_code(&out, 0, "run into a 0755 directory");
     let err = text(&out.stderr);
-    assert_eq!(mode(&snaps), 0o700);
+    assert_eq!(mode(&snaps), "0700");
     assert!(
         err.contains(&format!(
             "{} was mode 0755, open to other users; set it to 0700",
@@ -110,7 +110,7 @@ fn an_open_directory_is_made_private_with_a_warning() {
         120,
     );
     expect_code(&out, 0, "run into an existing 0750 store");
-    assert_eq!(mode(&snaps), 0o700);
+    assert_eq!(mode(&snaps), "0700");
     assert!(text(&out.stderr).contains("was mode 0750"), "{}", text(&out.stderr));
 }
 

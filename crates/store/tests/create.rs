@@ -30,8 +30,9 @@ impl Drop for TempDir {
     }
 }
 
-fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+/// Mode bits of `p` in octal, such as "0700".
+fn mode(p: &Path) -> String {
+    format!("{:04o}", std::fs::metadata(p).unwrap().permissions().mode() & 0o7777)
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -183,10 +184,10 @@ fn existing_directories_are_made_private() {
     std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let s = Store::open_or_create(&d.0).unwrap();
     write_epoch(&s, 1);
-    assert_eq!(mode(&d.0), 0o700);
-    assert_eq!(mode(&d.0.join("epochs")), 0o700);
-    assert_eq!(mode(&d.0.join("STORE")), 0o600);
-    assert_eq!(mode(&s.epoch_path(1)), 0o600);
+    assert_eq!(mode(&d.0), "0700");
+    assert_eq!(mode(&d.0.join("epochs")), "0700");
+    assert_eq!(mode(&d.0.join("STORE")), "0600");
+    assert_eq!(mode(&s.epoch_path(1)), "0600");
     drop(s);
 
     // A store whose modes were widened (or, created under umask 777 by an
@@ -198,7 +199,7 @@ fn existing_directories_are_made_private() {
     set(&d.0.join("STORE"), 0o644);
     set(&epoch, 0o444);
     drop(Store::open(&d.0, Access::Read).unwrap());
-    assert_eq!(mode(&d.0), 0o755, "a reader changed a mode");
+    assert_eq!(mode(&d.0), "0755", "a reader changed a mode");
     let s = Store::open(&d.0, Access::Write).unwrap();
     assert_eq!(
         [
@@ -207,12 +208,15 @@ fn existing_directories_are_made_private() {
             mode(&d.0.join("STORE")),
             mode(&epoch)
         ],
-        [0o700, 0o700, 0o600, 0o600]
+        ["0700", "0700", "0600", "0600"]
     );
     drop(s);
 
     // Missing parents are created 0700 too.
     let deep = d.0.join("a/b/store");
     drop(Store::open_or_create(&deep).unwrap());
-    assert_eq!([mode(&d.0.join("a")), mode(&d.0.join("a/b")), mode(&deep)], [0o700; 3]);
+    assert_eq!(
+        [mode(&d.0.join("a")), mode(&d.0.join("a/b")), mode(&deep)],
+        ["0700", "0700", "0700"]
+    );
 }

@@ -134,10 +134,13 @@ pub fn kvm() -> bool {
     }
 }
 
-/// Mode bits of `p`.
-pub fn mode(p: &Path) -> u32 {
+/// Mode bits of `p` in octal, such as "0700".
+pub fn mode(p: &Path) -> String {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    format!(
+        "{:04o}",
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    )
 }
 
 /// A store of three epochs made with the store API (no KVM; the state is
