@@ -132,6 +132,7 @@ fn private_file(path: &Path) -> Result<File> {
         .create(true)
         .truncate(true)
         .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(io(path, "create"))?;
     f.set_permissions(Permissions::from_mode(FILE_MODE))
@@ -139,17 +140,30 @@ fn private_file(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Give `path` exactly `mode`; warn when it was open to other users.
+/// Give `path` exactly `mode`; warn when it was open to other users. The
+/// mode is set through a descriptor opened without following a symbolic
+/// link (never on what a link planted in the store points to); a link is
+/// left alone.
 fn make_private(path: &Path, mode: u32) -> Result<()> {
-    let had = match std::fs::metadata(path) {
-        Ok(m) => m.permissions().mode() & 0o7777,
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(path, "stat")(e)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            tracing::warn!("{} is a symbolic link; its mode is left as it is", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(io(path, "open")(e)),
     };
+    let had = f.metadata().map_err(io(path, "stat"))?.permissions().mode() & 0o7777;
     if had == mode {
         return Ok(());
     }
-    set_mode(path, mode)?;
+    f.set_permissions(Permissions::from_mode(mode))
+        .map_err(io(path, "chmod"))?;
     if had & 0o077 != 0 {
         tracing::warn!(
             "{} was mode {had:04o}, open to other users; set it to {mode:04o} (guest memory holds secrets)",
@@ -398,7 +412,9 @@ impl Store {
     }
 
     fn make_private(&self) -> Result<()> {
-        make_private(&self.dir, DIR_MODE)?;
+        // DIR itself may be a link the user gave: follow it.
+        let dir = self.dir.canonicalize().map_err(io(&self.dir, "resolve"))?;
+        make_private(&dir, DIR_MODE)?;
         make_private(&self.epochs, DIR_MODE)?;
         make_private(&self.dir.join(STORE_FILE), FILE_MODE)?;
         for id in self.ids().unwrap_or_default() {

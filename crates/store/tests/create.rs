@@ -220,3 +220,17 @@ fn existing_directories_are_made_private() {
         ["0700", "0700", "0700"]
     );
 }
+
+#[test]
+fn modes_are_never_set_through_a_symbolic_link() {
+    let d = TempDir::new("links");
+    let s = Store::open_or_create(&d.0.join("store")).unwrap();
+    drop(s);
+    // A file outside the store, linked in under an epoch's name.
+    let outside = d.0.join("outside");
+    std::fs::write(&outside, b"x").unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&outside, d.0.join("store/epochs/00000000000000000001.epoch")).unwrap();
+    drop(Store::open(&d.0.join("store"), Access::Write).unwrap());
+    assert_eq!(mode(&outside), "0644", "chmod went through a link");
+}
