@@ -344,6 +344,9 @@ impl ReportTarget {
             path: path.to_path_buf(),
             source,
         };
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            return Err(ReportError::IsDir(path.to_path_buf()));
+        }
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(unwritable(e)),
@@ -395,6 +398,10 @@ impl ReportTarget {
                 file.write_all(&json).map_err(failed(&path))
             }
             ReportTarget::Replace { path } => {
+                // Something other than a regular file appeared there meanwhile: never replace it.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+                    return ReportTarget::open(&path)?.write(report);
+                }
                 let (tmp, mut file) = create_temp(&path).map_err(failed(&path))?;
                 let written = (|| {
                     // Keep the mode of a report being replaced.

@@ -103,6 +103,10 @@ fn the_report_path_is_checked_before_the_vm_starts() {
         (d.join("missing/r.json"), "cannot write here: No such file or directory"),
         (file.join("r.json"), "cannot write here: Not a directory"),
         (d.0.clone(), "is a directory"),
+        (
+            std::path::PathBuf::from(format!("{}/", d.join("new").display())),
+            "is a directory",
+        ),
     ] {
         let out = run(consnap().args(QUICK).arg("--report").arg(&path), 60);
         expect_refusal(&out, &format!("--report {}: {needle}", path.display()), "bad --report");
