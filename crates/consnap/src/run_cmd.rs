@@ -27,10 +27,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub workload: Option<String>,
     /// Initial ramdisk for --kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub cmdline: Option<String>,
     /// Guest RAM, e.g. 512M or 2G (default 256M, or the workload's wss plus 64M).
     #[arg(long, value_parser = args::size)]
@@ -50,7 +50,8 @@ struct Plan {
 }
 
 fn plan(a: &RunArgs) -> Result<Plan, String> {
-    // clap's `requires` does not catch these when --workload is given.
+    // Checked here rather than with clap's `requires`, which misses the
+    // --workload case and prints several lines.
     if a.kernel.is_none() {
         if let Some(initrd) = &a.initrd {
             return Err(format!(

@@ -224,11 +224,15 @@ fn kernel_options_without_a_kernel_are_refused() {
             &["run", "--workload", "memstress,ops=1000", "--cmdline", "quiet"][..],
             "--cmdline needs --kernel",
         ),
-        (&["run", "--initrd", "/x/initrd"][..], "--kernel"),
-        (&["run", "--cmdline", "quiet"][..], "--kernel"),
+        (
+            &["run", "--initrd", "/x/initrd"][..],
+            "--initrd /x/initrd needs --kernel",
+        ),
+        (&["run", "--cmdline", "quiet"][..], "--cmdline needs --kernel"),
     ] {
         let out = run(consnap().args(args), 60);
         expect_refusal(&out, needle, &format!("{args:?}"));
+        assert_eq!(text(&out.stderr).lines().count(), 1, "{}", text(&out.stderr));
         assert!(out.stdout.is_empty(), "{args:?}: the VM ran: {}", text(&out.stdout));
     }
 }
