@@ -4,28 +4,75 @@ use std::time::Duration;
 
 use workload::Spec;
 
-/// Parse a byte size such as `256M`, `1G`, `4096`.
+/// Longest duration any option accepts: one year (365 days). Longer ones
+/// are refused rather than overflowing the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parse a byte size such as `256M`, `1G`, `1T`, `4096`.
 pub fn size(s: &str) -> Result<u64, String> {
-    workload::spec::parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G, 4096)"))
+    workload::spec::parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G, 1T, 4096)"))
 }
 
-/// Parse a duration such as `100ms`, `2s`, `1m`, `250us`; `0` means off.
+/// A size for messages, in the largest unit that shows it exactly:
+/// `256 MiB`, `1 GiB`, `12 KiB`, `1 bytes`.
+pub fn show_size(bytes: u64) -> String {
+    const UNITS: [(u32, &str); 4] = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
+    for (shift, unit) in UNITS {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// Parse a duration: a decimal number and a unit (`ns`, `us`, `ms`, `s`,
+/// `m` or `min`, `h`), such as `250us`, `0.5ms`, `1.5s`, `2m`, `1h`; `0`
+/// means off. At most [`MAX_DURATION`]; resolution 1 ns.
 pub fn duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("'{s}' is not a duration (examples: 10ms, 1s, 2m, 0)");
+    let err = || format!("'{s}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)");
+    let too_long = || format!("'{s}' is longer than 1 year (365 days), the longest duration consnap accepts");
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    let digits = s.bytes().take_while(|b| b.is_ascii_digit()).count();
-    let (n, unit) = s.split_at(digits);
-    let n: u64 = n.parse().map_err(|_| err())?;
-    let d = match unit {
-        "us" => Duration::from_micros(n),
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+    let num_len = s.bytes().take_while(|b| b.is_ascii_digit() || *b == b'.').count();
+    let (num, unit) = s.split_at(num_len);
+    let unit_ns: u128 = match unit {
+        "ns" => 1,
+        "us" | "\u{b5}s" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => return Err(err()),
     };
-    Ok(d)
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() || (num.contains('.') && frac.is_empty()) || frac.contains('.') {
+        return Err(err());
+    }
+    let mut whole: u128 = 0;
+    for b in int.bytes() {
+        whole = whole
+            .checked_mul(10)
+            .and_then(|w| w.checked_add(u128::from(b - b'0')))
+            .ok_or_else(too_long)?;
+    }
+    // Digits beyond the 18th are below a nanosecond even in hours.
+    let frac = &frac[..frac.len().min(18)];
+    let mut part: u128 = 0;
+    for b in frac.bytes() {
+        part = part * 10 + u128::from(b - b'0');
+    }
+    let ns = whole
+        .checked_mul(unit_ns)
+        .and_then(|w| w.checked_add(part * unit_ns / 10u128.pow(frac.len() as u32)))
+        .ok_or_else(too_long)?;
+    if ns > MAX_DURATION.as_nanos() {
+        return Err(too_long());
+    }
+    if ns == 0 && s.bytes().any(|b| (b'1'..=b'9').contains(&b)) {
+        return Err(format!("'{s}' is shorter than 1ns"));
+    }
+    Ok(Duration::from_nanos(ns as u64))
 }
 
 /// Turn `NAME,key=value,...` into guest command-line words, validated.
@@ -46,17 +93,72 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         assert_eq!(size("256M"), Ok(256 << 20));
+        assert_eq!(size("1T"), Ok(1 << 40));
         assert!(size("lots").is_err());
         assert_eq!(duration("10ms"), Ok(Duration::from_millis(10)));
         assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(duration("0"), Ok(Duration::ZERO));
         assert!(duration("5").is_err());
-        assert!(duration("1h").is_err());
         let (c, s) = workload_cmdline("memstress,wss=64M,ops=10").unwrap();
         assert_eq!(c, "workload=memstress wss=64M ops=10");
         assert_eq!(s.ops, 10);
         let e = workload_cmdline("memstress,bogus=1").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
         assert!(workload_cmdline("nope").unwrap_err().contains("unknown workload"));
+    }
+
+    #[test]
+    fn fractional_durations_and_hours() {
+        let ok = |s: &str, ns: u64| assert_eq!(duration(s), Ok(Duration::from_nanos(ns)), "{s}");
+        ok("1.5s", 1_500_000_000);
+        ok("0.5ms", 500_000);
+        ok("1h", 3_600_000_000_000);
+        ok("2.5m", 150_000_000_000);
+        ok("2min", 120_000_000_000);
+        ok("250us", 250_000);
+        ok("7ns", 7);
+        ok("0.000000001s", 1);
+        ok("0.0000000019s", 1);
+        ok("0s", 0);
+        ok("0.0ms", 0);
+        ok("8760h", 365 * 24 * 3_600_000_000_000);
+        ok("0.001h", 3_600_000_000);
+        for bad in ["", ".5s", "1.s", "1.2.3s", "s", "1x", "-1s", "1 s", "1e3s", "1.5"] {
+            assert!(duration(bad).unwrap_err().contains("is not a duration"), "{bad:?}");
+        }
+        assert!(duration("0.1ns").unwrap_err().contains("shorter than 1ns"));
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_refused() {
+        for long in [
+            "18446744073709551615s",
+            "18446744073709551615h",
+            "99999999999999999999999999999999999999999999s",
+            "8761h",
+            "365.0001d",
+            "31536000.000000001s",
+        ] {
+            let e = duration(long).unwrap_err();
+            assert!(e.contains("1 year") || e.contains("not a duration"), "{long}: {e}");
+        }
+        assert!(duration("8761h").unwrap_err().contains("longer than 1 year (365 days)"));
+        assert!(
+            duration("31536000.000000001s")
+                .unwrap_err()
+                .contains("longer than 1 year")
+        );
+        assert_eq!(duration("31536000s"), Ok(MAX_DURATION));
+    }
+
+    #[test]
+    fn sizes_are_shown_in_a_unit_that_shows_them() {
+        assert_eq!(show_size(1), "1 bytes");
+        assert_eq!(show_size(4097), "4097 bytes");
+        assert_eq!(show_size(12 << 10), "12 KiB");
+        assert_eq!(show_size(1536 << 10), "1536 KiB");
+        assert_eq!(show_size(256 << 20), "256 MiB");
+        assert_eq!(show_size(3 << 30), "3 GiB");
+        assert_eq!(show_size(1 << 40), "1 TiB");
     }
 }

@@ -1,5 +1,6 @@
 //! `consnap ls`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -17,9 +18,13 @@ pub struct LsArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// One entry of the listing: a committed epoch, or a file in `epochs/`
+/// that is not one (`id` null).
+#[derive(Debug, Default, Serialize)]
 struct Row {
-    id: u64,
+    id: Option<u64>,
+    /// The file's real name in `epochs/`.
+    file: String,
     parent: Option<u64>,
     created_ns: u64,
     time: String,
@@ -30,8 +35,29 @@ struct Row {
     bytes: u64,
     pause_us: f64,
     guest_ops: Option<u64>,
+    /// The entry itself is unreadable, or not an epoch file (see `error`).
+    damaged: bool,
+    /// Why the entry is damaged.
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// The parent epoch's file does not exist.
+    parent_missing: bool,
+    /// Why the epoch cannot be restored although its own file is sound: an
+    /// ancestor is missing, damaged or describes another machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_error: Option<String>,
+    /// An epoch that `consnap restore --at ID` can restore: neither it nor
+    /// its chain is damaged or missing.
+    restorable: bool,
+    /// Guest RAM bytes and vCPUs, which must be equal along a chain.
+    #[serde(skip)]
+    machine: (u64, u32),
+}
+
+impl Row {
+    fn is_bad(&self) -> bool {
+        self.damaged || self.chain_error.is_some()
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
@@ -72,17 +98,52 @@ fn human(bytes: u64) -> String {
     }
 }
 
-/// List the epochs of a snapshot directory.
+/// Why epoch `id` cannot be restored because of its ancestors, following
+/// parents through `rows` down to a full epoch.
+fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
+    let mut at = rows.get(&id)?;
+    // Parents have smaller ids (the reader checks it), so this ends; the
+    // bound only guards against a bug.
+    for _ in 0..=rows.len() {
+        if at.full {
+            return None;
+        }
+        let child = at.id?;
+        let parent = at.parent?;
+        let who = if child == id {
+            "its parent".to_string()
+        } else {
+            format!("its ancestor (the parent of epoch {child})")
+        };
+        match rows.get(&parent) {
+            None => return Some(format!("{who} epoch {parent} is missing")),
+            Some(p) if p.damaged => return Some(format!("{who} epoch {parent} is damaged")),
+            Some(p) if p.machine != at.machine => {
+                return Some(format!(
+                    "{who} epoch {parent} describes another machine ({} bytes of RAM and {} vCPUs, not {} and {})",
+                    p.machine.0, p.machine.1, at.machine.0, at.machine.1
+                ));
+            }
+            Some(p) => at = p,
+        }
+    }
+    Some("its chain of parents does not end".into())
+}
+
+/// List the epochs of a snapshot directory. Exits 1 when any entry is
+/// damaged, cannot be restored, or is a file that is not an epoch.
 pub fn ls(a: LsArgs) -> Result<i32, String> {
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let listed = store.list().map_err(|e| e.to_string())?;
-    let rows: Vec<Row> = listed
+    let name_of = |id: u64| store::epoch_file_name(id);
+    let mut rows: Vec<Row> = listed
         .into_iter()
         .map(|(id, info)| match info {
             Ok(i) => {
                 let h = i.header;
                 Row {
-                    id,
+                    id: Some(id),
+                    file: name_of(id),
                     parent: (h.parent != 0).then_some(h.parent),
                     created_ns: h.created_ns,
                     time: utc(h.created_ns),
@@ -93,33 +154,57 @@ pub fn ls(a: LsArgs) -> Result<i32, String> {
                     bytes: i.file_bytes,
                     pause_us: h.pause_ns as f64 / 1e3,
                     guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
-                    error: None,
+                    machine: (h.mem_size, h.vcpus),
+                    ..Row::default()
                 }
             }
             Err(e) => Row {
-                id,
-                parent: None,
-                created_ns: 0,
-                time: String::new(),
-                mode: String::new(),
-                full: false,
-                pages: 0,
-                zero_pages: 0,
-                bytes: 0,
-                pause_us: 0.0,
-                guest_ops: None,
+                id: Some(id),
+                file: name_of(id),
+                damaged: true,
                 error: Some(e.to_string()),
+                ..Row::default()
             },
         })
         .collect();
-    let damaged = rows.iter().any(|r| r.error.is_some());
+    let ids: BTreeMap<u64, &Row> = rows.iter().filter_map(|r| Some((r.id?, r))).collect();
+    let broken: Vec<(u64, bool, Option<String>)> = rows
+        .iter()
+        .filter(|r| !r.damaged)
+        .filter_map(|r| {
+            let id = r.id?;
+            let missing = r.parent.is_some_and(|p| !ids.contains_key(&p));
+            Some((id, missing, chain_error(&ids, id)))
+        })
+        .collect();
+    for (id, missing, why) in broken {
+        if let Some(r) = rows.iter_mut().find(|r| r.id == Some(id)) {
+            r.parent_missing = missing;
+            r.chain_error = why;
+        }
+    }
+    for stray in store.strays().map_err(|e| e.to_string())? {
+        rows.push(Row {
+            file: stray
+                .path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            damaged: true,
+            error: Some(format!("{}: {}", stray.path.display(), stray.why)),
+            ..Row::default()
+        });
+    }
+    for r in &mut rows {
+        r.restorable = r.id.is_some() && !r.is_bad();
+    }
+    let bad = rows.iter().any(Row::is_bad);
     match print(&rows, a.json) {
         Ok(()) => {}
         // `consnap ls | head` closes the pipe early: not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
         Err(e) => return Err(format!("cannot write the listing: {e}")),
     }
-    Ok(i32::from(damaged))
+    Ok(i32::from(bad))
 }
 
 fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
@@ -134,15 +219,23 @@ fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
             "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "PAUSE", "GUEST OPS"
         )?;
         for r in rows {
+            let id = r.id.map_or_else(|| "-".to_string(), |i| i.to_string());
             if let Some(e) = &r.error {
-                writeln!(out, "{:>6}  damaged: {e}", r.id)?;
+                let what = if r.id.is_some() { "damaged" } else { "not an epoch" };
+                writeln!(out, "{id:>6}  {what}: {e}")?;
                 continue;
             }
             writeln!(
                 out,
                 "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10}",
-                r.id,
-                r.parent.map_or("-".to_string(), |p| p.to_string()),
+                id,
+                r.parent.map_or("-".to_string(), |p| {
+                    if r.parent_missing {
+                        format!("{p}!")
+                    } else {
+                        p.to_string()
+                    }
+                }),
                 r.time,
                 r.mode,
                 if r.full { "full" } else { "incr" },
@@ -152,6 +245,9 @@ fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
                 format!("{:.1}ms", r.pause_us / 1e3),
                 r.guest_ops.map_or("-".to_string(), |o| o.to_string()),
             )?;
+            if let Some(why) = &r.chain_error {
+                writeln!(out, "{id:>6}  cannot be restored: {why}")?;
+            }
         }
     }
     Ok(())

@@ -1,10 +1,13 @@
 //! The JSON run report (schema in docs/REPORT.md).
 
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 use snapshot::{EpochRecord, SnapshotEngine};
+use thiserror::Error;
 
 /// Report schema identifier; bump when fields change meaning.
 pub const SCHEMA: &str = "consnap.report/1";
@@ -260,12 +263,172 @@ pub struct Report {
 }
 
 impl Report {
-    /// Write the report atomically (temporary file, then rename).
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
+    /// The report as JSON text.
+    pub fn to_json(&self) -> Result<Vec<u8>, ReportError> {
+        let mut v = serde_json::to_vec_pretty(self).map_err(ReportError::Encode)?;
+        v.push(b'\n');
+        Ok(v)
+    }
+}
+
+/// Errors writing the report. Each names the path given to `--report`.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    /// The path is a directory.
+    #[error("--report {0}: is a directory")]
+    IsDir(PathBuf),
+    /// The path cannot be written (checked before the VM starts).
+    #[error("--report {path}: cannot write here: {source}")]
+    Unwritable {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Writing the report at the end failed.
+    #[error("cannot write report {path}: {source}")]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// serde_json failed (not expected).
+    #[error("cannot encode the report: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// Where the report goes, checked before the VM starts.
+///
+/// A regular file, or nothing yet, is replaced atomically: the report is
+/// written to a temporary file beside it, which is renamed over it. Anything
+/// else (a FIFO, a character device such as /dev/null, a symbolic link) is
+/// opened before the VM starts and written into: it is never replaced. A
+/// FIFO's open waits for its reader, as a shell redirection does.
+#[derive(Debug)]
+pub enum ReportTarget {
+    /// Write `path` atomically.
+    Replace {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Write into `file`, opened from `path`.
+    Into {
+        /// The path.
+        path: PathBuf,
+        /// It, opened for writing.
+        file: File,
+    },
+}
+
+/// A temporary file beside `path`, created exclusively (never through a
+/// link someone planted), mode 0666 less the umask.
+fn create_temp(path: &Path) -> std::io::Result<(PathBuf, File)> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "report".into(), |n| n.to_string_lossy());
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = dir.join(format!(".{name}.{}-{nanos:09}-{attempt}.tmp", std::process::id()));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
+}
+
+impl ReportTarget {
+    /// Check that `path` can take the report, before anything runs.
+    pub fn open(path: &Path) -> Result<ReportTarget, ReportError> {
+        let unwritable = |source| ReportError::Unwritable {
+            path: path.to_path_buf(),
+            source,
+        };
+        if path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+            return Err(ReportError::IsDir(path.to_path_buf()));
+        }
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unwritable(e)),
+            Ok(m) if m.is_dir() => return Err(ReportError::IsDir(path.to_path_buf())),
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                // A FIFO, a device, a socket or a symbolic link: write into
+                // it (creating the file a dangling link names).
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    // Truncated only when the report is written, after the run.
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| {
+                        if e.raw_os_error() == Some(libc::EISDIR) {
+                            ReportError::IsDir(path.to_path_buf())
+                        } else {
+                            unwritable(e)
+                        }
+                    })?;
+                return Ok(ReportTarget::Into {
+                    path: path.to_path_buf(),
+                    file,
+                });
+            }
+        }
+        // A regular file or nothing: the directory must take a temporary file.
+        let (tmp, _) = create_temp(path).map_err(unwritable)?;
+        let _ = std::fs::remove_file(&tmp);
+        Ok(ReportTarget::Replace {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Write `report`. A failed atomic write leaves no temporary file behind.
+    pub fn write(self, report: &Report) -> Result<(), ReportError> {
+        let json = report.to_json()?;
+        let failed = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ReportError::Write { path, source }
+        };
+        match self {
+            ReportTarget::Into { path, mut file } => {
+                // Through a symbolic link to a regular file: replace its contents.
+                if file.metadata().is_ok_and(|m| m.is_file()) {
+                    file.set_len(0).map_err(failed(&path))?;
+                }
+                file.write_all(&json).map_err(failed(&path))
+            }
+            ReportTarget::Replace { path } => {
+                // Something other than a regular file appeared there meanwhile: never replace it.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+                    return ReportTarget::open(&path)?.write(report);
+                }
+                let (tmp, mut file) = create_temp(&path).map_err(failed(&path))?;
+                let written = (|| {
+                    // Keep the mode of a report being replaced.
+                    if let Ok(m) = std::fs::symlink_metadata(&path)
+                        && m.is_file()
+                    {
+                        file.set_permissions(m.permissions())?;
+                    }
+                    file.write_all(&json)?;
+                    file.sync_all()?;
+                    std::fs::rename(&tmp, &path)
+                })();
+                if written.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                written.map_err(failed(&path))
+            }
+        }
     }
 }
 

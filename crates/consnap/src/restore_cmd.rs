@@ -33,7 +33,7 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 /// Restore a VM and run it to its end; returns consnap's exit status.
 pub fn restore(a: RestoreArgs) -> Result<i32, String> {
     let started = Instant::now();
-    session::preflight(&a.session)?;
+    let pre = session::preflight(&a.session)?;
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let id = match a.at.as_str() {
         "latest" => store.latest().map_err(|e| e.to_string())?,
@@ -72,5 +72,13 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         .filter(|d| same_dir(d, &a.dir))
         .map(|_| id);
     drop(store);
-    session::execute(restored.machine, "restore", &a.session, Some(from), parent, started)
+    session::execute(
+        restored.machine,
+        "restore",
+        &a.session,
+        pre,
+        Some(from),
+        parent,
+        started,
+    )
 }

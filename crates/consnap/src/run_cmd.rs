@@ -27,10 +27,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub workload: Option<String>,
     /// Initial ramdisk for --kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// Kernel command line for --kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub cmdline: Option<String>,
     /// Guest RAM, e.g. 512M or 2G (default 256M, or the workload's wss plus 64M).
     #[arg(long, value_parser = args::size)]
@@ -50,6 +50,19 @@ struct Plan {
 }
 
 fn plan(a: &RunArgs) -> Result<Plan, String> {
+    // Checked here rather than with clap's `requires`, which misses the
+    // --workload case and prints several lines.
+    if a.kernel.is_none() {
+        if let Some(initrd) = &a.initrd {
+            return Err(format!(
+                "--initrd {} needs --kernel: the workload guest takes no initial ramdisk",
+                initrd.display()
+            ));
+        }
+        if a.cmdline.is_some() {
+            return Err("--cmdline needs --kernel: the workload guest's command line comes from --workload".into());
+        }
+    }
     if let Some(kernel) = &a.kernel {
         return Ok(Plan {
             boot: BootConfig {
@@ -63,17 +76,22 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
         });
     }
     let (cmdline, spec) = args::workload_cmdline(a.workload.as_deref().unwrap_or("memstress"))?;
-    let need = spec.wss + GUEST_OVERHEAD;
-    let mem = a
-        .mem
-        .unwrap_or_else(|| DEFAULT_MEM.max((spec.wss + (64 << 20)).next_multiple_of(2 << 20)));
+    let need = spec.wss.saturating_add(GUEST_OVERHEAD);
+    let mem = a.mem.unwrap_or_else(|| {
+        DEFAULT_MEM.max(
+            spec.wss
+                .saturating_add(64 << 20)
+                .checked_next_multiple_of(2 << 20)
+                .unwrap_or(u64::MAX),
+        )
+    });
     let usable = mem.min(vmm::memory::MMIO_HOLE_START);
     if need > usable {
         return Err(format!(
-            "--workload wss={} MiB does not fit in --mem {} MiB: the workload guest needs wss + {} MiB below 3 GiB",
-            spec.wss >> 20,
-            mem >> 20,
-            GUEST_OVERHEAD >> 20
+            "--workload wss={} does not fit in --mem {}: the workload guest needs wss + {} below 3 GiB",
+            args::show_size(spec.wss),
+            args::show_size(mem),
+            args::show_size(GUEST_OVERHEAD)
         ));
     }
     Ok(Plan {
@@ -94,7 +112,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
 /// Run a VM to its end; returns consnap's exit status.
 pub fn run(a: RunArgs) -> Result<i32, String> {
     let plan = plan(&a)?;
-    session::preflight(&a.session)?;
+    let pre = session::preflight(&a.session)?;
     let started = Instant::now();
     let machine = Machine::boot(
         plan.mem,
@@ -103,5 +121,5 @@ pub fn run(a: RunArgs) -> Result<i32, String> {
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;
-    session::execute(machine, "run", &a.session, None, None, started)
+    session::execute(machine, "run", &a.session, pre, None, None, started)
 }

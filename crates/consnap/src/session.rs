@@ -13,7 +13,7 @@ use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
 
 use crate::args;
-use crate::report::{Percentiles, Report, RestoredFrom, SCHEMA, Snapshots};
+use crate::report::{Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
 
 /// Snapshot modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -144,16 +144,29 @@ fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
     }
 }
 
+/// What [`preflight`] checked and opened.
+#[derive(Debug)]
+pub struct Preflight {
+    /// Where the report goes, if anywhere.
+    pub report: Option<ReportTarget>,
+}
+
 /// Check the session options before any VM exists: the snapshot mode must
-/// be able to run on this host.
-pub fn preflight(a: &SessionArgs) -> Result<(), String> {
+/// be able to run on this host, and the report path must be writable.
+pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
     if a.interval.is_zero() {
         return Err("--interval must be longer than 0".into());
     }
     if a.snapshot_dir.is_some() {
         SnapshotEngine::check_host(a.mode.mode()).map_err(|e| e.to_string())?;
     }
-    Ok(())
+    let report = a
+        .report
+        .as_deref()
+        .map(ReportTarget::open)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(Preflight { report })
 }
 
 /// Run `machine` to its end. `parent` is the epoch of the snapshot
@@ -162,6 +175,7 @@ pub fn execute(
     mut machine: Machine,
     command: &'static str,
     a: &SessionArgs,
+    pre: Preflight,
     restored: Option<RestoredFrom>,
     parent: Option<u64>,
     started: Instant,
@@ -220,10 +234,8 @@ pub fn execute(
     let mut report = build_report(command, &machine, &end, started, &pauses, sampler.samples);
     report.snapshots = engine.as_ref().map(Snapshots::from_engine);
     report.restored_from = restored;
-    if let Some(path) = &a.report {
-        report
-            .write(path)
-            .map_err(|e| format!("cannot write report {}: {e}", path.display()))?;
+    if let Some(target) = pre.report {
+        target.write(&report).map_err(|e| e.to_string())?;
     }
     summarize(&report);
     Ok(report.exit_code)

@@ -20,6 +20,33 @@ pub const STORE_MAGIC: [u8; 8] = *b"CSNPSTOR";
 pub const STORE_SIZE: usize = 64;
 /// Size of one index entry.
 pub const EXTENT_SIZE: usize = 24;
+/// Largest guest RAM an epoch may describe (1 TiB).
+pub const MAX_RAM: u64 = 1 << 40;
+/// Largest vCPU count an epoch may describe (the CONFIG record stores it in a byte).
+pub const MAX_VCPUS: u32 = 255;
+/// Guest-physical start of the x86 MMIO hole: RAM beyond this size continues at [`RAM_HIGH_START`].
+pub const RAM_LOW_END: u64 = 0xC000_0000;
+/// Guest-physical address where RAM above the MMIO hole starts.
+pub const RAM_HIGH_START: u64 = 0x1_0000_0000;
+
+/// The guest frame ranges `[start, end)` that `mem_size` bytes of guest RAM
+/// occupy: up to 3 GiB from frame 0, the rest from 4 GiB.
+pub fn ram_frames(mem_size: u64) -> Vec<(u64, u64)> {
+    let page = PAGE as u64;
+    let low = mem_size.min(RAM_LOW_END);
+    let mut v = vec![(0, low / page)];
+    if mem_size > low {
+        let start = RAM_HIGH_START / page;
+        v.push((start, start + (mem_size - low) / page));
+    }
+    v
+}
+
+/// `ram_frames` as text for messages: `frames 0..2048` or `frames 0..786432 and 1048576..1310720`.
+pub fn describe_frames(mem_size: u64) -> String {
+    let parts: Vec<String> = ram_frames(mem_size).iter().map(|(a, b)| format!("{a}..{b}")).collect();
+    format!("frames {}", parts.join(" and "))
+}
 
 /// XXH3-64, the checksum of every header, section and page.
 pub fn checksum(bytes: &[u8]) -> u64 {
@@ -95,6 +122,8 @@ pub struct Section {
 pub mod flags {
     /// The index covers every page of guest RAM (a chain may end here).
     pub const FULL: u32 = 1;
+    /// Every flag this version defines; a reader refuses any other bit.
+    pub const KNOWN: u32 = FULL;
 }
 
 /// Kind of an index extent.
@@ -190,6 +219,7 @@ pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 const SECTIONS_AT: usize = 128;
+const SECTION_NAMES: [&str; 4] = ["STATE", "INDEX", "PAGE_SUMS", "DATA"];
 const SUM_AT: usize = HEADER_SIZE - 8;
 
 impl Header {
@@ -258,10 +288,79 @@ impl Header {
         if checksum(&b[..SUM_AT]) != le64(b, SUM_AT) {
             return Err(corrupt("header checksum mismatch".into()));
         }
-        if le32(b, 12) as usize != HEADER_SIZE || le32(b, 64) as usize != PAGE {
-            return Err(corrupt("unsupported header or page size".into()));
+        let header_size = le32(b, 12);
+        if header_size as usize != HEADER_SIZE {
+            return Err(corrupt(format!("header size is {header_size}, not {HEADER_SIZE}")));
         }
-        let mode = Mode::from_code(le32(b, 56)).ok_or_else(|| corrupt(format!("unknown mode {}", le32(b, 56))))?;
+        let page_size = le32(b, 64);
+        if page_size as usize != PAGE {
+            return Err(corrupt(format!("page size is {page_size}, not {PAGE}")));
+        }
+        let id = le64(b, 16);
+        if id == 0 {
+            return Err(corrupt("epoch id is 0 (epoch ids start at 1)".into()));
+        }
+        let code = le32(b, 56);
+        let mode = Mode::from_code(code).ok_or_else(|| {
+            corrupt(format!(
+                "epoch {id} has unknown mode {code} (known: 1 stop-copy-full, 2 stop-copy, 3 cow)"
+            ))
+        })?;
+        let flags = le32(b, 60);
+        if flags & !flags::KNOWN != 0 {
+            return Err(corrupt(format!(
+                "epoch {id} has unknown flags {:#x} (only bit 0, FULL, is defined)",
+                flags & !flags::KNOWN
+            )));
+        }
+        let full = flags & flags::FULL != 0;
+        let parent = le64(b, 24);
+        if full && parent != 0 {
+            return Err(corrupt(format!(
+                "epoch {id} has the FULL flag and parent {parent}: a FULL epoch has parent 0"
+            )));
+        }
+        if !full && parent == 0 {
+            return Err(corrupt(format!(
+                "epoch {id} is incremental (FULL flag clear) but has no parent"
+            )));
+        }
+        if !full && parent >= id {
+            return Err(corrupt(format!(
+                "epoch {id} has parent {parent}: a parent's id must be smaller"
+            )));
+        }
+        let vcpus = le32(b, 68);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(corrupt(format!(
+                "epoch {id} has vCPU count {vcpus} (must be 1 to {MAX_VCPUS})"
+            )));
+        }
+        let mem_size = le64(b, 72);
+        if mem_size == 0 || !mem_size.is_multiple_of(PAGE as u64) || mem_size > MAX_RAM {
+            return Err(corrupt(format!(
+                "epoch {id} has guest RAM size {mem_size} bytes (must be a non-zero multiple of {PAGE} up to 1 TiB)"
+            )));
+        }
+        let (pages_data, pages_zero) = (le64(b, 88), le64(b, 96));
+        let ram_pages = mem_size / PAGE as u64;
+        let listed = pages_data.checked_add(pages_zero);
+        if listed.is_none_or(|n| n > ram_pages) {
+            return Err(corrupt(format!(
+                "epoch {id} lists {pages_data} data and {pages_zero} zero pages, more than the {ram_pages} pages of its guest RAM"
+            )));
+        }
+        if full && listed != Some(ram_pages) {
+            return Err(corrupt(format!(
+                "FULL epoch {id} lists {pages_data} data and {pages_zero} zero pages, but its guest RAM has {ram_pages} pages"
+            )));
+        }
+        let extents = le64(b, 104);
+        if listed.is_some_and(|n| extents > n) {
+            return Err(corrupt(format!(
+                "epoch {id} has {extents} index extents for {pages_data} data and {pages_zero} zero pages (extents are never empty)"
+            )));
+        }
         let mut store_uuid = [0u8; 16];
         store_uuid.copy_from_slice(&b[32..48]);
         let mut sections = [Section::default(); 4];
@@ -269,7 +368,11 @@ impl Header {
         for (i, kind) in kinds.into_iter().enumerate() {
             let at = SECTIONS_AT + i * 32;
             if le32(b, at) != kind {
-                return Err(corrupt(format!("section table entry {i} has kind {}", le32(b, at))));
+                return Err(corrupt(format!(
+                    "section table entry {i} has kind {} (expected {kind}: {})",
+                    le32(b, at),
+                    SECTION_NAMES[i]
+                )));
             }
             sections[i] = Section {
                 offset: le64(b, at + 8),
@@ -277,25 +380,33 @@ impl Header {
                 sum: le64(b, at + 24),
             };
         }
+        if sections[3].sum != 0 {
+            return Err(corrupt(format!(
+                "the DATA section entry has checksum {:#x} (must be 0: PAGE_SUMS covers the pages)",
+                sections[3].sum
+            )));
+        }
         Ok(Header {
-            id: le64(b, 16),
-            parent: le64(b, 24),
+            id,
+            parent,
             store_uuid,
             created_ns: le64(b, 48),
             mode,
-            flags: le32(b, 60),
-            vcpus: le32(b, 68),
-            mem_size: le64(b, 72),
+            flags,
+            vcpus,
+            mem_size,
             guest_ops: le64(b, 80),
-            pages_data: le64(b, 88),
-            pages_zero: le64(b, 96),
-            extents: le64(b, 104),
+            pages_data,
+            pages_zero,
+            extents,
             pause_ns: le64(b, 112),
             sections,
         })
     }
 
-    /// Check the section table against the counts and the file length.
+    /// Check the section table against the counts and the file length:
+    /// lengths match the counts, DATA is page aligned, every section lies
+    /// after the header and inside the file, and no two overlap.
     pub fn check_layout(&self, file_len: u64, path: &Path) -> Result<()> {
         let corrupt = |why: String| StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -303,26 +414,55 @@ impl Header {
         };
         let [state, index, sums, data] = self.sections;
         let expect = [
-            ("INDEX", index.len, self.extents.checked_mul(EXTENT_SIZE as u64)),
-            ("PAGE_SUMS", sums.len, self.pages_data.checked_mul(8)),
-            ("DATA", data.len, self.pages_data.checked_mul(PAGE as u64)),
+            ("INDEX", index.len, self.extents, EXTENT_SIZE as u64, "index extents"),
+            ("PAGE_SUMS", sums.len, self.pages_data, 8, "data pages"),
+            ("DATA", data.len, self.pages_data, PAGE as u64, "data pages"),
         ];
-        for (name, got, want) in expect {
-            if Some(got) != want {
-                return Err(corrupt(format!(
-                    "{name} section is {got} bytes, the header's counts say {want:?}"
-                )));
+        for (name, got, count, each, what) in expect {
+            match count.checked_mul(each) {
+                Some(want) if want == got => {}
+                Some(want) => {
+                    return Err(corrupt(format!(
+                        "{name} section is {got} bytes, but the header's {count} {what} need {want}"
+                    )));
+                }
+                None => {
+                    return Err(corrupt(format!(
+                        "{name} section would need more than 2^64 bytes for the header's {count} {what}"
+                    )));
+                }
             }
         }
-        if data.offset % PAGE as u64 != 0 {
-            return Err(corrupt("DATA section is not page aligned".into()));
+        if !data.offset.is_multiple_of(PAGE as u64) {
+            return Err(corrupt(format!(
+                "DATA section starts at {}, which is not a multiple of {PAGE}",
+                data.offset
+            )));
         }
-        for (name, s) in [("STATE", state), ("INDEX", index), ("PAGE_SUMS", sums), ("DATA", data)] {
+        let named = [("STATE", state), ("INDEX", index), ("PAGE_SUMS", sums), ("DATA", data)];
+        for (name, s) in named {
             let end = s.offset.checked_add(s.len);
-            if s.offset < HEADER_SIZE as u64 || end.is_none_or(|e| e > file_len) {
+            if s.offset < HEADER_SIZE as u64 {
+                return Err(corrupt(format!(
+                    "{name} section [{}, +{}) starts inside the {HEADER_SIZE}-byte header",
+                    s.offset, s.len
+                )));
+            }
+            if end.is_none_or(|e| e > file_len) {
                 return Err(corrupt(format!(
                     "{name} section [{}, +{}) lies outside the file ({file_len} bytes): truncated?",
                     s.offset, s.len
+                )));
+            }
+        }
+        let mut placed: Vec<(&str, Section)> = named.into_iter().filter(|(_, s)| s.len > 0).collect();
+        placed.sort_by_key(|(_, s)| s.offset);
+        for w in placed.windows(2) {
+            let ((a, sa), (b, sb)) = (w[0], w[1]);
+            if sa.offset + sa.len > sb.offset {
+                return Err(corrupt(format!(
+                    "{a} section [{}, +{}) overlaps {b} section [{}, +{})",
+                    sa.offset, sa.len, sb.offset, sb.len
                 )));
             }
         }
@@ -393,6 +533,14 @@ mod tests {
             Header::decode(&v2, p),
             Err(StoreError::Version { found: 2, .. })
         ));
+    }
+
+    #[test]
+    fn ram_frames_skip_the_mmio_hole() {
+        assert_eq!(ram_frames(8 * 4096), vec![(0, 8)]);
+        assert_eq!(ram_frames(3 << 30), vec![(0, 786_432)]);
+        assert_eq!(ram_frames(4 << 30), vec![(0, 786_432), (1_048_576, 1_310_720)]);
+        assert_eq!(describe_frames(4 << 30), "frames 0..786432 and 1048576..1310720");
     }
 
     #[test]

@@ -18,5 +18,5 @@ pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
 pub use plan::{Run, Source, plan};
 pub use reader::EpochReader;
-pub use store::{Access, EpochInfo, Store};
+pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};
 pub use writer::{EpochMeta, EpochWriter};

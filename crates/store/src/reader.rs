@@ -1,11 +1,13 @@
 //! Reading and verifying one epoch file.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError, io};
-use crate::format::{EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, PAGE, checksum, le64};
+use crate::format::{
+    EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, PAGE, checksum, describe_frames, le32, le64, ram_frames,
+};
 
 /// An opened, verified epoch: header, index and page checksums in memory.
 #[derive(Debug)]
@@ -18,20 +20,113 @@ pub struct EpochReader {
 }
 
 fn read_at(file: &File, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
+    // The length comes from the file: a sparse file may claim more than this
+    // host can allocate, which must be an error, not an abort.
+    let mut buf = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| buf.try_reserve_exact(n).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("a section of {len} bytes does not fit in memory"),
+        })?;
+    buf.resize(len as usize, 0);
     file.read_exact_at(&mut buf, at).map_err(io(path, "read"))?;
     Ok(buf)
 }
 
+/// Open `path` for reading if it is a regular file (a FIFO planted under
+/// the name would block the reader forever).
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(path, "open"))?;
+    if !file.metadata().map_err(io(path, "stat"))?.is_file() {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "not a regular file".into(),
+        });
+    }
+    Ok(file)
+}
+
 /// Read and verify only the header of `path` (for listings).
 pub fn read_header(path: &Path) -> Result<(Header, u64)> {
-    let file = File::open(path).map_err(io(path, "open"))?;
+    let file = open_regular(path)?;
+    header_of(&file, path)
+}
+
+fn header_of(file: &File, path: &Path) -> Result<(Header, u64)> {
     let len = file.metadata().map_err(io(path, "stat"))?.len();
     let mut b = vec![0u8; HEADER_SIZE.min(len as usize)];
     file.read_exact_at(&mut b, 0).map_err(io(path, "read header"))?;
     let h = Header::decode(&b, path)?;
     h.check_layout(len, path)?;
     Ok((h, len))
+}
+
+/// Decode the INDEX and check every rule of docs/FORMAT.md about it:
+/// known kinds, no empty extent, ascending and non-overlapping, inside
+/// guest RAM, zero extents with data page 0, data extents covering DATA
+/// pages 0, 1, 2, ... in order, and page counts equal to the header's.
+/// (With the header's checks this also makes a FULL epoch list every page
+/// of guest RAM exactly once.)
+fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>, String> {
+    let ram = ram_frames(header.mem_size);
+    let mut index = Vec::with_capacity(bytes.len() / EXTENT_SIZE);
+    let (mut next_gfn, mut next_data, mut zero) = (0u64, 0u64, 0u64);
+    for (i, b) in bytes.chunks_exact(EXTENT_SIZE).enumerate() {
+        let e = Extent::decode(b).ok_or_else(|| format!("index entry {i} has unknown kind {}", le32(b, 12)))?;
+        if e.count == 0 {
+            return Err(format!("index entry {i} is empty (page count 0)"));
+        }
+        let end = e
+            .gfn
+            .checked_add(u64::from(e.count))
+            .ok_or_else(|| format!("index entry {i} (frame {} + {} pages) overflows", e.gfn, e.count))?;
+        if i > 0 && e.gfn < next_gfn {
+            return Err(format!(
+                "index entry {i} starts at frame {}, before the end of entry {} (frame {next_gfn}): the index must be ascending and non-overlapping",
+                e.gfn,
+                i - 1
+            ));
+        }
+        if !ram.iter().any(|&(lo, hi)| lo <= e.gfn && end <= hi) {
+            return Err(format!(
+                "index entry {i} (frames {}..{end}) lies outside guest RAM of {} bytes ({})",
+                e.gfn,
+                header.mem_size,
+                describe_frames(header.mem_size)
+            ));
+        }
+        next_gfn = end;
+        match e.kind {
+            ExtentKind::Data if e.data_page != next_data => {
+                return Err(format!(
+                    "index entry {i} points at data page {}, expected {next_data} (data extents cover DATA in order)",
+                    e.data_page
+                ));
+            }
+            ExtentKind::Data => next_data += u64::from(e.count),
+            ExtentKind::Zero if e.data_page != 0 => {
+                return Err(format!(
+                    "index entry {i} is a zero extent with data page {} (must be 0)",
+                    e.data_page
+                ));
+            }
+            ExtentKind::Zero => zero += u64::from(e.count),
+        }
+        index.push(e);
+    }
+    if next_data != header.pages_data || zero != header.pages_zero {
+        return Err(format!(
+            "index lists {next_data} data and {zero} zero pages, the header says {} and {}",
+            header.pages_data, header.pages_zero
+        ));
+    }
+    Ok(index)
 }
 
 impl EpochReader {
@@ -42,8 +137,8 @@ impl EpochReader {
             path: path.to_path_buf(),
             why,
         };
-        let (header, _) = read_header(path)?;
-        let file = File::open(path).map_err(io(path, "open"))?;
+        let file = open_regular(path)?;
+        let (header, _) = header_of(&file, path)?;
         let [_, isec, ssec, _] = header.sections;
         let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
         if checksum(&index_bytes) != isec.sum {
@@ -53,31 +148,7 @@ impl EpochReader {
         if checksum(&sum_bytes) != ssec.sum {
             return Err(corrupt("PAGE_SUMS section checksum mismatch".into()));
         }
-        let mut index = Vec::with_capacity(header.extents as usize);
-        for (i, b) in index_bytes.chunks_exact(EXTENT_SIZE).enumerate() {
-            index.push(Extent::decode(b).ok_or_else(|| corrupt(format!("index entry {i} has an unknown kind")))?);
-        }
-        // The index must be ascending, non-overlapping, and account for every stored page once.
-        let (mut next_gfn, mut next_data, mut zero) = (0u64, 0u64, 0u64);
-        for (i, e) in index.iter().enumerate() {
-            if e.count == 0 || e.gfn < next_gfn {
-                return Err(corrupt(format!("index entry {i} is empty or out of order")));
-            }
-            next_gfn = e
-                .gfn
-                .checked_add(u64::from(e.count))
-                .ok_or_else(|| corrupt("index overflows".into()))?;
-            match e.kind {
-                ExtentKind::Data if e.data_page != next_data => {
-                    return Err(corrupt(format!("index entry {i} points at data page {}", e.data_page)));
-                }
-                ExtentKind::Data => next_data += u64::from(e.count),
-                ExtentKind::Zero => zero += u64::from(e.count),
-            }
-        }
-        if next_data != header.pages_data || zero != header.pages_zero {
-            return Err(corrupt("index does not match the header's page counts".into()));
-        }
+        let index = check_index(&header, &index_bytes).map_err(corrupt)?;
         let sums = sum_bytes.chunks_exact(8).map(|c| le64(c, 0)).collect();
         Ok(EpochReader {
             path: path.to_path_buf(),

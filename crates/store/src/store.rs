@@ -8,21 +8,29 @@
 //!     .tmp-...                     an epoch being written (never read)
 //! ```
 
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError, io};
 use crate::format::{self, Header, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
-use crate::reader::{EpochReader, read_header};
+use crate::reader::{EpochReader, open_regular, read_header};
 use crate::writer::{EpochMeta, EpochWriter};
 
 const EPOCHS: &str = "epochs";
 const STORE_FILE: &str = "STORE";
 const SUFFIX: &str = ".epoch";
 const TMP_PREFIX: &str = ".tmp-";
+/// STORE being written during creation (`.STORE.tmp-PID-RANDOM`; older
+/// consnap wrote `.STORE.tmp`).
+const STORE_TMP_PREFIX: &str = ".STORE.tmp";
+/// Digits of an epoch id in a file name.
+const ID_DIGITS: usize = 20;
+/// Guest memory holds secrets: directories are 0700, files 0600, whatever the umask.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
 
 /// A committed epoch as listed.
 #[derive(Debug, Clone)]
@@ -33,6 +41,16 @@ pub struct EpochInfo {
     pub file_bytes: u64,
     /// Its file.
     pub path: PathBuf,
+}
+
+/// A file in `epochs/` that is neither a committed epoch nor an epoch being
+/// written: consnap never reads it.
+#[derive(Debug, Clone)]
+pub struct Stray {
+    /// The file, by its real name.
+    pub path: PathBuf,
+    /// Why it is not read.
+    pub why: String,
 }
 
 /// How a store is opened.
@@ -53,31 +71,186 @@ pub struct Store {
     _lock: Option<File>,
 }
 
-/// Guest memory holds secrets: directories are 0700.
-fn private_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir, "create directory"))
+/// The id in a committed epoch's file name: exactly 20 decimal digits, then `.epoch`.
+pub fn epoch_id_of(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SUFFIX)?;
+    if digits.len() != ID_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
-/// Guest memory holds secrets: files are created 0600 (read-write, truncated).
+/// The file name of epoch `id`.
+pub fn epoch_file_name(id: u64) -> String {
+    format!("{id:020}{SUFFIX}")
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(path, Permissions::from_mode(mode)).map_err(io(path, "chmod"))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Create `dir`, and any missing parent, with mode 0700 set explicitly (the
+/// umask does not apply). An existing directory is left as it is.
+fn private_dir_all(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(StoreError::NotAStore {
+                path: dir.to_path_buf(),
+                why: "it exists and is not a directory".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(dir, "stat")(e)),
+    }
+    if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        private_dir_all(p)?;
+    }
+    match DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => {
+            set_mode(dir, DIR_MODE)?;
+            fsync_dir(parent_of(dir))
+        }
+        // Created meanwhile by another process.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io(dir, "create directory")(e)),
+    }
+}
+
+/// Create (or truncate) `path` for reading and writing, mode 0600 set explicitly.
 fn private_file(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(io(path, "create"))
+        .map_err(io(path, "create"))?;
+    f.set_permissions(Permissions::from_mode(FILE_MODE))
+        .map_err(io(path, "chmod"))?;
+    Ok(f)
+}
+
+/// Give `path` exactly `mode`; warn when it was open to other users. The
+/// mode is set through a descriptor opened without following a symbolic
+/// link (never on what a link planted in the store points to); a link is
+/// left alone.
+fn make_private(path: &Path, mode: u32) -> Result<()> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            tracing::warn!("{} is a symbolic link; its mode is left as it is", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(io(path, "open")(e)),
+    };
+    let had = f.metadata().map_err(io(path, "stat"))?.permissions().mode() & 0o7777;
+    if had == mode {
+        return Ok(());
+    }
+    f.set_permissions(Permissions::from_mode(mode))
+        .map_err(io(path, "chmod"))?;
+    if had & 0o077 != 0 {
+        tracing::warn!(
+            "{} was mode {had:04o}, open to other users; set it to {mode:04o} (guest memory holds secrets)",
+            path.display()
+        );
+    } else {
+        tracing::info!("{}: mode {had:04o} set to {mode:04o}", path.display());
+    }
+    Ok(())
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir, "fsync directory"))
+}
+
+/// Whether `dir`, which has no STORE file, is a store whose creation was
+/// interrupted and may resume: it holds nothing but `epochs/` (itself
+/// holding no committed epoch) and temporary STORE files.
+fn check_resumable(dir: &Path) -> Result<()> {
+    let not = |why: String| StoreError::NotAStore {
+        path: dir.to_path_buf(),
+        why,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir, "list"))? {
+        let entry = entry.map_err(io(dir, "list"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(STORE_TMP_PREFIX) || name == STORE_FILE {
+            continue;
+        }
+        if name == EPOCHS && entry.path().is_dir() {
+            let epochs = entry.path();
+            for e in std::fs::read_dir(&epochs).map_err(io(&epochs, "list"))? {
+                let e = e.map_err(io(&epochs, "list"))?;
+                if !e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    return Err(not(format!("it has no STORE file but {} exists", e.path().display())));
+                }
+            }
+            continue;
+        }
+        return Err(not(format!(
+            "the directory exists, is not empty ({name} is in it), and has no STORE file"
+        )));
+    }
+    Ok(())
+}
+
+/// Write a new STORE file under a temporary name and link it into place.
+/// `link` fails if STORE exists, so of two processes creating the same
+/// store one wins and the other uses the winner's STORE.
+fn create_store_file(dir: &Path) -> Result<()> {
+    let store = dir.join(STORE_FILE);
+    let nonce = u64::from_le_bytes(random_uuid()[..8].try_into().unwrap_or_default());
+    let tmp = dir.join(format!("{STORE_TMP_PREFIX}-{}-{nonce:016x}", std::process::id()));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&tmp)
+            .map_err(io(&tmp, "create"))?;
+        f.set_permissions(Permissions::from_mode(FILE_MODE))
+            .map_err(io(&tmp, "chmod"))?;
+        f.write_all(&encode_store_file(&random_uuid()))
+            .map_err(io(&tmp, "write"))?;
+        f.sync_all().map_err(io(&tmp, "fsync"))
+    })();
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, &store) {
+        Ok(()) => Ok(true),
+        // Another process created STORE first (and may already have removed
+        // our temporary file as a leftover): use its STORE.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(io(&store, "create (link)")(e)),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    if linked? {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 fn random_uuid() -> [u8; 16] {
@@ -116,8 +289,16 @@ fn decode_store_file(b: &[u8], dir: &Path) -> Result<[u8; 16]> {
         path: dir.to_path_buf(),
         why: why.to_string(),
     };
-    if b.len() != STORE_SIZE || b[..8] != STORE_MAGIC {
-        return Err(not("STORE has the wrong size or magic"));
+    if b.len() != STORE_SIZE {
+        let got = if b.len() > STORE_SIZE {
+            format!("longer than {STORE_SIZE} bytes")
+        } else {
+            format!("{} bytes long", b.len())
+        };
+        return Err(not(&format!("{} is {got}, not {STORE_SIZE}", path.display())));
+    }
+    if b[..8] != STORE_MAGIC {
+        return Err(not(&format!("{} does not start with {:?}", path.display(), "CSNPSTOR")));
     }
     let version = le32(b, 8);
     if version != VERSION {
@@ -158,35 +339,43 @@ fn lock(file: &File, dir: &Path) -> Result<()> {
 
 impl Store {
     /// Open `dir` for writing, creating the store if it does not exist.
+    ///
+    /// Creation makes DIR (and missing parents) and `DIR/epochs` 0700, then
+    /// writes STORE under a temporary name and links it into place, so that
+    /// STORE is either absent or complete. A directory left by an
+    /// interrupted creation (only `epochs/` without epochs and temporary
+    /// STORE files) is completed.
     pub fn open_or_create(dir: &Path) -> Result<Store> {
-        if !dir.join(STORE_FILE).exists() {
-            let nonempty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-            if nonempty {
-                return Err(StoreError::NotAStore {
-                    path: dir.to_path_buf(),
-                    why: "the directory exists, is not empty, and has no STORE file".into(),
-                });
+        private_dir_all(dir)?;
+        let store_path = dir.join(STORE_FILE);
+        let exists = |p: &Path| match std::fs::symlink_metadata(p) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io(p, "stat")(e)),
+        };
+        if !exists(&store_path)? {
+            if let Err(e) = check_resumable(dir) {
+                // Unless another process has just created the store.
+                if !exists(&store_path)? {
+                    return Err(e);
+                }
             }
-            private_dir(dir)?;
-            private_dir(&dir.join(EPOCHS))?;
-            let tmp = dir.join(".STORE.tmp");
-            let mut f = private_file(&tmp)?;
-            std::io::Write::write_all(&mut f, &encode_store_file(&random_uuid())).map_err(io(&tmp, "write"))?;
-            f.sync_all().map_err(io(&tmp, "fsync"))?;
-            std::fs::rename(&tmp, dir.join(STORE_FILE)).map_err(io(dir.join(STORE_FILE), "rename"))?;
-            fsync_dir(dir)?;
+            private_dir_all(&dir.join(EPOCHS))?;
+            create_store_file(dir)?;
         }
         let store = Store::open(dir, Access::Write)?;
-        store.remove_tmp();
+        store.remove_leftovers();
         Ok(store)
     }
 
-    /// Open an existing store.
+    /// Open an existing store. Opening it for writing takes the lock, then
+    /// sets the modes of the directory, `epochs/` (0700), STORE and the
+    /// epoch files (0600), warning when one was open to other users.
     pub fn open(dir: &Path, access: Access) -> Result<Store> {
         let path = dir.join(STORE_FILE);
-        let mut f = match File::open(&path) {
+        let mut f = match open_regular(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(StoreError::NotAStore {
                     path: dir.to_path_buf(),
                     why: if dir.exists() {
@@ -196,10 +385,13 @@ impl Store {
                     },
                 });
             }
-            Err(e) => return Err(io(&path, "open")(e)),
+            Err(e) => return Err(e),
         };
         let mut b = Vec::new();
-        f.read_to_end(&mut b).map_err(io(&path, "read"))?;
+        Read::by_ref(&mut f)
+            .take(STORE_SIZE as u64 + 1)
+            .read_to_end(&mut b)
+            .map_err(io(&path, "read"))?;
         let uuid = decode_store_file(&b, dir)?;
         let lock_file = if access == Access::Write {
             lock(&f, dir)?;
@@ -207,12 +399,28 @@ impl Store {
         } else {
             None
         };
-        Ok(Store {
+        let store = Store {
             dir: dir.to_path_buf(),
             epochs: dir.join(EPOCHS),
             uuid,
             _lock: lock_file,
-        })
+        };
+        if access == Access::Write {
+            store.make_private()?;
+        }
+        Ok(store)
+    }
+
+    fn make_private(&self) -> Result<()> {
+        // DIR itself may be a link the user gave: follow it.
+        let dir = self.dir.canonicalize().map_err(io(&self.dir, "resolve"))?;
+        make_private(&dir, DIR_MODE)?;
+        make_private(&self.epochs, DIR_MODE)?;
+        make_private(&self.dir.join(STORE_FILE), FILE_MODE)?;
+        for id in self.ids().unwrap_or_default() {
+            make_private(&self.epoch_path(id), FILE_MODE)?;
+        }
+        Ok(())
     }
 
     /// The directory.
@@ -227,32 +435,65 @@ impl Store {
 
     /// File of epoch `id`.
     pub fn epoch_path(&self, id: u64) -> PathBuf {
-        self.epochs.join(format!("{id:020}{SUFFIX}"))
+        self.epochs.join(epoch_file_name(id))
     }
 
-    fn remove_tmp(&self) {
-        if let Ok(rd) = std::fs::read_dir(&self.epochs) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                    tracing::info!("removing unfinished epoch {}", e.path().display());
-                    let _ = std::fs::remove_file(e.path());
+    /// Remove what crashed writers left: unfinished epochs and temporary STORE files.
+    fn remove_leftovers(&self) {
+        for (dir, prefix, what) in [
+            (&self.epochs, TMP_PREFIX, "unfinished epoch"),
+            (&self.dir, STORE_TMP_PREFIX, "unfinished STORE file"),
+        ] {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(prefix) {
+                        tracing::info!("removing {what} {}", e.path().display());
+                        let _ = std::fs::remove_file(e.path());
+                    }
                 }
             }
         }
     }
 
-    /// Ids of the committed epoch files, ascending.
+    /// Ids of the committed epoch files (canonical names only), ascending.
     pub fn ids(&self) -> Result<Vec<u64>> {
         let rd = std::fs::read_dir(&self.epochs).map_err(io(&self.epochs, "list"))?;
         let mut ids: Vec<u64> = rd
             .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_suffix(SUFFIX)?.parse().ok()
-            })
+            .filter_map(|e| epoch_id_of(&e.file_name().to_string_lossy()))
             .collect();
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    /// Entries of `epochs/` that are neither committed epochs (canonical
+    /// names) nor epochs being written (`.tmp-*`), by name. consnap never
+    /// reads them; `1.epoch` is not epoch 1.
+    pub fn strays(&self) -> Result<Vec<Stray>> {
+        let rd = std::fs::read_dir(&self.epochs).map_err(io(&self.epochs, "list"))?;
+        let mut strays: Vec<Stray> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if epoch_id_of(&name).is_some() || name.starts_with(TMP_PREFIX) {
+                    return None;
+                }
+                let id = name
+                    .strip_suffix(SUFFIX)
+                    .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u64>().ok());
+                let why = match id {
+                    Some(id) => format!(
+                        "not a canonical epoch file name (epoch {id} would be {}); consnap does not read it",
+                        epoch_file_name(id)
+                    ),
+                    None => "not an epoch file (epochs are named by 20-digit id, e.g. 00000000000000000001.epoch); consnap does not read it".into(),
+                };
+                Some(Stray { path: e.path(), why })
+            })
+            .collect();
+        strays.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(strays)
     }
 
     /// Every committed epoch, ascending, each with its header or the reason it cannot be read.
@@ -345,10 +586,14 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            if p.header().mem_size != h.mem_size || p.header().vcpus != h.vcpus {
+            let ph = p.header();
+            if ph.mem_size != h.mem_size || ph.vcpus != h.vcpus {
                 return Err(StoreError::Mismatch {
                     path: p.path().to_path_buf(),
-                    why: format!("parent of epoch {} describes a different machine", h.id),
+                    why: format!(
+                        "epoch {} has {} bytes of RAM and {} vCPUs but its parent epoch {} has {} bytes and {}: a chain describes one machine",
+                        h.id, h.mem_size, h.vcpus, ph.id, ph.mem_size, ph.vcpus
+                    ),
                 });
             }
             chain.push(p);
@@ -357,6 +602,25 @@ impl Store {
 
     /// Start writing a new epoch (file created 0600 under a temporary name).
     pub fn writer(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        // Never write what a reader refuses.
+        let related = match (meta.full, meta.parent) {
+            (true, None) => true,
+            (false, Some(p)) => p >= 1 && p < meta.id,
+            _ => false,
+        };
+        if meta.id == 0 || !related {
+            return Err(StoreError::Usage(
+                "epoch ids start at 1; a full epoch has no parent, an incremental one an older parent",
+            ));
+        }
+        if meta.vcpus == 0 || meta.vcpus > format::MAX_VCPUS {
+            return Err(StoreError::Usage("vCPU count outside 1..=255"));
+        }
+        if meta.mem_size == 0 || !meta.mem_size.is_multiple_of(format::PAGE as u64) || meta.mem_size > format::MAX_RAM {
+            return Err(StoreError::Usage(
+                "guest RAM size not a non-zero multiple of 4096 up to 1 TiB",
+            ));
+        }
         let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
         let dest = self.epoch_path(meta.id);
         if dest.exists() {

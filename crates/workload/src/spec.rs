@@ -151,13 +151,13 @@ impl fmt::Display for ParseError<'_> {
     }
 }
 
-/// Parse a size with an optional binary suffix: `4096`, `64K`, `64M`, `1G`, `1GiB`.
+/// Parse a size with an optional binary suffix: `4096`, `64K`, `64M`, `1G`, `1GiB`, `1T`.
 pub fn parse_size(s: &str) -> Option<u64> {
     let (num, mult) = split_suffix(s, 1024)?;
     num.checked_mul(mult)
 }
 
-/// Parse a count with an optional decimal suffix: `200000`, `200k`, `2M`.
+/// Parse a count with an optional decimal suffix: `200000`, `200k`, `2M`, `1G`, `1T`.
 pub fn parse_count(s: &str) -> Option<u64> {
     let (num, mult) = split_suffix(s, 1000)?;
     num.checked_mul(mult)
@@ -178,6 +178,7 @@ fn split_suffix(s: &str, base: u64) -> Option<(u64, u64)> {
         "k" | "K" | "KiB" | "KB" => base,
         "m" | "M" | "MiB" | "MB" => base * base,
         "g" | "G" | "GiB" | "GB" => base * base * base,
+        "t" | "T" | "TiB" | "TB" => base * base * base * base,
         _ => return None,
     };
     Some((n, mult))
@@ -346,6 +347,17 @@ mod tests {
         assert_eq!((f.kind, f.rate, f.chunk, f.ops), (Kind::Ftp, 100 << 20, 16 << 10, 10));
         assert_eq!(Spec::parse("workload=ftp rate=max").unwrap().rate, 0);
         assert_eq!(Spec::parse("workload=build").unwrap(), Spec::defaults(Kind::Build));
+    }
+
+    #[test]
+    fn sizes_and_counts_up_to_tera() {
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("2TiB"), Some(2 << 40));
+        assert_eq!(parse_size("3G"), Some(3 << 30));
+        assert_eq!(parse_size("16777216T"), None, "2^64 overflows");
+        assert_eq!(parse_count("1T"), Some(1_000_000_000_000));
+        assert_eq!(parse_count("2t"), Some(2_000_000_000_000));
+        assert_eq!(parse_size("1P"), None);
     }
 
     #[test]

@@ -219,15 +219,19 @@ fn restore_tsc_khz(vcpu: &Vcpu, khz: u32) -> bool {
         Some(prev) if now != Some(prev) => vcpu.fd.set_tsc_khz(prev).is_ok(),
         _ => true,
     };
+    let show = |k: Option<u32>| k.map_or_else(|| "an unknown frequency".to_string(), |k| format!("{k} kHz"));
     if kept {
         tracing::warn!(
             vcpu = vcpu.id,
-            "TSC frequency {khz} kHz cannot be set here; the vCPU keeps {before:?} kHz and guest time may drift"
+            "TSC frequency {khz} kHz cannot be set here; the vCPU keeps {} and guest time may drift",
+            show(before)
         );
     } else {
         tracing::warn!(
             vcpu = vcpu.id,
-            "TSC frequency {khz} kHz cannot be set here, nor {before:?} kHz put back (KVM reports {now:?} kHz); guest time may drift"
+            "TSC frequency {khz} kHz cannot be set here, nor {} put back (KVM reports {}); guest time may drift",
+            show(before),
+            show(now)
         );
     }
     false
