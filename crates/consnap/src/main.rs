@@ -7,7 +7,7 @@ mod restore_cmd;
 mod run_cmd;
 mod session;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(msg) => {
-            eprintln!("consnap: error: {msg}");
+            let _ = writeln!(std::io::stderr(), "consnap: error: {msg}");
             ExitCode::from(1)
         }
     }

@@ -306,5 +306,5 @@ fn summarize(r: &Report) {
     if let Some(e) = &r.error {
         line += &format!("; error: {e}");
     }
-    eprintln!("{line}");
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

@@ -244,8 +244,7 @@ impl SnapshotEngine {
             match self.capture(t) {
                 Ok(()) => {}
                 Err(Fatal(msg)) => return self.stop_now(t, msg),
-                Err(Failed(e)) => {
-                    let msg = e.to_string();
+                Err(Failed(msg)) => {
                     self.report(&msg);
                     failure.get_or_insert(msg);
                 }
@@ -405,9 +404,10 @@ impl SnapshotEngine {
 
     /// Take one epoch now (none may be in flight).
     fn capture(&mut self, t: &mut dyn Target) -> Result<(), CaptureError> {
-        let store = self.open_store().map_err(|e| Failed(EpochError::new(0, e)))?;
-        let id = store.next_id().map_err(|e| Failed(EpochError::new(0, e)))?;
-        let fail = |f: EpochFailure| Failed(EpochError::new(id, f));
+        let unusable = |e: store::StoreError| Failed(format!("snapshot directory unusable: {e}"));
+        let store = self.open_store().map_err(unusable)?;
+        let id = store.next_id().map_err(unusable)?;
+        let fail = |f: EpochFailure| Failed(EpochError::new(id, f).to_string());
         let full = self.need_full || self.strategy.always_full();
         let started = Instant::now();
         let created_ns = now_ns();
@@ -462,8 +462,8 @@ impl SnapshotEngine {
 }
 
 enum CaptureError {
-    /// The epoch failed; the run may go on.
-    Failed(EpochError),
+    /// The epoch failed (the message names it); the run may go on.
+    Failed(String),
     /// The engine cannot go on.
     Fatal(String),
 }

@@ -3,6 +3,7 @@
 //! process) is printed the first time, then as a count of repeats every few
 //! seconds and at the end of the run.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 /// How often a repeating error is summarised.
@@ -48,11 +49,13 @@ impl ErrorLog {
             return;
         }
         self.flush();
-        if self.stop_on_error {
-            eprintln!("consnap: snapshot error: {msg}");
+        // stderr may be unwritable (a full file): never panic over a message.
+        let mut err = std::io::stderr();
+        let _ = if self.stop_on_error {
+            writeln!(err, "consnap: snapshot error: {msg}")
         } else {
-            eprintln!("consnap: snapshot error: {msg} (the VM keeps running; snapshots are retried)");
-        }
+            writeln!(err, "consnap: snapshot error: {msg} (the VM keeps running; snapshots are retried)")
+        };
         self.last = Some(key.to_string());
         self.since = Instant::now();
     }
@@ -62,7 +65,8 @@ impl ErrorLog {
         if self.repeats > 0
             && let Some(last) = &self.last
         {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "consnap: snapshot error repeated {} more times in {:.0}s: {last}",
                 self.repeats,
                 self.since.elapsed().as_secs_f64()
