@@ -11,7 +11,7 @@
 #    CONSNAP_REQUIRE_KVM=1 makes a KVM test that cannot run a failure, never
 #    a silent skip; when QEMU is installed, CONSNAP_REQUIRE_QEMU=1 makes the
 #    cross-check against QEMU mandatory too. Tests keep their files in
-#    target/tmp and remove them when they pass.
+#    target/tmp (also their TMPDIR) and remove them when they pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +28,8 @@ fi
 if command -v qemu-system-x86_64 >/dev/null; then
     export CONSNAP_REQUIRE_QEMU=1
 fi
+# Anything a test or tool puts in the temporary directory stays in target/
+# too, never in the machine's /tmp.
+mkdir -p target/tmp
+export TMPDIR=$PWD/target/tmp
 cargo test --release --workspace
