@@ -233,3 +233,21 @@ fn foreign_and_empty_directories() {
     std::fs::copy(other.epoch_path(1), s.epoch_path(1)).unwrap();
     assert!(s.open_epoch(1).unwrap_err().to_string().contains("another store"));
 }
+
+#[test]
+fn an_epoch_without_pages_reads_back() {
+    // An incremental epoch of an idle guest has state and no dirty pages.
+    let (_dir_guard, dir) = tempdir("no-pages");
+    let s = build(&dir);
+    let mut w = s.writer(meta(4, Some(3))).unwrap();
+    w.write_state(b"state-4").unwrap();
+    w.commit(40).unwrap();
+    let e = s.open_epoch(4).unwrap();
+    assert_eq!((e.header().pages_data, e.index().len()), (0, 0));
+    assert!(s.list().unwrap().iter().all(|(_, r)| r.is_ok()), "ls shows it damaged");
+    let (st, m) = materialize(&s, 4);
+    assert_eq!(
+        (st.as_slice(), first_bytes(&m)),
+        (&b"state-4"[..], vec![1, 9, 7, 7, 0, 2, 2, 0])
+    );
+}
