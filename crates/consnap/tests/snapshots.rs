@@ -72,6 +72,14 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
     let latest = *ids.last().unwrap();
     let middle = ids[ids.len() / 2];
     for (at, epoch) in [("latest", latest), (&middle.to_string()[..], middle)] {
+        if epoch == middle {
+            // Restoring the middle epoch must not read any later one: damage
+            // them all, so that a restore from the wrong epoch fails.
+            for later in ids.iter().filter(|i| **i > middle) {
+                let path = snaps.join(format!("epochs/{later:020}.epoch"));
+                std::fs::write(&path, b"damaged").unwrap();
+            }
+        }
         let r = restore(&snaps, at, &[], &dir.join(format!("restore-{epoch}.json")));
         assert_eq!(r["command"], "restore");
         assert_eq!(r["status"], "poweroff", "{r}");

@@ -204,8 +204,12 @@ pub struct Child {
 }
 
 /// Start `cmd` (stdin from /dev/null) with the default deadline, [`timeout`].
+#[track_caller]
 pub fn spawn(cmd: &mut Command) -> Child {
-    try_spawn(cmd).unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+    match try_spawn(cmd) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start {cmd:?}: {e}"),
+    }
 }
 
 /// [`spawn`], or the error when `cmd` cannot be started (not installed).
@@ -240,12 +244,14 @@ pub fn try_spawn(cmd: &mut Command) -> std::io::Result<Child> {
 
 /// Run `cmd` to its end (within [`timeout`]) and return what it printed,
 /// whatever its exit status.
+#[track_caller]
 pub fn output(cmd: &mut Command) -> Output {
     spawn(cmd).wait()
 }
 
 /// Run `cmd` to its end (within [`timeout`]); fail the test, quoting its
 /// last output, unless it exits with status 0.
+#[track_caller]
 pub fn run_ok(cmd: &mut Command) -> Output {
     let mut c = spawn(cmd);
     c.wait_exit();
@@ -278,6 +284,7 @@ impl Child {
     }
 
     /// Its exit status, once it has ended.
+    #[track_caller]
     fn poll(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             match self.child.try_wait() {
@@ -289,6 +296,7 @@ impl Child {
     }
 
     /// True while the child runs.
+    #[track_caller]
     pub fn running(&mut self) -> bool {
         self.poll().is_none()
     }
@@ -296,6 +304,7 @@ impl Child {
     /// Wait until `event` holds, looking at it and at the child every few
     /// milliseconds. The child ending first, or the deadline passing, fails
     /// the test with the child's last output; `what` names the event.
+    #[track_caller]
     pub fn wait_for(&mut self, what: &str, mut event: impl FnMut(&Child) -> bool) {
         loop {
             if event(self) {
@@ -316,9 +325,12 @@ impl Child {
     }
 
     /// Send signal `sig` to the child, unless it has already ended.
+    #[track_caller]
     pub fn signal(&mut self, sig: i32) {
         if self.running() {
-            let pid = libc::pid_t::try_from(self.child.id()).unwrap_or_else(|_| self.fail("pid out of range"));
+            let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+                self.fail("pid out of range");
+            };
             // SAFETY: kill(2) with the pid of our own child that has not
             // been reaped yet (so the pid cannot have been reused).
             let rc = unsafe { libc::kill(pid, sig) };
@@ -330,6 +342,7 @@ impl Child {
     }
 
     /// Wait for the child to end, within the deadline.
+    #[track_caller]
     fn wait_exit(&mut self) {
         while self.poll().is_none() {
             if Instant::now() >= self.deadline {
@@ -342,17 +355,22 @@ impl Child {
 
     /// Wait for the child to end (within the deadline) and return what it
     /// printed, whatever its exit status.
+    #[track_caller]
     pub fn wait(mut self) -> Output {
         self.wait_exit();
         let take = |b: &Buffer| std::mem::take(&mut *b.lock().unwrap_or_else(PoisonError::into_inner));
+        let Some(status) = self.status else {
+            self.fail("no exit status");
+        };
         Output {
-            status: self.status.unwrap_or_else(|| self.fail("no exit status")),
+            status,
             stdout: take(&self.stdout),
             stderr: take(&self.stderr),
         }
     }
 
     /// Send `sig`, then wait for the child to end and return its output.
+    #[track_caller]
     pub fn stop(mut self, sig: i32) -> Output {
         self.signal(sig);
         self.wait()
@@ -375,6 +393,7 @@ impl Child {
 
     /// Kill the child if it still runs, then fail the test with `why` and
     /// the last lines of its output.
+    #[track_caller]
     fn fail(&mut self, why: &str) -> ! {
         if self.status.is_none() {
             let _ = self.child.kill();

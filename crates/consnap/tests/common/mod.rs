@@ -45,6 +45,7 @@ pub fn epoch_count(snaps: &Path) -> usize {
 }
 
 /// `consnap ls --json`.
+#[track_caller]
 pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
     let out = run_ok(consnap().args(["ls", "--json"]).arg(snaps));
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -58,6 +59,7 @@ pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
 /// `epochs` committed epochs. The run must last longer than that (a
 /// rate-limited workload with room to spare): if it ends first, the test
 /// fails at once with its output.
+#[track_caller]
 pub fn start_until_epochs(args: &[&str], snaps: &Path, epochs: usize) -> Child {
     let mut child = spawn(consnap().args(args));
     child.wait_for(&format!("{epochs} committed epochs in {}", snaps.display()), |_| {
@@ -67,6 +69,7 @@ pub fn start_until_epochs(args: &[&str], snaps: &Path, epochs: usize) -> Child {
 }
 
 /// [`start_until_epochs`], then kill the VMM with SIGKILL, as a crash would.
+#[track_caller]
 pub fn run_and_kill(args: &[&str], snaps: &Path, epochs: usize) {
     let out = start_until_epochs(args, snaps, epochs).stop(libc::SIGKILL);
     assert_killed(&out, libc::SIGKILL, args);
@@ -74,6 +77,7 @@ pub fn run_and_kill(args: &[&str], snaps: &Path, epochs: usize) {
 
 /// [`start_until_epochs`], then stop the VMM with SIGTERM (it stops the VM
 /// cleanly and writes its report); returns its output.
+#[track_caller]
 pub fn run_and_term(args: &[&str], snaps: &Path, epochs: usize) -> Output {
     let out = start_until_epochs(args, snaps, epochs).stop(libc::SIGTERM);
     assert_eq!(
@@ -86,6 +90,7 @@ pub fn run_and_term(args: &[&str], snaps: &Path, epochs: usize) -> Output {
 }
 
 /// The run ended by `sig`, not by itself before the signal came.
+#[track_caller]
 pub fn assert_killed(out: &Output, sig: i32, what: &[&str]) {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
@@ -98,6 +103,7 @@ pub fn assert_killed(out: &Output, sig: i32, what: &[&str]) {
 }
 
 /// `consnap restore DIR --at AT` to the end; returns its report.
+#[track_caller]
 pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_json::Value {
     run_ok(
         consnap()
