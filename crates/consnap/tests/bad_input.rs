@@ -64,9 +64,11 @@ fn kernel_files() {
     // An ELF without a PVH note: the test binary itself.
     let me = std::env::current_exe().unwrap();
     fails_with(&["run", "--kernel", me.to_str().unwrap()], "without a PVH entry note");
-    // A good kernel (hlt) with a bad initrd: the initrd is what fails.
-    let kernel = dir.join("hlt.elf");
-    std::fs::write(&kernel, vmm::testing::pvh_elf(&[0xf4])).unwrap();
+    // A good kernel (it powers off at once) with a bad initrd: the initrd
+    // is what fails.
+    let kernel = dir.join("exit.elf");
+    let exit_0 = [0x66, 0xba, 0x01, 0x05, 0xb0, 0, 0xee, 0xf4]; // out 0 to port 0x501; hlt
+    std::fs::write(&kernel, vmm::testing::pvh_elf(&exit_0)).unwrap();
     fails_with(
         &[
             "run",
