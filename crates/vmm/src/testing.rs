@@ -278,6 +278,13 @@ impl Child {
         String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
     }
 
+    /// True once the child has printed `text` on stdout.
+    pub fn stdout_contains(&self, text: &str) -> bool {
+        let out = self.stdout.lock().unwrap_or_else(PoisonError::into_inner);
+        let t = text.as_bytes();
+        t.is_empty() || out.windows(t.len()).any(|w| w == t)
+    }
+
     /// Everything the child printed on stderr so far.
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
