@@ -87,9 +87,7 @@ fn run_kernel_on(vcpus: u8, kernel: &str, until: Until) -> Run {
             (out, code)
         }
         Until::Output(text) => {
-            child.wait_for(&format!("'{text}' on the serial console"), |c| {
-                c.stdout().contains(text)
-            });
+            child.wait_for(&format!("'{text}' on the serial console"), |c| c.stdout_contains(text));
             (child.stop(libc::SIGKILL), None)
         }
     };
