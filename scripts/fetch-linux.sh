@@ -5,7 +5,8 @@
 #   bzImage            the packaged kernel (Linux 64-bit boot protocol)
 #   vmlinux            the same kernel uncompressed; boots through its PVH note
 #   initramfs.cpio.gz  busybox; /init prints a marker and reboots
-# Needs: apt-get, dpkg, cpio, gzip, lz4 (and xz/zstd for other kernels).
+# Needs: apt-get, dpkg, cpio, gzip, lz4 (and xz/zstd for other kernels);
+# scripts/deps.sh checks or installs them.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,7 +23,13 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 # The metapackage names the current kernel package.
-pkg=$(apt-cache depends "linux-image-$flavour" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+resolve() { apt-cache depends "linux-image-$flavour" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+pkg=$(resolve)
+if [[ -z $pkg && $(id -u) -eq 0 ]]; then
+    # A fresh machine may have no package lists yet.
+    apt-get update -qq
+    pkg=$(resolve)
+fi
 [[ -n $pkg ]] || { echo "fetch-linux: cannot resolve linux-image-$flavour (run apt-get update)" >&2; exit 1; }
 apt-get download "$pkg" busybox-static >/dev/null 2>&1 || apt-get download "$pkg" busybox-static
 dpkg -x "$pkg"_*.deb kernel
@@ -33,14 +40,13 @@ cp kernel/boot/vmlinuz-* "$out/bzImage.tmp"
 
 # Uncompress: the payload's offset and length are in the setup header
 # (payload_offset at 0x248, payload_length at 0x24c, after (setup_sects+1)*512).
-python3 - "$out/bzImage.tmp" payload.bin <<'PY'
-import struct, sys
-b = open(sys.argv[1], 'rb').read()
-setup = (b[0x1f1] or 4) + 1
-off, length = struct.unpack_from('<II', b, 0x248)
-start = setup * 512 + off
-open(sys.argv[2], 'wb').write(b[start:start + length])
-PY
+u8() { od -An -tu1 -j "$2" -N 1 "$1" | tr -d ' '; }
+u32() { od -An -tu4 -j "$2" -N 4 "$1" | tr -d ' '; }
+img="$out/bzImage.tmp"
+setup_sects=$(u8 "$img" $((0x1f1)))
+[[ $setup_sects -ne 0 ]] || setup_sects=4
+start=$(( (setup_sects + 1) * 512 + $(u32 "$img" $((0x248))) ))
+dd if="$img" of=payload.bin bs=64K iflag=skip_bytes,count_bytes skip="$start" count="$(u32 "$img" $((0x24c)))" status=none
 magic=$(head -c 6 payload.bin | od -An -tx1 | tr -d ' \n')
 case $magic in
     # The kernel appends the uncompressed size after the lz4 stream, which lz4 reports as an error.

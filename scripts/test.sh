@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
 # The project's test command (README.md; .ci/run calls exactly this).
 #
-# - Fetches the Debian kernel and busybox initramfs for the Linux tests
-#   (cached in target/linux).
-# - When /dev/kvm exists, sets CONSNAP_REQUIRE_KVM=1: a KVM test that cannot
-#   run is then a failure, never a silent skip.
-# - When qemu-system-x86_64 is installed, sets CONSNAP_REQUIRE_QEMU=1 so the
-#   cross-check against QEMU must run too.
-# - Checks formatting and lints, then runs every test in release mode.
+# 1. Checks the tools it needs (scripts/deps.sh): as root on Debian it
+#    installs what is missing, QEMU included; elsewhere it stops with one
+#    line naming the packages.
+# 2. Checks formatting and lints.
+# 3. Fetches the Debian kernel and busybox initramfs for the Linux tests
+#    (cached in target/linux).
+# 4. Runs every test in release mode. When /dev/kvm exists,
+#    CONSNAP_REQUIRE_KVM=1 makes a KVM test that cannot run a failure, never
+#    a silent skip; when QEMU is installed, CONSNAP_REQUIRE_QEMU=1 makes the
+#    cross-check against QEMU mandatory too. Tests keep their files in
+#    target/tmp (also their TMPDIR) and remove them when they pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+./scripts/deps.sh
+
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+
+./scripts/fetch-linux.sh
+export CONSNAP_LINUX_DIR=${CONSNAP_LINUX_DIR:-$PWD/target/linux}
 if [[ -e /dev/kvm ]]; then
     export CONSNAP_REQUIRE_KVM=1
 fi
 if command -v qemu-system-x86_64 >/dev/null; then
     export CONSNAP_REQUIRE_QEMU=1
 fi
-./scripts/fetch-linux.sh
-export CONSNAP_LINUX_DIR=${CONSNAP_LINUX_DIR:-$PWD/target/linux}
-
-cargo fmt --all -- --check
-cargo clippy --release --all-targets -- -D warnings
+# Anything a test or tool puts in the temporary directory stays in target/
+# too, never in the machine's /tmp.
+mkdir -p target/tmp
+export TMPDIR=$PWD/target/tmp
 cargo test --release --workspace

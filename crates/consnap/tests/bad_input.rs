@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 fn fails_with(args: &[&str], needle: &str) {
-    let out = consnap().args(args).output().unwrap();
+    let out = output(consnap().args(args));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(
@@ -64,15 +64,34 @@ fn kernel_files() {
     // An ELF without a PVH note: the test binary itself.
     let me = std::env::current_exe().unwrap();
     fails_with(&["run", "--kernel", me.to_str().unwrap()], "without a PVH entry note");
+    // A good kernel (it powers off at once) with a bad initrd: the initrd
+    // is what fails.
+    let kernel = dir.join("exit.elf");
+    let exit_0 = [0x66, 0xba, 0x01, 0x05, 0xb0, 0, 0xee, 0xf4]; // out 0 to port 0x501; hlt
+    std::fs::write(&kernel, vmm::testing::pvh_elf(&exit_0)).unwrap();
     fails_with(
         &[
             "run",
             "--kernel",
-            junk.to_str().unwrap(),
+            kernel.to_str().unwrap(),
             "--initrd",
             "/nonexistent/initrd",
         ],
-        "",
+        "cannot read initrd /nonexistent/initrd",
+    );
+    let big = dir.join("big-initrd");
+    std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+    fails_with(
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            big.to_str().unwrap(),
+        ],
+        "does not fit in guest RAM above the kernel; raise --mem",
     );
 }
 
@@ -81,7 +100,14 @@ fn memory_and_vcpus() {
     if !kvm_ready() {
         return;
     }
-    fails_with(&["run", "--mem", "100T"], "--mem");
+    fails_with(
+        &["run", "--mem", "2000G"],
+        "it must be a multiple of 4 KiB between 16 MiB and 1 TiB",
+    );
+    fails_with(
+        &["run", "--mem", "8M", "--kernel", "/nonexistent/vmlinux"],
+        "between 16 MiB and 1 TiB",
+    );
     fails_with(
         &["run", "--mem", "900G", "--workload", "memstress,wss=1M"],
         "more than this host can give",
@@ -101,13 +127,13 @@ fn the_guest_itself_rejects_what_does_not_fit() {
     run_ok(consnap().args(["guest", "export"]).arg(&elf));
     let run = |cmdline: &str| {
         let report = dir.join("r.json");
-        let out = consnap()
-            .args(["run", "--mem", "256M", "--kernel"])
-            .arg(&elf)
-            .args(["--cmdline", cmdline, "--report"])
-            .arg(&report)
-            .output()
-            .unwrap();
+        let out = output(
+            consnap()
+                .args(["run", "--mem", "256M", "--kernel"])
+                .arg(&elf)
+                .args(["--cmdline", cmdline, "--report"])
+                .arg(&report),
+        );
         (out, read_report(&report))
     };
     let (out, r) = run("workload=memstress wss=1G");
@@ -124,16 +150,15 @@ fn the_guest_itself_rejects_what_does_not_fit() {
 /// an empty /dev. Needs root (to drop privileges or mount); skipped otherwise.
 fn privileged(wrapper: &[&str]) -> Option<std::process::Output> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || std::process::Command::new(wrapper[0]).arg("--help").output().is_err() {
+    if unsafe { libc::geteuid() } != 0 || try_spawn(std::process::Command::new(wrapper[0]).arg("--help")).is_err() {
         eprintln!("skipping: needs root and {}", wrapper[0]);
         return None;
     }
     let bin = env!("CARGO_BIN_EXE_consnap");
     let mut cmd = std::process::Command::new(wrapper[0]);
     cmd.args(&wrapper[1..])
-        .arg(format!("{bin} run --workload memstress,ops=10"))
-        .stdin(std::process::Stdio::null());
-    Some(cmd.output().unwrap())
+        .arg(format!("{bin} run --workload memstress,ops=10"));
+    Some(output(&mut cmd))
 }
 
 #[test]

@@ -84,16 +84,19 @@ fn pause_figures_are_reported() {
     }
     let dir = tempdir("pause-figures");
     let report = dir.join("r.json");
+    // The rate limit makes the run last at least a second on any machine:
+    // about a hundred probe and sample intervals of 10ms. The checks below
+    // need a handful of each.
     run_ok(
         consnap()
             .args([
                 "run",
                 "--workload",
-                "memstress,wss=32M,ops=3000,rate=5000",
+                "memstress,wss=32M,ops=10000,rate=5000",
                 "--vcpus",
                 "2",
             ])
-            .args(["--pause-probe", "50ms", "--report"])
+            .args(["--pause-probe", "10ms", "--sample-interval", "10ms", "--report"])
             .arg(&report),
     );
     let r = read_report(&report);
@@ -112,4 +115,9 @@ fn pause_figures_are_reported() {
         ops.windows(2).all(|w| w[0] <= w[1]),
         "progress must not go backwards: {ops:?}"
     );
+    assert!(
+        *ops.last().unwrap() <= r["ops"].as_u64().unwrap(),
+        "progress beyond the final count: {ops:?}"
+    );
+    assert!(ops.iter().any(|&n| n > 0), "progress never moved: {ops:?}");
 }

@@ -10,10 +10,7 @@ use std::process::Command;
 use common::*;
 
 fn qemu_ready() -> bool {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = try_spawn(Command::new("qemu-system-x86_64").arg("--version")).is_ok_and(|c| c.wait().status.success());
     if !ok && std::env::var("CONSNAP_REQUIRE_QEMU").as_deref() == Ok("1") {
         panic!("CONSNAP_REQUIRE_QEMU=1 but qemu-system-x86_64 does not run");
     }
@@ -37,7 +34,7 @@ fn qemu_checksum(elf: &std::path::Path, append: &str, smp: u32) -> String {
     if std::path::Path::new("/usr/share/qemu/qboot.rom").exists() {
         cmd.args(["-bios", "/usr/share/qemu/qboot.rom"]);
     }
-    let out = cmd.output().unwrap();
+    let out = output(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // isa-debug-exit: QEMU exits with 2 * code + 1.
     assert_eq!(

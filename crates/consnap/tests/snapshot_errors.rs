@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) -> String {
-    let out = cmd.output().unwrap();
+    let out = output(cmd);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{cmd:?} succeeded");
     for n in needles {
@@ -22,22 +22,24 @@ fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) -> String {
     err
 }
 
-/// A finished run's snapshot directory with a few epochs.
-fn store_with_epochs(name: &str) -> (PathBuf, PathBuf) {
+/// A snapshot directory with a few epochs, from a run killed part-way (the
+/// rest of its workload runs in well under a second after a restore).
+fn store_with_epochs(name: &str) -> (TestDir, PathBuf) {
     let dir = tempdir(name);
     let snaps = dir.join("snaps");
-    run_ok(
-        consnap()
-            .args([
-                "run",
-                "--workload",
-                "memstress,wss=16M,ops=4000,rate=10000",
-                "--snapshot-dir",
-            ])
-            .arg(&snaps)
-            .args(["--interval", "100ms"]),
+    run_and_kill(
+        &[
+            "run",
+            "--workload",
+            "memstress,wss=16M,ops=8000,rate=10000",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--interval",
+            "25ms",
+        ],
+        &snaps,
+        3,
     );
-    assert!(epoch_count(&snaps) >= 3);
     (dir, snaps)
 }
 
@@ -129,7 +131,7 @@ fn restore_rejects_damaged_epochs_and_changes_nothing() {
         assert_eq!(store_files(&snaps), before, "{what}: restore modified the store");
         // ls shows header damage instead of failing outright, and exits non-zero.
         if in_header {
-            let out = consnap().arg("ls").arg(&snaps).output().unwrap();
+            let out = output(consnap().arg("ls").arg(&snaps));
             assert_eq!(out.status.code(), Some(1), "{what}");
             assert!(String::from_utf8_lossy(&out.stdout).contains("damaged"), "{what}");
         }
@@ -228,18 +230,33 @@ fn with_file_limit(cmd: &mut std::process::Command, bytes: u64) -> &mut std::pro
     }
 }
 
+/// Limit the size of the files that the running process `pid` writes.
+fn set_file_limit(pid: u32, bytes: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: prlimit(2) on our own child, with a valid new limit and no
+    // old-limit pointer.
+    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn full_disk_errors_then_carries_on_or_stops() {
     if !kvm_ready() {
         return;
     }
     let dir = tempdir("full-disk");
-    let spec = "memstress,wss=32M,ops=12000,rate=4000,pattern=seq";
+    // Full epochs grow with the pages the sequential sweep has touched:
+    // well past 2 MiB within a second.
+    let spec = "memstress,wss=16M,ops=8000,rate=4000,pattern=seq";
     let snaps = dir.join("snaps");
     let report = dir.join("r.json");
-    // Epoch files up to 2 MiB fit; the working set grows past that while running.
-    let out = run_ok(
-        with_file_limit(&mut consnap(), 2 << 20)
+    // The disk "fills up" once the first epoch is committed: from then on
+    // no file may grow past 2 MiB.
+    let mut child = spawn(
+        consnap()
             .args([
                 "run",
                 "--workload",
@@ -247,14 +264,18 @@ fn full_disk_errors_then_carries_on_or_stops() {
                 "--mode",
                 "stop-copy-full",
                 "--interval",
-                "50ms",
+                "25ms",
             ])
             .arg("--snapshot-dir")
             .arg(&snaps)
             .arg("--report")
             .arg(&report),
     );
+    child.wait_for("the first committed epoch", |_| epoch_count(&snaps) >= 1);
+    set_file_limit(child.id(), 2 << 20);
+    let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
     assert!(
         err.contains("snapshot error") && err.contains("File too large"),
         "{err}"
@@ -277,6 +298,7 @@ fn full_disk_errors_then_carries_on_or_stops() {
     let rr = restore(&snaps, "latest", &[], &dir.join("rr.json"));
     assert_eq!(rr["checksum"], reference(spec, 1).1.as_str());
 
+    // Asked to stop on snapshot failure, with the disk full from the start.
     let snaps2 = dir.join("snaps2");
     fails_with(
         with_file_limit(&mut consnap(), 2 << 20)
@@ -287,7 +309,7 @@ fn full_disk_errors_then_carries_on_or_stops() {
                 "--mode",
                 "stop-copy-full",
                 "--interval",
-                "50ms",
+                "25ms",
             ])
             .args(["--on-snapshot-error", "stop", "--snapshot-dir"])
             .arg(&snaps2),
@@ -302,12 +324,13 @@ fn a_failed_incremental_epoch_loses_no_pages() {
     }
     // Incremental epochs that fail after capture (injected, as a failed write
     // would) must hand their dirty pages to the next epoch, or restoring any
-    // later epoch would diverge.
+    // later epoch would diverge. The 3rd, 4th and 7th attempts fail; the run
+    // is stopped once 8 epochs (11 attempts) are committed.
     let dir = tempdir("carry");
-    let spec = "memstress,wss=32M,ops=20000,rate=10000,pattern=random";
+    let spec = "memstress,wss=32M,ops=15000,rate=10000,pattern=random";
     let snaps = dir.join("snaps");
     let report = dir.join("r.json");
-    run_ok(
+    let mut child = spawn(
         consnap()
             .env("CONSNAP_FAIL_EPOCHS", "3,4,7")
             .args([
@@ -317,12 +340,20 @@ fn a_failed_incremental_epoch_loses_no_pages() {
                 "--mode",
                 "stop-copy",
                 "--interval",
-                "100ms",
+                "25ms",
                 "--report",
             ])
             .arg(&report)
             .arg("--snapshot-dir")
             .arg(&snaps),
+    );
+    child.wait_for("8 committed epochs", |_| epoch_count(&snaps) >= 8);
+    let out = child.stop(libc::SIGTERM);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        tail(&out.stderr, 40)
     );
     let r = read_report(&report);
     assert_eq!(r["snapshots"]["failed"].as_u64(), Some(3), "{}", r["snapshots"]);

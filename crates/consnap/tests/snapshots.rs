@@ -8,13 +8,20 @@ mod common;
 
 use common::*;
 
-/// Workloads that run for about three seconds, so that a kill lands mid-run.
+/// Snapshots every 25ms: a dozen epochs take a fraction of a second, even on
+/// a loaded machine, while the workloads below run for seconds.
+const INTERVAL: &str = "25ms";
+
+/// Workloads that run for about three seconds (memstress and ftp are
+/// rate-limited, so they last that long on any machine; build is sized to
+/// take about 2.5 s here), far longer than the epochs the tests wait for
+/// before they kill the VMM: the kill lands mid-run.
 fn spec(workload: &str, vcpus: u32) -> String {
     let n = u64::from(vcpus);
     match workload {
-        "memstress" => format!("memstress,wss=64M,ops={},rate=10000,pattern=hotcold", 30_000 * n),
-        "build" => format!("build,wss=64M,ops={}", 3_000 * n),
-        "ftp" => format!("ftp,wss=64M,ops={},rate=20M", 1_000 * n),
+        "memstress" => format!("memstress,wss=32M,ops={},rate=10000,pattern=hotcold", 30_000 * n),
+        "build" => format!("build,wss=32M,ops={}", 3_500 * n),
+        "ftp" => format!("ftp,wss=32M,ops={},rate=20M", 1_000 * n),
         _ => unreachable!(),
     }
 }
@@ -40,7 +47,7 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
             "--mode",
             mode,
             "--interval",
-            "100ms",
+            INTERVAL,
             "--pause-probe",
             "0",
         ],
@@ -65,6 +72,14 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
     let latest = *ids.last().unwrap();
     let middle = ids[ids.len() / 2];
     for (at, epoch) in [("latest", latest), (&middle.to_string()[..], middle)] {
+        if epoch == middle {
+            // Restoring the middle epoch must not read any later one: damage
+            // them all, so that a restore from the wrong epoch fails.
+            for later in ids.iter().filter(|i| **i > middle) {
+                let path = snaps.join(format!("epochs/{later:020}.epoch"));
+                std::fs::write(&path, b"damaged").unwrap();
+            }
+        }
         let r = restore(&snaps, at, &[], &dir.join(format!("restore-{epoch}.json")));
         assert_eq!(r["command"], "restore");
         assert_eq!(r["status"], "poweroff", "{r}");
@@ -162,7 +177,7 @@ fn restoring_the_same_epoch_twice_gives_the_same_run() {
             "--snapshot-dir",
             snaps.to_str().unwrap(),
             "--interval",
-            "100ms",
+            INTERVAL,
         ],
         &snaps,
         6,
@@ -190,7 +205,7 @@ fn snapshot_a_restored_vm_and_restore_that() {
     let snaps = dir.join("snaps");
     let s = snaps.to_str().unwrap();
     run_and_kill(
-        &["run", "--workload", &spec, "--snapshot-dir", s, "--interval", "100ms"],
+        &["run", "--workload", &spec, "--snapshot-dir", s, "--interval", INTERVAL],
         &snaps,
         5,
     );
@@ -208,7 +223,7 @@ fn snapshot_a_restored_vm_and_restore_that() {
             "--snapshot-dir",
             s,
             "--interval",
-            "100ms",
+            INTERVAL,
         ],
         &snaps,
         first.len() + 4,
@@ -247,7 +262,7 @@ fn snapshot_a_restored_vm_and_restore_that() {
             "--snapshot-dir",
             o,
             "--interval",
-            "100ms",
+            INTERVAL,
         ],
         &other,
         3,
@@ -269,17 +284,22 @@ fn report_has_snapshot_figures() {
     let dir = tempdir("figures");
     let report = dir.join("r.json");
     let snaps = dir.join("snaps");
-    run_ok(
-        consnap()
-            .args([
-                "run",
-                "--workload",
-                "memstress,wss=32M,ops=8000,rate=10000",
-                "--snapshot-dir",
-            ])
-            .arg(&snaps)
-            .args(["--interval", "100ms", "--report"])
-            .arg(&report),
+    // A long workload, stopped by SIGTERM once 5 epochs are committed: the
+    // report is written on the way out.
+    run_and_term(
+        &[
+            "run",
+            "--workload",
+            "memstress,wss=32M,ops=100000,rate=10000",
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--interval",
+            INTERVAL,
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &snaps,
+        5,
     );
     let r = read_report(&report);
     let s = &r["snapshots"];
@@ -319,21 +339,21 @@ fn sigterm_stops_cleanly_and_the_last_snapshot_is_whole() {
     let dir = tempdir("sigterm");
     let snaps = dir.join("snaps");
     let report = dir.join("r.json");
-    let mut child = consnap()
-        .args(["run", "--workload", &spec, "--interval", "100ms", "--snapshot-dir"])
-        .arg(&snaps)
-        .arg("--report")
-        .arg(&report)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    while epoch_count(&snaps) < 4 {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    run_and_term(
+        &[
+            "run",
+            "--workload",
+            &spec,
+            "--interval",
+            INTERVAL,
+            "--snapshot-dir",
+            snaps.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &snaps,
+        4,
+    );
     let r = read_report(&report);
     assert_eq!(r["status"], "signal");
     assert_eq!(r["exit_code"], 128 + libc::SIGTERM);
@@ -341,6 +361,16 @@ fn sigterm_stops_cleanly_and_the_last_snapshot_is_whole() {
     assert_eq!(r["snapshots"]["count"].as_u64().unwrap() as usize, epoch_count(&snaps));
     let rr = restore(&snaps, "latest", &[], &dir.join("rr.json"));
     assert_eq!(rr["checksum"], reference(&spec, 1).1.as_str());
+}
+
+/// Guest pages (first, end) that an epoch's index covers.
+fn gfn_span(snaps: &std::path::Path, id: u64) -> (u64, u64) {
+    let store = store::Store::open(snaps, store::Access::Read).unwrap();
+    let epoch = store.open_epoch(id).unwrap();
+    let index = epoch.index();
+    let first = index.iter().map(|x| x.gfn).min().unwrap();
+    let end = index.iter().map(|x| x.gfn + u64::from(x.count)).max().unwrap();
+    (first, end)
 }
 
 #[test]
@@ -364,17 +394,36 @@ fn ram_above_the_mmio_hole_round_trips() {
             "--snapshot-dir",
             s,
             "--interval",
-            "100ms",
+            INTERVAL,
         ],
         &snaps,
         4,
     );
+    let pages = (4u64 << 30) / 4096;
+    let above_4g_end = (5u64 << 30) / 4096;
     let epochs = ls(&snaps);
     assert_eq!(
         epochs[0]["pages"].as_u64().unwrap() + epochs[0]["zero_pages"].as_u64().unwrap(),
-        (4u64 << 30) / 4096
+        pages
     );
-    let r = restore(&snaps, "latest", &[], &dir.join("r.json"));
+    // The last GiB is saved at its guest-physical address, above 4 GiB.
+    assert_eq!(gfn_span(&snaps, 1), (0, above_4g_end));
+    // The restored VM has all 4 GiB at the same addresses: its own first
+    // (full) epoch covers them again.
+    let again = dir.join("again");
+    let r = restore(
+        &snaps,
+        "latest",
+        &["--snapshot-dir", again.to_str().unwrap(), "--interval", INTERVAL],
+        &dir.join("r.json"),
+    );
     assert_eq!(r["mem_bytes"], 4u64 << 30);
     assert_eq!(r["checksum"], reference(spec, 1).1.as_str());
+    let first = &ls(&again)[0];
+    assert_eq!(first["full"], true);
+    assert_eq!(
+        first["pages"].as_u64().unwrap() + first["zero_pages"].as_u64().unwrap(),
+        pages
+    );
+    assert_eq!(gfn_span(&again, 1), (0, above_4g_end));
 }

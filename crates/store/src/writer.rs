@@ -222,6 +222,12 @@ impl EpochWriter {
         let sums_at = index_at + index.len() as u64;
         self.pwrite(&index, index_at)?;
         self.pwrite(&sums, sums_at)?;
+        // Without data pages (an idle guest) the empty sections start past
+        // the end of the state: extend the file to them, or readers see it
+        // truncated.
+        self.file
+            .set_len(sums_at + sums.len() as u64)
+            .map_err(io(&self.tmp, "set length"))?;
         let header = Header {
             id: self.meta.id,
             parent: self.meta.parent.unwrap_or(0),

@@ -6,13 +6,20 @@ use std::path::PathBuf;
 
 use store::{Access, EpochMeta, Mode, PAGE, Source, Store, StoreError, plan};
 
-fn tempdir(name: &str) -> PathBuf {
-    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let d = base.join(format!("store-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+// The test helpers of vmm (std and libc only), without depending on vmm.
+#[path = "../../vmm/src/testing.rs"]
+#[allow(dead_code)]
+mod testing;
+
+use testing::TestDir;
+
+/// A private directory for one test under Cargo's scratch directory
+/// (removed when the test passes, kept and named when it fails), and a
+/// path inside it for a store that does not exist yet.
+fn tempdir(name: &str) -> (TestDir, PathBuf) {
+    let t = TestDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("store-{name}"));
+    let store = t.join("store");
+    (t, store)
 }
 
 fn page(fill: u8) -> Vec<u8> {
@@ -79,7 +86,7 @@ fn first_bytes(mem: &[u8]) -> Vec<u8> {
 
 #[test]
 fn chains_restore_every_epoch_exactly() {
-    let dir = tempdir("chain");
+    let (_dir_guard, dir) = tempdir("chain");
     let s = build(&dir);
     assert_eq!(s.ids().unwrap(), vec![1, 2, 3]);
     assert_eq!(s.latest().unwrap(), 3);
@@ -107,7 +114,7 @@ fn chains_restore_every_epoch_exactly() {
 
 #[test]
 fn files_are_private() {
-    let dir = tempdir("perms");
+    let (_dir_guard, dir) = tempdir("perms");
     let s = build(&dir);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
@@ -118,7 +125,7 @@ fn files_are_private() {
 
 #[test]
 fn uncommitted_epochs_stay_invisible() {
-    let dir = tempdir("uncommitted");
+    let (_dir_guard, dir) = tempdir("uncommitted");
     let s = build(&dir);
     {
         let mut w = s.writer(meta(4, Some(3))).unwrap();
@@ -137,7 +144,7 @@ fn uncommitted_epochs_stay_invisible() {
 
 #[test]
 fn writer_lock_is_exclusive() {
-    let dir = tempdir("lock");
+    let (_dir_guard, dir) = tempdir("lock");
     let s = build(&dir);
     assert!(matches!(Store::open(&dir, Access::Write), Err(StoreError::Busy(_))));
     assert!(Store::open(&dir, Access::Read).is_ok(), "readers do not need the lock");
@@ -147,7 +154,7 @@ fn writer_lock_is_exclusive() {
 
 #[test]
 fn damage_is_detected_and_named() {
-    let dir = tempdir("damage");
+    let (_dir_guard, dir) = tempdir("damage");
     let s = build(&dir);
     let p3 = s.epoch_path(3);
     let good = std::fs::read(&p3).unwrap();
@@ -212,16 +219,35 @@ fn damage_is_detected_and_named() {
 
 #[test]
 fn foreign_and_empty_directories() {
-    let dir = tempdir("foreign");
+    let (_dir_guard, dir) = tempdir("foreign");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("notes.txt"), b"hello").unwrap();
     let err = Store::open_or_create(&dir).unwrap_err().to_string();
     assert!(err.contains("not a consnap snapshot directory"), "{err}");
-    let empty = tempdir("empty");
+    let (_empty_guard, empty) = tempdir("empty");
     let s = Store::open_or_create(&empty).unwrap();
     assert!(matches!(s.latest(), Err(StoreError::Empty(_))));
     // An epoch copied in from another store is refused.
-    let other = build(&tempdir("other"));
+    let (_other_guard, other_dir) = tempdir("other");
+    let other = build(&other_dir);
     std::fs::copy(other.epoch_path(1), s.epoch_path(1)).unwrap();
     assert!(s.open_epoch(1).unwrap_err().to_string().contains("another store"));
+}
+
+#[test]
+fn an_epoch_without_pages_reads_back() {
+    // An incremental epoch of an idle guest has state and no dirty pages.
+    let (_dir_guard, dir) = tempdir("no-pages");
+    let s = build(&dir);
+    let mut w = s.writer(meta(4, Some(3))).unwrap();
+    w.write_state(b"state-4").unwrap();
+    w.commit(40).unwrap();
+    let e = s.open_epoch(4).unwrap();
+    assert_eq!((e.header().pages_data, e.index().len()), (0, 0));
+    assert!(s.list().unwrap().iter().all(|(_, r)| r.is_ok()), "ls shows it damaged");
+    let (st, m) = materialize(&s, 4);
+    assert_eq!(
+        (st.as_slice(), first_bytes(&m)),
+        (&b"state-4"[..], vec![1, 9, 7, 7, 0, 2, 2, 0])
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
@@ -73,7 +73,6 @@ fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
     let code = [0x40, 0xeb, 0xfd];
     let mut m = machine(&code, 2, Capture::default());
     m.start().unwrap();
-    std::thread::sleep(Duration::from_millis(30));
     let p1 = m.pause(PauseAction::SaveState).unwrap();
     let a = p1.states[0].regs.rax;
     let st = m.save_state(p1).unwrap();
@@ -83,11 +82,25 @@ fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
     let bytes = vmm::state::encode(&st);
     assert_eq!(vmm::state::encode(&vmm::state::decode(&bytes).unwrap()), bytes);
     m.resume().unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    let p2 = m.pause(PauseAction::SaveState).unwrap();
+    // Pause again until the guest has run on: every pause must stop the
+    // spinning vCPU (a kick), however long the host takes to schedule it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let p2 = loop {
+        std::thread::sleep(Duration::from_millis(1));
+        let p = m.pause(PauseAction::SaveState).unwrap();
+        // A kick takes microseconds; only a very loaded host needs more.
+        assert!(p.latency < Duration::from_secs(5), "pause took {:?}", p.latency);
+        if p.states[0].regs.rax != a {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not advance after resume (rax {a:#x})"
+        );
+        m.resume().unwrap();
+    };
     let b = p2.states[0].regs.rax;
-    assert!(b > a, "guest did not advance between pauses ({a} -> {b})");
-    assert!(p2.latency < Duration::from_secs(1));
+    assert!(b > a, "guest went backwards between pauses ({a} -> {b})");
     // The application processor never got a SIPI: it stays in wait-for-SIPI.
     assert_eq!(p2.states[1].mp_state.mp_state, kvm_bindings::KVM_MP_STATE_UNINITIALIZED);
     m.resume().unwrap();

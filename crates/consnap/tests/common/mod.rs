@@ -1,43 +1,24 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-pub use vmm::testing::kvm_ready;
+pub use vmm::testing::{Child, TestDir, kvm_ready, output, run_ok, spawn, tail, try_spawn};
 
 pub fn consnap() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_consnap"));
-    c.stdin(Stdio::null());
-    c
+    Command::new(env!("CARGO_BIN_EXE_consnap"))
 }
 
-/// A fresh private directory for one test.
-pub fn tempdir(name: &str) -> PathBuf {
-    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let d = base.join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh private directory for one test under Cargo's scratch directory
+/// (target/tmp), removed when the test passes, kept (and named) when it fails.
+pub fn tempdir(name: &str) -> TestDir {
+    TestDir::new(env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 pub fn read_report(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// The checksum the host computes for a workload spec (`NAME,k=v,...`).
@@ -64,6 +45,7 @@ pub fn epoch_count(snaps: &Path) -> usize {
 }
 
 /// `consnap ls --json`.
+#[track_caller]
 pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
     let out = run_ok(consnap().args(["ls", "--json"]).arg(snaps));
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -73,36 +55,55 @@ pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
         .clone()
 }
 
-/// Start `consnap` with `args`, wait until `snaps` holds at least `epochs`
-/// committed epochs, then kill it with SIGKILL. Panics if it ends first.
+/// Start `consnap` with `args` and wait until `snaps` holds at least
+/// `epochs` committed epochs. The run must last longer than that (a
+/// rate-limited workload with room to spare): if it ends first, the test
+/// fails at once with its output.
+#[track_caller]
+pub fn start_until_epochs(args: &[&str], snaps: &Path, epochs: usize) -> Child {
+    let mut child = spawn(consnap().args(args));
+    child.wait_for(&format!("{epochs} committed epochs in {}", snaps.display()), |_| {
+        epoch_count(snaps) >= epochs
+    });
+    child
+}
+
+/// [`start_until_epochs`], then kill the VMM with SIGKILL, as a crash would.
+#[track_caller]
 pub fn run_and_kill(args: &[&str], snaps: &Path, epochs: usize) {
-    let mut child = consnap()
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        if epoch_count(snaps) >= epochs {
-            break;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-            panic!(
-                "{args:?} ended ({status}) with only {} epochs before it could be killed:\n{err}",
-                epoch_count(snaps)
-            );
-        }
-        assert!(start.elapsed().as_secs() < 120, "timed out waiting for {epochs} epochs");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let out = start_until_epochs(args, snaps, epochs).stop(libc::SIGKILL);
+    assert_killed(&out, libc::SIGKILL, args);
+}
+
+/// [`start_until_epochs`], then stop the VMM with SIGTERM (it stops the VM
+/// cleanly and writes its report); returns its output.
+#[track_caller]
+pub fn run_and_term(args: &[&str], snaps: &Path, epochs: usize) -> Output {
+    let out = start_until_epochs(args, snaps, epochs).stop(libc::SIGTERM);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{args:?} did not stop on SIGTERM as expected:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The run ended by `sig`, not by itself before the signal came.
+#[track_caller]
+pub fn assert_killed(out: &Output, sig: i32, what: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(sig),
+        "{what:?} ended ({}) before it could be killed; make the workload longer:\n{}",
+        out.status,
+        vmm::testing::tail(&out.stderr, 40)
+    );
 }
 
 /// `consnap restore DIR --at AT` to the end; returns its report.
+#[track_caller]
 pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_json::Value {
     run_ok(
         consnap()
