@@ -54,7 +54,10 @@ impl ErrorLog {
         let _ = if self.stop_on_error {
             writeln!(err, "consnap: snapshot error: {msg}")
         } else {
-            writeln!(err, "consnap: snapshot error: {msg} (the VM keeps running; snapshots are retried)")
+            writeln!(
+                err,
+                "consnap: snapshot error: {msg} (the VM keeps running; snapshots are retried)"
+            )
         };
         self.last = Some(key.to_string());
         self.since = Instant::now();
