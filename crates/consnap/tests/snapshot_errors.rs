@@ -319,6 +319,15 @@ fn full_disk_errors_then_carries_on_or_stops() {
 
 #[test]
 fn a_failed_incremental_epoch_loses_no_pages() {
+    carry("stop-copy");
+}
+
+#[test]
+fn a_failed_incremental_cow_epoch_loses_no_pages() {
+    carry("cow");
+}
+
+fn carry(mode: &str) {
     if !kvm_ready() {
         return;
     }
@@ -326,7 +335,7 @@ fn a_failed_incremental_epoch_loses_no_pages() {
     // would) must hand their dirty pages to the next epoch, or restoring any
     // later epoch would diverge. The 3rd, 4th and 7th attempts fail; the run
     // is stopped once 8 epochs (11 attempts) are committed.
-    let dir = tempdir("carry");
+    let dir = tempdir(&format!("carry-{mode}"));
     let spec = "memstress,wss=32M,ops=15000,rate=10000,pattern=random";
     let snaps = dir.join("snaps");
     let report = dir.join("r.json");
@@ -338,7 +347,7 @@ fn a_failed_incremental_epoch_loses_no_pages() {
                 "--workload",
                 spec,
                 "--mode",
-                "stop-copy",
+                mode,
                 "--interval",
                 "25ms",
                 "--report",
@@ -365,6 +374,10 @@ fn a_failed_incremental_epoch_loses_no_pages() {
     for e in epochs.iter().skip(1) {
         let id = e["id"].as_u64().unwrap().to_string();
         let rr = restore(&snaps, &id, &[], &dir.join(format!("r{id}.json")));
-        assert_eq!(rr["checksum"], sum.as_str(), "epoch {id} diverged after a failed epoch");
+        assert_eq!(
+            rr["checksum"],
+            sum.as_str(),
+            "{mode}: epoch {id} diverged after a failed epoch"
+        );
     }
 }

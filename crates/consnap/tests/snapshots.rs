@@ -57,7 +57,7 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
     let epochs = ls(&snaps);
     assert!(epochs.len() >= want, "{epochs:?}");
     let ids: Vec<u64> = epochs.iter().map(|e| e["id"].as_u64().unwrap()).collect();
-    if mode == "stop-copy" {
+    if mode == "stop-copy" || mode == "cow" {
         // One full epoch, then a chain of incremental ones, each on the previous.
         assert_eq!(epochs[0]["full"], true);
         assert!(epochs[0]["parent"].is_null());
@@ -92,11 +92,41 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
             sum.as_str(),
             "restore of epoch {epoch} diverged ({workload}, {mode}, {vcpus} vCPUs)"
         );
-        if mode == "stop-copy" {
+        if mode != "stop-copy-full" {
             let chain = r["restored_from"]["chain"].as_u64().unwrap();
             assert_eq!(chain, ids.iter().position(|i| *i == epoch).unwrap() as u64 + 1);
         }
     }
+}
+
+#[test]
+fn memstress_cow_1_vcpu() {
+    kill_restore("memstress", "cow", 1);
+}
+
+#[test]
+fn memstress_cow_2_vcpus() {
+    kill_restore("memstress", "cow", 2);
+}
+
+#[test]
+fn build_cow_1_vcpu() {
+    kill_restore("build", "cow", 1);
+}
+
+#[test]
+fn build_cow_2_vcpus() {
+    kill_restore("build", "cow", 2);
+}
+
+#[test]
+fn ftp_cow_1_vcpu() {
+    kill_restore("ftp", "cow", 1);
+}
+
+#[test]
+fn ftp_cow_2_vcpus() {
+    kill_restore("ftp", "cow", 2);
 }
 
 #[test]
@@ -306,7 +336,7 @@ fn report_has_snapshot_figures() {
     let count = s["count"].as_u64().unwrap();
     assert!(count >= 5, "{s}");
     assert_eq!(s["failed"], 0);
-    assert_eq!(s["mode"], "stop-copy");
+    assert_eq!(s["mode"], "cow", "cow is the default mode");
     assert_eq!(s["epochs"].as_array().unwrap().len() as u64, count);
     assert_eq!(count as usize, epoch_count(&snaps));
     for key in ["pause", "durable", "vcpu_pause"] {

@@ -1,0 +1,187 @@
+//! Copy-on-write epochs (`--mode cow`) end to end: snapshots every 20 ms,
+//! a SIGKILL at a random moment, then the latest committed epoch and 20
+//! randomly chosen ones each restored and run to the end with the checksum
+//! of an uninterrupted run; and the message a host without userfaultfd
+//! support gets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// A small deterministic generator (the seed is printed, to replay a failure).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("CONSNAP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        })
+}
+
+/// Workloads that last about three seconds on any machine (memstress is
+/// rate-limited; build is sized to take that long here).
+fn spec(workload: &str, vcpus: u32) -> String {
+    let n = u64::from(vcpus);
+    match workload {
+        "memstress" => format!("memstress,wss=32M,ops={},rate=10000,pattern=random", 30_000 * n),
+        "build" => format!("build,wss=32M,ops={}", 3_500 * n),
+        _ => unreachable!(),
+    }
+}
+
+fn random_kill(workload: &str, vcpus: u32) {
+    if !kvm_ready() {
+        return;
+    }
+    let seed = seed();
+    eprintln!("CONSNAP_TEST_SEED={seed}");
+    let mut rng = Rng(seed);
+    let spec = spec(workload, vcpus);
+    let (ops, sum) = reference(&spec, vcpus);
+    let dir = tempdir(&format!("cow-kill-{workload}-{vcpus}"));
+    let snaps = dir.join("snaps");
+    let args = [
+        "run",
+        "--workload",
+        &spec,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--snapshot-dir",
+        snaps.to_str().unwrap(),
+        "--mode",
+        "cow",
+        "--interval",
+        "20ms",
+        "--pause-probe",
+        "0",
+    ];
+    // At least 21 epochs, then a random moment within the next 0.4 s.
+    let child = start_until_epochs(&args, &snaps, 21);
+    let extra = Duration::from_millis(rng.next() % 400);
+    let t = Instant::now();
+    while t.elapsed() < extra {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.stop(libc::SIGKILL);
+    assert_killed(&out, libc::SIGKILL, &args);
+
+    let epochs = ls(&snaps);
+    let ids: Vec<u64> = epochs.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert!(ids.len() >= 21, "{epochs:?}");
+    assert!(epochs.iter().all(|e| e["mode"] == "cow"), "{epochs:?}");
+    let mut chosen = vec![*ids.last().unwrap()];
+    while chosen.len() < 21 {
+        let id = ids[(rng.next() % ids.len() as u64) as usize];
+        if !chosen.contains(&id) {
+            chosen.push(id);
+        }
+    }
+    // Two restores at a time: the machine has two cores.
+    for pair in chosen.chunks(2) {
+        let handles: Vec<_> = pair
+            .iter()
+            .map(|&id| {
+                let snaps = snaps.clone();
+                let report = dir.join(format!("restore-{id}.json"));
+                std::thread::spawn(move || (id, restore(&snaps, &id.to_string(), &[], &report)))
+            })
+            .collect();
+        for h in handles {
+            let (id, r) = h.join().unwrap();
+            assert_eq!(r["status"], "poweroff", "epoch {id}: {r}");
+            assert_eq!(r["ops"], ops, "epoch {id}");
+            assert_eq!(r["workload_errors"], 0, "epoch {id}");
+            assert_eq!(
+                r["checksum"],
+                sum.as_str(),
+                "restore of cow epoch {id} diverged ({workload}, {vcpus} vCPUs, seed {seed})"
+            );
+        }
+    }
+}
+
+#[test]
+fn memstress_killed_at_random_1_vcpu() {
+    random_kill("memstress", 1);
+}
+
+#[test]
+fn memstress_killed_at_random_2_vcpus() {
+    random_kill("memstress", 2);
+}
+
+#[test]
+fn build_killed_at_random_1_vcpu() {
+    random_kill("build", 1);
+}
+
+#[test]
+fn build_killed_at_random_2_vcpus() {
+    random_kill("build", 2);
+}
+
+/// Without kernel-mode userfaultfd (an unprivileged user, with
+/// vm.unprivileged_userfaultfd = 0 and /dev/userfaultfd root-only), `run`
+/// says what is missing, how to fix it, and that stop-copy works; before
+/// any VM starts.
+#[test]
+fn a_host_without_userfaultfd_is_told_what_is_missing() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to run consnap as another user");
+        return;
+    }
+    let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if unprivileged.trim() != "0" {
+        eprintln!("skipping: vm.unprivileged_userfaultfd is {unprivileged}, so any user may create one");
+        return;
+    }
+    let dir = tempdir("cow-host");
+    let snaps = dir.join("snaps");
+    let out = output(
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_consnap"))
+            .args([
+                "run",
+                "--workload",
+                "memstress,ops=10",
+                "--mode",
+                "cow",
+                "--snapshot-dir",
+            ])
+            .arg(&snaps),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for needle in [
+        "--mode cow cannot run on this host",
+        "userfaultfd",
+        "CAP_SYS_PTRACE",
+        "/dev/userfaultfd",
+        "vm.unprivileged_userfaultfd=1",
+        "--mode stop-copy works without it",
+    ] {
+        assert!(err.contains(needle), "missing '{needle}' in:\n{err}");
+    }
+    assert_eq!(err.lines().count(), 1, "one line:\n{err}");
+    assert!(!snaps.exists(), "nothing may be created before the check");
+}
