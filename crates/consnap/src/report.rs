@@ -105,6 +105,10 @@ pub struct EpochEntry {
     pub aside_waits: u64,
     /// Write-protect calls made while paused (cow).
     pub protect_calls: u64,
+    /// Pages whose hash was compared with the last epoch's (cow, `uffd` tracker).
+    pub examined: u64,
+    /// Faults that only told the `uffd` tracker a block was written.
+    pub tracking_faults: u64,
     /// Of the pause: taking and re-arming the dirty set.
     pub dirty_us: f64,
     /// Of the pause: copying (stop-copy) or write-protecting (cow) the pages.
@@ -129,6 +133,8 @@ impl From<&EpochRecord> for EpochEntry {
             captured: r.stats.pages_captured,
             aside_waits: r.stats.aside_waits,
             protect_calls: r.stats.protect_calls,
+            examined: r.stats.pages_examined,
+            tracking_faults: r.stats.tracking_faults,
             dirty_us: r.stats.dirty_time.as_secs_f64() * 1e6,
             capture_us: r.stats.capture_time.as_secs_f64() * 1e6,
         }

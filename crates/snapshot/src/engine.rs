@@ -272,7 +272,10 @@ impl SnapshotEngine {
             self.lost(t, f.full, f.taken);
         }
         let msg = format!("snapshot engine failed: {msg}");
-        self.report(&msg);
+        tracing::debug!(error = %msg, "snapshot engine stopped");
+        self.log.flush();
+        self.errors.push(msg.clone());
+        // The run stops with this message (it is not a retried snapshot error).
         TaskFlow::Stop(msg)
     }
 
@@ -323,6 +326,7 @@ impl SnapshotEngine {
 
     fn complete(&mut self, t: &mut dyn Target, done: Done) -> Option<String> {
         let f = self.in_flight.take()?;
+        self.strategy.finished(done.result.is_ok());
         match done.result {
             Ok(c) => {
                 self.parent = Some(f.id);
@@ -431,6 +435,7 @@ impl SnapshotEngine {
         let job = match job {
             Ok(j) => j,
             Err(f) => {
+                self.strategy.finished(false);
                 self.lost(t, full, ctx.taken);
                 return Err(fail(f));
             }

@@ -14,7 +14,7 @@ mod strategy;
 mod target;
 mod worker;
 
-pub use cow::CowOptions;
+pub use cow::{CowOptions, Tracker};
 pub use engine::{EpochRecord, Inject, SnapshotConfig, SnapshotEngine};
 pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use hot::HotPolicy;

@@ -34,6 +34,11 @@ pub struct EpochStats {
     pub aside_waits: u64,
     /// write-protect calls made to arm this epoch (cow).
     pub protect_calls: u64,
+    /// Pages whose hash was compared with the last epoch's (cow, `uffd` tracker).
+    pub pages_examined: u64,
+    /// Faults on blocks with nothing left to save: the guest's first write
+    /// to a block since it was saved (how the `uffd` tracker learns of it).
+    pub tracking_faults: u64,
     /// Of the pause: taking (and re-arming) the dirty set.
     pub dirty_time: Duration,
     /// Of the pause: copying pages (stop-copy) or write-protecting them (cow).
@@ -105,6 +110,9 @@ pub(crate) trait Strategy: Send {
     /// While paused, after the state was captured. Fills `ctx.taken` with
     /// any dirty set it takes.
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure>;
+    /// The epoch in flight was committed (`ok`) or failed, as the engine
+    /// learned from its job.
+    fn finished(&mut self, _ok: bool) {}
     /// Give up on the epoch in flight (its job will not run or must not
     /// commit): release whatever it holds, such as write protection.
     fn abort(&mut self) {}

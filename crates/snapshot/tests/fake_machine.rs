@@ -321,6 +321,25 @@ fn cow_epochs_are_exact_with_small_blocks() {
 }
 
 #[test]
+fn cow_with_the_dirty_log_tracker_is_exact() {
+    let cow = CowOptions {
+        tracker: snapshot::Tracker::DirtyLog,
+        ..CowOptions::default()
+    };
+    exact("cow-dirty-log", Mode::Cow, cow, true);
+}
+
+#[test]
+fn cow_with_the_dirty_log_tracker_and_small_blocks_is_exact() {
+    let cow = CowOptions {
+        tracker: snapshot::Tracker::DirtyLog,
+        block_pages: 1,
+        ..CowOptions::default()
+    };
+    exact("cow-dirty-log-4k", Mode::Cow, cow, false);
+}
+
+#[test]
 fn cow_with_little_aside_memory_waits_but_stays_exact() {
     let cow = CowOptions {
         block_pages: 1,

@@ -1,14 +1,16 @@
-//! `cow`: the ConSnap pipeline. While paused, capture the state, take the
-//! dirty set and write-protect those pages (in blocks and merged runs);
-//! resume at once. The saver (on the writer thread) then saves the
-//! protected pages and lifts their protection while the guest runs, and the
-//! fault handler thread copies a page aside before the guest may write it.
-//! The first epoch is full, saved the same way.
+//! `cow`: the ConSnap pipeline. While paused, capture the state, find the
+//! pages written since the last epoch and write-protect them (in blocks and
+//! merged runs); resume at once. The saver (on the writer thread) then saves
+//! the protected pages while the guest runs, and the fault handler thread
+//! copies a page aside before the guest may write it. The first epoch is
+//! full, saved the same way. Which pages were written comes from a
+//! [`Tracker`]: write protection itself (the default) or KVM's dirty log.
 //!
 //! Host requirements: userfaultfd with write-protect and
 //! `UFFD_FEATURE_WP_UNPOPULATED`, created without the user-mode-only flag
 //! (KVM's own accesses to guest memory fault too).
 
+mod hashes;
 mod saver;
 mod shared;
 
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-pub use shared::CowOptions;
+pub use shared::{CowOptions, Tracker};
 use store::Mode;
 use uffd::{Uffd, feature};
 use vmm::dirty::DirtySet;
@@ -69,12 +71,25 @@ impl Strategy for Cow {
             u.register(ram.host_ptr(r) as u64, r.len, uffd::Mode::WriteProtect)
                 .map_err(SnapshotError::Cow)?;
         }
-        if let Some(policy) = self.opts.hot
-            && t.set_manual_rearm()?
-        {
-            self.hot = Some(Hotness::new(policy));
+        match self.opts.tracker {
+            Tracker::DirtyLog => {
+                if let Some(policy) = self.opts.hot
+                    && t.set_manual_rearm()?
+                {
+                    self.hot = Some(Hotness::new(policy));
+                }
+                t.set_dirty_logging(true)?;
+            }
+            Tracker::Uffd => {
+                // Map every page that is not populated yet to the (huge)
+                // zero page, so that write protection covers all of RAM at
+                // the PMD level: protecting a never-populated range would
+                // need small-page markers and split the huge pages to come.
+                for r in ram.ranges() {
+                    populate_read(ram.host_ptr(r), r.len);
+                }
+            }
         }
-        t.set_dirty_logging(true)?;
         let evt = || {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|source| SnapshotError::Thread {
                 thread: "fault handler",
@@ -100,6 +115,9 @@ impl Strategy for Cow {
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
         let t0 = Instant::now();
+        if self.opts.tracker == Tracker::Uffd {
+            return self.paused_uffd(t, ctx, shared, t0);
+        }
         let taken = t.take_dirty()?;
         // Re-protect the pages worth tracking (all of them, without a policy).
         if let Some(h) = &mut self.hot {
@@ -124,33 +142,25 @@ impl Strategy for Cow {
         };
         let t1 = Instant::now();
         let calls = shared.arm(&pages)?;
-        let (dirty_time, capture_time) = (t1 - t0, t1.elapsed());
-        let store = ctx.store.clone();
-        let meta = ctx.meta.clone();
-        let state = std::mem::take(&mut ctx.state);
-        let pool = self.scratch.clone();
-        let direct = ctx.direct_io;
-        Ok(Box::new(move |pause_ns| {
-            let started = Instant::now();
-            let mut scratch = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns, direct);
-            pool.lock().unwrap_or_else(|p| p.into_inner()).push(scratch);
-            let c = &shared.counters;
-            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            Ok(Committed {
-                info: r?,
-                stats: EpochStats {
-                    faults: ld(&c.faults),
-                    pages_copied_aside: ld(&c.copied),
-                    pages_captured: ld(&c.captured),
-                    aside_waits: ld(&c.waits),
-                    protect_calls: calls,
-                    dirty_time,
-                    capture_time,
-                    save_time: started.elapsed(),
-                },
-            })
-        }))
+        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
+    }
+
+    fn finished(&mut self, ok: bool) {
+        if self.opts.tracker != Tracker::Uffd {
+            return;
+        }
+        if let Some(s) = &self.shared {
+            let mut h = s.hashes.lock().unwrap_or_else(|p| p.into_inner());
+            if ok {
+                h.commit();
+            } else {
+                // The table keeps describing the last committed epoch; every
+                // block is examined again next time.
+                h.discard();
+                drop(h);
+                s.release_all();
+            }
+        }
     }
 
     fn abort(&mut self) {
@@ -170,6 +180,81 @@ impl Strategy for Cow {
             let _ = h.join();
         }
         self.shared = None;
+    }
+}
+
+/// `MADV_POPULATE_READ`: map missing pages (the zero page) without writing them.
+fn populate_read(start: *mut u8, len: u64) {
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    // SAFETY: advice over guest RAM, which is mapped for the whole range;
+    // reading populates zero pages and changes no contents. Failure (an old
+    // kernel) leaves pages unpopulated: they are then protected as markers.
+    unsafe { libc::madvise(start.cast(), len as usize, MADV_POPULATE_READ) };
+}
+
+impl Cow {
+    /// While paused, under `Tracker::Uffd`: every block written since the
+    /// last epoch (no longer protected) is pending and protected again; the
+    /// first epoch takes all of RAM.
+    fn paused_uffd(
+        &mut self,
+        t: &mut dyn Target,
+        ctx: &mut EpochCtx,
+        shared: Arc<Shared>,
+        t0: Instant,
+    ) -> Result<JobFn, EpochFailure> {
+        // VMM writes went through protected pages too; forget the bitmap.
+        drop(t.take_dirty()?);
+        let pages = if ctx.meta.full {
+            DirtySet::all(t.ram().ranges())
+        } else {
+            // A failure hands nothing back: it releases every block, and
+            // the next epoch examines them all against the last commit.
+            ctx.taken = Some(DirtySet::empty(t.ram().ranges()));
+            shared.unarmed_pages()
+        };
+        let t1 = Instant::now();
+        let calls = shared.arm(&pages)?;
+        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
+    }
+
+    /// The background part: save the armed pages and commit.
+    fn job(
+        &self,
+        ctx: &mut EpochCtx,
+        shared: Arc<Shared>,
+        calls: u64,
+        dirty_time: std::time::Duration,
+        capture_time: std::time::Duration,
+    ) -> JobFn {
+        let store = ctx.store.clone();
+        let meta = ctx.meta.clone();
+        let state = std::mem::take(&mut ctx.state);
+        let pool = self.scratch.clone();
+        let direct = ctx.direct_io;
+        Box::new(move |pause_ns| {
+            let started = Instant::now();
+            let mut scratch = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns, direct);
+            pool.lock().unwrap_or_else(|p| p.into_inner()).push(scratch);
+            let c = &shared.counters;
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(Committed {
+                info: r?,
+                stats: EpochStats {
+                    faults: ld(&c.faults),
+                    pages_copied_aside: ld(&c.copied),
+                    pages_captured: ld(&c.captured),
+                    aside_waits: ld(&c.waits),
+                    protect_calls: calls,
+                    dirty_time,
+                    capture_time,
+                    save_time: started.elapsed(),
+                    pages_examined: ld(&c.examined),
+                    tracking_faults: ld(&c.spurious),
+                },
+            })
+        })
     }
 }
 

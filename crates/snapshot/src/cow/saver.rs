@@ -1,14 +1,16 @@
 //! The saver: writes the pages of a copy-on-write epoch while the guest
 //! runs, in ascending page order, span by span: claim the span's pending
 //! pages and copied-aside pages, copy the claimed ones from guest memory
-//! (still write-protected, so unchanged since the pause), write them, then
-//! lift protection on the span's armed blocks in merged runs.
+//! (still write-protected, so unchanged since the pause), release the span
+//! (under `Tracker::DirtyLog` lift its protection; under `Tracker::Uffd`
+//! keep it, so that the next write is seen), then write the pages (under
+//! `Tracker::Uffd` only those whose hash changed since the last epoch).
 
 use store::{EpochInfo, EpochMeta, EpochWriter, Store};
 use vmm::dirty::PageBits;
 use vmm::memory::PAGE_SIZE;
 
-use super::shared::Shared;
+use super::shared::{Shared, Tracker};
 use crate::error::EpochFailure;
 use crate::pages::{self, PageBuf};
 
@@ -27,6 +29,9 @@ pub(crate) fn save_epoch(
 ) -> Result<EpochInfo, EpochFailure> {
     let full = meta.full;
     std::thread::sleep(shared.opts.test_saver_delay);
+    if full && shared.opts.tracker == Tracker::Uffd {
+        shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
+    }
     let r = (|| {
         let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
         for ri in 0..shared.ranges.len() {
@@ -131,13 +136,32 @@ fn save_range(
         drop(g);
         shared.cv.notify_all();
 
-        // Copy, then lift protection at once, then write: the guest waits
+        // Copy, then release the span at once, then write: the guest waits
         // for a memory copy at most, never for the disk.
         let copied = copy_claimed(shared, ri, &entries, scratch);
-        let lifted = lift(shared, ri, start, end);
+        let released = match shared.opts.tracker {
+            Tracker::DirtyLog => lift(shared, ri, start, end),
+            Tracker::Uffd => {
+                release(shared);
+                Ok(())
+            }
+        };
         copied?;
-        lifted?;
-        write_span(&entries, scratch, w, gfn0)?;
+        released?;
+        let keep = changed(shared, ri, full, &entries, scratch);
+        if shared.opts.tracker == Tracker::Uffd && !full {
+            // A block with a changed page is hot: captured ahead next time.
+            let mut g = shared.lock();
+            for b in start / bp..end.div_ceil(bp) {
+                g.hot[ri].unset(b);
+            }
+            for (k, (p, _)) in entries.iter().enumerate() {
+                if keep[k] {
+                    g.hot[ri].set(p / bp);
+                }
+            }
+        }
+        write_span(&entries, &keep, scratch, w, gfn0)?;
         cursor = end;
     }
 }
@@ -165,13 +189,58 @@ fn copy_claimed(shared: &Shared, ri: usize, entries: &[(u64, Src)], scratch: &mu
     Ok(())
 }
 
-/// Write a span from `scratch`: data pages in batches, zero and
+/// Which entries go into the epoch: all of them under `Tracker::DirtyLog`
+/// (the dirty log named them) and in full epochs; under `Tracker::Uffd`
+/// those whose keyed hash differs from the last committed epoch's (their
+/// new hashes are staged, to apply once this epoch commits).
+fn changed(shared: &Shared, ri: usize, full: bool, entries: &[(u64, Src)], scratch: &[u8]) -> Vec<bool> {
+    if shared.opts.tracker == Tracker::DirtyLog {
+        return vec![true; entries.len()];
+    }
+    let mut hashes = shared.hashes.lock().unwrap_or_else(|p| p.into_inner());
+    let mut examined = 0u64;
+    let keep = entries
+        .iter()
+        .enumerate()
+        .map(|(k, &(p, _))| {
+            examined += 1;
+            let h = hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]);
+            let c = full || hashes.changed(ri, p, h);
+            if c {
+                hashes.stage(ri, p, h);
+            }
+            c
+        })
+        .collect();
+    shared
+        .counters
+        .examined
+        .fetch_add(examined, std::sync::atomic::Ordering::Relaxed);
+    keep
+}
+
+/// Write a span from `scratch`: the kept data pages in batches, zero and
 /// never-touched pages only in the index.
-fn write_span(entries: &[(u64, Src)], scratch: &[u8], w: &mut EpochWriter, gfn0: u64) -> Result<(), EpochFailure> {
+fn write_span(
+    entries: &[(u64, Src)],
+    keep: &[bool],
+    scratch: &[u8],
+    w: &mut EpochWriter,
+    gfn0: u64,
+) -> Result<(), EpochFailure> {
     let zero = |k: usize| entries[k].1 == Src::Zero || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE]);
     let mut batch: Vec<u64> = Vec::new();
     let mut batch_at = 0;
     for k in 0..=entries.len() {
+        if k < entries.len() && !keep[k] {
+            // Unchanged since the last epoch: not in this one.
+            if !batch.is_empty() {
+                w.scattered_pages(&batch, &scratch[batch_at * PAGE..k * PAGE])?;
+                batch.clear();
+            }
+            batch_at = k + 1;
+            continue;
+        }
         let z = k < entries.len() && zero(k);
         if k == entries.len() || z {
             if !batch.is_empty() {
@@ -187,6 +256,12 @@ fn write_span(entries: &[(u64, Src)], scratch: &[u8], w: &mut EpochWriter, gfn0:
         }
     }
     Ok(())
+}
+
+/// Release the span the saver held, keeping its protection.
+fn release(shared: &Shared) {
+    shared.lock().held = None;
+    shared.cv.notify_all();
 }
 
 /// Lift protection on the armed blocks of [start, end) and release the span.

@@ -26,9 +26,25 @@ use vmm::dirty::{DirtySet, PageBits};
 use vmm::memory::{GuestRam, PAGE_SIZE, RamRange};
 use vmm_sys_util::eventfd::EventFd;
 
+/// How `cow` learns which pages changed since the last epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracker {
+    /// Write protection itself: all of RAM stays write-protected between
+    /// epochs, so the first write to a block faults and marks it written;
+    /// a written block's pages are compared with their hashes at the last
+    /// epoch, and only changed pages are saved. No KVM dirty logging, so
+    /// KVM keeps mapping huge pages.
+    Uffd,
+    /// KVM's dirty log, re-armed on cold regions only; each epoch
+    /// write-protects and saves exactly the logged pages.
+    DirtyLog,
+}
+
 /// Tuning of the copy-on-write engine.
 #[derive(Debug, Clone)]
 pub struct CowOptions {
+    /// How changed pages are found.
+    pub tracker: Tracker,
     /// Pages per protection block: 1 (4 KiB) or 512 (2 MiB, keeps huge pages whole).
     pub block_pages: u64,
     /// Bytes of memory for pages copied aside; when full, a faulting writer
@@ -58,6 +74,7 @@ pub struct CowOptions {
 impl Default for CowOptions {
     fn default() -> Self {
         CowOptions {
+            tracker: Tracker::Uffd,
             block_pages: 512,
             aside_bytes: 256 << 20,
             chunk_pages: 512,
@@ -79,11 +96,20 @@ pub(crate) struct Counters {
     pub spurious: AtomicU64,
     /// Pages copied aside, by faults or ahead of the saver.
     pub captured: AtomicU64,
+    /// Pages whose hash the saver compared (`Tracker::Uffd`).
+    pub examined: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn reset(&self) {
-        for c in [&self.faults, &self.copied, &self.waits, &self.spurious, &self.captured] {
+        for c in [
+            &self.faults,
+            &self.copied,
+            &self.waits,
+            &self.spurious,
+            &self.captured,
+            &self.examined,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -108,6 +134,10 @@ pub(crate) struct Inner {
     /// Where the fault handler's capture-ahead goes next: (range, block);
     /// `None` when it has nothing left to capture.
     pub capture: Option<(usize, u64)>,
+    /// Per range: blocks that held changed pages when last examined
+    /// (`Tracker::Uffd`); only those are captured ahead of the saver,
+    /// since capturing lifts a block's protection until the next epoch.
+    pub hot: Vec<PageBits>,
 }
 
 /// Shared by the strategy, the saver and the fault handler.
@@ -124,11 +154,14 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// Wakes the fault handler when an epoch is armed (to capture ahead).
     pub kick: EventFd,
+    /// Page hashes of the last committed epoch (`Tracker::Uffd`).
+    pub hashes: Mutex<super::hashes::Hashes>,
 }
 
 impl Shared {
     pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
         let ranges = ram.ranges().to_vec();
+        let hashes = Mutex::new(super::hashes::Hashes::new(&ranges));
         let hosts = ranges.iter().map(|r| ram.host_ptr(r) as u64).collect();
         let slots = (opts.aside_bytes / PAGE_SIZE as usize).max(opts.block_pages as usize);
         let inner = Inner {
@@ -144,6 +177,10 @@ impl Shared {
             free: (0..slots as u32).rev().collect(),
             aborted: false,
             capture: None,
+            hot: ranges
+                .iter()
+                .map(|r| PageBits::new(r.pages().div_ceil(opts.block_pages)))
+                .collect(),
         };
         Shared {
             uffd,
@@ -155,6 +192,7 @@ impl Shared {
             cv: Condvar::new(),
             counters: Counters::default(),
             kick,
+            hashes,
         }
     }
 
@@ -217,7 +255,8 @@ impl Shared {
                     armed.set(b);
                 }
             }
-            g.armed[ri] = armed;
+            // Blocks still armed from earlier epochs stay armed (`Tracker::Uffd`).
+            g.armed[ri].or(&armed);
             for (s, e) in runs {
                 let (addr, len) = self.span(ri, s, e);
                 if let Err(err) = self.uffd.protect(addr, len) {
@@ -232,6 +271,31 @@ impl Shared {
         drop(g);
         let _ = self.kick.write(1);
         Ok(calls)
+    }
+
+    /// Every page of the blocks that are not write-protected: under
+    /// `Tracker::Uffd`, the blocks written (or released) since the last epoch.
+    pub(crate) fn unarmed_pages(&self) -> DirtySet {
+        let g = self.lock();
+        let mut out = DirtySet::empty(&self.ranges);
+        for ri in 0..self.ranges.len() {
+            let blocks = &g.armed[ri];
+            let mut b = 0;
+            while b < blocks.pages() {
+                let s = blocks.next_clear(b);
+                if s >= blocks.pages() {
+                    break;
+                }
+                let e = blocks.next_set(s).unwrap_or(blocks.pages());
+                let (p0, _) = self.block_pages(ri, s);
+                let (_, p1) = self.block_pages(ri, e - 1);
+                for p in p0..p1 {
+                    out.ranges[ri].set(p);
+                }
+                b = e;
+            }
+        }
+        out
     }
 
     /// Give up on the epoch: lift every protection, forget pending and
@@ -268,8 +332,10 @@ impl Shared {
         let reserve = (reserve / 4).max(self.opts.block_pages as usize);
         let mut taken = 0u64;
         let mut lift: Vec<(usize, u64, u64)> = Vec::new();
+        let bp = self.opts.block_pages;
         while taken < self.opts.chunk_pages {
-            let Some(b) = g.armed.get(ri).and_then(|a| a.next_set(block)) else {
+            // The next block with pending pages.
+            let Some(b) = g.pending.get(ri).and_then(|p| p.next_set(block * bp)).map(|p| p / bp) else {
                 ri += 1;
                 block = 0;
                 if ri >= self.ranges.len() {
@@ -279,8 +345,10 @@ impl Shared {
                 continue;
             };
             let (b0, b1) = self.block_pages(ri, b);
-            if g.held.is_some_and(|(hr, s, e)| hr == ri && s < b1 && b0 < e) {
-                // The saver has it.
+            let cold = self.opts.tracker == Tracker::Uffd && !g.hot[ri].get(b);
+            if cold || g.held.is_some_and(|(hr, s, e)| hr == ri && s < b1 && b0 < e) {
+                // Cold blocks stay protected, so that their next write is
+                // seen; the saver has the ones it holds.
                 block = b + 1;
                 continue;
             }
@@ -356,11 +424,12 @@ impl Shared {
                 want.push(q);
                 p = q + 1;
             }
+            if g.held.is_some_and(|(hr, s, e)| hr == ri && s < b1 && b0 < e) {
+                // The saver is copying this block: wait until it is done.
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
             if want.is_empty() {
-                if g.held.is_some_and(|(hr, s, e)| hr == ri && s <= b0 && b1 <= e) {
-                    // The saver holds this block and will lift it.
-                    return Ok(());
-                }
                 self.counters.spurious.fetch_add(1, Ordering::Relaxed);
                 break;
             }
