@@ -47,6 +47,16 @@ pub enum SnapshotIo {
     Buffered,
 }
 
+/// How `cow` finds the pages written since the last epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CowTracker {
+    /// Write protection stays armed between epochs; a written block is
+    /// compared page by page with its hashes at the last epoch.
+    Uffd,
+    /// KVM's dirty log (pages written in most epochs stay unprotected).
+    DirtyLog,
+}
+
 /// Protection block sizes for `cow`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CowBlock {
@@ -88,6 +98,9 @@ pub struct SessionArgs {
     /// How page data is written: O_DIRECT or through the page cache.
     #[arg(long, value_enum, default_value = "direct", requires = "snapshot_dir")]
     pub snapshot_io: SnapshotIo,
+    /// cow: how pages written since the last epoch are found.
+    #[arg(long, value_enum, default_value = "uffd", requires = "snapshot_dir")]
+    pub cow_tracker: CowTracker,
     /// cow: granularity of write protection.
     #[arg(long, value_enum, default_value = "2M", requires = "snapshot_dir")]
     pub cow_block: CowBlock,
@@ -191,6 +204,10 @@ pub fn execute(
                 interval: a.interval,
                 stop_on_error: a.on_snapshot_error == OnError::Stop,
                 cow: CowOptions {
+                    tracker: match a.cow_tracker {
+                        CowTracker::Uffd => snapshot::Tracker::Uffd,
+                        CowTracker::DirtyLog => snapshot::Tracker::DirtyLog,
+                    },
                     block_pages: match a.cow_block {
                         CowBlock::Small => 1,
                         CowBlock::Huge => 512,
