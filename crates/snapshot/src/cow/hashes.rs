@@ -48,6 +48,11 @@ impl Hashes {
         }
     }
 
+    /// The key.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// The keyed hash of one page.
     pub(crate) fn hash(&self, page: &[u8]) -> u64 {
         xxhash_rust::xxh3::xxh3_64_with_seed(page, self.seed)

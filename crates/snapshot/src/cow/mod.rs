@@ -37,7 +37,7 @@ pub(crate) struct Cow {
     shared: Option<Arc<Shared>>,
     stop: Option<EventFd>,
     handler: Option<JoinHandle<()>>,
-    scratch: Arc<Mutex<Vec<crate::pages::PageBuf>>>,
+    scratch: Arc<Mutex<Vec<saver::Buffers>>>,
     hot: Option<Hotness>,
 }
 
@@ -234,9 +234,13 @@ impl Cow {
         let direct = ctx.direct_io;
         Box::new(move |pause_ns| {
             let started = Instant::now();
-            let mut scratch = pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-            let r = saver::save_epoch(&shared, &store, meta, &state, &mut scratch, pause_ns, direct);
-            pool.lock().unwrap_or_else(|p| p.into_inner()).push(scratch);
+            let mut bufs = pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_else(saver::Buffers::new);
+            let r = saver::save_epoch(&shared, &store, meta, &state, &mut bufs, pause_ns, direct);
+            pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
             let c = &shared.counters;
             let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             Ok(Committed {

@@ -23,11 +23,14 @@ pub(crate) fn save_epoch(
     store: &Store,
     meta: EpochMeta,
     state: &[u8],
-    scratch: &mut PageBuf,
+    bufs: &mut Buffers,
     pause_ns: u64,
     direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
+    let Buffers { scratch, out } = bufs;
     let full = meta.full;
+    // Pages gathered for an epoch that failed are not this epoch's.
+    out.gfns.clear();
     std::thread::sleep(shared.opts.test_saver_delay);
     if full && shared.opts.tracker == Tracker::Uffd {
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
@@ -35,8 +38,9 @@ pub(crate) fn save_epoch(
     let r = (|| {
         let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
         for ri in 0..shared.ranges.len() {
-            save_range(shared, ri, full, &mut w, scratch)?;
+            save_range(shared, ri, full, &mut w, scratch, out)?;
         }
+        out.flush(&mut w)?;
         let (leftovers, aborted) = {
             let g = shared.lock();
             let n = g.aside.len() + g.pending.iter().map(|p| p.count() as usize).sum::<usize>();
@@ -66,6 +70,8 @@ enum Src {
     Aside,
     /// Not populated at the pause of a full epoch: zero.
     Zero,
+    /// Copied aside, and unchanged since the last epoch: not in this one.
+    Skip,
 }
 
 fn save_range(
@@ -74,6 +80,7 @@ fn save_range(
     full: bool,
     w: &mut EpochWriter,
     scratch: &mut PageBuf,
+    out: &mut Out,
 ) -> Result<(), EpochFailure> {
     let range = shared.ranges[ri];
     let pages_n = range.pages();
@@ -88,10 +95,18 @@ fn save_range(
         }
         let next_pending = g.pending[ri].next_set(cursor);
         let next_aside = g.aside.range((ri, cursor)..(ri + 1, 0)).next().map(|(k, _)| k.1);
-        let next_armed = g.armed[ri].next_set(cursor.div_ceil(bp)).map(|b| b * bp);
+        // Under `Tracker::DirtyLog` every armed block is visited, to lift it;
+        // under `Tracker::Uffd` armed blocks stay armed, and only pending or
+        // copied-aside pages need the saver.
+        let next_armed = if shared.opts.tracker == Tracker::DirtyLog {
+            g.armed[ri].next_set(cursor.div_ceil(bp)).map(|b| b * bp)
+        } else {
+            None
+        };
         let Some(p0) = [next_pending, next_aside, next_armed].into_iter().flatten().min() else {
             drop(g);
             if full && cursor < pages_n {
+                out.flush(w)?;
                 w.zero_pages(gfn0 + cursor, pages_n - cursor)?;
             }
             return Ok(());
@@ -100,10 +115,11 @@ fn save_range(
         let end = (start + span).min(pages_n);
         if full && start > cursor {
             // A full epoch lists every page: these were not populated at the pause.
+            out.flush(w)?;
             w.zero_pages(gfn0 + cursor, start - cursor)?;
         }
         let claimed = g.pending[ri].take_span(start, end);
-        let aside: Vec<(u64, u32)> = g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
+        let aside: Vec<(u64, (u32, u64))> = g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
         let mut entries: Vec<(u64, Src)> = claimed
             .iter()
             .map(|p| (*p, Src::Guest))
@@ -121,16 +137,35 @@ fn save_range(
         if scratch.len() < need {
             *scratch = pages::prefaulted(need.max(span as usize * PAGE));
         }
-        // Copied-aside pages go to their place in the scratch buffer now, freeing their slots.
+        // Copied-aside pages go to their place in the scratch buffer now,
+        // freeing their slots; under `Tracker::Uffd` those whose hash (taken
+        // when they were copied) shows no change are dropped at once.
+        let mut known: Vec<Option<u64>> = vec![None; entries.len()];
         {
+            let uffd = shared.opts.tracker == Tracker::Uffd && !full;
+            let mut hashes = uffd.then(|| shared.hashes.lock().unwrap_or_else(|p| p.into_inner()));
             let inner = &mut *g;
-            for (p, slot) in &aside {
+            let mut unchanged = 0u64;
+            for (p, (slot, h)) in &aside {
                 inner.aside.remove(&(ri, *p));
                 let i = entries.partition_point(|e| e.0 < *p);
+                if let Some(hs) = hashes.as_mut() {
+                    if !hs.changed(ri, *p, *h) {
+                        entries[i].1 = Src::Skip;
+                        unchanged += 1;
+                        inner.free.push(*slot);
+                        continue;
+                    }
+                    known[i] = Some(*h);
+                }
                 let at = *slot as usize * PAGE;
                 scratch[i * PAGE..(i + 1) * PAGE].copy_from_slice(&inner.slab[at..at + PAGE]);
                 inner.free.push(*slot);
             }
+            shared
+                .counters
+                .examined
+                .fetch_add(unchanged, std::sync::atomic::Ordering::Relaxed);
             inner.held = Some((ri, start, end));
         }
         drop(g);
@@ -148,7 +183,7 @@ fn save_range(
         };
         copied?;
         released?;
-        let keep = changed(shared, ri, full, &entries, scratch);
+        let keep = changed(shared, ri, full, &entries, &known, scratch);
         if shared.opts.tracker == Tracker::Uffd && !full {
             // A block with a changed page is hot: captured ahead next time.
             let mut g = shared.lock();
@@ -161,7 +196,7 @@ fn save_range(
                 }
             }
         }
-        write_span(&entries, &keep, scratch, w, gfn0)?;
+        write_span(&entries, &keep, scratch, w, out, gfn0)?;
         cursor = end;
     }
 }
@@ -193,18 +228,28 @@ fn copy_claimed(shared: &Shared, ri: usize, entries: &[(u64, Src)], scratch: &mu
 /// (the dirty log named them) and in full epochs; under `Tracker::Uffd`
 /// those whose keyed hash differs from the last committed epoch's (their
 /// new hashes are staged, to apply once this epoch commits).
-fn changed(shared: &Shared, ri: usize, full: bool, entries: &[(u64, Src)], scratch: &[u8]) -> Vec<bool> {
+fn changed(
+    shared: &Shared,
+    ri: usize,
+    full: bool,
+    entries: &[(u64, Src)],
+    known: &[Option<u64>],
+    scratch: &[u8],
+) -> Vec<bool> {
     if shared.opts.tracker == Tracker::DirtyLog {
-        return vec![true; entries.len()];
+        return entries.iter().map(|e| e.1 != Src::Skip).collect();
     }
     let mut hashes = shared.hashes.lock().unwrap_or_else(|p| p.into_inner());
     let mut examined = 0u64;
     let keep = entries
         .iter()
         .enumerate()
-        .map(|(k, &(p, _))| {
+        .map(|(k, &(p, src))| {
+            if src == Src::Skip {
+                return false;
+            }
             examined += 1;
-            let h = hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]);
+            let h = known[k].unwrap_or_else(|| hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]));
             let c = full || hashes.changed(ri, p, h);
             if c {
                 hashes.stage(ri, p, h);
@@ -219,40 +264,82 @@ fn changed(shared: &Shared, ri: usize, full: bool, entries: &[(u64, Src)], scrat
     keep
 }
 
-/// Write a span from `scratch`: the kept data pages in batches, zero and
-/// never-touched pages only in the index.
+/// The saver's reused buffers.
+pub(crate) struct Buffers {
+    /// A span's pages, in page order.
+    pub scratch: PageBuf,
+    /// Data pages on their way to the file.
+    pub out: Out,
+}
+
+impl Buffers {
+    pub(crate) fn new() -> Buffers {
+        Buffers {
+            scratch: PageBuf::default(),
+            out: Out::new(),
+        }
+    }
+}
+
+/// Data pages gathered across spans so that they reach the file in few,
+/// large writes (each O_DIRECT write costs a device notification).
+pub(crate) struct Out {
+    buf: PageBuf,
+    gfns: Vec<u64>,
+}
+
+/// Gather up to this much page data before writing it.
+const OUT_BYTES: usize = 4 << 20;
+
+impl Out {
+    pub(crate) fn new() -> Out {
+        Out {
+            buf: pages::prefaulted(OUT_BYTES),
+            gfns: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, w: &mut EpochWriter, gfn: u64, page: &[u8]) -> Result<(), EpochFailure> {
+        if (self.gfns.len() + 1) * PAGE > self.buf.len() {
+            self.flush(w)?;
+        }
+        let at = self.gfns.len() * PAGE;
+        self.buf[at..at + PAGE].copy_from_slice(page);
+        self.gfns.push(gfn);
+        Ok(())
+    }
+
+    pub(crate) fn flush(&mut self, w: &mut EpochWriter) -> Result<(), EpochFailure> {
+        if !self.gfns.is_empty() {
+            w.scattered_pages(&self.gfns, &self.buf[..self.gfns.len() * PAGE])?;
+            self.gfns.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Write a span from `scratch`: the kept data pages through `out`, zero
+/// and never-touched pages only in the index (after the data before them,
+/// so that the index stays in page order).
 fn write_span(
     entries: &[(u64, Src)],
     keep: &[bool],
     scratch: &[u8],
     w: &mut EpochWriter,
+    out: &mut Out,
     gfn0: u64,
 ) -> Result<(), EpochFailure> {
-    let zero = |k: usize| entries[k].1 == Src::Zero || pages::is_zero(&scratch[k * PAGE..(k + 1) * PAGE]);
-    let mut batch: Vec<u64> = Vec::new();
-    let mut batch_at = 0;
-    for k in 0..=entries.len() {
-        if k < entries.len() && !keep[k] {
+    for (k, &(p, src)) in entries.iter().enumerate() {
+        if !keep[k] {
             // Unchanged since the last epoch: not in this one.
-            if !batch.is_empty() {
-                w.scattered_pages(&batch, &scratch[batch_at * PAGE..k * PAGE])?;
-                batch.clear();
-            }
-            batch_at = k + 1;
             continue;
         }
-        let z = k < entries.len() && zero(k);
-        if k == entries.len() || z {
-            if !batch.is_empty() {
-                w.scattered_pages(&batch, &scratch[batch_at * PAGE..k * PAGE])?;
-                batch.clear();
-            }
-            if z {
-                w.zero_pages(gfn0 + entries[k].0, 1)?;
-            }
-            batch_at = k + 1;
+        let page = &scratch[k * PAGE..(k + 1) * PAGE];
+        if src == Src::Zero || pages::is_zero(page) {
+            out.flush(w)?;
+            w.zero_pages(gfn0 + p, 1)?;
         } else {
-            batch.push(gfn0 + entries[k].0);
+            out.push(w, gfn0 + p, page)?;
         }
     }
     Ok(())

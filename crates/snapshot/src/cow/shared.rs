@@ -123,8 +123,9 @@ pub(crate) struct Inner {
     pub armed: Vec<PageBits>,
     /// The span the saver has claimed and not yet lifted: (range, first page, end page).
     pub held: Option<(usize, u64, u64)>,
-    /// Pages copied aside: (range, page) -> slot in `slab`.
-    pub aside: BTreeMap<(usize, u64), u32>,
+    /// Pages copied aside: (range, page) -> (slot in `slab`, keyed hash of
+    /// the copy under `Tracker::Uffd`, taken while it is hot in the cache).
+    pub aside: BTreeMap<(usize, u64), (u32, u64)>,
     /// Copy-aside memory, `slots` pages.
     pub slab: Vec<u8>,
     /// Free slots.
@@ -156,12 +157,16 @@ pub(crate) struct Shared {
     pub kick: EventFd,
     /// Page hashes of the last committed epoch (`Tracker::Uffd`).
     pub hashes: Mutex<super::hashes::Hashes>,
+    /// The key of those hashes, for hashing pages as they are copied aside.
+    pub seed: u64,
 }
 
 impl Shared {
     pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
         let ranges = ram.ranges().to_vec();
-        let hashes = Mutex::new(super::hashes::Hashes::new(&ranges));
+        let hashes = super::hashes::Hashes::new(&ranges);
+        let seed = hashes.seed();
+        let hashes = Mutex::new(hashes);
         let hosts = ranges.iter().map(|r| ram.host_ptr(r) as u64).collect();
         let slots = (opts.aside_bytes / PAGE_SIZE as usize).max(opts.block_pages as usize);
         let inner = Inner {
@@ -193,6 +198,7 @@ impl Shared {
             counters: Counters::default(),
             kick,
             hashes,
+            seed,
         }
     }
 
@@ -310,7 +316,7 @@ impl Shared {
                 tracing::error!("cannot lift write protection: {e}");
             }
         }
-        let slots: Vec<u32> = std::mem::take(&mut g.aside).into_values().collect();
+        let slots: Vec<u32> = std::mem::take(&mut g.aside).into_values().map(|v| v.0).collect();
         g.free.extend(slots);
         g.held = None;
         g.aborted = true;
@@ -392,10 +398,16 @@ impl Shared {
             let slot = inner.free.pop().unwrap_or_default();
             let at = slot as usize * PAGE_SIZE as usize;
             let gpa = self.ranges[ri].gpa + q * PAGE_SIZE;
-            if let Err(e) = self.ram.read_to(gpa, &mut inner.slab[at..at + PAGE_SIZE as usize]) {
+            let page = &mut inner.slab[at..at + PAGE_SIZE as usize];
+            if let Err(e) = self.ram.read_to(gpa, page) {
                 tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
             }
-            inner.aside.insert((ri, *q), slot);
+            let h = if self.opts.tracker == Tracker::Uffd {
+                xxhash_rust::xxh3::xxh3_64_with_seed(page, self.seed)
+            } else {
+                0
+            };
+            inner.aside.insert((ri, *q), (slot, h));
             inner.pending[ri].unset(*q);
         }
         self.counters.captured.fetch_add(pages.len() as u64, Ordering::Relaxed);
