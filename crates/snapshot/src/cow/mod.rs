@@ -103,7 +103,7 @@ impl Strategy for Cow {
             source,
         })?;
         let sh = shared.clone();
-        let handler = worker::spawn("faults", health.clone(), move |ready| {
+        let handler = worker::spawn("faults", worker::HANDLER_NICE, health.clone(), move |ready| {
             shared::handle_faults(&sh, &stop2, ready);
         })?;
         self.shared = Some(shared);
