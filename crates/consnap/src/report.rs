@@ -109,6 +109,10 @@ pub struct EpochEntry {
     pub examined: u64,
     /// Faults that only told the `uffd` tracker a block was written.
     pub tracking_faults: u64,
+    /// Time the fault handler spent serving this epoch's faults (cow).
+    pub fault_service_us: f64,
+    /// The longest single fault service (cow).
+    pub fault_max_us: f64,
     /// Of the pause: taking and re-arming the dirty set.
     pub dirty_us: f64,
     /// Of the pause: copying (stop-copy) or write-protecting (cow) the pages.
@@ -135,6 +139,8 @@ impl From<&EpochRecord> for EpochEntry {
             protect_calls: r.stats.protect_calls,
             examined: r.stats.pages_examined,
             tracking_faults: r.stats.tracking_faults,
+            fault_service_us: r.stats.fault_time.as_secs_f64() * 1e6,
+            fault_max_us: r.stats.fault_max.as_secs_f64() * 1e6,
             dirty_us: r.stats.dirty_time.as_secs_f64() * 1e6,
             capture_us: r.stats.capture_time.as_secs_f64() * 1e6,
         }

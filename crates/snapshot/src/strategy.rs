@@ -39,6 +39,11 @@ pub struct EpochStats {
     /// Faults on blocks with nothing left to save: the guest's first write
     /// to a block since it was saved (how the `uffd` tracker learns of it).
     pub tracking_faults: u64,
+    /// Time the fault handler spent serving this epoch's faults: what the
+    /// writers waited, beyond the fault's own round trip (cow).
+    pub fault_time: Duration,
+    /// The longest single fault service (cow).
+    pub fault_max: Duration,
     /// Of the pause: taking (and re-arming) the dirty set.
     pub dirty_time: Duration,
     /// Of the pause: copying pages (stop-copy) or write-protecting them (cow).

@@ -256,6 +256,8 @@ impl Cow {
                     save_time: started.elapsed(),
                     pages_examined: ld(&c.examined),
                     tracking_faults: ld(&c.spurious),
+                    fault_time: std::time::Duration::from_nanos(ld(&c.fault_ns)),
+                    fault_max: std::time::Duration::from_nanos(ld(&c.fault_max_ns)),
                 },
             })
         })

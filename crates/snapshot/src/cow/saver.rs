@@ -119,7 +119,8 @@ fn save_range(
             w.zero_pages(gfn0 + cursor, start - cursor)?;
         }
         let claimed = g.pending[ri].take_span(start, end);
-        let aside: Vec<(u64, (u32, u64))> = g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
+        let aside: Vec<(u64, (u32, Option<u64>))> =
+            g.aside.range((ri, start)..(ri, end)).map(|(k, v)| (k.1, *v)).collect();
         let mut entries: Vec<(u64, Src)> = claimed
             .iter()
             .map(|p| (*p, Src::Guest))
@@ -149,14 +150,14 @@ fn save_range(
             for (p, (slot, h)) in &aside {
                 inner.aside.remove(&(ri, *p));
                 let i = entries.partition_point(|e| e.0 < *p);
-                if let Some(hs) = hashes.as_mut() {
-                    if !hs.changed(ri, *p, *h) {
+                if let (Some(hs), Some(h)) = (hashes.as_mut(), *h) {
+                    if !hs.changed(ri, *p, h) {
                         entries[i].1 = Src::Skip;
                         unchanged += 1;
                         inner.free.push(*slot);
                         continue;
                     }
-                    known[i] = Some(*h);
+                    known[i] = Some(h);
                 }
                 let at = *slot as usize * PAGE;
                 scratch[i * PAGE..(i + 1) * PAGE].copy_from_slice(&inner.slab[at..at + PAGE]);

@@ -98,6 +98,10 @@ pub(crate) struct Counters {
     pub captured: AtomicU64,
     /// Pages whose hash the saver compared (`Tracker::Uffd`).
     pub examined: AtomicU64,
+    /// Time spent serving faults (the writers waited at least this long), ns.
+    pub fault_ns: AtomicU64,
+    /// The longest fault service, ns.
+    pub fault_max_ns: AtomicU64,
 }
 
 impl Counters {
@@ -109,6 +113,8 @@ impl Counters {
             &self.spurious,
             &self.captured,
             &self.examined,
+            &self.fault_ns,
+            &self.fault_max_ns,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -125,7 +131,7 @@ pub(crate) struct Inner {
     pub held: Option<(usize, u64, u64)>,
     /// Pages copied aside: (range, page) -> (slot in `slab`, keyed hash of
     /// the copy under `Tracker::Uffd`, taken while it is hot in the cache).
-    pub aside: BTreeMap<(usize, u64), (u32, u64)>,
+    pub aside: BTreeMap<(usize, u64), (u32, Option<u64>)>,
     /// Copy-aside memory, `slots` pages.
     pub slab: Vec<u8>,
     /// Free slots.
@@ -366,7 +372,7 @@ impl Shared {
                 g.capture = Some((ri, b));
                 break;
             }
-            self.copy_aside(&mut g, ri, &want);
+            self.copy_aside(&mut g, ri, &want, true);
             g.armed[ri].unset(b);
             taken += want.len() as u64 + 1;
             match lift.last_mut() {
@@ -392,7 +398,10 @@ impl Shared {
     }
 
     /// Copy pages `pages` of range `ri` into free slots (the caller checked there are enough).
-    fn copy_aside(&self, g: &mut MutexGuard<'_, Inner>, ri: usize, pages: &[u64]) {
+    /// `hash`: take each copy's keyed hash now, while it is in the cache
+    /// (ahead of the saver); a fault leaves it to the saver, so that the
+    /// writer waits for the copy only.
+    fn copy_aside(&self, g: &mut MutexGuard<'_, Inner>, ri: usize, pages: &[u64], hash: bool) {
         let inner = &mut **g;
         for q in pages {
             let slot = inner.free.pop().unwrap_or_default();
@@ -402,11 +411,8 @@ impl Shared {
             if let Err(e) = self.ram.read_to(gpa, page) {
                 tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
             }
-            let h = if self.opts.tracker == Tracker::Uffd {
-                xxhash_rust::xxh3::xxh3_64_with_seed(page, self.seed)
-            } else {
-                0
-            };
+            let h = (hash && self.opts.tracker == Tracker::Uffd)
+                .then(|| xxhash_rust::xxh3::xxh3_64_with_seed(page, self.seed));
             inner.aside.insert((ri, *q), (slot, h));
             inner.pending[ri].unset(*q);
         }
@@ -450,7 +456,7 @@ impl Shared {
                 g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            self.copy_aside(&mut g, ri, &want);
+            self.copy_aside(&mut g, ri, &want, false);
             self.counters.copied.fetch_add(want.len() as u64, Ordering::Relaxed);
             break;
         }
@@ -505,9 +511,13 @@ pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
         for ev in &events[..n] {
             match *ev {
                 Event::Fault { addr, wp: true, .. } => {
+                    let t = std::time::Instant::now();
                     if let Err(e) = shared.on_fault(addr & !(PAGE_SIZE - 1)) {
                         panic!("serving a write-protect fault failed: {e}");
                     }
+                    let ns = t.elapsed().as_nanos() as u64;
+                    shared.counters.fault_ns.fetch_add(ns, Ordering::Relaxed);
+                    shared.counters.fault_max_ns.fetch_max(ns, Ordering::Relaxed);
                 }
                 other => tracing::warn!("unexpected userfaultfd event {other:?}"),
             }
