@@ -262,6 +262,12 @@ pub struct Report {
     pub vcpus: u8,
     /// Guest RAM bytes.
     pub mem_bytes: u64,
+    /// Guest RAM backed by transparent huge pages at the end of the run.
+    pub anon_huge_bytes: Option<u64>,
+    /// CPU time the vCPU threads used (guest work, exits, faults), seconds.
+    pub vcpu_cpu_s: f64,
+    /// Time the vCPU threads were runnable but waited for a CPU, seconds.
+    pub vcpu_wait_s: f64,
     /// Latency of pausing all vCPUs (pause probes and snapshots).
     pub pause: Percentiles,
     /// Guest progress over time: [milliseconds, ops].

@@ -117,6 +117,8 @@ pub struct Machine {
     manual_rearm: bool,
     /// Pages handed back by [`Machine::mark_dirty`], reported by the next [`Machine::take_dirty`].
     redirty: Mutex<DirtySet>,
+    /// What the vCPU threads used, once stopped.
+    vcpu_times: Vec<crate::vcpu::VcpuTimes>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -325,6 +327,7 @@ impl Machine {
             dirty_logging: false,
             manual_rearm: false,
             redirty,
+            vcpu_times: Vec::new(),
         }
     }
 
@@ -487,6 +490,11 @@ impl Machine {
         self.redirty.lock().unwrap_or_else(|p| p.into_inner()).or(pages);
     }
 
+    /// CPU time and run-queue wait of each vCPU thread, after [`Machine::stop`].
+    pub fn vcpu_times(&self) -> &[crate::vcpu::VcpuTimes] {
+        &self.vcpu_times
+    }
+
     /// Wait up to `timeout` for a vCPU event.
     pub fn next_event(&self, timeout: Duration) -> Option<VcpuEvent> {
         self.events_rx.recv_timeout(timeout).ok()
@@ -515,7 +523,7 @@ impl Machine {
     /// Stop the vCPU threads.
     pub fn stop(&mut self) {
         if let Some(v) = self.vcpus.take() {
-            v.stop();
+            self.vcpu_times = v.stop();
         }
         self.devices.serial.flush();
     }

@@ -151,6 +151,38 @@ struct Ctrl {
     parked: usize,
     finished: usize,
     saved: Vec<Option<Result<VcpuState, VcpuError>>>,
+    /// CPU use of each vCPU thread that has ended.
+    times: Vec<VcpuTimes>,
+}
+
+/// What one vCPU thread used, read when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuTimes {
+    /// vCPU index.
+    pub vcpu: u8,
+    /// CPU time of the thread (guest and host work on its behalf), ns.
+    pub cpu_ns: u64,
+    /// Time it was runnable but waited for a CPU, ns (from schedstat).
+    pub wait_ns: u64,
+}
+
+impl VcpuTimes {
+    /// The calling thread's CPU time and run-queue wait.
+    fn of_this_thread(vcpu: u8) -> VcpuTimes {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec into `ts`.
+        let cpu_ns = if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        } else {
+            0
+        };
+        // /proc/thread-self/schedstat: run time, run-queue wait, time slices.
+        let wait_ns = std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|w| w.parse().ok()))
+            .unwrap_or(0);
+        VcpuTimes { vcpu, cpu_ns, wait_ns }
+    }
 }
 
 /// State shared by the controller and the vCPU threads.
@@ -303,6 +335,7 @@ impl Vcpus {
                 parked: 0,
                 finished: 0,
                 saved: (0..n).map(|_| None).collect(),
+                times: Vec::new(),
             }),
             cv: Condvar::new(),
         });
@@ -413,8 +446,8 @@ impl Vcpus {
         self.control.cv.notify_all();
     }
 
-    /// Stop and join every vCPU thread.
-    pub fn stop(self) {
+    /// Stop and join every vCPU thread; returns what each used.
+    pub fn stop(self) -> Vec<VcpuTimes> {
         {
             let mut g = self.control.lock();
             g.generation += 1;
@@ -428,6 +461,9 @@ impl Vcpus {
                 tracing::error!("vCPU {id} thread panicked");
             }
         }
+        let mut times = std::mem::take(&mut self.control.lock().times);
+        times.sort_by_key(|t| t.vcpu);
+        times
     }
 
     /// Number of vCPUs.
@@ -460,8 +496,10 @@ impl Worker {
         IMMEDIATE_EXIT.with(|c| c.set(exit_ptr));
         self.run_loop();
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        let times = VcpuTimes::of_this_thread(self.vcpu.id);
         let mut g = self.control.lock();
         g.finished += 1;
+        g.times.push(times);
         drop(g);
         self.control.cv.notify_all();
     }
