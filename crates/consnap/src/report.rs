@@ -109,6 +109,8 @@ pub struct EpochEntry {
     pub examined: u64,
     /// Faults that only told the `uffd` tracker a block was written.
     pub tracking_faults: u64,
+    /// Pages of hot blocks copied during the pause and left writable (cow, `uffd`).
+    pub copied_in_pause: u64,
     /// Time the fault handler spent serving this epoch's faults (cow).
     pub fault_service_us: f64,
     /// The longest single fault service (cow).
@@ -139,6 +141,7 @@ impl From<&EpochRecord> for EpochEntry {
             protect_calls: r.stats.protect_calls,
             examined: r.stats.pages_examined,
             tracking_faults: r.stats.tracking_faults,
+            copied_in_pause: r.stats.pages_in_pause,
             fault_service_us: r.stats.fault_time.as_secs_f64() * 1e6,
             fault_max_us: r.stats.fault_max.as_secs_f64() * 1e6,
             dirty_us: r.stats.dirty_time.as_secs_f64() * 1e6,

@@ -36,6 +36,8 @@ pub struct EpochStats {
     pub protect_calls: u64,
     /// Pages whose hash was compared with the last epoch's (cow, `uffd` tracker).
     pub pages_examined: u64,
+    /// Pages of hot blocks copied during the pause and left writable (cow, `uffd`).
+    pub pages_in_pause: u64,
     /// Faults on blocks with nothing left to save: the guest's first write
     /// to a block since it was saved (how the `uffd` tracker learns of it).
     pub tracking_faults: u64,

@@ -205,7 +205,7 @@ impl Cow {
     ) -> Result<JobFn, EpochFailure> {
         // VMM writes went through protected pages too; forget the bitmap.
         drop(t.take_dirty()?);
-        let pages = if ctx.meta.full {
+        let mut pages = if ctx.meta.full {
             DirtySet::all(t.ram().ranges())
         } else {
             // A failure hands nothing back: it releases every block, and
@@ -214,6 +214,11 @@ impl Cow {
             shared.unarmed_pages()
         };
         let t1 = Instant::now();
+        if !ctx.meta.full {
+            // Hot blocks: copied now and left writable (they are examined
+            // again next epoch whatever happens to them).
+            shared.copy_hot(&mut pages, self.opts.pause_copy_budget);
+        }
         let calls = shared.arm(&pages)?;
         Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
     }
@@ -255,6 +260,7 @@ impl Cow {
                     capture_time,
                     save_time: started.elapsed(),
                     pages_examined: ld(&c.examined),
+                    pages_in_pause: ld(&c.in_pause),
                     tracking_faults: ld(&c.spurious),
                     fault_time: std::time::Duration::from_nanos(ld(&c.fault_ns)),
                     fault_max: std::time::Duration::from_nanos(ld(&c.fault_max_ns)),

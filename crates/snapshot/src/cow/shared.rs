@@ -61,6 +61,12 @@ pub struct CowOptions {
     /// Between faults, the fault handler copies pending pages aside ahead
     /// of the saver and lifts their protection.
     pub capture_ahead: bool,
+    /// Under `Tracker::Uffd`, hot blocks (changed in the last epoch) about
+    /// to be protected are copied during the pause instead, within this
+    /// much time, and left writable: a protected block the guest writes at
+    /// once would cost a fault and, on this host, KVM re-faulting every
+    /// page of the block after its protection is lifted.
+    pub pause_copy_budget: std::time::Duration,
     /// Test hook: the saver waits this long before it starts, so that
     /// writes meet protected pages.
     #[doc(hidden)]
@@ -81,6 +87,7 @@ impl Default for CowOptions {
             merge_gap_pages: 16,
             hot: Some(crate::hot::HotPolicy::default()),
             capture_ahead: true,
+            pause_copy_budget: std::time::Duration::from_millis(1),
             test_saver_delay: std::time::Duration::ZERO,
             test_skip_copy: false,
         }
@@ -98,6 +105,8 @@ pub(crate) struct Counters {
     pub captured: AtomicU64,
     /// Pages whose hash the saver compared (`Tracker::Uffd`).
     pub examined: AtomicU64,
+    /// Pages of hot blocks copied during the pause (`Tracker::Uffd`).
+    pub in_pause: AtomicU64,
     /// Time spent serving faults (the writers waited at least this long), ns.
     pub fault_ns: AtomicU64,
     /// The longest fault service, ns.
@@ -113,6 +122,7 @@ impl Counters {
             &self.spurious,
             &self.captured,
             &self.examined,
+            &self.in_pause,
             &self.fault_ns,
             &self.fault_max_ns,
         ] {
@@ -133,7 +143,7 @@ pub(crate) struct Inner {
     /// the copy under `Tracker::Uffd`, taken while it is hot in the cache).
     pub aside: BTreeMap<(usize, u64), (u32, Option<u64>)>,
     /// Copy-aside memory, `slots` pages.
-    pub slab: Vec<u8>,
+    pub slab: crate::pages::PageBuf,
     /// Free slots.
     pub free: Vec<u32>,
     /// The epoch was given up ([`Shared::release_all`]): the saver must not commit it.
@@ -174,7 +184,8 @@ impl Shared {
         let seed = hashes.seed();
         let hashes = Mutex::new(hashes);
         let hosts = ranges.iter().map(|r| ram.host_ptr(r) as u64).collect();
-        let slots = (opts.aside_bytes / PAGE_SIZE as usize).max(opts.block_pages as usize);
+        // No more than guest RAM: more could never be used.
+        let slots = (opts.aside_bytes.min(ram.size() as usize) / PAGE_SIZE as usize).max(opts.block_pages as usize);
         let inner = Inner {
             pending: ranges.iter().map(|r| PageBits::new(r.pages())).collect(),
             armed: ranges
@@ -184,7 +195,9 @@ impl Shared {
             held: None,
             aside: BTreeMap::new(),
             // Faulted in on first use and reused afterwards.
-            slab: vec![0u8; slots * PAGE_SIZE as usize],
+            // Pre-faulted: a fresh host page costs a fault (about 5 µs here)
+            // on its first copy, which would land on a waiting writer.
+            slab: crate::pages::PageBuf::new(slots * PAGE_SIZE as usize),
             free: (0..slots as u32).rev().collect(),
             aborted: false,
             capture: None,
@@ -283,6 +296,45 @@ impl Shared {
         drop(g);
         let _ = self.kick.write(1);
         Ok(calls)
+    }
+
+    /// While paused, under `Tracker::Uffd`: copy the hot blocks of `pages`
+    /// aside, within `budget` and the free copy-aside memory (keeping a
+    /// quarter for faults), and take them out of `pages`, so that they are
+    /// not write-protected: they stay writable and are examined again next
+    /// epoch. Returns the pages copied.
+    pub(crate) fn copy_hot(&self, pages: &mut DirtySet, budget: std::time::Duration) -> u64 {
+        let t = std::time::Instant::now();
+        let bp = self.opts.block_pages;
+        let mut g = self.lock();
+        let reserve = ((g.free.len() + g.aside.len()) / 4).max(bp as usize);
+        let mut copied = 0;
+        for ri in 0..self.ranges.len() {
+            let Some(bits) = pages.ranges.get_mut(ri) else { continue };
+            let mut b = 0;
+            while let Some(hb) = g.hot[ri].next_set(b) {
+                b = hb + 1;
+                if t.elapsed() >= budget {
+                    self.counters.in_pause.fetch_add(copied, Ordering::Relaxed);
+                    return copied;
+                }
+                let (b0, b1) = self.block_pages(ri, hb);
+                let want = bits.take_span(b0, b1);
+                if want.is_empty() {
+                    continue;
+                }
+                if g.free.len() < want.len() + reserve {
+                    for q in want {
+                        bits.set(q);
+                    }
+                    break;
+                }
+                self.copy_aside(&mut g, ri, &want, false);
+                copied += want.len() as u64;
+            }
+        }
+        self.counters.in_pause.fetch_add(copied, Ordering::Relaxed);
+        copied
     }
 
     /// Every page of the blocks that are not write-protected: under
