@@ -43,15 +43,16 @@ impl Health {
 }
 
 /// Scheduling niceness of the writer (and saver) thread: it yields to the
-/// vCPUs, so that saving an epoch in the background never takes a core a
+/// vCPUs, so that saving an epoch in the background seldom takes a core a
 /// vCPU wants (measured here: with the writer at the vCPUs' priority, the
 /// vCPU of a build guest waited 0.9–2.8 s for a core over a 6–8 s run with
-/// 10 ms epochs; at nice 19, 0.35 s, as without snapshots). The interval
-/// stretches instead when the guest leaves no room.
-pub(crate) const WRITER_NICE: i32 = 19;
-/// Niceness of the fault handler: below the vCPUs, above the writer. A vCPU
-/// waiting on a fault leaves its core idle, so the handler runs at once.
-pub(crate) const HANDLER_NICE: i32 = 5;
+/// 10 ms epochs; at nice 19, 0.35 s, as without snapshots). Not 19: other
+/// processes on a shared host would then starve it, and epochs would stall
+/// for seconds. The interval stretches when the guest leaves no room.
+pub(crate) const WRITER_NICE: i32 = 10;
+/// Niceness of the fault handler: a vCPU waiting on a fault waits for it,
+/// and its copies ahead of the saver spare the vCPUs faults.
+pub(crate) const HANDLER_NICE: i32 = 0;
 
 /// Start thread `name` at niceness `nice`: `body` gets a `ready` callback
 /// to call once it is set up. Returns once it called it; a panic anywhere

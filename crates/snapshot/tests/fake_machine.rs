@@ -50,19 +50,27 @@ impl Fake {
         let ram = Arc::new(GuestRam::with_huge_pages(RAM, huge).unwrap());
         let ctl: Arc<(Mutex<GuestCtl>, Condvar)> = Arc::default();
         let writes = Arc::new(AtomicU64::new(0));
-        let (r, c, w) = (ram.clone(), ctl.clone(), writes.clone());
-        let guest = std::thread::spawn(move || guest(&r, &c, &w));
         let redirty = DirtySet::empty(ram.ranges());
+        // Some memory is written before snapshots start, as a loader would.
+        ram.memory()
+            .write_slice(&[7u8; 3 * PAGE as usize], GuestAddress(5 * PAGE))
+            .unwrap();
         Fake {
             ram,
             ctl,
             writes,
-            guest: Some(guest),
+            guest: None,
             seq: 0,
             refs: HashMap::new(),
             redirty,
             manual: None,
         }
+    }
+
+    /// Start the guest, as vCPUs start: after the engine is prepared.
+    fn start(&mut self) {
+        let (r, c, w) = (self.ram.clone(), self.ctl.clone(), self.writes.clone());
+        self.guest = Some(std::thread::spawn(move || guest(&r, &c, &w)));
     }
 
     fn writes(&self) -> u64 {
@@ -285,6 +293,7 @@ fn exact(name: &str, mode: Mode, cow: CowOptions, huge: bool) {
     let mut fake = Fake::new(huge);
     let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow, Inject::default()), None);
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 12), TaskFlow::Continue));
     assert!(engine.finish(&mut fake).is_none(), "{:?}", engine.errors);
     fake.stop();
@@ -361,6 +370,7 @@ fn cow_without_copy_on_fault_is_caught() {
     };
     let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow, Inject::default()), None);
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     run_epochs(&mut engine, &mut fake, 12);
     engine.finish(&mut fake);
     fake.stop();
@@ -377,6 +387,7 @@ fn with_failures(mode: Mode, fail: &[u64]) {
     };
     let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     run_epochs(&mut engine, &mut fake, 10);
     engine.finish(&mut fake);
     fake.stop();
@@ -438,6 +449,7 @@ fn stop_on_error_stops_at_the_first_failure() {
     cfg.stop_on_error = true;
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     match run_epochs(&mut engine, &mut fake, 10) {
         TaskFlow::Stop(why) => assert!(
             why.contains("stopping on snapshot failure") && why.contains("injected"),
@@ -469,6 +481,7 @@ fn a_dying_writer_stops_the_run_and_releases_the_guest() {
         };
         let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
         engine.prepare(&mut fake).unwrap();
+        fake.start();
         match run_epochs(&mut engine, &mut fake, 10) {
             TaskFlow::Stop(why) => assert!(why.contains("panicked") && why.contains("writer"), "{why}"),
             TaskFlow::Continue => panic!("{mode:?}: a dead writer went unnoticed"),
@@ -496,6 +509,7 @@ fn a_vanished_store_directory_fails_epochs_then_recovers() {
         None,
     );
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     run_epochs(&mut engine, &mut fake, 3);
     engine.wait(&mut fake);
     let epochs = dir.0.join("epochs");

@@ -39,6 +39,8 @@ pub(crate) struct Cow {
     handler: Option<JoinHandle<()>>,
     scratch: Arc<Mutex<Vec<saver::Buffers>>>,
     hot: Option<Hotness>,
+    /// `Tracker::Uffd`: the pages populated when tracking started.
+    written_before: Option<DirtySet>,
 }
 
 impl Cow {
@@ -50,6 +52,7 @@ impl Cow {
             handler: None,
             scratch: Arc::default(),
             hot: None,
+            written_before: None,
         }
     }
 
@@ -81,6 +84,14 @@ impl Strategy for Cow {
                 t.set_dirty_logging(true)?;
             }
             Tracker::Uffd => {
+                // The pages written so far; every other page is zero.
+                self.written_before = Some(DirtySet {
+                    ranges: ram
+                        .ranges()
+                        .iter()
+                        .map(|r| crate::pages::populated(ram.host_ptr(r), r.pages()))
+                        .collect(),
+                });
                 // Map every page that is not populated yet to the (huge)
                 // zero page, so that write protection covers all of RAM at
                 // the PMD level: protecting a never-populated range would
@@ -97,6 +108,12 @@ impl Strategy for Cow {
             })
         };
         let shared = Arc::new(Shared::new(u, ram, self.opts.clone(), evt()?));
+        if self.opts.tracker == Tracker::Uffd {
+            // From now on every write is seen: the first (full) epoch then
+            // reads only the pages written before and the blocks written
+            // since, and knows the rest is zero without reading it.
+            shared.protect_all().map_err(SnapshotError::Cow)?;
+        }
         let stop = evt()?;
         let stop2 = stop.try_clone().map_err(|source| SnapshotError::Thread {
             thread: "fault handler",
@@ -206,7 +223,14 @@ impl Cow {
         // VMM writes went through protected pages too; forget the bitmap.
         drop(t.take_dirty()?);
         let mut pages = if ctx.meta.full {
-            DirtySet::all(t.ram().ranges())
+            // Written before tracking started, or in a block written since;
+            // the saver records every other page as zero.
+            let mut p = shared.unarmed_pages();
+            match self.written_before.take() {
+                Some(w) => p.or(&w),
+                None => p = DirtySet::all(t.ram().ranges()),
+            }
+            p
         } else {
             // A failure hands nothing back: it releases every block, and
             // the next epoch examines them all against the last commit.

@@ -15,6 +15,7 @@ use crate::error::EpochFailure;
 use crate::pages::{self, PageBuf};
 
 const PAGE: usize = PAGE_SIZE as usize;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// Save one epoch whose pages `shared` holds armed and pending, and commit
 /// it. On failure every protection is lifted before returning.
@@ -250,7 +251,11 @@ fn changed(
                 return false;
             }
             examined += 1;
-            let h = known[k].unwrap_or_else(|| hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]));
+            let h = match (known[k], src) {
+                (Some(h), _) => h,
+                (None, Src::Zero) => hashes.hash(&ZERO_PAGE),
+                (None, _) => hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]),
+            };
             let c = full || hashes.changed(ri, p, h);
             if c {
                 hashes.stage(ri, p, h);

@@ -337,6 +337,19 @@ impl Shared {
         copied
     }
 
+    /// Write-protect all of RAM, with nothing pending (`Tracker::Uffd`,
+    /// before the vCPUs start).
+    pub(crate) fn protect_all(&self) -> Result<(), UffdError> {
+        let mut g = self.lock();
+        for ri in 0..self.ranges.len() {
+            let n = g.armed[ri].pages();
+            g.armed[ri] = PageBits::full(n);
+            let (addr, len) = self.span(ri, 0, self.ranges[ri].pages());
+            self.uffd.protect(addr, len)?;
+        }
+        Ok(())
+    }
+
     /// Every page of the blocks that are not write-protected: under
     /// `Tracker::Uffd`, the blocks written (or released) since the last epoch.
     pub(crate) fn unarmed_pages(&self) -> DirtySet {
