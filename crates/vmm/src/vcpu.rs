@@ -126,6 +126,10 @@ pub enum VcpuEvent {
     },
     /// The vCPU failed and its thread ended.
     Error(VcpuError),
+    /// Not from a vCPU: a [`crate::machine::Waker`] asks the controller
+    /// loop to look at its tasks now. [`crate::machine::Machine::next_event`]
+    /// never returns it.
+    Wake,
 }
 
 /// What paused vCPUs do before parking.
