@@ -1,6 +1,10 @@
 //! `consnap`: run a VM under KVM with continuous snapshots.
 
+mod api;
 mod args;
+mod control;
+mod ctl_cmd;
+mod live;
 mod ls_cmd;
 mod report;
 mod restore_cmd;
@@ -30,6 +34,8 @@ enum Command {
     Restore(restore_cmd::RestoreArgs),
     /// List the snapshots in a snapshot directory.
     Ls(ls_cmd::LsArgs),
+    /// Drive a running consnap through its control API (--api-sock).
+    Ctl(ctl_cmd::CtlArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd::run(a),
         Command::Restore(a) => restore_cmd::restore(a),
         Command::Ls(a) => ls_cmd::ls(a),
+        Command::Ctl(a) => ctl_cmd::ctl(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)
