@@ -1,7 +1,7 @@
 //! The live status line of a run that takes snapshots: epochs, the last
 //! pause, pause p99, saver MB/s, backlog and the guest's op rate, on
 //! stderr; redrawn in place every second on a terminal, a plain line every
-//! five seconds otherwise. It runs on a thread of its own and reads the
+//! five seconds otherwise (or every `--status-interval`). It runs on a thread of its own and reads the
 //! board the controller publishes.
 
 use std::io::{IsTerminal, Write};
@@ -69,14 +69,15 @@ pub fn line(board: &Board) -> Option<String> {
 }
 
 impl Live {
-    /// Start the line (for a run with snapshots).
-    pub fn start(shared: Arc<Shared>) -> Option<Live> {
+    /// Start the line (for a run with snapshots), every `every` or at the
+    /// default pace.
+    pub fn start(shared: Arc<Shared>, every: Option<Duration>) -> Option<Live> {
         let tty = std::io::stderr().is_terminal();
-        let every = if tty {
+        let every = every.unwrap_or(if tty {
             Duration::from_secs(1)
         } else {
             Duration::from_secs(5)
-        };
+        });
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("live".into())

@@ -4,6 +4,7 @@ mod api;
 mod args;
 mod control;
 mod ctl_cmd;
+mod demo_cmd;
 mod live;
 mod ls_cmd;
 mod report;
@@ -28,6 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show the idea in under a minute: a protected VM is killed, and
+    /// restored runs finish with the checksum of one that never stopped.
+    Demo(demo_cmd::DemoArgs),
     /// Boot a VM and run it until the guest powers off, optionally taking snapshots.
     Run(run_cmd::RunArgs),
     /// Rebuild a VM from a snapshot and run it on until the guest powers off.
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo_cmd::demo(a),
         Command::Run(a) => run_cmd::run(a),
         Command::Restore(a) => restore_cmd::restore(a),
         Command::Ls(a) => ls_cmd::ls(a),

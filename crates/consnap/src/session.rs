@@ -113,6 +113,10 @@ pub struct SessionArgs {
     /// No live status line on stderr while snapshots are taken.
     #[arg(long)]
     pub quiet: bool,
+    /// How often the live status line is shown (default: every second on a
+    /// terminal, redrawn in place; every 5s otherwise).
+    #[arg(long, value_parser = args::duration, value_name = "DURATION")]
+    pub status_interval: Option<Duration>,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -253,7 +257,7 @@ pub fn execute(
         None => (None, None),
     };
     let live = if engine.is_some() && !a.quiet {
-        Live::start(shared.clone())
+        Live::start(shared.clone(), a.status_interval.filter(|d| !d.is_zero()))
     } else {
         None
     };
