@@ -213,11 +213,11 @@ fn steps(dir: &Path) -> Result<i32, String> {
     let (mode, why) = match SnapshotEngine::check_host(Mode::Cow) {
         Ok(()) => (
             "cow",
-            "copy-on-write: a pause only write-protects the pages dirtied since the last epoch; they are saved while the guest runs",
+            "copy-on-write: a pause only write-protects the pages written since the last epoch,\n      which are saved while the guest runs",
         ),
         Err(_) => (
             "stop-copy",
-            "this host has no kernel-mode userfaultfd for cow, so stop-copy: a pause copies the pages dirtied since the last epoch",
+            "this host has no kernel-mode userfaultfd for cow; stop-copy: a pause copies the pages\n      written since the last epoch, which are written to disk while the guest runs",
         ),
     };
     let snaps_s = snaps.display().to_string();
@@ -231,8 +231,9 @@ fn steps(dir: &Path) -> Result<i32, String> {
     say(&format!("  files: {}", dir.display()));
     say("");
     say(&format!(
-        "[1/5] Run it with a snapshot every {INTERVAL}, mode {mode} ({why}). Live status below."
+        "[1/5] Run it with a snapshot every {INTERVAL} in mode {mode}:"
     ));
+    say(&format!("      {why}. Live status:"));
     let started = Instant::now();
     let mut vm = Vm::start(
         &[
