@@ -75,6 +75,27 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(ns as u64))
 }
 
+/// A duration as [`duration`] parses it back, in the largest unit that
+/// shows it exactly: `20ms`, `1500ms`, `2m`, `250us`, `0`.
+pub fn show_duration(d: Duration) -> String {
+    const UNITS: [(u128, &str); 6] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+        (1, "ns"),
+    ];
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0".into();
+    }
+    UNITS
+        .iter()
+        .find(|(unit, _)| ns.is_multiple_of(*unit))
+        .map_or_else(|| format!("{ns}ns"), |(unit, name)| format!("{}{name}", ns / unit))
+}
+
 /// Turn `NAME,key=value,...` into guest command-line words, validated.
 pub fn workload_cmdline(spec: &str) -> Result<(String, Spec), String> {
     let mut parts = spec.split(',');
@@ -149,6 +170,22 @@ mod tests {
                 .contains("longer than 1 year")
         );
         assert_eq!(duration("31536000s"), Ok(MAX_DURATION));
+    }
+
+    #[test]
+    fn durations_are_shown_as_they_parse() {
+        for (d, s) in [
+            (Duration::from_millis(20), "20ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_micros(250), "250us"),
+            (Duration::from_nanos(7), "7ns"),
+            (Duration::ZERO, "0"),
+        ] {
+            assert_eq!(show_duration(d), s);
+            assert_eq!(duration(s), Ok(d));
+        }
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use store::{Access, Store};
 
 /// Options of `consnap ls`.
@@ -20,42 +20,54 @@ pub struct LsArgs {
 
 /// One entry of the listing: a committed epoch, or a file in `epochs/`
 /// that is not one (`id` null).
-#[derive(Debug, Default, Serialize)]
-struct Row {
-    id: Option<u64>,
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Row {
+    /// Epoch id (null for a file that is not an epoch).
+    pub id: Option<u64>,
     /// The file's real name in `epochs/`.
-    file: String,
-    parent: Option<u64>,
-    created_ns: u64,
-    time: String,
-    mode: String,
-    full: bool,
-    pages: u64,
-    zero_pages: u64,
-    bytes: u64,
-    pause_us: f64,
-    guest_ops: Option<u64>,
+    pub file: String,
+    /// Parent epoch.
+    pub parent: Option<u64>,
+    /// Creation time, ns since the Unix epoch.
+    pub created_ns: u64,
+    /// The same in UTC.
+    pub time: String,
+    /// Capture mode.
+    pub mode: String,
+    /// Full epoch.
+    pub full: bool,
+    /// Data pages.
+    pub pages: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+    /// File size.
+    pub bytes: u64,
+    /// Guest downtime.
+    pub pause_us: f64,
+    /// Ops the workload guest had done.
+    pub guest_ops: Option<u64>,
     /// The entry itself is unreadable, or not an epoch file (see `error`).
-    damaged: bool,
+    pub damaged: bool,
     /// Why the entry is damaged.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// The parent epoch's file does not exist.
-    parent_missing: bool,
+    pub parent_missing: bool,
     /// Why the epoch cannot be restored although its own file is sound: an
     /// ancestor is missing, damaged or describes another machine.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chain_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_error: Option<String>,
     /// An epoch that `consnap restore --at ID` can restore: neither it nor
     /// its chain is damaged or missing.
-    restorable: bool,
+    pub restorable: bool,
     /// Guest RAM bytes and vCPUs, which must be equal along a chain.
     #[serde(skip)]
     machine: (u64, u32),
 }
 
 impl Row {
-    fn is_bad(&self) -> bool {
+    /// Damaged, or not restorable because of its chain.
+    pub fn is_bad(&self) -> bool {
         self.damaged || self.chain_error.is_some()
     }
 }
@@ -133,7 +145,20 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 /// List the epochs of a snapshot directory. Exits 1 when any entry is
 /// damaged, cannot be restored, or is a file that is not an epoch.
 pub fn ls(a: LsArgs) -> Result<i32, String> {
-    let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
+    let rows = rows(&a.dir)?;
+    let bad = rows.iter().any(Row::is_bad);
+    match print(&rows, a.json) {
+        Ok(()) => {}
+        // `consnap ls | head` closes the pipe early: not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(format!("cannot write the listing: {e}")),
+    }
+    Ok(i32::from(bad))
+}
+
+/// The listing of a snapshot directory, as `consnap ls --json` prints it.
+pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
+    let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
     let listed = store.list().map_err(|e| e.to_string())?;
     let name_of = |id: u64| store::epoch_file_name(id);
     let mut rows: Vec<Row> = listed
@@ -197,17 +222,11 @@ pub fn ls(a: LsArgs) -> Result<i32, String> {
     for r in &mut rows {
         r.restorable = r.id.is_some() && !r.is_bad();
     }
-    let bad = rows.iter().any(Row::is_bad);
-    match print(&rows, a.json) {
-        Ok(()) => {}
-        // `consnap ls | head` closes the pipe early: not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(e) => return Err(format!("cannot write the listing: {e}")),
-    }
-    Ok(i32::from(bad))
+    Ok(rows)
 }
 
-fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
+/// Print a listing on stdout, as a table or as JSON.
+pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
         let text = serde_json::to_string_pretty(rows).map_err(std::io::Error::other)?;

@@ -1,6 +1,11 @@
 //! `consnap`: run a VM under KVM with continuous snapshots.
 
+mod api;
 mod args;
+mod control;
+mod ctl_cmd;
+mod demo_cmd;
+mod live;
 mod ls_cmd;
 mod report;
 mod restore_cmd;
@@ -24,12 +29,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show the idea in under a minute: a protected VM is killed, and
+    /// restored runs finish with the checksum of one that never stopped.
+    Demo(demo_cmd::DemoArgs),
     /// Boot a VM and run it until the guest powers off, optionally taking snapshots.
     Run(run_cmd::RunArgs),
     /// Rebuild a VM from a snapshot and run it on until the guest powers off.
     Restore(restore_cmd::RestoreArgs),
     /// List the snapshots in a snapshot directory.
     Ls(ls_cmd::LsArgs),
+    /// Drive a running consnap through its control API (--api-sock).
+    Ctl(ctl_cmd::CtlArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -63,9 +73,11 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo_cmd::demo(a),
         Command::Run(a) => run_cmd::run(a),
         Command::Restore(a) => restore_cmd::restore(a),
         Command::Ls(a) => ls_cmd::ls(a),
+        Command::Ctl(a) => ctl_cmd::ctl(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)

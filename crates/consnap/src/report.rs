@@ -5,15 +5,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
-use snapshot::{EpochRecord, SnapshotEngine};
+use serde::{Deserialize, Serialize};
+use snapshot::{EpochRecord, Mode, SnapshotEngine};
 use thiserror::Error;
 
 /// Report schema identifier; bump when fields change meaning.
 pub const SCHEMA: &str = "consnap.report/1";
 
 /// Percentiles of a set of durations, in microseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Percentiles {
     /// Number of samples.
     pub count: usize,
@@ -47,7 +47,7 @@ impl Percentiles {
 }
 
 /// Distribution of a per-epoch count.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Spread {
     /// Sum over epochs.
     pub total: u64,
@@ -73,7 +73,7 @@ impl Spread {
 }
 
 /// One committed epoch.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochEntry {
     /// Epoch id.
     pub id: u64,
@@ -188,20 +188,81 @@ pub struct Snapshots {
     pub epochs: Vec<EpochEntry>,
 }
 
+/// What the snapshot figures are computed from: a copy of the engine's
+/// configuration, records and counters, which the controller keeps up to
+/// date (appending only what is new) so that other threads can compute
+/// figures without touching the engine.
+#[derive(Debug, Clone)]
+pub struct EngineFigures {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Mode (the one set last).
+    pub mode: Mode,
+    /// Interval (the one set last).
+    pub interval: Duration,
+    /// Committed epochs, in order.
+    pub records: Vec<EpochRecord>,
+    /// Snapshot errors, in order.
+    pub errors: Vec<String>,
+    /// Times an epoch was due while the previous one was still being saved.
+    pub overloads: u64,
+    /// Total time epochs were late because of that.
+    pub overload_time: Duration,
+    /// The epoch being saved, if any.
+    pub in_flight: Option<u64>,
+}
+
+impl EngineFigures {
+    /// The figures of `e`.
+    pub fn new(e: &SnapshotEngine) -> Self {
+        let mut f = Self {
+            dir: e.config().dir.clone(),
+            mode: e.config().mode,
+            interval: e.config().interval,
+            records: Vec::new(),
+            errors: Vec::new(),
+            overloads: 0,
+            overload_time: Duration::ZERO,
+            in_flight: None,
+        };
+        f.update(e);
+        f
+    }
+
+    /// Catch up with `e`: copy what changed, append new records and errors.
+    pub fn update(&mut self, e: &SnapshotEngine) {
+        self.mode = e.config().mode;
+        self.interval = e.config().interval;
+        self.overloads = e.overloads;
+        self.overload_time = e.overload_time;
+        self.in_flight = e.in_flight();
+        if let Some(new) = e.records.get(self.records.len()..) {
+            self.records.extend_from_slice(new);
+        }
+        if let Some(new) = e.errors.get(self.errors.len()..) {
+            self.errors.extend_from_slice(new);
+        }
+    }
+}
+
 impl Snapshots {
     /// Figures from an engine after its last epoch.
     pub fn from_engine(e: &SnapshotEngine) -> Self {
-        let r = &e.records;
-        let cfg = e.config();
+        Self::of(&EngineFigures::new(e), true)
+    }
+
+    /// Figures from `f`; with `epochs`, the list of every epoch too.
+    pub fn of(f: &EngineFigures, epochs: bool) -> Self {
+        let r = &f.records;
         Self {
-            dir: cfg.dir.display().to_string(),
-            mode: cfg.mode.name().to_string(),
-            interval_ms: cfg.interval.as_secs_f64() * 1e3,
+            dir: f.dir.display().to_string(),
+            mode: f.mode.name().to_string(),
+            interval_ms: f.interval.as_secs_f64() * 1e3,
             count: r.len(),
-            failed: e.errors.len(),
-            delayed: e.overloads,
-            delayed_ms: e.overload_time.as_secs_f64() * 1e3,
-            errors: e.errors.clone(),
+            failed: f.errors.len(),
+            delayed: f.overloads,
+            delayed_ms: f.overload_time.as_secs_f64() * 1e3,
+            errors: f.errors.clone(),
             pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
             vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),
             durable: Percentiles::of(&r.iter().map(|x| x.durable).collect::<Vec<_>>()),
@@ -213,7 +274,11 @@ impl Snapshots {
                 let bytes: u64 = r.iter().map(|x| x.pages_data * 4096).sum();
                 if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 }
             },
-            epochs: r.iter().map(EpochEntry::from).collect(),
+            epochs: if epochs {
+                r.iter().map(EpochEntry::from).collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
@@ -12,8 +12,13 @@ use vmm::devices::{Devices, GuestStop};
 use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
 
+use crate::api::VmState;
+use crate::api::board::{Board, Shared};
+use crate::api::server::{self, ApiServer};
 use crate::args;
-use crate::report::{Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
+use crate::control::Control;
+use crate::live::Live;
+use crate::report::{EngineFigures, Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
 
 /// Snapshot modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,6 +119,17 @@ pub struct SessionArgs {
     /// When a snapshot fails: keep running, or stop with a non-zero exit.
     #[arg(long, value_enum, default_value = "continue")]
     pub on_snapshot_error: OnError,
+    /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, created
+    /// 0600; see docs/openapi.yaml and `consnap ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// No live status line on stderr while snapshots are taken.
+    #[arg(long)]
+    pub quiet: bool,
+    /// How often the live status line is shown (default: every second on a
+    /// terminal, redrawn in place; every 5s otherwise).
+    #[arg(long, value_parser = args::duration, value_name = "DURATION")]
+    pub status_interval: Option<Duration>,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -162,10 +178,13 @@ fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
 pub struct Preflight {
     /// Where the report goes, if anywhere.
     pub report: Option<ReportTarget>,
+    /// The control API's socket, bound.
+    pub api: Option<server::Listener>,
 }
 
 /// Check the session options before any VM exists: the snapshot mode must
-/// be able to run on this host, and the report path must be writable.
+/// be able to run on this host, the report path must be writable, and the
+/// API socket is created.
 pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
     if a.interval.is_zero() {
         return Err("--interval must be longer than 0".into());
@@ -179,7 +198,8 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
         .map(ReportTarget::open)
         .transpose()
         .map_err(|e| e.to_string())?;
-    Ok(Preflight { report })
+    let api = a.api_sock.as_deref().map(server::bind).transpose()?;
+    Ok(Preflight { report, api })
 }
 
 /// Run `machine` to its end. `parent` is the epoch of the snapshot
@@ -196,7 +216,7 @@ pub fn execute(
     if a.interval.is_zero() {
         return Err("--interval must be longer than 0".into());
     }
-    let mut engine = match &a.snapshot_dir {
+    let engine = match &a.snapshot_dir {
         Some(dir) => {
             let cfg = SnapshotConfig {
                 dir: dir.clone(),
@@ -228,31 +248,63 @@ pub fn execute(
         }
         None => None,
     };
-    let mut probe = PauseProbe::new(a.pause_probe);
-    let mut sampler = ProgressSampler::new(a.sample_interval);
+    let shared = Arc::new(Shared::new(Board {
+        state: VmState::Running,
+        vcpus: machine.config().vcpus,
+        mem_bytes: machine.config().mem_size,
+        started,
+        workload: machine
+            .config()
+            .workload
+            .as_deref()
+            .and_then(|w| workload::Spec::parse(w).ok())
+            .map(|s| s.kind.name().to_string()),
+        ops: None,
+        ops_per_s: None,
+        probe: Vec::new(),
+        snap: engine.as_ref().map(EngineFigures::new),
+    }));
+    let (api, commands) = match pre.api {
+        Some(listener) => {
+            let (tx, rx) = mpsc::sync_channel(server::QUEUE);
+            let waker = machine.waker();
+            let wake: server::Wake = Arc::new(move || waker.wake());
+            (Some(ApiServer::start(listener, shared.clone(), tx, wake)?), Some(rx))
+        }
+        None => (None, None),
+    };
+    let live = if engine.is_some() && !a.quiet {
+        Live::start(shared.clone(), a.status_interval.filter(|d| !d.is_zero()))
+    } else {
+        None
+    };
+    let probe = PauseProbe::new(a.pause_probe);
+    let sampler = ProgressSampler::new(a.sample_interval);
+    let mut control = Control::new(engine, probe, sampler, shared, commands);
     vmm::run::install_stop_signals();
     spawn_stdin(machine.devices().clone());
-    let end = {
-        let mut tasks: Vec<&mut dyn Task> = vec![&mut probe, &mut sampler];
-        if let Some(e) = engine.as_mut() {
-            tasks.push(e);
-        }
-        vmm::run::run(&mut machine, &mut tasks).map_err(|e| e.to_string())?
-    };
+    let end = vmm::run::run(&mut machine, &mut [&mut control as &mut dyn Task]);
+    control.stopping(&machine);
     machine.stop();
-    if let Some(e) = engine.as_mut() {
-        e.finish(&mut machine);
+    control.finish(&mut machine);
+    if let Some(l) = live {
+        l.stop();
     }
+    let end = end.map_err(|e| e.to_string())?;
     let _ = std::io::stdout().flush();
-    let mut pauses = probe.pauses.clone();
-    if let Some(e) = &engine {
+    let done = control.into_finished();
+    let mut pauses = done.probe_pauses;
+    if let Some(e) = &done.engine {
         pauses.extend(e.records.iter().map(|r| r.vcpu_pause));
     }
-    let mut report = build_report(command, &machine, &end, started, &pauses, sampler.samples);
-    report.snapshots = engine.as_ref().map(Snapshots::from_engine);
+    let mut report = build_report(command, &machine, &end, started, &pauses, done.samples);
+    report.snapshots = done.engine.as_ref().map(Snapshots::from_engine);
     report.restored_from = restored;
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;
+    }
+    if let Some(api) = api {
+        api.stop();
     }
     summarize(&report);
     Ok(report.exit_code)

@@ -129,6 +129,8 @@ pub struct SnapshotEngine {
     pub overload_time: Duration,
     log: ErrorLog,
     attempts: u64,
+    /// A mode asked for at run time, applied when the next epoch starts.
+    switch_to: Option<Mode>,
 }
 
 impl std::fmt::Debug for SnapshotEngine {
@@ -179,6 +181,7 @@ impl SnapshotEngine {
             overloads: 0,
             overload_time: Duration::ZERO,
             attempts: 0,
+            switch_to: None,
         };
         if let Err(f) = e.open_store() {
             e.report(&format!("snapshot directory unusable: {f}"));
@@ -216,9 +219,92 @@ impl SnapshotEngine {
         Ok(())
     }
 
-    /// The configuration.
+    /// The configuration (at run time: the interval and mode last set).
     pub fn config(&self) -> &SnapshotConfig {
         &self.cfg
+    }
+
+    /// The epoch being saved, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|f| f.id)
+    }
+
+    /// Change the interval at run time: the next epoch is due one new
+    /// interval after the start of the last one (at once if that has passed).
+    pub fn set_interval(&mut self, interval: Duration) {
+        let now = Instant::now();
+        let last = self.next_due.checked_sub(self.cfg.interval).unwrap_or(now);
+        self.cfg.interval = interval;
+        self.next_due = last.checked_add(interval).unwrap_or(now).max(now);
+    }
+
+    /// Take an epoch at the next tick instead of waiting for the interval;
+    /// the interval then counts from it. Refused (false) while an epoch is
+    /// in flight: its successor cannot start before it is durable.
+    pub fn request_now(&mut self) -> bool {
+        if self.in_flight.is_some() {
+            return false;
+        }
+        self.next_due = Instant::now();
+        true
+    }
+
+    /// Collect finished epochs without capturing one; never blocks.
+    pub fn poll(&mut self, t: &mut dyn Target) -> TaskFlow {
+        if let Some(f) = self.fatal() {
+            return self.stop_now(t, f);
+        }
+        let failure = self.collect(t, Duration::ZERO);
+        self.flow(failure)
+    }
+
+    /// Switch the capture mode at run time, from the next epoch on (which
+    /// is then full). Only between `stop-copy` and `stop-copy-full`: `cow`
+    /// registers guest memory with userfaultfd and turns on manual dirty-log
+    /// re-arming before the vCPUs start, which cannot be done or undone on a
+    /// running VM.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), SnapshotError> {
+        let from = self.cfg.mode;
+        if mode == from {
+            return Ok(());
+        }
+        if mode == Mode::Cow || from == Mode::Cow {
+            return Err(SnapshotError::ModeSwitch { from, to: mode });
+        }
+        self.cfg.mode = mode;
+        self.switch_to = Some(mode);
+        Ok(())
+    }
+
+    /// Apply a mode switch asked for with [`SnapshotEngine::set_mode`]
+    /// (no epoch is in flight).
+    fn apply_switch(&mut self, t: &mut dyn Target) -> Result<(), CaptureError> {
+        let Some(mode) = self.switch_to.take() else {
+            return Ok(());
+        };
+        if mode == self.strategy.mode() {
+            return Ok(());
+        }
+        let mut next: Box<dyn Strategy> = match mode {
+            Mode::StopCopy => Box::<StopCopy>::default(),
+            _ => Box::<StopCopyFull>::default(),
+        };
+        // stop-copy turns KVM's dirty log on; stop-copy-full needs none.
+        if mode == Mode::StopCopyFull
+            && let Err(e) = t.set_dirty_logging(false)
+        {
+            tracing::warn!("dirty logging stays on after switching to stop-copy-full: {e}");
+        }
+        if let Err(e) = next.prepare(t, &self.health) {
+            self.switch_to = Some(mode);
+            return Err(Failed(format!("cannot switch to {}: {e}", mode.name())));
+        }
+        self.strategy.shutdown();
+        self.strategy = next;
+        // What was dirtied before logging started is known to no log.
+        self.need_full = true;
+        tracing::info!(mode = mode.name(), "snapshot mode switched");
+        Ok(())
     }
 
     /// One controller tick: collect finished epochs, then capture one if due.
@@ -408,6 +494,7 @@ impl SnapshotEngine {
 
     /// Take one epoch now (none may be in flight).
     fn capture(&mut self, t: &mut dyn Target) -> Result<(), CaptureError> {
+        self.apply_switch(t)?;
         let unusable = |e: store::StoreError| Failed(format!("snapshot directory unusable: {e}"));
         let store = self.open_store().map_err(unusable)?;
         let id = store.next_id().map_err(unusable)?;

@@ -76,6 +76,17 @@ pub enum SnapshotError {
     /// An engine thread did not report ready.
     #[error("the snapshot {0} thread did not start")]
     NotReady(&'static str),
+    /// A mode switch that cannot be made on a running VM.
+    #[error(
+        "cannot switch from {} to {} while the VM runs: cow registers guest memory with userfaultfd before the vCPUs start; only stop-copy and stop-copy-full switch at run time (restart with --mode {})",
+        from.name(), to.name(), to.name()
+    )]
+    ModeSwitch {
+        /// The current mode.
+        from: store::Mode,
+        /// The mode asked for.
+        to: store::Mode,
+    },
 }
 
 /// Text of a panic payload.

@@ -531,3 +531,72 @@ fn a_vanished_store_directory_fails_epochs_then_recovers() {
     fake.stop();
     assert_eq!(check_all(&dir.0, &fake), engine.records.len());
 }
+
+/// What the control API changes at run time: the mode between stop-copy
+/// and stop-copy-full (each switch makes the next epoch full; cow is
+/// refused both ways), the interval, and an epoch taken now. Every epoch
+/// still restores to its pause.
+#[test]
+fn run_time_mode_interval_and_epoch_now_keep_epochs_exact() {
+    use vmm::run::Task;
+    let dir = Dir::new("runtime");
+    let mut fake = Fake::new(true);
+    let cfg = config(&dir.0, Mode::StopCopy, CowOptions::default(), Inject::default());
+    let mut engine = SnapshotEngine::new(cfg, None);
+    engine.prepare(&mut fake).unwrap();
+    assert!(matches!(run_epochs(&mut engine, &mut fake, 3), TaskFlow::Continue));
+    assert!(engine.wait(&mut fake).is_none());
+    let a = engine.records.len();
+    let e = engine.set_mode(Mode::Cow).unwrap_err().to_string();
+    assert!(e.contains("cannot switch from stop-copy to cow"), "{e}");
+    engine.set_mode(Mode::StopCopyFull).unwrap();
+    assert_eq!(engine.config().mode, Mode::StopCopyFull);
+    assert!(matches!(run_epochs(&mut engine, &mut fake, a + 2), TaskFlow::Continue));
+    assert!(engine.wait(&mut fake).is_none());
+    let b = engine.records.len();
+    engine.set_mode(Mode::StopCopy).unwrap();
+    assert!(matches!(run_epochs(&mut engine, &mut fake, b + 3), TaskFlow::Continue));
+    assert!(engine.wait(&mut fake).is_none());
+
+    engine.set_interval(Duration::from_secs(3600));
+    let due = engine.due().unwrap();
+    assert!(
+        due > Instant::now() + Duration::from_secs(3500),
+        "the new interval counts"
+    );
+    assert!(engine.request_now());
+    assert!(engine.due().unwrap() <= Instant::now());
+    let before = engine.records.len();
+    assert!(matches!(engine.tick(&mut fake), TaskFlow::Continue));
+    let id = engine.in_flight().expect("an epoch is being saved");
+    assert!(!engine.request_now(), "no epoch starts before its parent is durable");
+    while engine.in_flight().is_some() {
+        assert!(matches!(engine.poll(&mut fake), TaskFlow::Continue));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(engine.records.len(), before + 1);
+    assert_eq!(engine.records[before].id, id);
+    assert!(engine.due().unwrap() > Instant::now() + Duration::from_secs(3500));
+
+    assert!(engine.finish(&mut fake).is_none(), "{:?}", engine.errors);
+    fake.stop();
+    assert!(engine.errors.is_empty(), "{:?}", engine.errors);
+    assert_eq!(check_all(&dir.0, &fake), engine.records.len());
+    let store = Store::open(&dir.0, Access::Read).unwrap();
+    let kinds: Vec<(Mode, bool)> = engine
+        .records
+        .iter()
+        .map(|r| {
+            let h = store.open_epoch(r.id).unwrap().header().clone();
+            (h.mode, h.is_full())
+        })
+        .collect();
+    let (sc, full) = (Mode::StopCopy, Mode::StopCopyFull);
+    assert!(
+        kinds[..a].iter().enumerate().all(|(i, &k)| k == (sc, i == 0)),
+        "{kinds:?}"
+    );
+    assert!(kinds[a..b].iter().all(|&k| k == (full, true)), "{kinds:?}");
+    assert_eq!(kinds[b], (sc, true), "the first stop-copy epoch after a switch is full");
+    assert!(kinds[b + 1..].iter().all(|&k| k == (sc, false)), "{kinds:?}");
+}

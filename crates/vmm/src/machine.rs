@@ -100,6 +100,18 @@ pub fn open_kvm() -> Result<Kvm, MachineError> {
     })
 }
 
+/// Ends the controller's wait for vCPU events early, from any thread, so
+/// that a request need not wait for the next tick.
+#[derive(Debug, Clone)]
+pub struct Waker(Sender<VcpuEvent>);
+
+impl Waker {
+    /// Wake the controller (harmless when it is not waiting, or gone).
+    pub fn wake(&self) {
+        let _ = self.0.send(VcpuEvent::Wake);
+    }
+}
+
 /// A VM with its RAM, devices and vCPUs.
 pub struct Machine {
     kvm: Kvm,
@@ -495,9 +507,19 @@ impl Machine {
         &self.vcpu_times
     }
 
-    /// Wait up to `timeout` for a vCPU event.
+    /// Wait up to `timeout` for a vCPU event; a [`Waker`] cuts the wait
+    /// short (and returns `None`).
     pub fn next_event(&self, timeout: Duration) -> Option<VcpuEvent> {
-        self.events_rx.recv_timeout(timeout).ok()
+        match self.events_rx.recv_timeout(timeout) {
+            Ok(VcpuEvent::Wake) | Err(_) => None,
+            Ok(ev) => Some(ev),
+        }
+    }
+
+    /// A handle other threads use to end the controller's current wait in
+    /// [`Machine::next_event`] early.
+    pub fn waker(&self) -> Waker {
+        Waker(self.events_tx.clone())
     }
 
     /// Guest RAM.

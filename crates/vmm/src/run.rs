@@ -69,11 +69,10 @@ pub fn run(machine: &mut Machine, tasks: &mut [&mut dyn Task]) -> Result<RunEnd,
         let now = Instant::now();
         let next = tasks.iter().filter_map(|t| t.due()).min();
         let wait = next.map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
-        if let Some(ev) = machine.next_event(wait) {
-            return Ok(match ev {
-                VcpuEvent::Stop { how, .. } => RunEnd::Guest(how),
-                VcpuEvent::Error(e) => RunEnd::Error(e),
-            });
+        match machine.next_event(wait) {
+            Some(VcpuEvent::Stop { how, .. }) => return Ok(RunEnd::Guest(how)),
+            Some(VcpuEvent::Error(e)) => return Ok(RunEnd::Error(e)),
+            Some(VcpuEvent::Wake) | None => {}
         }
         let now = Instant::now();
         for t in tasks.iter_mut() {

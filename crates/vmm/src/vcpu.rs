@@ -126,6 +126,10 @@ pub enum VcpuEvent {
     },
     /// The vCPU failed and its thread ended.
     Error(VcpuError),
+    /// Not from a vCPU: a [`crate::machine::Waker`] asks the controller
+    /// loop to look at its tasks now. [`crate::machine::Machine::next_event`]
+    /// never returns it.
+    Wake,
 }
 
 /// What paused vCPUs do before parking.
@@ -398,6 +402,9 @@ impl Vcpus {
             g.saved.iter_mut().for_each(|s| *s = None);
         }
         self.control.requested.store(true, Ordering::SeqCst);
+        // vCPUs parked by an earlier pause (one the user asked for) wake,
+        // see the new generation and park again, doing this pause's action.
+        self.control.cv.notify_all();
         self.kick_all();
         let mut g = self.control.lock();
         while g.parked + g.finished < n {
@@ -506,8 +513,13 @@ impl Worker {
 
     fn run_loop(&mut self) {
         loop {
-            if self.control.requested.load(Ordering::SeqCst) && !self.park() {
-                return;
+            if self.control.requested.load(Ordering::SeqCst) {
+                if !self.park() {
+                    return;
+                }
+                // Woken by a new pause rather than a resume: park again
+                // without running guest code.
+                continue;
             }
             let flow = match self.vcpu.fd.run() {
                 Ok(exit) => handle_exit(self.vcpu.id, exit, &self.devices),

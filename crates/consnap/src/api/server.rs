@@ -1,0 +1,471 @@
+//! The API server: a Unix socket (created 0600) served by hyper and routed
+//! by axum on a thread of its own with a single-threaded tokio runtime.
+//!
+//! Reads (`GET`) are answered on that thread from the board; `GET
+//! /snapshots` reads the store on a small blocking pool. Commands go to the
+//! controller through a bounded queue (a full queue is refused with 503)
+//! and their replies come back on a oneshot channel with a deadline. At
+//! most [`MAX_CONNECTIONS`] connections are served at once; a client that
+//! does not send its request headers within [`HEADER_TIMEOUT`] (also
+//! between requests) is disconnected. Every error answer is one line of
+//! JSON, `{"error": "..."}`.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
+use tokio::sync::{Semaphore, oneshot};
+
+use super::ApiError;
+use super::board::{Answer, Command, ConfigPatchError, Envelope, Refusal, Shared};
+use crate::ls_cmd;
+
+/// Connections served at once; more wait in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send a request's headers (also while idle between requests).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 << 10;
+/// Commands queued for the controller at most.
+pub const QUEUE: usize = 64;
+/// How long a pause, resume or configuration change may take.
+const COMMAND_WAIT: Duration = Duration::from_secs(10);
+/// How long `PUT /snapshots/take` waits for its epoch to be durable.
+const TAKE_WAIT: Duration = Duration::from_secs(120);
+/// Whole-request deadline (beyond the longest wait above).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(130);
+
+/// A bound socket, checked before the VM is built; removed again if it
+/// is dropped before it is served.
+#[derive(Debug)]
+pub struct Listener {
+    socket: Option<UnixListener>,
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+/// The device and inode of `path`, to tell our socket from one put in its place.
+fn inode(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Remove `path` if it is still the socket with `id`.
+fn remove_if_ours(path: &Path, id: Option<(u64, u64)>) {
+    if id.is_some() && inode(path) == id {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if self.socket.take().is_some() {
+            remove_if_ours(&self.path, self.inode);
+        }
+    }
+}
+
+/// Create the socket at `path`, 0600. A socket file nobody listens on (left
+/// by a process that died) is replaced; a live one, or anything that is
+/// not a socket, is refused.
+pub fn bind(path: &Path) -> Result<Listener, String> {
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(format!(
+                    "--api-sock {shown}: a process is listening there (another consnap?); stop it or choose another path"
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing the stale socket {shown}");
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("--api-sock {shown}: cannot remove the stale socket: {e}"))?;
+            }
+            Err(e) => return Err(format!("--api-sock {shown}: {e}")),
+        },
+        Ok(_) => return Err(format!("--api-sock {shown}: exists and is not a socket")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("--api-sock {shown}: {e}")),
+    }
+    // The socket must never be open to others, not even for a moment: bind
+    // under a umask that leaves 0600. This runs before any other thread
+    // that creates files exists.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let socket = bound.map_err(|e| format!("--api-sock {shown}: cannot listen there: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| socket.set_nonblocking(true))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            format!("--api-sock {shown}: {e}")
+        })?;
+    Ok(Listener {
+        socket: Some(socket),
+        path: path.to_path_buf(),
+        inode: inode(path),
+    })
+}
+
+/// Wakes the controller when a command is queued.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    commands: SyncSender<Envelope>,
+    waker: Wake,
+    /// One store listing at a time.
+    listing: Arc<Semaphore>,
+}
+
+/// The running server; [`ApiServer::stop`] ends it and removes the socket.
+pub struct ApiServer {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+}
+
+impl ApiServer {
+    /// Serve `listener` on a new thread.
+    pub fn start(
+        mut listener: Listener,
+        shared: Arc<Shared>,
+        commands: SyncSender<Envelope>,
+        waker: Wake,
+    ) -> Result<ApiServer, String> {
+        let socket = listener
+            .socket
+            .take()
+            .ok_or_else(|| "the API socket is already served".to_string())?;
+        let (path, inode) = (listener.path.clone(), listener.inode);
+        let app = App {
+            shared,
+            commands,
+            waker,
+            listing: Arc::new(Semaphore::new(1)),
+        };
+        let (stop, stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve_thread(socket, router(app), stopped))
+            .map_err(|e| {
+                remove_if_ours(&path, inode);
+                format!("cannot start the API thread: {e}")
+            })?;
+        Ok(ApiServer {
+            stop: Some(stop),
+            thread: Some(thread),
+            path,
+            inode,
+        })
+    }
+
+    /// Stop serving (requests in progress are dropped) and remove the
+    /// socket, if it is still the one this server created.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the API thread panicked");
+        }
+        remove_if_ours(&self.path, self.inode);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn serve_thread(socket: UnixListener, app: Router, stopped: oneshot::Receiver<()>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .max_blocking_threads(2)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the API runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(accept_loop(socket, app, stopped));
+    rt.shutdown_timeout(Duration::from_millis(200));
+}
+
+async fn accept_loop(socket: UnixListener, app: Router, mut stopped: oneshot::Receiver<()>) {
+    let listener = match tokio::net::UnixListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot serve the API socket: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s,
+            _ = &mut stopped => return,
+        };
+        let Ok(slot) = slot else { return };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = &mut stopped => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: back off rather than spin.
+                tracing::warn!("API socket: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 << 10);
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!("API connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route("/vm", get(vm))
+        .route("/vm/pause", put(pause))
+        .route("/vm/resume", put(resume))
+        .route("/snapshots", get(list))
+        .route("/snapshots/take", put(take))
+        .route("/snapshots/config", get(config).patch(set_config))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(guard))
+        .with_state(app)
+}
+
+/// An error answer: one line of JSON.
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let body = serde_json::to_string(&ApiError { error: msg.into() })
+        .unwrap_or_else(|_| r#"{"error":"unprintable error"}"#.into());
+    (status, [(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
+}
+
+fn json<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body + "\n",
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}"),
+        ),
+    }
+}
+
+/// Around every request: no query strings, a deadline, and errors (also
+/// those axum and hyper produce, such as 405 and 413) as one-line JSON.
+async fn guard(req: Request, next: Next) -> Response {
+    if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "this API takes no query parameters");
+    }
+    let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the request timed out"),
+    };
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let msg = match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => line.to_string(),
+        None => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let fixed = error(status, msg);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let (_, body) = fixed.into_parts();
+    Response::from_parts(parts, body)
+}
+
+async fn not_found(req: Request) -> Response {
+    let all: Vec<String> = super::ROUTES.iter().map(|(m, p)| format!("{m} {p}")).collect();
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {}; there are {}", req.uri().path(), all.join(", ")),
+    )
+}
+
+async fn vm(State(app): State<App>) -> Response {
+    let info = app.shared.lock().vm_info();
+    json(&info)
+}
+
+async fn stats(State(app): State<App>) -> Response {
+    let stats = app.shared.lock().stats();
+    json(&stats)
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let text = super::metrics::render(&app.shared.lock());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn config(State(app): State<App>) -> Response {
+    let config = app.shared.lock().config();
+    match config {
+        Some(c) => json(&c),
+        None => refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into())),
+    }
+}
+
+async fn list(State(app): State<App>) -> Response {
+    let Some(dir) = app.shared.lock().snapshot_dir() else {
+        return refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into()));
+    };
+    let Ok(_one) = app.listing.acquire().await else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the API is stopping");
+    };
+    match tokio::task::spawn_blocking(move || ls_cmd::rows(&dir)).await {
+        Ok(Ok(rows)) => json(&rows),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("listing failed: {e}")),
+    }
+}
+
+async fn pause(State(app): State<App>) -> Response {
+    command(&app, Command::Pause, COMMAND_WAIT).await
+}
+
+async fn resume(State(app): State<App>) -> Response {
+    command(&app, Command::Resume, COMMAND_WAIT).await
+}
+
+async fn take(State(app): State<App>) -> Response {
+    command(&app, Command::Take, TAKE_WAIT).await
+}
+
+async fn set_config(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let essence = ct.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON (Content-Type: application/json)",
+            );
+        }
+    }
+    match super::board::parse_patch(&body) {
+        Ok((interval, mode)) => command(&app, Command::Configure { interval, mode }, COMMAND_WAIT).await,
+        Err(ConfigPatchError(msg)) => error(StatusCode::BAD_REQUEST, msg),
+    }
+}
+
+fn refused(r: Refusal) -> Response {
+    match r {
+        Refusal::Conflict(msg) => error(StatusCode::CONFLICT, msg),
+        Refusal::Failed(msg) => error(StatusCode::INTERNAL_SERVER_ERROR, msg),
+    }
+}
+
+/// Queue `cmd` for the controller, wake it, and wait up to `wait` for its reply.
+async fn command(app: &App, cmd: Command, wait: Duration) -> Response {
+    let (reply, answer) = oneshot::channel();
+    match app.commands.try_send(Envelope { cmd, reply }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "too many commands waiting; try again");
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            return error(StatusCode::CONFLICT, "the VM is stopping");
+        }
+    }
+    if !app.shared.pending.swap(true, Ordering::SeqCst) {
+        (app.waker)();
+    }
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Ok(Ok(Answer::State(state)))) => {
+            let mut info = app.shared.lock().vm_info();
+            info.state = state;
+            json(&info)
+        }
+        Ok(Ok(Ok(Answer::Epoch(e)))) => json(&e),
+        Ok(Ok(Ok(Answer::Config(c)))) => json(&c),
+        Ok(Ok(Err(r))) => refused(r),
+        Ok(Err(_)) => error(StatusCode::CONFLICT, "the VM is stopping"),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no answer from the VM within {}s", wait.as_secs()),
+        ),
+    }
+}
+
+/// Requests without a socket, for tests of the routes.
+#[cfg(test)]
+pub fn test_router(shared: Arc<Shared>, commands: SyncSender<Envelope>, waker: Wake) -> Router {
+    router(App {
+        shared,
+        commands,
+        waker,
+        listing: Arc::new(Semaphore::new(1)),
+    })
+}
+
+/// Body of a response, for tests.
+#[cfg(test)]
+pub async fn body_text(res: Response) -> String {
+    String::from_utf8_lossy(&axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap_or_default()).into_owned()
+}

@@ -1,0 +1,163 @@
+//! The server's routes against docs/openapi.yaml: every documented
+//! operation is served, nothing else is, and every error is one line of JSON.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use tower::ServiceExt;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::board::{Board, Refusal, Shared};
+use super::server::{body_text, test_router};
+use super::{ROUTES, VmState};
+
+const METHODS: [&str; 7] = ["GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE"];
+
+fn documented() -> BTreeSet<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
+    let Yaml::Hash(paths) = &doc["paths"] else {
+        panic!("docs/openapi.yaml has no paths")
+    };
+    let mut ops = BTreeSet::new();
+    for (p, item) in paths {
+        let Yaml::Hash(item) = item else {
+            panic!("{p:?} is not a path item")
+        };
+        for (m, _) in item {
+            let m = m.as_str().unwrap().to_uppercase();
+            assert!(METHODS.contains(&m.as_str()), "unexpected key {m} under {p:?}");
+            ops.insert((m, p.as_str().unwrap().to_string()));
+        }
+    }
+    ops
+}
+
+fn shared() -> Arc<Shared> {
+    Arc::new(Shared::new(Board {
+        state: VmState::Running,
+        vcpus: 1,
+        mem_bytes: 256 << 20,
+        started: Instant::now(),
+        workload: None,
+        ops: None,
+        ops_per_s: None,
+        probe: Vec::new(),
+        snap: None,
+    }))
+}
+
+/// Send one request to a router whose controller refuses every command.
+fn send(method: &str, path: &str, body: &str) -> (StatusCode, Option<String>, String) {
+    let (tx, rx) = mpsc::sync_channel::<super::board::Envelope>(4);
+    let controller = std::thread::spawn(move || {
+        while let Ok(env) = rx.recv() {
+            let _ = env.reply.send(Err(Refusal::Conflict("refused by the test".into())));
+        }
+    });
+    let app = test_router(shared(), tx, Arc::new(|| {}));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = rt.block_on(app.oneshot(req)).unwrap();
+    let status = res.status();
+    let allow = res
+        .headers()
+        .get(header::ALLOW)
+        .map(|v| v.to_str().unwrap().to_string());
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.to_str().unwrap().starts_with("application/json"));
+    let text = rt.block_on(body_text(res));
+    if status.is_client_error() || status.is_server_error() {
+        assert!(is_json, "{method} {path}: {status} is not JSON: {text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["error"].is_string(), "{text}");
+    }
+    controller.join().unwrap();
+    (status, allow, text)
+}
+
+#[test]
+fn the_routes_are_the_documented_operations() {
+    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(served, documented(), "ROUTES and docs/openapi.yaml differ");
+}
+
+#[test]
+fn every_documented_operation_is_served_and_no_other() {
+    let ops = documented();
+    let paths: BTreeSet<&String> = ops.iter().map(|(_, p)| p).collect();
+    for path in paths {
+        for m in METHODS {
+            let body = if m == "PATCH" { r#"{"interval":"20ms"}"# } else { "" };
+            let (status, allow, text) = send(m, path, body);
+            if ops.contains(&(m.to_string(), path.clone())) {
+                assert!(
+                    status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED,
+                    "{m} {path} is documented but not served: {status} {text}"
+                );
+            } else {
+                assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {path}: {text}");
+                let allow = allow.unwrap_or_default();
+                for (dm, dp) in &ops {
+                    if dp == path {
+                        assert!(allow.contains(dm.as_str()), "{m} {path}: Allow: {allow}");
+                    }
+                }
+            }
+        }
+    }
+    for path in ["/", "/vm/", "/vms", "/snapshots/take/1", "/snapshots/42", "/%ff"] {
+        let (status, _, text) = send("GET", path, "");
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {text}");
+        assert!(text.contains("GET /vm"), "the 404 names the endpoints: {text}");
+    }
+}
+
+#[test]
+fn bad_requests_get_one_line_json_errors() {
+    for (m, path, body, want) in [
+        ("GET", "/vm?x=1", "", StatusCode::BAD_REQUEST),
+        ("PATCH", "/snapshots/config", "", StatusCode::BAD_REQUEST),
+        ("PATCH", "/snapshots/config", "{", StatusCode::BAD_REQUEST),
+        ("PATCH", "/snapshots/config", "{}", StatusCode::BAD_REQUEST),
+        (
+            "PATCH",
+            "/snapshots/config",
+            r#"{"interval":"0"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "PATCH",
+            "/snapshots/config",
+            r#"{"mode":"fast"}"#,
+            StatusCode::BAD_REQUEST,
+        ),
+        ("PATCH", "/snapshots/config", r#"{"x":"1"}"#, StatusCode::BAD_REQUEST),
+        // Snapshots are off in this router: refused by the controller.
+        ("PUT", "/snapshots/take", "", StatusCode::CONFLICT),
+        ("GET", "/snapshots", "", StatusCode::CONFLICT),
+        ("GET", "/snapshots/config", "", StatusCode::CONFLICT),
+    ] {
+        let (status, _, text) = send(m, path, body);
+        assert_eq!(status, want, "{m} {path} {body}: {text}");
+    }
+    let big = format!(r#"{{"interval":"{}"}}"#, "1".repeat(super::server::MAX_BODY));
+    let (status, _, text) = send("PATCH", "/snapshots/config", &big);
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+}

@@ -1,0 +1,239 @@
+//! `consnap ctl`: a client of the control API of a running consnap.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+
+use crate::api::client::{self, Answer};
+use crate::api::{ConfigPatch, SnapConfig, Stats, VmInfo};
+use crate::ls_cmd::{self, Row};
+use crate::report::{EpochEntry, Percentiles};
+
+/// Options of `consnap ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The API socket of the consnap to drive (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    pub sock: PathBuf,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub op: CtlOp,
+}
+
+/// `consnap ctl` operations.
+#[derive(Debug, Subcommand)]
+pub enum CtlOp {
+    /// The VM's state, size, uptime and the guest's progress.
+    Status,
+    /// Pause the VM (snapshots go on; the VM stays paused).
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Take a snapshot now; prints its epoch once durable.
+    Snapshot,
+    /// List the snapshots (as `consnap ls`).
+    Ls,
+    /// Snapshot figures: pauses, pages, bytes, saver rate, backlog, errors.
+    Stats,
+    /// The same in the Prometheus text format.
+    Metrics,
+    /// Show the snapshot configuration.
+    Config,
+    /// Change the snapshot configuration: interval=DURATION, mode=MODE.
+    Set {
+        /// KEY=VALUE settings, such as interval=20ms mode=stop-copy-full.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
+}
+
+/// Longest a snapshot may take to become durable before `ctl` gives up.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(150);
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn decode<T: DeserializeOwned>(a: &Answer) -> Result<T, String> {
+    serde_json::from_slice(&a.body).map_err(|e| format!("unexpected answer from consnap: {e}"))
+}
+
+fn us(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.2}ms", v / 1e3)
+    } else {
+        format!("{v:.0}us")
+    }
+}
+
+fn percentiles(p: &Percentiles) -> String {
+    format!(
+        "p50 {} p99 {} max {} (n={})",
+        us(p.p50_us),
+        us(p.p99_us),
+        us(p.max_us),
+        p.count
+    )
+}
+
+fn status_text(v: &VmInfo) -> String {
+    let mut s = format!(
+        "{}, {} vCPU{}, {} MiB, up {:.1}s",
+        v.state.name(),
+        v.vcpus,
+        if v.vcpus == 1 { "" } else { "s" },
+        v.mem_bytes >> 20,
+        v.uptime_s
+    );
+    if let Some(w) = &v.workload {
+        s += &format!("; {w}");
+        if let Some(ops) = v.ops {
+            s += &format!(" {ops} ops");
+        }
+        if let Some(r) = v.ops_per_s {
+            s += &format!(" ({r:.0} ops/s)");
+        }
+    }
+    s += if v.snapshots {
+        "; snapshots on"
+    } else {
+        "; snapshots off"
+    };
+    s
+}
+
+fn config_text(c: &SnapConfig) -> String {
+    format!(
+        "mode {} every {} into {} (can switch to: {})",
+        c.mode,
+        c.interval,
+        c.dir,
+        c.modes.join(", ")
+    )
+}
+
+fn epoch_text(e: &EpochEntry) -> String {
+    format!(
+        "epoch {} durable: {}, {} pages, {} bytes, pause {}, durable after {:.1}ms",
+        e.id,
+        if e.full { "full" } else { "incremental" },
+        e.pages,
+        e.bytes,
+        us(e.pause_us),
+        e.durable_ms
+    )
+}
+
+fn stats_text(st: &Stats) -> String {
+    let mut s = format!("{}, up {:.1}s", st.state.name(), st.uptime_s);
+    if let Some(ops) = st.ops {
+        s += &format!(", guest {ops} ops");
+    }
+    if let Some(r) = st.ops_per_s {
+        s += &format!(" ({r:.0} ops/s)");
+    }
+    s += &format!("\nvCPU pause    {}", percentiles(&st.vcpu_pause));
+    let Some(n) = &st.snapshots else {
+        return s + "\nsnapshots off";
+    };
+    s += &format!(
+        "\nsnapshots     {} committed, {} failed, mode {} every {}ms",
+        n.committed, n.failed, n.mode, n.interval_ms
+    );
+    s += &format!("\npause         {}", percentiles(&n.pause));
+    s += &format!("\ndurable after {}", percentiles(&n.durable));
+    s += &format!(
+        "\npages/epoch   p50 {} max {}; bytes/epoch p50 {} max {}; faults/epoch p50 {} max {}",
+        n.pages.p50, n.pages.max, n.bytes.p50, n.bytes.max, n.faults.p50, n.faults.max
+    );
+    s += &format!("\nsaver         {:.0} MB/s", n.save_mb_s);
+    s += &format!(
+        "\nbacklog       {}; {} late epochs ({:.0}ms)",
+        n.in_flight
+            .map_or_else(|| "nothing in flight".to_string(), |id| format!("saving epoch {id}")),
+        n.delayed,
+        n.delayed_ms
+    );
+    for e in &n.errors {
+        s += &format!("\nerror         {e}");
+    }
+    s
+}
+
+/// The PATCH body from `KEY=VALUE` words.
+fn patch(settings: &[String]) -> Result<String, String> {
+    let mut p = ConfigPatch::default();
+    for s in settings {
+        match s.split_once('=') {
+            Some(("interval", v)) => p.interval = Some(v.to_string()),
+            Some(("mode", v)) => p.mode = Some(v.to_string()),
+            _ => return Err(format!("'{s}' is not interval=DURATION or mode=MODE")),
+        }
+    }
+    serde_json::to_string(&p).map_err(|e| e.to_string())
+}
+
+/// Run one `ctl` operation; returns the exit status.
+pub fn ctl(a: CtlArgs) -> Result<i32, String> {
+    let (method, path, body, timeout) = match &a.op {
+        CtlOp::Status => ("GET", "/vm", None, TIMEOUT),
+        CtlOp::Pause => ("PUT", "/vm/pause", None, TIMEOUT),
+        CtlOp::Resume => ("PUT", "/vm/resume", None, TIMEOUT),
+        CtlOp::Snapshot => ("PUT", "/snapshots/take", None, SNAPSHOT_TIMEOUT),
+        CtlOp::Ls => ("GET", "/snapshots", None, TIMEOUT),
+        CtlOp::Stats => ("GET", "/stats", None, TIMEOUT),
+        CtlOp::Metrics => ("GET", "/metrics", None, TIMEOUT),
+        CtlOp::Config => ("GET", "/snapshots/config", None, TIMEOUT),
+        CtlOp::Set { settings } => ("PATCH", "/snapshots/config", Some(patch(settings)?), TIMEOUT),
+    };
+    let answer = client::call(&a.sock, method, path, body, timeout)?;
+    if !(200..300).contains(&answer.status) {
+        return Err(format!("{} ({})", answer.error_message(), answer.status));
+    }
+    let mut code = 0;
+    let text = if a.json || matches!(a.op, CtlOp::Metrics) {
+        String::from_utf8_lossy(&answer.body).trim_end().to_string()
+    } else {
+        match &a.op {
+            CtlOp::Status | CtlOp::Pause | CtlOp::Resume => status_text(&decode(&answer)?),
+            CtlOp::Snapshot => epoch_text(&decode(&answer)?),
+            CtlOp::Stats => stats_text(&decode(&answer)?),
+            CtlOp::Config | CtlOp::Set { .. } => config_text(&decode(&answer)?),
+            CtlOp::Ls => {
+                let rows: Vec<Row> = decode(&answer)?;
+                code = i32::from(rows.iter().any(Row::is_bad));
+                return match ls_cmd::print(&rows, false) {
+                    Ok(()) => Ok(code),
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(code),
+                    Err(e) => Err(format!("cannot write the listing: {e}")),
+                };
+            }
+            CtlOp::Metrics => String::new(),
+        }
+    };
+    if a.json && matches!(a.op, CtlOp::Ls) {
+        let rows: Vec<Row> = decode(&answer)?;
+        code = i32::from(rows.iter().any(Row::is_bad));
+    }
+    match writeln!(std::io::stdout(), "{text}") {
+        Ok(()) => Ok(code),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(code),
+        Err(e) => Err(format!("cannot write: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_become_a_patch() {
+        let p = patch(&["interval=20ms".into(), "mode=stop-copy".into()]).unwrap();
+        assert_eq!(p, r#"{"interval":"20ms","mode":"stop-copy"}"#);
+        assert!(patch(&["speed=3".into()]).unwrap_err().contains("interval=DURATION"));
+        assert!(patch(&["interval".into()]).is_err());
+    }
+}

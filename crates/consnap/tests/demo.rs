@@ -1,0 +1,58 @@
+//! `consnap demo`, the README's first command: it passes, shows every step,
+//! and leaves nothing behind in the temporary directory.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+
+#[test]
+fn the_demo_passes_and_cleans_up() {
+    if !kvm_ready() {
+        return;
+    }
+    let tmp = tempdir("demo");
+    let started = std::time::Instant::now();
+    // From another directory, with the temporary files in a directory of our own.
+    let out = run_ok(consnap().arg("demo").current_dir("/").env("TMPDIR", tmp.path()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for step in [
+        "[1/5]",
+        "[2/5] SIGKILL",
+        "[3/5]",
+        "[4/5]",
+        "[5/5]",
+        "uninterrupted run",
+        "p99",
+    ] {
+        assert!(text.contains(step), "no {step:?} in\n{text}");
+    }
+    assert!(text.contains("every checksum matches"), "{text}");
+    assert_eq!(text.matches("  same").count(), 2, "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(" epochs, last pause "),
+        "no live status line"
+    );
+    assert!(
+        started.elapsed().as_secs() < 90,
+        "the demo took {:?}",
+        started.elapsed()
+    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?}");
+}
+
+#[test]
+fn the_demo_keeps_its_files_only_in_an_empty_directory() {
+    let tmp = tempdir("demo-keep");
+    std::fs::write(tmp.join("mine"), b"x").unwrap();
+    let out = output(consnap().arg("demo").arg("--keep").arg(tmp.path()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read(tmp.join("mine")).unwrap(), b"x");
+}
