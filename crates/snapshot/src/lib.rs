@@ -6,6 +6,7 @@ mod cow;
 mod engine;
 mod errlog;
 mod error;
+mod fill;
 mod hot;
 pub mod pages;
 mod restore;

@@ -7,6 +7,8 @@
 //! parent, so restoring epoch N reads N, its parent, and so on down to a
 //! full epoch. The layout is specified in docs/FORMAT.md.
 
+mod aligned;
+mod codec;
 mod error;
 pub mod format;
 mod plan;
@@ -14,6 +16,8 @@ mod reader;
 mod store;
 mod writer;
 
+pub use aligned::AlignedBuf;
+pub use codec::{Codec, Decompressor};
 pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
 pub use plan::{Run, Source, plan};

@@ -14,8 +14,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
-use crate::format::{self, Header, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
+use crate::format::{self, Header, OLDEST_VERSION, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
 use crate::reader::{EpochReader, open_regular, read_header};
 use crate::writer::{EpochMeta, EpochWriter};
 
@@ -68,6 +69,8 @@ pub struct Store {
     dir: PathBuf,
     epochs: PathBuf,
     uuid: [u8; 16],
+    /// Compression of new epochs ([`Codec::code`]).
+    codec: std::sync::atomic::AtomicU32,
     _lock: Option<File>,
 }
 
@@ -301,7 +304,7 @@ fn decode_store_file(b: &[u8], dir: &Path) -> Result<[u8; 16]> {
         return Err(not(&format!("{} does not start with {:?}", path.display(), "CSNPSTOR")));
     }
     let version = le32(b, 8);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(StoreError::Version {
             path,
             found: version,
@@ -403,6 +406,7 @@ impl Store {
             dir: dir.to_path_buf(),
             epochs: dir.join(EPOCHS),
             uuid,
+            codec: std::sync::atomic::AtomicU32::new(0),
             _lock: lock_file,
         };
         if access == Access::Write {
@@ -431,6 +435,22 @@ impl Store {
     /// The store's identity.
     pub fn uuid(&self) -> [u8; 16] {
         self.uuid
+    }
+
+    /// True when this handle holds the store's lock (opened for writing).
+    pub fn is_writer(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    /// Compress the page data of epochs written from now on (by
+    /// [`Store::writer`]) with `codec`.
+    pub fn set_compression(&self, codec: Codec) {
+        self.codec.store(codec.code(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The compression of new epochs.
+    pub fn compression(&self) -> Codec {
+        Codec::from_code(self.codec.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or_default()
     }
 
     /// File of epoch `id`.
@@ -600,8 +620,29 @@ impl Store {
         }
     }
 
-    /// Start writing a new epoch (file created 0600 under a temporary name).
+    /// Start writing a new epoch (file created 0600 under a temporary name),
+    /// compressed as [`Store::set_compression`] asked.
     pub fn writer(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        let dest = self.epoch_path(meta.id);
+        if dest.exists() {
+            return Err(StoreError::Usage("epoch id already committed"));
+        }
+        let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
+        self.open_writer(meta, tmp)
+    }
+
+    /// Start writing a new version of committed epoch `meta.id`, which its
+    /// commit replaces atomically (reclamation). Only the store's writer
+    /// may do this.
+    pub fn rewriter(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        if !self.is_writer() {
+            return Err(StoreError::Usage("rewriting an epoch needs the store's lock"));
+        }
+        let tmp = self.epochs.join(format!("{TMP_PREFIX}rewrite-{:020}", meta.id));
+        self.open_writer(meta, tmp)
+    }
+
+    fn open_writer(&self, meta: EpochMeta, tmp: PathBuf) -> Result<EpochWriter> {
         // Never write what a reader refuses.
         let related = match (meta.full, meta.parent) {
             (true, None) => true,
@@ -621,12 +662,10 @@ impl Store {
                 "guest RAM size not a non-zero multiple of 4096 up to 1 TiB",
             ));
         }
-        let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
         let dest = self.epoch_path(meta.id);
-        if dest.exists() {
-            return Err(StoreError::Usage("epoch id already committed"));
-        }
         let file = private_file(&tmp)?;
-        Ok(EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid))
+        let mut w = EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid);
+        w.compress(self.compression())?;
+        Ok(w)
     }
 }
