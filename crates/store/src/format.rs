@@ -375,7 +375,7 @@ impl Header {
             });
         }
         if checksum(&b[..SUM_AT]) != le64(b, SUM_AT) {
-            return Err(corrupt("header checksum mismatch".into()));
+            return Err(corrupt("header checksum mismatch (bytes 0..4096)".into()));
         }
         let header_size = le32(b, 12);
         if header_size as usize != HEADER_SIZE {

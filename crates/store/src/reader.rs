@@ -207,15 +207,27 @@ impl EpochReader {
         let [_, isec, ssec, _, fsec] = header.sections;
         let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
         if checksum(&index_bytes) != isec.sum {
-            return Err(corrupt("INDEX section checksum mismatch".into()));
+            return Err(corrupt(format!(
+                "INDEX section checksum mismatch (bytes {}..{})",
+                isec.offset,
+                isec.end()
+            )));
         }
         let sum_bytes = read_at(&file, path, ssec.len, ssec.offset)?;
         if checksum(&sum_bytes) != ssec.sum {
-            return Err(corrupt("PAGE_SUMS section checksum mismatch".into()));
+            return Err(corrupt(format!(
+                "PAGE_SUMS section checksum mismatch (bytes {}..{})",
+                ssec.offset,
+                ssec.end()
+            )));
         }
         let frame_bytes = read_at(&file, path, fsec.len, fsec.offset)?;
         if checksum(&frame_bytes) != fsec.sum {
-            return Err(corrupt("FRAMES section checksum mismatch".into()));
+            return Err(corrupt(format!(
+                "FRAMES section checksum mismatch (bytes {}..{})",
+                fsec.offset,
+                fsec.end()
+            )));
         }
         let index = check_index(&header, &index_bytes).map_err(&corrupt)?;
         let frames = if header.codec == Codec::None {
@@ -290,7 +302,7 @@ impl EpochReader {
         if checksum(&b) != s.sum {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),
-                why: "STATE section checksum mismatch".into(),
+                why: format!("STATE section checksum mismatch (bytes {}..{})", s.offset, s.end()),
             });
         }
         Ok(b)

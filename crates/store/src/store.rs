@@ -366,9 +366,7 @@ impl Store {
             private_dir_all(&dir.join(EPOCHS))?;
             create_store_file(dir)?;
         }
-        let store = Store::open(dir, Access::Write)?;
-        store.remove_leftovers();
-        Ok(store)
+        Store::open(dir, Access::Write)
     }
 
     /// Open an existing store. Opening it for writing takes the lock, then
@@ -411,6 +409,7 @@ impl Store {
         };
         if access == Access::Write {
             store.make_private()?;
+            store.remove_leftovers();
         }
         Ok(store)
     }
@@ -458,11 +457,13 @@ impl Store {
         self.epochs.join(epoch_file_name(id))
     }
 
-    /// Remove what crashed writers left: unfinished epochs and temporary STORE files.
+    /// Remove what crashed writers left: unfinished epochs and rewrites,
+    /// temporary STORE and RECLAIM files.
     fn remove_leftovers(&self) {
         for (dir, prefix, what) in [
-            (&self.epochs, TMP_PREFIX, "unfinished epoch"),
+            (&self.epochs, TMP_PREFIX, "unfinished epoch or rewrite"),
             (&self.dir, STORE_TMP_PREFIX, "unfinished STORE file"),
+            (&self.dir, crate::ledger::LEDGER_TMP, "unfinished RECLAIM file"),
         ] {
             if let Ok(rd) = std::fs::read_dir(dir) {
                 for e in rd.flatten() {
@@ -580,7 +581,27 @@ impl Store {
     }
 
     /// Epoch `id` and its ancestors down to a full epoch, newest first.
+    ///
+    /// Another process may be reclaiming the store meanwhile: it rewrites an
+    /// epoch so that it restores to the same state (its parent may change)
+    /// before it removes that epoch's old ancestors. Open files stay
+    /// readable after a rename or removal, so a chain opened from files of
+    /// either version is consistent; when a parent has just been removed,
+    /// the walk starts again from `id`.
     pub fn chain(&self, id: u64) -> Result<Vec<EpochReader>> {
+        let mut tries = 0;
+        loop {
+            match self.chain_once(id) {
+                Err(StoreError::MissingParent { .. }) if tries < 8 && self.epoch_path(id).exists() => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn chain_once(&self, id: u64) -> Result<Vec<EpochReader>> {
         let mut chain: Vec<EpochReader> = vec![self.open_epoch(id)?];
         loop {
             let last = &chain[chain.len() - 1];
