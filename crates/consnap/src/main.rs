@@ -1,11 +1,18 @@
 //! `consnap`: run a VM under KVM with continuous snapshots.
 
 mod args;
+mod at;
+mod compact_cmd;
+mod inspect_cmd;
 mod ls_cmd;
+mod progress;
+mod reclaimer;
 mod report;
 mod restore_cmd;
 mod run_cmd;
 mod session;
+mod store_args;
+mod verify_cmd;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -30,6 +37,12 @@ enum Command {
     Restore(restore_cmd::RestoreArgs),
     /// List the snapshots in a snapshot directory.
     Ls(ls_cmd::LsArgs),
+    /// Show one snapshot in detail: its chain, files, pages and machine.
+    Inspect(inspect_cmd::InspectArgs),
+    /// Check every checksum and index of a snapshot directory.
+    Verify(verify_cmd::VerifyArgs),
+    /// Reclaim space in a snapshot directory no process is writing.
+    Compact(compact_cmd::CompactArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -66,6 +79,9 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd::run(a),
         Command::Restore(a) => restore_cmd::restore(a),
         Command::Ls(a) => ls_cmd::ls(a),
+        Command::Inspect(a) => inspect_cmd::inspect(a),
+        Command::Verify(a) => verify_cmd::verify(a),
+        Command::Compact(a) => compact_cmd::compact(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)

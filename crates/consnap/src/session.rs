@@ -114,6 +114,12 @@ pub struct SessionArgs {
     /// When a snapshot fails: keep running, or stop with a non-zero exit.
     #[arg(long, value_enum, default_value = "continue")]
     pub on_snapshot_error: OnError,
+    /// Compression of page data in new epochs (and in rewrites).
+    #[arg(long, value_enum, default_value = "none", requires = "snapshot_dir")]
+    pub compress: crate::store_args::CompressArg,
+    /// Retention and reclamation (the reclaimer runs while the VM runs).
+    #[command(flatten)]
+    pub reclaim: crate::store_args::ReclaimArgs,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -228,6 +234,14 @@ pub fn execute(
         }
         None => None,
     };
+    let reclaimer = engine.as_ref().and_then(|e| e.store()).map(|store| {
+        store.set_compression(a.compress.codec());
+        let opts = store::ReclaimOptions {
+            codec: Some(a.compress.codec()),
+            ..a.reclaim.options()
+        };
+        crate::reclaimer::Reclaimer::start(store, opts, parent)
+    });
     let mut probe = PauseProbe::new(a.pause_probe);
     let mut sampler = ProgressSampler::new(a.sample_interval);
     vmm::run::install_stop_signals();
@@ -251,6 +265,7 @@ pub fn execute(
     let mut report = build_report(command, &machine, &end, started, &pauses, sampler.samples);
     report.snapshots = engine.as_ref().map(Snapshots::from_engine);
     report.restored_from = restored;
+    report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;
     }
@@ -297,6 +312,7 @@ fn build_report(
         progress,
         snapshots: None,
         restored_from: None,
+        reclaim: None,
     }
 }
 

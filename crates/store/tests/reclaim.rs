@@ -107,6 +107,7 @@ fn check(codec: Codec, tree: bool) {
         policy: policy.clone(),
         max_chain: 6,
         rate: None,
+        codec: None,
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     let kept: Vec<u64> = s.ids().unwrap();
@@ -169,6 +170,7 @@ fn keep_all_only_folds() {
         policy: Policy::keep_all(),
         max_chain: 8,
         rate: None,
+        codec: None,
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     assert_eq!(s.ids().unwrap().len(), 40);
@@ -191,6 +193,7 @@ fn a_pinned_epoch_is_kept_and_reclamation_needs_the_lock() {
         policy: Policy::parse("5s:all").unwrap(),
         max_chain: 0,
         rate: None,
+        codec: None,
     };
     let reader = Store::open(&dir.join("s"), Access::Read).unwrap();
     assert!(reclaim(&reader, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).is_err());
