@@ -115,7 +115,7 @@ pub struct SessionArgs {
     #[arg(long, value_enum, default_value = "continue")]
     pub on_snapshot_error: OnError,
     /// Compression of page data in new epochs (and in rewrites).
-    #[arg(long, value_enum, default_value = "none", requires = "snapshot_dir")]
+    #[arg(long, value_enum, default_value = "lz4", requires = "snapshot_dir")]
     pub compress: crate::store_args::CompressArg,
     /// Retention and reclamation (the reclaimer runs while the VM runs).
     #[command(flatten)]

@@ -19,7 +19,7 @@ pub use cow::{CowOptions, Tracker};
 pub use engine::{EpochRecord, Inject, SnapshotConfig, SnapshotEngine};
 pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use hot::HotPolicy;
-pub use restore::{RestoreError, Restored, restore};
+pub use restore::{RestoreError, Restored, RestoredRam, restore, restore_ram};
 pub use store::Mode;
 pub use strategy::EpochStats;
 pub use target::{Captured, Target, TargetError};

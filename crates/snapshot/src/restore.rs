@@ -54,13 +54,23 @@ pub struct Restored {
     pub bytes_read: u64,
 }
 
-/// Rebuild the VM of epoch `id` of `store`. `progress` receives bytes read so far.
-pub fn restore(
-    store: &Store,
-    id: u64,
-    serial_out: Box<dyn Write + Send>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Restored, RestoreError> {
+/// Guest RAM of an epoch, filled and verified, and its decoded state.
+#[derive(Debug)]
+pub struct RestoredRam {
+    /// The machine state.
+    pub state: MachineState,
+    /// Guest RAM as the epoch left it.
+    pub ram: GuestRam,
+    /// Epochs read (the chain length).
+    pub chain: usize,
+    /// Bytes of page data read.
+    pub bytes_read: u64,
+}
+
+/// Read epoch `id` of `store` into fresh guest RAM, verifying everything
+/// read, without building a VM (needs no KVM). `progress` receives bytes
+/// read so far and the total.
+pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
     let chain = store.chain(id)?;
     let head = &chain[0];
     let state_err = |source| RestoreError::State {
@@ -87,11 +97,27 @@ pub fn restore(
         .sum();
     let ram = GuestRam::new(state.config.mem_size).map_err(MachineError::from)?;
     let read = crate::fill::fill(&ram, &chain, &runs, &mut |b| progress(b, total))?;
-    let machine = Machine::restore(&state, ram, serial_out)?;
+    Ok(RestoredRam {
+        state,
+        ram,
+        chain: chain.len(),
+        bytes_read: read,
+    })
+}
+
+/// Rebuild the VM of epoch `id` of `store`. `progress` receives bytes read so far.
+pub fn restore(
+    store: &Store,
+    id: u64,
+    serial_out: Box<dyn Write + Send>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Restored, RestoreError> {
+    let r = restore_ram(store, id, progress)?;
+    let machine = Machine::restore(&r.state, r.ram, serial_out)?;
     Ok(Restored {
         machine,
         epoch: id,
-        chain: chain.len(),
-        bytes_read: read,
+        chain: r.chain,
+        bytes_read: r.bytes_read,
     })
 }
