@@ -395,15 +395,18 @@ pub(crate) fn fill(
     for list in &mut by_epoch {
         list.sort_by_key(|p| p.page);
     }
-    let (tx, rx) = mpsc::sync_channel::<Done>(4);
-    let (give, pool) = mpsc::sync_channel::<AlignedBuf>(BUFFERS);
     let compressed = chain.iter().any(|r| r.header().codec != Codec::None);
-    if compressed {
-        for _ in 0..BUFFERS {
-            let _ = give.send(AlignedBuf::new(SPAN as usize));
-        }
-    }
     std::thread::scope(|s| {
+        // Both channels live in this closure: returning early (a damaged
+        // page) drops the receiver and the buffer pool's sender, which
+        // wakes the I/O thread wherever it waits, before the scope joins it.
+        let (tx, rx) = mpsc::sync_channel::<Done>(4);
+        let (give, pool) = mpsc::sync_channel::<AlignedBuf>(BUFFERS);
+        if compressed {
+            for _ in 0..BUFFERS {
+                let _ = give.send(AlignedBuf::new(SPAN as usize));
+            }
+        }
         let reader = std::thread::Builder::new()
             .name("restore-io".into())
             .spawn_scoped(s, move || read_all(ram, chain, by_epoch, tx, pool));
