@@ -17,14 +17,33 @@ fn mixed_store(dir: &std::path::Path) -> std::path::PathBuf {
     let s = snaps.to_str().unwrap();
     let spec = "memstress,wss=2M,ops=2000000,rate=20000,pattern=hotcold";
     let common = ["--interval", "30ms", "--pause-probe", "0", "--retain", "all"];
-    let mut a = vec!["run", "--workload", spec, "--mem", "16M", "--snapshot-dir", s, "--compress", "lz4"];
+    let mut a = vec![
+        "run",
+        "--workload",
+        spec,
+        "--mem",
+        "16M",
+        "--snapshot-dir",
+        s,
+        "--compress",
+        "lz4",
+    ];
     a.extend(common);
     run_and_kill(&a, &snaps, 6);
     let n = epoch_count(&snaps);
     let mut b = vec!["restore", s, "--snapshot-dir", s, "--compress", "none"];
     b.extend(common);
     run_and_kill(&b, &snaps, n + 6);
-    run_ok(consnap().args(["compact", s, "--retain", "all", "--max-chain", "4", "--compress", "zstd"]));
+    run_ok(consnap().args([
+        "compact",
+        s,
+        "--retain",
+        "all",
+        "--max-chain",
+        "4",
+        "--compress",
+        "zstd",
+    ]));
     snaps
 }
 
@@ -87,7 +106,10 @@ fn a_thousand_flipped_bytes_are_all_detected() {
             let out = output(consnap().arg("verify").arg(&snaps));
             assert_eq!(out.status.code(), Some(1), "{what}");
             let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-            assert!(text.contains(path.file_name().unwrap().to_str().unwrap()), "{what}: {text}");
+            assert!(
+                text.contains(path.file_name().unwrap().to_str().unwrap()),
+                "{what}: {text}"
+            );
         }
         for (k, (id, sum)) in good.iter().enumerate() {
             let must_fail = path.ends_with("STORE") || is_needed(&needs[k], path, offset);

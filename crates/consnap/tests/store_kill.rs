@@ -68,7 +68,10 @@ fn kill_9_while_writing_and_while_compacting() {
     };
     let write_round = |rng: &mut Rng, retain: &'static str, first: bool| {
         let mut args: Vec<String> = if first {
-            ["run", "--workload", SPEC, "--mem", "32M"].iter().map(|x| x.to_string()).collect()
+            ["run", "--workload", SPEC, "--mem", "32M"]
+                .iter()
+                .map(|x| x.to_string())
+                .collect()
         } else {
             vec!["restore".into(), s.clone(), "--at".into(), "latest".into()]
         };

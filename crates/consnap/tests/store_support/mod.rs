@@ -107,7 +107,9 @@ pub fn needed(snaps: &Path, id: u64) -> BTreeMap<PathBuf, Vec<(u64, u64)>> {
         v.push((data.end(), e.file_len()));
     }
     for run in runs {
-        let Source::Data { epoch, page } = run.source else { continue };
+        let Source::Data { epoch, page } = run.source else {
+            continue;
+        };
         let e = &chain[epoch];
         let h = e.header();
         let data = h.sections[3].offset;
