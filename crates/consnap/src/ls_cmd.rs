@@ -60,13 +60,24 @@ pub struct Row {
     /// An epoch that `consnap restore --at ID` can restore: neither it nor
     /// its chain is damaged or missing.
     pub restorable: bool,
+    /// Its retention tier under the store's policy (`10s:all`, ...).
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Files a restore of it reads (its chain), when restorable.
+    #[serde(default)]
+    pub chain: Option<usize>,
+    /// Compression of its page data.
+    #[serde(default)]
+    pub compression: String,
+    /// Epochs merged into it by reclamation.
+    #[serde(default)]
+    pub merged: u64,
     /// Guest RAM bytes and vCPUs, which must be equal along a chain.
     #[serde(skip)]
     machine: (u64, u32),
 }
 
 impl Row {
-    /// Damaged, or not restorable because of its chain.
     pub fn is_bad(&self) -> bool {
         self.damaged || self.chain_error.is_some()
     }
@@ -95,7 +106,8 @@ pub fn utc(ns: u64) -> String {
     )
 }
 
-fn human(bytes: u64) -> String {
+/// A size for people: `12.3 MiB`.
+pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -146,8 +158,20 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 /// damaged, cannot be restored, or is a file that is not an epoch.
 pub fn ls(a: LsArgs) -> Result<i32, String> {
     let rows = rows(&a.dir)?;
+    let ledger = store::Ledger::load(&a.dir).ok().flatten();
+    let policy = ledger
+        .as_ref()
+        .and_then(|l| store::Policy::parse(&l.policy).ok())
+        .unwrap_or_default();
     let bad = rows.iter().any(Row::is_bad);
-    match print(&rows, a.json) {
+    let summary = summary(&rows, ledger.as_ref(), &policy);
+    match print(&rows, a.json).and_then(|()| {
+        if a.json {
+            Ok(())
+        } else {
+            writeln!(std::io::stdout(), "{summary}")
+        }
+    }) {
         Ok(()) => {}
         // `consnap ls | head` closes the pipe early: not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
@@ -156,7 +180,8 @@ pub fn ls(a: LsArgs) -> Result<i32, String> {
     Ok(i32::from(bad))
 }
 
-/// The listing of a snapshot directory, as `consnap ls --json` prints it.
+/// The rows of a listing, annotated with tiers and chain lengths (also
+/// served by the control API and shown by `ctl` and `demo`).
 pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
     let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
     let listed = store.list().map_err(|e| e.to_string())?;
@@ -179,6 +204,8 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
                     bytes: i.file_bytes,
                     pause_us: h.pause_ns as f64 / 1e3,
                     guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
+                    compression: h.codec.name().into(),
+                    merged: h.merged,
                     machine: (h.mem_size, h.vcpus),
                     ..Row::default()
                 }
@@ -222,10 +249,71 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
     for r in &mut rows {
         r.restorable = r.id.is_some() && !r.is_bad();
     }
+    let ledger = store::Ledger::load(dir).ok().flatten();
+    let policy = ledger
+        .as_ref()
+        .and_then(|l| store::Policy::parse(&l.policy).ok())
+        .unwrap_or_default();
+    annotate(&mut rows, &policy);
     Ok(rows)
 }
 
-/// Print a listing on stdout, as a table or as JSON.
+/// Tier and chain length of each epoch.
+fn annotate(rows: &mut [Row], policy: &store::Policy) {
+    let now = rows
+        .iter()
+        .filter(|r| r.error.is_none())
+        .map(|r| r.created_ns)
+        .max()
+        .unwrap_or(0);
+    let parents: BTreeMap<u64, Option<u64>> = rows.iter().filter_map(|r| Some((r.id?, r.parent))).collect();
+    for r in rows.iter_mut().filter(|r| r.error.is_none() && r.id.is_some()) {
+        r.tier = Some(match policy.tier_of(now.saturating_sub(r.created_ns)) {
+            Some(t) => policy.tier_name(t),
+            None => "expired".into(),
+        });
+        if r.restorable {
+            let mut n = 1;
+            let mut at = r.parent;
+            while let Some(p) = at {
+                n += 1;
+                at = parents.get(&p).copied().flatten();
+                if n > parents.len() {
+                    break;
+                }
+            }
+            r.chain = Some(n);
+        }
+    }
+}
+
+fn summary(rows: &[Row], ledger: Option<&store::Ledger>, policy: &store::Policy) -> String {
+    let epochs = rows.iter().filter(|r| r.id.is_some()).count();
+    let bytes: u64 = rows.iter().map(|r| r.bytes).sum();
+    let longest = rows.iter().filter_map(|r| r.chain).max().unwrap_or(0);
+    let mut line = format!(
+        "{epochs} epochs in {} files, {} in all; longest chain {longest} files; policy {}",
+        rows.len(),
+        human(bytes),
+        policy.text()
+    );
+    match ledger {
+        Some(l) => {
+            line += &format!(
+                "; reclaimed {} (merged {} epochs, dropped {}, {} rewrites, {} folds, in {:.1}s)",
+                human(l.reclaimed().max(0) as u64),
+                l.merged,
+                l.dropped,
+                l.rewrites,
+                l.folds,
+                l.time_ns as f64 / 1e9
+            );
+        }
+        None => line += "; nothing reclaimed yet",
+    }
+    line
+}
+
 pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
@@ -234,8 +322,8 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
     } else {
         writeln!(
             out,
-            "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10}",
-            "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "PAUSE", "GUEST OPS"
+            "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>5}  TIER",
+            "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "PAUSE", "GUEST OPS", "FILES",
         )?;
         for r in rows {
             let id = r.id.map_or_else(|| "-".to_string(), |i| i.to_string());
@@ -246,7 +334,7 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
             }
             writeln!(
                 out,
-                "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10}",
+                "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>5}  {}",
                 id,
                 r.parent.map_or("-".to_string(), |p| {
                     if r.parent_missing {
@@ -263,6 +351,8 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
                 human(r.bytes),
                 format!("{:.1}ms", r.pause_us / 1e3),
                 r.guest_ops.map_or("-".to_string(), |o| o.to_string()),
+                r.chain.map_or("-".to_string(), |c| c.to_string()),
+                r.tier.as_deref().unwrap_or("-"),
             )?;
             if let Some(why) = &r.chain_error {
                 writeln!(out, "{id:>6}  cannot be restored: {why}")?;

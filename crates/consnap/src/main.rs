@@ -2,15 +2,22 @@
 
 mod api;
 mod args;
+mod at;
+mod compact_cmd;
 mod control;
 mod ctl_cmd;
 mod demo_cmd;
+mod inspect_cmd;
 mod live;
 mod ls_cmd;
+mod progress;
+mod reclaimer;
 mod report;
 mod restore_cmd;
 mod run_cmd;
 mod session;
+mod store_args;
+mod verify_cmd;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -40,6 +47,12 @@ enum Command {
     Ls(ls_cmd::LsArgs),
     /// Drive a running consnap through its control API (--api-sock).
     Ctl(ctl_cmd::CtlArgs),
+    /// Show one snapshot in detail: its chain, files, pages and machine.
+    Inspect(inspect_cmd::InspectArgs),
+    /// Check every checksum and index of a snapshot directory.
+    Verify(verify_cmd::VerifyArgs),
+    /// Reclaim space in a snapshot directory no process is writing.
+    Compact(compact_cmd::CompactArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -78,6 +91,9 @@ fn main() -> ExitCode {
         Command::Restore(a) => restore_cmd::restore(a),
         Command::Ls(a) => ls_cmd::ls(a),
         Command::Ctl(a) => ctl_cmd::ctl(a),
+        Command::Inspect(a) => inspect_cmd::inspect(a),
+        Command::Verify(a) => verify_cmd::verify(a),
+        Command::Compact(a) => compact_cmd::compact(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)

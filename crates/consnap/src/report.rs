@@ -346,6 +346,9 @@ pub struct Report {
     /// For `restore`: the epoch the VM came from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<RestoredFrom>,
+    /// What the background reclaimer did, when snapshots were taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaim: Option<crate::reclaimer::ReclaimReport>,
 }
 
 impl Report {

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use store::{Access, Store};
 
 use crate::report::RestoredFrom;
@@ -15,12 +14,52 @@ use crate::session::{self, SessionArgs};
 pub struct RestoreArgs {
     /// Snapshot directory.
     pub dir: PathBuf,
-    /// Epoch to restore: an id from `consnap ls`, or `latest`.
+    /// Epoch to restore: an id from `consnap ls`, `latest`, a time before
+    /// now such as `-30s`, or an RFC 3339 time (the newest epoch captured
+    /// at or before it).
     #[arg(long, default_value = "latest")]
     pub at: String,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
+}
+
+/// Why epoch `id` cannot be restored, and the newest epoch that can: each
+/// newer-first candidate is checked as a restore would read it (chain,
+/// state, every page it takes), skipping chains through the damaged file.
+fn refusal(store: &Store, id: u64, e: &snapshot::RestoreError) -> String {
+    let mut msg = format!("cannot restore epoch {id}: {e}");
+    let damaged = match e {
+        snapshot::RestoreError::Store(
+            store::StoreError::Corrupt { path, .. } | store::StoreError::Mismatch { path, .. },
+        ) => Some(path.clone()),
+        _ => None,
+    };
+    let intact = store
+        .ids()
+        .unwrap_or_default()
+        .into_iter()
+        .rev()
+        .filter(|c| *c != id)
+        .find(|c| {
+            let through_damage = damaged.as_ref().is_some_and(|d| {
+                store
+                    .chain(*c)
+                    .map(|chain| chain.iter().any(|r| r.path() == d.as_path()))
+                    .unwrap_or(true)
+            });
+            !through_damage && store::check_restore(store, *c).is_ok()
+        });
+    match intact {
+        Some(c) => {
+            msg += &format!(
+                "; the newest intact epoch is {c}: consnap restore {} --at {c}",
+                store.dir().display()
+            );
+        }
+        None => msg += "; no other epoch in the store can be restored",
+    }
+    msg
 }
 
 fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
@@ -35,23 +74,16 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
     let started = Instant::now();
     let pre = session::preflight(&a.session)?;
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
-    let id = match a.at.as_str() {
-        "latest" => store.latest().map_err(|e| e.to_string())?,
-        s => s
-            .parse()
-            .map_err(|_| format!("--at '{s}' is not an epoch id or 'latest'"))?,
-    };
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("restoring epoch {msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message(id.to_string());
+    let id = crate::at::resolve(&store, &a.at)?;
+    let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
     let restored = snapshot::restore(&store, id, Box::new(std::io::stdout()), &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })
-    .map_err(|e| e.to_string())?;
-    bar.finish_and_clear();
+        bar.update(done, total);
+    });
+    bar.finish();
+    let restored = match restored {
+        Ok(r) => r,
+        Err(e) => return Err(refusal(&store, id, &e)),
+    };
     let from = RestoredFrom {
         dir: a.dir.display().to_string(),
         epoch: id,

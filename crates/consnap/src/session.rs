@@ -130,6 +130,12 @@ pub struct SessionArgs {
     /// terminal, redrawn in place; every 5s otherwise).
     #[arg(long, value_parser = args::duration, value_name = "DURATION")]
     pub status_interval: Option<Duration>,
+    /// Compression of page data in new epochs (and in rewrites).
+    #[arg(long, value_enum, default_value = "lz4", requires = "snapshot_dir")]
+    pub compress: crate::store_args::CompressArg,
+    /// Retention and reclamation (the reclaimer runs while the VM runs).
+    #[command(flatten)]
+    pub reclaim: crate::store_args::ReclaimArgs,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -248,6 +254,14 @@ pub fn execute(
         }
         None => None,
     };
+    let reclaimer = engine.as_ref().and_then(|e| e.store()).map(|store| {
+        store.set_compression(a.compress.codec());
+        let opts = store::ReclaimOptions {
+            codec: Some(a.compress.codec()),
+            ..a.reclaim.options()
+        };
+        crate::reclaimer::Reclaimer::start(store, opts, parent)
+    });
     let shared = Arc::new(Shared::new(Board {
         state: VmState::Running,
         vcpus: machine.config().vcpus,
@@ -300,6 +314,7 @@ pub fn execute(
     let mut report = build_report(command, &machine, &end, started, &pauses, done.samples);
     report.snapshots = done.engine.as_ref().map(Snapshots::from_engine);
     report.restored_from = restored;
+    report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;
     }
@@ -352,6 +367,7 @@ fn build_report(
         progress,
         snapshots: None,
         restored_from: None,
+        reclaim: None,
     }
 }
 

@@ -219,6 +219,12 @@ impl SnapshotEngine {
         Ok(())
     }
 
+    /// The store the engine writes, once it could be opened (it holds the
+    /// store's lock; a reclaimer in this process works through it).
+    pub fn store(&self) -> Option<Arc<Store>> {
+        self.store.clone()
+    }
+
     /// The configuration (at run time: the interval and mode last set).
     pub fn config(&self) -> &SnapshotConfig {
         &self.cfg

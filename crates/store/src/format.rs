@@ -1,13 +1,25 @@
-//! The on-disk layout, version 1 (docs/FORMAT.md is the normative text).
+//! The on-disk layout, version 2 (docs/FORMAT.md is the normative text).
+//! Version 1 files, which are version 2 files without compression, are
+//! still read.
 //!
 //! Every integer is little-endian. Every file starts with a magic, a format
 //! version and ends its header with an XXH3-64 checksum.
 
+use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use std::path::Path;
 
-/// Format version written and read by this build.
-pub const VERSION: u32 = 1;
+/// Format version written by this build.
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
+/// Size of one FRAMES entry.
+pub const FRAME_SIZE: usize = 24;
+/// Most pages in one compressed frame (64 KiB of page data).
+pub const FRAME_PAGES: u32 = 16;
+/// Largest gap of zero bytes allowed between two sections (the padding
+/// that aligns DATA).
+pub const MAX_GAP: u64 = PAGE as u64 - 1;
 /// Guest page size.
 pub const PAGE: usize = 4096;
 /// Epoch header size (one page, so the data section can be page aligned).
@@ -105,6 +117,8 @@ pub mod section {
     pub const PAGE_SUMS: u32 = 3;
     /// Page data, 4096-aligned.
     pub const DATA: u32 = 4;
+    /// Compressed frames of DATA (version 2).
+    pub const FRAMES: u32 = 5;
 }
 
 /// A section table entry.
@@ -114,8 +128,53 @@ pub struct Section {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
-    /// XXH3-64 of the section (0 for DATA, covered by PAGE_SUMS).
+    /// XXH3-64 of the section (0 for DATA, covered by PAGE_SUMS and FRAMES).
     pub sum: u64,
+}
+
+impl Section {
+    /// The first byte after the section.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+}
+
+/// A compressed frame: consecutive DATA pages stored as one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// Offset of its bytes inside DATA.
+    pub offset: u64,
+    /// Stored bytes; `pages * 4096` means stored uncompressed.
+    pub len: u32,
+    /// Pages it holds, 1 to [`FRAME_PAGES`].
+    pub pages: u32,
+    /// XXH3-64 of the stored bytes.
+    pub sum: u64,
+}
+
+impl Frame {
+    /// Serialize to 24 bytes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        out.extend_from_slice(&self.sum.to_le_bytes());
+    }
+
+    /// Parse 24 bytes.
+    pub fn decode(b: &[u8]) -> Frame {
+        Frame {
+            offset: le64(b, 0),
+            len: le32(b, 8),
+            pages: le32(b, 12),
+            sum: le64(b, 16),
+        }
+    }
+
+    /// True when the frame holds its pages uncompressed.
+    pub fn is_raw(&self) -> bool {
+        u64::from(self.len) == u64::from(self.pages) * PAGE as u64
+    }
 }
 
 /// Flags in the epoch header.
@@ -176,6 +235,8 @@ impl Extent {
 /// The epoch file header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// Format version of the file (1 or 2).
+    pub version: u32,
     /// Epoch id (unique in the store, increasing).
     pub id: u64,
     /// Parent epoch id, 0 for none.
@@ -202,8 +263,14 @@ pub struct Header {
     pub extents: u64,
     /// How long the VM was paused for this epoch (ns).
     pub pause_ns: u64,
-    /// STATE, INDEX, PAGE_SUMS, DATA.
-    pub sections: [Section; 4],
+    /// How DATA is stored (version 2; version 1 is always uncompressed).
+    pub codec: Codec,
+    /// FRAMES entries (0 without compression).
+    pub frames: u64,
+    /// Epochs merged into this one by reclamation, in all.
+    pub merged: u64,
+    /// STATE, INDEX, PAGE_SUMS, DATA, FRAMES.
+    pub sections: [Section; 5],
 }
 
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
@@ -219,7 +286,18 @@ pub(crate) fn le64(b: &[u8], at: usize) -> u64 {
 }
 
 const SECTIONS_AT: usize = 128;
-const SECTION_NAMES: [&str; 4] = ["STATE", "INDEX", "PAGE_SUMS", "DATA"];
+/// Section names in table order.
+pub const SECTION_NAMES: [&str; 5] = ["STATE", "INDEX", "PAGE_SUMS", "DATA", "FRAMES"];
+const KINDS: [u32; 5] = [
+    section::STATE,
+    section::INDEX,
+    section::PAGE_SUMS,
+    section::DATA,
+    section::FRAMES,
+];
+const CODEC_AT: usize = 120;
+const FRAMES_AT: usize = 288;
+const MERGED_AT: usize = 296;
 const SUM_AT: usize = HEADER_SIZE - 8;
 
 impl Header {
@@ -228,12 +306,18 @@ impl Header {
         self.flags & flags::FULL != 0
     }
 
-    /// Serialize to [`HEADER_SIZE`] bytes with the checksum filled in.
+    /// Section table entries this version has (4 in version 1, 5 in 2).
+    fn table_len(version: u32) -> usize {
+        if version >= 2 { 5 } else { 4 }
+    }
+
+    /// Serialize to [`HEADER_SIZE`] bytes with the checksum filled in, in
+    /// the header's version (version 1 only without compression).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_SIZE];
         let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
         put(0, &EPOCH_MAGIC);
-        put(8, &VERSION.to_le_bytes());
+        put(8, &self.version.to_le_bytes());
         put(12, &(HEADER_SIZE as u32).to_le_bytes());
         put(16, &self.id.to_le_bytes());
         put(24, &self.parent.to_le_bytes());
@@ -249,13 +333,18 @@ impl Header {
         put(96, &self.pages_zero.to_le_bytes());
         put(104, &self.extents.to_le_bytes());
         put(112, &self.pause_ns.to_le_bytes());
-        let kinds = [section::STATE, section::INDEX, section::PAGE_SUMS, section::DATA];
-        for (i, (s, kind)) in self.sections.iter().zip(kinds).enumerate() {
+        let n = Self::table_len(self.version);
+        for (i, (s, kind)) in self.sections.iter().zip(KINDS).take(n).enumerate() {
             let at = SECTIONS_AT + i * 32;
             put(at, &kind.to_le_bytes());
             put(at + 8, &s.offset.to_le_bytes());
             put(at + 16, &s.len.to_le_bytes());
             put(at + 24, &s.sum.to_le_bytes());
+        }
+        if self.version >= 2 {
+            put(CODEC_AT, &self.codec.code().to_le_bytes());
+            put(FRAMES_AT, &self.frames.to_le_bytes());
+            put(MERGED_AT, &self.merged.to_le_bytes());
         }
         let sum = checksum(&b[..SUM_AT]);
         b[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
@@ -278,7 +367,7 @@ impl Header {
             return Err(corrupt("not a consnap epoch file (bad magic)".into()));
         }
         let version = le32(b, 8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(StoreError::Version {
                 path: path.to_path_buf(),
                 found: version,
@@ -286,7 +375,7 @@ impl Header {
             });
         }
         if checksum(&b[..SUM_AT]) != le64(b, SUM_AT) {
-            return Err(corrupt("header checksum mismatch".into()));
+            return Err(corrupt("header checksum mismatch (bytes 0..4096)".into()));
         }
         let header_size = le32(b, 12);
         if header_size as usize != HEADER_SIZE {
@@ -361,11 +450,29 @@ impl Header {
                 "epoch {id} has {extents} index extents for {pages_data} data and {pages_zero} zero pages (extents are never empty)"
             )));
         }
+        let (codec, frames, merged) = if version >= 2 {
+            let c = le32(b, CODEC_AT);
+            let codec = Codec::from_code(c).ok_or_else(|| {
+                corrupt(format!(
+                    "epoch {id} has unknown compression {c} (known: 0 none, 1 zstd, 2 lz4)"
+                ))
+            })?;
+            (codec, le64(b, FRAMES_AT), le64(b, MERGED_AT))
+        } else {
+            (Codec::None, 0, 0)
+        };
+        if codec == Codec::None && frames != 0 {
+            return Err(corrupt(format!("epoch {id} is not compressed but has {frames} frames")));
+        }
+        if codec != Codec::None && (frames > pages_data || (pages_data > 0 && frames == 0)) {
+            return Err(corrupt(format!(
+                "epoch {id} has {frames} compressed frames for {pages_data} data pages (frames are never empty)"
+            )));
+        }
         let mut store_uuid = [0u8; 16];
         store_uuid.copy_from_slice(&b[32..48]);
-        let mut sections = [Section::default(); 4];
-        let kinds = [section::STATE, section::INDEX, section::PAGE_SUMS, section::DATA];
-        for (i, kind) in kinds.into_iter().enumerate() {
+        let mut sections = [Section::default(); 5];
+        for (i, kind) in KINDS.into_iter().take(Self::table_len(version)).enumerate() {
             let at = SECTIONS_AT + i * 32;
             if le32(b, at) != kind {
                 return Err(corrupt(format!(
@@ -380,6 +487,10 @@ impl Header {
                 sum: le64(b, at + 24),
             };
         }
+        if version < 2 {
+            // Version 1 has no FRAMES section: an empty one right after PAGE_SUMS.
+            sections[4].offset = sections[2].end();
+        }
         if sections[3].sum != 0 {
             return Err(corrupt(format!(
                 "the DATA section entry has checksum {:#x} (must be 0: PAGE_SUMS covers the pages)",
@@ -387,6 +498,7 @@ impl Header {
             )));
         }
         Ok(Header {
+            version,
             id,
             parent,
             store_uuid,
@@ -400,24 +512,33 @@ impl Header {
             pages_zero,
             extents,
             pause_ns: le64(b, 112),
+            codec,
+            frames,
+            merged,
             sections,
         })
     }
 
     /// Check the section table against the counts and the file length:
     /// lengths match the counts, DATA is page aligned, every section lies
-    /// after the header and inside the file, and no two overlap.
+    /// after the header and inside the file, no two overlap, the gaps
+    /// between them are shorter than a page, and the file ends where the
+    /// last section ends. (That the gaps hold zeros is checked by the reader.)
     pub fn check_layout(&self, file_len: u64, path: &Path) -> Result<()> {
         let corrupt = |why: String| StoreError::Corrupt {
             path: path.to_path_buf(),
             why,
         };
-        let [state, index, sums, data] = self.sections;
-        let expect = [
+        let [state, index, sums, data, frames] = self.sections;
+        let data_per_page = if self.codec == Codec::None { PAGE as u64 } else { 0 };
+        let mut expect = vec![
             ("INDEX", index.len, self.extents, EXTENT_SIZE as u64, "index extents"),
             ("PAGE_SUMS", sums.len, self.pages_data, 8, "data pages"),
-            ("DATA", data.len, self.pages_data, PAGE as u64, "data pages"),
+            ("FRAMES", frames.len, self.frames, FRAME_SIZE as u64, "frames"),
         ];
+        if data_per_page != 0 {
+            expect.push(("DATA", data.len, self.pages_data, PAGE as u64, "data pages"));
+        }
         for (name, got, count, each, what) in expect {
             match count.checked_mul(each) {
                 Some(want) if want == got => {}
@@ -433,13 +554,25 @@ impl Header {
                 }
             }
         }
+        if data_per_page == 0 && (data.len < self.frames || data.len / PAGE as u64 > self.pages_data) {
+            return Err(corrupt(format!(
+                "compressed DATA section is {} bytes for {} frames of {} pages",
+                data.len, self.frames, self.pages_data
+            )));
+        }
         if !data.offset.is_multiple_of(PAGE as u64) {
             return Err(corrupt(format!(
                 "DATA section starts at {}, which is not a multiple of {PAGE}",
                 data.offset
             )));
         }
-        let named = [("STATE", state), ("INDEX", index), ("PAGE_SUMS", sums), ("DATA", data)];
+        let named = [
+            ("STATE", state),
+            ("INDEX", index),
+            ("PAGE_SUMS", sums),
+            ("DATA", data),
+            ("FRAMES", frames),
+        ];
         for (name, s) in named {
             let end = s.offset.checked_add(s.len);
             if s.offset < HEADER_SIZE as u64 {
@@ -459,103 +592,57 @@ impl Header {
         placed.sort_by_key(|(_, s)| s.offset);
         for w in placed.windows(2) {
             let ((a, sa), (b, sb)) = (w[0], w[1]);
-            if sa.offset + sa.len > sb.offset {
+            if sa.end() > sb.offset {
                 return Err(corrupt(format!(
                     "{a} section [{}, +{}) overlaps {b} section [{}, +{})",
                     sa.offset, sa.len, sb.offset, sb.len
                 )));
             }
         }
+        for (at, to) in self.gaps(file_len) {
+            if to - at > MAX_GAP {
+                return Err(corrupt(format!(
+                    "bytes [{at}, {to}) belong to no section (gaps between sections are shorter than {PAGE} bytes)"
+                )));
+            }
+        }
+        // Empty sections count too: a file without pages ends at its
+        // (empty) DATA, after the padding that follows the state.
+        let end = self
+            .sections
+            .iter()
+            .map(Section::end)
+            .max()
+            .unwrap_or(0)
+            .max(HEADER_SIZE as u64);
+        if file_len != end {
+            return Err(corrupt(format!(
+                "the file is {file_len} bytes but its last section ends at {end}: bytes after it belong to no section"
+            )));
+        }
         Ok(())
+    }
+
+    /// The byte ranges of the file that belong to no section: padding, which
+    /// must hold zeros. Only meaningful after [`Header::check_layout`].
+    pub fn gaps(&self, file_len: u64) -> Vec<(u64, u64)> {
+        let mut placed: Vec<Section> = self.sections.to_vec();
+        placed.sort_by_key(|s| s.offset);
+        let mut gaps = Vec::new();
+        let mut at = HEADER_SIZE as u64;
+        for s in placed {
+            if s.offset > at {
+                gaps.push((at, s.offset));
+            }
+            at = at.max(s.end());
+        }
+        if file_len > at {
+            gaps.push((at, file_len));
+        }
+        gaps
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header() -> Header {
-        Header {
-            id: 7,
-            parent: 6,
-            store_uuid: [9; 16],
-            created_ns: 123,
-            mode: Mode::StopCopy,
-            flags: 0,
-            vcpus: 2,
-            mem_size: 1 << 30,
-            guest_ops: 55,
-            pages_data: 3,
-            pages_zero: 1,
-            extents: 2,
-            pause_ns: 999,
-            sections: [
-                Section {
-                    offset: 4096,
-                    len: 100,
-                    sum: 1,
-                },
-                Section {
-                    offset: 4096 * 5,
-                    len: 48,
-                    sum: 2,
-                },
-                Section {
-                    offset: 4096 * 5 + 48,
-                    len: 24,
-                    sum: 3,
-                },
-                Section {
-                    offset: 8192,
-                    len: 3 * 4096,
-                    sum: 0,
-                },
-            ],
-        }
-    }
-
-    #[test]
-    fn header_round_trips_and_detects_damage() {
-        let h = header();
-        let b = h.encode();
-        let p = Path::new("x");
-        assert_eq!(Header::decode(&b, p).unwrap(), h);
-        h.check_layout(4096 * 6, p).unwrap();
-        assert!(h.check_layout(4096 * 5, p).is_err(), "truncation must be caught");
-        for i in [0, 8, 20, 200, 4000] {
-            let mut bad = b.clone();
-            bad[i] ^= 1;
-            assert!(Header::decode(&bad, p).is_err(), "flip at {i} accepted");
-        }
-        let mut v2 = b.clone();
-        v2[8] = 2;
-        assert!(matches!(
-            Header::decode(&v2, p),
-            Err(StoreError::Version { found: 2, .. })
-        ));
-    }
-
-    #[test]
-    fn ram_frames_skip_the_mmio_hole() {
-        assert_eq!(ram_frames(8 * 4096), vec![(0, 8)]);
-        assert_eq!(ram_frames(3 << 30), vec![(0, 786_432)]);
-        assert_eq!(ram_frames(4 << 30), vec![(0, 786_432), (1_048_576, 1_310_720)]);
-        assert_eq!(describe_frames(4 << 30), "frames 0..786432 and 1048576..1310720");
-    }
-
-    #[test]
-    fn extents_round_trip() {
-        let e = Extent {
-            gfn: 1 << 20,
-            count: 5,
-            kind: ExtentKind::Zero,
-            data_page: 0,
-        };
-        let mut v = Vec::new();
-        e.encode(&mut v);
-        assert_eq!(v.len(), EXTENT_SIZE);
-        assert_eq!(Extent::decode(&v), Some(e));
-        v[12] = 9;
-        assert_eq!(Extent::decode(&v), None);
-    }
-}
+#[path = "format_tests.rs"]
+mod tests;

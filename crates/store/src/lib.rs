@@ -7,16 +7,30 @@
 //! parent, so restoring epoch N reads N, its parent, and so on down to a
 //! full epoch. The layout is specified in docs/FORMAT.md.
 
+mod aligned;
+mod codec;
+mod cursor;
 mod error;
 pub mod format;
+mod ledger;
 mod plan;
 mod reader;
+mod reclaim;
+pub mod retain;
 mod store;
+mod verify;
 mod writer;
 
+pub use aligned::AlignedBuf;
+pub use codec::{Codec, Decompressor};
+pub use cursor::PageCursor;
 pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
-pub use plan::{Run, Source, plan};
+pub use ledger::{LEDGER_FILE, Ledger};
+pub use plan::{Run, Source, claims, plan};
 pub use reader::EpochReader;
+pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
+pub use retain::{DEFAULT_POLICY, Policy};
 pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};
+pub use verify::{Problem, Verified, check_restore, verify};
 pub use writer::{EpochMeta, EpochWriter};

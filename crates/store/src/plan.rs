@@ -73,22 +73,15 @@ impl Covered {
         gaps
     }
 
+    #[cfg(test)]
     fn total(&self) -> u64 {
         self.0.iter().map(|(s, e)| e - s).sum()
     }
 }
 
-/// Plan the restore of `chain[0]` (chain newest first, ending at a full epoch).
-pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
-    let Some(base) = chain.last() else {
-        return Err(StoreError::Usage("empty chain"));
-    };
-    if !base.header().is_full() {
-        return Err(StoreError::Corrupt {
-            path: base.path().to_path_buf(),
-            why: "chain does not end at a full epoch".into(),
-        });
-    }
+/// Where each page listed by `chain` (newest first) comes from: the newest
+/// epoch that lists it. Runs ascend by frame number.
+pub fn claims(chain: &[EpochReader]) -> Vec<Run> {
     let mut covered = Covered::default();
     let mut runs = Vec::new();
     for (i, epoch) in chain.iter().enumerate() {
@@ -110,17 +103,32 @@ pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
             }
         }
     }
+    runs.sort_by_key(|r| r.gfn);
+    runs
+}
+
+/// Plan the restore of `chain[0]` (chain newest first, ending at a full epoch).
+pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
+    let Some(base) = chain.last() else {
+        return Err(StoreError::Usage("empty chain"));
+    };
+    if !base.header().is_full() {
+        return Err(StoreError::Corrupt {
+            path: base.path().to_path_buf(),
+            why: "chain does not end at a full epoch".into(),
+        });
+    }
+    let runs = claims(chain);
+    let covered: u64 = runs.iter().map(|r| r.count).sum();
     let base_pages = base.header().pages_data + base.header().pages_zero;
-    if covered.total() != base_pages {
+    if covered != base_pages {
         return Err(StoreError::Corrupt {
             path: chain[0].path().to_path_buf(),
             why: format!(
-                "chain covers {} pages but its full epoch has {base_pages}: an incremental epoch records pages outside guest RAM",
-                covered.total()
+                "chain covers {covered} pages but its full epoch has {base_pages}: an incremental epoch records pages outside guest RAM"
             ),
         });
     }
-    runs.sort_by_key(|r| r.gfn);
     Ok(runs)
 }
 

@@ -4,12 +4,15 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::codec::{Codec, Decompressor};
 use crate::error::{Result, StoreError, io};
 use crate::format::{
-    EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, PAGE, checksum, describe_frames, le32, le64, ram_frames,
+    EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, FRAME_SIZE, Frame, HEADER_SIZE, Header, PAGE, checksum,
+    describe_frames, le32, le64, ram_frames,
 };
 
-/// An opened, verified epoch: header, index and page checksums in memory.
+/// An opened, verified epoch: header, index, page checksums and frame
+/// table in memory.
 #[derive(Debug)]
 pub struct EpochReader {
     path: PathBuf,
@@ -17,6 +20,10 @@ pub struct EpochReader {
     header: Header,
     index: Vec<Extent>,
     sums: Vec<u64>,
+    frames: Vec<Frame>,
+    /// First data page of each frame.
+    frame_first: Vec<u64>,
+    file_len: u64,
 }
 
 fn read_at(file: &File, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
@@ -65,6 +72,63 @@ fn header_of(file: &File, path: &Path) -> Result<(Header, u64)> {
     let h = Header::decode(&b, path)?;
     h.check_layout(len, path)?;
     Ok((h, len))
+}
+
+/// Check that the padding between sections holds zeros.
+fn check_gaps(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<()> {
+    for (at, to) in h.gaps(file_len) {
+        let b = read_at(file, path, to - at, at)?;
+        if let Some(i) = b.iter().position(|&x| x != 0) {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                why: format!(
+                    "byte {} is {:#04x} in the padding [{at}, {to}) between sections, which must be zero",
+                    at + i as u64,
+                    b[i]
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Decode the FRAMES table and check it: frames of 1 to 16 pages covering
+/// the DATA pages in order, stored back to back from the start of DATA,
+/// each no longer than its pages uncompressed.
+fn check_frames(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Frame>, String> {
+    let mut frames = Vec::with_capacity(bytes.len() / FRAME_SIZE);
+    let (mut pages, mut offset) = (0u64, 0u64);
+    for (i, b) in bytes.chunks_exact(FRAME_SIZE).enumerate() {
+        let f = Frame::decode(b);
+        if f.pages == 0 || f.pages > FRAME_PAGES {
+            return Err(format!("frame {i} holds {} pages (1 to {FRAME_PAGES})", f.pages));
+        }
+        if f.offset != offset {
+            return Err(format!(
+                "frame {i} starts at DATA offset {}, expected {offset} (frames are stored back to back)",
+                f.offset
+            ));
+        }
+        if f.len == 0 || u64::from(f.len) > u64::from(f.pages) * PAGE as u64 {
+            return Err(format!(
+                "frame {i} is {} bytes for {} pages (1 to {} bytes)",
+                f.len,
+                f.pages,
+                u64::from(f.pages) * PAGE as u64
+            ));
+        }
+        pages += u64::from(f.pages);
+        offset += u64::from(f.len);
+        frames.push(f);
+    }
+    let data = header.sections[3].len;
+    if pages != header.pages_data || offset != data {
+        return Err(format!(
+            "frames hold {pages} pages in {offset} bytes, the header says {} data pages in a DATA section of {data} bytes",
+            header.pages_data
+        ));
+    }
+    Ok(frames)
 }
 
 /// Decode the INDEX and check every rule of docs/FORMAT.md about it:
@@ -130,25 +194,53 @@ fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>
 }
 
 impl EpochReader {
-    /// Open `path`, verifying the header, the section layout, the index and
-    /// the page-checksum table.
+    /// Open `path`, verifying the header, the section layout and padding,
+    /// the index, the page-checksum table and the frame table.
     pub fn open(path: &Path) -> Result<EpochReader> {
         let corrupt = |why: String| StoreError::Corrupt {
             path: path.to_path_buf(),
             why,
         };
         let file = open_regular(path)?;
-        let (header, _) = header_of(&file, path)?;
-        let [_, isec, ssec, _] = header.sections;
+        let (header, file_len) = header_of(&file, path)?;
+        check_gaps(&file, path, &header, file_len)?;
+        let [_, isec, ssec, _, fsec] = header.sections;
         let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
         if checksum(&index_bytes) != isec.sum {
-            return Err(corrupt("INDEX section checksum mismatch".into()));
+            return Err(corrupt(format!(
+                "INDEX section checksum mismatch (bytes {}..{})",
+                isec.offset,
+                isec.end()
+            )));
         }
         let sum_bytes = read_at(&file, path, ssec.len, ssec.offset)?;
         if checksum(&sum_bytes) != ssec.sum {
-            return Err(corrupt("PAGE_SUMS section checksum mismatch".into()));
+            return Err(corrupt(format!(
+                "PAGE_SUMS section checksum mismatch (bytes {}..{})",
+                ssec.offset,
+                ssec.end()
+            )));
         }
-        let index = check_index(&header, &index_bytes).map_err(corrupt)?;
+        let frame_bytes = read_at(&file, path, fsec.len, fsec.offset)?;
+        if checksum(&frame_bytes) != fsec.sum {
+            return Err(corrupt(format!(
+                "FRAMES section checksum mismatch (bytes {}..{})",
+                fsec.offset,
+                fsec.end()
+            )));
+        }
+        let index = check_index(&header, &index_bytes).map_err(&corrupt)?;
+        let frames = if header.codec == Codec::None {
+            Vec::new()
+        } else {
+            check_frames(&header, &frame_bytes).map_err(&corrupt)?
+        };
+        let mut frame_first = Vec::with_capacity(frames.len());
+        let mut first = 0;
+        for f in &frames {
+            frame_first.push(first);
+            first += u64::from(f.pages);
+        }
         let sums = sum_bytes.chunks_exact(8).map(|c| le64(c, 0)).collect();
         Ok(EpochReader {
             path: path.to_path_buf(),
@@ -156,6 +248,9 @@ impl EpochReader {
             header,
             index,
             sums,
+            frames,
+            frame_first,
+            file_len,
         })
     }
 
@@ -169,9 +264,35 @@ impl EpochReader {
         &self.path
     }
 
+    /// The open file (for large direct reads of DATA).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The file's length when it was opened.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
     /// The page index.
     pub fn index(&self) -> &[Extent] {
         &self.index
+    }
+
+    /// The compressed frames (empty without compression).
+    pub fn frames(&self) -> &[Frame] {
+        &self.frames
+    }
+
+    /// The frame holding data page `page` and that frame's first page.
+    pub fn frame_of(&self, page: u64) -> Option<(usize, u64)> {
+        let i = self.frame_first.partition_point(|&f| f <= page).checked_sub(1)?;
+        Some((i, self.frame_first[i]))
+    }
+
+    /// The checksum of data page `page`.
+    pub fn page_sum(&self, page: u64) -> Option<u64> {
+        self.sums.get(usize::try_from(page).ok()?).copied()
     }
 
     /// The encoded machine state, verified.
@@ -181,28 +302,78 @@ impl EpochReader {
         if checksum(&b) != s.sum {
             return Err(StoreError::Corrupt {
                 path: self.path.clone(),
-                why: "STATE section checksum mismatch".into(),
+                why: format!("STATE section checksum mismatch (bytes {}..{})", s.offset, s.end()),
             });
         }
         Ok(b)
     }
 
     /// Read `dst.len() / 4096` data pages starting at data page `first`,
-    /// verifying each against its checksum.
+    /// verifying each against its checksum (and each compressed frame
+    /// against its own).
     pub fn read_pages(&self, first: u64, dst: &mut [u8]) -> Result<()> {
-        self.read_unverified(first, dst)?;
-        self.verify(first, dst)
-    }
-
-    /// Read data pages without checking them; call [`EpochReader::verify`]
-    /// on every page that is used.
-    pub fn read_unverified(&self, first: u64, dst: &mut [u8]) -> Result<()> {
         let n = (dst.len() / PAGE) as u64;
         if !dst.len().is_multiple_of(PAGE) || first.checked_add(n).is_none_or(|end| end > self.header.pages_data) {
             return Err(StoreError::Usage("page read outside the DATA section"));
         }
-        let at = self.header.sections[3].offset + first * PAGE as u64;
-        self.file.read_exact_at(dst, at).map_err(io(&self.path, "read pages"))
+        if self.header.codec == Codec::None {
+            let at = self.header.sections[3].offset + first * PAGE as u64;
+            self.file.read_exact_at(dst, at).map_err(io(&self.path, "read pages"))?;
+            return self.verify(first, dst);
+        }
+        let mut dec = Decompressor::default();
+        let mut raw = Vec::new();
+        let mut page = first;
+        while page < first + n {
+            let (fi, f0) = self
+                .frame_of(page)
+                .ok_or(StoreError::Usage("page outside every frame"))?;
+            let f = self.frames[fi];
+            let mut out = vec![0u8; f.pages as usize * PAGE];
+            self.read_frame(fi, &mut raw, &mut out, &mut dec)?;
+            let from = page - f0;
+            let take = (u64::from(f.pages) - from).min(first + n - page);
+            let at = ((page - first) as usize) * PAGE;
+            dst[at..at + take as usize * PAGE]
+                .copy_from_slice(&out[from as usize * PAGE..(from + take) as usize * PAGE]);
+            page += take;
+        }
+        self.verify(first, dst)
+    }
+
+    /// Read frame `fi` (checking its checksum) and decompress it into
+    /// `out` (its pages × 4096 bytes). Page checksums are not checked.
+    pub fn read_frame(&self, fi: usize, raw: &mut Vec<u8>, out: &mut [u8], dec: &mut Decompressor) -> Result<()> {
+        let f = self.frames[fi];
+        raw.resize(f.len as usize, 0);
+        let at = self.header.sections[3].offset + f.offset;
+        self.file.read_exact_at(raw, at).map_err(io(&self.path, "read frame"))?;
+        self.decode_frame(fi, raw, out, dec)
+    }
+
+    /// Check frame `fi`'s stored bytes against its checksum and decompress
+    /// them into `out` (its pages × 4096 bytes).
+    pub fn decode_frame(&self, fi: usize, stored: &[u8], out: &mut [u8], dec: &mut Decompressor) -> Result<()> {
+        let f = self.frames[fi];
+        let corrupt = |why: String| StoreError::Corrupt {
+            path: self.path.clone(),
+            why,
+        };
+        if checksum(stored) != f.sum {
+            return Err(corrupt(format!(
+                "compressed frame {fi} (data pages {}..{}, bytes {}..{} of the file) fails its checksum",
+                self.frame_first[fi],
+                self.frame_first[fi] + u64::from(f.pages),
+                self.header.sections[3].offset + f.offset,
+                self.header.sections[3].offset + f.offset + u64::from(f.len)
+            )));
+        }
+        if f.is_raw() {
+            out.copy_from_slice(stored);
+            return Ok(());
+        }
+        dec.decompress(self.header.codec, stored, out)
+            .map_err(|e| corrupt(format!("compressed frame {fi} does not decompress: {e}")))
     }
 
     /// Check `pages` (consecutive data pages from `first`) against their checksums.
@@ -212,10 +383,26 @@ impl EpochReader {
             if self.sums.get(p as usize) != Some(&checksum(page)) {
                 return Err(StoreError::Corrupt {
                     path: self.path.clone(),
-                    why: format!("data page {p} fails its checksum"),
+                    why: format!("data page {p}{} fails its checksum", self.describe_page(p)),
                 });
             }
         }
         Ok(())
+    }
+
+    /// ` (guest frame F, file offset O)` for data page `p`, for messages.
+    pub fn describe_page(&self, p: u64) -> String {
+        let gfn = self
+            .index
+            .iter()
+            .find(|e| e.kind == ExtentKind::Data && e.data_page <= p && p < e.data_page + u64::from(e.count))
+            .map(|e| e.gfn + (p - e.data_page));
+        let gfn = gfn.map_or(String::new(), |g| format!("guest frame {g:#x}"));
+        if self.header.codec == Codec::None {
+            let off = self.header.sections[3].offset + p * PAGE as u64;
+            format!(" ({gfn}, file offset {off})")
+        } else {
+            format!(" ({gfn})")
+        }
     }
 }

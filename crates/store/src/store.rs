@@ -14,8 +14,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::codec::Codec;
 use crate::error::{Result, StoreError, io};
-use crate::format::{self, Header, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
+use crate::format::{self, Header, OLDEST_VERSION, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
 use crate::reader::{EpochReader, open_regular, read_header};
 use crate::writer::{EpochMeta, EpochWriter};
 
@@ -68,6 +69,8 @@ pub struct Store {
     dir: PathBuf,
     epochs: PathBuf,
     uuid: [u8; 16],
+    /// Compression of new epochs ([`Codec::code`]).
+    codec: std::sync::atomic::AtomicU32,
     _lock: Option<File>,
 }
 
@@ -301,7 +304,7 @@ fn decode_store_file(b: &[u8], dir: &Path) -> Result<[u8; 16]> {
         return Err(not(&format!("{} does not start with {:?}", path.display(), "CSNPSTOR")));
     }
     let version = le32(b, 8);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(StoreError::Version {
             path,
             found: version,
@@ -363,9 +366,7 @@ impl Store {
             private_dir_all(&dir.join(EPOCHS))?;
             create_store_file(dir)?;
         }
-        let store = Store::open(dir, Access::Write)?;
-        store.remove_leftovers();
-        Ok(store)
+        Store::open(dir, Access::Write)
     }
 
     /// Open an existing store. Opening it for writing takes the lock, then
@@ -403,10 +404,12 @@ impl Store {
             dir: dir.to_path_buf(),
             epochs: dir.join(EPOCHS),
             uuid,
+            codec: std::sync::atomic::AtomicU32::new(0),
             _lock: lock_file,
         };
         if access == Access::Write {
             store.make_private()?;
+            store.remove_leftovers();
         }
         Ok(store)
     }
@@ -433,16 +436,34 @@ impl Store {
         self.uuid
     }
 
+    /// True when this handle holds the store's lock (opened for writing).
+    pub fn is_writer(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    /// Compress the page data of epochs written from now on (by
+    /// [`Store::writer`]) with `codec`.
+    pub fn set_compression(&self, codec: Codec) {
+        self.codec.store(codec.code(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The compression of new epochs.
+    pub fn compression(&self) -> Codec {
+        Codec::from_code(self.codec.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or_default()
+    }
+
     /// File of epoch `id`.
     pub fn epoch_path(&self, id: u64) -> PathBuf {
         self.epochs.join(epoch_file_name(id))
     }
 
-    /// Remove what crashed writers left: unfinished epochs and temporary STORE files.
+    /// Remove what crashed writers left: unfinished epochs and rewrites,
+    /// temporary STORE and RECLAIM files.
     fn remove_leftovers(&self) {
         for (dir, prefix, what) in [
-            (&self.epochs, TMP_PREFIX, "unfinished epoch"),
+            (&self.epochs, TMP_PREFIX, "unfinished epoch or rewrite"),
             (&self.dir, STORE_TMP_PREFIX, "unfinished STORE file"),
+            (&self.dir, crate::ledger::LEDGER_TMP, "unfinished RECLAIM file"),
         ] {
             if let Ok(rd) = std::fs::read_dir(dir) {
                 for e in rd.flatten() {
@@ -560,7 +581,27 @@ impl Store {
     }
 
     /// Epoch `id` and its ancestors down to a full epoch, newest first.
+    ///
+    /// Another process may be reclaiming the store meanwhile: it rewrites an
+    /// epoch so that it restores to the same state (its parent may change)
+    /// before it removes that epoch's old ancestors. Open files stay
+    /// readable after a rename or removal, so a chain opened from files of
+    /// either version is consistent; when a parent has just been removed,
+    /// the walk starts again from `id`.
     pub fn chain(&self, id: u64) -> Result<Vec<EpochReader>> {
+        let mut tries = 0;
+        loop {
+            match self.chain_once(id) {
+                Err(StoreError::MissingParent { .. }) if tries < 8 && self.epoch_path(id).exists() => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn chain_once(&self, id: u64) -> Result<Vec<EpochReader>> {
         let mut chain: Vec<EpochReader> = vec![self.open_epoch(id)?];
         loop {
             let last = &chain[chain.len() - 1];
@@ -600,8 +641,29 @@ impl Store {
         }
     }
 
-    /// Start writing a new epoch (file created 0600 under a temporary name).
+    /// Start writing a new epoch (file created 0600 under a temporary name),
+    /// compressed as [`Store::set_compression`] asked.
     pub fn writer(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        let dest = self.epoch_path(meta.id);
+        if dest.exists() {
+            return Err(StoreError::Usage("epoch id already committed"));
+        }
+        let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
+        self.open_writer(meta, tmp)
+    }
+
+    /// Start writing a new version of committed epoch `meta.id`, which its
+    /// commit replaces atomically (reclamation). Only the store's writer
+    /// may do this.
+    pub fn rewriter(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        if !self.is_writer() {
+            return Err(StoreError::Usage("rewriting an epoch needs the store's lock"));
+        }
+        let tmp = self.epochs.join(format!("{TMP_PREFIX}rewrite-{:020}", meta.id));
+        self.open_writer(meta, tmp)
+    }
+
+    fn open_writer(&self, meta: EpochMeta, tmp: PathBuf) -> Result<EpochWriter> {
         // Never write what a reader refuses.
         let related = match (meta.full, meta.parent) {
             (true, None) => true,
@@ -621,12 +683,10 @@ impl Store {
                 "guest RAM size not a non-zero multiple of 4096 up to 1 TiB",
             ));
         }
-        let tmp = self.epochs.join(format!("{TMP_PREFIX}{:020}", meta.id));
         let dest = self.epoch_path(meta.id);
-        if dest.exists() {
-            return Err(StoreError::Usage("epoch id already committed"));
-        }
         let file = private_file(&tmp)?;
-        Ok(EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid))
+        let mut w = EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid);
+        w.compress(self.compression())?;
+        Ok(w)
     }
 }

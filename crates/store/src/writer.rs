@@ -1,14 +1,20 @@
 //! Writing one epoch file: to a temporary name, fsync, rename, fsync the
 //! directory. Until the rename nothing is visible; a crash at any point
 //! leaves at most a `.tmp-*` file, which readers ignore and the next writer
-//! removes.
+//! removes. A rewrite (reclamation) commits the same way over the epoch's
+//! existing file, which readers see either whole before or whole after.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
+use crate::aligned::AlignedBuf;
+use crate::codec::{Codec, Compressor};
 use crate::error::{Result, StoreError, io};
-use crate::format::{self, EXTENT_SIZE, Extent, ExtentKind, HEADER_SIZE, Header, Mode, PAGE, Section, checksum};
+use crate::format::{
+    self, EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, Frame, HEADER_SIZE, Header, Mode, PAGE, Section, VERSION,
+    checksum,
+};
 use crate::store::{EpochInfo, fsync_dir};
 
 /// What the caller knows about an epoch before writing it.
@@ -32,8 +38,27 @@ pub struct EpochMeta {
     pub guest_ops: Option<u64>,
 }
 
+/// Compressed DATA on its way to the file: frames are compressed as they
+/// fill and staged in a page-aligned buffer that goes out in whole pages
+/// (with O_DIRECT when enabled); the tail goes out at commit.
+struct Packer {
+    comp: Compressor,
+    codec: Codec,
+    /// Uncompressed pages of the frame being filled.
+    frame: Vec<u8>,
+    out: Vec<u8>,
+    stage: AlignedBuf,
+    staged: usize,
+    /// File offset of `stage[0]` (page aligned).
+    stage_at: u64,
+    frames: Vec<Frame>,
+    data_len: u64,
+}
+
+/// Staged compressed bytes written out at once.
+const STAGE: usize = 1 << 20;
+
 /// An epoch being written.
-#[derive(Debug)]
 pub struct EpochWriter {
     epochs_dir: PathBuf,
     tmp: PathBuf,
@@ -50,7 +75,18 @@ pub struct EpochWriter {
     sums: Vec<u64>,
     pages_zero: u64,
     next_gfn: u64,
+    packer: Option<Packer>,
+    merged: u64,
     committed: bool,
+}
+
+impl std::fmt::Debug for EpochWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochWriter")
+            .field("tmp", &self.tmp)
+            .field("meta", &self.meta)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EpochWriter {
@@ -77,6 +113,8 @@ impl EpochWriter {
             sums: Vec::new(),
             pages_zero: 0,
             next_gfn: 0,
+            packer: None,
+            merged: 0,
             committed: false,
         }
     }
@@ -97,6 +135,30 @@ impl EpochWriter {
         self.direct.is_some()
     }
 
+    /// Compress page data with `codec` (before any page is written).
+    pub fn compress(&mut self, codec: Codec) -> Result<()> {
+        if !self.sums.is_empty() {
+            return Err(StoreError::Usage("compression chosen after pages were written"));
+        }
+        self.packer = (codec != Codec::None).then(|| Packer {
+            comp: Compressor::new(codec),
+            codec,
+            frame: Vec::with_capacity(FRAME_PAGES as usize * PAGE),
+            out: Vec::new(),
+            stage: AlignedBuf::new(STAGE + FRAME_PAGES as usize * PAGE * 2),
+            staged: 0,
+            stage_at: 0,
+            frames: Vec::new(),
+            data_len: 0,
+        });
+        Ok(())
+    }
+
+    /// Record that this epoch stands for `n` epochs merged into it.
+    pub fn set_merged(&mut self, n: u64) {
+        self.merged = n;
+    }
+
     fn pwrite(&self, bytes: &[u8], at: u64) -> Result<()> {
         self.file.write_all_at(bytes, at).map_err(io(&self.tmp, "write"))
     }
@@ -107,14 +169,23 @@ impl EpochWriter {
             return Err(StoreError::Usage("state written twice"));
         }
         let offset = HEADER_SIZE as u64;
-        self.pwrite(state, offset)?;
+        let end = offset + state.len() as u64;
+        self.data_start = end.next_multiple_of(PAGE as u64);
+        // The padding up to DATA is written as zeros: no holes, and every
+        // byte of the file is either checksummed or required to be zero.
+        let mut bytes = Vec::with_capacity((self.data_start - offset) as usize);
+        bytes.extend_from_slice(state);
+        bytes.resize((self.data_start - offset) as usize, 0);
+        self.pwrite(&bytes, offset)?;
         self.state = Some(Section {
             offset,
             len: state.len() as u64,
             sum: checksum(state),
         });
-        self.data_start = (offset + state.len() as u64).next_multiple_of(PAGE as u64);
         self.pos = self.data_start;
+        if let Some(p) = &mut self.packer {
+            p.stage_at = self.data_start;
+        }
         Ok(())
     }
 
@@ -174,19 +245,98 @@ impl EpochWriter {
 
     /// Write checked, ordered pages to DATA and index them at `gfns`, one per page.
     fn append(&mut self, gfns: impl Iterator<Item = u64>, bytes: &[u8]) -> Result<()> {
-        let aligned = (bytes.as_ptr() as usize).is_multiple_of(PAGE) && self.pos.is_multiple_of(PAGE as u64);
-        match &self.direct {
-            Some(d) if aligned => d
-                .write_all_at(bytes, self.pos)
-                .map_err(io(&self.tmp, "write (O_DIRECT)"))?,
-            _ => self.pwrite(bytes, self.pos)?,
+        if self.packer.is_some() {
+            self.pack(bytes)?;
+        } else {
+            let aligned = (bytes.as_ptr() as usize).is_multiple_of(PAGE) && self.pos.is_multiple_of(PAGE as u64);
+            match &self.direct {
+                Some(d) if aligned => d
+                    .write_all_at(bytes, self.pos)
+                    .map_err(io(&self.tmp, "write (O_DIRECT)"))?,
+                _ => self.pwrite(bytes, self.pos)?,
+            }
+            self.pos += bytes.len() as u64;
         }
-        self.pos += bytes.len() as u64;
         for (gfn, page) in gfns.zip(bytes.chunks_exact(PAGE)) {
             let data_page = self.sums.len() as u64;
             self.sums.push(checksum(page));
             self.push(gfn, 1, ExtentKind::Data, data_page);
         }
+        Ok(())
+    }
+
+    /// Add pages to the current frame, compressing each frame that fills.
+    fn pack(&mut self, mut bytes: &[u8]) -> Result<()> {
+        let frame_bytes = FRAME_PAGES as usize * PAGE;
+        while !bytes.is_empty() {
+            let Some(p) = self.packer.as_mut() else {
+                return Ok(());
+            };
+            let take = (frame_bytes - p.frame.len()).min(bytes.len());
+            p.frame.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if p.frame.len() == frame_bytes {
+                self.emit_frame()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compress the current frame into the staging buffer; write out what
+    /// fills whole pages once the stage is full.
+    fn emit_frame(&mut self) -> Result<()> {
+        let Some(p) = self.packer.as_mut() else {
+            return Ok(());
+        };
+        if p.frame.is_empty() {
+            return Ok(());
+        }
+        let compressed = p.comp.compress(&p.frame, &mut p.out);
+        let stored: &[u8] = if compressed { &p.out } else { &p.frame };
+        p.frames.push(Frame {
+            offset: p.data_len,
+            len: stored.len() as u32,
+            pages: (p.frame.len() / PAGE) as u32,
+            sum: checksum(stored),
+        });
+        p.stage[p.staged..p.staged + stored.len()].copy_from_slice(stored);
+        p.staged += stored.len();
+        p.data_len += stored.len() as u64;
+        p.frame.clear();
+        if p.staged >= STAGE {
+            self.flush_stage(false)?;
+        }
+        Ok(())
+    }
+
+    /// Write the staged whole pages (all staged bytes when `all`).
+    fn flush_stage(&mut self, all: bool) -> Result<()> {
+        let Some(p) = self.packer.as_mut() else {
+            return Ok(());
+        };
+        let n = if all { p.staged } else { p.staged / PAGE * PAGE };
+        if n == 0 {
+            return Ok(());
+        }
+        let whole = n / PAGE * PAGE;
+        let r = match &self.direct {
+            Some(d) if whole > 0 => d
+                .write_all_at(&p.stage[..whole], p.stage_at)
+                .map_err(io(&self.tmp, "write (O_DIRECT)")),
+            _ => self
+                .file
+                .write_all_at(&p.stage[..whole], p.stage_at)
+                .map_err(io(&self.tmp, "write")),
+        };
+        r?;
+        if n > whole {
+            self.file
+                .write_all_at(&p.stage[whole..n], p.stage_at + whole as u64)
+                .map_err(io(&self.tmp, "write"))?;
+        }
+        p.stage.copy_within(n..p.staged, 0);
+        p.staged -= n;
+        p.stage_at += n as u64;
         Ok(())
     }
 
@@ -213,22 +363,32 @@ impl EpochWriter {
     /// Write index and header, make the file durable and visible.
     pub fn commit(mut self, pause_ns: u64) -> Result<EpochInfo> {
         let state = self.state.ok_or(StoreError::Usage("no state written"))?;
+        self.emit_frame()?;
+        self.flush_stage(true)?;
+        let (codec, frames, data_len) = match &self.packer {
+            Some(p) => (p.codec, p.frames.clone(), p.data_len),
+            None => (Codec::None, Vec::new(), self.sums.len() as u64 * PAGE as u64),
+        };
         let mut index = Vec::with_capacity(self.extents.len() * EXTENT_SIZE);
         for e in &self.extents {
             e.encode(&mut index);
         }
         let sums: Vec<u8> = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
-        let index_at = self.pos;
+        let mut frame_bytes = Vec::with_capacity(frames.len() * format::FRAME_SIZE);
+        for f in &frames {
+            f.encode(&mut frame_bytes);
+        }
+        let index_at = self.data_start + data_len;
         let sums_at = index_at + index.len() as u64;
-        self.pwrite(&index, index_at)?;
-        self.pwrite(&sums, sums_at)?;
-        // Without data pages (an idle guest) the empty sections start past
-        // the end of the state: extend the file to them, or readers see it
-        // truncated.
-        self.file
-            .set_len(sums_at + sums.len() as u64)
-            .map_err(io(&self.tmp, "set length"))?;
+        let frames_at = sums_at + sums.len() as u64;
+        let end = frames_at + frame_bytes.len() as u64;
+        let tail = [index.as_slice(), &sums, &frame_bytes].concat();
+        self.pwrite(&tail, index_at)?;
+        // Without data pages (an idle guest) the file may end at the padding
+        // after the state: set its length to the end of the last section.
+        self.file.set_len(end).map_err(io(&self.tmp, "set length"))?;
         let header = Header {
+            version: VERSION,
             id: self.meta.id,
             parent: self.meta.parent.unwrap_or(0),
             store_uuid: self.uuid,
@@ -242,6 +402,9 @@ impl EpochWriter {
             pages_zero: self.pages_zero,
             extents: self.extents.len() as u64,
             pause_ns,
+            codec,
+            frames: frames.len() as u64,
+            merged: self.merged,
             sections: [
                 state,
                 Section {
@@ -256,8 +419,13 @@ impl EpochWriter {
                 },
                 Section {
                     offset: self.data_start,
-                    len: self.sums.len() as u64 * PAGE as u64,
+                    len: data_len,
                     sum: 0,
+                },
+                Section {
+                    offset: frames_at,
+                    len: frame_bytes.len() as u64,
+                    sum: checksum(&frame_bytes),
                 },
             ],
         };
@@ -268,7 +436,7 @@ impl EpochWriter {
         fsync_dir(&self.epochs_dir)?;
         Ok(EpochInfo {
             header,
-            file_bytes: sums_at + sums.len() as u64,
+            file_bytes: end,
             path: self.dest.clone(),
         })
     }

@@ -339,7 +339,8 @@ fn header_and_page_size() {
 fn magic_version_and_checksum() {
     let (_d, s) = build("magic");
     refused_header(&s, 2, |b| b[0] = b'X', "bad magic");
-    refused_header(&s, 2, |b| put32(b, 8, 2), "format version 2 is not supported");
+    refused_header(&s, 2, |b| put32(b, 8, 3), "format version 3 is not supported");
+    refused_header(&s, 2, |b| put32(b, 8, 0), "format version 0 is not supported");
     refused_header(&s, 2, |b| b[300] ^= 1, "header checksum mismatch");
     refused_header(&s, 2, |b| b.truncate(100), "truncated header");
 }
@@ -909,7 +910,21 @@ fn a_huge_section_is_an_error_not_an_abort() {
     // the layout is valid, but no host allocates it.
     let (_d, s) = build("huge-state");
     let path = s.epoch_path(3);
-    let mut b = std::fs::read(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    // Rebuild the file as header, DATA, INDEX, PAGE_SUMS, FRAMES, then the
+    // STATE section at the next page boundary, so that every other rule holds.
+    let (data_at, data_len) = section(&good, 3);
+    let (index_at, _) = section(&good, 1);
+    let rest = good[index_at..].to_vec();
+    let mut b = good[..4096].to_vec();
+    b.extend_from_slice(&good[data_at..data_at + data_len]);
+    let shift = data_at - 4096;
+    for i in [1, 2, 4] {
+        let (off, _) = section(&good, i);
+        put64(&mut b, entry(i) + 8, (off - shift) as u64);
+    }
+    put64(&mut b, entry(3) + 8, 4096);
+    b.extend_from_slice(&rest);
     let at = (b.len() as u64).next_multiple_of(4096);
     let len = 4u64 << 40;
     put64(&mut b, entry(0) + 8, at);

@@ -167,7 +167,8 @@ fn damage_is_detected_and_named() {
     let mut buf = vec![0u8; PAGE];
     let err = chain[0].read_pages(0, &mut buf).unwrap_err().to_string();
     assert!(
-        err.contains("00000000000000000003.epoch") && err.contains("data page 0 fails its checksum"),
+        err.contains("00000000000000000003.epoch")
+            && err.contains("data page 0 (guest frame 0x2, file offset 8192) fails its checksum"),
         "{err}"
     );
 

@@ -1,0 +1,94 @@
+//! `consnap compact`: reclaim space in a store no process is writing.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use clap::Args;
+use store::{Access, Ledger, Policy, ReclaimOptions, Store};
+
+use crate::ls_cmd::human;
+use crate::progress::Bar;
+use crate::store_args::CompressArg;
+
+/// Options of `consnap compact`.
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Retention policy (default: the one the store was last reclaimed
+    /// with, else the default policy); see `consnap run --help`.
+    #[arg(long, value_parser = Policy::parse)]
+    pub retain: Option<Policy>,
+    /// Most files a restore of any retained epoch reads (default: the
+    /// store's last setting, else the default).
+    #[arg(long)]
+    pub max_chain: Option<usize>,
+    /// Compression of the epochs it rewrites (default: keep each one's).
+    #[arg(long, value_enum)]
+    pub compress: Option<CompressArg>,
+}
+
+/// Compact a store; prints what it did.
+pub fn compact(a: CompactArgs) -> Result<i32, String> {
+    let store = Store::open(&a.dir, Access::Write).map_err(|e| e.to_string())?;
+    let last = Ledger::load(&a.dir).ok().flatten();
+    let policy = match (a.retain, &last) {
+        (Some(p), _) => p,
+        (None, Some(l)) if !l.policy.is_empty() => Policy::parse(&l.policy).map_err(|e| {
+            format!(
+                "the policy recorded in {}/RECLAIM is invalid ({e}): give --retain",
+                a.dir.display()
+            )
+        })?,
+        _ => Policy::default(),
+    };
+    let max_chain = a
+        .max_chain
+        .or(last.as_ref().map(|l| l.max_chain as usize))
+        .unwrap_or(store::DEFAULT_MAX_CHAIN);
+    let opts = ReclaimOptions {
+        policy,
+        max_chain,
+        rate: None,
+        codec: a.compress.map(CompressArg::codec),
+    };
+    let before: u64 = store
+        .list()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(|(_, i)| i.as_ref().ok().map(|i| i.file_bytes))
+        .sum();
+    let bar = Bar::new("compacting", true);
+    let pass = store::reclaim(&store, &opts, &[], &AtomicBool::new(false), &mut |d, t| {
+        bar.update(d, t)
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish();
+    let ids = store.ids().map_err(|e| e.to_string())?;
+    let after: u64 = store
+        .list()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(|(_, i)| i.as_ref().ok().map(|i| i.file_bytes))
+        .sum();
+    let line = format!(
+        "{}: --retain {} --max-chain {}: {} epochs merged, {} dropped, {} rewritten ({} folds); {} freed, {} written, {} reclaimed in {:.2}s; {} epochs, {} -> {}",
+        a.dir.display(),
+        opts.policy.text(),
+        opts.max_chain,
+        pass.merged,
+        pass.dropped,
+        pass.rewrites,
+        pass.folds,
+        human(pass.bytes_freed),
+        human(pass.bytes_written),
+        human(pass.reclaimed().max(0) as u64),
+        pass.time_ns as f64 / 1e9,
+        ids.len(),
+        human(before),
+        human(after),
+    );
+    let _ = writeln!(std::io::stdout(), "{line}");
+    Ok(0)
+}

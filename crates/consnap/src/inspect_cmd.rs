@@ -1,0 +1,108 @@
+//! `consnap inspect`: one epoch in detail.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use store::{Access, Source, Store};
+
+use crate::ls_cmd::{human, utc};
+
+/// Options of `consnap inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// Epoch: an id, `latest`, `-30s` or an RFC 3339 time.
+    pub id: String,
+}
+
+/// Print epoch ID: its header, chain and files, what a restore reads from
+/// each, and the machine its state describes.
+pub fn inspect(a: InspectArgs) -> Result<i32, String> {
+    let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
+    let id = crate::at::resolve(&store, &a.id)?;
+    let chain = store.chain(id).map_err(|e| e.to_string())?;
+    let head = &chain[0];
+    let h = head.header();
+    let state = head.state().map_err(|e| e.to_string())?;
+    let runs = store::plan(&chain).map_err(|e| e.to_string())?;
+    let mut used = vec![0u64; chain.len()];
+    let mut zero = 0;
+    for r in &runs {
+        match r.source {
+            Source::Zero => zero += r.count,
+            Source::Data { epoch, .. } => used[epoch] += r.count,
+        }
+    }
+    let mut o = String::new();
+    o += &format!("epoch {id}: {}\n", head.path().display());
+    o += &format!(
+        "  captured {} UTC, mode {}, {}, parent {}, format version {}\n",
+        utc(h.created_ns),
+        h.mode.name(),
+        if h.is_full() { "full" } else { "incremental" },
+        if h.parent == 0 {
+            "-".to_string()
+        } else {
+            h.parent.to_string()
+        },
+        h.version
+    );
+    o += &format!(
+        "  {} data pages, {} zero pages, {} extents; page data {} ({}{}), file {}; guest downtime {:.2} ms; {} epochs merged into it\n",
+        h.pages_data,
+        h.pages_zero,
+        h.extents,
+        human(h.sections[3].len),
+        h.codec.name(),
+        if h.frames > 0 {
+            format!(", {} frames", h.frames)
+        } else {
+            String::new()
+        },
+        human(head.file_len()),
+        h.pause_ns as f64 / 1e6,
+        h.merged
+    );
+    match vmm::state::decode(&state) {
+        Ok(s) => {
+            o += &format!(
+                "  machine: {} vCPUs, {} of RAM, kernel {}{}\n",
+                s.config.vcpus,
+                human(s.config.mem_size),
+                s.config.kernel,
+                s.config
+                    .workload
+                    .as_deref()
+                    .map_or(String::new(), |w| format!(", workload '{w}'"))
+            );
+        }
+        Err(e) => o += &format!("  machine state cannot be decoded: {e}\n"),
+    }
+    if h.guest_ops != u64::MAX {
+        o += &format!("  guest ops at capture: {}\n", h.guest_ops);
+    }
+    let total: u64 = chain.iter().map(|e| e.file_len()).sum();
+    o += &format!(
+        "restore reads {} files ({} in all), {} of page data, {} zero pages:\n",
+        chain.len(),
+        human(total),
+        human(used.iter().sum::<u64>() * 4096),
+        zero
+    );
+    for (e, n) in chain.iter().zip(&used) {
+        let eh = e.header();
+        o += &format!(
+            "  {:>8} {:<11} {:>10}  {} of its {} data pages used, {}\n",
+            eh.id,
+            if eh.is_full() { "full" } else { "incremental" },
+            human(e.file_len()),
+            n,
+            eh.pages_data,
+            e.path().display()
+        );
+    }
+    let _ = std::io::stdout().write_all(o.as_bytes());
+    Ok(0)
+}

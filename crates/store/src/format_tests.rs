@@ -1,0 +1,101 @@
+//! Unit tests of the header and extent encodings.
+
+use super::*;
+
+fn header() -> Header {
+    Header {
+        version: VERSION,
+        id: 7,
+        parent: 6,
+        store_uuid: [9; 16],
+        created_ns: 123,
+        mode: Mode::StopCopy,
+        flags: 0,
+        vcpus: 2,
+        mem_size: 1 << 30,
+        guest_ops: 55,
+        pages_data: 3,
+        pages_zero: 1,
+        extents: 2,
+        pause_ns: 999,
+        codec: Codec::None,
+        frames: 0,
+        merged: 4,
+        sections: [
+            Section {
+                offset: 4096,
+                len: 100,
+                sum: 1,
+            },
+            Section {
+                offset: 4096 * 5,
+                len: 48,
+                sum: 2,
+            },
+            Section {
+                offset: 4096 * 5 + 48,
+                len: 24,
+                sum: 3,
+            },
+            Section {
+                offset: 8192,
+                len: 3 * 4096,
+                sum: 0,
+            },
+            Section {
+                offset: 4096 * 5 + 72,
+                len: 0,
+                sum: 0,
+            },
+        ],
+    }
+}
+
+#[test]
+fn header_round_trips_and_detects_damage() {
+    let h = header();
+    let b = h.encode();
+    let p = Path::new("x");
+    assert_eq!(Header::decode(&b, p).unwrap(), h);
+    // STATE [4096, 4196), DATA [8192, 20480), INDEX and PAGE_SUMS to 20552.
+    h.check_layout(4096 * 5 + 72, p).unwrap();
+    assert!(h.check_layout(4096 * 5, p).is_err(), "truncation must be caught");
+    let e = h.check_layout(4096 * 6, p).unwrap_err().to_string();
+    assert!(e.contains("bytes after it belong to no section"), "{e}");
+    assert_eq!(h.gaps(4096 * 5 + 72), vec![(4196, 8192)]);
+    for i in [0, 8, 20, 200, 4000] {
+        let mut bad = b.clone();
+        bad[i] ^= 1;
+        assert!(Header::decode(&bad, p).is_err(), "flip at {i} accepted");
+    }
+    let mut v3 = b.clone();
+    v3[8] = 3;
+    assert!(matches!(
+        Header::decode(&v3, p),
+        Err(StoreError::Version { found: 3, .. })
+    ));
+}
+
+#[test]
+fn ram_frames_skip_the_mmio_hole() {
+    assert_eq!(ram_frames(8 * 4096), vec![(0, 8)]);
+    assert_eq!(ram_frames(3 << 30), vec![(0, 786_432)]);
+    assert_eq!(ram_frames(4 << 30), vec![(0, 786_432), (1_048_576, 1_310_720)]);
+    assert_eq!(describe_frames(4 << 30), "frames 0..786432 and 1048576..1310720");
+}
+
+#[test]
+fn extents_round_trip() {
+    let e = Extent {
+        gfn: 1 << 20,
+        count: 5,
+        kind: ExtentKind::Zero,
+        data_page: 0,
+    };
+    let mut v = Vec::new();
+    e.encode(&mut v);
+    assert_eq!(v.len(), EXTENT_SIZE);
+    assert_eq!(Extent::decode(&v), Some(e));
+    v[12] = 9;
+    assert_eq!(Extent::decode(&v), None);
+}

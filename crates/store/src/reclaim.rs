@@ -1,0 +1,455 @@
+//! Space reclamation: merging epochs that fall out of the retention policy
+//! into the next retained epoch, and folding long chains, by rewriting
+//! epoch files; then removing the epochs nothing needs any more.
+//!
+//! One operation does both: *rebase* epoch N onto an older ancestor A (or
+//! onto nothing: a FULL epoch). The new N holds every page that N and the
+//! epochs between N and A list, each from the newest of them, so it
+//! restores to exactly what N restored to. It is written under a temporary
+//! name and committed over N like any epoch (fsync, rename, fsync of the
+//! directory). Epochs are removed only after every rebase of the pass has
+//! committed, newest first, so at every instant each file present is an
+//! epoch whose chain is intact: a crash at any point loses nothing that is
+//! retained, and leaves at most a temporary file that the next writer
+//! removes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::codec::Codec;
+use crate::cursor::PageCursor;
+use crate::error::{Result, StoreError};
+use crate::format::{Header, PAGE};
+use crate::ledger::Ledger;
+use crate::plan::{Source, claims, plan};
+use crate::retain::Policy;
+use crate::store::Store;
+use crate::writer::EpochMeta;
+
+/// Default `--max-chain`: the most files a restore of a retained epoch
+/// reads (see docs/DESIGN.md for the measurement behind it).
+pub const DEFAULT_MAX_CHAIN: usize = 64;
+
+/// What a reclamation pass keeps and how.
+#[derive(Debug, Clone)]
+pub struct ReclaimOptions {
+    /// Which epochs to keep.
+    pub policy: Policy,
+    /// Fold chains longer than this (0 = never fold).
+    pub max_chain: usize,
+    /// Limit reads plus writes to this many bytes per second.
+    pub rate: Option<u64>,
+    /// Compression of rewritten epochs; `None` keeps each epoch's own.
+    pub codec: Option<Codec>,
+}
+
+impl Default for ReclaimOptions {
+    fn default() -> Self {
+        ReclaimOptions {
+            policy: Policy::default(),
+            max_chain: DEFAULT_MAX_CHAIN,
+            rate: None,
+            codec: None,
+        }
+    }
+}
+
+/// Pages a cursor reads at a time while rewriting.
+const WINDOW: u64 = 256;
+
+/// One planned rebase.
+#[derive(Debug, Clone, Copy)]
+struct Rebase {
+    id: u64,
+    onto: Option<u64>,
+    fold: bool,
+    /// Estimated bytes to read and write, for progress.
+    bytes: u64,
+}
+
+/// What a pass will do, computed from the headers alone.
+#[derive(Debug, Default)]
+struct Plan {
+    keep: BTreeSet<u64>,
+    rebases: Vec<Rebase>,
+    remove: Vec<u64>,
+}
+
+struct Throttle {
+    rate: Option<u64>,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Throttle {
+    fn account(&mut self, n: u64, stop: &AtomicBool) {
+        self.bytes += n;
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        while self.started.elapsed() < due && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((due - self.started.elapsed()).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+fn healthy(store: &Store) -> Result<BTreeMap<u64, (Header, u64)>> {
+    let mut heads = BTreeMap::new();
+    for (id, info) in store.list()? {
+        let info = info.map_err(|e| StoreError::Corrupt {
+            path: store.epoch_path(id),
+            why: format!("reclamation needs every epoch intact, and this one is not ({e}); run `consnap verify`"),
+        })?;
+        heads.insert(id, (info.header, info.file_bytes));
+    }
+    for (id, (h, _)) in &heads {
+        if !h.is_full() && !heads.contains_key(&h.parent) {
+            return Err(StoreError::MissingParent {
+                dir: store.dir().to_path_buf(),
+                id: *id,
+                parent: h.parent,
+            });
+        }
+    }
+    Ok(heads)
+}
+
+fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned: &[u64]) -> Plan {
+    let times: Vec<(u64, u64)> = heads.iter().map(|(id, (h, _))| (*id, h.created_ns)).collect();
+    let mut keep = opts.policy.retained(&times);
+    keep.extend(pinned.iter().filter(|p| heads.contains_key(p)));
+    let pages = |id: u64| heads.get(&id).map_or(0, |(h, _)| h.pages_data);
+    // The parent each kept epoch will have: its nearest kept ancestor, or
+    // none when the chain's full epoch is not kept.
+    let mut parent: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    let mut rebases: BTreeMap<u64, Rebase> = BTreeMap::new();
+    for &id in &keep {
+        let (h, _) = &heads[&id];
+        let mut onto = None;
+        let mut bytes = pages(id);
+        let mut at = h;
+        while !at.is_full() {
+            if keep.contains(&at.parent) {
+                onto = Some(at.parent);
+                break;
+            }
+            bytes += pages(at.parent);
+            at = &heads[&at.parent].0;
+        }
+        let current = (!h.is_full()).then_some(h.parent);
+        parent.insert(id, onto);
+        if onto != current {
+            rebases.insert(
+                id,
+                Rebase {
+                    id,
+                    onto,
+                    fold: false,
+                    bytes: bytes * PAGE as u64,
+                },
+            );
+        }
+    }
+    // Fold: no kept epoch's chain may be longer than max_chain. When one
+    // grows too long, an epoch of it that will be kept long (the last of a
+    // closed bucket at the coarsest granularity) and sits deep enough is cut
+    // loose from its ancestors: rebased onto its nearest ancestor no more
+    // than half the limit deep (a differential epoch), or made full when
+    // that would copy half a full epoch anyway. Short-lived epochs of the
+    // youngest tier are cut only when nothing longer-lived is in reach, so
+    // that fold work is not merged away soon after.
+    let limit = opts.max_chain;
+    let expiry = expiries(&opts.policy, &times);
+    let depth_of = |parent: &BTreeMap<u64, Option<u64>>, id: u64| {
+        let mut d = 1;
+        let mut at = parent.get(&id).copied().flatten();
+        while let Some(a) = at {
+            d += 1;
+            at = parent.get(&a).copied().flatten();
+        }
+        d
+    };
+    for &id in keep.iter().filter(|_| limit > 0) {
+        loop {
+            let d = depth_of(&parent, id);
+            if d <= limit {
+                break;
+            }
+            let mut chain = vec![id];
+            let mut at = parent[&id];
+            while let Some(a) = at {
+                chain.push(a);
+                at = parent[&a];
+            }
+            // chain[i] has depth d - i; candidates are deep enough to gain.
+            let floor = limit / 2 + 2;
+            let Some(&x) = chain
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| d - i >= floor.min(d))
+                .max_by_key(|(i, c)| (expiry.get(*c).copied().unwrap_or(0), d - i))
+                .map(|(_, c)| c)
+            else {
+                break;
+            };
+            let xi = chain.iter().position(|c| *c == x).unwrap_or(0);
+            let mut onto = None;
+            let mut est = 0;
+            for (i, c) in chain.iter().enumerate().skip(xi) {
+                if i > xi && d - i <= limit / 2 {
+                    onto = Some(*c);
+                    break;
+                }
+                est += pages(*c);
+            }
+            let full_pages = chain.last().map_or(0, |c| pages(*c));
+            if est * 2 >= full_pages {
+                onto = None;
+            }
+            parent.insert(x, onto);
+            let r = rebases.entry(x).or_insert(Rebase {
+                id: x,
+                onto,
+                fold: true,
+                bytes: 0,
+            });
+            r.onto = onto;
+            r.fold = true;
+            r.bytes = est.max(r.bytes / PAGE as u64) * PAGE as u64;
+        }
+    }
+    let remove = heads.keys().rev().copied().filter(|id| !keep.contains(id)).collect();
+    Plan {
+        keep,
+        rebases: rebases.into_values().collect(),
+        remove,
+    }
+}
+
+/// When each epoch will leave the policy, as far as the epochs present
+/// tell: the end of the coarsest tier in which it is the last epoch of a
+/// bucket that has closed (a newer epoch lies in a later bucket).
+fn expiries(policy: &Policy, times: &[(u64, u64)]) -> BTreeMap<u64, u64> {
+    let newest = times.iter().map(|(_, t)| *t).max().unwrap_or(0);
+    let mut out = BTreeMap::new();
+    if policy.keeps_all() {
+        return times.iter().map(|(id, _)| (*id, u64::MAX)).collect();
+    }
+    let mut last: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+    for t in &policy.tiers {
+        if let Some(g) = t.every {
+            for &(id, at) in times {
+                let e = last.entry((g, at / g)).or_insert((at, id));
+                if (at, id) > *e {
+                    *e = (at, id);
+                }
+            }
+        }
+    }
+    for &(id, at) in times {
+        let mut until = at;
+        for t in &policy.tiers {
+            let kept = match t.every {
+                None => true,
+                Some(g) => last.get(&(g, at / g)).is_some_and(|&(_, n)| n == id) && newest >= (at / g + 1) * g,
+            };
+            if kept {
+                until = at.saturating_add(t.span);
+            }
+        }
+        out.insert(id, until);
+    }
+    out
+}
+
+/// Progress of a pass: bytes done and the estimated total.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Run one reclamation pass over `store` (which must be open for
+/// writing): keep what `opts.policy` and `pinned` ask for, merge the rest
+/// into the epochs kept, fold chains longer than `opts.max_chain`, remove
+/// what is no longer needed, and add the figures to `DIR/RECLAIM`.
+/// Returns this pass's figures. Setting `stop` ends the pass early (an
+/// unfinished rewrite is discarded; nothing retained is lost).
+pub fn reclaim(
+    store: &Store,
+    opts: &ReclaimOptions,
+    pinned: &[u64],
+    stop: &AtomicBool,
+    progress: Progress<'_>,
+) -> Result<Ledger> {
+    if !store.is_writer() {
+        return Err(StoreError::Usage("reclamation needs the store's lock"));
+    }
+    let started = Instant::now();
+    let heads = healthy(store)?;
+    let plan = plan_pass(&heads, opts, pinned);
+    let mut pass = Ledger {
+        passes: 1,
+        ..Ledger::default()
+    };
+    let total: u64 = plan.rebases.iter().map(|r| r.bytes).sum::<u64>() * 2;
+    let mut throttle = Throttle {
+        rate: opts.rate,
+        started,
+        bytes: 0,
+    };
+    let mut done = 0;
+    for r in &plan.rebases {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        rebase(
+            store,
+            r,
+            &plan.keep,
+            opts.codec,
+            &mut pass,
+            &mut throttle,
+            stop,
+            &mut |n| {
+                done += n;
+                progress(done, total.max(done));
+            },
+        )?;
+    }
+    let finished = plan.rebases.iter().all(|r| pass_done(store, r));
+    if finished && !stop.load(Ordering::Relaxed) {
+        for id in &plan.remove {
+            let path = store.epoch_path(*id);
+            let size = heads.get(id).map_or(0, |(_, s)| *s);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(crate::error::io(&path, "remove")(e)),
+            }
+            pass.bytes_freed += size;
+            let needed = plan.keep.iter().any(|k| descends(&heads, *k, *id));
+            if needed {
+                pass.merged += 1;
+            } else {
+                pass.dropped += 1;
+            }
+        }
+        if !plan.remove.is_empty() {
+            crate::store::fsync_dir(&store.dir().join("epochs"))?;
+        }
+    }
+    pass.time_ns = started.elapsed().as_nanos() as u64;
+    if pass.rewrites + pass.merged + pass.dropped > 0 {
+        let mut ledger = crate::ledger::Ledger::load(store.dir())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        ledger.add(&pass);
+        ledger.policy = opts.policy.text().to_string();
+        ledger.max_chain = u32::try_from(opts.max_chain).unwrap_or(u32::MAX);
+        ledger.save(store.dir())?;
+    } else {
+        pass.passes = 0;
+    }
+    Ok(pass)
+}
+
+/// True when epoch `r.id` now has the parent the plan gave it.
+fn pass_done(store: &Store, r: &Rebase) -> bool {
+    crate::reader::read_header(&store.epoch_path(r.id))
+        .is_ok_and(|(h, _)| (if h.is_full() { None } else { Some(h.parent) }) == r.onto)
+}
+
+/// Whether `id` has `ancestor` in its original chain.
+fn descends(heads: &BTreeMap<u64, (Header, u64)>, id: u64, ancestor: u64) -> bool {
+    let mut at = heads.get(&id).map(|(h, _)| h);
+    while let Some(h) = at {
+        if h.is_full() {
+            return false;
+        }
+        if h.parent == ancestor {
+            return true;
+        }
+        at = heads.get(&h.parent).map(|(h, _)| h);
+    }
+    false
+}
+
+/// Rewrite epoch `r.id` onto `r.onto`.
+#[allow(clippy::too_many_arguments)]
+fn rebase(
+    store: &Store,
+    r: &Rebase,
+    keep: &BTreeSet<u64>,
+    codec: Option<Codec>,
+    pass: &mut Ledger,
+    throttle: &mut Throttle,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let chain = store.chain(r.id)?;
+    let cut = match r.onto {
+        None => chain.len(),
+        Some(a) => chain
+            .iter()
+            .position(|e| e.header().id == a)
+            .ok_or_else(|| StoreError::Corrupt {
+                path: store.epoch_path(r.id),
+                why: format!("epoch {a} is not in the chain of epoch {}", r.id),
+            })?,
+    };
+    let sub = &chain[..cut];
+    let runs = if r.onto.is_none() { plan(sub)? } else { claims(sub) };
+    let head = sub[0].header().clone();
+    let merged = head.merged
+        + sub[1..]
+            .iter()
+            .filter(|e| !keep.contains(&e.header().id))
+            .map(|e| 1 + e.header().merged)
+            .sum::<u64>();
+    let meta = EpochMeta {
+        id: r.id,
+        parent: r.onto,
+        mode: head.mode,
+        full: r.onto.is_none(),
+        created_ns: head.created_ns,
+        vcpus: head.vcpus,
+        mem_size: head.mem_size,
+        guest_ops: (head.guest_ops != u64::MAX).then_some(head.guest_ops),
+    };
+    let mut w = store.rewriter(meta)?;
+    w.compress(codec.unwrap_or(head.codec))?;
+    w.use_direct_io();
+    w.set_merged(merged);
+    w.write_state(&sub[0].state()?)?;
+    let mut cursors: Vec<PageCursor<'_>> = sub.iter().map(|e| PageCursor::new(e, WINDOW)).collect();
+    for run in runs {
+        match run.source {
+            Source::Zero => w.zero_pages(run.gfn, run.count)?,
+            Source::Data { epoch, page } => {
+                let mut done = 0;
+                while done < run.count {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let n = (run.count - done).min(WINDOW);
+                    let bytes = cursors[epoch].pages(page + done, n)?;
+                    w.data_pages(run.gfn + done, bytes)?;
+                    done += n;
+                    let moved = 2 * n * PAGE as u64;
+                    throttle.account(moved, stop);
+                    progress(moved);
+                }
+            }
+        }
+    }
+    let old = sub[0].file_len();
+    let info = w.commit(head.pause_ns)?;
+    pass.rewrites += 1;
+    if r.fold {
+        pass.folds += 1;
+    }
+    pass.bytes_freed += old;
+    pass.bytes_written += info.file_bytes;
+    pass.bytes_read += cursors.iter().map(|c| c.bytes_read).sum::<u64>();
+    Ok(())
+}

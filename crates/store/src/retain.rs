@@ -1,0 +1,276 @@
+//! Retention policies: which epochs a store keeps as they age.
+//!
+//! A policy is a list of tiers, youngest first, such as
+//! `10s:all,1m:1s,1h:1m,1d:1h`: every epoch of the last 10 s, then one per
+//! second up to 1 minute old, one per minute up to 1 hour, one per hour up
+//! to 1 day; older epochs go. Ages count back from the newest epoch's
+//! capture time (the store's "now"), so a store that nobody writes keeps
+//! its shape. Within a tier of granularity G, time is cut into buckets
+//! `[k·G, (k+1)·G)` of Unix time, and an epoch is kept when no other epoch
+//! of the store is newer in the same bucket. Each granularity must be a
+//! multiple of the previous one, so buckets nest and an epoch kept at a
+//! coarse tier was also kept at every finer one: no epoch is ever needed
+//! after it was dropped. The newest epoch is always kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The default policy (see docs/DESIGN.md, Snapshot store, for why).
+pub const DEFAULT_POLICY: &str = "10s:all,1m:1s,1h:1m,1d:1h";
+
+/// One tier: epochs up to `span` old, one per `every` (all if `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// Oldest age in this tier, ns.
+    pub span: u64,
+    /// Granularity, ns; `None` keeps every epoch.
+    pub every: Option<u64>,
+}
+
+/// A parsed `--retain` policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Tiers, youngest first; empty keeps every epoch forever.
+    pub tiers: Vec<Tier>,
+    text: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::parse(DEFAULT_POLICY).unwrap_or_else(|_| Policy::keep_all())
+    }
+}
+
+/// Most tiers a policy may have.
+const MAX_TIERS: usize = 16;
+/// Longest span a policy may name (10 years).
+const MAX_SPAN: u64 = 10 * 366 * 86_400 * 1_000_000_000;
+
+/// Parse `500ms`, `10s`, `2m`, `24h`, `7d`, `2w` into ns (whole numbers only).
+fn duration(s: &str) -> Result<u64, String> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = s.split_at(digits);
+    let unit_ns: u64 = match unit {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
+        "w" => 7 * 86_400_000_000_000,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a duration (a whole number and ms, s, m, h, d or w, such as 10s or 24h)"
+            ));
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (a whole number and a unit, such as 10s)"))?;
+    let ns = n
+        .checked_mul(unit_ns)
+        .filter(|&v| v <= MAX_SPAN)
+        .ok_or_else(|| format!("'{s}' is longer than 10 years"))?;
+    if ns == 0 {
+        return Err(format!("'{s}' is zero: every duration in a policy must be longer"));
+    }
+    Ok(ns)
+}
+
+impl Policy {
+    /// Keep every epoch (`--retain all`): no epoch is ever merged away.
+    pub fn keep_all() -> Policy {
+        Policy {
+            tiers: Vec::new(),
+            text: "all".into(),
+        }
+    }
+
+    /// Parse a policy such as `10s:all,1m:1s,1h:1m,1d:1h`, or `all`.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        let text = text.trim();
+        if text == "all" {
+            return Ok(Policy::keep_all());
+        }
+        if text.is_empty() {
+            return Err("the policy is empty (example: 10s:all,1m:1s,1h:1m)".into());
+        }
+        let mut tiers: Vec<Tier> = Vec::new();
+        for (i, part) in text.split(',').enumerate() {
+            let n = i + 1;
+            let (span, every) = part
+                .split_once(':')
+                .ok_or_else(|| format!("tier {n} '{part}' is not SPAN:EVERY (such as 1m:1s or 10s:all)"))?;
+            let span = duration(span).map_err(|e| format!("tier {n} '{part}': {e}"))?;
+            let every = match every {
+                "all" => None,
+                e => Some(duration(e).map_err(|e| format!("tier {n} '{part}': {e}"))?),
+            };
+            if let Some(prev) = tiers.last() {
+                if span <= prev.span {
+                    return Err(format!(
+                        "tier {n} '{part}' must reach further back than the tier before it"
+                    ));
+                }
+                match (prev.every, every) {
+                    (Some(_), None) => {
+                        return Err(format!(
+                            "tier {n} '{part}' keeps all epochs, but an earlier tier already thinned them out (tiers go from fine to coarse)"
+                        ));
+                    }
+                    (Some(p), Some(e)) if e % p != 0 => {
+                        return Err(format!(
+                            "tier {n} '{part}': its granularity must be a multiple of the previous tier's, so that an epoch kept now is still wanted later"
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if every.is_some_and(|e| e > span) {
+                return Err(format!(
+                    "tier {n} '{part}': one epoch per {} is coarser than the tier's own span",
+                    every.map_or(String::new(), |e| format!("{} ms", e / 1_000_000))
+                ));
+            }
+            tiers.push(Tier { span, every });
+            if tiers.len() > MAX_TIERS {
+                return Err(format!("more than {MAX_TIERS} tiers"));
+            }
+        }
+        Ok(Policy {
+            tiers,
+            text: text.to_string(),
+        })
+    }
+
+    /// The policy as given.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// True for `all`.
+    pub fn keeps_all(&self) -> bool {
+        self.tiers.is_empty()
+    }
+
+    /// The tier an epoch of `age_ns` falls in, `None` past the last one.
+    pub fn tier_of(&self, age_ns: u64) -> Option<usize> {
+        if self.keeps_all() {
+            return Some(0);
+        }
+        self.tiers.iter().position(|t| age_ns <= t.span)
+    }
+
+    /// A tier's name for listings: `10s:all`, or `all` for a keep-all policy.
+    pub fn tier_name(&self, tier: usize) -> String {
+        if self.keeps_all() {
+            return "all".into();
+        }
+        self.text.split(',').nth(tier).unwrap_or("").to_string()
+    }
+
+    /// The ids of `epochs` (id, capture time ns) this policy keeps: the
+    /// newest epoch, and those that pass their tier. Ages count from the
+    /// newest capture time.
+    pub fn retained(&self, epochs: &[(u64, u64)]) -> BTreeSet<u64> {
+        let Some(&(latest, _)) = epochs.iter().max_by_key(|(id, _)| *id) else {
+            return BTreeSet::new();
+        };
+        if self.keeps_all() {
+            return epochs.iter().map(|(id, _)| *id).collect();
+        }
+        let now = epochs.iter().map(|(_, t)| *t).max().unwrap_or(0);
+        // For each granularity, the newest epoch of each bucket.
+        let mut newest: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+        for t in &self.tiers {
+            let Some(g) = t.every else { continue };
+            for &(id, at) in epochs {
+                let e = newest.entry((g, at / g)).or_insert((at, id));
+                if (at, id) > *e {
+                    *e = (at, id);
+                }
+            }
+        }
+        let mut keep = BTreeSet::from([latest]);
+        for &(id, at) in epochs {
+            let Some(tier) = self.tier_of(now.saturating_sub(at)) else {
+                continue;
+            };
+            let kept = match self.tiers[tier].every {
+                None => true,
+                Some(g) => newest.get(&(g, at / g)).is_some_and(|&(_, n)| n == id),
+            };
+            if kept {
+                keep.insert(id);
+            }
+        }
+        keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn parses_and_explains_refusals() {
+        let p = Policy::parse("10s:all,10m:1s,24h:1m,7d:1h").unwrap();
+        assert_eq!(p.tiers.len(), 4);
+        assert_eq!(
+            p.tiers[1],
+            Tier {
+                span: 600 * S,
+                every: Some(S)
+            }
+        );
+        assert_eq!(p.tier_name(2), "24h:1m");
+        assert!(Policy::parse("all").unwrap().keeps_all());
+        Policy::default();
+        for (bad, why) in [
+            ("", "empty"),
+            ("10s", "not SPAN:EVERY"),
+            ("10x:all", "not a duration"),
+            ("10s:all,5s:1s", "further back"),
+            ("10s:1s,1m:all", "thinned"),
+            ("10s:2s,1m:3s", "multiple"),
+            ("1s:2s", "coarser"),
+            ("0s:all", "zero"),
+            ("1.5s:all", "not a duration"),
+            ("99999999999w:all", "10 years"),
+        ] {
+            let e = Policy::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn keeps_what_the_tiers_say() {
+        // An epoch every 100 ms for 10 s.
+        let epochs: Vec<(u64, u64)> = (0..100).map(|i| (i + 1, 1000 * S + i * S / 10)).collect();
+        let p = Policy::parse("1s:all,5s:1s").unwrap();
+        let keep = p.retained(&epochs);
+        let now = epochs[99].1;
+        for &(id, at) in &epochs {
+            let age = now - at;
+            let want = if age <= S {
+                true
+            } else if age <= 5 * S {
+                // The last epoch of each second.
+                (at + S / 10) / S != at / S
+            } else {
+                false
+            };
+            assert_eq!(keep.contains(&id), want || id == 100, "epoch {id} age {age}");
+        }
+        // Monotone: what is dropped at one time is never kept later.
+        let later: Vec<(u64, u64)> = epochs
+            .iter()
+            .copied()
+            .filter(|(id, _)| keep.contains(id))
+            .chain((101..130).map(|i| (i, 1000 * S + (i - 1) * S / 10)))
+            .collect();
+        let keep2 = p.retained(&later);
+        let all2 = p.retained(&(1..130).map(|i| (i, 1000 * S + (i - 1) * S / 10)).collect::<Vec<_>>());
+        assert_eq!(keep2, all2);
+    }
+}

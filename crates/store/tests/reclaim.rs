@@ -1,0 +1,203 @@
+//! Reclamation on synthetic stores: the retained set is exactly what the
+//! policy says, every retained epoch restores to what it restored to
+//! before, chains are folded to the limit, the result verifies, and all of
+//! it with and without compression, on a linear history and on a tree.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+use store::{
+    Access, Codec, EpochMeta, Ledger, Mode, PAGE, Policy, ReclaimOptions, Source, Store, plan, reclaim, verify,
+};
+
+#[path = "../../vmm/src/testing.rs"]
+#[allow(dead_code)]
+mod testing;
+
+const PAGES: u64 = 64;
+const MS: u64 = 1_000_000;
+const T0: u64 = 1_700_000_000_000 * MS;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Write epoch `id` (parent `parent`) at `t`: a full epoch lists every
+/// page, an incremental one a random few; some pages are zero, some
+/// compressible, some random.
+fn write(s: &Store, rng: &mut Rng, id: u64, parent: Option<u64>, t: u64) {
+    let mut w = s
+        .writer(EpochMeta {
+            id,
+            parent,
+            mode: Mode::Cow,
+            full: parent.is_none(),
+            created_ns: t,
+            vcpus: 1,
+            mem_size: PAGES * PAGE as u64,
+            guest_ops: Some(id),
+        })
+        .unwrap();
+    w.write_state(format!("state-{id}").as_bytes()).unwrap();
+    for gfn in 0..PAGES {
+        if parent.is_some() && !rng.next().is_multiple_of(5) {
+            continue;
+        }
+        match rng.next() % 4 {
+            0 => w.zero_pages(gfn, 1).unwrap(),
+            1 => w.data_pages(gfn, &vec![(id as u8) ^ (gfn as u8); PAGE]).unwrap(),
+            _ => {
+                let page: Vec<u8> = (0..PAGE).map(|_| rng.next() as u8).collect();
+                w.data_pages(gfn, &page).unwrap();
+            }
+        }
+    }
+    w.commit(id * 1000).unwrap();
+}
+
+/// State and memory image of epoch `id`.
+fn image(s: &Store, id: u64) -> (Vec<u8>, Vec<u8>) {
+    let chain = s.chain(id).unwrap();
+    let mut mem = vec![0xeeu8; PAGES as usize * PAGE];
+    for run in plan(&chain).unwrap() {
+        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
+        match run.source {
+            Source::Zero => dst.fill(0),
+            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
+        }
+    }
+    (chain[0].state().unwrap(), mem)
+}
+
+fn images(s: &Store) -> BTreeMap<u64, (Vec<u8>, Vec<u8>)> {
+    s.ids().unwrap().into_iter().map(|id| (id, image(s, id))).collect()
+}
+
+fn chain_len(s: &Store, id: u64) -> usize {
+    s.chain(id).unwrap().len()
+}
+
+fn check(codec: Codec, tree: bool) {
+    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("reclaim-{codec}-{tree}"));
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    s.set_compression(codec);
+    let mut rng = Rng(0x1234_5678 ^ codec.code() as u64);
+    // 120 epochs 100 ms apart (12 s); with `tree`, epochs 60.. branch off 40.
+    let mut times = Vec::new();
+    for id in 1..=120u64 {
+        let parent = match id {
+            1 => None,
+            61 if tree => Some(40),
+            _ => Some(id - 1),
+        };
+        let t = T0 + id * 100 * MS;
+        write(&s, &mut rng, id, parent, t);
+        times.push((id, t));
+    }
+    let before = images(&s);
+    let policy = Policy::parse("1s:all,4s:500ms,10s:2s").unwrap();
+    let opts = ReclaimOptions {
+        policy: policy.clone(),
+        max_chain: 6,
+        rate: None,
+        codec: None,
+    };
+    let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+    let kept: Vec<u64> = s.ids().unwrap();
+    let want: Vec<u64> = policy.retained(&times).into_iter().collect();
+    assert_eq!(kept, want, "retained set");
+    assert!(kept.len() < 50, "{kept:?}");
+    for id in &kept {
+        assert_eq!(image(&s, *id), before[id], "epoch {id} changed ({codec}, tree {tree})");
+        assert!(chain_len(&s, *id) <= 6, "epoch {id} chain {}", chain_len(&s, *id));
+        if codec != Codec::None {
+            let h = s.open_epoch(*id).unwrap().header().clone();
+            assert!(h.codec == codec || h.pages_data == 0, "{h:?}");
+        }
+    }
+    assert_eq!(pass.merged + pass.dropped, 120 - kept.len() as u64);
+    assert!(pass.rewrites > 0 && pass.bytes_freed > 0, "{pass:?}");
+    let ledger = Ledger::load(&dir.join("s")).unwrap().unwrap();
+    assert_eq!(ledger.merged, pass.merged);
+    assert_eq!(ledger.policy, "1s:all,4s:500ms,10s:2s");
+    let v = verify(&dir.join("s"), &mut |_, _| {}).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    // A second pass finds nothing to do.
+    let again = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+    assert_eq!((again.rewrites, again.merged, again.dropped), (0, 0, 0), "{again:?}");
+    // Readers see the same through a fresh handle.
+    let r = Store::open(&dir.join("s"), Access::Read).unwrap();
+    assert_eq!(image(&r, *kept.last().unwrap()), before[kept.last().unwrap()]);
+}
+
+#[test]
+fn linear_history_uncompressed() {
+    check(Codec::None, false);
+}
+
+#[test]
+fn linear_history_zstd() {
+    check(Codec::Zstd, false);
+}
+
+#[test]
+fn tree_lz4() {
+    check(Codec::Lz4, true);
+}
+
+#[test]
+fn tree_uncompressed() {
+    check(Codec::None, true);
+}
+
+#[test]
+fn keep_all_only_folds() {
+    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-fold");
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    let mut rng = Rng(99);
+    for id in 1..=40u64 {
+        write(&s, &mut rng, id, (id > 1).then(|| id - 1), T0 + id * MS);
+    }
+    let before = images(&s);
+    let opts = ReclaimOptions {
+        policy: Policy::keep_all(),
+        max_chain: 8,
+        rate: None,
+        codec: None,
+    };
+    let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+    assert_eq!(s.ids().unwrap().len(), 40);
+    assert!(pass.folds > 0);
+    for id in 1..=40 {
+        assert!(chain_len(&s, id) <= 8);
+        assert_eq!(image(&s, id), before[&id]);
+    }
+}
+
+#[test]
+fn a_pinned_epoch_is_kept_and_reclamation_needs_the_lock() {
+    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-pin");
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    let mut rng = Rng(7);
+    for id in 1..=30u64 {
+        write(&s, &mut rng, id, (id > 1).then(|| id - 1), T0 + id * 1000 * MS);
+    }
+    let opts = ReclaimOptions {
+        policy: Policy::parse("5s:all").unwrap(),
+        max_chain: 0,
+        rate: None,
+        codec: None,
+    };
+    let reader = Store::open(&dir.join("s"), Access::Read).unwrap();
+    assert!(reclaim(&reader, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).is_err());
+    reclaim(&s, &opts, &[10], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+    assert_eq!(s.ids().unwrap(), vec![10, 25, 26, 27, 28, 29, 30]);
+    assert!(s.open_epoch(10).unwrap().header().is_full());
+}
