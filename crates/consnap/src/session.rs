@@ -131,7 +131,7 @@ pub struct SessionArgs {
     #[arg(long, value_parser = args::duration, value_name = "DURATION")]
     pub status_interval: Option<Duration>,
     /// Compression of page data in new epochs (and in rewrites).
-    #[arg(long, value_enum, default_value = "lz4", requires = "snapshot_dir")]
+    #[arg(long, value_enum, default_value = "none", requires = "snapshot_dir")]
     pub compress: crate::store_args::CompressArg,
     /// Retention and reclamation (the reclaimer runs while the VM runs).
     #[command(flatten)]

@@ -111,6 +111,8 @@ fn a_run_driven_through_the_api_keeps_its_checksum() {
             .args(["run", "--workload", spec, "--mode", "stop-copy", "--interval", "200ms"])
             .arg("--snapshot-dir")
             .arg(&snaps)
+            // The epoch taken while paused is restored at the end: keep it.
+            .args(["--retain", "all"])
             .arg("--api-sock")
             .arg(&sock)
             .arg("--report")

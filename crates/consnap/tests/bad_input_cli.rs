@@ -275,7 +275,7 @@ fn bad_input_never_panics() {
         (vec!["ls", f], "Not a directory"),
         (vec!["ls", g], "does not start with \"CSNPSTOR\""),
         (vec!["restore", g], "does not start with \"CSNPSTOR\""),
-        (vec!["restore", s, "--at=-1"], "--at '-1' is not an epoch id"),
+        (vec!["restore", s, "--at=-1"], "--at '-1'"),
         (vec!["restore", s, "--at", "0"], "epoch 0 is not in"),
         (
             vec!["restore", s, "--at", "99999999999999999999999"],

@@ -132,6 +132,8 @@ impl Strategy for Cow {
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
         let t0 = Instant::now();
+        // This epoch's counters start now (the previous epoch is done).
+        shared.counters.reset();
         if self.opts.tracker == Tracker::Uffd {
             return self.paused_uffd(t, ctx, shared, t0);
         }

@@ -259,7 +259,6 @@ impl Shared {
     /// in merged runs. Every protected block is marked armed, so that the
     /// saver visits and lifts it. Returns the number of protect calls.
     pub(crate) fn arm(&self, pages: &DirtySet) -> Result<u64, UffdError> {
-        self.counters.reset();
         let mut g = self.lock();
         g.aborted = false;
         let mut calls = 0;
