@@ -32,4 +32,4 @@ fi
 # too, never in the machine's /tmp.
 mkdir -p target/tmp
 export TMPDIR=$PWD/target/tmp
-cargo test --release --workspace
+cargo test --release --workspace --no-fail-fast
