@@ -86,3 +86,39 @@ fn a_delayed_restore_runs_as_long_as_an_immediate_one() {
         "restored 3 s later in {t_later:.2}s, at once in {t_now:.2}s: guest time jumped by the delay"
     );
 }
+
+/// A rate-limited guest that is ahead of its rate sleeps through the idle
+/// port instead of spinning: its vCPU threads use a small part of the wall
+/// time (about a tenth here; spinning, all of it), it keeps its rate and
+/// its checksum, and snapshots still pause it promptly.
+#[test]
+fn a_rate_limited_guest_idles() {
+    if !kvm_ready() {
+        return;
+    }
+    let spec = format!("memstress,wss=32M,ops={},rate={RATE}", 2 * RATE * u64::from(VCPUS));
+    let dir = tempdir("guest-idle");
+    let report = dir.join("r.json");
+    let r = run_ok(
+        consnap()
+            .args(["run", "--workload", &spec, "--vcpus", &VCPUS.to_string(), "--interval", "50ms"])
+            .arg("--snapshot-dir")
+            .arg(dir.join("snaps"))
+            .arg("--report")
+            .arg(&report),
+    );
+    drop(r);
+    let r = read_report(&report);
+    let (ops, sum) = reference(&spec, VCPUS);
+    assert_eq!(r["checksum"], sum.as_str());
+    assert_eq!(r["ops"], ops);
+    let wall = r["wall_time_s"].as_f64().unwrap();
+    let cpu = r["vcpu_cpu_s"].as_f64().unwrap();
+    // 2 s of work at the rate; the run may be slower on a loaded machine,
+    // never faster.
+    assert!(wall >= 1.9, "ran faster than its rate: {wall} s");
+    assert!(
+        cpu < 0.5 * wall * f64::from(VCPUS),
+        "{VCPUS} rate-limited vCPUs used {cpu} s of CPU in {wall} s: they spin instead of idling"
+    );
+}

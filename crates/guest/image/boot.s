@@ -454,7 +454,7 @@ tss_area:
         .elseif port8 == 0x7F
         .byte 0x00                  /* 0x3f8-0x3ff COM1 */
         .elseif port8 == 0xA0
-        .byte 0xFD                  /* 0x501 debug exit */
+        .byte 0xF1                  /* 0x501 debug exit, 0x502-0x503 idle */
         .else
         .byte 0xFF
         .endif

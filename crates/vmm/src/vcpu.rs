@@ -402,6 +402,8 @@ impl Vcpus {
             g.saved.iter_mut().for_each(|s| *s = None);
         }
         self.control.requested.store(true, Ordering::SeqCst);
+        // Taking the lock orders the store before any idle vCPU's wait.
+        drop(self.control.lock());
         // vCPUs parked by an earlier pause (one the user asked for) wake,
         // see the new generation and park again, doing this pause's action.
         self.control.cv.notify_all();
@@ -461,6 +463,7 @@ impl Vcpus {
             g.want = Want::Stop;
         }
         self.control.requested.store(true, Ordering::SeqCst);
+        drop(self.control.lock());
         self.control.cv.notify_all();
         self.kick_all();
         for (id, t) in self.threads {
@@ -521,7 +524,12 @@ impl Worker {
                 // without running guest code.
                 continue;
             }
+            let mut idle = None;
             let flow = match self.vcpu.fd.run() {
+                Ok(VcpuExit::IoOut(crate::devices::IDLE_PORT, &[lo, hi])) => {
+                    idle = Some(u16::from_le_bytes([lo, hi]).min(workload::abi::IDLE_MAX_US));
+                    Ok(None)
+                }
                 Ok(exit) => handle_exit(self.vcpu.id, exit, &self.devices),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.fd.set_kvm_immediate_exit(0);
@@ -547,6 +555,29 @@ impl Worker {
             if let Flow::Done = flow {
                 return;
             }
+            if let Some(us) = idle {
+                self.idle(Duration::from_micros(u64::from(us)));
+            }
+        }
+    }
+
+    /// Sleep for the guest's idle request, or until a pause or stop is
+    /// requested (`pause` and `stop` notify under the lock, so the request
+    /// cannot slip between the check and the wait).
+    fn idle(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut g = self.control.lock();
+        while !self.control.requested.load(Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = self
+                .control
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 

@@ -70,3 +70,17 @@ pub mod exit {
 
 /// I/O port of the debug-exit device (QEMU's isa-debug-exit default).
 pub const DEBUG_EXIT_PORT: u16 = 0x501;
+
+/// consnap's idle port (16-bit). A ring-3 guest cannot HLT, so a workload
+/// that is ahead of its rate writes the microseconds it would otherwise
+/// spin to this port, and the vCPU thread sleeps that long (at most
+/// [`IDLE_MAX_US`], and less when the VMM pauses it), leaving the host CPU
+/// to others as an idle VM in HLT would. A 16-bit read returns
+/// [`IDLE_MAGIC`] where the port exists; elsewhere (QEMU) the guest spins.
+pub const IDLE_PORT: u16 = 0x502;
+
+/// What a read of [`IDLE_PORT`] returns under consnap.
+pub const IDLE_MAGIC: u16 = 0x1d1e;
+
+/// The longest single sleep the idle port grants.
+pub const IDLE_MAX_US: u16 = 5_000;

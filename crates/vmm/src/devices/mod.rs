@@ -19,6 +19,9 @@ pub use serial::SerialDevice;
 
 /// Debug-exit port.
 pub const DEBUG_EXIT_PORT: u16 = workload::abi::DEBUG_EXIT_PORT;
+/// The idle port (see [`workload::abi::IDLE_PORT`]); writes are handled by
+/// the vCPU thread itself, which sleeps.
+pub const IDLE_PORT: u16 = workload::abi::IDLE_PORT;
 const I8042_DATA: u16 = 0x60;
 const I8042_CMD: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
@@ -67,6 +70,7 @@ impl Devices {
             p if (serial::COM1_BASE..serial::COM1_BASE + 8).contains(&p) && data.len() == 1 => {
                 data[0] = self.serial.read((p - serial::COM1_BASE) as u8);
             }
+            IDLE_PORT if data.len() == 2 => data.copy_from_slice(&workload::abi::IDLE_MAGIC.to_le_bytes()),
             I8042_DATA | I8042_CMD => data.fill(0),
             crate::boot::acpi::SLEEP_CONTROL_PORT | crate::boot::acpi::SLEEP_STATUS_PORT => data.fill(0),
             _ => data.fill(0xff),
