@@ -101,7 +101,15 @@ fn a_rate_limited_guest_idles() {
     let report = dir.join("r.json");
     let r = run_ok(
         consnap()
-            .args(["run", "--workload", &spec, "--vcpus", &VCPUS.to_string(), "--interval", "50ms"])
+            .args([
+                "run",
+                "--workload",
+                &spec,
+                "--vcpus",
+                &VCPUS.to_string(),
+                "--interval",
+                "50ms",
+            ])
             .arg("--snapshot-dir")
             .arg(dir.join("snaps"))
             .arg("--report")
