@@ -71,6 +71,8 @@ const MAX_ERRORS: usize = 5;
 pub struct Reclaimer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<ReclaimReport>>,
+    /// The report when no thread runs (nothing to do, or it could not start).
+    idle: ReclaimReport,
 }
 
 /// Lower this thread's CPU and I/O priority, so that capture and the guest
@@ -96,14 +98,24 @@ impl Reclaimer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let start_latest = store.latest().unwrap_or(0);
+        let idle = ReclaimReport {
+            retain: opts.policy.text().to_string(),
+            max_chain: opts.max_chain,
+            rate: opts.rate,
+            ..ReclaimReport::default()
+        };
+        // Keeping every epoch in chains of any length leaves nothing to do:
+        // no thread, rather than one listing the store twice a second.
+        if opts.policy.keeps_all() && opts.max_chain == 0 {
+            return Reclaimer {
+                stop,
+                thread: None,
+                idle,
+            };
+        }
+        let mut report = idle.clone();
         let thread = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
             lower_priority();
-            let mut report = ReclaimReport {
-                retain: opts.policy.text().to_string(),
-                max_chain: opts.max_chain,
-                rate: opts.rate,
-                ..ReclaimReport::default()
-            };
             let mut next = Instant::now() + PERIOD;
             loop {
                 while Instant::now() < next {
@@ -129,10 +141,18 @@ impl Reclaimer {
             }
         });
         match thread {
-            Ok(t) => Reclaimer { stop, thread: Some(t) },
+            Ok(t) => Reclaimer {
+                stop,
+                thread: Some(t),
+                idle,
+            },
             Err(e) => {
                 tracing::warn!("cannot start the reclaimer thread: {e}");
-                Reclaimer { stop, thread: None }
+                Reclaimer {
+                    stop,
+                    thread: None,
+                    idle,
+                }
             }
         }
     }
@@ -140,7 +160,8 @@ impl Reclaimer {
     /// Stop (an unfinished rewrite is discarded) and return what it did.
     pub fn finish(mut self) -> ReclaimReport {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+        let idle = std::mem::take(&mut self.idle);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(idle)
     }
 }
 

@@ -245,6 +245,10 @@ fn run_epochs(engine: &mut SnapshotEngine, fake: &mut Fake, epochs: usize) -> Ta
         // Let the guest write between epochs.
         let before = fake.writes();
         while fake.writes() < before + 2000 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out: the fake guest does not write (not started?)"
+            );
             std::thread::yield_now();
         }
         if let TaskFlow::Stop(why) = engine.tick(fake) {
@@ -544,6 +548,7 @@ fn run_time_mode_interval_and_epoch_now_keep_epochs_exact() {
     let cfg = config(&dir.0, Mode::StopCopy, CowOptions::default(), Inject::default());
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut fake).unwrap();
+    fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 3), TaskFlow::Continue));
     assert!(engine.wait(&mut fake).is_none());
     let a = engine.records.len();

@@ -96,8 +96,14 @@ impl Throttle {
 }
 
 fn healthy(store: &Store) -> Result<BTreeMap<u64, (Header, u64)>> {
+    // A writer may commit epochs while the directory is read, and readdir
+    // may return an epoch added meanwhile without its parent, added just
+    // before it. Every epoch up to the newest one a first listing saw was
+    // committed before the second listing began (commits are in order),
+    // so the second listing, cut at that bound, sees each whole chain.
+    let bound = store.ids()?.last().copied().unwrap_or(0);
     let mut heads = BTreeMap::new();
-    for (id, info) in store.list()? {
+    for (id, info) in store.list_cached()?.into_iter().filter(|(id, _)| *id <= bound) {
         let info = info.map_err(|e| StoreError::Corrupt {
             path: store.epoch_path(id),
             why: format!("reclamation needs every epoch intact, and this one is not ({e}); run `consnap verify`"),

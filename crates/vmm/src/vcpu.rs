@@ -303,6 +303,37 @@ impl Vcpu {
     }
 }
 
+/// Holds vCPU threads until all `n` have arrived, or until opened.
+struct Gate {
+    m: Mutex<(usize, bool)>,
+    cv: Condvar,
+    n: usize,
+}
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate {
+            m: Mutex::new((0, false)),
+            cv: Condvar::new(),
+            n,
+        }
+    }
+
+    fn arrive_and_wait(&self) {
+        let mut g = self.m.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        self.cv.notify_all();
+        while g.0 < self.n && !g.1 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn open(&self) {
+        self.m.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
 /// Handles to the running vCPU threads.
 #[derive(Debug)]
 pub struct Vcpus {
@@ -344,6 +375,12 @@ impl Vcpus {
             cv: Condvar::new(),
         });
         let mut restore = restore.map(|v| v.into_iter().map(Some).collect::<Vec<_>>());
+        // No vCPU runs guest code before every vCPU has its state: a
+        // restored BSP could otherwise send an IPI (an AP's SIPI, say) that
+        // the AP's own KVM_SET_MP_STATE/LAPIC/VCPU_EVENTS then overwrites,
+        // and the AP never starts (seen on 2-vCPU restores of epochs taken
+        // during SMP bring-up).
+        let ready = Arc::new(Gate::new(n));
         let mut threads = Vec::with_capacity(n);
         for vcpu in vcpus {
             let id = vcpu.id;
@@ -351,6 +388,7 @@ impl Vcpus {
                 .as_mut()
                 .and_then(|r| r.get_mut(id as usize).and_then(Option::take));
             let (control, ram, devices, events) = (control.clone(), ram.clone(), devices.clone(), events.clone());
+            let gate = ready.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
@@ -358,6 +396,7 @@ impl Vcpus {
                         Some(st) => Vcpu::restore(vcpu, &st),
                         None => Ok(vcpu),
                     };
+                    gate.arrive_and_wait();
                     match vcpu {
                         Ok(vcpu) => Worker {
                             vcpu,
@@ -374,7 +413,11 @@ impl Vcpus {
                         }
                     }
                 })
-                .map_err(|source| VcpuError::Spawn { vcpu: id, source })?;
+                .map_err(|source| {
+                    // The threads already started must not wait forever.
+                    ready.open();
+                    VcpuError::Spawn { vcpu: id, source }
+                })?;
             threads.push((id, handle));
         }
         Ok(Vcpus { control, threads })
