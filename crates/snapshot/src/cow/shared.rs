@@ -75,6 +75,11 @@ pub struct CowOptions {
     /// without copying the page first (the saved epoch is then wrong).
     #[doc(hidden)]
     pub test_skip_copy: bool,
+    /// Test hook: the fault handler waits this long between marking a
+    /// block unarmed (on a fault, or capturing ahead) and lifting its
+    /// protection, widening the window in which a pause could re-arm it.
+    #[doc(hidden)]
+    pub test_lift_delay: std::time::Duration,
 }
 
 impl Default for CowOptions {
@@ -90,6 +95,7 @@ impl Default for CowOptions {
             pause_copy_budget: std::time::Duration::from_millis(1),
             test_saver_delay: std::time::Duration::ZERO,
             test_skip_copy: false,
+            test_lift_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -453,11 +459,17 @@ impl Shared {
         } else {
             Capture::Progress
         };
-        drop(g);
+        // Lifted under the lock, like the `armed` bits cleared above: see
+        // `on_fault`. (Capture-ahead can still be lifting when the saver
+        // has committed the epoch and the next pause begins.)
+        if !lift.is_empty() && !self.opts.test_lift_delay.is_zero() {
+            std::thread::sleep(self.opts.test_lift_delay);
+        }
         for (r, s, e) in lift {
             let (a, l) = self.span(r, s, e);
             self.uffd.unprotect(a, l, true)?;
         }
+        drop(g);
         Ok(state)
     }
 
@@ -524,10 +536,20 @@ impl Shared {
             self.counters.copied.fetch_add(want.len() as u64, Ordering::Relaxed);
             break;
         }
+        // Clear `armed` and lift the protection under one lock. Lifted after
+        // the lock is dropped, a late lift could land after the next pause
+        // re-armed the block (it was unarmed, so it was written, so it is
+        // protected again): the block would then be writable while marked
+        // armed, and no later write to it would ever be seen. (A vCPU can
+        // be parked for a pause while its fault is still being served.)
         g.armed[ri].unset(block);
-        drop(g);
+        if !self.opts.test_lift_delay.is_zero() {
+            std::thread::sleep(self.opts.test_lift_delay);
+        }
         let (a, l) = self.span(ri, b0, b1);
-        self.uffd.unprotect(a, l, true)
+        let lifted = self.uffd.unprotect(a, l, true);
+        drop(g);
+        lifted
     }
 }
 
