@@ -335,10 +335,11 @@ fn carry(mode: &str) {
     // would) must hand their dirty pages to the next epoch, or restoring any
     // later epoch would diverge. The 3rd, 4th and 7th attempts fail; the run
     // is stopped once 8 epochs (11 attempts) are committed. The workload is
-    // long (6 s) so that a loaded machine with a slow disk still commits 8
-    // epochs before it ends; the run is stopped long before that.
+    // long (20 s; it idles between ops) so that a loaded machine still
+    // commits 8 epochs before it ends (under stress-ng --cpu 2 the saver
+    // committed 4 in 6.4 s); the run is stopped long before that.
     let dir = tempdir(&format!("carry-{mode}"));
-    let spec = "memstress,wss=32M,ops=60000,rate=10000,pattern=random";
+    let spec = "memstress,wss=32M,ops=200000,rate=10000,pattern=random";
     let snaps = dir.join("snaps");
     let report = dir.join("r.json");
     let mut child = spawn(
@@ -375,11 +376,19 @@ fn carry(mode: &str) {
     let (_, sum) = reference(spec, 1);
     // The first epochs committed after each failure (attempts 5 and 8) are
     // the ones that must carry the failed epochs' pages; the newest one reads
-    // the whole chain. Each restore runs the guest to its end.
+    // the whole chain. Each restore runs the (idling) guest to its end, all
+    // three at once.
     let picks = [2, 4, epochs.len() - 1];
-    for e in picks.iter().map(|&i| &epochs[i]) {
-        let id = e["id"].as_u64().unwrap().to_string();
-        let rr = restore(&snaps, &id, &[], &dir.join(format!("r{id}.json")));
+    let handles: Vec<_> = picks
+        .iter()
+        .map(|&i| {
+            let id = epochs[i]["id"].as_u64().unwrap().to_string();
+            let (snaps, report) = (snaps.clone(), dir.join(format!("r{id}.json")));
+            std::thread::spawn(move || (restore(&snaps, &id, &[], &report), id))
+        })
+        .collect();
+    for h in handles {
+        let (rr, id) = h.join().unwrap();
         assert_eq!(
             rr["checksum"],
             sum.as_str(),
