@@ -7,34 +7,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A small deterministic generator (the seed is printed, to replay a failure).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("CONSNAP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        })
-}
 
 /// Workloads that last several seconds: memstress 20 s on any machine (it
 /// is rate-limited and idles between ops, so a long run costs little CPU,
@@ -59,7 +34,6 @@ fn random_kill(workload: &str, vcpus: u32) {
         return;
     }
     let seed = seed();
-    eprintln!("CONSNAP_TEST_SEED={seed}");
     let mut rng = Rng(seed);
     let spec = spec(workload, vcpus);
     let (ops, sum) = reference(&spec, vcpus);
@@ -82,7 +56,7 @@ fn random_kill(workload: &str, vcpus: u32) {
     ];
     // At least 21 epochs, then a random moment within the next 0.4 s.
     let child = start_until_epochs(&args, &snaps, 21);
-    let extra = Duration::from_millis(rng.next() % 400);
+    let extra = Duration::from_millis(rng.next_u64() % 400);
     let t = Instant::now();
     while t.elapsed() < extra {
         std::thread::sleep(Duration::from_millis(5));
@@ -96,7 +70,7 @@ fn random_kill(workload: &str, vcpus: u32) {
     assert!(epochs.iter().all(|e| e["mode"] == "cow"), "{epochs:?}");
     let mut chosen = vec![*ids.last().unwrap()];
     while chosen.len() < 21 {
-        let id = ids[(rng.next() % ids.len() as u64) as usize];
+        let id = ids[(rng.next_u64() % ids.len() as u64) as usize];
         if !chosen.contains(&id) {
             chosen.push(id);
         }
@@ -104,26 +78,15 @@ fn random_kill(workload: &str, vcpus: u32) {
     // Two restores of the CPU-bound build at a time (the machine has two
     // cores); memstress is rate-limited and idles between its ops, so all.
     let at_once = if workload == "memstress" { 21 } else { 2 };
-    for pair in chosen.chunks(at_once) {
-        let handles: Vec<_> = pair
-            .iter()
-            .map(|&id| {
-                let snaps = snaps.clone();
-                let report = dir.join(format!("restore-{id}.json"));
-                std::thread::spawn(move || (id, restore(&snaps, &id.to_string(), &[], &report)))
-            })
-            .collect();
-        for h in handles {
-            let (id, r) = h.join().unwrap();
-            assert_eq!(r["status"], "poweroff", "epoch {id}: {r}");
-            assert_eq!(r["ops"], ops, "epoch {id}");
-            assert_eq!(r["workload_errors"], 0, "epoch {id}");
-            assert_eq!(
-                r["checksum"],
-                sum.as_str(),
-                "restore of cow epoch {id} diverged ({workload}, {vcpus} vCPUs, seed {seed})"
-            );
-        }
+    for (id, r) in restore_each(&snaps, &chosen, &dir, at_once) {
+        assert_eq!(r["status"], "poweroff", "epoch {id}: {r}");
+        assert_eq!(r["ops"], ops, "epoch {id}");
+        assert_eq!(r["workload_errors"], 0, "epoch {id}");
+        assert_eq!(
+            r["checksum"],
+            sum.as_str(),
+            "restore of cow epoch {id} diverged ({workload}, {vcpus} vCPUs, seed {seed})"
+        );
     }
 }
 

@@ -378,17 +378,11 @@ fn carry(mode: &str) {
     // the ones that must carry the failed epochs' pages; the newest one reads
     // the whole chain. Each restore runs the (idling) guest to its end, all
     // three at once.
-    let picks = [2, 4, epochs.len() - 1];
-    let handles: Vec<_> = picks
+    let picks: Vec<u64> = [2, 4, epochs.len() - 1]
         .iter()
-        .map(|&i| {
-            let id = epochs[i]["id"].as_u64().unwrap().to_string();
-            let (snaps, report) = (snaps.clone(), dir.join(format!("r{id}.json")));
-            std::thread::spawn(move || (restore(&snaps, &id, &[], &report), id))
-        })
+        .map(|&i| epochs[i]["id"].as_u64().unwrap())
         .collect();
-    for h in handles {
-        let (rr, id) = h.join().unwrap();
+    for (id, rr) in restore_each(&snaps, &picks, &dir, picks.len()) {
         assert_eq!(
             rr["checksum"],
             sum.as_str(),

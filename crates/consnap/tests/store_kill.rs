@@ -23,15 +23,14 @@ const SPEC: &str = "memstress,wss=8M,ops=800000,rate=20000,pattern=hotcold";
 
 /// What an epoch's restore reads: (inode, size, mtime) of every file of
 /// its chain. A rebase or fold rewrites a file under a new inode.
-fn chain_files(snaps: &std::path::Path, id: u64) -> Vec<(u64, u64, i128)> {
+fn chain_files(store: &store::Store, id: u64) -> Vec<(u64, u64, i128)> {
     use std::os::unix::fs::MetadataExt;
-    let store = store::Store::open(snaps, store::Access::Read).unwrap();
     store
         .chain(id)
         .unwrap_or_else(|e| panic!("epoch {id} has no chain: {e}"))
         .iter()
         .map(|e| {
-            let m = std::fs::metadata(e.path()).unwrap();
+            let m = e.file().metadata().unwrap();
             (
                 m.ino(),
                 m.size(),
@@ -52,9 +51,10 @@ fn check(snaps: &std::path::Path, seen: &mut Seen, what: &str) {
     let verified = t.elapsed();
     let mut digested = 0;
     assert!(v.problems.is_empty(), "{what}: {:?}", v.problems);
-    let present = ids(snaps);
+    let store = store::Store::open(snaps, store::Access::Read).unwrap();
+    let present = store.ids().unwrap();
     for &id in &present {
-        let files = chain_files(snaps, id);
+        let files = chain_files(&store, id);
         if seen.get(&id).is_some_and(|(_, f)| *f == files) {
             continue;
         }
@@ -150,16 +150,7 @@ fn kill_9_while_writing_and_while_compacting() {
     let (ops, sum) = reference(SPEC, 1);
     let all = ids(&snaps);
     let chosen = [*all.last().unwrap(), all[rng.below(all.len() as u64) as usize]];
-    let handles: Vec<_> = chosen
-        .iter()
-        .map(|&id| {
-            let snaps = snaps.clone();
-            let report = dir.join(format!("restore-{id}.json"));
-            std::thread::spawn(move || (id, restore(&snaps, &id.to_string(), &[], &report)))
-        })
-        .collect();
-    for h in handles {
-        let (id, r) = h.join().unwrap();
+    for (id, r) in restore_each(&snaps, &chosen, &dir, chosen.len()) {
         assert_eq!(r["ops"], ops, "epoch {id}");
         assert_eq!(r["checksum"], sum.as_str(), "epoch {id} diverged");
     }

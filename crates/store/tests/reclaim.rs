@@ -19,15 +19,7 @@ const PAGES: u64 = 64;
 const MS: u64 = 1_000_000;
 const T0: u64 = 1_700_000_000_000 * MS;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use testing::Rng;
 
 /// Write epoch `id` (parent `parent`) at `t`: a full epoch lists every
 /// page, an incremental one a random few; some pages are zero, some
@@ -47,14 +39,14 @@ fn write(s: &Store, rng: &mut Rng, id: u64, parent: Option<u64>, t: u64) {
         .unwrap();
     w.write_state(format!("state-{id}").as_bytes()).unwrap();
     for gfn in 0..PAGES {
-        if parent.is_some() && !rng.next().is_multiple_of(5) {
+        if parent.is_some() && !rng.next_u64().is_multiple_of(5) {
             continue;
         }
-        match rng.next() % 4 {
+        match rng.next_u64() % 4 {
             0 => w.zero_pages(gfn, 1).unwrap(),
             1 => w.data_pages(gfn, &vec![(id as u8) ^ (gfn as u8); PAGE]).unwrap(),
             _ => {
-                let page: Vec<u8> = (0..PAGE).map(|_| rng.next() as u8).collect();
+                let page: Vec<u8> = (0..PAGE).map(|_| rng.next_u64() as u8).collect();
                 w.data_pages(gfn, &page).unwrap();
             }
         }

@@ -1,7 +1,8 @@
 //! Support for tests of consnap's crates: whether KVM tests may run, a
 //! minimal PVH kernel around a few bytes of 32-bit guest code (in the style
 //! of kvm-ioctls' tests), a private directory that removes itself when its
-//! test passes, and child processes with captured output and a deadline.
+//! test passes, child processes with captured output and a deadline, and a
+//! small random generator whose seed is printed.
 //!
 //! This file uses nothing but `std` and `libc`, so that the tests of crates
 //! that do not depend on `vmm` can include it with `#[path]`.
@@ -133,6 +134,38 @@ impl Drop for TestDir {
             eprintln!("cannot remove {}: {e}", self.path.display());
         }
     }
+}
+
+/// A small deterministic generator (the seed is printed, to replay a failure).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// `CONSNAP_TEST_SEED`, or one from the clock; printed.
+pub fn seed() -> u64 {
+    let s = std::env::var("CONSNAP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
+    eprintln!("CONSNAP_TEST_SEED={s}");
+    s
 }
 
 /// How long a child process may run before the test kills it and fails:

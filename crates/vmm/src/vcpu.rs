@@ -201,6 +201,24 @@ impl Control {
     fn lock(&self) -> MutexGuard<'_, Ctrl> {
         self.m.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Wait on `cv` while `more(&ctrl)` holds, until `deadline`. Returns
+    /// the guard and whether the wait ended by the deadline.
+    fn wait_while<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Ctrl>,
+        deadline: Instant,
+        more: impl Fn(&Ctrl) -> bool,
+    ) -> (MutexGuard<'a, Ctrl>, bool) {
+        while more(&g) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (g, true);
+            }
+            g = self.cv.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        (g, false)
+    }
 }
 
 thread_local! {
@@ -451,20 +469,13 @@ impl Vcpus {
         // see the new generation and park again, doing this pause's action.
         self.control.cv.notify_all();
         self.kick_all();
-        let mut g = self.control.lock();
-        while g.parked + g.finished < n {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                drop(g);
-                self.resume();
-                return Err(VcpuError::PauseTimeout(timeout));
-            }
-            g = self
-                .control
-                .cv
-                .wait_timeout(g, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (mut g, timed_out) = self
+            .control
+            .wait_while(self.control.lock(), start + timeout, |c| c.parked + c.finished < n);
+        if timed_out {
+            drop(g);
+            self.resume();
+            return Err(VcpuError::PauseTimeout(timeout));
         }
         let latency = start.elapsed();
         let mut states = Vec::new();
@@ -608,20 +619,10 @@ impl Worker {
     /// requested (`pause` and `stop` notify under the lock, so the request
     /// cannot slip between the check and the wait).
     fn idle(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        let mut g = self.control.lock();
-        while !self.control.requested.load(Ordering::SeqCst) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            g = self
-                .control
-                .cv
-                .wait_timeout(g, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let requested = &self.control.requested;
+        let _ = self.control.wait_while(self.control.lock(), Instant::now() + d, |_| {
+            !requested.load(Ordering::SeqCst)
+        });
     }
 
     fn describe(&mut self, e: ExitError) -> VcpuError {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub use vmm::testing::{Child, TestDir, kvm_ready, output, run_ok, spawn, tail, try_spawn};
+pub use vmm::testing::{Child, Rng, TestDir, kvm_ready, output, run_ok, seed, spawn, tail, try_spawn};
 
 pub fn consnap() -> Command {
     Command::new(env!("CARGO_BIN_EXE_consnap"))
@@ -114,6 +114,24 @@ pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_j
             .args(extra),
     );
     read_report(report)
+}
+
+/// [`restore`] each of `ids` and run it to its end, `at_once` at a time
+/// (one thread each), reports in `dir/restore-ID.json`; returns (id,
+/// report) in the order of `ids`.
+pub fn restore_each(snaps: &Path, ids: &[u64], dir: &Path, at_once: usize) -> Vec<(u64, serde_json::Value)> {
+    let mut out = Vec::with_capacity(ids.len());
+    for group in ids.chunks(at_once.max(1)) {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|&id| {
+                let (snaps, report) = (snaps.to_path_buf(), dir.join(format!("restore-{id}.json")));
+                std::thread::spawn(move || (id, restore(&snaps, &id.to_string(), &[], &report)))
+            })
+            .collect();
+        out.extend(handles.into_iter().map(|h| h.join().unwrap()));
+    }
+    out
 }
 
 /// Every file under `snaps/epochs` with its contents, sorted: to show that

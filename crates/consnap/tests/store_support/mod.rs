@@ -1,5 +1,5 @@
-//! Helpers of the store tests: restored-memory digests, a random
-//! generator with a printed seed, and what a restore of an epoch reads.
+//! Helpers of the store tests: restored-memory digests and what a
+//! restore of an epoch reads.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -7,38 +7,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use store::{Access, Codec, Source, Store};
-
-/// A small deterministic generator (the seed is printed, to replay a failure).
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// `CONSNAP_TEST_SEED`, or one from the clock; printed.
-pub fn seed() -> u64 {
-    let s = std::env::var("CONSNAP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        });
-    eprintln!("CONSNAP_TEST_SEED={s}");
-    s
-}
 
 /// A digest of the guest RAM and machine configuration epoch `id`
 /// restores to, through the real restore path (without a VM).
