@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use store::AlignedBuf;
 use vmm::dirty::PageBits;
 
 /// Guest page size.
@@ -10,42 +11,21 @@ pub const PAGE: usize = 4096;
 
 /// A zeroed, page-aligned buffer whose pages are already faulted in, so
 /// that it can be written with O_DIRECT and copied into without a host
-/// page fault per page.
-pub struct PageBuf {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: PageBuf owns its allocation exclusively, like a Vec<u8>.
-unsafe impl Send for PageBuf {}
-// SAFETY: shared access only reads, like &[u8].
-unsafe impl Sync for PageBuf {}
+/// page fault per page: the store's [`AlignedBuf`], pre-faulted.
+pub struct PageBuf(AlignedBuf);
 
 impl PageBuf {
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(PAGE).next_multiple_of(PAGE), PAGE)
-            .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; PAGE]>())
-    }
-
     /// A buffer of `len` bytes (rounded up to whole pages).
     pub fn new(len: usize) -> PageBuf {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        if layout.size() >= 1 << 20 {
-            // SAFETY: the range is exactly our allocation; populating
-            // writable anonymous pages changes no contents (they stay
-            // zero). Older kernels return EINVAL and the pages fault on use.
-            unsafe { libc::madvise(raw.cast(), layout.size(), MADV_POPULATE_WRITE) };
+        let mut buf = AlignedBuf::new(len);
+        if buf.len() >= 1 << 20 {
+            // SAFETY: the range is exactly the buffer's allocation;
+            // populating writable anonymous pages changes no contents (they
+            // stay zero). Older kernels return EINVAL and the pages fault on use.
+            unsafe { libc::madvise(buf.as_mut_ptr().cast(), buf.len(), MADV_POPULATE_WRITE) };
         }
-        PageBuf {
-            ptr,
-            len: layout.size(),
-        }
+        PageBuf(buf)
     }
 
     /// An empty buffer (one page).
@@ -63,28 +43,19 @@ impl Default for PageBuf {
 impl std::ops::Deref for PageBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live allocation of `len` initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        &self.0
     }
 }
 
 impl std::ops::DerefMut for PageBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for PageBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this very layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+        &mut self.0
     }
 }
 
 impl std::fmt::Debug for PageBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PageBuf({} bytes)", self.len)
+        write!(f, "PageBuf({} bytes)", self.0.len())
     }
 }
 
