@@ -212,8 +212,15 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
     engine.prepare(&mut m).unwrap();
     m.start().unwrap();
     // The arena is the 2 MiB block after the image (see docs/GUEST.md); wait
-    // until the guest writes it.
-    std::thread::sleep(Duration::from_millis(300));
+    // until the guest has done ops in it.
+    let t = std::time::Instant::now();
+    while vmm::guest_status::read(m.ram()).map_or(0, |s| s.ops_done) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest never started its workload"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let epochs = 60;
     for i in 0..epochs {
         engine.run(&mut m);
