@@ -12,6 +12,11 @@ use crate::progress::Bar;
 pub struct VerifyArgs {
     /// Snapshot directory.
     pub dir: PathBuf,
+    /// Also restore every epoch's memory and compare it word by word with
+    /// what the workload guest must hold at the op count it published
+    /// (memstress only): proves that epochs restore what the guest had.
+    #[arg(long)]
+    pub workload: bool,
 }
 
 /// Check every byte of a store; exit status 1 on any problem, each named
@@ -20,6 +25,12 @@ pub fn verify(a: VerifyArgs) -> Result<i32, String> {
     let bar = Bar::new("verifying", false);
     let v = store::verify(&a.dir, &mut |done, total| bar.update(done, total)).map_err(|e| e.to_string())?;
     bar.finish();
+    let mut v = v;
+    if a.workload && v.problems.is_empty() {
+        let (problems, notes) = check_workload(&a.dir)?;
+        v.problems.extend(problems);
+        v.notes.extend(notes);
+    }
     let mut out = std::io::stdout().lock();
     let mut print = || -> std::io::Result<()> {
         for p in &v.problems {
@@ -47,4 +58,50 @@ pub fn verify(a: VerifyArgs) -> Result<i32, String> {
         Err(e) => return Err(format!("cannot write the report: {e}")),
     }
     Ok(i32::from(!v.problems.is_empty()))
+}
+
+/// Restore each epoch's RAM and check it against the workload reference.
+fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<String>), String> {
+    use store::{Access, Store};
+    use vmm::workload_check::CheckError;
+    let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
+    let ids = store.ids().map_err(|e| e.to_string())?;
+    let bar = Bar::new("checking memory", false);
+    let (mut problems, mut checked, mut idle) = (Vec::new(), 0u64, 0u64);
+    for (i, &id) in ids.iter().enumerate() {
+        bar.update(i as u64, ids.len() as u64);
+        let r = snapshot::restore_ram(&store, id, &mut |_, _| {}).map_err(|e| e.to_string())?;
+        let Some(spec) = r.state.config.workload.as_deref() else {
+            return Err(format!(
+                "epoch {id}: the guest is not the workload guest; --workload has nothing to check"
+            ));
+        };
+        let at_capture = store.open_epoch(id).map_err(|e| e.to_string())?.header().guest_ops;
+        match vmm::workload_check::check(&r.ram, spec) {
+            Ok(c) if c.shares == 0 => idle += 1,
+            Ok(c) if at_capture != u64::MAX && c.ops != at_capture => problems.push(store::Problem {
+                path: store.epoch_path(id),
+                what: format!(
+                    "epoch {id} restores a status page saying {} ops, but the guest had done {at_capture} when it was captured",
+                    c.ops
+                ),
+            }),
+            Ok(_) => checked += 1,
+            Err(e @ (CheckError::Differs { .. } | CheckError::OutOfRam { .. })) => problems.push(store::Problem {
+                path: store.epoch_path(id),
+                what: format!("epoch {id} restores memory the guest never had: {e}"),
+            }),
+            Err(e) => return Err(format!("--workload cannot check epoch {id}: {e}")),
+        }
+    }
+    bar.finish();
+    let mut notes = vec![format!(
+        "--workload: {checked} epochs' memory equals the reference at their op counts"
+    )];
+    if idle > 0 {
+        notes.push(format!(
+            "--workload: {idle} epochs precede the workload's start (nothing to compare)"
+        ));
+    }
+    Ok((problems, notes))
 }

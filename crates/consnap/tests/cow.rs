@@ -1,7 +1,8 @@
 //! Copy-on-write epochs (`--mode cow`) end to end: snapshots every 20 ms,
 //! a SIGKILL at a random moment, then the latest committed epoch and 20
 //! randomly chosen ones each restored and run to the end with the checksum
-//! of an uninterrupted run; and the message a host without userfaultfd
+//! of an uninterrupted run (memstress: every epoch's memory checked by
+//! `verify --workload` too); and the message a host without userfaultfd
 //! support gets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -68,6 +69,17 @@ fn random_kill(workload: &str, vcpus: u32) {
     let ids: Vec<u64> = epochs.iter().map(|e| e["id"].as_u64().unwrap()).collect();
     assert!(ids.len() >= 21, "{epochs:?}");
     assert!(epochs.iter().all(|e| e["mode"] == "cow"), "{epochs:?}");
+    if workload == "memstress" {
+        // Every epoch, word by word against the host's memstress at the op
+        // count the epoch holds (and the count read at its capture).
+        let out = run_ok(consnap().args(["verify", "--workload"]).arg(&snaps));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("no problems"), "{text}");
+    } else {
+        let out = output(consnap().args(["verify", "--workload"]).arg(&snaps));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("only memstress"), "{err}");
+    }
     let mut chosen = vec![*ids.last().unwrap()];
     while chosen.len() < 21 {
         let id = ids[(rng.next_u64() % ids.len() as u64) as usize];

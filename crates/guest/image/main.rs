@@ -35,7 +35,8 @@ struct StatusPage {
     ops: AtomicU64,
     checksum: AtomicU64,
     errors: AtomicU64,
-    _reserved: [u64; 2],
+    arena: AtomicU64,
+    _reserved: u64,
     ops_done: [AtomicU64; MAX_CPUS],
 }
 
@@ -48,6 +49,7 @@ const _: () = {
     assert!(offset_of!(StatusPage, ops) == abi::off::OPS as usize);
     assert!(offset_of!(StatusPage, checksum) == abi::off::CHECKSUM as usize);
     assert!(offset_of!(StatusPage, errors) == abi::off::ERRORS as usize);
+    assert!(offset_of!(StatusPage, arena) == abi::off::ARENA as usize);
     assert!(offset_of!(StatusPage, ops_done) == abi::off::OPS_DONE as usize);
 };
 
@@ -63,7 +65,8 @@ static STATUS: StatusPage = StatusPage {
     ops: AtomicU64::new(0),
     checksum: AtomicU64::new(0),
     errors: AtomicU64::new(0),
-    _reserved: [0; 2],
+    arena: AtomicU64::new(0),
+    _reserved: 0,
     ops_done: [const { AtomicU64::new(0) }; MAX_CPUS],
 };
 
@@ -484,6 +487,7 @@ fn bsp_main(start_info: u64) -> ! {
     let base = arena_base();
     check_arena(start_info, base, share.bytes * u64::from(ncpus));
     ARENA.store(base, Relaxed);
+    STATUS.arena.store(base, Relaxed);
     NCPUS.store(ncpus, Relaxed);
     let kvmclock = pvclock_version(pvclock_slot(0)) != 0;
     if kvmclock {

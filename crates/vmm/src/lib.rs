@@ -6,7 +6,8 @@
 //! - [`devices`]: serial console, debug-exit, i8042 reset;
 //! - [`boot`]: PVH and Linux boot protocols, MP table;
 //! - [`state`]: complete machine state (vCPUs, KVM devices, VMM devices) and its encoding;
-//! - [`run`]: the controller loop and its periodic tasks.
+//! - [`run`]: the controller loop and its periodic tasks;
+//! - [`workload_check`]: the workload guest's memory against the host's reference.
 
 pub mod boot;
 pub mod cpuid;
@@ -19,5 +20,6 @@ pub mod run;
 pub mod state;
 pub mod testing;
 pub mod vcpu;
+pub mod workload_check;
 
 pub use machine::{Machine, MachineError};

@@ -36,6 +36,9 @@ pub mod off {
     pub const CHECKSUM: u64 = 32;
     /// u64 integrity errors found by the workload itself.
     pub const ERRORS: u64 = 40;
+    /// u64 guest-physical address of the working set (vCPU i's share starts
+    /// `i * Share::bytes` after it); 0 until the guest has placed it.
+    pub const ARENA: u64 = 48;
     /// [u64; MAX_CPUS] ops done so far per vCPU, updated live.
     pub const OPS_DONE: u64 = 64;
 }
