@@ -8,20 +8,22 @@ mod common;
 
 use common::*;
 
-/// Snapshots every 25ms: a dozen epochs take a fraction of a second, even on
-/// a loaded machine, while the workloads below run for seconds.
+/// Snapshots every 25ms: a dozen epochs take a fraction of a second on an
+/// idle machine, and about 5 s on one kept busy by `stress-ng --cpu 2`
+/// (the saver runs below everything else in priority).
 const INTERVAL: &str = "25ms";
 
-/// Workloads that run for about three seconds (memstress and ftp are
-/// rate-limited, so they last that long on any machine; build is sized to
-/// take about 2.5 s here), far longer than the epochs the tests wait for
-/// before they kill the VMM: the kill lands mid-run.
+/// Workloads that run for about six seconds (memstress and ftp are
+/// rate-limited and idle between their ops, so they last that long on any
+/// machine and cost little CPU; build is sized to take about 2.5 s here),
+/// longer than the epochs the tests wait for before they kill the VMM take
+/// even on a loaded machine: the kill lands mid-run.
 fn spec(workload: &str, vcpus: u32) -> String {
     let n = u64::from(vcpus);
     match workload {
-        "memstress" => format!("memstress,wss=32M,ops={},rate=10000,pattern=hotcold", 30_000 * n),
+        "memstress" => format!("memstress,wss=32M,ops={},rate=10000,pattern=hotcold", 60_000 * n),
         "build" => format!("build,wss=32M,ops={}", 3_500 * n),
-        "ftp" => format!("ftp,wss=32M,ops={},rate=20M", 1_000 * n),
+        "ftp" => format!("ftp,wss=32M,ops={},rate=20M", 2_000 * n),
         _ => unreachable!(),
     }
 }

@@ -11,6 +11,7 @@ mod aligned;
 mod codec;
 mod cursor;
 mod error;
+mod fold;
 pub mod format;
 mod ledger;
 mod plan;

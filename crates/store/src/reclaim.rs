@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::codec::Codec;
 use crate::cursor::PageCursor;
 use crate::error::{Result, StoreError};
+use crate::fold;
 use crate::format::{Header, PAGE};
 use crate::ledger::Ledger;
 use crate::plan::{Source, claims, plan};
@@ -158,73 +159,19 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
             );
         }
     }
-    // Fold: no kept epoch's chain may be longer than max_chain. When one
-    // grows too long, an epoch of it that will be kept long (the last of a
-    // closed bucket at the coarsest granularity) and sits deep enough is cut
-    // loose from its ancestors: rebased onto its nearest ancestor no more
-    // than half the limit deep (a differential epoch), or made full when
-    // that would copy half a full epoch anyway. Short-lived epochs of the
-    // youngest tier are cut only when nothing longer-lived is in reach, so
-    // that fold work is not merged away soon after.
-    let limit = opts.max_chain;
-    let expiry = expiries(&opts.policy, &times);
-    let depth_of = |parent: &BTreeMap<u64, Option<u64>>, id: u64| {
-        let mut d = 1;
-        let mut at = parent.get(&id).copied().flatten();
-        while let Some(a) = at {
-            d += 1;
-            at = parent.get(&a).copied().flatten();
-        }
-        d
-    };
-    for &id in keep.iter().filter(|_| limit > 0) {
-        loop {
-            let d = depth_of(&parent, id);
-            if d <= limit {
-                break;
-            }
-            let mut chain = vec![id];
-            let mut at = parent[&id];
-            while let Some(a) = at {
-                chain.push(a);
-                at = parent[&a];
-            }
-            // chain[i] has depth d - i; candidates are deep enough to gain.
-            let floor = limit / 2 + 2;
-            let Some(&x) = chain
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| d - i >= floor.min(d))
-                .max_by_key(|(i, c)| (expiry.get(*c).copied().unwrap_or(0), d - i))
-                .map(|(_, c)| c)
-            else {
-                break;
-            };
-            let xi = chain.iter().position(|c| *c == x).unwrap_or(0);
-            let mut onto = None;
-            let mut est = 0;
-            for (i, c) in chain.iter().enumerate().skip(xi) {
-                if i > xi && d - i <= limit / 2 {
-                    onto = Some(*c);
-                    break;
-                }
-                est += pages(*c);
-            }
-            let full_pages = chain.last().map_or(0, |c| pages(*c));
-            if est * 2 >= full_pages {
-                onto = None;
-            }
-            parent.insert(x, onto);
-            let r = rebases.entry(x).or_insert(Rebase {
-                id: x,
-                onto,
-                fold: true,
-                bytes: 0,
-            });
-            r.onto = onto;
-            r.fold = true;
-            r.bytes = est.max(r.bytes / PAGE as u64) * PAGE as u64;
-        }
+    // Fold: no kept epoch's chain may be longer than max_chain (fold.rs).
+    let kept_times: Vec<(u64, u64)> = times.iter().filter(|(id, _)| keep.contains(id)).copied().collect();
+    let levels = fold::levels(&fold::ladder(&opts.policy), &kept_times);
+    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &pages) {
+        let r = rebases.entry(f.id).or_insert(Rebase {
+            id: f.id,
+            onto: f.onto,
+            fold: true,
+            bytes: 0,
+        });
+        r.onto = f.onto;
+        r.fold = true;
+        r.bytes = r.bytes.max(f.pages * PAGE as u64);
     }
     let remove = heads.keys().rev().copied().filter(|id| !keep.contains(id)).collect();
     Plan {
@@ -232,42 +179,6 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
         rebases: rebases.into_values().collect(),
         remove,
     }
-}
-
-/// When each epoch will leave the policy, as far as the epochs present
-/// tell: the end of the coarsest tier in which it is the last epoch of a
-/// bucket that has closed (a newer epoch lies in a later bucket).
-fn expiries(policy: &Policy, times: &[(u64, u64)]) -> BTreeMap<u64, u64> {
-    let newest = times.iter().map(|(_, t)| *t).max().unwrap_or(0);
-    let mut out = BTreeMap::new();
-    if policy.keeps_all() {
-        return times.iter().map(|(id, _)| (*id, u64::MAX)).collect();
-    }
-    let mut last: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
-    for t in &policy.tiers {
-        if let Some(g) = t.every {
-            for &(id, at) in times {
-                let e = last.entry((g, at / g)).or_insert((at, id));
-                if (at, id) > *e {
-                    *e = (at, id);
-                }
-            }
-        }
-    }
-    for &(id, at) in times {
-        let mut until = at;
-        for t in &policy.tiers {
-            let kept = match t.every {
-                None => true,
-                Some(g) => last.get(&(g, at / g)).is_some_and(|&(_, n)| n == id) && newest >= (at / g + 1) * g,
-            };
-            if kept {
-                until = at.saturating_add(t.span);
-            }
-        }
-        out.insert(id, until);
-    }
-    out
 }
 
 /// Progress of a pass: bytes done and the estimated total.
