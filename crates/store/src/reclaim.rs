@@ -23,7 +23,7 @@ use crate::error::{Result, StoreError};
 use crate::fold;
 use crate::format::{Header, PAGE};
 use crate::ledger::Ledger;
-use crate::plan::{Source, claims, plan};
+use crate::plan::{Run, Source, claims, plan};
 use crate::retain::Policy;
 use crate::store::Store;
 use crate::writer::EpochMeta;
@@ -65,6 +65,8 @@ struct Rebase {
     id: u64,
     onto: Option<u64>,
     fold: bool,
+    /// `onto` is not an ancestor of `id` (see [`cross_base`]).
+    cross: bool,
     /// Estimated bytes to read and write, for progress.
     bytes: u64,
 }
@@ -132,6 +134,7 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     // none when the chain's full epoch is not kept.
     let mut parent: BTreeMap<u64, Option<u64>> = BTreeMap::new();
     let mut rebases: BTreeMap<u64, Rebase> = BTreeMap::new();
+    let mut planned: BTreeMap<u64, u64> = BTreeMap::new();
     for &id in &keep {
         let (h, _) = &heads[&id];
         let mut onto = None;
@@ -146,14 +149,33 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
             at = &heads[&at.parent].0;
         }
         let current = (!h.is_full()).then_some(h.parent);
+        // Its chain's base is going: rather than a FULL copy, a diff
+        // against another kept epoch that shares an ancestor with it.
+        if onto.is_none()
+            && !h.is_full()
+            && let Some((y, est)) = cross_base(heads, &keep, id, &pages)
+            && est * 2 < pages_of_root(heads, id)
+        {
+            (onto, bytes) = (Some(y), est);
+        }
         parent.insert(id, onto);
         if onto != current {
+            // What the epoch will hold, for the fold step's estimates.
+            planned.insert(
+                id,
+                if onto.is_none() {
+                    pages_of_root(heads, id).max(bytes)
+                } else {
+                    bytes
+                },
+            );
             rebases.insert(
                 id,
                 Rebase {
                     id,
                     onto,
                     fold: false,
+                    cross: false,
                     bytes: bytes * PAGE as u64,
                 },
             );
@@ -162,11 +184,13 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     // Fold: no kept epoch's chain may be longer than max_chain (fold.rs).
     let kept_times: Vec<(u64, u64)> = times.iter().filter(|(id, _)| keep.contains(id)).copied().collect();
     let levels = fold::levels(&fold::ladder(&opts.policy), &kept_times);
-    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &pages) {
+    let planned_pages = |id: u64| planned.get(&id).copied().unwrap_or_else(|| pages(id));
+    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &planned_pages) {
         let r = rebases.entry(f.id).or_insert(Rebase {
             id: f.id,
             onto: f.onto,
             fold: true,
+            cross: false,
             bytes: 0,
         });
         r.onto = f.onto;
@@ -174,11 +198,72 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
         r.bytes = r.bytes.max(f.pages * PAGE as u64);
     }
     let remove = heads.keys().rev().copied().filter(|id| !keep.contains(id)).collect();
-    Plan {
-        keep,
-        rebases: rebases.into_values().collect(),
-        remove,
+    // Rebases onto an epoch outside the current chain go first, while the
+    // ancestor they share with it is still in both chains.
+    let mut rebases: Vec<Rebase> = rebases.into_values().collect();
+    for r in &mut rebases {
+        r.cross = r.onto.is_some_and(|a| !descends(heads, r.id, a));
     }
+    rebases.sort_by_key(|r| (!r.cross, r.id));
+    Plan { keep, rebases, remove }
+}
+
+/// Pages of the FULL epoch at the end of `id`'s current chain.
+fn pages_of_root(heads: &BTreeMap<u64, (Header, u64)>, id: u64) -> u64 {
+    let mut at = heads.get(&id).map(|(h, _)| h);
+    while let Some(h) = at {
+        if h.is_full() {
+            return h.pages_data;
+        }
+        at = heads.get(&h.parent).map(|(h, _)| h);
+    }
+    0
+}
+
+/// For a kept epoch `id` whose chain keeps no epoch (its base is going):
+/// the kept epoch older than it that shares the nearest common ancestor
+/// with it at the least cost, and that cost in pages. Rebased onto such an
+/// epoch Y, `id` must list every page its chain lists above the common
+/// ancestor C and every page Y's chain lists above C, each as `id` has it:
+/// elsewhere both equal C. This turns what would be a FULL rewrite of each
+/// epoch built on an expiring base into a small diff (the oldest of them
+/// still becomes FULL).
+fn cross_base(
+    heads: &BTreeMap<u64, (Header, u64)>,
+    keep: &BTreeSet<u64>,
+    id: u64,
+    pages: &dyn Fn(u64) -> u64,
+) -> Option<(u64, u64)> {
+    // Cost of `id`'s own side up to each of its ancestors.
+    let mut cost_x = BTreeMap::new();
+    let (mut at, mut sum) = (id, 0);
+    loop {
+        cost_x.insert(at, sum);
+        let (h, _) = heads.get(&at)?;
+        if h.is_full() {
+            break;
+        }
+        sum += pages(at);
+        at = h.parent;
+    }
+    keep.range(..id)
+        .rev()
+        .take(16)
+        .filter_map(|&y| {
+            let (mut at, mut cost_y) = (y, 0);
+            loop {
+                if let Some(cx) = cost_x.get(&at) {
+                    return Some((y, cx + cost_y));
+                }
+                let (h, _) = heads.get(&at)?;
+                if h.is_full() {
+                    return None;
+                }
+                cost_y += pages(at);
+                at = h.parent;
+            }
+        })
+        .min_by_key(|&(_, c)| c)
 }
 
 /// Progress of a pass: bytes done and the estimated total.
@@ -306,6 +391,7 @@ fn rebase(
     let chain = store.chain(r.id)?;
     let cut = match r.onto {
         None => chain.len(),
+        Some(_) if r.cross => chain.len(),
         Some(a) => chain
             .iter()
             .position(|e| e.header().id == a)
@@ -314,11 +400,20 @@ fn rebase(
                 why: format!("epoch {a} is not in the chain of epoch {}", r.id),
             })?,
     };
-    let sub = &chain[..cut];
-    let runs = if r.onto.is_none() { plan(sub)? } else { claims(sub) };
+    let (sub, runs, between) = match (r.cross, r.onto) {
+        (true, Some(y)) => {
+            let (runs, between) = cross_runs(store, &chain, y)?;
+            (&chain[..], runs, between)
+        }
+        _ => {
+            let sub = &chain[..cut];
+            let runs = if r.onto.is_none() { plan(sub)? } else { claims(sub) };
+            (sub, runs, sub.len())
+        }
+    };
     let head = sub[0].header().clone();
     let merged = head.merged
-        + sub[1..]
+        + sub[1..between]
             .iter()
             .filter(|e| !keep.contains(&e.header().id))
             .map(|e| 1 + e.header().merged)
@@ -369,4 +464,101 @@ fn rebase(
     pass.bytes_written += info.file_bytes;
     pass.bytes_read += cursors.iter().map(|c| c.bytes_read).sum::<u64>();
     Ok(())
+}
+
+/// Pages to write when rebasing the epoch of `chain` onto `y`, which is
+/// not in its chain (see [`cross_base`]), with their sources in `chain`;
+/// and how many epochs of `chain` lie above the common ancestor.
+fn cross_runs(store: &Store, chain: &[crate::reader::EpochReader], y: u64) -> Result<(Vec<Run>, usize)> {
+    let all = plan(chain)?;
+    let ychain = store.chain(y)?;
+    let common = ychain.iter().enumerate().find_map(|(cy, e)| {
+        let id = e.header().id;
+        chain.iter().position(|x| x.header().id == id).map(|cx| (cx, cy))
+    });
+    let Some((cx, cy)) = common else {
+        // No common ancestor (cannot happen for a planned cross rebase):
+        // every page, which is a correct diff against anything.
+        return Ok((all, chain.len()));
+    };
+    let mut want: Vec<(u64, u64)> = claims(&chain[..cx])
+        .into_iter()
+        .chain(claims(&ychain[..cy]))
+        .map(|r| (r.gfn, r.gfn + r.count))
+        .collect();
+    want.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(want.len());
+    for (a, b) in want {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    Ok((intersect(&all, &merged), cx))
+}
+
+/// The parts of `runs` (ascending, disjoint) inside `ranges` (ascending,
+/// disjoint, half-open), with their data sources shifted to match.
+fn intersect(runs: &[Run], ranges: &[(u64, u64)]) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for run in runs {
+        let end = run.gfn + run.count;
+        while i < ranges.len() && ranges[i].1 <= run.gfn {
+            i += 1;
+        }
+        let mut j = i;
+        while j < ranges.len() && ranges[j].0 < end {
+            let (a, b) = (ranges[j].0.max(run.gfn), ranges[j].1.min(end));
+            let source = match run.source {
+                Source::Zero => Source::Zero,
+                Source::Data { epoch, page } => Source::Data {
+                    epoch,
+                    page: page + (a - run.gfn),
+                },
+            };
+            out.push(Run {
+                gfn: a,
+                count: b - a,
+                source,
+            });
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intersect_cuts_runs_and_shifts_their_sources() {
+        let runs = [
+            Run {
+                gfn: 0,
+                count: 10,
+                source: Source::Data { epoch: 1, page: 100 },
+            },
+            Run {
+                gfn: 10,
+                count: 5,
+                source: Source::Zero,
+            },
+            Run {
+                gfn: 20,
+                count: 4,
+                source: Source::Data { epoch: 0, page: 7 },
+            },
+        ];
+        let got = intersect(&runs, &[(2, 4), (8, 12), (21, 22), (30, 40)]);
+        let want = [
+            (2, 2, Source::Data { epoch: 1, page: 102 }),
+            (8, 2, Source::Data { epoch: 1, page: 108 }),
+            (10, 2, Source::Zero),
+            (21, 1, Source::Data { epoch: 0, page: 8 }),
+        ];
+        let got: Vec<_> = got.iter().map(|r| (r.gfn, r.count, r.source)).collect();
+        assert_eq!(got, want);
+    }
 }
