@@ -14,6 +14,7 @@ pub struct InspectArgs {
     /// Snapshot directory.
     pub dir: PathBuf,
     /// Epoch: an id, `latest`, `-30s` or an RFC 3339 time.
+    #[arg(allow_hyphen_values = true)]
     pub id: String,
 }
 

@@ -17,7 +17,7 @@ pub struct RestoreArgs {
     /// Epoch to restore: an id from `consnap ls`, `latest`, a time before
     /// now such as `-30s`, or an RFC 3339 time (the newest epoch captured
     /// at or before it).
-    #[arg(long, default_value = "latest")]
+    #[arg(long, default_value = "latest", allow_hyphen_values = true)]
     pub at: String,
     /// Reporting and snapshot options.
     #[command(flatten)]

@@ -246,6 +246,11 @@ pub fn execute(
                 direct_io: a.snapshot_io == SnapshotIo::Direct,
             };
             let mut e = SnapshotEngine::new(cfg, parent);
+            // Another process writes this store: refuse before the guest
+            // runs (retrying would only fail the same way, quietly).
+            if e.store_in_use() {
+                return Err(e.errors[0].clone());
+            }
             if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {
                 return Err(format!("stopping on snapshot failure: {}", e.errors[0]));
             }

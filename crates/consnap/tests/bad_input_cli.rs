@@ -292,6 +292,22 @@ fn bad_input_never_panics() {
             "not a size",
         ),
         (vec!["run", "--vcpus", "300"], "--vcpus"),
+        // A malformed retention policy, refused with its reason before any
+        // VM starts (run) or any file is touched (compact).
+        (
+            vec!["run", "--retain", "10x:all", "--snapshot-dir", s],
+            "'10x' is not a duration",
+        ),
+        (
+            vec!["run", "--retain", "10s:2s,1m:3s", "--snapshot-dir", s],
+            "must be a multiple of the previous tier's",
+        ),
+        (
+            vec!["compact", s, "--retain", "1m:1s,10s:all"],
+            "must reach further back than the tier before it",
+        ),
+        (vec!["compact", s, "--retain", ""], "the policy is empty"),
+        (vec!["compact", s, "--max-chain", "many"], "--max-chain"),
         (
             vec!["run", "--workload", "memstress,wss=17179869183G"],
             "does not fit in --mem",

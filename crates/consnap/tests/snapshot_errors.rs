@@ -22,8 +22,9 @@ fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) -> String {
     err
 }
 
-/// A snapshot directory with a few epochs, from a run killed part-way (the
-/// rest of its workload runs in well under a second after a restore).
+/// A snapshot directory with a few epochs, from a run killed part-way (its
+/// workload lasts 3 s, so that a saver starved on a loaded machine still
+/// commits 3 epochs first; the rest runs in under 3 s after a restore).
 fn store_with_epochs(name: &str) -> (TestDir, PathBuf) {
     let dir = tempdir(name);
     let snaps = dir.join("snaps");
@@ -31,7 +32,7 @@ fn store_with_epochs(name: &str) -> (TestDir, PathBuf) {
         &[
             "run",
             "--workload",
-            "memstress,wss=16M,ops=8000,rate=10000",
+            "memstress,wss=16M,ops=30000,rate=10000",
             "--snapshot-dir",
             snaps.to_str().unwrap(),
             "--interval",
@@ -389,4 +390,92 @@ fn carry(mode: &str) {
             "{mode}: epoch {id} diverged after a failed epoch"
         );
     }
+}
+
+/// One writer per store: while `run` writes it, `compact` and a second
+/// `run` fail at once with a clear message; while another writer (here
+/// this test, as `compact` would) holds it, `run`, `restore
+/// --snapshot-dir` into it and `compact` do too, before any VM starts,
+/// and the store is unchanged.
+#[test]
+fn a_store_has_one_writer_at_a_time_compact_included() {
+    if !kvm_ready() {
+        return;
+    }
+    let (_dir, snaps) = store_with_epochs("one-writer");
+    let s = snaps.to_str().unwrap();
+    let busy = "is in use by another consnap process";
+    let mut child = spawn(consnap().args([
+        "run",
+        "--workload",
+        "memstress,wss=16M,ops=100000000,rate=1000",
+        "--snapshot-dir",
+        s,
+        "--interval",
+        "50ms",
+    ]));
+    let before = epoch_count(&snaps);
+    child.wait_for("epochs of the running writer", |_| epoch_count(&snaps) >= before + 2);
+    fails_with(consnap().args(["compact", s, "--max-chain", "1"]), &[busy, s]);
+    fails_with(
+        consnap().args(["run", "--workload", "memstress,ops=10", "--snapshot-dir", s]),
+        &[busy, s],
+    );
+    let out = child.stop(libc::SIGTERM);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let held = store::Store::open_or_create(&snaps).unwrap();
+    let files = store_files(&snaps);
+    fails_with(consnap().args(["compact", s]), &[busy, s]);
+    fails_with(
+        consnap().args(["run", "--workload", "memstress,ops=10", "--snapshot-dir", s]),
+        &[busy, s],
+    );
+    fails_with(
+        consnap().args(["restore", s, "--snapshot-dir", s, "--pause-probe", "0"]),
+        &[busy, s],
+    );
+    assert_eq!(store_files(&snaps), files, "a refused writer changed the store");
+    drop(held);
+    run_ok(consnap().args(["compact", s, "--max-chain", "1"]));
+}
+
+/// `restore --at TIME` picks the newest epoch captured at or before TIME
+/// (RFC 3339, or a time before now such as -1h), and names the store and
+/// the time when there is none.
+#[test]
+fn restore_at_a_time_picks_the_newest_epoch_at_or_before_it() {
+    if !kvm_ready() {
+        return;
+    }
+    let (dir, snaps) = store_with_epochs("at-time");
+    let s = snaps.to_str().unwrap();
+    let rows = ls(&snaps);
+    assert!(rows.len() >= 3, "{rows:?}");
+    // The time of the third epoch, cut to milliseconds: after the second
+    // epoch (epochs are 25 ms apart) and, but for a capture on an exact
+    // millisecond, before the third.
+    let third = rows[2]["time"].as_str().unwrap().replace(' ', "T") + "Z";
+    let want = rows[1]["id"].as_u64().unwrap();
+    let r = restore(&snaps, &third, &[], &dir.join("at.json"));
+    assert_eq!(r["restored_from"]["epoch"], want, "--at {third}: {r}");
+    assert_eq!(r["status"], "poweroff");
+    fails_with(
+        consnap().args(["restore", s, "--at", "-1h", "--pause-probe", "0"]),
+        &["no epoch in", "was captured at or before", "(--at -1h)"],
+    );
+    fails_with(consnap().args(["inspect", s, "-1h"]), &["no epoch in", "(--at -1h)"]);
+    let out = run_ok(consnap().args(["inspect", s, "-0s"]));
+    let latest = rows.last().unwrap()["id"].as_u64().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("epoch {latest}")), "inspect -0s:\n{text}");
+    fails_with(
+        consnap().args(["restore", s, "--at", "2026-13-01T00:00:00Z"]),
+        &["is not an epoch id, 'latest', a time before now"],
+    );
 }

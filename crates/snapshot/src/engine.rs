@@ -131,6 +131,8 @@ pub struct SnapshotEngine {
     attempts: u64,
     /// A mode asked for at run time, applied when the next epoch starts.
     switch_to: Option<Mode>,
+    /// The store was held by another process when the engine was made.
+    busy: bool,
 }
 
 impl std::fmt::Debug for SnapshotEngine {
@@ -182,11 +184,19 @@ impl SnapshotEngine {
             overload_time: Duration::ZERO,
             attempts: 0,
             switch_to: None,
+            busy: false,
         };
         if let Err(f) = e.open_store() {
+            e.busy = matches!(f, store::StoreError::Busy(_));
             e.report(&format!("snapshot directory unusable: {f}"));
         }
         e
+    }
+
+    /// True when the store could not be opened because another process
+    /// writes it: a caller should refuse to start rather than retry.
+    pub fn store_in_use(&self) -> bool {
+        self.busy && self.store.is_none()
     }
 
     fn open_store(&mut self) -> Result<Arc<Store>, store::StoreError> {

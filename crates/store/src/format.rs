@@ -488,8 +488,11 @@ impl Header {
             };
         }
         if version < 2 {
-            // Version 1 has no FRAMES section: an empty one right after PAGE_SUMS.
+            // Version 1 has no FRAMES section: an empty one right after
+            // PAGE_SUMS, with the checksum of nothing.
             sections[4].offset = sections[2].end();
+            sections[4].len = 0;
+            sections[4].sum = checksum(&[]);
         }
         if sections[3].sum != 0 {
             return Err(corrupt(format!(

@@ -982,3 +982,88 @@ fn crafted_headers_and_indexes_never_panic() {
         std::fs::write(&path, &good).unwrap();
     }
 }
+
+/// A version 1 store (same layout, no compression: docs/FORMAT.md) opens,
+/// restores and verifies as it is, takes new version 2 epochs, and its
+/// epochs become version 2 when reclamation rewrites them.
+#[test]
+fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
+    let (dir, s) = build("v1-store");
+    let image = |s: &Store, id: u64| {
+        let chain = s.chain(id).unwrap();
+        let mut mem = vec![0xeeu8; 8 * PAGE];
+        for run in store::plan(&chain).unwrap() {
+            let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
+            match run.source {
+                store::Source::Zero => dst.fill(0),
+                store::Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
+            }
+        }
+        (chain[0].state().unwrap(), mem)
+    };
+    let before: Vec<_> = (1..=3).map(|id| image(&s, id)).collect();
+    drop(s);
+    // Make it what an older consnap wrote: version 1 in STORE and in
+    // every epoch header, checksums sealed again.
+    let store_file = dir.0.join("STORE");
+    let mut b = std::fs::read(&store_file).unwrap();
+    put32(&mut b, 8, 1);
+    let sum = checksum(&b[..56]);
+    put64(&mut b, 56, sum);
+    std::fs::write(&store_file, &b).unwrap();
+    let probe = Store::open(&dir.0, Access::Read).unwrap();
+    for id in 1..=3 {
+        let path = probe.epoch_path(id);
+        let mut b = std::fs::read(&path).unwrap();
+        put32(&mut b, 8, 1);
+        // No FRAMES entry, frame count or merged count in version 1.
+        b[256..304].fill(0);
+        reseal(&mut b);
+        std::fs::write(&path, &b).unwrap();
+    }
+    drop(probe);
+
+    let r = Store::open(&dir.0, Access::Read).unwrap();
+    for id in 1..=3 {
+        assert_eq!(r.open_epoch(id).unwrap().header().version, 1);
+        assert_eq!(image(&r, id), before[id as usize - 1], "epoch {id} of the v1 store");
+    }
+    let v = store::verify(&dir.0, &mut |_, _| {}).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    drop(r);
+
+    let w = Store::open_or_create(&dir.0).unwrap();
+    let mut e = w.writer(meta(4, Some(3))).unwrap();
+    e.write_state(b"state-4").unwrap();
+    e.scattered_pages(&[5], &vec![4u8; PAGE]).unwrap();
+    e.commit(40).unwrap();
+    assert_eq!(w.open_epoch(4).unwrap().header().version, store::VERSION);
+    let four = image(&w, 4);
+    assert_eq!(four.1[5 * PAGE], 4);
+    // Folding every chain to one file rewrites the v1 epochs as v2.
+    let opts = store::ReclaimOptions {
+        policy: store::Policy::keep_all(),
+        max_chain: 1,
+        rate: None,
+        codec: None,
+    };
+    store::reclaim(
+        &w,
+        &opts,
+        &[],
+        &std::sync::atomic::AtomicBool::new(false),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    for id in 1..=4 {
+        let h = w.open_epoch(id).unwrap().header().clone();
+        assert!(h.is_full(), "epoch {id} not folded");
+        if id > 1 {
+            assert_eq!(h.version, store::VERSION, "epoch {id} rewritten as v1");
+        }
+    }
+    for id in 1..=3 {
+        assert_eq!(image(&w, id), before[id as usize - 1], "epoch {id} after the upgrade");
+    }
+    assert_eq!(image(&w, 4), four);
+}
