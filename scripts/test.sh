@@ -12,6 +12,8 @@
 #    a silent skip; when QEMU is installed, CONSNAP_REQUIRE_QEMU=1 makes the
 #    cross-check against QEMU mandatory too. Tests keep their files in
 #    target/tmp (also their TMPDIR) and remove them when they pass.
+# 5. Where a nightly toolchain with cargo-fuzz exists, fuzzes the store's
+#    parsers for 10 s per target (scripts/fuzz-store.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +35,12 @@ fi
 mkdir -p target/tmp
 export TMPDIR=$PWD/target/tmp
 cargo test --release --workspace --no-fail-fast
+
+# The store's parsers under libFuzzer, a short while per target, where a
+# nightly toolchain and cargo-fuzz exist (the same checks ran above on
+# stable, over the seed corpus and its mutations: store's fuzz_smoke test).
+if cargo +nightly fuzz --version >/dev/null 2>&1; then
+    FUZZ_SECONDS=${FUZZ_SECONDS:-10} ./scripts/fuzz-store.sh
+else
+    echo "test.sh: no nightly toolchain with cargo-fuzz: the libFuzzer runs of scripts/fuzz-store.sh are skipped"
+fi

@@ -13,6 +13,7 @@ mod cursor;
 mod error;
 mod fold;
 pub mod format;
+pub mod fuzzing;
 mod ledger;
 mod plan;
 mod reader;
