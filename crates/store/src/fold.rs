@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::retain::Policy;
+use crate::retain::{Policy, newest_in_buckets};
 
 /// Finest granularity of the ladder, ns.
 const FINEST: u64 = 1_000_000;
@@ -66,20 +66,12 @@ pub(crate) fn ladder(policy: &Policy) -> Vec<u64> {
 /// coarsest granularity whose bucket it closes.
 pub(crate) fn levels(ladder: &[u64], kept: &[(u64, u64)]) -> BTreeMap<u64, usize> {
     let newest = kept.iter().map(|(_, t)| *t).max().unwrap_or(0);
-    let mut last: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
-    for &g in ladder {
-        for &(id, at) in kept {
-            let e = last.entry((g, at / g)).or_insert((at, id));
-            if (at, id) > *e {
-                *e = (at, id);
-            }
-        }
-    }
+    let last = newest_in_buckets(ladder.iter().copied(), kept);
     kept.iter()
         .map(|&(id, at)| {
             let level = ladder
                 .iter()
-                .take_while(|&&g| last.get(&(g, at / g)).is_some_and(|&(_, n)| n == id) && newest >= (at / g + 1) * g)
+                .take_while(|&&g| last.get(&(g, at / g)) == Some(&id) && newest >= (at / g + 1) * g)
                 .count();
             (id, level)
         })

@@ -178,17 +178,7 @@ impl Policy {
             return epochs.iter().map(|(id, _)| *id).collect();
         }
         let now = epochs.iter().map(|(_, t)| *t).max().unwrap_or(0);
-        // For each granularity, the newest epoch of each bucket.
-        let mut newest: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
-        for t in &self.tiers {
-            let Some(g) = t.every else { continue };
-            for &(id, at) in epochs {
-                let e = newest.entry((g, at / g)).or_insert((at, id));
-                if (at, id) > *e {
-                    *e = (at, id);
-                }
-            }
-        }
+        let newest = newest_in_buckets(self.tiers.iter().filter_map(|t| t.every), epochs);
         let mut keep = BTreeSet::from([latest]);
         for &(id, at) in epochs {
             let Some(tier) = self.tier_of(now.saturating_sub(at)) else {
@@ -196,7 +186,7 @@ impl Policy {
             };
             let kept = match self.tiers[tier].every {
                 None => true,
-                Some(g) => newest.get(&(g, at / g)).is_some_and(|&(_, n)| n == id),
+                Some(g) => newest.get(&(g, at / g)) == Some(&id),
             };
             if kept {
                 keep.insert(id);
@@ -204,6 +194,25 @@ impl Policy {
         }
         keep
     }
+}
+
+/// For each granularity `g` of `grans` and each bucket `[k·g, (k+1)·g)` of
+/// capture time that holds one of `epochs` (id, time ns): the id of its
+/// newest epoch, keyed by `(g, k)`.
+pub(crate) fn newest_in_buckets(
+    grans: impl IntoIterator<Item = u64>,
+    epochs: &[(u64, u64)],
+) -> BTreeMap<(u64, u64), u64> {
+    let mut newest: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+    for g in grans {
+        for &(id, at) in epochs {
+            let e = newest.entry((g, at / g)).or_insert((at, id));
+            if (at, id) > *e {
+                *e = (at, id);
+            }
+        }
+    }
+    newest.into_iter().map(|(k, (_, id))| (k, id)).collect()
 }
 
 #[cfg(test)]
