@@ -37,12 +37,17 @@ pub enum Source {
 
 /// Covered frame intervals, start -> end (exclusive), non-overlapping.
 #[derive(Default)]
-struct Covered(BTreeMap<u64, u64>);
+pub(crate) struct Covered(BTreeMap<u64, u64>);
 
 impl Covered {
+    /// The covered intervals, ascending: touching claims are one interval.
+    pub(crate) fn intervals(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().map(|(s, e)| (*s, *e))
+    }
+
     /// Parts of [a, b) not yet covered; then cover [a, b). Logarithmic in
     /// the number of intervals plus the number it touches.
-    fn claim(&mut self, a: u64, b: u64) -> Vec<(u64, u64)> {
+    pub(crate) fn claim(&mut self, a: u64, b: u64) -> Vec<(u64, u64)> {
         use std::ops::Bound::{Excluded, Included};
         // Intervals that overlap or touch [a, b], in order.
         let mut touching: Vec<(u64, u64)> = Vec::new();

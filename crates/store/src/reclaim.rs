@@ -23,7 +23,7 @@ use crate::error::{Result, StoreError};
 use crate::fold;
 use crate::format::{Header, PAGE};
 use crate::ledger::Ledger;
-use crate::plan::{Run, Source, claims, plan};
+use crate::plan::{Covered, Run, Source, claims, plan};
 use crate::retain::Policy;
 use crate::store::Store;
 use crate::writer::EpochMeta;
@@ -481,20 +481,12 @@ fn cross_runs(store: &Store, chain: &[crate::reader::EpochReader], y: u64) -> Re
         // every page, which is a correct diff against anything.
         return Ok((all, chain.len()));
     };
-    let mut want: Vec<(u64, u64)> = claims(&chain[..cx])
-        .into_iter()
-        .chain(claims(&ychain[..cy]))
-        .map(|r| (r.gfn, r.gfn + r.count))
-        .collect();
-    want.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(want.len());
-    for (a, b) in want {
-        match merged.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
+    let mut want = Covered::default();
+    for r in claims(&chain[..cx]).into_iter().chain(claims(&ychain[..cy])) {
+        want.claim(r.gfn, r.gfn + r.count);
     }
-    Ok((intersect(&all, &merged), cx))
+    let want: Vec<(u64, u64)> = want.intervals().collect();
+    Ok((intersect(&all, &want), cx))
 }
 
 /// The parts of `runs` (ascending, disjoint) inside `ranges` (ascending,
