@@ -140,15 +140,19 @@ pub(crate) fn bound_chains(
             // has no ancestor of its level (it is the first of a new,
             // coarser level): it goes onto the chain's base, or becomes
             // the new FULL base if that copies as much.
-            let top = (0..d.saturating_sub(2))
-                .filter(|&i| level(chain[i]) > 0)
-                .max_by_key(|&i| (level(chain[i]), std::cmp::Reverse(i)));
-            let (xi, onto) = match (pick, top) {
-                (Some((xi, ti)), _) => (xi, Some(ti)),
-                (None, Some(top)) => (top, Some(d - 1)),
-                // All one level: rebase this epoch onto its ancestor at
-                // depth limit / 2.
-                (None, None) => (0, Some(d - limit / 2)),
+            let top = || {
+                (0..d.saturating_sub(2))
+                    .filter(|&i| level(chain[i]) > 0)
+                    .max_by_key(|&i| (level(chain[i]), std::cmp::Reverse(i)))
+            };
+            let (xi, onto) = match pick {
+                Some((xi, ti)) => (xi, Some(ti)),
+                None => match top() {
+                    Some(top) => (top, Some(d - 1)),
+                    // All one level: rebase this epoch onto its ancestor at
+                    // depth limit / 2.
+                    None => (0, Some(d - limit / 2)),
+                },
             };
             let onto = onto.filter(|&t| t < d && t > xi + 1);
             let size = |c: u64| planned.get(&c).copied().unwrap_or_else(|| pages(c));
