@@ -23,9 +23,8 @@ pub struct VerifyArgs {
 /// with its file, byte offsets and what is wrong.
 pub fn verify(a: VerifyArgs) -> Result<i32, String> {
     let bar = Bar::new("verifying", false);
-    let v = store::verify(&a.dir, &mut |done, total| bar.update(done, total)).map_err(|e| e.to_string())?;
+    let mut v = store::verify(&a.dir, &mut |done, total| bar.update(done, total)).map_err(|e| e.to_string())?;
     bar.finish();
-    let mut v = v;
     if a.workload && v.problems.is_empty() {
         let (problems, notes) = check_workload(&a.dir)?;
         v.problems.extend(problems);
@@ -76,17 +75,18 @@ fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<Str
                 "epoch {id}: the guest is not the workload guest; --workload has nothing to check"
             ));
         };
-        let at_capture = store.open_epoch(id).map_err(|e| e.to_string())?.header().guest_ops;
         match vmm::workload_check::check(&r.ram, spec) {
             Ok(c) if c.shares == 0 => idle += 1,
-            Ok(c) if at_capture != u64::MAX && c.ops != at_capture => problems.push(store::Problem {
-                path: store.epoch_path(id),
-                what: format!(
-                    "epoch {id} restores a status page saying {} ops, but the guest had done {at_capture} when it was captured",
-                    c.ops
-                ),
-            }),
-            Ok(_) => checked += 1,
+            Ok(c) => match r.guest_ops {
+                Some(at_capture) if at_capture != c.ops => problems.push(store::Problem {
+                    path: store.epoch_path(id),
+                    what: format!(
+                        "epoch {id} restores a status page saying {} ops, but the guest had done {at_capture} when it was captured",
+                        c.ops
+                    ),
+                }),
+                _ => checked += 1,
+            },
             Err(e @ (CheckError::Differs { .. } | CheckError::OutOfRam { .. })) => problems.push(store::Problem {
                 path: store.epoch_path(id),
                 what: format!("epoch {id} restores memory the guest never had: {e}"),

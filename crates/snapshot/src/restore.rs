@@ -65,6 +65,9 @@ pub struct RestoredRam {
     pub chain: usize,
     /// Bytes of page data read.
     pub bytes_read: u64,
+    /// The guest's op count read from live RAM when the epoch was captured
+    /// (header `guest_ops`), if the guest published one.
+    pub guest_ops: Option<u64>,
 }
 
 /// Read epoch `id` of `store` into fresh guest RAM, verifying everything
@@ -102,6 +105,7 @@ pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -
         ram,
         chain: chain.len(),
         bytes_read: read,
+        guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
     })
 }
 
