@@ -405,6 +405,9 @@ fn a_store_has_one_writer_at_a_time_compact_included() {
     let (_dir, snaps) = store_with_epochs("one-writer");
     let s = snaps.to_str().unwrap();
     let busy = "is in use by another consnap process";
+    // A second writer: refused at once, naming the busy store.
+    let refused = |args: &[&str]| fails_with(consnap().args(args), &[busy, s]);
+    let second_run = ["run", "--workload", "memstress,ops=10", "--snapshot-dir", s];
     let mut child = spawn(consnap().args([
         "run",
         "--workload",
@@ -416,11 +419,8 @@ fn a_store_has_one_writer_at_a_time_compact_included() {
     ]));
     let before = epoch_count(&snaps);
     child.wait_for("epochs of the running writer", |_| epoch_count(&snaps) >= before + 2);
-    fails_with(consnap().args(["compact", s, "--max-chain", "1"]), &[busy, s]);
-    fails_with(
-        consnap().args(["run", "--workload", "memstress,ops=10", "--snapshot-dir", s]),
-        &[busy, s],
-    );
+    refused(&["compact", s, "--max-chain", "1"]);
+    refused(&second_run);
     let out = child.stop(libc::SIGTERM);
     assert_eq!(
         out.status.code(),
@@ -431,15 +431,9 @@ fn a_store_has_one_writer_at_a_time_compact_included() {
 
     let held = store::Store::open_or_create(&snaps).unwrap();
     let files = store_files(&snaps);
-    fails_with(consnap().args(["compact", s]), &[busy, s]);
-    fails_with(
-        consnap().args(["run", "--workload", "memstress,ops=10", "--snapshot-dir", s]),
-        &[busy, s],
-    );
-    fails_with(
-        consnap().args(["restore", s, "--snapshot-dir", s, "--pause-probe", "0"]),
-        &[busy, s],
-    );
+    refused(&["compact", s]);
+    refused(&second_run);
+    refused(&["restore", s, "--snapshot-dir", s, "--pause-probe", "0"]);
     assert_eq!(store_files(&snaps), files, "a refused writer changed the store");
     drop(held);
     run_ok(consnap().args(["compact", s, "--max-chain", "1"]));
