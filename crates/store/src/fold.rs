@@ -91,13 +91,15 @@ pub(crate) struct Fold {
 
 /// Fold until no chain of a `keep` epoch, following `parent` (planned
 /// parents after merging, updated in place), is longer than `limit`.
-/// `pages` gives each epoch's page count.
+/// `pages` gives each epoch's page count; `ram_pages` is the guest's size
+/// in pages (no FULL epoch holds more).
 pub(crate) fn bound_chains(
     keep: &BTreeSet<u64>,
     parent: &mut BTreeMap<u64, Option<u64>>,
     limit: usize,
     levels: &BTreeMap<u64, usize>,
     pages: &dyn Fn(u64) -> u64,
+    ram_pages: u64,
 ) -> Vec<Fold> {
     let mut folds = Vec::new();
     if limit == 0 {
@@ -124,18 +126,13 @@ pub(crate) fn bound_chains(
             if d <= limit {
                 break;
             }
-            // Each candidate's target: its nearest ancestor of its level or
-            // higher. Prefer the highest level (its fold lasts longest and
-            // shortens the most chains), then the deepest.
-            let pick = chain
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &c)| {
-                    let j = chain[i + 1..].iter().position(|&a| level(a) >= level(c))?;
-                    // chain[i + 1 + j] is the target; it must skip at least one.
-                    (j > 0).then_some((i, i + 1 + j))
-                })
-                .max_by_key(|&(i, _)| (level(chain[i]), d - i));
+            let size = |c: u64| planned.get(&c).copied().unwrap_or_else(|| pages(c));
+            // below[i]: pages of chain[i..] (the chain is newest first).
+            let mut below = vec![0u64; d + 1];
+            for i in (0..d).rev() {
+                below[i] = below[i + 1] + size(chain[i]);
+            }
+            let pick = cheapest_shortcut(&chain, &level, &below);
             // No shortcut: the newest epoch of the chain's highest level
             // has no ancestor of its level (it is the first of a new,
             // coarser level): it goes onto the chain's base, or becomes
@@ -155,9 +152,10 @@ pub(crate) fn bound_chains(
                 },
             };
             let onto = onto.filter(|&t| t < d && t > xi + 1);
-            let size = |c: u64| planned.get(&c).copied().unwrap_or_else(|| pages(c));
-            let est: u64 = chain[xi..onto.unwrap_or(d)].iter().map(|&c| size(c)).sum();
-            let full_pages = chain.last().map_or(0, |&c| size(c));
+            let est = below[xi] - onto.map_or(0, |t| below[t]);
+            // What a FULL copy of the epoch would hold: at least its base,
+            // at most every page its chain lists, never more than the guest.
+            let full_pages = below[d - 1].max(below[xi].min(ram_pages));
             // Copying half a full epoch anyway: make it full, which also
             // ends the chain there.
             let onto = onto.filter(|_| est * 2 < full_pages).map(|t| chain[t]);
@@ -166,14 +164,7 @@ pub(crate) fn bound_chains(
                 break; // already full
             }
             parent.insert(x, onto);
-            planned.insert(
-                x,
-                if onto.is_some() {
-                    est
-                } else {
-                    est.min(full_pages.max(est / 2))
-                },
-            );
+            planned.insert(x, if onto.is_some() { est } else { est.min(full_pages) });
             match folds.iter_mut().find(|f: &&mut Fold| f.id == x) {
                 Some(f) => {
                     f.onto = onto;
@@ -188,6 +179,37 @@ pub(crate) fn bound_chains(
         }
     }
     folds
+}
+
+/// The fold that shortens `chain` (newest first) at the least copy per
+/// epoch it skips: each candidate goes onto its nearest ancestor of its
+/// level or higher and copies its own pages and those of the epochs it
+/// skips (`below[i]` is the page count of `chain[i..]`). Fine levels thus
+/// go first, and a coarse epoch, whose fold copies the union of a long
+/// stretch, is folded only when the finer ones no longer suffice.
+/// Returns (index of the epoch, index of its new parent).
+fn cheapest_shortcut(chain: &[u64], level: &dyn Fn(u64) -> usize, below: &[u64]) -> Option<(usize, usize)> {
+    let d = chain.len();
+    // Nearest ancestor of level >= chain[i]'s, for every i, with a
+    // stack of candidate ancestors scanned from the base.
+    let mut target = vec![None; d];
+    let mut stack: Vec<usize> = Vec::new();
+    for i in (0..d).rev() {
+        while stack.last().is_some_and(|&a| level(chain[a]) < level(chain[i])) {
+            stack.pop();
+        }
+        target[i] = stack.last().copied();
+        stack.push(i);
+    }
+    (0..d)
+        .filter_map(|i| target[i].filter(|&t| t > i + 1).map(|t| (i, t)))
+        .min_by(|&(i, t), &(j, u)| {
+            // cost / skipped, compared without division; ties: the
+            // higher level, then the older.
+            let a = u128::from(below[i] - below[t]) * (u - j - 1) as u128;
+            let b = u128::from(below[j] - below[u]) * (t - i - 1) as u128;
+            a.cmp(&b).then(level(chain[j]).cmp(&level(chain[i]))).then(j.cmp(&i))
+        })
 }
 
 #[cfg(test)]
@@ -268,7 +290,7 @@ mod tests {
         let lad = ladder(&Policy::parse("10s:all,1m:1s,1h:1m,1d:1h").unwrap());
         let lv = levels(&lad, &times);
         let pages = |id: u64| if id == 1 { 100_000 } else { 10 };
-        let folds = bound_chains(&keep, &mut parent, 24, &lv, &pages);
+        let folds = bound_chains(&keep, &mut parent, 24, &lv, &pages, 100_000);
         for &id in &keep {
             assert!(depth(&parent, id) <= 24, "epoch {id}: {}", depth(&parent, id));
         }
@@ -283,10 +305,39 @@ mod tests {
     }
 
     #[test]
+    fn large_coarse_epochs_are_left_alone_while_folding_fine_ones_suffices() {
+        // The default policy 10 min into a run at 20 ms: a FULL base, nine
+        // minute epochs of 40,000 pages (each the union of a minute), 60
+        // one-second epochs of 1,200 and 500 epochs of 20 ms of 25.
+        let mut times = vec![(1, 0)];
+        times.extend((2..=10).map(|i| (i, (i - 1) * 60 * S)));
+        times.extend((11..=70).map(|i| (i, 540 * S + (i - 10) * S)));
+        times.extend((71..=570).map(|i| (i, 600 * S + (i - 70) * 20 * MS)));
+        let keep: BTreeSet<u64> = times.iter().map(|t| t.0).collect();
+        let mut parent: BTreeMap<u64, Option<u64>> = keep.iter().map(|&i| (i, (i > 1).then(|| i - 1))).collect();
+        let pages = |id: u64| match id {
+            1 => 60_000,
+            2..=10 => 40_000,
+            11..=70 => 1_200,
+            _ => 25,
+        };
+        let lv = levels(&ladder(&Policy::parse(crate::DEFAULT_POLICY).unwrap()), &times);
+        let folds = bound_chains(&keep, &mut parent, 64, &lv, &pages, 262_144);
+        assert!(keep.iter().all(|&id| depth(&parent, id) <= 64));
+        assert!(folds.iter().all(|f| f.id > 10), "a minute epoch was folded: {folds:?}");
+        let copied: u64 = folds.iter().map(|f| f.pages).sum();
+        // Two 12 s folds in the one-second tier (14,400 pages each) and the
+        // 20 ms tier's own levels up to 4 s: less than folding one minute
+        // epoch would copy (picking the coarsest level first, as before,
+        // made minute epoch 8 FULL and copied 280,000 pages).
+        assert!(copied < 80_000, "{copied} pages copied by {} folds", folds.len());
+    }
+
+    #[test]
     fn a_chain_with_no_levels_is_cut_in_half() {
         let (keep, mut parent, _) = linear(100);
         let lv = BTreeMap::new();
-        let folds = bound_chains(&keep, &mut parent, 16, &lv, &|_| 1);
+        let folds = bound_chains(&keep, &mut parent, 16, &lv, &|_| 1, 1000);
         assert!(keep.iter().all(|&id| depth(&parent, id) <= 16));
         assert!(!folds.is_empty());
     }
@@ -297,7 +348,7 @@ mod tests {
         let lad = ladder(&Policy::keep_all());
         let lv = levels(&lad, &times);
         // Every epoch as large as the full one.
-        let folds = bound_chains(&keep, &mut parent, 8, &lv, &|_| 100);
+        let folds = bound_chains(&keep, &mut parent, 8, &lv, &|_| 100, 100);
         assert!(folds.iter().any(|f| f.onto.is_none()), "{folds:?}");
         assert!(keep.iter().all(|&id| depth(&parent, id) <= 8));
     }

@@ -185,7 +185,8 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     let kept_times: Vec<(u64, u64)> = times.iter().filter(|(id, _)| keep.contains(id)).copied().collect();
     let levels = fold::levels(&fold::ladder(&opts.policy), &kept_times);
     let planned_pages = |id: u64| planned.get(&id).copied().unwrap_or_else(|| pages(id));
-    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &planned_pages) {
+    let ram_pages = heads.values().map(|(h, _)| h.mem_size / PAGE as u64).max().unwrap_or(0);
+    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &planned_pages, ram_pages) {
         let r = rebases.entry(f.id).or_insert(Rebase {
             id: f.id,
             onto: f.onto,
