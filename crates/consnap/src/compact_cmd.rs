@@ -52,6 +52,7 @@ pub fn compact(a: CompactArgs) -> Result<i32, String> {
         max_chain,
         rate: None,
         codec: a.compress.map(CompressArg::codec),
+        batch_merges: false,
     };
     let before: u64 = store
         .list()

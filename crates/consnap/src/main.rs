@@ -3,6 +3,7 @@
 mod api;
 mod args;
 mod at;
+mod bench_cmd;
 mod compact_cmd;
 mod control;
 mod ctl_cmd;
@@ -53,6 +54,9 @@ enum Command {
     Verify(verify_cmd::VerifyArgs),
     /// Reclaim space in a snapshot directory no process is writing.
     Compact(compact_cmd::CompactArgs),
+    /// Measure the capture modes against runs without snapshots and against
+    /// QEMU, and write docs/BENCHMARKS.md-style reports.
+    Bench(bench_cmd::BenchArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect_cmd::inspect(a),
         Command::Verify(a) => verify_cmd::verify(a),
         Command::Compact(a) => compact_cmd::compact(a),
+        Command::Bench(a) => bench_cmd::bench(a),
         Command::Guest {
             command: GuestCommand::Export { path },
         } => std::fs::write(&path, guest::GUEST_ELF)

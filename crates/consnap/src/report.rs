@@ -336,6 +336,9 @@ pub struct Report {
     pub vcpu_cpu_s: f64,
     /// Time the vCPU threads were runnable but waited for a CPU, seconds.
     pub vcpu_wait_s: f64,
+    /// Time the vCPU threads slept because the guest asked to idle (a
+    /// rate-limited workload ahead of its rate), seconds: its slack.
+    pub vcpu_idle_s: f64,
     /// Latency of pausing all vCPUs (pause probes and snapshots).
     pub pause: Percentiles,
     /// Guest progress over time: [milliseconds, ops].

@@ -263,6 +263,7 @@ pub fn execute(
         store.set_compression(a.compress.codec());
         let opts = store::ReclaimOptions {
             codec: Some(a.compress.codec()),
+            batch_merges: true,
             ..a.reclaim.options()
         };
         crate::reclaimer::Reclaimer::start(store, opts, parent)
@@ -368,6 +369,7 @@ fn build_report(
         anon_huge_bytes: machine.ram().anon_huge_bytes(),
         vcpu_cpu_s: machine.vcpu_times().iter().map(|t| t.cpu_ns as f64 / 1e9).sum(),
         vcpu_wait_s: machine.vcpu_times().iter().map(|t| t.wait_ns as f64 / 1e9).sum(),
+        vcpu_idle_s: machine.vcpu_times().iter().map(|t| t.idle_ns as f64 / 1e9).sum(),
         pause: Percentiles::of(pauses),
         progress,
         snapshots: None,

@@ -64,6 +64,7 @@ impl ReclaimArgs {
             max_chain: self.max_chain,
             rate: (self.reclaim_rate > 0).then_some(self.reclaim_rate),
             codec: None,
+            batch_merges: false,
         }
     }
 }

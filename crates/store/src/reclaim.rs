@@ -43,6 +43,11 @@ pub struct ReclaimOptions {
     pub rate: Option<u64>,
     /// Compression of rewritten epochs; `None` keeps each epoch's own.
     pub codec: Option<Codec>,
+    /// Let dropped epochs wait until their whole bucket can merge at once
+    /// ([`Policy::waiting`]): for the reclaimer of a running store, whose
+    /// passes come every fraction of a second. Off, a pass leaves exactly
+    /// the policy's epochs (offline compaction).
+    pub batch_merges: bool,
 }
 
 impl Default for ReclaimOptions {
@@ -52,6 +57,7 @@ impl Default for ReclaimOptions {
             max_chain: DEFAULT_MAX_CHAIN,
             rate: None,
             codec: None,
+            batch_merges: false,
         }
     }
 }
@@ -128,6 +134,9 @@ fn healthy(store: &Store) -> Result<BTreeMap<u64, (Header, u64)>> {
 fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned: &[u64]) -> Plan {
     let times: Vec<(u64, u64)> = heads.iter().map(|(id, (h, _))| (*id, h.created_ns)).collect();
     let mut keep = opts.policy.retained(&times);
+    if opts.batch_merges {
+        keep.extend(opts.policy.waiting(&times));
+    }
     keep.extend(pinned.iter().filter(|p| heads.contains_key(p)));
     let pages = |id: u64| heads.get(&id).map_or(0, |(h, _)| h.pages_data);
     // The parent each kept epoch will have: its nearest kept ancestor, or

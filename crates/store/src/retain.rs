@@ -196,6 +196,50 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Epochs the policy no longer keeps that should wait before being
+    /// merged, so that a whole bucket merges in one rewrite. An epoch X
+    /// that has left tier j-1 and is not the one tier j keeps of its bucket
+    /// (granularity g) would merge into its newest kept successor; while
+    /// that bucket's kept epoch R is still inside tier j-1, that successor
+    /// is an epoch of tier j-1 that will leave soon and merge again, so
+    /// merging at every pass copies each page version once per epoch
+    /// between X and R: a quadratic number of copies (at 20 ms with the
+    /// default policy, 50 growing merges a second into each second's epoch
+    /// and 60 into each minute's). Waiting until R leaves tier j-1 merges
+    /// the bucket once. Only when g is at most tier j-1's span, so that
+    /// the wait ends and holds at most one bucket per tier boundary.
+    pub fn waiting(&self, epochs: &[(u64, u64)]) -> BTreeSet<u64> {
+        let mut out = BTreeSet::new();
+        if self.keeps_all() {
+            return out;
+        }
+        let keep = self.retained(epochs);
+        let now = epochs.iter().map(|(_, t)| *t).max().unwrap_or(0);
+        let newest = newest_in_buckets(self.tiers.iter().filter_map(|t| t.every), epochs);
+        let time: BTreeMap<u64, u64> = epochs.iter().copied().collect();
+        for &(id, at) in epochs {
+            if keep.contains(&id) {
+                continue;
+            }
+            let Some(j) = self.tier_of(now.saturating_sub(at)).filter(|&j| j > 0) else {
+                continue;
+            };
+            let (finer, Some(g)) = (self.tiers[j - 1].span, self.tiers[j].every) else {
+                continue;
+            };
+            if g > finer {
+                continue;
+            }
+            let r_at = newest.get(&(g, at / g)).and_then(|r| time.get(r)).copied().unwrap_or(0);
+            if now.saturating_sub(r_at) <= finer {
+                out.insert(id);
+            }
+        }
+        out
+    }
+}
+
 /// For each granularity `g` of `grans` and each bucket `[k·g, (k+1)·g)` of
 /// capture time that holds one of `epochs` (id, time ns): the id of its
 /// newest epoch, keyed by `(g, k)`.

@@ -1046,6 +1046,7 @@ fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
         max_chain: 1,
         rate: None,
         codec: None,
+        batch_merges: false,
     };
     store::reclaim(
         &w,

@@ -100,6 +100,7 @@ fn check(codec: Codec, tree: bool) {
         max_chain: 6,
         rate: None,
         codec: None,
+        batch_merges: false,
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     let kept: Vec<u64> = s.ids().unwrap();
@@ -163,6 +164,7 @@ fn keep_all_only_folds() {
         max_chain: 8,
         rate: None,
         codec: None,
+        batch_merges: false,
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     assert_eq!(s.ids().unwrap().len(), 40);
@@ -186,6 +188,7 @@ fn a_pinned_epoch_is_kept_and_reclamation_needs_the_lock() {
         max_chain: 0,
         rate: None,
         codec: None,
+        batch_merges: false,
     };
     let reader = Store::open(&dir.join("s"), Access::Read).unwrap();
     assert!(reclaim(&reader, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).is_err());
@@ -223,6 +226,7 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
         max_chain: 16,
         rate: None,
         codec: Some(Codec::None),
+        batch_merges: true,
     };
     // Which epoch last wrote each page, as of each epoch.
     let mut owner = vec![0u64; MEM as usize];

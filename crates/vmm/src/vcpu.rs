@@ -168,6 +168,9 @@ pub struct VcpuTimes {
     pub cpu_ns: u64,
     /// Time it was runnable but waited for a CPU, ns (from schedstat).
     pub wait_ns: u64,
+    /// Time the guest asked to idle (port 0x502) and the thread slept, ns:
+    /// a rate-limited workload's slack.
+    pub idle_ns: u64,
 }
 
 impl VcpuTimes {
@@ -185,7 +188,12 @@ impl VcpuTimes {
             .ok()
             .and_then(|s| s.split_whitespace().nth(1).and_then(|w| w.parse().ok()))
             .unwrap_or(0);
-        VcpuTimes { vcpu, cpu_ns, wait_ns }
+        VcpuTimes {
+            vcpu,
+            cpu_ns,
+            wait_ns,
+            idle_ns: 0,
+        }
     }
 }
 
@@ -422,6 +430,7 @@ impl Vcpus {
                             ram,
                             devices,
                             events,
+                            idle_ns: 0,
                         }
                         .run(),
                         Err(e) => {
@@ -547,6 +556,8 @@ struct Worker {
     ram: Arc<GuestRam>,
     devices: Arc<Devices>,
     events: Sender<VcpuEvent>,
+    /// Time slept on the guest's idle requests, ns.
+    idle_ns: u64,
 }
 
 enum Flow {
@@ -560,7 +571,10 @@ impl Worker {
         IMMEDIATE_EXIT.with(|c| c.set(exit_ptr));
         self.run_loop();
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
-        let times = VcpuTimes::of_this_thread(self.vcpu.id);
+        let times = VcpuTimes {
+            idle_ns: self.idle_ns,
+            ..VcpuTimes::of_this_thread(self.vcpu.id)
+        };
         let mut g = self.control.lock();
         g.finished += 1;
         g.times.push(times);
@@ -618,11 +632,13 @@ impl Worker {
     /// Sleep for the guest's idle request, or until a pause or stop is
     /// requested (`pause` and `stop` notify under the lock, so the request
     /// cannot slip between the check and the wait).
-    fn idle(&self, d: Duration) {
+    fn idle(&mut self, d: Duration) {
         let requested = &self.control.requested;
-        let _ = self.control.wait_while(self.control.lock(), Instant::now() + d, |_| {
-            !requested.load(Ordering::SeqCst)
-        });
+        let start = Instant::now();
+        let _ = self
+            .control
+            .wait_while(self.control.lock(), start + d, |_| !requested.load(Ordering::SeqCst));
+        self.idle_ns += start.elapsed().as_nanos() as u64;
     }
 
     fn describe(&mut self, e: ExitError) -> VcpuError {

@@ -1,0 +1,171 @@
+//! Runs of consnap itself: `consnap run` for the fixed work, then
+//! `consnap restore --at latest` of what it saved, run to the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::matrix::Mode;
+use crate::proc;
+use crate::results::{Pause, Record};
+
+/// What every run shares.
+pub struct Ctx {
+    /// The consnap binary.
+    pub exe: PathBuf,
+    /// Scratch space for snapshots and reports (emptied per run).
+    pub scratch: PathBuf,
+    pub mem: String,
+    pub vcpus: u32,
+}
+
+/// Run `spec` under consnap in `mode` (not a QEMU mode) at `interval`, and
+/// fill `rec` with what the report says; then restore the newest epoch and
+/// run it to the end. A failure is returned as the record's error.
+pub fn run(ctx: &Ctx, spec: &str, mode: Mode, interval: Option<Duration>, deadline: Duration, rec: &mut Record) {
+    if let Err(e) = run_inner(ctx, spec, mode, interval, deadline, rec) {
+        rec.error = Some(e);
+    }
+}
+
+fn run_inner(
+    ctx: &Ctx,
+    spec: &str,
+    mode: Mode,
+    interval: Option<Duration>,
+    deadline: Duration,
+    rec: &mut Record,
+) -> Result<(), String> {
+    let snaps = ctx.scratch.join("snaps");
+    let _ = std::fs::remove_dir_all(&snaps);
+    let report = ctx.scratch.join("run.json");
+    let _ = std::fs::remove_file(&report);
+    let mut cmd = Command::new(&ctx.exe);
+    cmd.args(["run", "--workload", spec, "--mem", &ctx.mem, "--vcpus"])
+        .arg(ctx.vcpus.to_string())
+        .args(["--pause-probe", "0", "--report"])
+        .arg(&report);
+    if let (true, Some(iv)) = (mode.snapshots(), interval) {
+        cmd.arg("--snapshot-dir")
+            .arg(&snaps)
+            .args(["--mode", mode.name(), "--interval"])
+            .arg(format!("{}ms", iv.as_millis()));
+    }
+    let r = run_to_report(&mut cmd, &ctx.scratch, "run", &report, deadline)?;
+    rec.wall_s = f(&r["wall_time_s"]).ok_or("the report has no wall_time_s")?;
+    let idle = f(&r["vcpu_idle_s"]).unwrap_or(0.0);
+    rec.busy_s = Some(rec.wall_s * ctx.vcpus as f64 - idle);
+    rec.checksum = r["checksum"].as_str().map(str::to_string);
+    if rec.checksum.is_none() {
+        return Err(format!("the run ended without a checksum (status {})", r["status"]));
+    }
+    if mode.snapshots() {
+        let s = &r["snapshots"];
+        rec.snapshots = s["count"].as_u64().unwrap_or(0);
+        rec.delayed = s["delayed"].as_u64().unwrap_or(0);
+        rec.pause = Some(Pause {
+            p50_us: f(&s["pause"]["p50_us"]).unwrap_or(0.0),
+            p99_us: f(&s["pause"]["p99_us"]).unwrap_or(0.0),
+            max_us: f(&s["pause"]["max_us"]).unwrap_or(0.0),
+        });
+        rec.durable_p50_ms = f(&s["durable"]["p50_us"]).map(|us| us / 1e3);
+        rec.bytes_p50 = f(&s["bytes"]["p50"]);
+        rec.faults_p50 = f(&s["faults"]["p50"]);
+        rec.save_mb_s = f(&s["save_mb_s"]);
+        rec.store_bytes = Some(proc::du(&snaps));
+        if rec.snapshots == 0 {
+            return Err("no snapshot was committed".into());
+        }
+        // The newest epoch, restored and run to the end.
+        let rreport = ctx.scratch.join("restore.json");
+        let _ = std::fs::remove_file(&rreport);
+        let mut cmd = Command::new(&ctx.exe);
+        cmd.arg("restore")
+            .arg(&snaps)
+            .args(["--at", "latest", "--pause-probe", "0", "--report"])
+            .arg(&rreport);
+        let rr = run_to_report(&mut cmd, &ctx.scratch, "restore", &rreport, deadline)?;
+        rec.restore_s = f(&rr["restored_from"]["restore_s"]);
+        rec.restore_ok = Some(rr["checksum"].as_str() == rec.checksum.as_deref());
+    }
+    let _ = std::fs::remove_dir_all(&snaps);
+    Ok(())
+}
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+/// Run a consnap command to its end and read its report.
+fn run_to_report(
+    cmd: &mut Command,
+    scratch: &Path,
+    what: &str,
+    report: &Path,
+    deadline: Duration,
+) -> Result<Value, String> {
+    let (out, err) = (scratch.join(format!("{what}.out")), scratch.join(format!("{what}.err")));
+    let started = Instant::now();
+    let mut child = proc::spawn(cmd, &out, &err)?;
+    let ended = proc::wait(&mut child, started, deadline).map_err(|e| format!("consnap {what}: {e}"))?;
+    let text = std::fs::read(report).map_err(|e| {
+        format!(
+            "consnap {what} exited with {} and no report ({e}): {}",
+            ended.status,
+            proc::tail(&err, 3)
+        )
+    })?;
+    let v: Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("consnap {what}: unreadable report {}: {e}", report.display()))?;
+    if !ended.status.success() {
+        return Err(format!(
+            "consnap {what} exited with {}: {}",
+            ended.status,
+            v["error"].as_str().map_or_else(|| proc::tail(&err, 3), str::to_string)
+        ));
+    }
+    Ok(v)
+}
+
+/// Guest ops per second of `spec` (without ops) under consnap without
+/// snapshots, from the guest's progress counter over a short run.
+pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, String> {
+    let mut ops = guess_ops;
+    for _ in 0..4 {
+        let report = ctx.scratch.join("calibrate.json");
+        let mut cmd = Command::new(&ctx.exe);
+        cmd.args([
+            "run",
+            "--workload",
+            &format!("{spec},ops={ops}"),
+            "--mem",
+            &ctx.mem,
+            "--vcpus",
+        ])
+        .arg(ctx.vcpus.to_string())
+        .args(["--pause-probe", "0", "--sample-interval", "50ms", "--report"])
+        .arg(&report);
+        let r = run_to_report(&mut cmd, &ctx.scratch, "calibrate", &report, Duration::from_secs(120))?;
+        let progress: Vec<(f64, f64)> = r["progress"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let first = progress.iter().find(|p| p.1 > 0.0);
+        let wall = f(&r["wall_time_s"]).unwrap_or(0.0);
+        match (first, progress.last()) {
+            (Some(a), Some(b)) if b.0 - a.0 >= 1000.0 && b.1 > a.1 => return Ok((b.1 - a.1) / ((b.0 - a.0) / 1e3)),
+            _ => {
+                // Too short to measure: ten times the work.
+                tracing::info!(spec, ops, wall, "calibration run too short, trying more ops");
+                ops = ops.saturating_mul(10);
+            }
+        }
+    }
+    Err(format!("could not measure the rate of {spec}: every run was too short"))
+}

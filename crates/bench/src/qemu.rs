@@ -1,0 +1,354 @@
+//! QEMU on the same workload guest: the exported ELF booted with
+//! `-kernel`, snapshots driven over QMP, and the newest snapshot restored
+//! with `-incoming` and run to the end.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::matrix::Mode;
+use crate::proc;
+use crate::results::{Pause, Record};
+
+/// QEMU's binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// The minimal firmware: SeaBIOS takes 4-10 s to boot here.
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+/// A `migrate` right after the previous one completed fails with
+/// "duplicate yank instance".
+const YANK_GAP: Duration = Duration::from_millis(300);
+
+/// QEMU's version line, or `None` when it does not run.
+pub fn version() -> Option<String> {
+    let out = Command::new(QEMU).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+}
+
+/// What every QEMU run shares.
+pub struct Ctx {
+    /// The exported workload guest.
+    pub elf: PathBuf,
+    pub scratch: PathBuf,
+    pub mem: String,
+    pub vcpus: u32,
+}
+
+impl Ctx {
+    fn command(&self, spec: &str, qmp: &Path, console: &Path) -> Command {
+        let words = spec
+            .split(',')
+            .enumerate()
+            .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-enable-kvm", "-m", &self.mem, "-smp"])
+            .arg(self.vcpus.to_string())
+            .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+            .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
+            .arg(&self.elf)
+            .args(["-append", &words, "-serial"])
+            .arg(format!("file:{}", console.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if Path::new(QBOOT).exists() {
+            cmd.args(["-bios", QBOOT]);
+        }
+        cmd
+    }
+}
+
+/// A QMP connection.
+struct Qmp {
+    rd: BufReader<UnixStream>,
+    wr: UnixStream,
+}
+
+impl Qmp {
+    /// Connect (QEMU creates the socket shortly after it starts) and leave
+    /// capabilities negotiation.
+    fn connect(path: &Path, child: &mut Child) -> Result<Qmp, String> {
+        let start = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        return Err(format!("QEMU exited with {st} before its QMP socket was ready"));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("QMP socket {}: {e}", path.display())),
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+        let wr = s.try_clone().map_err(|e| format!("QMP: {e}"))?;
+        let mut q = Qmp {
+            rd: BufReader::new(s),
+            wr,
+        };
+        q.read()?; // greeting
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.rd.read_line(&mut line) {
+            Ok(0) => Err("QMP: QEMU closed the connection".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP: bad reply {line:?}: {e}")),
+            Err(e) => Err(format!("QMP: {e}")),
+        }
+    }
+
+    /// Run a command and return its `return` value; events are skipped.
+    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let mut msg = json!({ "execute": cmd, "arguments": args }).to_string();
+        msg.push('\n');
+        self.wr
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("QMP {cmd}: {e}"))?;
+        loop {
+            let v = self.read()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP {cmd}: {}", e["desc"].as_str().unwrap_or("error")));
+            }
+        }
+    }
+
+    /// Poll `query-migrate` until the migration ends; its final state.
+    fn wait_migration(&mut self) -> Result<Value, String> {
+        loop {
+            let st = self.execute("query-migrate", json!({}))?;
+            match st["status"].as_str() {
+                Some("completed") => return Ok(st),
+                Some(s @ ("failed" | "cancelled")) => {
+                    return Err(format!(
+                        "QEMU migration {s}: {}",
+                        st["error-desc"].as_str().unwrap_or("no reason given")
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+}
+
+/// Run `spec` in QEMU in `mode` at `interval` and fill `rec`; then restore
+/// the newest snapshot and run it to the end.
+pub fn run(ctx: &Ctx, spec: &str, mode: Mode, interval: Option<Duration>, deadline: Duration, rec: &mut Record) {
+    if let Err(e) = run_inner(ctx, spec, mode, interval, deadline, rec) {
+        rec.error = Some(e);
+    }
+}
+
+fn run_inner(
+    ctx: &Ctx,
+    spec: &str,
+    mode: Mode,
+    interval: Option<Duration>,
+    deadline: Duration,
+    rec: &mut Record,
+) -> Result<(), String> {
+    let qmp_path = ctx.scratch.join("qmp.sock");
+    let console = ctx.scratch.join("qemu-console.txt");
+    let _ = std::fs::remove_file(&qmp_path);
+    let started = Instant::now();
+    let mut child = proc::spawn(
+        &mut ctx.command(spec, &qmp_path, &console),
+        &ctx.scratch.join("qemu.out"),
+        &ctx.scratch.join("qemu.err"),
+    )?;
+    let result = drive(ctx, &mut child, &qmp_path, mode, interval, started, deadline, rec);
+    let ended = proc::wait(&mut child, started, deadline);
+    let newest = result?;
+    let ended = ended?;
+    rec.wall_s = ended.wall.as_secs_f64();
+    // isa-debug-exit: QEMU exits with 2 × code + 1.
+    if ended.status.code() != Some(1) {
+        return Err(format!(
+            "QEMU exited with {}: {}",
+            ended.status,
+            proc::tail(&ctx.scratch.join("qemu.err"), 3)
+        ));
+    }
+    rec.checksum = Some(checksum(&console)?);
+    if let Some(file) = newest {
+        rec.store_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
+        restore(ctx, spec, &file, deadline, rec)?;
+    }
+    clean(&ctx.scratch);
+    Ok(())
+}
+
+fn clean(scratch: &Path) {
+    for f in ["snap-0", "snap-1"] {
+        let _ = std::fs::remove_file(scratch.join(f));
+    }
+}
+
+/// Take snapshots until the guest powers off; the newest complete file.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    ctx: &Ctx,
+    child: &mut Child,
+    qmp_path: &Path,
+    mode: Mode,
+    interval: Option<Duration>,
+    started: Instant,
+    deadline: Duration,
+    rec: &mut Record,
+) -> Result<Option<PathBuf>, String> {
+    let Some(interval) = interval.filter(|_| mode.snapshots()) else {
+        return Ok(None);
+    };
+    let mut q = Qmp::connect(qmp_path, child)?;
+    if mode == Mode::QemuBackground {
+        q.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "background-snapshot", "state": true}]}),
+        )?;
+    }
+    let (mut pauses, mut bytes, mut newest) = (Vec::new(), Vec::new(), None);
+    let mut due = Instant::now() + interval;
+    loop {
+        while Instant::now() < due {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5).min(due.saturating_duration_since(Instant::now())));
+        }
+        if child.try_wait().ok().flatten().is_some() || started.elapsed() > deadline {
+            break;
+        }
+        let file = ctx.scratch.join(format!("snap-{}", pauses.len() % 2));
+        let _ = std::fs::remove_file(&file);
+        let t0 = Instant::now();
+        let uri = json!({ "uri": format!("file:{}", file.display()) });
+        let step = |q: &mut Qmp| -> Result<Value, String> {
+            if mode == Mode::QemuStopCopy {
+                q.execute("stop", json!({}))?;
+            }
+            q.execute("migrate", uri.clone())?;
+            let st = q.wait_migration()?;
+            if mode == Mode::QemuStopCopy {
+                q.execute("cont", json!({}))?;
+            }
+            Ok(st)
+        };
+        match step(&mut q) {
+            Ok(st) => {
+                let pause_us = match mode {
+                    Mode::QemuStopCopy => t0.elapsed().as_secs_f64() * 1e6,
+                    _ => st["downtime"].as_f64().unwrap_or(f64::NAN) * 1e3,
+                };
+                pauses.push(pause_us);
+                bytes.push(std::fs::metadata(&file).map_or(0, |m| m.len()) as f64);
+                newest = Some(file);
+            }
+            // The guest finished (QEMU exited) while a snapshot was taken.
+            Err(_) if child.try_wait().ok().flatten().is_some() => break,
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        let next = due + interval;
+        if now + YANK_GAP > next {
+            rec.delayed += 1;
+        }
+        due = next.max(now + YANK_GAP);
+    }
+    rec.snapshots = pauses.len() as u64;
+    if pauses.is_empty() {
+        return Err("the guest finished before QEMU took a snapshot".into());
+    }
+    rec.pause = Some(percentiles(&mut pauses));
+    rec.bytes_p50 = Some(percentiles(&mut bytes).p50_us);
+    Ok(newest)
+}
+
+/// p50 / p99 / max (nearest rank) of `xs`, in the unit of `xs`.
+fn percentiles(xs: &mut [f64]) -> Pause {
+    xs.sort_by(f64::total_cmp);
+    let at = |p: f64| xs[((p * xs.len() as f64).ceil() as usize).clamp(1, xs.len()) - 1];
+    Pause {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        max_us: xs[xs.len() - 1],
+    }
+}
+
+/// Restore `file` in a new QEMU (`-incoming`), time until it runs, and
+/// check that it finishes with the same checksum.
+fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Record) -> Result<(), String> {
+    let qmp_path = ctx.scratch.join("qmp-in.sock");
+    let console = ctx.scratch.join("qemu-in-console.txt");
+    let _ = std::fs::remove_file(&qmp_path);
+    let mut cmd = ctx.command(spec, &qmp_path, &console);
+    cmd.args(["-incoming", "defer"]);
+    let started = Instant::now();
+    let mut child = proc::spawn(
+        &mut cmd,
+        &ctx.scratch.join("qemu-in.out"),
+        &ctx.scratch.join("qemu-in.err"),
+    )?;
+    let load = (|| -> Result<f64, String> {
+        let mut q = Qmp::connect(&qmp_path, &mut child)?;
+        q.execute("migrate-incoming", json!({ "uri": format!("file:{}", file.display()) }))?;
+        loop {
+            let st = q.execute("query-status", json!({}))?;
+            if st["status"].as_str() == Some("running") {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > deadline {
+                return Err("the restored QEMU never ran".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })();
+    let ended = proc::wait(&mut child, started, deadline);
+    rec.restore_s = Some(load?);
+    let ended = ended?;
+    if ended.status.code() != Some(1) {
+        return Err(format!(
+            "restored QEMU exited with {}: {}",
+            ended.status,
+            proc::tail(&ctx.scratch.join("qemu-in.err"), 3)
+        ));
+    }
+    rec.restore_ok = Some(checksum(&console)? == rec.checksum.clone().unwrap_or_default());
+    Ok(())
+}
+
+/// The checksum the guest printed on its console.
+fn checksum(console: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(console).map_err(|e| format!("{}: {e}", console.display()))?;
+    text.lines()
+        .filter(|l| l.contains("consnap-guest: done"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("checksum=")))
+        .map(str::to_string)
+        .ok_or_else(|| format!("the guest printed no checksum in {}", console.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut xs: Vec<f64> = (1..=200).map(f64::from).collect();
+        let p = percentiles(&mut xs);
+        assert_eq!((p.p50_us, p.p99_us, p.max_us), (100.0, 198.0, 200.0));
+        let p = percentiles(&mut [5.0]);
+        assert_eq!((p.p50_us, p.p99_us, p.max_us), (5.0, 5.0, 5.0));
+    }
+}

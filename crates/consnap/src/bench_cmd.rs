@@ -1,0 +1,131 @@
+//! `consnap bench`: the paper's evaluation, beside stop-and-copy and QEMU.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::args;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A subset that finishes in a few minutes (a first look; CI's smoke test).
+    #[arg(long)]
+    pub quick: bool,
+    /// Results folder: one JSON line per run; a rerun skips the runs already there.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// The report to write (plots go to plots/ beside it). Default: RESULTS/BENCHMARKS.md.
+    #[arg(long)]
+    pub doc: Option<PathBuf>,
+    /// Guest RAM.
+    #[arg(long, default_value = "1G", value_parser = mem)]
+    pub mem: String,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Workloads, comma-separated: build, ftp-100M, ftp-1G, ftp,
+    /// memstress-low, memstress-moderate, memstress, or NAME=SPEC (repeat
+    /// the flag for specs, which contain commas).
+    #[arg(long)]
+    pub workloads: Vec<String>,
+    /// Modes, comma-separated: none, stop-copy-full, stop-copy, cow,
+    /// qemu-none, qemu-background, qemu-stop-copy.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Snapshot intervals, comma-separated (e.g. 20ms,1s,60s).
+    #[arg(long, value_delimiter = ',', value_parser = args::duration)]
+    pub intervals: Vec<Duration>,
+    /// Repeats of each cell (below the long intervals).
+    #[arg(long)]
+    pub repeats: Option<u32>,
+    /// Only write the report again from the results.
+    #[arg(long)]
+    pub render_only: bool,
+}
+
+fn mem(s: &str) -> Result<String, String> {
+    args::size(s).map(|_| s.to_string())
+}
+
+pub fn bench(a: BenchArgs) -> Result<i32, String> {
+    let mut matrix = if a.quick {
+        bench::Matrix::quick()
+    } else {
+        bench::Matrix::full()
+    };
+    let label = if a.quick { "quick" } else { "full" };
+    if !a.workloads.is_empty() {
+        let mut ws = Vec::new();
+        for w in &a.workloads {
+            // A NAME=SPEC holds commas of its own; otherwise a list.
+            let parts: Vec<&str> = if w.contains('=') {
+                vec![w.as_str()]
+            } else {
+                w.split(',').collect()
+            };
+            for p in parts {
+                ws.push(bench::Workload::parse(p).map_err(|e| e.to_string())?);
+            }
+        }
+        // Chosen workloads run at every interval.
+        matrix.long_workloads = ws.iter().map(|w| w.name.clone()).collect();
+        matrix.qemu_workloads = matrix.long_workloads.clone();
+        matrix.workloads = ws;
+    }
+    if !a.modes.is_empty() {
+        matrix.modes = a
+            .modes
+            .iter()
+            .map(|m| bench::Mode::parse(m).ok_or_else(|| format!("--modes: no mode {m:?}")))
+            .collect::<Result<_, _>>()?;
+        if !matrix.modes.contains(&bench::Mode::None) {
+            matrix.modes.insert(0, bench::Mode::None);
+        }
+        if matrix.modes.iter().any(|m| m.is_qemu()) && !matrix.modes.contains(&bench::Mode::QemuNone) {
+            matrix.modes.push(bench::Mode::QemuNone);
+        }
+        matrix.long_modes = matrix.modes.clone();
+    }
+    if !a.intervals.is_empty() {
+        if let Some(z) = a.intervals.iter().find(|d| d.is_zero()) {
+            return Err(format!("--intervals: {z:?} is not an interval"));
+        }
+        matrix.intervals = a.intervals.clone();
+    }
+    if let Some(r) = a.repeats {
+        if r == 0 {
+            return Err("--repeats: must be at least 1".into());
+        }
+        matrix.repeats = r;
+    }
+    if a.vcpus == 0 {
+        return Err("--vcpus: must be at least 1".into());
+    }
+    let results = a
+        .results
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench-results/{label}")));
+    let doc = a.doc.clone().unwrap_or_else(|| results.join("BENCHMARKS.md"));
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the consnap binary: {e}"))?;
+    let opts = bench::Options {
+        matrix,
+        exe,
+        results,
+        doc,
+        mem: a.mem.clone(),
+        vcpus: a.vcpus,
+        render_only: a.render_only,
+        label: label.into(),
+    };
+    let s = bench::run(&opts).map_err(|e| e.to_string())?;
+    println!(
+        "consnap bench: {} runs made, {} already in the results, {} failed, {} wrong checksums; report {}",
+        s.ran,
+        s.skipped_done,
+        s.failed,
+        s.wrong_checksums,
+        s.doc.display()
+    );
+    Ok(if s.failed > 0 || s.wrong_checksums > 0 { 1 } else { 0 })
+}

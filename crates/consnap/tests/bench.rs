@@ -1,0 +1,90 @@
+//! `consnap bench --quick`: the smoke test of the benchmark (correctness
+//! only, no timing asserts). Every run finishes, every restored newest
+//! snapshot reaches the uninterrupted checksum, QEMU's cells run where QEMU
+//! is installed, the report and plots are written, and a rerun resumes
+//! (skips every run already in the results).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn quick_bench_runs_every_cell_and_resumes() {
+    if !kvm_ready() {
+        return;
+    }
+    let qemu = try_spawn(std::process::Command::new("qemu-system-x86_64").arg("--version"))
+        .is_ok_and(|c| c.wait().status.success());
+    if !qemu && std::env::var("CONSNAP_REQUIRE_QEMU").as_deref() == Ok("1") {
+        panic!("CONSNAP_REQUIRE_QEMU=1 but qemu-system-x86_64 does not run");
+    }
+    let dir = tempdir("bench");
+    let results = dir.join("results");
+    let out = spawn(consnap().args(["bench", "--quick", "--results"]).arg(&results))
+        .deadline(Duration::from_secs(900))
+        .wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(results.join("runs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |w: &str, mode: &str, iv: u64| {
+        lines
+            .iter()
+            .find(|r| r["workload"] == w && r["mode"] == mode && r["interval_ms"] == iv)
+            .unwrap_or_else(|| panic!("no run of {w} {mode} at {iv} ms in {lines:#?}"))
+    };
+    for w in ["build", "memstress-moderate"] {
+        let none = find(w, "none", 0);
+        let sum = none["checksum"].as_str().unwrap();
+        for mode in ["stop-copy-full", "stop-copy", "cow"] {
+            for iv in [100, 1000] {
+                let r = find(w, mode, iv);
+                assert!(r["error"].is_null(), "{r}");
+                assert_eq!(r["checksum"].as_str(), Some(sum), "{r}");
+                assert_eq!(r["restore_ok"], true, "{r}");
+                assert!(r["snapshots"].as_u64().unwrap() >= 3, "{r}");
+                assert!(r["pause"]["p99_us"].as_f64().unwrap() > 0.0, "{r}");
+            }
+        }
+        // The memstress guest is paced: its busy time is measured.
+        if w == "memstress-moderate" {
+            assert!(
+                none["busy_s"].as_f64().unwrap() < none["wall_s"].as_f64().unwrap(),
+                "{none}"
+            );
+        }
+    }
+    if qemu {
+        let sum = find("build", "none", 0)["checksum"].as_str().unwrap().to_string();
+        for mode in ["qemu-none", "qemu-background", "qemu-stop-copy"] {
+            let r = find("build", mode, if mode == "qemu-none" { 0 } else { 1000 });
+            assert!(r["error"].is_null(), "{r}");
+            assert_eq!(r["checksum"].as_str(), Some(sum.as_str()), "{r}");
+            if mode != "qemu-none" {
+                assert_eq!(r["restore_ok"], true, "{r}");
+                assert!(r["bytes_p50"].as_f64().unwrap() > 1e6, "{r}");
+            }
+        }
+    }
+    let doc = std::fs::read_to_string(results.join("BENCHMARKS.md")).unwrap();
+    assert!(doc.contains("| build | 1 s |"), "{doc}");
+    assert!(results.join("plots/loss-build.svg").exists());
+    assert!(results.join("plots/pause-memstress-moderate.svg").exists());
+    // A rerun finds every run done.
+    let out = run_ok(consnap().args(["bench", "--quick", "--results"]).arg(&results));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("0 runs made, {} already in the results", lines.len())),
+        "{stdout}"
+    );
+}
