@@ -266,6 +266,32 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     #[test]
+    fn a_bucket_waits_until_it_can_merge_at_once() {
+        // 20 ms epochs over 12.8 s, policy 10s:all,1m:1s.
+        let p = Policy::parse("10s:all,1m:1s").unwrap();
+        let ms = S / 1000;
+        let at = |id: u64| id * 20 * ms;
+        let epochs: Vec<(u64, u64)> = (1..=640).map(|i| (i, at(i))).collect();
+        let keep = p.retained(&epochs);
+        let wait = p.waiting(&epochs);
+        assert!(wait.is_disjoint(&keep));
+        // Second 1 (1.00-1.98 s): its kept epoch (1.98 s) is 10.82 s old,
+        // out of the 10 s tier: that bucket merges now, nothing waits.
+        // Second 2: its kept epoch (2.98 s) is 9.82 s old, still in the
+        // 10 s tier: the epochs of second 2 that left the tier (2.00-2.78
+        // s) wait for it, instead of merging into 2.80 s now, then 2.80 s
+        // into 2.82 s, and so on.
+        let want: Vec<u64> = (100..=139).collect();
+        assert_eq!(wait.iter().copied().collect::<Vec<_>>(), want);
+        assert!((100..=139).all(|id| !keep.contains(&id)));
+        // A policy whose coarser bucket is longer than the finer tier never
+        // waits (the wait would not end in time), nor does keep-all.
+        let q = Policy::parse("10s:all,1h:1m").unwrap();
+        assert!(q.waiting(&epochs).is_empty());
+        assert!(Policy::keep_all().waiting(&epochs).is_empty());
+    }
+
+    #[test]
     fn parses_and_explains_refusals() {
         let p = Policy::parse("10s:all,10m:1s,24h:1m,7d:1h").unwrap();
         assert_eq!(p.tiers.len(), 4);

@@ -299,10 +299,12 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
     }
     let ledger = Ledger::load(&dir.join("s")).unwrap().unwrap();
     // Merging alone copies about what was written once (every dropped
-    // epoch's pages move into the next kept one); folding adds a copy per
-    // level. Full rewrites of the 16 MiB memory would add 16 MiB each.
+    // epoch's pages move into the next kept one) when a bucket merges at
+    // once; folding adds a copy per level. Full rewrites of the 16 MiB
+    // memory would add 16 MiB each. (2.2 times here; 3.4 times with
+    // `batch_merges` off, whose merges grow at every pass.)
     assert!(
-        ledger.bytes_written < 4 * written,
+        ledger.bytes_written < 3 * written,
         "reclamation wrote {} bytes for {written} bytes of epochs ({} full rewrites)",
         ledger.bytes_written,
         full_rewrites
