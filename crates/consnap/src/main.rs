@@ -9,6 +9,7 @@ mod control;
 mod ctl_cmd;
 mod demo_cmd;
 mod inspect_cmd;
+mod lazy_watch;
 mod live;
 mod ls_cmd;
 mod progress;

@@ -294,8 +294,33 @@ pub struct RestoredFrom {
     pub chain: usize,
     /// Page data read.
     pub bytes_read: u64,
-    /// Seconds to rebuild the VM before it ran.
+    /// Seconds to rebuild the VM before it ran (lazy: before its first
+    /// instruction, with guest pages still to come).
     pub restore_s: f64,
+    /// Lazy restore only (`--lazy`): what the pager did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyFigures>,
+}
+
+/// What a lazy restore's pager did.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct LazyFigures {
+    /// Seconds from the start of the restore until every guest page was
+    /// installed (none: the run ended first).
+    pub resident_s: Option<f64>,
+    /// Seconds from the start of the restore until the guest's op counter
+    /// first moved (from the progress samples).
+    pub first_op_s: Option<f64>,
+    /// Faults served, and pages installed on faults and by the fill.
+    pub faults: u64,
+    pub fault_pages: u64,
+    pub fill_pages: u64,
+    /// Zero pages installed.
+    pub zero_pages: u64,
+    /// Time to serve a fault (read, verify, install), µs.
+    pub fault_p50_us: u32,
+    pub fault_p99_us: u32,
+    pub fault_max_us: u32,
 }
 
 /// The report of one `consnap run` or `consnap restore`.

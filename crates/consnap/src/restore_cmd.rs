@@ -19,6 +19,10 @@ pub struct RestoreArgs {
     /// at or before it).
     #[arg(long, default_value = "latest", allow_hyphen_values = true)]
     pub at: String,
+    /// Start the VM at once and bring guest pages in on demand (and in
+    /// the background), each verified before the guest sees it.
+    #[arg(long)]
+    pub lazy: bool,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -75,14 +79,26 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
     let pre = session::preflight(&a.session)?;
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let id = crate::at::resolve(&store, &a.at)?;
-    let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
-    let restored = snapshot::restore(&store, id, Box::new(std::io::stdout()), &mut |done, total| {
-        bar.update(done, total);
-    });
-    bar.finish();
-    let restored = match restored {
-        Ok(r) => r,
-        Err(e) => return Err(refusal(&store, id, &e)),
+    if a.lazy && a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow {
+        return Err(
+            "--lazy with cow snapshots is not supported yet (the pager and the cow engine would both need guest RAM's userfaultfd): add --mode stop-copy, or restore without --lazy".into(),
+        );
+    }
+    let (restored, pager) = if a.lazy {
+        match snapshot::restore_lazy(&store, id, Box::new(std::io::stdout())) {
+            Ok((r, p)) => (r, Some(p)),
+            Err(e) => return Err(refusal(&store, id, &e)),
+        }
+    } else {
+        let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
+        let restored = snapshot::restore(&store, id, Box::new(std::io::stdout()), &mut |done, total| {
+            bar.update(done, total);
+        });
+        bar.finish();
+        match restored {
+            Ok(r) => (r, None),
+            Err(e) => return Err(refusal(&store, id, &e)),
+        }
     };
     let from = RestoredFrom {
         dir: a.dir.display().to_string(),
@@ -90,6 +106,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         chain: restored.chain,
         bytes_read: restored.bytes_read,
         restore_s: started.elapsed().as_secs_f64(),
+        lazy: None,
     };
     tracing::info!(
         epoch = id,
@@ -112,5 +129,6 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         Some(from),
         parent,
         started,
+        pager,
     )
 }

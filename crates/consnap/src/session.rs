@@ -218,6 +218,7 @@ pub fn execute(
     restored: Option<RestoredFrom>,
     parent: Option<u64>,
     started: Instant,
+    pager: Option<snapshot::LazyPager>,
 ) -> Result<i32, String> {
     if a.interval.is_zero() {
         return Err("--interval must be longer than 0".into());
@@ -303,7 +304,8 @@ pub fn execute(
     let mut control = Control::new(engine, probe, sampler, shared, commands);
     vmm::run::install_stop_signals();
     spawn_stdin(machine.devices().clone());
-    let end = vmm::run::run(&mut machine, &mut [&mut control as &mut dyn Task]);
+    let mut watch = crate::lazy_watch::Watch(pager.as_ref());
+    let end = vmm::run::run(&mut machine, &mut [&mut control as &mut dyn Task, &mut watch]);
     control.stopping(&machine);
     machine.stop();
     control.finish(&mut machine);
@@ -317,9 +319,17 @@ pub fn execute(
     if let Some(e) = &done.engine {
         pauses.extend(e.records.iter().map(|r| r.vcpu_pause));
     }
-    let mut report = build_report(command, &machine, &end, started, &pauses, done.samples);
+    // A page that failed its checksum is never installed: do not read
+    // guest memory for the report then (it could be that page).
+    let failed = pager.as_ref().is_some_and(|p| p.failure().is_some());
+    let mut report = build_report(command, &machine, &end, started, &pauses, done.samples, !failed);
     report.snapshots = done.engine.as_ref().map(Snapshots::from_engine);
-    report.restored_from = restored;
+    report.restored_from = restored.map(|mut r| {
+        if let Some(p) = &pager {
+            r.lazy = Some(crate::lazy_watch::figures(&p.stats(), &report.progress));
+        }
+        r
+    });
     report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;
@@ -328,6 +338,8 @@ pub fn execute(
         api.stop();
     }
     summarize(&report);
+    // Guest memory is read no more: the pager may stop.
+    drop(pager);
     Ok(report.exit_code)
 }
 
@@ -338,6 +350,7 @@ fn build_report(
     started: Instant,
     pauses: &[Duration],
     progress: Vec<(u64, u64)>,
+    read_guest: bool,
 ) -> Report {
     let (status, exit_code, guest_exit_code, error) = match end {
         RunEnd::Guest(GuestStop::PowerOff { code }) => ("poweroff", (*code).min(255) as i32, Some(*code), None),
@@ -348,7 +361,7 @@ fn build_report(
         RunEnd::Task(why) => ("error", 1, None, Some(why.clone())),
     };
     let cfg = machine.config();
-    let status_page = vmm::guest_status::read(machine.ram());
+    let status_page = read_guest.then(|| vmm::guest_status::read(machine.ram())).flatten();
     let done = status_page.filter(|s| s.done());
     let spec = cfg.workload.as_deref().and_then(|w| workload::Spec::parse(w).ok());
     Report {

@@ -70,10 +70,18 @@ pub struct RestoredRam {
     pub guest_ops: Option<u64>,
 }
 
-/// Read epoch `id` of `store` into fresh guest RAM, verifying everything
-/// read, without building a VM (needs no KVM). `progress` receives bytes
-/// read so far and the total.
-pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
+/// What a restore needs before any page is read: the chain, its decoded
+/// state (checked against the header) and the plan of where each page
+/// comes from.
+pub(crate) struct Prepared {
+    pub state: MachineState,
+    pub chain: Vec<store::EpochReader>,
+    pub runs: Vec<store::Run>,
+    pub guest_ops: Option<u64>,
+}
+
+/// Open epoch `id`'s chain, decode and check its state, plan its pages.
+pub(crate) fn prepare(store: &Store, id: u64) -> Result<Prepared, RestoreError> {
     let chain = store.chain(id)?;
     let head = &chain[0];
     let state_err = |source| RestoreError::State {
@@ -92,7 +100,26 @@ pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -
             ),
         });
     }
+    let guest_ops = (h.guest_ops != u64::MAX).then_some(h.guest_ops);
     let runs = store::plan(&chain)?;
+    Ok(Prepared {
+        state,
+        chain,
+        runs,
+        guest_ops,
+    })
+}
+
+/// Read epoch `id` of `store` into fresh guest RAM, verifying everything
+/// read, without building a VM (needs no KVM). `progress` receives bytes
+/// read so far and the total.
+pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
+    let Prepared {
+        state,
+        chain,
+        runs,
+        guest_ops,
+    } = prepare(store, id)?;
     let total: u64 = runs
         .iter()
         .filter(|r| matches!(r.source, Source::Data { .. }))
@@ -105,7 +132,7 @@ pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -
         ram,
         chain: chain.len(),
         bytes_read: read,
-        guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
+        guest_ops,
     })
 }
 

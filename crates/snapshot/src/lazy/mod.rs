@@ -1,0 +1,324 @@
+//! Lazy restore: the VM runs as soon as its state is restored, and guest
+//! pages arrive on demand.
+//!
+//! Guest RAM starts empty and registered with userfaultfd for missing
+//! pages. A fault (from a vCPU, or from KVM itself, since the userfaultfd
+//! handles kernel-mode faults) is served by the handler thread: it reads
+//! the pages around the fault from the newest epoch of the chain that has
+//! them (the restore plan, built from the indexes alone), verifies their
+//! checksums and installs them (`UFFDIO_COPY`; zero pages with
+//! `UFFDIO_ZEROPAGE`). A fill thread installs every other page meanwhile,
+//! the restored epoch's own pages first (the ones the guest wrote last, so
+//! likely to be touched first), then the rest in file order, at a lower
+//! priority than the handler. No page reaches the guest unverified: a page
+//! that fails its checksum is never installed, and the run stops with an
+//! error naming the epoch and the page. Both threads belong to consnap (a
+//! handler process that died would leave the guest hanging); a panic in
+//! either is recorded as a failure and stops the run.
+
+mod pager;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use store::{Source, Store};
+use uffd::Uffd;
+use vmm::machine::{Machine, MachineError};
+use vmm::memory::GuestRam;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::pager::{CLUSTER, FILL_PAGES, Pager, Span};
+use crate::error::panic_message;
+use crate::pages::PAGE;
+use crate::restore::{RestoreError, Restored};
+
+/// Niceness of the fill thread: it yields to the vCPUs and to the handler.
+const FILL_NICE: i32 = 5;
+
+/// What a lazy restore did so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LazyStats {
+    /// Faults served.
+    pub faults: u64,
+    /// Pages installed on faults, by the fill, and as zero pages.
+    pub fault_pages: u64,
+    pub fill_pages: u64,
+    pub zero_pages: u64,
+    /// Page data read from the store, bytes.
+    pub bytes_read: u64,
+    /// Fault service time, µs: p50, p99, max.
+    pub fault_us: [u32; 3],
+    /// Seconds from the start of the restore until every page was
+    /// installed, if that happened.
+    pub resident_s: Option<f64>,
+}
+
+/// The running pager of a lazily restored VM. Keep it until the VM is
+/// gone; [`LazyPager::failure`] says when the VM must stop.
+pub struct LazyPager {
+    pager: Arc<Pager>,
+    stop: EventFd,
+    threads: Vec<JoinHandle<()>>,
+    /// Keeps guest RAM mapped for as long as the threads may name it.
+    _ram: Option<Arc<GuestRam>>,
+}
+
+impl std::fmt::Debug for LazyPager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyPager").field("stats", &self.stats()).finish()
+    }
+}
+
+impl LazyPager {
+    /// Why the VM must stop: a page failed its checksum or could not be
+    /// read or installed, or a pager thread died.
+    pub fn failure(&self) -> Option<String> {
+        if !self.pager.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.pager.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether every page is installed.
+    pub fn resident(&self) -> bool {
+        self.pager.resident_ns.load(Ordering::SeqCst) > 0
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LazyStats {
+        let c = &self.pager.counters;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut lat = self.pager.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        lat.sort_unstable();
+        let at = |p: f64| {
+            if lat.is_empty() {
+                0
+            } else {
+                lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1]
+            }
+        };
+        let res = self.pager.resident_ns.load(Ordering::SeqCst);
+        LazyStats {
+            faults: ld(&c.faults),
+            fault_pages: ld(&c.fault_pages),
+            fill_pages: ld(&c.fill_pages),
+            zero_pages: ld(&c.zero_pages),
+            bytes_read: ld(&c.bytes_read),
+            fault_us: [at(0.5), at(0.99), lat.last().copied().unwrap_or(0)],
+            resident_s: (res > 0).then(|| res as f64 / 1e9),
+        }
+    }
+
+    /// Stop the threads and return the counters. Call only once no vCPU
+    /// runs (a vCPU waiting on a page would wait for ever).
+    pub fn finish(mut self) -> LazyStats {
+        self.shutdown();
+        self.stats()
+    }
+
+    fn shutdown(&mut self) {
+        self.pager.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LazyPager {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Restore epoch `id` of `store` lazily: the machine state at once, guest
+/// pages on demand and in the background.
+pub fn restore_lazy(
+    store: &Store,
+    id: u64,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<(Restored, LazyPager), RestoreError> {
+    let prep = crate::restore::prepare(store, id)?;
+    let ram = GuestRam::new(prep.state.config.mem_size).map_err(MachineError::from)?;
+    let lazy_err = |why: String| RestoreError::Mismatch { id, why };
+    let u = Uffd::new(0).map_err(|e| lazy_err(format!("lazy restore needs userfaultfd: {e}")))?;
+    let spans: Vec<Span> = ram
+        .ranges()
+        .iter()
+        .map(|r| Span {
+            gpa: r.gpa,
+            host: ram.host_ptr(r) as u64,
+            len: r.len,
+        })
+        .collect();
+    for s in &spans {
+        u.register(s.host, s.len, uffd::Mode::Missing)
+            .map_err(|e| lazy_err(format!("registering guest RAM for missing pages: {e}")))?;
+    }
+    let data_pages: u64 = prep
+        .runs
+        .iter()
+        .filter(|r| matches!(r.source, Source::Data { .. }))
+        .map(|r| r.count)
+        .sum();
+    let chain_len = prep.chain.len();
+    let pager = Arc::new(Pager::new(u, spans, prep.runs, prep.chain));
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| lazy_err(format!("eventfd: {e}")))?;
+    let mut lazy = LazyPager {
+        pager: pager.clone(),
+        stop: stop.try_clone().map_err(|e| lazy_err(format!("eventfd: {e}")))?,
+        threads: Vec::new(),
+        _ram: None,
+    };
+    // The handler first: building the machine may already touch guest RAM.
+    for (name, nice) in [("lazy-faults", 0), ("lazy-fill", FILL_NICE)] {
+        let p = pager.clone();
+        let s = stop.try_clone().map_err(|e| lazy_err(format!("eventfd: {e}")))?;
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // SAFETY: setpriority on the calling thread; failure only
+                // leaves the default priority.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+                let body = std::panic::AssertUnwindSafe(|| {
+                    if name == "lazy-faults" {
+                        serve_faults(&p, &s);
+                    } else {
+                        fill(&p);
+                    }
+                });
+                if let Err(e) = std::panic::catch_unwind(body) {
+                    p.fail(format!("the {name} thread panicked: {}", panic_message(&*e)));
+                }
+            })
+            .map_err(|e| lazy_err(format!("cannot start the {name} thread: {e}")))?;
+        lazy.threads.push(t);
+    }
+    let machine = Machine::restore(&prep.state, ram, serial_out)?;
+    lazy._ram = Some(machine.ram().clone());
+    Ok((
+        Restored {
+            machine,
+            epoch: id,
+            chain: chain_len,
+            bytes_read: data_pages * PAGE as u64,
+        },
+        lazy,
+    ))
+}
+
+/// The handler thread: serve faults until stopped.
+fn serve_faults(p: &Pager, stop: &EventFd) {
+    let mut events = [uffd::Event::Other(0); 32];
+    let mut buf = Vec::with_capacity(CLUSTER as usize * PAGE);
+    loop {
+        match uffd::poll2(p.uffd.as_raw_fd(), stop.as_raw_fd(), 1000) {
+            Ok((_, true)) => return,
+            Ok((false, false)) => continue,
+            Ok((true, false)) => {}
+            Err(e) => {
+                p.fail(format!("polling the userfaultfd: {e}"));
+                return;
+            }
+        }
+        let n = match p.uffd.read_events(&mut events) {
+            Ok(n) => n,
+            Err(e) => {
+                p.fail(format!("reading userfaultfd events: {e}"));
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let uffd::Event::Fault { addr, .. } = *ev else {
+                continue;
+            };
+            if p.failed.load(Ordering::SeqCst) {
+                // The run is stopping: leave the page missing.
+                continue;
+            }
+            let t0 = std::time::Instant::now();
+            match serve_one(p, addr, &mut buf) {
+                Ok(pages) => {
+                    p.counters.faults.fetch_add(1, Ordering::Relaxed);
+                    p.counters.fault_pages.fetch_add(pages, Ordering::Relaxed);
+                    let us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    p.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                }
+                Err(e) => p.fail(e),
+            }
+        }
+    }
+}
+
+/// Serve a fault at host address `addr`: its page first, then the rest of
+/// its cluster. Pages another thread claimed are left to it (its install
+/// wakes the faulting thread).
+fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
+    let gfn = p
+        .gfn_of(addr)
+        .ok_or_else(|| format!("a fault at {addr:#x}, outside guest RAM"))?;
+    let mut done = 0;
+    let base = gfn / CLUSTER * CLUSTER;
+    let order = std::iter::once((gfn, 1)).chain([(base, gfn - base), (gfn + 1, base + CLUSTER - gfn - 1)]);
+    for (from, count) in order {
+        let mut g = from;
+        while g < from + count {
+            let Some(run) = p.run_of(g) else {
+                break; // beyond RAM
+            };
+            let n = (run.gfn + run.count).min(from + count) - g;
+            done += p.install(run, g, n, buf)?;
+            g += n;
+        }
+    }
+    Ok(done)
+}
+
+/// The fill thread: install every page, the restored epoch's own first,
+/// then each epoch's in file order, a batch at a time.
+fn fill(p: &Pager) {
+    let mut buf = Vec::with_capacity(FILL_PAGES as usize * PAGE);
+    // Data runs of each epoch in file order, then the zero runs.
+    let mut by_epoch: Vec<Vec<&store::Run>> = vec![Vec::new(); p.chain.len()];
+    let mut zeros = Vec::new();
+    for r in &p.runs {
+        match r.source {
+            Source::Data { epoch, .. } => by_epoch[epoch].push(r),
+            Source::Zero => zeros.push(r),
+        }
+    }
+    for list in &mut by_epoch {
+        list.sort_by_key(|r| match r.source {
+            Source::Data { page, .. } => page,
+            Source::Zero => 0,
+        });
+    }
+    let stopped = || p.stopping.load(Ordering::SeqCst) || p.failed.load(Ordering::SeqCst);
+    for run in by_epoch.into_iter().flatten().chain(zeros) {
+        let mut g = run.gfn;
+        while g < run.gfn + run.count {
+            if stopped() {
+                return;
+            }
+            let n = (run.gfn + run.count - g).min(FILL_PAGES);
+            match p.install(run, g, n, &mut buf) {
+                Ok(k) => {
+                    if !matches!(run.source, Source::Zero) {
+                        p.counters.fill_pages.fetch_add(k, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    p.fail(e);
+                    return;
+                }
+            }
+            g += n;
+        }
+    }
+    let ns = p.started.elapsed().as_nanos().max(1) as u64;
+    p.resident_ns.store(ns, Ordering::SeqCst);
+    tracing::info!(seconds = ns as f64 / 1e9, "lazy restore: every page is resident");
+}
