@@ -14,18 +14,30 @@ use crate::report::LazyFigures;
 const EVERY: Duration = Duration::from_millis(10);
 
 /// A controller task over an optional pager.
-pub struct Watch<'a>(pub Option<&'a LazyPager>);
+pub struct Watch<'a> {
+    pager: Option<&'a LazyPager>,
+    next: Instant,
+}
+
+impl<'a> Watch<'a> {
+    pub fn new(pager: Option<&'a LazyPager>) -> Self {
+        Watch {
+            pager,
+            next: Instant::now() + EVERY,
+        }
+    }
+}
 
 impl Task for Watch<'_> {
     fn due(&self) -> Option<Instant> {
-        // Failures can come at any time, also after the fill (a fault in a
-        // page the fill could not read is not possible then, but a pager
-        // thread can still die): keep looking while there is a pager.
-        self.0.map(|_| Instant::now() + EVERY)
+        // A pager thread can fail at any time: keep looking while there is
+        // a pager.
+        self.pager.map(|_| self.next)
     }
 
     fn run(&mut self, _m: &mut Machine) -> TaskFlow {
-        match self.0.and_then(LazyPager::failure) {
+        self.next = Instant::now() + EVERY;
+        match self.pager.and_then(LazyPager::failure) {
             Some(why) => TaskFlow::Stop(format!("lazy restore: {why}")),
             None => TaskFlow::Continue,
         }

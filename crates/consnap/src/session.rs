@@ -304,10 +304,17 @@ pub fn execute(
     let mut control = Control::new(engine, probe, sampler, shared, commands);
     vmm::run::install_stop_signals();
     spawn_stdin(machine.devices().clone());
-    let mut watch = crate::lazy_watch::Watch(pager.as_ref());
+    let mut watch = crate::lazy_watch::Watch::new(pager.as_ref());
     let end = vmm::run::run(&mut machine, &mut [&mut control as &mut dyn Task, &mut watch]);
     control.stopping(&machine);
-    machine.stop();
+    // A vCPU may wait in the kernel for a page the pager refused (it
+    // failed its checksum): once every vCPU is told to stop, zero pages
+    // release it, and it stops without running guest code again.
+    machine.stop_then(&mut || {
+        if let Some(p) = &pager {
+            p.release_refused();
+        }
+    });
     control.finish(&mut machine);
     if let Some(l) = live {
         l.stop();

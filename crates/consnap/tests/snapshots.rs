@@ -82,22 +82,36 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
                 std::fs::write(&path, b"damaged").unwrap();
             }
         }
-        let r = restore(&snaps, at, &[], &dir.join(format!("restore-{epoch}.json")));
-        assert_eq!(r["command"], "restore");
-        assert_eq!(r["status"], "poweroff", "{r}");
-        assert_eq!(r["exit_code"], 0);
-        assert_eq!(r["restored_from"]["epoch"], epoch);
-        assert_eq!(r["ops"], ops);
-        assert_eq!(r["workload_errors"], 0);
-        assert_eq!(
-            r["checksum"],
-            sum.as_str(),
-            "restore of epoch {epoch} diverged ({workload}, {mode}, {vcpus} vCPUs)"
-        );
-        if mode != "stop-copy-full" {
-            let chain = r["restored_from"]["chain"].as_u64().unwrap();
-            assert_eq!(chain, ids.iter().position(|i| *i == epoch).unwrap() as u64 + 1);
+        for lazy in [false, true] {
+            let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
+            let r = restore(&snaps, at, extra, &dir.join(format!("restore-{epoch}-{lazy}.json")));
+            check_restored(&r, epoch, (ops, &sum), &ids, (workload, mode, vcpus));
+            assert_eq!(r["restored_from"]["lazy"].is_object(), lazy, "{r}");
         }
+    }
+}
+
+/// A restore of `epoch` (one of `ids`) ran to the uninterrupted end.
+fn check_restored(
+    r: &serde_json::Value,
+    epoch: u64,
+    (ops, sum): (u64, &str),
+    ids: &[u64],
+    (workload, mode, vcpus): (&str, &str, u32),
+) {
+    assert_eq!(r["command"], "restore");
+    assert_eq!(r["status"], "poweroff", "{r}");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["restored_from"]["epoch"], epoch);
+    assert_eq!(r["ops"], ops);
+    assert_eq!(r["workload_errors"], 0);
+    assert_eq!(
+        r["checksum"], sum,
+        "restore of epoch {epoch} diverged ({workload}, {mode}, {vcpus} vCPUs): {r}"
+    );
+    if mode != "stop-copy-full" {
+        let chain = r["restored_from"]["chain"].as_u64().unwrap();
+        assert_eq!(chain, ids.iter().position(|i| *i == epoch).unwrap() as u64 + 1);
     }
 }
 

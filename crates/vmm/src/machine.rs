@@ -544,8 +544,14 @@ impl Machine {
 
     /// Stop the vCPU threads.
     pub fn stop(&mut self) {
+        self.stop_then(&mut || {});
+    }
+
+    /// Stop the vCPU threads, calling `between` once they were told to
+    /// stop and before waiting for them (see [`crate::vcpu::Vcpus::stop_then`]).
+    pub fn stop_then(&mut self, between: &mut dyn FnMut()) {
         if let Some(v) = self.vcpus.take() {
-            self.vcpu_times = v.stop();
+            self.vcpu_times = v.stop_then(between);
         }
         self.devices.serial.flush();
     }

@@ -520,6 +520,14 @@ impl Vcpus {
 
     /// Stop and join every vCPU thread; returns what each used.
     pub fn stop(self) -> Vec<VcpuTimes> {
+        self.stop_then(&mut || {})
+    }
+
+    /// [`Vcpus::stop`], calling `between` after every vCPU was told to stop
+    /// and kicked, before waiting for them: to release a vCPU blocked in the
+    /// kernel on something only the caller can end (a page a lazy restore
+    /// must not install while the guest could still run on it).
+    pub fn stop_then(self, between: &mut dyn FnMut()) -> Vec<VcpuTimes> {
         {
             let mut g = self.control.lock();
             g.generation += 1;
@@ -529,6 +537,7 @@ impl Vcpus {
         drop(self.control.lock());
         self.control.cv.notify_all();
         self.kick_all();
+        between();
         for (id, t) in self.threads {
             if t.join().is_err() {
                 tracing::error!("vCPU {id} thread panicked");

@@ -82,6 +82,14 @@ impl LazyPager {
         self.pager.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// After a failure, once every vCPU was told to stop (and kicked):
+    /// put zero pages where pages were refused, so that a vCPU or VMM
+    /// thread waiting in the kernel for one can finish. The guest never
+    /// runs on them.
+    pub fn release_refused(&self) {
+        self.pager.release_refused();
+    }
+
     /// Whether every page is installed.
     pub fn resident(&self) -> bool {
         self.pager.resident_ns.load(Ordering::SeqCst) > 0
@@ -235,10 +243,6 @@ fn serve_faults(p: &Pager, stop: &EventFd) {
             let uffd::Event::Fault { addr, .. } = *ev else {
                 continue;
             };
-            if p.failed.load(Ordering::SeqCst) {
-                // The run is stopping: leave the page missing.
-                continue;
-            }
             let t0 = std::time::Instant::now();
             match serve_one(p, addr, &mut buf) {
                 Ok(pages) => {

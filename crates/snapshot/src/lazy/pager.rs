@@ -51,6 +51,9 @@ pub(crate) struct Pager {
     pub latencies: Mutex<Vec<u32>>,
     /// The first failure (a page that fails its checksum, an I/O error).
     pub failure: Mutex<Option<String>>,
+    /// Host ranges claimed but never installed because they failed:
+    /// whoever touches them waits until [`Pager::release_refused`].
+    refused: Mutex<Vec<(u64, u64)>>,
     pub failed: AtomicBool,
     /// The pager is being shut down.
     pub stopping: AtomicBool,
@@ -72,6 +75,7 @@ impl Pager {
             counters: Counters::default(),
             latencies: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
+            refused: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             started: Instant::now(),
@@ -153,12 +157,17 @@ impl Pager {
                 }
                 Source::Data { epoch, page } => {
                     let r = &self.chain[epoch];
+                    let first = page + (g - run.gfn);
                     buf.resize(len as usize, 0);
-                    r.read_pages(page + (g - run.gfn), buf).map_err(|e| describe(r, e))?;
-                    self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-                    // SAFETY: `buf` holds `len` readable bytes for the call.
-                    unsafe { self.uffd.copy(host, buf.as_ptr(), len, false) }
-                        .map_err(|e| format!("installing pages at guest frame {g:#x}: {e}"))?;
+                    if r.read_pages(first, buf).is_ok() {
+                        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        // SAFETY: `buf` holds `len` readable bytes for the call.
+                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, false) }
+                            .map_err(|e| format!("installing pages at guest frame {g:#x}: {e}"))?;
+                    } else {
+                        // Page by page: install the good ones, refuse the bad.
+                        self.install_each(r, first, host, n, buf)?;
+                    }
                 }
             }
             done += n;
@@ -167,11 +176,45 @@ impl Pager {
     }
 }
 
+impl Pager {
+    /// Install `n` data pages from `first` of `r` at `host` one at a time;
+    /// a page that fails is refused (never installed). Err names the first.
+    fn install_each(&self, r: &EpochReader, first: u64, host: u64, n: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut bad = None;
+        for i in 0..n {
+            let page = &mut buf[..PAGE];
+            let at = host + i * PAGE as u64;
+            match r.read_pages(first + i, page) {
+                Ok(()) => {
+                    self.counters.bytes_read.fetch_add(PAGE as u64, Ordering::Relaxed);
+                    // SAFETY: `page` holds one readable page for the call.
+                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, false) }
+                        .map_err(|e| format!("installing a page at {at:#x}: {e}"))?;
+                }
+                Err(e) => {
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((at, PAGE as u64));
+                    bad.get_or_insert_with(|| describe(r, e));
+                }
+            }
+        }
+        bad.map_or(Ok(()), Err)
+    }
+
+    /// Install zero pages where pages were refused, waking whoever waits
+    /// on them. Only once no vCPU can run guest code again.
+    pub(crate) fn release_refused(&self) {
+        for (host, len) in std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner())) {
+            if let Err(e) = self.uffd.zeropage(host, len) {
+                tracing::warn!("releasing refused pages at {host:#x}: {e}");
+            }
+        }
+    }
+}
+
 /// A page that cannot be used: name the epoch and the page.
 fn describe(r: &EpochReader, e: StoreError) -> String {
-    format!(
-        "epoch {} ({}): {e}; the guest never ran on that page",
-        r.header().id,
-        r.path().display()
-    )
+    format!("epoch {}: {e}; the guest never ran on that page", r.header().id)
 }

@@ -1,0 +1,150 @@
+//! Lazy restore (`consnap restore --lazy`): pages verified before the
+//! guest sees them, and snapshots of a lazily restored VM. The lazy
+//! restore of every workload, vCPU count and capture mode runs in
+//! snapshots.rs, beside the eager one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod store_support;
+
+use common::*;
+
+/// A store of a memstress run paced to last several seconds, finished.
+fn make_store(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
+    let snaps = dir.join("snaps");
+    run_ok(
+        consnap()
+            .args(["run", "--workload", spec, "--mem", "256M", "--snapshot-dir"])
+            .arg(&snaps)
+            .args([
+                "--mode",
+                "stop-copy",
+                "--interval",
+                "200ms",
+                "--pause-probe",
+                "0",
+                "--retain",
+                "all",
+            ]),
+    );
+    snaps
+}
+
+#[test]
+fn a_damaged_page_never_reaches_the_guest() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("lazy-damage");
+    // 20,000 ops at 4,000 a second over 8,192 pages: the guest is still
+    // running seconds after a restore of its first epochs, long after the
+    // fill went through every page.
+    let spec = "memstress,wss=32M,ops=20000,rate=4000";
+    let snaps = make_store(&dir, spec);
+    let ids = store_support::ids(&snaps);
+    let first = ids[0];
+    // Flip a byte in the middle of the full epoch's page data that a
+    // restore of the first epoch takes.
+    let needed = store_support::needed(&snaps, first);
+    let file = snaps.join(format!("epochs/{first:020}.epoch"));
+    let data = needed[&file].iter().max_by_key(|(a, b)| b - a).copied().unwrap();
+    let at = (data.0 + (data.1 - data.0) / 2) / 4096 * 4096 + 100;
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[at as usize] ^= 0x20;
+    std::fs::write(&file, &bytes).unwrap();
+    // Eager: refused before the guest runs, naming the epoch and the page.
+    let out = output(consnap().arg("restore").arg(&snaps).args(["--at", &first.to_string()]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("fails its checksum") && err.contains(&format!("{first:020}.epoch")),
+        "{err}"
+    );
+    // Lazy: the VM starts, and stops with the same error once the page is
+    // reached (by the fill or by a fault), without running on it.
+    let report = dir.join("lazy.json");
+    let out = output(
+        consnap()
+            .arg("restore")
+            .arg(&snaps)
+            .args(["--at", &first.to_string(), "--lazy", "--pause-probe", "0", "--report"])
+            .arg(&report),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let r = read_report(&report);
+    assert_eq!(r["status"], "error", "{r}");
+    let why = r["error"].as_str().unwrap();
+    assert!(
+        why.contains("lazy restore")
+            && why.contains(&format!("epoch {first}"))
+            && why.contains("fails its checksum")
+            && why.contains("never ran on that page"),
+        "{why}"
+    );
+    // The guest did not finish: no checksum was reported.
+    assert!(r["checksum"].is_null(), "{r}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("lazy-snapshots");
+    let spec = "memstress,wss=32M,ops=24000,rate=6000,pattern=hotcold";
+    let (ops, sum) = reference(spec, 1);
+    let snaps = make_store(&dir, spec);
+    let first = store_support::ids(&snaps)[0];
+    // Restore the first epoch lazily into a new store, with snapshots
+    // from the first instant (pages still arriving), and kill it part-way.
+    let again = dir.join("again");
+    run_and_kill(
+        &[
+            "restore",
+            snaps.to_str().unwrap(),
+            "--at",
+            &first.to_string(),
+            "--lazy",
+            "--snapshot-dir",
+            again.to_str().unwrap(),
+            "--mode",
+            "stop-copy",
+            "--interval",
+            "20ms",
+            "--pause-probe",
+            "0",
+        ],
+        &again,
+        8,
+    );
+    let ids = store_support::ids(&again);
+    assert!(ids.len() >= 8, "{ids:?}");
+    // The first epoch after the restore, the latest, and one between
+    // each restore (eagerly and lazily) to the uninterrupted checksum.
+    for id in [ids[0], ids[ids.len() / 2], *ids.last().unwrap()] {
+        for lazy in [false, true] {
+            let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
+            let r = restore(&again, &id.to_string(), extra, &dir.join(format!("r-{id}-{lazy}.json")));
+            assert_eq!(
+                (r["ops"].as_u64(), r["checksum"].as_str()),
+                (Some(ops), Some(sum.as_str())),
+                "epoch {id}, lazy {lazy}: {r}"
+            );
+        }
+    }
+    // cow snapshots cannot share guest RAM's userfaultfd with the pager yet: a clear refusal.
+    let out = output(
+        consnap()
+            .arg("restore")
+            .arg(&snaps)
+            .args(["--lazy", "--snapshot-dir"])
+            .arg(dir.join("x")),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--mode stop-copy"),
+        "{out:?}"
+    );
+}
