@@ -26,9 +26,9 @@ BIN = os.path.join(ROOT, "target", "release", "consnap")
 # name -> (workload spec, --mem, interval, modes, measure loss?)
 CASES = {
     # 1. 20 ms, about 10 MiB dirtied per epoch (2,560 random pages of 256 MiB).
-    "pause-20ms-10MiB": ("memstress,wss=256M,ops=1280000,rate=128000", "1G", "20ms", ["cow", "stop-copy"], False),
+    "pause-20ms-10MiB": ("memstress,wss=256M,ops=1280000,rate=128000", "1G", "20ms", ["cow", "cow-4K", "stop-copy"], False),
     # 2. 1 GiB guest dirtying all of a 256 MiB working set every epoch, 200 ms.
-    "pause-200ms-256MiB": ("memstress,wss=256M,ops=150000000", "1G", "200ms", ["cow", "stop-copy"], False),
+    "pause-200ms-256MiB": ("memstress,wss=256M,ops=150000000", "1G", "200ms", ["cow", "cow-4K", "stop-copy"], False),
     # 3. build all-out at short intervals.
     "build-100ms": ("build,wss=128M,ops=8000", "1G", "100ms", ["cow", "stop-copy"], True),
     "build-50ms": ("build,wss=128M,ops=8000", "1G", "50ms", ["cow", "stop-copy"], True),
@@ -51,7 +51,10 @@ def run(spec, mem, interval, mode, workdir):
     shutil.rmtree(snaps, ignore_errors=True)
     report = os.path.join(workdir, "r.json")
     cmd = [BIN, "run", "--workload", spec, "--mem", mem, "--pause-probe", "0", "--report", report]
-    if mode != "none":
+    if mode == "cow-4K":
+        # cow with 4 KiB write-protect blocks instead of 2 MiB ones.
+        cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--cow-block", "4K", "--interval", interval]
+    elif mode != "none":
         cmd += ["--snapshot-dir", snaps, "--mode", mode, "--interval", interval]
     print("  $ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=1800)
