@@ -33,6 +33,11 @@ pub struct RestoreArgs {
 /// state, every page it takes), skipping chains through the damaged file.
 fn refusal(store: &Store, id: u64, e: &snapshot::RestoreError) -> String {
     let mut msg = format!("cannot restore epoch {id}: {e}");
+    // Not damage: another epoch would fail the same way (and each check
+    // would walk a chain that long again).
+    if matches!(e, snapshot::RestoreError::Store(store::StoreError::ChainTooLong { .. })) {
+        return msg;
+    }
     let damaged = match e {
         snapshot::RestoreError::Store(
             store::StoreError::Corrupt { path, .. } | store::StoreError::Mismatch { path, .. },

@@ -473,3 +473,61 @@ fn restore_at_a_time_picks_the_newest_epoch_at_or_before_it() {
         &["is not an epoch id, 'latest', a time before now"],
     );
 }
+
+#[test]
+fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("chain-too-long");
+    let snaps = dir.join("snaps");
+    run_ok(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=8M,ops=40000,rate=20000",
+                "--mem",
+                "64M",
+                "--interval",
+                "10ms",
+                "--mode",
+                "stop-copy",
+                "--retain",
+                "all",
+                "--max-chain",
+                "0",
+                "--pause-probe",
+                "0",
+                "--snapshot-dir",
+            ])
+            .arg(&snaps),
+    );
+    let epochs = epoch_count(&snaps);
+    assert!(epochs > 80, "{epochs} epochs");
+    let mut cmd = consnap();
+    cmd.arg("restore").arg(&snaps);
+    // SAFETY: between fork and exec the child only calls setrlimit, which
+    // is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let r = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = output(&mut cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("more than this process may open at once (64)") && err.contains("--max-chain 64"),
+        "{err}"
+    );
+    assert!(!err.contains("newest intact epoch"), "{err}");
+}

@@ -76,6 +76,20 @@ pub enum StoreError {
         why: String,
     },
     /// The writer was used out of order.
+    /// A chain has more files than this process may keep open.
+    #[error(
+        "epoch {id} of {dir} is built on a chain of more than {files} files, more than this process may open at once ({limit}): shorten the chains with `consnap compact {dir} --max-chain 64`"
+    )]
+    ChainTooLong {
+        /// The store.
+        dir: PathBuf,
+        /// The epoch restored.
+        id: u64,
+        /// Files opened when the limit was hit.
+        files: usize,
+        /// The open-file limit.
+        limit: u64,
+    },
     #[error("epoch writer misuse: {0}")]
     Usage(&'static str),
 }

@@ -653,6 +653,14 @@ impl Store {
             }
             let p = match self.open_epoch(parent) {
                 Ok(p) => p,
+                Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EMFILE) => {
+                    return Err(StoreError::ChainTooLong {
+                        dir: self.dir.clone(),
+                        id,
+                        files: chain.len(),
+                        limit: open_file_limit(),
+                    });
+                }
                 Err(StoreError::NoEpoch { .. }) => {
                     return Err(StoreError::MissingParent {
                         dir: self.dir.clone(),
@@ -723,5 +731,19 @@ impl Store {
         let mut w = EpochWriter::new(self.epochs.clone(), tmp, dest, file, meta, self.uuid);
         w.compress(self.compression())?;
         Ok(w)
+    }
+}
+
+/// The soft limit on open files of this process.
+fn open_file_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur
+    } else {
+        0
     }
 }
