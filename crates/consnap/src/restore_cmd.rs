@@ -131,9 +131,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         "restore",
         &a.session,
         pre,
-        Some(from),
-        parent,
+        Some(session::Origin { from, parent, pager }),
         started,
-        pager,
     )
 }

@@ -121,5 +121,5 @@ pub fn run(a: RunArgs) -> Result<i32, String> {
         Box::new(std::io::stdout()),
     )
     .map_err(|e| e.to_string())?;
-    session::execute(machine, "run", &a.session, pre, None, None, started, None)
+    session::execute(machine, "run", &a.session, pre, None, started)
 }

@@ -208,18 +208,30 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
     Ok(Preflight { report, api })
 }
 
-/// Run `machine` to its end. `parent` is the epoch of the snapshot
-/// directory the machine was restored from, if it is the same directory.
+/// Where a restored machine came from.
+pub struct Origin {
+    /// For the report.
+    pub from: RestoredFrom,
+    /// The restored epoch, when snapshots go to the directory it came from
+    /// (the first new epoch continues its chain).
+    pub parent: Option<u64>,
+    /// The pager of a lazy restore, kept until guest memory is read no more.
+    pub pager: Option<snapshot::LazyPager>,
+}
+
+/// Run `machine` to its end; `origin` for a restored machine.
 pub fn execute(
     mut machine: Machine,
     command: &'static str,
     a: &SessionArgs,
     pre: Preflight,
-    restored: Option<RestoredFrom>,
-    parent: Option<u64>,
+    origin: Option<Origin>,
     started: Instant,
-    pager: Option<snapshot::LazyPager>,
 ) -> Result<i32, String> {
+    let (restored, parent, pager) = match origin {
+        Some(o) => (Some(o.from), o.parent, o.pager),
+        None => (None, None, None),
+    };
     if a.interval.is_zero() {
         return Err("--interval must be longer than 0".into());
     }
