@@ -256,9 +256,10 @@ fn drive(
                 bytes.push(std::fs::metadata(&file).map_or(0, |m| m.len()) as f64);
                 newest = Some(file);
             }
-            // The guest finished (QEMU exited) while a snapshot was taken.
-            Err(_) if child.try_wait().ok().flatten().is_some() => break,
-            Err(e) => return Err(e),
+            // The guest finished while a snapshot was taken: QEMU closes
+            // the socket as it exits.
+            Err(_) if exits_soon(child) => break,
+            Err(e) => return Err(format!("{e}: {}", proc::tail(&ctx.scratch.join("qemu.err"), 3))),
         }
         let now = Instant::now();
         let next = due + interval;
@@ -274,6 +275,18 @@ fn drive(
     rec.pause = Some(percentiles(&mut pauses));
     rec.bytes_p50 = Some(percentiles(&mut bytes).p50_us);
     Ok(newest)
+}
+
+/// Whether `child` exits within a few seconds.
+fn exits_soon(child: &mut Child) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        if child.try_wait().ok().flatten().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// p50 / p99 / max (nearest rank) of `xs`, in the unit of `xs`.
@@ -304,13 +317,26 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
     let load = (|| -> Result<f64, String> {
         let mut q = Qmp::connect(&qmp_path, &mut child)?;
         q.execute("migrate-incoming", json!({ "uri": format!("file:{}", file.display()) }))?;
+        let limit = deadline.min(Duration::from_secs(60));
         loop {
             let st = q.execute("query-status", json!({}))?;
-            if st["status"].as_str() == Some("running") {
-                return Ok(started.elapsed().as_secs_f64());
+            match st["status"].as_str() {
+                Some("running") => return Ok(started.elapsed().as_secs_f64()),
+                // A stop-and-copy snapshot was taken of a stopped VM, and
+                // the run state travels with it: start it once loaded.
+                Some("paused" | "postmigrate") => {
+                    if q.execute("query-migrate", json!({}))?["status"].as_str() == Some("completed") {
+                        q.execute("cont", json!({}))?;
+                    }
+                }
+                _ => {}
             }
-            if started.elapsed() > deadline {
-                return Err("the restored QEMU never ran".into());
+            if started.elapsed() > limit {
+                return Err(format!(
+                    "the restored QEMU never ran (status {}): {}",
+                    st["status"],
+                    proc::tail(&ctx.scratch.join("qemu-in.err"), 3)
+                ));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
