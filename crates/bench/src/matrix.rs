@@ -219,7 +219,8 @@ impl Matrix {
             long_workloads: Vec::new(),
             long_modes: Vec::new(),
             long_repeats: 1,
-            base_seconds: 3.0,
+            // Long enough for three snapshots at 1 s: one group, one baseline.
+            base_seconds: 3.5,
             qemu_min_interval: ms(1000),
             qemu_max_interval: ms(1000),
             qemu_workloads: vec!["build".into()],
