@@ -324,10 +324,10 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
                 Some("running") => return Ok(started.elapsed().as_secs_f64()),
                 // A stop-and-copy snapshot was taken of a stopped VM, and
                 // the run state travels with it: start it once loaded.
-                Some("paused" | "postmigrate") => {
-                    if q.execute("query-migrate", json!({}))?["status"].as_str() == Some("completed") {
-                        q.execute("cont", json!({}))?;
-                    }
+                Some("paused" | "postmigrate")
+                    if q.execute("query-migrate", json!({}))?["status"].as_str() == Some("completed") =>
+                {
+                    q.execute("cont", json!({}))?;
                 }
                 _ => {}
             }
