@@ -141,9 +141,10 @@ impl Workload {
 }
 
 /// The length of a run at `interval`: at least `base`, and long enough for
-/// three snapshots (the first is due one interval after the start).
+/// three snapshots (the first is due one interval after the start), with a
+/// second to spare for boot and a late snapshot.
 pub fn run_seconds(interval: Duration, base: f64) -> f64 {
-    base.max(3.3 * interval.as_secs_f64())
+    base.max(3.3 * interval.as_secs_f64() + 1.0)
 }
 
 /// Which cells the bench runs and how often.
@@ -194,7 +195,9 @@ impl Matrix {
                 Mode::QemuStopCopy,
             ],
             long_repeats: 1,
-            base_seconds: 4.0,
+            // Three snapshots at 1 s and a second to spare: one group for
+            // 20 ms to 1 s.
+            base_seconds: 4.3,
             qemu_min_interval: ms(1000),
             qemu_max_interval: ms(10_000),
             qemu_workloads: vec!["build".into(), "ftp".into(), "memstress-moderate".into()],
@@ -220,7 +223,7 @@ impl Matrix {
             long_modes: Vec::new(),
             long_repeats: 1,
             // Long enough for three snapshots at 1 s: one group, one baseline.
-            base_seconds: 3.5,
+            base_seconds: 4.3,
             qemu_min_interval: ms(1000),
             qemu_max_interval: ms(1000),
             qemu_workloads: vec!["build".into()],

@@ -236,7 +236,7 @@ fn method(d: &mut String, opts: &Options) {
          against QEMU without snapshots). Figures are medians over the repeats, with the range and n. A paced workload (`rate=`) \
          catches up after each snapshot, so its wall time hides the loss; for those the *CPU* figure is the growth of the vCPU time \
          not spent idling at the guest's request (`vcpu_idle_s` in the run report), against the baseline. Each run at interval I \
-         lasts at least {} s and 3.3 × I, so that it holds at least three snapshots. After every run with snapshots the newest \
+         lasts at least {} s and 3.3 × I + 1 s, so that it holds at least three snapshots. After every run with snapshots the newest \
          snapshot is restored (`consnap restore --at latest`, or QEMU `-incoming`) and run to the end, and its checksum must be \
          the uninterrupted one.\n",
         opts.label, opts.mem, opts.vcpus, m.base_seconds
