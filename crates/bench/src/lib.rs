@@ -269,12 +269,7 @@ fn say(log: &mut std::fs::File, msg: &str) {
 
 /// A first guess of ops for a calibration run of about a second.
 fn guess_ops(spec: &str) -> u64 {
-    let words = spec
-        .split(',')
-        .enumerate()
-        .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ");
+    let words = matrix::guest_words(spec);
     let Ok(s) = workload::Spec::parse(&words) else {
         return 1000;
     };

@@ -42,12 +42,7 @@ pub struct Ctx {
 
 impl Ctx {
     fn command(&self, spec: &str, qmp: &Path, console: &Path) -> Command {
-        let words = spec
-            .split(',')
-            .enumerate()
-            .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-            .collect::<Vec<_>>()
-            .join(" ");
+        let words = crate::matrix::guest_words(spec);
         let mut cmd = Command::new(QEMU);
         cmd.args(["-enable-kvm", "-m", &self.mem, "-smp"])
             .arg(self.vcpus.to_string())
