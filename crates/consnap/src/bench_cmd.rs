@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// Repeats of each cell (below the long intervals).
     #[arg(long)]
     pub repeats: Option<u32>,
+    /// Shortest run, seconds of guest work without snapshots (the default
+    /// is just long enough for three snapshots at 1 s; longer runs weigh
+    /// boot and the first full epoch less).
+    #[arg(long)]
+    pub min_seconds: Option<f64>,
     /// Only write the report again from the results.
     #[arg(long)]
     pub render_only: bool,
@@ -98,6 +103,12 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
             return Err("--repeats: must be at least 1".into());
         }
         matrix.repeats = r;
+    }
+    if let Some(s) = a.min_seconds {
+        if !(s.is_finite() && (1.0..=3600.0).contains(&s)) {
+            return Err(format!("--min-seconds: {s} is not between 1 and 3600"));
+        }
+        matrix.base_seconds = s;
     }
     if a.vcpus == 0 {
         return Err("--vcpus: must be at least 1".into());

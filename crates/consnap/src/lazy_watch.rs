@@ -44,15 +44,20 @@ impl Task for Watch<'_> {
     }
 }
 
-/// The report's figures from the pager's counters and the progress samples.
-pub fn figures(s: &LazyStats, progress: &[(u64, u64)]) -> LazyFigures {
-    let first = progress.first().map(|p| p.1);
-    let first_op_s = first
-        .and_then(|f| progress.iter().find(|p| p.1 > f))
-        .map(|p| p.0 as f64 / 1e3);
+/// Seconds from the start of the restore until the guest's op counter
+/// first moved: `progress` holds (ms since `sampled_from_s`, ops) samples.
+pub fn first_op_s(progress: &[(u64, u64)], sampled_from_s: f64) -> Option<f64> {
+    let first = progress.first()?.1;
+    progress
+        .iter()
+        .find(|p| p.1 > first)
+        .map(|p| sampled_from_s + p.0 as f64 / 1e3)
+}
+
+/// The report's figures from the pager's counters.
+pub fn figures(s: &LazyStats) -> LazyFigures {
     LazyFigures {
         resident_s: s.resident_s,
-        first_op_s,
         faults: s.faults,
         fault_pages: s.fault_pages,
         fill_pages: s.fill_pages,

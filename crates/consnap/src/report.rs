@@ -297,6 +297,9 @@ pub struct RestoredFrom {
     /// Seconds to rebuild the VM before it ran (lazy: before its first
     /// instruction, with guest pages still to come).
     pub restore_s: f64,
+    /// Seconds from the start of the restore until the guest's op counter
+    /// first moved (from the progress samples; none if it never did).
+    pub first_op_s: Option<f64>,
     /// Lazy restore only (`--lazy`): what the pager did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyFigures>,
@@ -308,9 +311,6 @@ pub struct LazyFigures {
     /// Seconds from the start of the restore until every guest page was
     /// installed (none: the run ended first).
     pub resident_s: Option<f64>,
-    /// Seconds from the start of the restore until the guest's op counter
-    /// first moved (from the progress samples).
-    pub first_op_s: Option<f64>,
     /// Faults served, and pages installed on faults and by the fill.
     pub faults: u64,
     pub fault_pages: u64,

@@ -84,13 +84,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
     let pre = session::preflight(&a.session)?;
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let id = crate::at::resolve(&store, &a.at)?;
-    if a.lazy && a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow {
-        return Err(
-            "--lazy with cow snapshots is not supported yet (the pager and the cow engine would both need guest RAM's userfaultfd): add --mode stop-copy, or restore without --lazy".into(),
-        );
-    }
     let (restored, pager) = if a.lazy {
-        match snapshot::restore_lazy(&store, id, Box::new(std::io::stdout())) {
+        // cow snapshots share guest RAM's userfaultfd with the pager.
+        let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
+        match snapshot::restore_lazy(&store, id, Box::new(std::io::stdout()), for_cow) {
             Ok((r, p)) => (r, Some(p)),
             Err(e) => return Err(refusal(&store, id, &e)),
         }
@@ -111,6 +108,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         chain: restored.chain,
         bytes_read: restored.bytes_read,
         restore_s: started.elapsed().as_secs_f64(),
+        first_op_s: None,
         lazy: None,
     };
     tracing::info!(

@@ -253,6 +253,7 @@ pub fn execute(
                     },
                     aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
                     hot: hot_policy()?,
+                    lazy: pager.as_ref().and_then(snapshot::LazyPager::cow_link),
                     ..CowOptions::default()
                 },
                 inject: Inject::from_env(),
@@ -312,6 +313,7 @@ pub fn execute(
         None
     };
     let probe = PauseProbe::new(a.pause_probe);
+    let sampled_from_s = started.elapsed().as_secs_f64();
     let sampler = ProgressSampler::new(a.sample_interval);
     let mut control = Control::new(engine, probe, sampler, shared, commands);
     vmm::run::install_stop_signals();
@@ -344,9 +346,8 @@ pub fn execute(
     let mut report = build_report(command, &machine, &end, started, &pauses, done.samples, !failed);
     report.snapshots = done.engine.as_ref().map(Snapshots::from_engine);
     report.restored_from = restored.map(|mut r| {
-        if let Some(p) = &pager {
-            r.lazy = Some(crate::lazy_watch::figures(&p.stats(), &report.progress));
-        }
+        r.first_op_s = crate::lazy_watch::first_op_s(&report.progress, sampled_from_s);
+        r.lazy = pager.as_ref().map(|p| crate::lazy_watch::figures(&p.stats()));
         r
     });
     report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);

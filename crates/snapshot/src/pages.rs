@@ -104,6 +104,17 @@ pub fn populated(host: *const u8, pages: u64) -> PageBits {
     bits
 }
 
+/// Which pages of `range` may hold data: [`populated`], unless pages of
+/// `ram` arrive on demand (a lazy restore), where a page not mapped yet
+/// is not known to be zero and every page must be read.
+pub fn may_hold_data(ram: &vmm::memory::GuestRam, range: &vmm::memory::RamRange) -> PageBits {
+    if ram.on_demand() {
+        PageBits::full(range.pages())
+    } else {
+        populated(ram.host_ptr(range), range.pages())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

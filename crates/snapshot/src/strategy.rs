@@ -163,7 +163,7 @@ fn write_all_pages(ram: &GuestRam, w: &mut EpochWriter, chunk: &mut PageBuf) -> 
         *chunk = pages::prefaulted(want);
     }
     for r in ram.ranges() {
-        let present = pages::populated(ram.host_ptr(r), r.pages());
+        let present = pages::may_hold_data(ram, r);
         let gfn0 = r.gpa / PAGE_SIZE;
         let mut p = 0;
         while p < r.pages() {

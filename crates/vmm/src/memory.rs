@@ -127,6 +127,9 @@ pub struct GuestRam {
     maps: Vec<(usize, usize)>,
     size: u64,
     huge_pages: bool,
+    /// Pages arrive on demand (a lazy restore): a page not mapped yet is
+    /// not known to be zero.
+    on_demand: std::sync::atomic::AtomicBool,
 }
 
 /// Alignment of each RAM mapping (one huge page).
@@ -220,7 +223,20 @@ impl GuestRam {
             maps,
             size,
             huge_pages: huge,
+            on_demand: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Mark RAM as filled on demand (by a lazy restore's pager): from now
+    /// on a page that is not mapped yet may still hold data, so whoever
+    /// reads all of RAM must read it (the read waits for the pager).
+    pub fn mark_on_demand(&self) {
+        self.on_demand.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether pages may still arrive on demand: see [`GuestRam::mark_on_demand`].
+    pub fn on_demand(&self) -> bool {
+        self.on_demand.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The vm-memory view (loaders and devices write through this, which marks pages dirty).

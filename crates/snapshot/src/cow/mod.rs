@@ -68,12 +68,32 @@ impl Strategy for Cow {
     }
 
     fn prepare(&mut self, t: &mut dyn Target, health: &Arc<Health>) -> Result<(), SnapshotError> {
-        let u = Uffd::new(feature::PAGEFAULT_FLAG_WP | feature::WP_UNPOPULATED).map_err(SnapshotError::Cow)?;
         let ram = t.ram().clone();
-        for r in ram.ranges() {
-            u.register(ram.host_ptr(r) as u64, r.len, uffd::Mode::WriteProtect)
-                .map_err(SnapshotError::Cow)?;
-        }
+        let thread_err = |source| SnapshotError::Thread {
+            thread: "fault handler",
+            source,
+        };
+        let (u, faults) = match &self.opts.lazy {
+            // A lazily restored VM: its pager reads the one userfaultfd and
+            // forwards write-protect faults here.
+            Some(link) => {
+                let queue = Arc::new(Mutex::new(Vec::new()));
+                let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err)?;
+                link.set_sink(Some(crate::lazy::WpSink {
+                    queue: queue.clone(),
+                    wake: wake.try_clone().map_err(thread_err)?,
+                }));
+                (link.uffd(), shared::Faults::Forwarded(queue, wake))
+            }
+            None => {
+                let u = Uffd::new(feature::PAGEFAULT_FLAG_WP | feature::WP_UNPOPULATED).map_err(SnapshotError::Cow)?;
+                for r in ram.ranges() {
+                    u.register(ram.host_ptr(r) as u64, r.len, uffd::Mode::WriteProtect)
+                        .map_err(SnapshotError::Cow)?;
+                }
+                (Arc::new(u), shared::Faults::Uffd)
+            }
+        };
         match self.opts.tracker {
             Tracker::DirtyLog => {
                 if let Some(policy) = self.opts.hot
@@ -89,39 +109,47 @@ impl Strategy for Cow {
                     ranges: ram
                         .ranges()
                         .iter()
-                        .map(|r| crate::pages::populated(ram.host_ptr(r), r.pages()))
+                        .map(|r| crate::pages::may_hold_data(&ram, r))
                         .collect(),
                 });
                 // Map every page that is not populated yet to the (huge)
                 // zero page, so that write protection covers all of RAM at
                 // the PMD level: protecting a never-populated range would
                 // need small-page markers and split the huge pages to come.
-                for r in ram.ranges() {
-                    populate_read(ram.host_ptr(r), r.len);
+                // (Not while a lazy restore fills RAM: that would wait for
+                // every page; its pages are small ones anyway.)
+                if !ram.on_demand() {
+                    for r in ram.ranges() {
+                        populate_read(ram.host_ptr(r), r.len);
+                    }
                 }
             }
         }
-        let evt = || {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| SnapshotError::Thread {
-                thread: "fault handler",
-                source,
-            })
-        };
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err);
         let shared = Arc::new(Shared::new(u, ram, self.opts.clone(), evt()?));
-        if self.opts.tracker == Tracker::Uffd {
-            // From now on every write is seen: the first (full) epoch then
-            // reads only the pages written before and the blocks written
-            // since, and knows the rest is zero without reading it.
-            shared.protect_all().map_err(SnapshotError::Cow)?;
+        let protect = || {
+            if self.opts.tracker == Tracker::Uffd {
+                // From now on every write is seen: the first (full) epoch then
+                // reads only the pages written before and the blocks written
+                // since, and knows the rest is zero without reading it.
+                shared.protect_all()
+            } else {
+                Ok(())
+            }
+        };
+        match &self.opts.lazy {
+            // Pages still to arrive come write-protected from now on (one
+            // the guest writes before the saver has it must fault), and
+            // none arrives unprotected after RAM was protected.
+            Some(link) => link.protect_installs(true, protect),
+            None => protect(),
         }
+        .map_err(SnapshotError::Cow)?;
         let stop = evt()?;
-        let stop2 = stop.try_clone().map_err(|source| SnapshotError::Thread {
-            thread: "fault handler",
-            source,
-        })?;
+        let stop2 = stop.try_clone().map_err(thread_err)?;
         let sh = shared.clone();
         let handler = worker::spawn("faults", worker::HANDLER_NICE, health.clone(), move |ready| {
-            shared::handle_faults(&sh, &stop2, ready);
+            shared::handle_faults(&sh, &faults, &stop2, ready);
         })?;
         self.shared = Some(shared);
         self.stop = Some(stop);
@@ -152,7 +180,7 @@ impl Strategy for Cow {
                 ranges: ram
                     .ranges()
                     .iter()
-                    .map(|r| crate::pages::populated(ram.host_ptr(r), r.pages()))
+                    .map(|r| crate::pages::may_hold_data(ram, r))
                     .collect(),
             }
         } else {
@@ -189,6 +217,12 @@ impl Strategy for Cow {
     }
 
     fn shutdown(&mut self) {
+        if let Some(link) = &self.opts.lazy {
+            // Pages arrive writable again, and a write-protect fault only
+            // lifts the protection; then every protection goes.
+            link.protect_installs(false, || ());
+            link.set_sink(None);
+        }
         if let Some(s) = &self.shared {
             s.release_all();
         }

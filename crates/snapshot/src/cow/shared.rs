@@ -67,6 +67,8 @@ pub struct CowOptions {
     /// once would cost a fault and, on this host, KVM re-faulting every
     /// page of the block after its protection is lifted.
     pub pause_copy_budget: std::time::Duration,
+    /// The VM was restored lazily: share its pager's userfaultfd.
+    pub lazy: Option<crate::lazy::LazyLink>,
     /// Test hook: the saver waits this long before it starts, so that
     /// writes meet protected pages.
     #[doc(hidden)]
@@ -93,6 +95,7 @@ impl Default for CowOptions {
             hot: Some(crate::hot::HotPolicy::default()),
             capture_ahead: true,
             pause_copy_budget: std::time::Duration::from_millis(1),
+            lazy: None,
             test_saver_delay: std::time::Duration::ZERO,
             test_skip_copy: false,
             test_lift_delay: std::time::Duration::ZERO,
@@ -165,7 +168,7 @@ pub(crate) struct Inner {
 
 /// Shared by the strategy, the saver and the fault handler.
 pub(crate) struct Shared {
-    pub uffd: Uffd,
+    pub uffd: Arc<Uffd>,
     pub ram: Arc<GuestRam>,
     pub ranges: Vec<RamRange>,
     /// Host address of each range.
@@ -184,7 +187,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(uffd: Uffd, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
+    pub(crate) fn new(uffd: Arc<Uffd>, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
         let ranges = ram.ranges().to_vec();
         let hashes = super::hashes::Hashes::new(&ranges);
         let seed = hashes.seed();
@@ -564,22 +567,43 @@ enum Capture {
     Progress,
 }
 
+/// Where the fault handler finds write-protect faults.
+pub(crate) enum Faults {
+    /// On the userfaultfd, which this handler alone reads.
+    Uffd,
+    /// Forwarded by a lazy restore's pager, which reads the shared
+    /// userfaultfd: their addresses, and the eventfd that signals them.
+    Forwarded(Arc<Mutex<Vec<u64>>>, EventFd),
+}
+
+/// Serve one write-protect fault at `addr`, counting its time.
+fn serve(shared: &Shared, addr: u64) {
+    let t = std::time::Instant::now();
+    if let Err(e) = shared.on_fault(addr & !(PAGE_SIZE - 1)) {
+        panic!("serving a write-protect fault failed: {e}");
+    }
+    let ns = t.elapsed().as_nanos() as u64;
+    shared.counters.fault_ns.fetch_add(ns, Ordering::Relaxed);
+    shared.counters.fault_max_ns.fetch_max(ns, Ordering::Relaxed);
+}
+
 /// The fault handler thread's body: serve faults until `stop` is
 /// signalled; between faults, capture ahead of the saver.
-pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
+pub(crate) fn handle_faults(shared: &Shared, faults: &Faults, stop: &EventFd, ready: &dyn Fn()) {
     ready();
     let mut events = [Event::Other(0); 32];
     let mut capture = Capture::Idle;
+    let source = match faults {
+        Faults::Uffd => shared.uffd.as_raw_fd(),
+        Faults::Forwarded(_, wake) => wake.as_raw_fd(),
+    };
     loop {
         let timeout = match capture {
             Capture::Idle => -1,
             Capture::Blocked => 1,
             Capture::Progress => 0,
         };
-        let [_, stopping, kicked] = match uffd::poll_fds(
-            [shared.uffd.as_raw_fd(), stop.as_raw_fd(), shared.kick.as_raw_fd()],
-            timeout,
-        ) {
+        let [_, stopping, kicked] = match uffd::poll_fds([source, stop.as_raw_fd(), shared.kick.as_raw_fd()], timeout) {
             Ok(r) => r,
             Err(e) => panic!("polling the userfaultfd failed: {e}"),
         };
@@ -590,24 +614,29 @@ pub(crate) fn handle_faults(shared: &Shared, stop: &EventFd, ready: &dyn Fn()) {
             let _ = shared.kick.read();
             capture = Capture::Progress;
         }
-        let n = match shared.uffd.read_events(&mut events) {
-            Ok(n) => n,
-            Err(e) => panic!("reading the userfaultfd failed: {e}"),
-        };
-        for ev in &events[..n] {
-            match *ev {
-                Event::Fault { addr, wp: true, .. } => {
-                    let t = std::time::Instant::now();
-                    if let Err(e) = shared.on_fault(addr & !(PAGE_SIZE - 1)) {
-                        panic!("serving a write-protect fault failed: {e}");
+        let n = match faults {
+            Faults::Uffd => {
+                let n = match shared.uffd.read_events(&mut events) {
+                    Ok(n) => n,
+                    Err(e) => panic!("reading the userfaultfd failed: {e}"),
+                };
+                for ev in &events[..n] {
+                    match *ev {
+                        Event::Fault { addr, wp: true, .. } => serve(shared, addr),
+                        other => tracing::warn!("unexpected userfaultfd event {other:?}"),
                     }
-                    let ns = t.elapsed().as_nanos() as u64;
-                    shared.counters.fault_ns.fetch_add(ns, Ordering::Relaxed);
-                    shared.counters.fault_max_ns.fetch_max(ns, Ordering::Relaxed);
                 }
-                other => tracing::warn!("unexpected userfaultfd event {other:?}"),
+                n
             }
-        }
+            Faults::Forwarded(queue, wake) => {
+                let _ = wake.read();
+                let addrs = std::mem::take(&mut *queue.lock().unwrap_or_else(|p| p.into_inner()));
+                for addr in &addrs {
+                    serve(shared, *addr);
+                }
+                addrs.len()
+            }
+        };
         if n == 0 && capture != Capture::Idle {
             capture = match shared.capture_ahead() {
                 Ok(c) => c,

@@ -30,6 +30,7 @@ use vmm::machine::{Machine, MachineError};
 use vmm::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
+pub(crate) use self::pager::WpSink;
 use self::pager::{CLUSTER, FILL_PAGES, Pager, Span};
 use crate::error::panic_message;
 use crate::pages::PAGE;
@@ -90,6 +91,13 @@ impl LazyPager {
         self.pager.release_refused();
     }
 
+    /// For cow snapshots of this VM, if it was restored `for_cow`.
+    pub fn cow_link(&self) -> Option<LazyLink> {
+        (self.pager.uffd.features() & uffd::feature::PAGEFAULT_FLAG_WP != 0).then(|| LazyLink {
+            pager: self.pager.clone(),
+        })
+    }
+
     /// Whether every page is installed.
     pub fn resident(&self) -> bool {
         self.pager.resident_ns.load(Ordering::SeqCst) > 0
@@ -142,17 +150,72 @@ impl Drop for LazyPager {
     }
 }
 
+/// What cow snapshots of a lazily restored VM need from its pager: guest
+/// RAM's one userfaultfd (a range takes only one), registered for missing
+/// pages and for write protection, and the pager's side of sharing it:
+/// write-protect faults routed to the cow fault handler, and pages
+/// installed write-protected while cow keeps RAM protected.
+#[derive(Clone)]
+pub struct LazyLink {
+    pager: Arc<Pager>,
+}
+
+impl std::fmt::Debug for LazyLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyLink")
+    }
+}
+
+impl LazyLink {
+    /// The userfaultfd, registered for missing pages and write protection.
+    pub(crate) fn uffd(&self) -> Arc<Uffd> {
+        self.pager.uffd.clone()
+    }
+
+    /// Route write-protect faults to `sink`; `None` stops routing (a
+    /// write-protect fault then only lifts the protection).
+    pub(crate) fn set_sink(&self, sink: Option<WpSink>) {
+        *self.pager.wp.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    /// Turn write-protected installs on or off, running `f` while no page
+    /// is being installed: turning them on together with protecting all of
+    /// RAM leaves no page installed unprotected after that protection.
+    pub(crate) fn protect_installs<R>(&self, on: bool, f: impl FnOnce() -> R) -> R {
+        let mut g = self
+            .pager
+            .wp
+            .protect_installs
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        *g = on;
+        f()
+    }
+}
+
 /// Restore epoch `id` of `store` lazily: the machine state at once, guest
-/// pages on demand and in the background.
+/// pages on demand and in the background. `for_cow`: cow snapshots will
+/// share the pager's userfaultfd ([`LazyPager::cow_link`]).
 pub fn restore_lazy(
     store: &Store,
     id: u64,
     serial_out: Box<dyn Write + Send>,
+    for_cow: bool,
 ) -> Result<(Restored, LazyPager), RestoreError> {
     let prep = crate::restore::prepare(store, id)?;
     let ram = GuestRam::new(prep.state.config.mem_size).map_err(MachineError::from)?;
+    // Full epochs of this VM must read pages not installed yet, not take them for zero.
+    ram.mark_on_demand();
     let lazy_err = |why: String| RestoreError::Mismatch { id, why };
-    let u = Uffd::new(0).map_err(|e| lazy_err(format!("lazy restore needs userfaultfd: {e}")))?;
+    let (features, mode) = if for_cow {
+        (
+            uffd::feature::PAGEFAULT_FLAG_WP | uffd::feature::WP_UNPOPULATED,
+            uffd::Mode::MissingAndWriteProtect,
+        )
+    } else {
+        (0, uffd::Mode::Missing)
+    };
+    let u = Uffd::new(features).map_err(|e| lazy_err(format!("lazy restore needs userfaultfd: {e}")))?;
     let spans: Vec<Span> = ram
         .ranges()
         .iter()
@@ -163,7 +226,7 @@ pub fn restore_lazy(
         })
         .collect();
     for s in &spans {
-        u.register(s.host, s.len, uffd::Mode::Missing)
+        u.register(s.host, s.len, mode)
             .map_err(|e| lazy_err(format!("registering guest RAM for missing pages: {e}")))?;
     }
     let data_pages: u64 = prep
@@ -173,7 +236,11 @@ pub fn restore_lazy(
         .map(|r| r.count)
         .sum();
     let chain_len = prep.chain.len();
-    let pager = Arc::new(Pager::new(u, spans, prep.runs, prep.chain));
+    let mut pager = Pager::new(Arc::new(u), spans, prep.runs, prep.chain);
+    if for_cow {
+        pager = pager.with_protected_installs();
+    }
+    let pager = Arc::new(pager);
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| lazy_err(format!("eventfd: {e}")))?;
     let mut lazy = LazyPager {
         pager: pager.clone(),
@@ -240,9 +307,17 @@ fn serve_faults(p: &Pager, stop: &EventFd) {
             }
         };
         for ev in &events[..n] {
-            let uffd::Event::Fault { addr, .. } = *ev else {
+            let uffd::Event::Fault { addr, wp, .. } = *ev else {
                 continue;
             };
+            if wp {
+                // A protected page (cow snapshots): the cow handler's, never
+                // served here, so that a missing page is never held up by it.
+                if let Err(e) = p.forward_wp(addr) {
+                    p.fail(e);
+                }
+                continue;
+            }
             let t0 = std::time::Instant::now();
             match serve_one(p, addr, &mut buf) {
                 Ok(pages) => {
@@ -301,11 +376,20 @@ fn fill(p: &Pager) {
         });
     }
     let stopped = || p.stopping.load(Ordering::SeqCst) || p.failed.load(Ordering::SeqCst);
+    // Test hook: a slow fill, so that tests see the VM (and its snapshots)
+    // run long before every page has arrived.
+    let pause = std::env::var("CONSNAP_TEST_LAZY_FILL_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
     for run in by_epoch.into_iter().flatten().chain(zeros) {
         let mut g = run.gfn;
         while g < run.gfn + run.count {
             if stopped() {
                 return;
+            }
+            if let Some(d) = pause {
+                std::thread::sleep(d);
             }
             let n = (run.gfn + run.count - g).min(FILL_PAGES);
             match p.install(run, g, n, &mut buf) {

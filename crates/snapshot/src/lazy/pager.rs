@@ -4,8 +4,8 @@
 //! are read from the store into the pager's own buffers, verified, and
 //! handed to the kernel (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use store::{EpochReader, Run, Source, StoreError};
@@ -37,9 +37,31 @@ pub(crate) struct Counters {
     pub bytes_read: AtomicU64,
 }
 
+/// Where write-protect faults go when cow snapshots share the pager's
+/// userfaultfd: the cow fault handler's queue, and the eventfd that wakes it.
+pub(crate) struct WpSink {
+    pub queue: Arc<Mutex<Vec<u64>>>,
+    pub wake: vmm_sys_util::eventfd::EventFd,
+}
+
+/// The pager's side of sharing its userfaultfd with the cow engine.
+#[derive(Default)]
+pub(crate) struct WpLink {
+    /// Pages are installed write-protected (cow with the uffd tracker
+    /// keeps all of RAM protected). Held for reading across each install,
+    /// so that turning it on (with the write lock, while all of RAM is
+    /// protected) never races an install without protection.
+    pub protect_installs: RwLock<bool>,
+    /// The cow fault handler, while one runs.
+    pub sink: Mutex<Option<WpSink>>,
+}
+
 /// What the handler and the fill share.
 pub(crate) struct Pager {
-    pub uffd: Uffd,
+    pub uffd: Arc<Uffd>,
+    pub wp: WpLink,
+    /// Zero pages to install write-protected (`UFFDIO_ZEROPAGE` cannot).
+    zeros: Vec<u8>,
     pub spans: Vec<Span>,
     /// The restore plan, sorted by guest frame.
     pub runs: Vec<Run>,
@@ -63,11 +85,13 @@ pub(crate) struct Pager {
 }
 
 impl Pager {
-    pub(crate) fn new(uffd: Uffd, spans: Vec<Span>, mut runs: Vec<Run>, chain: Vec<EpochReader>) -> Pager {
+    pub(crate) fn new(uffd: Arc<Uffd>, spans: Vec<Span>, mut runs: Vec<Run>, chain: Vec<EpochReader>) -> Pager {
         runs.sort_by_key(|r| r.gfn);
         let frames = spans.iter().map(|s| (s.gpa + s.len) / PAGE as u64).max().unwrap_or(0);
         Pager {
             uffd,
+            wp: WpLink::default(),
+            zeros: Vec::new(),
             spans,
             runs,
             chain,
@@ -150,8 +174,7 @@ impl Pager {
             let len = n * PAGE as u64;
             match run.source {
                 Source::Zero => {
-                    self.uffd
-                        .zeropage(host, len)
+                    self.install_zeros(host, len)
                         .map_err(|e| format!("installing zero pages at guest frame {g:#x}: {e}"))?;
                     self.counters.zero_pages.fetch_add(n, Ordering::Relaxed);
                 }
@@ -161,8 +184,9 @@ impl Pager {
                     buf.resize(len as usize, 0);
                     if r.read_pages(first, buf).is_ok() {
                         self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
                         // SAFETY: `buf` holds `len` readable bytes for the call.
-                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, false) }
+                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, *wp) }
                             .map_err(|e| format!("installing pages at guest frame {g:#x}: {e}"))?;
                     } else {
                         // Page by page: install the good ones, refuse the bad.
@@ -173,6 +197,48 @@ impl Pager {
             done += n;
         }
         Ok(done)
+    }
+
+    /// Install zero pages at `[host, host + len)`: the shared zero page, or
+    /// copies of it when installs must arrive write-protected.
+    fn install_zeros(&self, host: u64, len: u64) -> Result<(), uffd::UffdError> {
+        let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
+        if !*wp {
+            return self.uffd.zeropage(host, len);
+        }
+        let step = (FILL_PAGES * PAGE as u64).min(self.zeros.len() as u64);
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(step);
+            // SAFETY: `zeros` holds at least `step` >= `n` readable bytes.
+            unsafe { self.uffd.copy(host + at, self.zeros.as_ptr(), n, true) }?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Make zero pages installable write-protected (cow snapshots follow).
+    pub(crate) fn with_protected_installs(mut self) -> Pager {
+        self.zeros = vec![0; FILL_PAGES as usize * PAGE];
+        self
+    }
+
+    /// Hand a write-protect fault at `addr` to the cow fault handler, or,
+    /// with none running, lift the protection (nothing needs the page saved).
+    pub(crate) fn forward_wp(&self, addr: u64) -> Result<(), String> {
+        let sink = self.wp.sink.lock().unwrap_or_else(|p| p.into_inner());
+        match &*sink {
+            Some(s) => {
+                s.queue.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+                s.wake
+                    .write(1)
+                    .map_err(|e| format!("waking the cow fault handler: {e}"))
+            }
+            None => self
+                .uffd
+                .unprotect(addr & !(PAGE as u64 - 1), PAGE as u64, true)
+                .map_err(|e| format!("lifting write protection at {addr:#x}: {e}")),
+        }
     }
 }
 
@@ -187,8 +253,9 @@ impl Pager {
             match r.read_pages(first + i, page) {
                 Ok(()) => {
                     self.counters.bytes_read.fetch_add(PAGE as u64, Ordering::Relaxed);
+                    let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
                     // SAFETY: `page` holds one readable page for the call.
-                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, false) }
+                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, *wp) }
                         .map_err(|e| format!("installing a page at {at:#x}: {e}"))?;
                 }
                 Err(e) => {
