@@ -58,6 +58,7 @@ pub fn first_op_s(progress: &[(u64, u64)], sampled_from_s: f64) -> Option<f64> {
 pub fn figures(s: &LazyStats) -> LazyFigures {
     LazyFigures {
         resident_s: s.resident_s,
+        huge_s: s.huge_s,
         faults: s.faults,
         fault_pages: s.fault_pages,
         fill_pages: s.fill_pages,

@@ -311,6 +311,10 @@ pub struct LazyFigures {
     /// Seconds from the start of the restore until every guest page was
     /// installed (none: the run ended first).
     pub resident_s: Option<f64>,
+    /// Seconds from the start of the restore until the installed pages
+    /// were collapsed back into huge pages (none: not done, as with cow
+    /// snapshots, or the run ended first).
+    pub huge_s: Option<f64>,
     /// Faults served, and pages installed on faults and by the fill.
     pub faults: u64,
     pub fault_pages: u64,

@@ -139,6 +139,7 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
             "{}: epoch {id}, lazy {lazy}: {r}",
             store.display()
         );
+        r
     };
     // Into new stores, whose first epoch is full: a page not installed yet
     // must be read (through the pager), not taken for a zero page. With
@@ -150,8 +151,16 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
         // The first epoch after the restore, the latest, and one between,
         // each restored eagerly and lazily to the uninterrupted checksum.
         for id in [ids[0], ids[ids.len() / 2], *ids.last().unwrap()] {
-            check(&again, id, false);
-            check(&again, id, true);
+            let eager = check(&again, id, false);
+            let lazy = check(&again, id, true);
+            // Once resident, the lazily restored VM is back on huge pages
+            // (UFFDIO_COPY installs small ones): as many as the eager one,
+            // give or take what the guest touched meanwhile.
+            let huge = |r: &serde_json::Value| r["anon_huge_bytes"].as_u64().unwrap();
+            assert!(
+                lazy["restored_from"]["lazy"]["huge_s"].is_f64() && 2 * huge(&lazy) >= huge(&eager),
+                "lazy: {lazy}\neager: {eager}"
+            );
         }
     }
     // Into the store it came from: cow epochs continue the restored

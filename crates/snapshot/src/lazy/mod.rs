@@ -55,6 +55,10 @@ pub struct LazyStats {
     /// Seconds from the start of the restore until every page was
     /// installed, if that happened.
     pub resident_s: Option<f64>,
+    /// Seconds from the start of the restore until the installed pages
+    /// were collapsed into huge pages, if that happened (not with cow
+    /// snapshots, whose write protection keeps small pages).
+    pub huge_s: Option<f64>,
 }
 
 /// The running pager of a lazily restored VM. Keep it until the VM is
@@ -117,6 +121,7 @@ impl LazyPager {
             }
         };
         let res = self.pager.resident_ns.load(Ordering::SeqCst);
+        let huge = self.pager.huge_ns.load(Ordering::SeqCst);
         LazyStats {
             faults: ld(&c.faults),
             fault_pages: ld(&c.fault_pages),
@@ -125,6 +130,7 @@ impl LazyPager {
             bytes_read: ld(&c.bytes_read),
             fault_us: [at(0.5), at(0.99), lat.last().copied().unwrap_or(0)],
             resident_s: (res > 0).then(|| res as f64 / 1e9),
+            huge_s: (huge > 0).then(|| huge as f64 / 1e9),
         }
     }
 
@@ -175,20 +181,15 @@ impl LazyLink {
     /// Route write-protect faults to `sink`; `None` stops routing (a
     /// write-protect fault then only lifts the protection).
     pub(crate) fn set_sink(&self, sink: Option<WpSink>) {
-        *self.pager.wp.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+        *self.pager.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
     }
 
     /// Turn write-protected installs on or off, running `f` while no page
     /// is being installed: turning them on together with protecting all of
     /// RAM leaves no page installed unprotected after that protection.
     pub(crate) fn protect_installs<R>(&self, on: bool, f: impl FnOnce() -> R) -> R {
-        let mut g = self
-            .pager
-            .wp
-            .protect_installs
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        *g = on;
+        let mut g = self.pager.gate.write().unwrap_or_else(|p| p.into_inner());
+        g.protect = on;
         f()
     }
 }
@@ -238,7 +239,7 @@ pub fn restore_lazy(
     let chain_len = prep.chain.len();
     let mut pager = Pager::new(Arc::new(u), spans, prep.runs, prep.chain);
     if for_cow {
-        pager = pager.with_protected_installs();
+        pager = pager.for_cow();
     }
     let pager = Arc::new(pager);
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| lazy_err(format!("eventfd: {e}")))?;
@@ -356,16 +357,28 @@ fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
     Ok(done)
 }
 
+/// Guest frames per huge page (2 MiB).
+const HUGE_FRAMES: u64 = 512;
+
 /// The fill thread: install every page, the restored epoch's own first,
-/// then each epoch's in file order, a batch at a time.
+/// then each older epoch's in file order, a batch at a time, then the zero
+/// runs. Without cow snapshots sharing the userfaultfd, zero runs are only
+/// installed in 2 MiB regions that hold data too: once every data page is
+/// in, RAM leaves the userfaultfd, the other regions fault in as huge zero
+/// pages by themselves, and the regions that hold data are collapsed back
+/// into huge pages (`UFFDIO_COPY` installs small ones).
 fn fill(p: &Pager) {
     let mut buf = Vec::with_capacity(FILL_PAGES as usize * PAGE);
     // Data runs of each epoch in file order, then the zero runs.
     let mut by_epoch: Vec<Vec<&store::Run>> = vec![Vec::new(); p.chain.len()];
     let mut zeros = Vec::new();
+    let mut data_regions = std::collections::BTreeSet::new();
     for r in &p.runs {
         match r.source {
-            Source::Data { epoch, .. } => by_epoch[epoch].push(r),
+            Source::Data { epoch, .. } => {
+                by_epoch[epoch].push(r);
+                data_regions.extend(r.gfn / HUGE_FRAMES..=(r.gfn + r.count - 1) / HUGE_FRAMES);
+            }
             Source::Zero => zeros.push(r),
         }
     }
@@ -388,10 +401,19 @@ fn fill(p: &Pager) {
             if stopped() {
                 return;
             }
+            let mut n = (run.gfn + run.count - g).min(FILL_PAGES);
+            if matches!(run.source, Source::Zero) && !p.for_cow {
+                // Up to the end of this 2 MiB region; skipped if it holds no data.
+                let region = g / HUGE_FRAMES;
+                n = n.min((region + 1) * HUGE_FRAMES - g);
+                if !data_regions.contains(&region) {
+                    g += n;
+                    continue;
+                }
+            }
             if let Some(d) = pause {
                 std::thread::sleep(d);
             }
-            let n = (run.gfn + run.count - g).min(FILL_PAGES);
             match p.install(run, g, n, &mut buf) {
                 Ok(k) => {
                     if !matches!(run.source, Source::Zero) {
@@ -406,7 +428,16 @@ fn fill(p: &Pager) {
             g += n;
         }
     }
+    if !p.for_cow {
+        p.release();
+    }
     let ns = p.started.elapsed().as_nanos().max(1) as u64;
     p.resident_ns.store(ns, Ordering::SeqCst);
     tracing::info!(seconds = ns as f64 / 1e9, "lazy restore: every page is resident");
+    if !p.for_cow {
+        p.collapse();
+        let ns = p.started.elapsed().as_nanos().max(1) as u64;
+        p.huge_ns.store(ns, Ordering::SeqCst);
+        tracing::info!(seconds = ns as f64 / 1e9, "lazy restore: huge pages collapsed");
+    }
 }

@@ -44,22 +44,28 @@ pub(crate) struct WpSink {
     pub wake: vmm_sys_util::eventfd::EventFd,
 }
 
-/// The pager's side of sharing its userfaultfd with the cow engine.
-#[derive(Default)]
-pub(crate) struct WpLink {
-    /// Pages are installed write-protected (cow with the uffd tracker
-    /// keeps all of RAM protected). Held for reading across each install,
-    /// so that turning it on (with the write lock, while all of RAM is
-    /// protected) never races an install without protection.
-    pub protect_installs: RwLock<bool>,
-    /// The cow fault handler, while one runs.
-    pub sink: Mutex<Option<WpSink>>,
+/// What an install may do now; changed only under the write lock, while
+/// no install runs.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Gate {
+    /// Pages are installed write-protected (cow snapshots run).
+    pub protect: bool,
+    /// RAM has left the userfaultfd (every page holding data is in): an
+    /// install does nothing, and a missing page is a zero page the kernel
+    /// maps by itself.
+    pub released: bool,
 }
 
 /// What the handler and the fill share.
 pub(crate) struct Pager {
     pub uffd: Arc<Uffd>,
-    pub wp: WpLink,
+    /// Held for reading across every install: see [`Gate`].
+    pub gate: RwLock<Gate>,
+    /// The cow fault handler, while one runs (write-protect faults go there).
+    pub sink: Mutex<Option<WpSink>>,
+    /// Cow snapshots may share the userfaultfd: RAM stays registered, and
+    /// every page is installed, zero pages included.
+    pub for_cow: bool,
     /// Zero pages to install write-protected (`UFFDIO_ZEROPAGE` cannot).
     zeros: Vec<u8>,
     pub spans: Vec<Span>,
@@ -82,6 +88,8 @@ pub(crate) struct Pager {
     pub started: Instant,
     /// Set when every page is installed: ns after `started`.
     pub resident_ns: AtomicU64,
+    /// Set when the pages were collapsed into huge pages: ns after `started`.
+    pub huge_ns: AtomicU64,
 }
 
 impl Pager {
@@ -90,7 +98,9 @@ impl Pager {
         let frames = spans.iter().map(|s| (s.gpa + s.len) / PAGE as u64).max().unwrap_or(0);
         Pager {
             uffd,
-            wp: WpLink::default(),
+            gate: RwLock::new(Gate::default()),
+            sink: Mutex::new(None),
+            for_cow: false,
             zeros: Vec::new(),
             spans,
             runs,
@@ -104,6 +114,7 @@ impl Pager {
             stopping: AtomicBool::new(false),
             started: Instant::now(),
             resident_ns: AtomicU64::new(0),
+            huge_ns: AtomicU64::new(0),
         }
     }
 
@@ -166,6 +177,10 @@ impl Pager {
     /// all within `run`: read and verify them into `buf`, then copy them
     /// in (zero runs become zero pages). Returns pages installed.
     pub(crate) fn install(&self, run: &Run, gfn: u64, count: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if gate.released {
+            return Ok(0);
+        }
         let mut done = 0;
         for (g, n) in self.claim_range(gfn, count) {
             let host = self
@@ -174,7 +189,7 @@ impl Pager {
             let len = n * PAGE as u64;
             match run.source {
                 Source::Zero => {
-                    self.install_zeros(host, len)
+                    self.install_zeros(host, len, gate.protect)
                         .map_err(|e| format!("installing zero pages at guest frame {g:#x}: {e}"))?;
                     self.counters.zero_pages.fetch_add(n, Ordering::Relaxed);
                 }
@@ -184,13 +199,12 @@ impl Pager {
                     buf.resize(len as usize, 0);
                     if r.read_pages(first, buf).is_ok() {
                         self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-                        let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
                         // SAFETY: `buf` holds `len` readable bytes for the call.
-                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, *wp) }
+                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, gate.protect) }
                             .map_err(|e| format!("installing pages at guest frame {g:#x}: {e}"))?;
                     } else {
                         // Page by page: install the good ones, refuse the bad.
-                        self.install_each(r, first, host, n, buf)?;
+                        self.install_each(r, first, host, n, buf, gate.protect)?;
                     }
                 }
             }
@@ -201,9 +215,8 @@ impl Pager {
 
     /// Install zero pages at `[host, host + len)`: the shared zero page, or
     /// copies of it when installs must arrive write-protected.
-    fn install_zeros(&self, host: u64, len: u64) -> Result<(), uffd::UffdError> {
-        let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
-        if !*wp {
+    fn install_zeros(&self, host: u64, len: u64, protect: bool) -> Result<(), uffd::UffdError> {
+        if !protect {
             return self.uffd.zeropage(host, len);
         }
         let step = (FILL_PAGES * PAGE as u64).min(self.zeros.len() as u64);
@@ -217,8 +230,10 @@ impl Pager {
         Ok(())
     }
 
-    /// Make zero pages installable write-protected (cow snapshots follow).
-    pub(crate) fn with_protected_installs(mut self) -> Pager {
+    /// Share the userfaultfd with cow snapshots: RAM stays registered, and
+    /// zero pages can be installed write-protected.
+    pub(crate) fn for_cow(mut self) -> Pager {
+        self.for_cow = true;
         self.zeros = vec![0; FILL_PAGES as usize * PAGE];
         self
     }
@@ -226,7 +241,7 @@ impl Pager {
     /// Hand a write-protect fault at `addr` to the cow fault handler, or,
     /// with none running, lift the protection (nothing needs the page saved).
     pub(crate) fn forward_wp(&self, addr: u64) -> Result<(), String> {
-        let sink = self.wp.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         match &*sink {
             Some(s) => {
                 s.queue.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
@@ -245,7 +260,15 @@ impl Pager {
 impl Pager {
     /// Install `n` data pages from `first` of `r` at `host` one at a time;
     /// a page that fails is refused (never installed). Err names the first.
-    fn install_each(&self, r: &EpochReader, first: u64, host: u64, n: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn install_each(
+        &self,
+        r: &EpochReader,
+        first: u64,
+        host: u64,
+        n: u64,
+        buf: &mut [u8],
+        protect: bool,
+    ) -> Result<(), String> {
         let mut bad = None;
         for i in 0..n {
             let page = &mut buf[..PAGE];
@@ -253,9 +276,8 @@ impl Pager {
             match r.read_pages(first + i, page) {
                 Ok(()) => {
                     self.counters.bytes_read.fetch_add(PAGE as u64, Ordering::Relaxed);
-                    let wp = self.wp.protect_installs.read().unwrap_or_else(|p| p.into_inner());
                     // SAFETY: `page` holds one readable page for the call.
-                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, *wp) }
+                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, protect) }
                         .map_err(|e| format!("installing a page at {at:#x}: {e}"))?;
                 }
                 Err(e) => {
@@ -268,6 +290,43 @@ impl Pager {
             }
         }
         bad.map_or(Ok(()), Err)
+    }
+
+    /// Take RAM out of the userfaultfd once every page that holds data is
+    /// installed: a page still missing is zero, and the kernel maps it by
+    /// itself (as a huge page where its whole 2 MiB is missing). Waits for
+    /// installs in progress; later ones do nothing.
+    pub(crate) fn release(&self) {
+        let mut g = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        for s in &self.spans {
+            if let Err(e) = self.uffd.unregister(s.host, s.len) {
+                tracing::warn!("lazy restore: leaving the userfaultfd at {:#x}: {e}", s.host);
+            }
+        }
+        g.released = true;
+    }
+
+    /// Collapse guest RAM's small pages into huge pages (`MADV_COLLAPSE`,
+    /// after [`Pager::release`]): regions the fill or faults installed go
+    /// back to the huge pages an eager restore has. Regions never touched
+    /// are left alone.
+    pub(crate) fn collapse(&self) {
+        const MADV_COLLAPSE: libc::c_int = 25;
+        for s in &self.spans {
+            // SAFETY: advice over guest RAM, which stays mapped while the
+            // pager runs (the LazyPager keeps it); collapsing copies pages
+            // into huge pages under the kernel's locks and changes no
+            // contents. Failure (an old kernel, no huge page free) only
+            // leaves small pages.
+            let r = unsafe { libc::madvise(s.host as *mut libc::c_void, s.len as usize, MADV_COLLAPSE) };
+            if r != 0 {
+                tracing::debug!(
+                    "lazy restore: MADV_COLLAPSE at {:#x}: {}",
+                    s.host,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 
     /// Install zero pages where pages were refused, waking whoever waits
