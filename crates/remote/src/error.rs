@@ -1,0 +1,55 @@
+//! Errors of the remote store.
+
+use thiserror::Error;
+
+/// What went wrong with a remote store.
+#[derive(Debug, Error)]
+pub enum RemoteError {
+    /// A `--replicate` or restore URL that is not `s3://BUCKET[/PREFIX]`.
+    #[error("{url:?} is not an object store URL: {why} (expected s3://BUCKET/PREFIX)")]
+    Url { url: String, why: &'static str },
+    /// The client could not be set up (endpoint, region, credentials).
+    #[error("cannot reach the object store for {url}: {why}")]
+    Setup { url: String, why: String },
+    /// A request failed.
+    #[error("{op} {key} in {url}: {source}")]
+    Request {
+        op: &'static str,
+        key: String,
+        url: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// The remote store holds nothing consnap wrote.
+    #[error("{url} holds no consnap store (no MANIFEST object): nothing was replicated there yet, or the prefix is wrong")]
+    NoStore { url: String },
+    /// MANIFEST is damaged or not a manifest.
+    #[error("the MANIFEST of {url} is damaged: {why}")]
+    BadManifest { url: String, why: String },
+    /// An object does not hold what MANIFEST says.
+    #[error("object {key} of {url} is damaged: {why}")]
+    BadObject { url: String, key: String, why: String },
+    /// `--at` names no epoch of the remote store.
+    #[error("{url} has no epoch {what}")]
+    NoEpoch { url: String, what: String },
+    /// A local file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local store could not be read.
+    #[error(transparent)]
+    Store(#[from] Box<store::StoreError>),
+}
+
+/// Result of the remote store.
+pub type Result<T> = std::result::Result<T, RemoteError>;
+
+/// An I/O error on `path`.
+pub(crate) fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RemoteError + use<> {
+    let path = path.to_path_buf();
+    move |source| RemoteError::Io { what, path, source }
+}

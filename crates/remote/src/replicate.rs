@@ -1,0 +1,425 @@
+//! Replication: a thread that ships every committed epoch of a local store
+//! to its remote store, in order, after the local commit, and keeps the
+//! remote store a mirror of the local one as reclamation merges, folds and
+//! deletes epochs.
+//!
+//! One pass: list the local epochs (a file is opened once and its
+//! descriptor kept until it is up, so what goes up is exactly the version
+//! that was listed, whatever reclamation does to the name meanwhile), keep
+//! those whose chain is whole (a reclamation half done is seen at the next
+//! pass), upload the ones the remote store lacks in id order, write
+//! MANIFEST naming exactly them, and only then delete the objects no
+//! longer named. A crash at any instant leaves MANIFEST naming objects
+//! that are all there.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use store::format::{HEADER_SIZE, Header};
+
+use crate::client::Client;
+use crate::error::{RemoteError, Result, io};
+use crate::manifest::{Entry, Manifest, object_name};
+
+/// What the replication has done so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicaStatus {
+    /// The remote store.
+    pub url: String,
+    /// The newest epoch off-host and its capture time (Unix ns): the
+    /// recovery point if this host is lost now.
+    pub newest_id: Option<u64>,
+    pub newest_created_ns: Option<u64>,
+    /// Epochs the remote store holds.
+    pub remote_epochs: u64,
+    /// Epochs and bytes committed locally and not yet off-host, at the
+    /// last pass.
+    pub backlog_epochs: u64,
+    pub backlog_bytes: u64,
+    /// Totals: objects and bytes uploaded, objects deleted, manifests written.
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    pub deleted_objects: u64,
+    pub manifests: u64,
+    /// Time spent uploading, seconds.
+    pub upload_s: f64,
+    /// The last error, if the last pass failed (the replicator retries).
+    pub last_error: Option<String>,
+}
+
+struct Control {
+    wake: bool,
+    stopping: bool,
+    status: ReplicaStatus,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    cv: Condvar,
+}
+
+/// The replication thread of one local store.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A local epoch file, listed.
+struct Local {
+    id: u64,
+    parent: Option<u64>,
+    created_ns: u64,
+    bytes: u64,
+    object: String,
+    /// Identity of the file listed: (inode, size, mtime ns).
+    stat: (u64, u64, i64),
+}
+
+/// The thread's own state.
+struct Worker {
+    dir: PathBuf,
+    client: Client,
+    uuid: [u8; 16],
+    /// What the remote MANIFEST says now.
+    manifest: Manifest,
+    /// Objects found on the remote store that no manifest names (uploads
+    /// cut short by a crash): deleted after the next manifest.
+    strays: BTreeSet<String>,
+    /// Listed local files by id, with a descriptor for those not yet up.
+    listed: HashMap<u64, Local>,
+    open: HashMap<u64, File>,
+}
+
+impl Replicator {
+    /// Start replicating the store in `dir` to `client`'s remote store.
+    /// Refuses a remote store that belongs to another store.
+    pub fn start(dir: &Path, client: Client) -> Result<Replicator> {
+        let local = store::Store::open(dir, store::Access::Read).map_err(Box::new)?;
+        let uuid = local.uuid();
+        drop(local);
+        let url = client.url().to_string();
+        let manifest = match client.get("MANIFEST")? {
+            Some(text) => {
+                let m = Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url: url.clone(), why })?;
+                if m.store_uuid != uuid {
+                    return Err(RemoteError::BadManifest {
+                        url,
+                        why: format!(
+                            "it belongs to another store ({}), not to {}: replicate to another prefix",
+                            hex(&m.store_uuid),
+                            dir.display()
+                        ),
+                    });
+                }
+                m
+            }
+            None => Manifest {
+                store_uuid: uuid,
+                generation: 0,
+                epochs: Vec::new(),
+            },
+        };
+        let store_file = dir.join("STORE");
+        let bytes = std::fs::read(&store_file).map_err(io("read", &store_file))?;
+        client.put("STORE", bytes)?;
+        let named: BTreeSet<&str> = manifest.epochs.iter().map(|e| e.object.as_str()).collect();
+        let strays = client
+            .list("epochs")?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| !named.contains(n.as_str()))
+            .collect();
+        let status = ReplicaStatus {
+            url,
+            ..ReplicaStatus::default()
+        };
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                wake: true,
+                stopping: false,
+                status,
+            }),
+            cv: Condvar::new(),
+        });
+        let mut w = Worker {
+            dir: dir.to_path_buf(),
+            client,
+            uuid,
+            manifest,
+            strays,
+            listed: HashMap::new(),
+            open: HashMap::new(),
+        };
+        w.note(&shared, None);
+        let sh = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("replicate".into())
+            .spawn(move || w.run(&sh))
+            .map_err(|e| RemoteError::Io {
+                what: "start the replication thread for",
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+        Ok(Replicator {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// An epoch was committed or reclaimed: look again.
+    pub fn notify(&self) {
+        let mut c = self.shared.control.lock().unwrap_or_else(|p| p.into_inner());
+        c.wake = true;
+        self.shared.cv.notify_all();
+    }
+
+    /// What it has done so far.
+    pub fn status(&self) -> ReplicaStatus {
+        self.shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .clone()
+    }
+
+    /// Ship what is left, for at most `grace`, then stop.
+    pub fn finish(mut self, grace: Duration) -> ReplicaStatus {
+        self.stop(grace);
+        self.status()
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        {
+            let mut c = self.shared.control.lock().unwrap_or_else(|p| p.into_inner());
+            c.stopping = true;
+            c.wake = true;
+            self.shared.cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let until = Instant::now() + grace;
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!("replication did not finish within {grace:?}; the remote store keeps its last manifest");
+            }
+        }
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Worker {
+    fn run(&mut self, shared: &Shared) {
+        let mut failures = 0u32;
+        loop {
+            let stopping = {
+                let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
+                // After a failure, retry within a second even without news.
+                let wait = if failures > 0 {
+                    Duration::from_millis(200 << failures.min(3))
+                } else {
+                    Duration::from_secs(3600)
+                };
+                if !c.wake && !c.stopping {
+                    c = shared
+                        .cv
+                        .wait_timeout(c, wait)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                c.wake = false;
+                c.stopping
+            };
+            match self.pass(shared) {
+                Ok(settled) => {
+                    failures = 0;
+                    self.note(shared, None);
+                    if stopping && settled {
+                        return;
+                    }
+                    if !settled {
+                        // A reclamation was half done: look again shortly.
+                        std::thread::sleep(Duration::from_millis(20));
+                        shared.control.lock().unwrap_or_else(|p| p.into_inner()).wake = true;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!("replication: {e}");
+                    self.note(shared, Some(e.to_string()));
+                    if stopping && failures >= 3 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Record the status.
+    fn note(&self, shared: &Shared, error: Option<String>) {
+        let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut c.status;
+        let newest = self.manifest.epochs.last();
+        s.newest_id = newest.map(|e| e.id);
+        s.newest_created_ns = newest.map(|e| e.created_ns);
+        s.remote_epochs = self.manifest.epochs.len() as u64;
+        let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
+        let behind: Vec<&Local> = self.listed.values().filter(|l| !up.contains(l.object.as_str())).collect();
+        s.backlog_epochs = behind.len() as u64;
+        s.backlog_bytes = behind.iter().map(|l| l.bytes).sum();
+        s.last_error = error;
+    }
+
+    /// List the local epochs; open each new or changed file.
+    fn scan(&mut self) -> Result<()> {
+        let epochs = self.dir.join("epochs");
+        let mut seen = BTreeSet::new();
+        for ent in std::fs::read_dir(&epochs).map_err(io("list", &epochs))? {
+            let ent = ent.map_err(io("list", &epochs))?;
+            let name = ent.file_name();
+            let Some(id) = name.to_str().and_then(store::epoch_id_of) else {
+                continue;
+            };
+            let path = ent.path();
+            let Ok(md) = std::fs::metadata(&path) else {
+                continue; // removed meanwhile
+            };
+            let stat = (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            seen.insert(id);
+            if self.listed.get(&id).is_some_and(|l| l.stat == stat) {
+                continue;
+            }
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            // The descriptor's own identity: the name may have moved on.
+            let md = file.metadata().map_err(io("stat", &path))?;
+            let stat = (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
+            let mut head = vec![0u8; HEADER_SIZE];
+            file.read_exact_at(&mut head, 0).map_err(io("read the header of", &path))?;
+            let h = Header::decode(&head, &path).map_err(Box::new)?;
+            let tag = xxhash_rust::xxh3::xxh3_64(&head);
+            self.listed.insert(
+                id,
+                Local {
+                    id,
+                    parent: (!h.is_full()).then_some(h.parent),
+                    created_ns: h.created_ns,
+                    bytes: md.size(),
+                    object: object_name(id, tag),
+                    stat,
+                },
+            );
+            self.open.insert(id, file);
+        }
+        self.listed.retain(|id, _| seen.contains(id));
+        self.open.retain(|id, _| seen.contains(id));
+        Ok(())
+    }
+
+    /// One pass; `Ok(false)` if some local epoch was left out because its
+    /// chain was not whole (a reclamation in progress).
+    fn pass(&mut self, shared: &Shared) -> Result<bool> {
+        self.scan()?;
+        // Epochs whose chain is whole, in id order.
+        let mut settled = true;
+        let mut next: Vec<Entry> = Vec::new();
+        for l in self.listed.values() {
+            let mut cur = l;
+            let whole = loop {
+                match cur.parent {
+                    None => break true,
+                    Some(p) => match self.listed.get(&p) {
+                        Some(q) if p < cur.id => cur = q,
+                        _ => break false,
+                    },
+                }
+            };
+            if whole {
+                next.push(Entry {
+                    id: l.id,
+                    parent: l.parent,
+                    created_ns: l.created_ns,
+                    bytes: l.bytes,
+                    object: l.object.clone(),
+                });
+            } else {
+                settled = false;
+            }
+        }
+        next.sort_by_key(|e| e.id);
+        let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
+        let todo: Vec<&Entry> = next.iter().filter(|e| !up.contains(e.object.as_str())).collect();
+        for e in todo {
+            let Some(file) = self.open.remove(&e.id) else {
+                // Listed unchanged, but its descriptor is gone (an earlier
+                // pass failed after uploading it): list it again.
+                self.listed.remove(&e.id);
+                return Ok(false);
+            };
+            let path = self.dir.join("epochs").join(store::epoch_file_name(e.id));
+            let t = Instant::now();
+            if let Err(err) = self.client.put_file(&e.object, &file, e.bytes, &path) {
+                self.open.insert(e.id, file);
+                return Err(err);
+            }
+            let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
+            c.status.uploaded_objects += 1;
+            c.status.uploaded_bytes += e.bytes;
+            c.status.upload_s += t.elapsed().as_secs_f64();
+        }
+        if next != self.manifest.epochs || self.manifest.generation == 0 {
+            let m = Manifest {
+                store_uuid: self.uuid,
+                generation: self.manifest.generation + 1,
+                epochs: next,
+            };
+            self.client.put("MANIFEST", m.encode().into_bytes())?;
+            let named: BTreeSet<&str> = m.epochs.iter().map(|e| e.object.as_str()).collect();
+            let gone: Vec<String> = self
+                .manifest
+                .epochs
+                .iter()
+                .map(|e| e.object.clone())
+                .filter(|o| !named.contains(o.as_str()))
+                .collect();
+            self.manifest = m;
+            self.strays.extend(gone);
+            shared.control.lock().unwrap_or_else(|p| p.into_inner()).status.manifests += 1;
+        }
+        // Only now: the manifest no longer names them. (A stray left by an
+        // upload cut short may have gone up again since, under its name.)
+        let named: BTreeSet<String> = self.manifest.epochs.iter().map(|e| e.object.clone()).collect();
+        self.strays.retain(|o| !named.contains(o));
+        while let Some(o) = self.strays.pop_first() {
+            if let Err(e) = self.client.delete(&o) {
+                self.strays.insert(o);
+                return Err(e);
+            }
+            shared
+                .control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .status
+                .deleted_objects += 1;
+        }
+        Ok(settled)
+    }
+}
