@@ -6,7 +6,8 @@
 #    line naming the packages.
 # 2. Checks formatting and lints.
 # 3. Fetches the Debian kernel and busybox initramfs for the Linux tests
-#    (cached in target/linux).
+#    (cached in target/linux), and builds Garage for the replication tests
+#    (once per machine, scripts/garage.sh).
 # 4. Runs every test in release mode. When /dev/kvm exists,
 #    CONSNAP_REQUIRE_KVM=1 makes a KVM test that cannot run a failure, never
 #    a silent skip; when QEMU is installed, CONSNAP_REQUIRE_QEMU=1 makes the
@@ -24,6 +25,10 @@ cargo clippy --release --all-targets -- -D warnings
 
 ./scripts/fetch-linux.sh
 export CONSNAP_LINUX_DIR=${CONSNAP_LINUX_DIR:-$PWD/target/linux}
+# The object store the replication tests run against: Garage, built once
+# per machine into $HOME/.cache/consnap (about 16 minutes the first time).
+CONSNAP_GARAGE=$(./scripts/garage.sh)
+export CONSNAP_GARAGE CONSNAP_REQUIRE_GARAGE=1
 if [[ -e /dev/kvm ]]; then
     export CONSNAP_REQUIRE_KVM=1
 fi

@@ -94,6 +94,31 @@ pub fn resolve(store: &Store, at: &str) -> Result<u64, String> {
     if let Ok(id) = at.parse::<u64>() {
         return Ok(id);
     }
+    let listed = store.list().map_err(|e| e.to_string())?;
+    let epochs: Vec<(u64, u64)> = listed
+        .iter()
+        .filter_map(|(id, i)| i.as_ref().ok().map(|i| (*id, i.header.created_ns)))
+        .collect();
+    resolve_in(&epochs, at, &store.dir().display().to_string())
+}
+
+/// [`resolve`] over (id, capture time) pairs of the store `name`, such as
+/// a remote store's manifest.
+pub fn resolve_in(epochs: &[(u64, u64)], at: &str, name: &str) -> Result<u64, String> {
+    if at == "latest" {
+        return epochs
+            .iter()
+            .map(|e| e.0)
+            .max()
+            .ok_or_else(|| format!("{name} has no epoch"));
+    }
+    if let Ok(id) = at.parse::<u64>() {
+        return epochs
+            .iter()
+            .any(|e| e.0 == id)
+            .then_some(id)
+            .ok_or_else(|| format!("{name} has no epoch {id}"));
+    }
     let when = if let Some(ago) = at.strip_prefix('-') {
         let d = args::duration(ago).map_err(|e| format!("--at '{at}': {e}"))?;
         now_ns().saturating_sub(d.as_nanos() as u64)
@@ -104,17 +129,14 @@ pub fn resolve(store: &Store, at: &str) -> Result<u64, String> {
             )
         })?
     };
-    let listed = store.list().map_err(|e| e.to_string())?;
-    listed
+    epochs
         .iter()
-        .filter_map(|(id, i)| i.as_ref().ok().map(|i| (*id, i.header.created_ns)))
         .filter(|(_, t)| *t <= when)
         .max_by_key(|(id, t)| (*t, *id))
-        .map(|(id, _)| id)
+        .map(|(id, _)| *id)
         .ok_or_else(|| {
             format!(
-                "no epoch in {} was captured at or before {} (--at {at})",
-                store.dir().display(),
+                "no epoch in {name} was captured at or before {} (--at {at})",
                 crate::ls_cmd::utc(when)
             )
         })

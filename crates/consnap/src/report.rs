@@ -300,9 +300,26 @@ pub struct RestoredFrom {
     /// Seconds from the start of the restore until the guest's op counter
     /// first moved (from the progress samples; none if it never did).
     pub first_op_s: Option<f64>,
+    /// Restored from an object store: what was fetched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteFetch>,
     /// Lazy restore only (`--lazy`): what the pager did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyFigures>,
+}
+
+/// What a restore from an object store fetched before the VM was built.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteFetch {
+    /// The remote store.
+    pub url: String,
+    /// The local copy the restore read.
+    pub cache: String,
+    /// Epochs downloaded (the rest of the chain was in the copy already).
+    pub downloaded: usize,
+    /// Bytes downloaded and seconds it took.
+    pub bytes: u64,
+    pub seconds: f64,
 }
 
 /// What a lazy restore's pager did.
@@ -381,6 +398,54 @@ pub struct Report {
     /// What the background reclaimer did, when snapshots were taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reclaim: Option<crate::reclaimer::ReclaimReport>,
+    /// Replication to an object store (`--replicate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+}
+
+/// What replication to an object store did, at the end of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replication {
+    /// The remote store.
+    pub url: String,
+    /// The newest epoch off-host, and how old it was at the end (the
+    /// recovery point had the host been lost then).
+    pub newest_epoch: Option<u64>,
+    pub lag_s: Option<f64>,
+    /// Epochs the remote store holds.
+    pub remote_epochs: u64,
+    /// Epochs and bytes committed locally and not off-host at the end.
+    pub backlog_epochs: u64,
+    pub backlog_bytes: u64,
+    /// Objects and bytes uploaded, objects deleted, manifests written.
+    pub uploaded_objects: u64,
+    pub uploaded_bytes: u64,
+    pub deleted_objects: u64,
+    pub manifests: u64,
+    /// Upload throughput while uploading, MB/s.
+    pub upload_mb_s: Option<f64>,
+    /// The last error, if the last attempt failed.
+    pub error: Option<String>,
+}
+
+impl Replication {
+    /// From the replicator's status, `now_ns` being the end of the run.
+    pub fn from_status(s: &remote::ReplicaStatus, now_ns: u64) -> Replication {
+        Replication {
+            url: s.url.clone(),
+            newest_epoch: s.newest_id,
+            lag_s: s.newest_created_ns.map(|t| now_ns.saturating_sub(t) as f64 / 1e9),
+            remote_epochs: s.remote_epochs,
+            backlog_epochs: s.backlog_epochs,
+            backlog_bytes: s.backlog_bytes,
+            uploaded_objects: s.uploaded_objects,
+            uploaded_bytes: s.uploaded_bytes,
+            deleted_objects: s.deleted_objects,
+            manifests: s.manifests,
+            upload_mb_s: (s.upload_s > 0.0).then(|| s.uploaded_bytes as f64 / 1e6 / s.upload_s),
+            error: s.last_error.clone(),
+        }
+    }
 }
 
 impl Report {

@@ -12,8 +12,15 @@ use crate::session::{self, SessionArgs};
 /// Options of `consnap restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot directory.
+    /// Snapshot directory, or an object store a run replicated to
+    /// (s3://BUCKET/PREFIX: the epoch's chain is fetched into --cache
+    /// first, with endpoint and credentials as for --replicate).
     pub dir: PathBuf,
+    /// Where the chain of an epoch restored from an object store is
+    /// copied (a store directory; later restores reuse what it holds).
+    /// Default: $HOME/.cache/consnap/remote/BUCKET/PREFIX.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
     /// Epoch to restore: an id from `consnap ls`, `latest`, a time before
     /// now such as `-30s`, or an RFC 3339 time (the newest epoch captured
     /// at or before it).
@@ -79,9 +86,18 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 }
 
 /// Restore a VM and run it to its end; returns consnap's exit status.
-pub fn restore(a: RestoreArgs) -> Result<i32, String> {
+pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
     let started = Instant::now();
     let pre = session::preflight(&a.session)?;
+    let fetched = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
+        Some(url) => {
+            let (f, cache) = fetch_remote(url, &a.at, a.cache.as_deref())?;
+            a.dir = cache;
+            a.at = f.1.to_string();
+            Some(f.0)
+        }
+        None => None,
+    };
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let id = crate::at::resolve(&store, &a.at)?;
     let (restored, pager) = if a.lazy {
@@ -109,6 +125,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         bytes_read: restored.bytes_read,
         restore_s: started.elapsed().as_secs_f64(),
         first_op_s: None,
+        remote: fetched,
         lazy: None,
     };
     tracing::info!(
@@ -132,4 +149,51 @@ pub fn restore(a: RestoreArgs) -> Result<i32, String> {
         Some(session::Origin { from, parent, pager }),
         started,
     )
+}
+
+/// Fetch the chain of the epoch `at` names in the object store `url` into
+/// a local store (`cache`, or the default under $HOME/.cache); returns
+/// what was fetched with the epoch's id, and the local store.
+fn fetch_remote(
+    url: &str,
+    at: &str,
+    cache: Option<&std::path::Path>,
+) -> Result<((crate::report::RemoteFetch, u64), PathBuf), String> {
+    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
+    let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+    let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
+    let id = crate::at::resolve_in(&epochs, at, &u.to_string())?;
+    let cache = match cache {
+        Some(c) => c.to_path_buf(),
+        None => {
+            let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
+            let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
+            if !u.prefix.is_empty() {
+                p = p.join(&u.prefix);
+            }
+            p
+        }
+    };
+    let f = remote::fetch_chain(&client, &m, id, &cache).map_err(|e| e.to_string())?;
+    tracing::info!(
+        epoch = id,
+        downloaded = f.downloaded,
+        bytes = f.bytes,
+        seconds = f.seconds,
+        "fetched from {u}"
+    );
+    Ok((
+        (
+            crate::report::RemoteFetch {
+                url: u.to_string(),
+                cache: cache.display().to_string(),
+                downloaded: f.downloaded,
+                bytes: f.bytes,
+                seconds: f.seconds,
+            },
+            id,
+        ),
+        cache,
+    ))
 }

@@ -136,6 +136,12 @@ pub struct SessionArgs {
     /// Retention and reclamation (the reclaimer runs while the VM runs).
     #[command(flatten)]
     pub reclaim: crate::store_args::ReclaimArgs,
+    /// Ship every committed epoch to this object store (s3://BUCKET/PREFIX)
+    /// and keep it a mirror of the snapshot directory. Endpoint, region and
+    /// credentials come from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, value_name = "URL", requires = "snapshot_dir")]
+    pub replicate: Option<String>,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -198,6 +204,9 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
     if a.snapshot_dir.is_some() {
         SnapshotEngine::check_host(a.mode.mode()).map_err(|e| e.to_string())?;
     }
+    if let Some(u) = &a.replicate {
+        remote::RemoteUrl::parse(u).map_err(|e| format!("--replicate: {e}"))?;
+    }
     let report = a
         .report
         .as_deref()
@@ -206,6 +215,25 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
         .map_err(|e| e.to_string())?;
     let api = a.api_sock.as_deref().map(server::bind).transpose()?;
     Ok(Preflight { report, api })
+}
+
+/// How long the end of a run waits for replication to ship what is left.
+const REPLICATION_GRACE: Duration = Duration::from_secs(120);
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Start replicating the snapshot directory `dir` to `url`, looking for
+/// new epochs once an interval (at least every 100 ms, at most every second).
+fn start_replication(url: &str, dir: &std::path::Path, interval: Duration) -> Result<remote::Replicator, String> {
+    let url = remote::RemoteUrl::parse(url).map_err(|e| format!("--replicate: {e}"))?;
+    let client = remote::Client::from_env(&url).map_err(|e| format!("--replicate: {e}"))?;
+    let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    remote::Replicator::start(dir, client, poll).map_err(|e| format!("--replicate: {e}"))
 }
 
 /// Where a restored machine came from.
@@ -282,6 +310,10 @@ pub fn execute(
         };
         crate::reclaimer::Reclaimer::start(store, opts, parent)
     });
+    let replicator = match (&a.replicate, &a.snapshot_dir) {
+        (Some(url), Some(dir)) => Some(start_replication(url, dir, a.interval)?),
+        _ => None,
+    };
     let shared = Arc::new(Shared::new(Board {
         state: VmState::Running,
         vcpus: machine.config().vcpus,
@@ -351,6 +383,11 @@ pub fn execute(
         r
     });
     report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);
+    // After the last epoch and the last reclamation: ship what is left.
+    report.replication = replicator.map(|r| {
+        let s = r.finish(REPLICATION_GRACE);
+        crate::report::Replication::from_status(&s, now_ns())
+    });
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;
     }
@@ -408,6 +445,7 @@ fn build_report(
         snapshots: None,
         restored_from: None,
         reclaim: None,
+        replication: None,
     }
 }
 

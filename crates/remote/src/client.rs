@@ -143,7 +143,10 @@ impl Client {
                 w.write(&buf[..n]);
                 at += n as u64;
             }
-            w.finish().await.map(drop).map_err(self.err("finish multipart upload of", name))
+            w.finish()
+                .await
+                .map(drop)
+                .map_err(self.err("finish multipart upload of", name))
         })
     }
 
@@ -202,7 +205,14 @@ impl Client {
 
     /// Fetch object `name` into `path` with up to `parallel` ranged GETs
     /// at once, writing each range in place.
-    pub fn get_to_file(&self, name: &str, len: u64, file: &File, path: &std::path::Path, parallel: usize) -> Result<()> {
+    pub fn get_to_file(
+        &self,
+        name: &str,
+        len: u64,
+        file: &File,
+        path: &std::path::Path,
+        parallel: usize,
+    ) -> Result<()> {
         let key = self.key(name);
         let ranges: Vec<Range<u64>> = (0..len.div_ceil(PART as u64))
             .map(|i| i * PART as u64..((i + 1) * PART as u64).min(len))

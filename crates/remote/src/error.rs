@@ -21,7 +21,9 @@ pub enum RemoteError {
         source: Box<object_store::Error>,
     },
     /// The remote store holds nothing consnap wrote.
-    #[error("{url} holds no consnap store (no MANIFEST object): nothing was replicated there yet, or the prefix is wrong")]
+    #[error(
+        "{url} holds no consnap store (no MANIFEST object): nothing was replicated there yet, or the prefix is wrong"
+    )]
     NoStore { url: String },
     /// MANIFEST is damaged or not a manifest.
     #[error("the MANIFEST of {url} is damaged: {why}")]

@@ -34,7 +34,9 @@ pub struct Fetched {
 /// The remote store's manifest.
 pub fn manifest(client: &Client) -> Result<Manifest> {
     let url = client.url().to_string();
-    let text = client.get("MANIFEST")?.ok_or(RemoteError::NoStore { url: url.clone() })?;
+    let text = client
+        .get("MANIFEST")?
+        .ok_or(RemoteError::NoStore { url: url.clone() })?;
     Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url, why })
 }
 

@@ -219,6 +219,10 @@ mod tests {
         // A well-formed checksum over bad content is refused too.
         let body = "consnap-remote 1\nstore 07070707070707070707070707070707\ngeneration 1\nepoch 5 parent 5 created 1 bytes 1 object epochs/00000000000000000005-0000000000000abc.epoch\n";
         let forged = format!("{body}end {:016x}\n", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
-        assert!(Manifest::decode(forged.as_bytes()).unwrap_err().contains("epoch line 1"));
+        assert!(
+            Manifest::decode(forged.as_bytes())
+                .unwrap_err()
+                .contains("epoch line 1")
+        );
     }
 }

@@ -93,12 +93,15 @@ struct Worker {
     /// Listed local files by id, with a descriptor for those not yet up.
     listed: HashMap<u64, Local>,
     open: HashMap<u64, File>,
+    /// How often to look for new epochs without being told.
+    poll: Duration,
 }
 
 impl Replicator {
-    /// Start replicating the store in `dir` to `client`'s remote store.
+    /// Start replicating the store in `dir` to `client`'s remote store,
+    /// looking for new epochs every `poll` (and at [`Replicator::notify`]).
     /// Refuses a remote store that belongs to another store.
-    pub fn start(dir: &Path, client: Client) -> Result<Replicator> {
+    pub fn start(dir: &Path, client: Client, poll: Duration) -> Result<Replicator> {
         let local = store::Store::open(dir, store::Access::Read).map_err(Box::new)?;
         let uuid = local.uuid();
         drop(local);
@@ -154,6 +157,7 @@ impl Replicator {
             strays,
             listed: HashMap::new(),
             open: HashMap::new(),
+            poll,
         };
         w.note(&shared, None);
         let sh = shared.clone();
@@ -235,7 +239,7 @@ impl Worker {
                 let wait = if failures > 0 {
                     Duration::from_millis(200 << failures.min(3))
                 } else {
-                    Duration::from_secs(3600)
+                    self.poll
                 };
                 if !c.wake && !c.stopping {
                     c = shared
@@ -281,7 +285,11 @@ impl Worker {
         s.newest_created_ns = newest.map(|e| e.created_ns);
         s.remote_epochs = self.manifest.epochs.len() as u64;
         let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
-        let behind: Vec<&Local> = self.listed.values().filter(|l| !up.contains(l.object.as_str())).collect();
+        let behind: Vec<&Local> = self
+            .listed
+            .values()
+            .filter(|l| !up.contains(l.object.as_str()))
+            .collect();
         s.backlog_epochs = behind.len() as u64;
         s.backlog_bytes = behind.iter().map(|l| l.bytes).sum();
         s.last_error = error;
@@ -313,7 +321,8 @@ impl Worker {
             let md = file.metadata().map_err(io("stat", &path))?;
             let stat = (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
             let mut head = vec![0u8; HEADER_SIZE];
-            file.read_exact_at(&mut head, 0).map_err(io("read the header of", &path))?;
+            file.read_exact_at(&mut head, 0)
+                .map_err(io("read the header of", &path))?;
             let h = Header::decode(&head, &path).map_err(Box::new)?;
             let tag = xxhash_rust::xxh3::xxh3_64(&head);
             self.listed.insert(
@@ -402,7 +411,12 @@ impl Worker {
                 .collect();
             self.manifest = m;
             self.strays.extend(gone);
-            shared.control.lock().unwrap_or_else(|p| p.into_inner()).status.manifests += 1;
+            shared
+                .control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .status
+                .manifests += 1;
         }
         // Only now: the manifest no longer names them. (A stray left by an
         // upload cut short may have gone up again since, under its name.)

@@ -27,7 +27,9 @@ impl RemoteUrl {
                 .bytes()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
         {
-            return Err(bad("the bucket name must be 3 to 63 lowercase letters, digits, dots or hyphens"));
+            return Err(bad(
+                "the bucket name must be 3 to 63 lowercase letters, digits, dots or hyphens",
+            ));
         }
         let prefix = prefix.trim_matches('/');
         if prefix.split('/').any(|p| p == "." || p == "..")

@@ -1,0 +1,150 @@
+//! A real S3-compatible object store for the replication tests: a
+//! single-node Garage (built once per machine by scripts/garage.sh, which
+//! the test script runs and names in `CONSNAP_GARAGE`).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BUCKET: &str = "consnap-test";
+pub const KEY_ID: &str = "GKconsnaptest0123456789ab";
+pub const SECRET: &str = "5ecre7c0115a9000000000000000000000000000000000000000000000000001";
+pub const REGION: &str = "garage";
+
+/// A Garage server, stopped when dropped.
+pub struct Garage {
+    child: Child,
+    /// Its S3 endpoint, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The Garage binary, if there is one: `CONSNAP_GARAGE`, else the cache
+/// scripts/garage.sh builds into. With `CONSNAP_REQUIRE_GARAGE=1` (the
+/// test script sets it) a missing binary fails the test.
+fn binary() -> Option<PathBuf> {
+    let p = std::env::var_os("CONSNAP_GARAGE").map(PathBuf::from).or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        Some(PathBuf::from(home).join(".cache/consnap/garage-2.5.0/bin/garage"))
+    });
+    match p.filter(|p| p.exists()) {
+        Some(p) => Some(p),
+        None if std::env::var("CONSNAP_REQUIRE_GARAGE").as_deref() == Ok("1") => {
+            panic!("no Garage binary: run scripts/garage.sh and set CONSNAP_GARAGE")
+        }
+        None => {
+            eprintln!("skipping: no Garage binary (run scripts/garage.sh, set CONSNAP_GARAGE)");
+            None
+        }
+    }
+}
+
+impl Garage {
+    /// Start a single-node Garage with its data in `dir`, a default key and
+    /// bucket, fsync on; `None` (the test skips) without a binary.
+    pub fn start(dir: &Path) -> Option<Garage> {
+        let bin = binary()?;
+        std::fs::create_dir_all(dir).unwrap();
+        let (rpc, s3) = (free_port(), free_port());
+        let config = dir.join("garage.toml");
+        let text = format!(
+            r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+replication_factor = 1
+metadata_fsync = true
+data_fsync = true
+rpc_bind_addr = "127.0.0.1:{rpc}"
+rpc_public_addr = "127.0.0.1:{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "127.0.0.1:{s3}"
+"#,
+            dir = dir.display(),
+            secret = "c0115a9".repeat(9).get(..64).unwrap(),
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&config)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let log = std::fs::File::create(dir.join("garage.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", KEY_ID)
+            .env("GARAGE_DEFAULT_SECRET_KEY", SECRET)
+            .env("GARAGE_DEFAULT_BUCKET", BUCKET)
+            .env("RUST_LOG", "garage=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut g = Garage {
+            child,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            dir: dir.to_path_buf(),
+        };
+        g.wait_ready(s3);
+        Some(g)
+    }
+
+    /// Until the S3 port answers and the default bucket exists (Garage
+    /// logs its creation, or that it was there, before serving).
+    fn wait_ready(&mut self, port: u16) {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("garage exited ({st}):\n{}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // The default key and bucket are made before the API binds.
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            assert!(Instant::now() < until, "garage not ready in 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("garage.log")).unwrap_or_default()
+    }
+
+    /// Point `cmd` at this Garage the way S3 tools are pointed.
+    pub fn env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+    }
+
+    /// `s3://BUCKET/prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
