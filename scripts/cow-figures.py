@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "consnap")
+BIN = os.environ.get("CONSNAP_BIN", os.path.join(ROOT, "target", "release", "consnap"))
 
 # name -> (workload spec, --mem, interval, modes, measure loss?)
 CASES = {
@@ -33,7 +33,7 @@ CASES = {
     "build-100ms": ("build,wss=128M,ops=8000", "1G", "100ms", ["cow", "stop-copy"], True),
     "build-50ms": ("build,wss=128M,ops=8000", "1G", "50ms", ["cow", "stop-copy"], True),
     "build-20ms": ("build,wss=128M,ops=8000", "1G", "20ms", ["cow", "stop-copy"], True),
-    "build-10ms": ("build,wss=128M,ops=8000", "1G", "10ms", ["cow", "stop-copy"], True),
+    "build-10ms": ("build,wss=128M,ops=8000", "1G", "10ms", ["cow", "cow-1ms", "stop-copy"], True),
     # 4. loss at 1 s and 10 s, runs of at least 30 s.
     "loss-build-1s": ("build,wss=128M,ops=24000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
     "loss-build-10s": ("build,wss=128M,ops=24000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
@@ -51,13 +51,18 @@ def run(spec, mem, interval, mode, workdir):
     shutil.rmtree(snaps, ignore_errors=True)
     report = os.path.join(workdir, "r.json")
     cmd = [BIN, "run", "--workload", spec, "--mem", mem, "--pause-probe", "0", "--report", report]
+    env = None
     if mode == "cow-4K":
         # cow with 4 KiB write-protect blocks instead of 2 MiB ones.
         cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--cow-block", "4K", "--interval", interval]
+    elif mode == "cow-1ms":
+        # cow with the pause allowed 1 ms of hot-block copies whatever the interval.
+        cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--interval", interval]
+        env = dict(os.environ, CONSNAP_COW_PAUSE_BUDGET="1ms")
     elif mode != "none":
         cmd += ["--snapshot-dir", snaps, "--mode", mode, "--interval", interval]
     print("  $ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=1800)
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=1800, env=env)
     with open(report) as f:
         r = json.load(f)
     shutil.rmtree(snaps, ignore_errors=True)

@@ -97,7 +97,7 @@ impl Client {
             op,
             key,
             url,
-            source: Box::new(source),
+            why: crate::error::one_line(&source),
         }
     }
 

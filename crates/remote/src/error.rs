@@ -11,14 +11,14 @@ pub enum RemoteError {
     /// The client could not be set up (endpoint, region, credentials).
     #[error("cannot reach the object store for {url}: {why}")]
     Setup { url: String, why: String },
-    /// A request failed.
-    #[error("{op} {key} in {url}: {source}")]
+    /// A request failed (`why`: the client's error on one line; servers
+    /// put XML with line breaks in theirs).
+    #[error("{op} {key} in {url}: {why}")]
     Request {
         op: &'static str,
         key: String,
         url: String,
-        #[source]
-        source: Box<object_store::Error>,
+        why: String,
     },
     /// The remote store holds nothing consnap wrote.
     #[error(
@@ -54,4 +54,9 @@ pub type Result<T> = std::result::Result<T, RemoteError>;
 pub(crate) fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RemoteError + use<> {
     let path = path.to_path_buf();
     move |source| RemoteError::Io { what, path, source }
+}
+
+/// `e` on one line, whitespace runs folded into single spaces.
+pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }

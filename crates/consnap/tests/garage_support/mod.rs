@@ -70,7 +70,7 @@ s3_region = "{REGION}"
 api_bind_addr = "127.0.0.1:{s3}"
 "#,
             dir = dir.display(),
-            secret = "c0115a9".repeat(9).get(..64).unwrap(),
+            secret = "c0115a9e".repeat(8),
         );
         std::fs::OpenOptions::new()
             .write(true)
