@@ -403,8 +403,9 @@ pub struct Report {
     pub replication: Option<Replication>,
 }
 
-/// What replication to an object store did, at the end of the run.
-#[derive(Debug, Clone, Serialize)]
+/// What replication to an object store did (at the end of the run, or so
+/// far in the control API's `GET /stats`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Replication {
     /// The remote store.
     pub url: String,

@@ -231,7 +231,8 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
 /// How long the end of a run waits for replication to ship what is left.
 const REPLICATION_GRACE: Duration = Duration::from_secs(120);
 
-fn now_ns() -> u64 {
+/// Now, Unix ns.
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -341,6 +342,7 @@ pub fn execute(
         ops_per_s: None,
         probe: Vec::new(),
         snap: engine.as_ref().map(EngineFigures::new),
+        replica: replicator.as_ref().map(remote::Replicator::watch),
     }));
     let (api, commands) = match pre.api {
         Some(listener) => {

@@ -49,13 +49,27 @@ fn a_replicated_vm_restores_on_another_host() {
     let snaps = dir.join("snaps");
     let url = garage.url("vm1");
     let report = dir.join("run.json");
+    let sock = dir.join("api.sock");
     let mut args = run_args(snaps.to_str().unwrap(), &url);
-    args.extend(["--report", report.to_str().unwrap()]);
+    args.extend([
+        "--report",
+        report.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
     let mut cmd = consnap();
     garage.env(cmd.args(&args));
-    let child = spawn(&mut cmd);
-    let mut child = child;
+    let mut child = spawn(&mut cmd);
     child.wait_for("10 committed epochs", |_| epoch_count(&snaps) >= 10);
+    // The control API gives the replication lag while it runs.
+    let out = run_ok(consnap().arg("ctl").arg("--sock").arg(&sock).args(["--json", "stats"]));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let live = &stats["replication"];
+    assert_eq!(live["url"], url.as_str(), "{stats}");
+    assert!(
+        live["newest_epoch"].as_u64().is_some() && live["lag_s"].as_f64().unwrap() < 30.0,
+        "{stats}"
+    );
     let out = child.stop(libc::SIGTERM);
     assert_eq!(
         out.status.code(),

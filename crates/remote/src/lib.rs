@@ -20,5 +20,5 @@ pub use client::Client;
 pub use error::{RemoteError, Result};
 pub use fetch::{Fetched, fetch_chain, manifest};
 pub use manifest::{Entry, Manifest};
-pub use replicate::{ReplicaStatus, Replicator};
+pub use replicate::{ReplicaStatus, ReplicaWatch, Replicator};
 pub use url::RemoteUrl;

@@ -182,6 +182,11 @@ impl Replicator {
         self.shared.cv.notify_all();
     }
 
+    /// A handle that reads the status from elsewhere (the control API).
+    pub fn watch(&self) -> ReplicaWatch {
+        ReplicaWatch(self.shared.clone())
+    }
+
     /// What it has done so far.
     pub fn status(&self) -> ReplicaStatus {
         self.shared
@@ -216,6 +221,23 @@ impl Replicator {
                 tracing::warn!("replication did not finish within {grace:?}; the remote store keeps its last manifest");
             }
         }
+    }
+}
+
+/// Reads a replicator's status; see [`Replicator::watch`].
+#[derive(Clone)]
+pub struct ReplicaWatch(Arc<Shared>);
+
+impl std::fmt::Debug for ReplicaWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaWatch")
+    }
+}
+
+impl ReplicaWatch {
+    /// What the replicator has done so far.
+    pub fn status(&self) -> ReplicaStatus {
+        self.0.control.lock().unwrap_or_else(|p| p.into_inner()).status.clone()
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Board {
     pub probe: Vec<Duration>,
     /// Snapshot figures, when snapshots are on.
     pub snap: Option<EngineFigures>,
+    /// Replication to an object store, when on.
+    pub replica: Option<remote::ReplicaWatch>,
 }
 
 /// The board and the flag that says a command waits for the controller.
@@ -141,6 +143,10 @@ impl Board {
             ops_per_s: self.ops_per_s,
             vcpu_pause: self.vcpu_pause(),
             snapshots: self.snap.as_ref().map(snap_stats),
+            replication: self
+                .replica
+                .as_ref()
+                .map(|w| crate::report::Replication::from_status(&w.status(), crate::session::now_ns())),
         }
     }
 }

@@ -115,6 +115,9 @@ pub struct Stats {
     pub vcpu_pause: Percentiles,
     /// Snapshot figures (null without `--snapshot-dir`).
     pub snapshots: Option<SnapStats>,
+    /// Replication to an object store (null without `--replicate`).
+    #[serde(default)]
+    pub replication: Option<crate::report::Replication>,
 }
 
 /// Snapshot figures of `GET /stats`, over the whole run.
