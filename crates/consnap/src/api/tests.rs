@@ -49,6 +49,7 @@ fn shared() -> Arc<Shared> {
         ops_per_s: None,
         probe: Vec::new(),
         snap: None,
+        replica: None,
     }))
 }
 
