@@ -11,7 +11,8 @@ use store::{Access, Store};
 /// Options of `consnap ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Snapshot directory.
+    /// Snapshot directory, or an object store a run replicated to
+    /// (s3://BUCKET/PREFIX: its MANIFEST and each epoch's header are read).
     pub dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -148,7 +149,10 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 /// List the epochs of a snapshot directory. Exits 1 when any entry is
 /// damaged, cannot be restored, or is a file that is not an epoch.
 pub fn ls(a: LsArgs) -> Result<i32, String> {
-    let rows = rows(&a.dir)?;
+    let rows = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
+        Some(url) => remote_rows(url)?,
+        None => rows(&a.dir)?,
+    };
     let ledger = store::Ledger::load(&a.dir).ok().flatten();
     let policy = ledger
         .as_ref()
@@ -180,27 +184,7 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
     let mut rows: Vec<Row> = listed
         .into_iter()
         .map(|(id, info)| match info {
-            Ok(i) => {
-                let h = i.header;
-                Row {
-                    id: Some(id),
-                    file: name_of(id),
-                    parent: (h.parent != 0).then_some(h.parent),
-                    created_ns: h.created_ns,
-                    time: utc(h.created_ns),
-                    mode: h.mode.name().into(),
-                    full: h.is_full(),
-                    pages: h.pages_data,
-                    zero_pages: h.pages_zero,
-                    bytes: i.file_bytes,
-                    pause_us: h.pause_ns as f64 / 1e3,
-                    guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
-                    compression: h.codec.name().into(),
-                    merged: h.merged,
-                    machine: (h.mem_size, h.vcpus),
-                    ..Row::default()
-                }
-            }
+            Ok(i) => row_of(id, name_of(id), &i.header, i.file_bytes),
             Err(e) => Row {
                 id: Some(id),
                 file: name_of(id),
@@ -210,6 +194,73 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
             },
         })
         .collect();
+    let strays = store.strays().map_err(|e| e.to_string())?;
+    for stray in strays {
+        rows.push(Row {
+            file: stray
+                .path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            damaged: true,
+            error: Some(format!("{}: {}", stray.path.display(), stray.why)),
+            ..Row::default()
+        });
+    }
+    let ledger = store::Ledger::load(dir).ok().flatten();
+    let policy = ledger
+        .as_ref()
+        .and_then(|l| store::Policy::parse(&l.policy).ok())
+        .unwrap_or_default();
+    finish(&mut rows, &policy);
+    Ok(rows)
+}
+
+/// The row of a sound epoch.
+fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
+    Row {
+        id: Some(id),
+        file,
+        parent: (h.parent != 0).then_some(h.parent),
+        created_ns: h.created_ns,
+        time: utc(h.created_ns),
+        mode: h.mode.name().into(),
+        full: h.is_full(),
+        pages: h.pages_data,
+        zero_pages: h.pages_zero,
+        bytes,
+        pause_us: h.pause_ns as f64 / 1e3,
+        guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
+        compression: h.codec.name().into(),
+        merged: h.merged,
+        machine: (h.mem_size, h.vcpus),
+        ..Row::default()
+    }
+}
+
+/// The rows of a remote store: its MANIFEST, and each epoch's header.
+pub fn remote_rows(url: &str) -> Result<Vec<Row>, String> {
+    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
+    let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+    let mut rows: Vec<Row> = remote::headers(&client, &m)
+        .into_iter()
+        .map(|(e, h)| match h {
+            Ok(h) => row_of(e.id, e.object, &h, e.bytes),
+            Err(err) => Row {
+                id: Some(e.id),
+                file: e.object,
+                damaged: true,
+                error: Some(err.to_string()),
+                ..Row::default()
+            },
+        })
+        .collect();
+    finish(&mut rows, &store::Policy::default());
+    Ok(rows)
+}
+
+/// Chain errors, restorability, tiers and chain lengths.
+fn finish(rows: &mut [Row], policy: &store::Policy) {
     let ids: BTreeMap<u64, &Row> = rows.iter().filter_map(|r| Some((r.id?, r))).collect();
     let broken: Vec<(u64, bool, Option<String>)> = rows
         .iter()
@@ -226,27 +277,10 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
             r.chain_error = why;
         }
     }
-    for stray in store.strays().map_err(|e| e.to_string())? {
-        rows.push(Row {
-            file: stray
-                .path
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-            damaged: true,
-            error: Some(format!("{}: {}", stray.path.display(), stray.why)),
-            ..Row::default()
-        });
-    }
-    for r in &mut rows {
+    for r in rows.iter_mut() {
         r.restorable = r.id.is_some() && !r.is_bad();
     }
-    let ledger = store::Ledger::load(dir).ok().flatten();
-    let policy = ledger
-        .as_ref()
-        .and_then(|l| store::Policy::parse(&l.policy).ok())
-        .unwrap_or_default();
-    annotate(&mut rows, &policy);
-    Ok(rows)
+    annotate(rows, policy);
 }
 
 /// Tier and chain length of each epoch.

@@ -166,14 +166,7 @@ fn fetch_remote(
     let id = crate::at::resolve_in(&epochs, at, &u.to_string())?;
     let cache = match cache {
         Some(c) => c.to_path_buf(),
-        None => {
-            let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
-            let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
-            if !u.prefix.is_empty() {
-                p = p.join(&u.prefix);
-            }
-            p
-        }
+        None => default_cache(&u)?,
     };
     let f = remote::fetch_chain(&client, &m, id, &cache).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -196,4 +189,15 @@ fn fetch_remote(
         ),
         cache,
     ))
+}
+
+/// Where a remote store is copied by default:
+/// `$HOME/.cache/consnap/remote/BUCKET/PREFIX`.
+pub fn default_cache(u: &remote::RemoteUrl) -> Result<PathBuf, String> {
+    let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
+    let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
+    if !u.prefix.is_empty() {
+        p = p.join(&u.prefix);
+    }
+    Ok(p)
 }

@@ -10,8 +10,13 @@ use crate::progress::Bar;
 /// Options of `consnap verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Snapshot directory.
+    /// Snapshot directory, or an object store a run replicated to
+    /// (s3://BUCKET/PREFIX: every epoch is fetched into --cache, checked
+    /// against its object name on the way, then verified there).
     pub dir: PathBuf,
+    /// Where a remote store is copied (as for `restore --cache`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
     /// Also restore every epoch's memory and compare it word by word with
     /// what the workload guest must hold at the op count it published
     /// (memstress only): proves that epochs restore what the guest had.
@@ -21,7 +26,27 @@ pub struct VerifyArgs {
 
 /// Check every byte of a store; exit status 1 on any problem, each named
 /// with its file, byte offsets and what is wrong.
-pub fn verify(a: VerifyArgs) -> Result<i32, String> {
+pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
+    let mut fetched = None;
+    if let Some(url) = a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
+        let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
+        let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+        let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+        let cache = match a.cache.take() {
+            Some(c) => c,
+            None => crate::restore_cmd::default_cache(&u)?,
+        };
+        let f = remote::fetch_all(&client, &m, &cache).map_err(|e| e.to_string())?;
+        fetched = Some(format!(
+            "{} epochs of {u} fetched into {} ({} downloaded, {} bytes, {:.2} s) and verified there",
+            f.chain,
+            cache.display(),
+            f.downloaded,
+            f.bytes,
+            f.seconds
+        ));
+        a.dir = cache;
+    }
     let bar = Bar::new("verifying", false);
     let mut v = store::verify(&a.dir, &mut |done, total| bar.update(done, total)).map_err(|e| e.to_string())?;
     bar.finish();
@@ -35,7 +60,7 @@ pub fn verify(a: VerifyArgs) -> Result<i32, String> {
         for p in &v.problems {
             writeln!(out, "{p}")?;
         }
-        for n in &v.notes {
+        for n in v.notes.iter().chain(&fetched) {
             writeln!(out, "note: {n}")?;
         }
         writeln!(

@@ -85,6 +85,17 @@ fn a_replicated_vm_restores_on_another_host() {
     assert_eq!(rep["backlog_epochs"], 0, "{rep}");
     assert!(rep["error"].is_null(), "{rep}");
     assert!(rep["uploaded_bytes"].as_u64().unwrap() > 0, "{rep}");
+    // `ls` and `verify` take the URL: the same epochs, all restorable,
+    // every byte sound.
+    let mut cmd = consnap();
+    let out = run_ok(garage.env(cmd.args(["ls", "--json", &url])));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = listed.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, local);
+    assert!(listed.iter().all(|r| r["restorable"] == true), "{listed:?}");
+    let mut cmd = consnap();
+    let out = run_ok(garage.env(cmd.args(["verify", &url, "--cache"]).arg(dir.join("verify-cache"))));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fetched into"), "{out:?}");
     // Another host: no local store, an empty cache.
     std::fs::remove_dir_all(&snaps).unwrap();
     for (n, at) in [

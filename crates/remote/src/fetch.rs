@@ -7,11 +7,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use store::format::HEADER_SIZE;
+use store::format::{HEADER_SIZE, Header};
 
 use crate::client::Client;
 use crate::error::{RemoteError, Result, io};
-use crate::manifest::Manifest;
+use crate::manifest::{Entry, Manifest};
 
 /// Ranged GETs in flight at once per object.
 const PARALLEL_GETS: usize = 8;
@@ -68,12 +68,46 @@ fn private_dir(p: &Path) -> Result<()> {
 /// object name) and renamed into place. `into` may hold an earlier copy
 /// of the same store (a cache); another store there is refused.
 pub fn fetch_chain(client: &Client, m: &Manifest, id: u64, into: &Path) -> Result<Fetched> {
-    let t0 = Instant::now();
-    let url = client.url().to_string();
     let chain = m.chain(id).ok_or_else(|| RemoteError::BadManifest {
-        url: url.clone(),
+        url: client.url().to_string(),
         why: format!("epoch {id} has no whole chain in it"),
     })?;
+    fetch_entries(client, m, &chain, into)
+}
+
+/// Like [`fetch_chain`], for every epoch of the remote store (to verify
+/// all of it).
+pub fn fetch_all(client: &Client, m: &Manifest, into: &Path) -> Result<Fetched> {
+    let all: Vec<&Entry> = m.epochs.iter().collect();
+    fetch_entries(client, m, &all, into)
+}
+
+/// The headers of every epoch of the remote store (one ranged GET each,
+/// checked against the tag of the object's name), for listing.
+pub fn headers(client: &Client, m: &Manifest) -> Vec<(Entry, Result<Header>)> {
+    m.epochs
+        .iter()
+        .map(|e| {
+            let h = (|| {
+                let head = client.get_range(&e.object, 0..HEADER_SIZE as u64)?;
+                let bad = |why: String| RemoteError::BadObject {
+                    url: client.url().to_string(),
+                    key: client.url().key(&e.object),
+                    why,
+                };
+                if Some(xxhash_rust::xxh3::xxh3_64(&head)) != tag_of(&e.object) {
+                    return Err(bad("its header does not match its name".into()));
+                }
+                Header::decode(&head, Path::new(&e.object)).map_err(|err| bad(err.to_string()))
+            })();
+            (e.clone(), h)
+        })
+        .collect()
+}
+
+fn fetch_entries(client: &Client, m: &Manifest, chain: &[&Entry], into: &Path) -> Result<Fetched> {
+    let t0 = Instant::now();
+    let url = client.url().to_string();
     let remote_store = client.get("STORE")?.ok_or_else(|| RemoteError::BadObject {
         url: url.clone(),
         key: client.url().key("STORE"),
@@ -109,7 +143,7 @@ pub fn fetch_chain(client: &Client, m: &Manifest, id: u64, into: &Path) -> Resul
     }
     drop(local);
     let (mut downloaded, mut bytes) = (0, 0);
-    for e in &chain {
+    for e in chain {
         let tag = tag_of(&e.object).ok_or_else(|| RemoteError::BadManifest {
             url: url.clone(),
             why: format!("object name {:?}", e.object),

@@ -18,7 +18,7 @@ mod url;
 
 pub use client::Client;
 pub use error::{RemoteError, Result};
-pub use fetch::{Fetched, fetch_chain, manifest};
+pub use fetch::{Fetched, fetch_all, fetch_chain, headers, manifest};
 pub use manifest::{Entry, Manifest};
 pub use replicate::{ReplicaStatus, ReplicaWatch, Replicator};
 pub use url::RemoteUrl;
