@@ -395,7 +395,13 @@ fn fill(p: &Pager) {
         .ok()
         .and_then(|v| v.parse().ok())
         .map(std::time::Duration::from_millis);
-    for run in by_epoch.into_iter().flatten().chain(zeros) {
+    // Measurement knob: `CONSNAP_LAZY_FILL_ORDER=address` fills in guest
+    // address order instead, to measure what the newest-first order buys.
+    let mut data: Vec<&store::Run> = by_epoch.into_iter().flatten().collect();
+    if std::env::var("CONSNAP_LAZY_FILL_ORDER").as_deref() == Ok("address") {
+        data.sort_by_key(|r| r.gfn);
+    }
+    for run in data.into_iter().chain(zeros) {
         let mut g = run.gfn;
         while g < run.gfn + run.count {
             if stopped() {
