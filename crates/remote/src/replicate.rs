@@ -3,11 +3,11 @@
 //! remote store a mirror of the local one as reclamation merges, folds and
 //! deletes epochs.
 //!
-//! One pass: list the local epochs (a file is opened once and its
-//! descriptor kept until it is up, so what goes up is exactly the version
-//! that was listed, whatever reclamation does to the name meanwhile), keep
+//! One pass: list the local epochs (their headers), keep
 //! those whose chain is whole (a reclamation half done is seen at the next
-//! pass), upload the ones the remote store lacks in id order, write
+//! pass), upload the ones the remote store lacks in id order (each opened
+//! at its turn and sent from that descriptor only if it still is the
+//! version listed, whatever reclamation does to the name), write
 //! MANIFEST naming exactly them, and only then delete the objects no
 //! longer named. A crash at any instant leaves MANIFEST naming objects
 //! that are all there.
@@ -90,9 +90,8 @@ struct Worker {
     /// Objects found on the remote store that no manifest names (uploads
     /// cut short by a crash): deleted after the next manifest.
     strays: BTreeSet<String>,
-    /// Listed local files by id, with a descriptor for those not yet up.
+    /// Listed local files by id.
     listed: HashMap<u64, Local>,
-    open: HashMap<u64, File>,
     /// How often to look for new epochs without being told.
     poll: Duration,
 }
@@ -156,7 +155,6 @@ impl Replicator {
             manifest,
             strays,
             listed: HashMap::new(),
-            open: HashMap::new(),
             poll,
         };
         w.note(&shared, None);
@@ -317,7 +315,7 @@ impl Worker {
         s.last_error = error;
     }
 
-    /// List the local epochs; open each new or changed file.
+    /// List the local epochs, reading the header of each new or changed file.
     fn scan(&mut self) -> Result<()> {
         let epochs = self.dir.join("epochs");
         let mut seen = BTreeSet::new();
@@ -331,37 +329,17 @@ impl Worker {
             let Ok(md) = std::fs::metadata(&path) else {
                 continue; // removed meanwhile
             };
-            let stat = (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
             seen.insert(id);
-            if self.listed.get(&id).is_some_and(|l| l.stat == stat) {
+            if self.listed.get(&id).is_some_and(|l| l.stat == stat_of(&md)) {
                 continue;
             }
-            let Ok(file) = File::open(&path) else {
+            let Some((file, local)) = open_epoch(&path, id)? else {
                 continue;
             };
-            // The descriptor's own identity: the name may have moved on.
-            let md = file.metadata().map_err(io("stat", &path))?;
-            let stat = (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec());
-            let mut head = vec![0u8; HEADER_SIZE];
-            file.read_exact_at(&mut head, 0)
-                .map_err(io("read the header of", &path))?;
-            let h = Header::decode(&head, &path).map_err(Box::new)?;
-            let tag = xxhash_rust::xxh3::xxh3_64(&head);
-            self.listed.insert(
-                id,
-                Local {
-                    id,
-                    parent: (!h.is_full()).then_some(h.parent),
-                    created_ns: h.created_ns,
-                    bytes: md.size(),
-                    object: object_name(id, tag),
-                    stat,
-                },
-            );
-            self.open.insert(id, file);
+            drop(file);
+            self.listed.insert(id, local);
         }
         self.listed.retain(|id, _| seen.contains(id));
-        self.open.retain(|id, _| seen.contains(id));
         Ok(())
     }
 
@@ -399,18 +377,20 @@ impl Worker {
         let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
         let todo: Vec<&Entry> = next.iter().filter(|e| !up.contains(e.object.as_str())).collect();
         for e in todo {
-            let Some(file) = self.open.remove(&e.id) else {
-                // Listed unchanged, but its descriptor is gone (an earlier
-                // pass failed after uploading it): list it again.
-                self.listed.remove(&e.id);
-                return Ok(false);
-            };
+            // Opened only now (a backlog of thousands of epochs must not
+            // hold thousands of descriptors); uploaded from this descriptor
+            // only if it is still the version listed, so a file replaced or
+            // removed meanwhile is seen at the next pass.
             let path = self.dir.join("epochs").join(store::epoch_file_name(e.id));
+            let file = match open_epoch(&path, e.id)? {
+                Some((file, now)) if now.object == e.object => file,
+                _ => {
+                    self.listed.remove(&e.id);
+                    return Ok(false);
+                }
+            };
             let t = Instant::now();
-            if let Err(err) = self.client.put_file(&e.object, &file, e.bytes, &path) {
-                self.open.insert(e.id, file);
-                return Err(err);
-            }
+            self.client.put_file(&e.object, &file, e.bytes, &path)?;
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
             c.status.uploaded_bytes += e.bytes;
@@ -458,4 +438,32 @@ impl Worker {
         }
         Ok(settled)
     }
+}
+
+/// (inode, size, mtime ns): the identity of a listed file.
+fn stat_of(md: &std::fs::Metadata) -> (u64, u64, i64) {
+    (md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec())
+}
+
+/// Open epoch file `path` and read what replication needs from its
+/// header; `None` if it is gone.
+fn open_epoch(path: &Path, id: u64) -> Result<Option<(File, Local)>> {
+    let Ok(file) = File::open(path) else {
+        return Ok(None);
+    };
+    // The descriptor's own identity: the name may have moved on.
+    let md = file.metadata().map_err(io("stat", path))?;
+    let mut head = vec![0u8; HEADER_SIZE];
+    file.read_exact_at(&mut head, 0).map_err(io("read the header of", path))?;
+    let h = Header::decode(&head, path).map_err(Box::new)?;
+    let tag = xxhash_rust::xxh3::xxh3_64(&head);
+    let local = Local {
+        id,
+        parent: (!h.is_full()).then_some(h.parent),
+        created_ns: h.created_ns,
+        bytes: md.size(),
+        object: object_name(id, tag),
+        stat: stat_of(&md),
+    };
+    Ok(Some((file, local)))
 }
