@@ -149,6 +149,93 @@ fn a_replicated_vm_restores_on_another_host() {
 }
 
 #[test]
+fn the_object_store_mirrors_reclamation() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("replicate-reclaim");
+    let Some(garage) = Garage::start(&dir.join("garage")) else {
+        return;
+    };
+    let (ops, sum) = reference(SPEC, 1);
+    // Epochs every 50 ms merged into 200 ms buckets once 200 ms old, and
+    // chains folded beyond 4: the local store rewrites and deletes epochs
+    // all the time, and the object store follows.
+    let snaps = dir.join("snaps");
+    let url = garage.url("vm3");
+    let report = dir.join("run.json");
+    let mut cmd = consnap();
+    garage.env(cmd.args([
+        "run",
+        "--workload",
+        SPEC,
+        "--mem",
+        "64M",
+        "--snapshot-dir",
+        snaps.to_str().unwrap(),
+        "--interval",
+        "50ms",
+        "--pause-probe",
+        "0",
+        "--retain",
+        "200ms:all,1m:200ms",
+        "--max-chain",
+        "4",
+        "--replicate",
+        &url,
+        "--report",
+        report.to_str().unwrap(),
+    ]));
+    let mut child = spawn(&mut cmd);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = child.stop(libc::SIGTERM);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = read_report(&report);
+    let rep = &r["replication"];
+    assert!(r["reclaim"]["epochs_merged"].as_u64().unwrap() > 0, "{}", r["reclaim"]);
+    assert!(rep["deleted_objects"].as_u64().unwrap() > 0, "{rep}");
+    assert_eq!(rep["backlog_epochs"], 0, "{rep}");
+    // The remote store holds exactly the local epochs, each restorable.
+    let local = store_support::ids(&snaps);
+    let mut cmd = consnap();
+    let out = run_ok(garage.env(cmd.args(["ls", "--json", &url])));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = listed.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, local);
+    assert!(listed.iter().all(|r| r["restorable"] == true), "{listed:?}");
+    // The oldest and the newest restore elsewhere to the uninterrupted checksum.
+    for at in [local[0], *local.last().unwrap()] {
+        let report = dir.join(format!("restore-{at}.json"));
+        let mut cmd = consnap();
+        garage
+            .env(cmd.args([
+                "restore",
+                &url,
+                "--at",
+                &at.to_string(),
+                "--pause-probe",
+                "0",
+                "--cache",
+            ]))
+            .arg(dir.join(format!("host-{at}")))
+            .arg("--report")
+            .arg(&report);
+        run_ok(&mut cmd);
+        let r = read_report(&report);
+        assert_eq!(
+            (r["ops"].as_u64(), r["checksum"].as_str()),
+            (Some(ops), Some(sum.as_str())),
+            "epoch {at}: {r}"
+        );
+    }
+}
+
+#[test]
 fn a_wrong_key_or_bucket_is_refused_in_one_line() {
     if !kvm_ready() {
         return;

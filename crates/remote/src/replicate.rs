@@ -454,7 +454,8 @@ fn open_epoch(path: &Path, id: u64) -> Result<Option<(File, Local)>> {
     // The descriptor's own identity: the name may have moved on.
     let md = file.metadata().map_err(io("stat", path))?;
     let mut head = vec![0u8; HEADER_SIZE];
-    file.read_exact_at(&mut head, 0).map_err(io("read the header of", path))?;
+    file.read_exact_at(&mut head, 0)
+        .map_err(io("read the header of", path))?;
     let h = Header::decode(&head, path).map_err(Box::new)?;
     let tag = xxhash_rust::xxh3::xxh3_64(&head);
     let local = Local {
