@@ -186,7 +186,7 @@ fn the_object_store_mirrors_reclamation() {
         "--report",
         report.to_str().unwrap(),
     ]));
-    let mut child = spawn(&mut cmd);
+    let child = spawn(&mut cmd);
     std::thread::sleep(std::time::Duration::from_secs(3));
     let out = child.stop(libc::SIGTERM);
     assert_eq!(
