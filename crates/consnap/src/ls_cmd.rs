@@ -17,6 +17,9 @@ pub struct LsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// The key an object store's epochs are encrypted with.
+    #[arg(long, value_name = "FILE")]
+    pub encrypt_key: Option<PathBuf>,
 }
 
 /// One entry of the listing: a committed epoch, or a file in `epochs/`
@@ -150,7 +153,7 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 /// damaged, cannot be restored, or is a file that is not an epoch.
 pub fn ls(a: LsArgs) -> Result<i32, String> {
     let rows = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
-        Some(url) => remote_rows(url)?,
+        Some(url) => remote_rows(url, a.encrypt_key.as_deref())?,
         None => rows(&a.dir)?,
     };
     let ledger = store::Ledger::load(&a.dir).ok().flatten();
@@ -238,11 +241,11 @@ fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
 }
 
 /// The rows of a remote store: its MANIFEST, and each epoch's header.
-pub fn remote_rows(url: &str) -> Result<Vec<Row>, String> {
-    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+pub fn remote_rows(url: &str, key: Option<&Path>) -> Result<Vec<Row>, String> {
+    let client = crate::session::remote_client(url, key)?;
     let m = remote::manifest(&client).map_err(|e| e.to_string())?;
     let mut rows: Vec<Row> = remote::headers(&client, &m)
+        .map_err(|e| e.to_string())?
         .into_iter()
         .map(|(e, h)| match h {
             Ok(h) => row_of(e.id, e.object, &h, e.bytes),

@@ -91,7 +91,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
     let pre = session::preflight(&a.session)?;
     let fetched = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) => {
-            let (f, cache) = fetch_remote(url, &a.at, a.cache.as_deref())?;
+            let (f, cache) = fetch_remote(url, &a.at, a.cache.as_deref(), a.session.encrypt_key.as_deref())?;
             a.dir = cache;
             a.at = f.1.to_string();
             Some(f.0)
@@ -158,9 +158,10 @@ fn fetch_remote(
     url: &str,
     at: &str,
     cache: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
 ) -> Result<((crate::report::RemoteFetch, u64), PathBuf), String> {
-    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+    let client = session::remote_client(url, key)?;
+    let u = client.url().clone();
     let m = remote::manifest(&client).map_err(|e| e.to_string())?;
     let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
     let id = crate::at::resolve_in(&epochs, at, &u.to_string())?;

@@ -142,6 +142,11 @@ pub struct SessionArgs {
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
     #[arg(long, value_name = "URL", requires = "snapshot_dir")]
     pub replicate: Option<String>,
+    /// Encrypt epochs on the object store with the key in FILE (32 bytes,
+    /// or 64 hex digits: `openssl rand -hex 32 > FILE`), XChaCha20-Poly1305;
+    /// `restore` from an object store needs the same key.
+    #[arg(long, value_name = "FILE")]
+    pub encrypt_key: Option<PathBuf>,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -218,6 +223,9 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
     if let Some(u) = &a.replicate {
         remote::RemoteUrl::parse(u).map_err(|e| format!("--replicate: {e}"))?;
     }
+    if let Some(k) = &a.encrypt_key {
+        remote::SealKey::load(k)?;
+    }
     let report = a
         .report
         .as_deref()
@@ -241,11 +249,22 @@ pub(crate) fn now_ns() -> u64 {
 
 /// Start replicating the snapshot directory `dir` to `url`, looking for
 /// new epochs once an interval (at least every 100 ms, at most every second).
-fn start_replication(url: &str, dir: &std::path::Path, interval: Duration) -> Result<remote::Replicator, String> {
-    let url = remote::RemoteUrl::parse(url).map_err(|e| format!("--replicate: {e}"))?;
-    let client = remote::Client::from_env(&url).map_err(|e| format!("--replicate: {e}"))?;
+fn start_replication(
+    url: &str,
+    dir: &std::path::Path,
+    interval: Duration,
+    key: Option<&std::path::Path>,
+) -> Result<remote::Replicator, String> {
+    let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
     let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
     remote::Replicator::start(dir, client, poll).map_err(|e| format!("--replicate: {e}"))
+}
+
+/// A client for the object store `url`, with the key in `key` if given.
+pub fn remote_client(url: &str, key: Option<&std::path::Path>) -> Result<remote::Client, String> {
+    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
+    let key = key.map(remote::SealKey::load).transpose()?;
+    Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
 }
 
 /// Where a restored machine came from.
@@ -324,7 +343,7 @@ pub fn execute(
         crate::reclaimer::Reclaimer::start(store, opts, parent)
     });
     let replicator = match (&a.replicate, &a.snapshot_dir) {
-        (Some(url), Some(dir)) => Some(start_replication(url, dir, a.interval)?),
+        (Some(url), Some(dir)) => Some(start_replication(url, dir, a.interval, a.encrypt_key.as_deref())?),
         _ => None,
     };
     let shared = Arc::new(Shared::new(Board {

@@ -17,6 +17,9 @@ pub struct VerifyArgs {
     /// Where a remote store is copied (as for `restore --cache`).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// The key an object store's epochs are encrypted with.
+    #[arg(long, value_name = "FILE")]
+    pub encrypt_key: Option<PathBuf>,
     /// Also restore every epoch's memory and compare it word by word with
     /// what the workload guest must hold at the op count it published
     /// (memstress only): proves that epochs restore what the guest had.
@@ -29,8 +32,8 @@ pub struct VerifyArgs {
 pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
     let mut fetched = None;
     if let Some(url) = a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
-        let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-        let client = remote::Client::from_env(&u).map_err(|e| e.to_string())?;
+        let client = crate::session::remote_client(url, a.encrypt_key.as_deref())?;
+        let u = client.url().clone();
         let m = remote::manifest(&client).map_err(|e| e.to_string())?;
         let cache = match a.cache.take() {
             Some(c) => c,

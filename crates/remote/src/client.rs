@@ -12,6 +12,7 @@ use object_store::path::Path as Key;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
 
 use crate::error::{RemoteError, Result, io};
+use crate::seal::{self, SealKey};
 use crate::url::RemoteUrl;
 
 /// Objects larger than this go up in parts.
@@ -26,6 +27,8 @@ pub struct Client {
     url: RemoteUrl,
     store: Arc<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
+    /// Epoch objects are encrypted with this key (`--encrypt-key`).
+    key: Option<SealKey>,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,7 +81,27 @@ impl Client {
             url: url.clone(),
             store: Arc::new(store),
             rt,
+            key: None,
         })
+    }
+
+    /// Encrypt epoch objects with `key` (and decrypt them with it).
+    pub fn with_key(mut self, key: Option<SealKey>) -> Client {
+        self.key = key;
+        self
+    }
+
+    /// The key epoch objects are encrypted with, if any.
+    pub fn key(&self) -> Option<&SealKey> {
+        self.key.as_ref()
+    }
+
+    fn bad_object(&self, name: &str, why: String) -> RemoteError {
+        RemoteError::BadObject {
+            url: self.url.to_string(),
+            key: self.url.key(name),
+            why,
+        }
     }
 
     /// The store's URL.
@@ -86,7 +109,7 @@ impl Client {
         &self.url
     }
 
-    fn key(&self, name: &str) -> Key {
+    fn object_key(&self, name: &str) -> Key {
         Key::from(self.url.key(name))
     }
 
@@ -103,7 +126,7 @@ impl Client {
 
     /// Put `data` as object `name`.
     pub fn put(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        let key = self.key(name);
+        let key = self.object_key(name);
         self.rt
             .block_on(self.store.put(&key, PutPayload::from(data)))
             .map(drop)
@@ -115,13 +138,16 @@ impl Client {
     /// caller's descriptor (of a file that reclamation may replace or remove
     /// meanwhile) is what goes up.
     pub fn put_file(&self, name: &str, file: &File, len: u64, path: &std::path::Path) -> Result<()> {
+        if let Some(k) = &self.key {
+            return self.put_sealed(k, name, file, len, path);
+        }
         let read = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at).map_err(io("read", path));
         if len <= MULTIPART_FROM {
             let mut buf = vec![0u8; len as usize];
             read(0, &mut buf)?;
             return self.put(name, buf);
         }
-        let key = self.key(name);
+        let key = self.object_key(name);
         self.rt.block_on(async {
             let upload = self
                 .store
@@ -150,9 +176,81 @@ impl Client {
         })
     }
 
+    /// [`Client::put_file`], encrypted: the head, then each 1 MiB chunk sealed.
+    fn put_sealed(&self, k: &SealKey, name: &str, file: &File, len: u64, path: &std::path::Path) -> Result<()> {
+        let head = k.head(len).map_err(|why| RemoteError::Setup {
+            url: self.url.to_string(),
+            why,
+        })?;
+        let n = seal::chunks(len);
+        let chunk = |i: u64, buf: &mut Vec<u8>| -> Result<()> {
+            let at = i * seal::CHUNK as u64;
+            buf.resize((len - at).min(seal::CHUNK as u64) as usize, 0);
+            file.read_exact_at(buf, at).map_err(io("read", path))?;
+            k.seal_chunk(&head, name, i, i + 1 == n, buf);
+            Ok(())
+        };
+        let mut buf = Vec::with_capacity(seal::CHUNK + seal::TAG_LEN);
+        if seal::sealed_len(len) <= MULTIPART_FROM {
+            let mut all = Vec::with_capacity(seal::sealed_len(len) as usize);
+            all.extend_from_slice(&head);
+            for i in 0..n {
+                chunk(i, &mut buf)?;
+                all.extend_from_slice(&buf);
+            }
+            return self.put(name, all);
+        }
+        let key = self.object_key(name);
+        self.rt.block_on(async {
+            let upload = self
+                .store
+                .put_multipart(&key)
+                .await
+                .map_err(self.err("start multipart upload of", name))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            w.write(&head);
+            for i in 0..n {
+                if let Err(e) = chunk(i, &mut buf) {
+                    let _ = w.abort().await;
+                    return Err(e);
+                }
+                w.wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(self.err("upload a part of", name))?;
+                w.write(&buf);
+            }
+            w.finish()
+                .await
+                .map(drop)
+                .map_err(self.err("finish multipart upload of", name))
+        })
+    }
+
+    /// The first `want` plaintext bytes of epoch object `name` of `len`
+    /// plaintext bytes (decrypted and authenticated when encrypted).
+    pub fn get_start(&self, name: &str, len: u64, want: u64) -> Result<Vec<u8>> {
+        let Some(k) = &self.key else {
+            return self.get_range(name, 0..want.min(len));
+        };
+        let first = seal::chunk_range(len, 0);
+        let mut b = self.get_range(name, 0..first.end)?;
+        if b.len() < seal::HEAD {
+            return Err(self.bad_object(name, "cut short".into()));
+        }
+        let head: Vec<u8> = b[..seal::HEAD].to_vec();
+        if k.open_head(&head).map_err(|why| self.bad_object(name, why))? != len {
+            return Err(self.bad_object(name, "its length is not the manifest's".into()));
+        }
+        let sealed = &mut b[seal::HEAD..];
+        k.open_chunk(&head, name, 0, seal::chunks(len) == 1, sealed)
+            .map_err(|why| self.bad_object(name, why))?;
+        let plain = sealed.len() - seal::TAG_LEN;
+        Ok(sealed[..plain.min(want as usize)].to_vec())
+    }
+
     /// Object `name`, or `None` if there is none.
     pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let key = self.key(name);
+        let key = self.object_key(name);
         let r = self.rt.block_on(async {
             match self.store.get(&key).await {
                 Ok(g) => g.bytes().await.map(Some),
@@ -165,7 +263,7 @@ impl Client {
 
     /// Bytes `range` of object `name`.
     pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Vec<u8>> {
-        let key = self.key(name);
+        let key = self.object_key(name);
         self.rt
             .block_on(self.store.get_range(&key, range))
             .map(|b| b.to_vec())
@@ -175,7 +273,7 @@ impl Client {
     /// Objects directly under `dir` (relative to the prefix): (name
     /// relative to the prefix, size).
     pub fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
-        let key = self.key(dir);
+        let key = self.object_key(dir);
         let r = self
             .rt
             .block_on(self.store.list_with_delimiter(Some(&key)))
@@ -196,7 +294,7 @@ impl Client {
 
     /// Delete object `name` (gone already is fine).
     pub fn delete(&self, name: &str) -> Result<()> {
-        let key = self.key(name);
+        let key = self.object_key(name);
         match self.rt.block_on(self.store.delete(&key)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("DELETE", name)(e)),
@@ -213,7 +311,10 @@ impl Client {
         path: &std::path::Path,
         parallel: usize,
     ) -> Result<()> {
-        let key = self.key(name);
+        if let Some(k) = &self.key {
+            return self.get_sealed(k, name, len, file, path, parallel);
+        }
+        let key = self.object_key(name);
         let ranges: Vec<Range<u64>> = (0..len.div_ceil(PART as u64))
             .map(|i| i * PART as u64..((i + 1) * PART as u64).min(len))
             .collect();
@@ -237,6 +338,64 @@ impl Client {
                 })?;
                 let bytes = bytes.map_err(self.err("GET (range)", name))?;
                 file.write_all_at(&bytes, at).map_err(io("write", path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Client::get_to_file`] for an encrypted object: its head, then
+    /// groups of 8 sealed chunks with parallel ranged GETs, each chunk
+    /// authenticated before its plaintext is written.
+    fn get_sealed(
+        &self,
+        k: &SealKey,
+        name: &str,
+        len: u64,
+        file: &File,
+        path: &std::path::Path,
+        parallel: usize,
+    ) -> Result<()> {
+        let head = self.get_range(name, 0..seal::HEAD as u64)?;
+        if k.open_head(&head).map_err(|why| self.bad_object(name, why))? != len {
+            return Err(self.bad_object(name, "its length is not the manifest's".into()));
+        }
+        let n = seal::chunks(len);
+        let groups: Vec<(u64, u64)> = (0..n).step_by(8).map(|g| (g, (g + 8).min(n))).collect();
+        for batch in groups.chunks(parallel.max(1)) {
+            let parts = self.rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for &(g0, g1) in batch {
+                    let range = seal::chunk_range(len, g0).start..seal::chunk_range(len, g1 - 1).end;
+                    let (store, key) = (self.store.clone(), self.object_key(name));
+                    set.spawn(async move { (g0, store.get_range(&key, range).await) });
+                }
+                let mut out = Vec::new();
+                while let Some(j) = set.join_next().await {
+                    out.push(j);
+                }
+                out
+            });
+            for p in parts {
+                let (g0, bytes) = p.map_err(|e| RemoteError::Setup {
+                    url: self.url.to_string(),
+                    why: format!("a download task failed: {e}"),
+                })?;
+                let mut bytes = bytes.map_err(self.err("GET (range)", name))?.to_vec();
+                let mut at = 0usize;
+                let mut i = g0;
+                while at < bytes.len() {
+                    let r = seal::chunk_range(len, i);
+                    let size = (r.end - r.start) as usize;
+                    let sealed = bytes
+                        .get_mut(at..at + size)
+                        .ok_or_else(|| self.bad_object(name, format!("chunk {i} is cut short")))?;
+                    k.open_chunk(&head, name, i, i + 1 == n, sealed)
+                        .map_err(|why| self.bad_object(name, why))?;
+                    file.write_all_at(&sealed[..size - seal::TAG_LEN], i * seal::CHUNK as u64)
+                        .map_err(io("write", path))?;
+                    at += size;
+                    i += 1;
+                }
             }
         }
         Ok(())

@@ -31,6 +31,9 @@ pub enum RemoteError {
     /// An object does not hold what MANIFEST says.
     #[error("object {key} of {url} is damaged: {why}")]
     BadObject { url: String, key: String, why: String },
+    /// The key given does not open the remote store's epochs.
+    #[error("{url}: {why}")]
+    Key { url: String, why: String },
     /// `--at` names no epoch of the remote store.
     #[error("{url} has no epoch {what}")]
     NoEpoch { url: String, what: String },

@@ -40,6 +40,25 @@ pub fn manifest(client: &Client) -> Result<Manifest> {
     Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url, why })
 }
 
+/// Whether `client` holds the key the remote store's epochs are
+/// encrypted with (or none when they are not).
+pub(crate) fn check_key(client: &Client, m: &Manifest) -> Result<()> {
+    let url = client.url().to_string();
+    let hex = |k: &[u8; 16]| k.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let why = match (m.key_id, client.key().map(crate::SealKey::id)) {
+        (None, None) => return Ok(()),
+        (Some(r), Some(l)) if r == l => return Ok(()),
+        (Some(r), None) => format!("its epochs are encrypted (key {}): give --encrypt-key FILE", hex(&r)),
+        (Some(r), Some(l)) => format!(
+            "its epochs are encrypted with key {}, and --encrypt-key gives key {}",
+            hex(&r),
+            hex(&l)
+        ),
+        (None, Some(_)) => "its epochs are not encrypted, and --encrypt-key was given: use another prefix for encrypted epochs, or drop --encrypt-key".into(),
+    };
+    Err(RemoteError::Key { url, why })
+}
+
 /// The tag in an object name `epochs/ID-TAG.epoch`.
 fn tag_of(object: &str) -> Option<u64> {
     let stem = object.strip_suffix(".epoch")?;
@@ -84,12 +103,13 @@ pub fn fetch_all(client: &Client, m: &Manifest, into: &Path) -> Result<Fetched> 
 
 /// The headers of every epoch of the remote store (one ranged GET each,
 /// checked against the tag of the object's name), for listing.
-pub fn headers(client: &Client, m: &Manifest) -> Vec<(Entry, Result<Header>)> {
-    m.epochs
+pub fn headers(client: &Client, m: &Manifest) -> Result<Vec<(Entry, Result<Header>)>> {
+    check_key(client, m)?;
+    Ok(m.epochs
         .iter()
         .map(|e| {
             let h = (|| {
-                let head = client.get_range(&e.object, 0..HEADER_SIZE as u64)?;
+                let head = client.get_start(&e.object, e.bytes, HEADER_SIZE as u64)?;
                 let bad = |why: String| RemoteError::BadObject {
                     url: client.url().to_string(),
                     key: client.url().key(&e.object),
@@ -102,10 +122,11 @@ pub fn headers(client: &Client, m: &Manifest) -> Vec<(Entry, Result<Header>)> {
             })();
             (e.clone(), h)
         })
-        .collect()
+        .collect())
 }
 
 fn fetch_entries(client: &Client, m: &Manifest, chain: &[&Entry], into: &Path) -> Result<Fetched> {
+    check_key(client, m)?;
     let t0 = Instant::now();
     let url = client.url().to_string();
     let remote_store = client.get("STORE")?.ok_or_else(|| RemoteError::BadObject {

@@ -14,6 +14,7 @@ mod error;
 mod fetch;
 pub mod manifest;
 mod replicate;
+pub mod seal;
 mod url;
 
 pub use client::Client;
@@ -21,4 +22,5 @@ pub use error::{RemoteError, Result};
 pub use fetch::{Fetched, fetch_all, fetch_chain, headers, manifest};
 pub use manifest::{Entry, Manifest};
 pub use replicate::{ReplicaStatus, ReplicaWatch, Replicator};
+pub use seal::SealKey;
 pub use url::RemoteUrl;

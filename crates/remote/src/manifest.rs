@@ -27,6 +27,8 @@ pub struct Manifest {
     pub store_uuid: [u8; 16],
     /// Incremented by every manifest written.
     pub generation: u64,
+    /// The id of the key its epoch objects are encrypted with, if they are.
+    pub key_id: Option<[u8; 16]>,
     /// Epochs by id.
     pub epochs: Vec<Entry>,
 }
@@ -51,6 +53,9 @@ impl Manifest {
             hex(&self.store_uuid),
             self.generation
         );
+        if let Some(k) = &self.key_id {
+            s += &format!("encryption xchacha20poly1305 {}\n", hex(k));
+        }
         for e in &self.epochs {
             let parent = e.parent.map_or_else(|| "-".to_string(), |p| p.to_string());
             s += &format!(
@@ -101,6 +106,22 @@ impl Manifest {
         let generation = field(lines.next(), "generation")?
             .parse()
             .map_err(|_| "bad generation")?;
+        let mut lines = lines.peekable();
+        let mut key_id = None;
+        if let Some(k) = lines
+            .peek()
+            .and_then(|l| l.strip_prefix("encryption xchacha20poly1305 "))
+        {
+            if k.len() != 32 {
+                return Err("bad key id".into());
+            }
+            let mut id = [0u8; 16];
+            for (i, b) in id.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&k[2 * i..2 * i + 2], 16).map_err(|_| "bad key id")?;
+            }
+            key_id = Some(id);
+            lines.next();
+        }
         let mut epochs: Vec<Entry> = Vec::new();
         for (n, line) in lines.enumerate() {
             let bad = || format!("epoch line {}: {line:?}", n + 1);
@@ -141,6 +162,7 @@ impl Manifest {
         Ok(Manifest {
             store_uuid,
             generation,
+            key_id,
             epochs,
         })
     }
@@ -172,6 +194,7 @@ mod tests {
         Manifest {
             store_uuid: [7; 16],
             generation: 3,
+            key_id: None,
             epochs: vec![
                 Entry {
                     id: 1,
@@ -204,6 +227,11 @@ mod tests {
             ..sample()
         };
         assert_eq!(Manifest::decode(empty.encode().as_bytes()).unwrap(), empty);
+        let sealed = Manifest {
+            key_id: Some([0xab; 16]),
+            ..sample()
+        };
+        assert_eq!(Manifest::decode(sealed.encode().as_bytes()).unwrap(), sealed);
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl Replicator {
         let manifest = match client.get("MANIFEST")? {
             Some(text) => {
                 let m = Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url: url.clone(), why })?;
+                crate::fetch::check_key(&client, &m)?;
                 if m.store_uuid != uuid {
                     return Err(RemoteError::BadManifest {
                         url,
@@ -123,6 +124,7 @@ impl Replicator {
             None => Manifest {
                 store_uuid: uuid,
                 generation: 0,
+                key_id: client.key().map(crate::SealKey::id),
                 epochs: Vec::new(),
             },
         };
@@ -400,6 +402,7 @@ impl Worker {
             let m = Manifest {
                 store_uuid: self.uuid,
                 generation: self.manifest.generation + 1,
+                key_id: self.manifest.key_id,
                 epochs: next,
             };
             self.client.put("MANIFEST", m.encode().into_bytes())?;

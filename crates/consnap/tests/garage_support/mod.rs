@@ -61,6 +61,7 @@ data_dir = "{dir}/data"
 replication_factor = 1
 metadata_fsync = true
 data_fsync = true
+compression_level = "none"
 rpc_bind_addr = "127.0.0.1:{rpc}"
 rpc_public_addr = "127.0.0.1:{rpc}"
 rpc_secret = "{secret}"
@@ -120,6 +121,24 @@ api_bind_addr = "127.0.0.1:{s3}"
             assert!(Instant::now() < until, "garage not ready in 30 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether any file of Garage's data holds `needle` (blocks are
+    /// stored uncompressed here, so page contents show through unless
+    /// they were encrypted).
+    pub fn data_holds(&self, needle: &[u8]) -> bool {
+        fn walk(dir: &Path, needle: &[u8]) -> bool {
+            let Ok(rd) = std::fs::read_dir(dir) else { return false };
+            rd.flatten().any(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, needle)
+                } else {
+                    std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+                }
+            })
+        }
+        walk(&self.dir.join("data"), needle)
     }
 
     pub fn log(&self) -> String {
