@@ -97,6 +97,8 @@ pub struct Control {
     takes: Vec<Take>,
     next_publish: Instant,
     poll_at: Option<Instant>,
+    /// Snapshots are held back by replication (see `snapshots`).
+    replica_hold: bool,
     ops: VecDeque<(Instant, u64)>,
     /// An instant in the past: when the task is due at once.
     created: Instant,
@@ -111,6 +113,9 @@ pub struct Finished {
     /// Progress samples.
     pub samples: Vec<(u64, u64)>,
 }
+
+/// How often a snapshot held back by replication checks again.
+const REPLICA_HOLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Control {
     /// A controller over these tasks; `commands` come from the API server.
@@ -132,6 +137,7 @@ impl Control {
             takes: Vec::new(),
             next_publish: Instant::now(),
             poll_at: None,
+            replica_hold: false,
             ops: VecDeque::new(),
             created: Instant::now(),
         }
@@ -252,14 +258,26 @@ impl Control {
         let before = engine.in_flight();
         let errors_before = engine.errors.len();
         let asked = queued && before.is_none() && engine.request_now();
-        let ticked = asked || engine.due().is_some_and(|d| d <= Instant::now());
+        let due = engine.due().is_some_and(|d| d <= Instant::now());
+        // Replication is too far behind and its policy is to throttle:
+        // epochs wait (the interval stretches), finished ones still commit.
+        let hold = due
+            && !asked
+            && self
+                .shared
+                .lock()
+                .replica
+                .as_ref()
+                .is_some_and(remote::ReplicaWatch::hold);
+        self.replica_hold = hold;
+        let ticked = asked || (due && !hold);
         let flow = if ticked {
             if self.user_paused {
                 engine.tick(&mut Held(m))
             } else {
                 engine.tick(m)
             }
-        } else if !self.takes.is_empty() {
+        } else if !self.takes.is_empty() || hold {
             engine.poll(m)
         } else {
             TaskFlow::Continue
@@ -299,7 +317,11 @@ impl Control {
             }
         }
         self.takes = waiting;
-        self.poll_at = (!self.takes.is_empty()).then(|| Instant::now() + POLL_EVERY);
+        self.poll_at = if hold {
+            Some(Instant::now() + REPLICA_HOLD_RECHECK)
+        } else {
+            (!self.takes.is_empty()).then(|| Instant::now() + POLL_EVERY)
+        };
         flow
     }
 
@@ -393,7 +415,9 @@ impl Task for Control {
             consider(self.probe.due());
         }
         consider(self.sampler.due());
-        consider(self.engine.as_ref().and_then(Task::due));
+        if !self.replica_hold {
+            consider(self.engine.as_ref().and_then(Task::due));
+        }
         consider(self.poll_at);
         Some(due)
     }

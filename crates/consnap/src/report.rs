@@ -427,6 +427,12 @@ pub struct Replication {
     pub upload_mb_s: Option<f64>,
     /// The last error, if the last attempt failed.
     pub error: Option<String>,
+    /// `--replicate-backlog` and `--replicate-overflow`, and for how long
+    /// the backlog was over that limit (with `throttle`, snapshots waited
+    /// that long).
+    pub backlog_limit_bytes: u64,
+    pub overflow: String,
+    pub over_limit_s: f64,
 }
 
 impl Replication {
@@ -445,6 +451,14 @@ impl Replication {
             manifests: s.manifests,
             upload_mb_s: (s.upload_s > 0.0).then(|| s.uploaded_bytes as f64 / 1e6 / s.upload_s),
             error: s.last_error.clone(),
+            backlog_limit_bytes: s.limit.map_or(0, |l| l.bytes),
+            overflow: if s.limit.is_some_and(|l| l.throttle) {
+                "throttle"
+            } else {
+                "continue"
+            }
+            .into(),
+            over_limit_s: s.over_limit_s,
         }
     }
 }

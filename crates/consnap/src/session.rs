@@ -147,6 +147,22 @@ pub struct SessionArgs {
     /// `restore` from an object store needs the same key.
     #[arg(long, value_name = "FILE")]
     pub encrypt_key: Option<PathBuf>,
+    /// How far replication may fall behind: bytes committed locally and
+    /// not yet off-host.
+    #[arg(long, default_value = "1G", value_parser = args::size, requires = "replicate")]
+    pub replicate_backlog: u64,
+    /// What happens beyond --replicate-backlog: `continue` (snapshots go on
+    /// locally; the report says for how long the limit was exceeded) or
+    /// `throttle` (snapshots wait until replication catches up).
+    #[arg(long, value_enum, default_value = "continue", requires = "replicate")]
+    pub replicate_overflow: Overflow,
+}
+
+/// What happens when replication falls behind by more than its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Overflow {
+    Continue,
+    Throttle,
 }
 
 /// Feed terminal input to the guest's serial port.
@@ -254,10 +270,11 @@ fn start_replication(
     dir: &std::path::Path,
     interval: Duration,
     key: Option<&std::path::Path>,
+    limit: remote::BacklogLimit,
 ) -> Result<remote::Replicator, String> {
     let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
     let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
-    remote::Replicator::start(dir, client, poll).map_err(|e| format!("--replicate: {e}"))
+    remote::Replicator::start(dir, client, poll, limit).map_err(|e| format!("--replicate: {e}"))
 }
 
 /// A client for the object store `url`, with the key in `key` if given.
@@ -343,7 +360,19 @@ pub fn execute(
         crate::reclaimer::Reclaimer::start(store, opts, parent)
     });
     let replicator = match (&a.replicate, &a.snapshot_dir) {
-        (Some(url), Some(dir)) => Some(start_replication(url, dir, a.interval, a.encrypt_key.as_deref())?),
+        (Some(url), Some(dir)) => {
+            let limit = remote::BacklogLimit {
+                bytes: a.replicate_backlog,
+                throttle: a.replicate_overflow == Overflow::Throttle,
+            };
+            Some(start_replication(
+                url,
+                dir,
+                a.interval,
+                a.encrypt_key.as_deref(),
+                limit,
+            )?)
+        }
         _ => None,
     };
     let shared = Arc::new(Shared::new(Board {

@@ -187,6 +187,12 @@ fn the_object_store_mirrors_reclamation() {
         "4",
         "--replicate",
         &url,
+        // Any epoch not off-host yet is over this limit: every snapshot
+        // waits until the previous one is up.
+        "--replicate-backlog",
+        "1",
+        "--replicate-overflow",
+        "throttle",
         "--report",
         report.to_str().unwrap(),
     ]));
@@ -204,6 +210,9 @@ fn the_object_store_mirrors_reclamation() {
     assert!(r["reclaim"]["epochs_merged"].as_u64().unwrap() > 0, "{}", r["reclaim"]);
     assert!(rep["deleted_objects"].as_u64().unwrap() > 0, "{rep}");
     assert_eq!(rep["backlog_epochs"], 0, "{rep}");
+    assert_eq!(rep["overflow"], "throttle", "{rep}");
+    assert!(rep["over_limit_s"].as_f64().unwrap() > 0.0, "{rep}");
+    assert!(r["snapshots"]["count"].as_u64().unwrap() >= 5, "{}", r["snapshots"]);
     // The remote store holds exactly the local epochs, each restorable.
     let local = store_support::ids(&snaps);
     let mut cmd = consnap();

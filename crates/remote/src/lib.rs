@@ -21,6 +21,6 @@ pub use client::Client;
 pub use error::{RemoteError, Result};
 pub use fetch::{Fetched, fetch_all, fetch_chain, headers, manifest};
 pub use manifest::{Entry, Manifest};
-pub use replicate::{ReplicaStatus, ReplicaWatch, Replicator};
+pub use replicate::{BacklogLimit, ReplicaStatus, ReplicaWatch, Replicator};
 pub use seal::SealKey;
 pub use url::RemoteUrl;

@@ -50,12 +50,30 @@ pub struct ReplicaStatus {
     pub upload_s: f64,
     /// The last error, if the last pass failed (the replicator retries).
     pub last_error: Option<String>,
+    /// The backlog is over its limit now, and for how long it was in all.
+    pub over_limit: bool,
+    pub over_limit_s: f64,
+    /// The limit and its policy.
+    pub limit: Option<BacklogLimit>,
 }
 
 struct Control {
     wake: bool,
     stopping: bool,
     status: ReplicaStatus,
+    /// Since when the backlog is over the limit.
+    over_since: Option<Instant>,
+}
+
+/// How far replication may fall behind, and what happens then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BacklogLimit {
+    /// Bytes committed locally and not off-host.
+    pub bytes: u64,
+    /// Over it, snapshots wait until replication catches up (the interval
+    /// stretches); otherwise they go on locally and the report says for
+    /// how long the limit was exceeded.
+    pub throttle: bool,
 }
 
 struct Shared {
@@ -94,13 +112,14 @@ struct Worker {
     listed: HashMap<u64, Local>,
     /// How often to look for new epochs without being told.
     poll: Duration,
+    limit: BacklogLimit,
 }
 
 impl Replicator {
     /// Start replicating the store in `dir` to `client`'s remote store,
     /// looking for new epochs every `poll` (and at [`Replicator::notify`]).
     /// Refuses a remote store that belongs to another store.
-    pub fn start(dir: &Path, client: Client, poll: Duration) -> Result<Replicator> {
+    pub fn start(dir: &Path, client: Client, poll: Duration, limit: BacklogLimit) -> Result<Replicator> {
         let local = store::Store::open(dir, store::Access::Read).map_err(Box::new)?;
         let uuid = local.uuid();
         drop(local);
@@ -140,6 +159,7 @@ impl Replicator {
             .collect();
         let status = ReplicaStatus {
             url,
+            limit: Some(limit),
             ..ReplicaStatus::default()
         };
         let shared = Arc::new(Shared {
@@ -147,6 +167,7 @@ impl Replicator {
                 wake: true,
                 stopping: false,
                 status,
+                over_since: None,
             }),
             cv: Condvar::new(),
         });
@@ -158,6 +179,7 @@ impl Replicator {
             strays,
             listed: HashMap::new(),
             poll,
+            limit,
         };
         w.note(&shared, None);
         let sh = shared.clone();
@@ -235,6 +257,13 @@ impl std::fmt::Debug for ReplicaWatch {
 }
 
 impl ReplicaWatch {
+    /// Snapshots must wait: the backlog is over its limit, whose policy
+    /// is to throttle.
+    pub fn hold(&self) -> bool {
+        let c = self.0.control.lock().unwrap_or_else(|p| p.into_inner());
+        c.status.over_limit && c.status.limit.is_some_and(|l| l.throttle)
+    }
+
     /// What the replicator has done so far.
     pub fn status(&self) -> ReplicaStatus {
         self.0.control.lock().unwrap_or_else(|p| p.into_inner()).status.clone()
@@ -300,6 +329,17 @@ impl Worker {
 
     /// Record the status.
     fn note(&self, shared: &Shared, error: Option<String>) {
+        self.note_backlog(shared);
+        shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .last_error = error;
+    }
+
+    /// Record what is off-host and the backlog, and whether it is over the limit.
+    fn note_backlog(&self, shared: &Shared) {
         let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut c.status;
         let newest = self.manifest.epochs.last();
@@ -314,7 +354,27 @@ impl Worker {
             .collect();
         s.backlog_epochs = behind.len() as u64;
         s.backlog_bytes = behind.iter().map(|l| l.bytes).sum();
-        s.last_error = error;
+        let over = s.backlog_bytes > self.limit.bytes;
+        let now = Instant::now();
+        if let Some(since) = c.over_since.take() {
+            c.status.over_limit_s += now.duration_since(since).as_secs_f64();
+        }
+        if over {
+            if !c.status.over_limit {
+                tracing::warn!(
+                    backlog = c.status.backlog_bytes,
+                    limit = self.limit.bytes,
+                    "replication is behind by more than --replicate-backlog: {}",
+                    if self.limit.throttle {
+                        "snapshots wait until it catches up"
+                    } else {
+                        "snapshots go on locally"
+                    }
+                );
+            }
+            c.over_since = Some(now);
+        }
+        c.status.over_limit = over;
     }
 
     /// List the local epochs, reading the header of each new or changed file.
@@ -349,6 +409,7 @@ impl Worker {
     /// chain was not whole (a reclamation in progress).
     fn pass(&mut self, shared: &Shared) -> Result<bool> {
         self.scan()?;
+        self.note_backlog(shared);
         // Epochs whose chain is whole, in id order.
         let mut settled = true;
         let mut next: Vec<Entry> = Vec::new();
