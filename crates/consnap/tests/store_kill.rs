@@ -1,6 +1,6 @@
 //! Crash safety of the store: kill -9 at random moments while epochs are
 //! written and reclaimed in the background, and while `consnap compact`
-//! runs; 24 kills (more with `CONSNAP_KILL_ROUNDS`). After each kill the
+//! runs; 16 kills (more with `CONSNAP_KILL_ROUNDS`). After each kill the
 //! store verifies, and every epoch present restores to exactly the memory
 //! it restored to whenever it was seen before; at the end the latest and a
 //! random retained epoch run to the checksum of an uninterrupted run.
@@ -18,7 +18,7 @@ use store_support::*;
 /// Rate-limited memstress lasting 75 s of guest time: a write round runs
 /// the guest until its first epoch, then up to 0.7 s more: about 0.4 s on
 /// an idle machine and 0.85 s under `stress-ng --cpu 2` (the saver, at low
-/// priority, then commits an epoch every 0.45 s or so), so 24 rounds end
+/// priority, then commits an epoch every 0.45 s or so), so 16 rounds end
 /// well before it does; the final restores run what is left, idling
 /// between ops.
 const SPEC: &str = "memstress,wss=8M,ops=1500000,rate=20000,pattern=hotcold";
@@ -91,7 +91,7 @@ fn kill_9_while_writing_and_while_compacting() {
     let rounds: u64 = std::env::var("CONSNAP_KILL_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(24);
+        .unwrap_or(16);
     let mut rng = Rng(seed());
     let dir = tempdir("store-kill");
     let snaps = dir.join("snaps");
