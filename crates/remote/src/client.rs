@@ -41,7 +41,9 @@ impl Client {
     /// A client for `url`, set up the way S3 tools are, from the
     /// environment: `AWS_ENDPOINT_URL` (an `http://` endpoint is allowed),
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
-    /// `AWS_REGION` or `AWS_DEFAULT_REGION`. Requests use path-style
+    /// `AWS_REGION` or `AWS_DEFAULT_REGION`; what they leave out comes
+    /// from the profile `AWS_PROFILE` names (or `default`) in
+    /// `~/.aws/credentials` and `~/.aws/config`. Requests use path-style
     /// addressing (as Garage, MinIO and Ceph expect) and give up after a
     /// few retries, so that a wrong endpoint fails in seconds.
     pub fn from_env(url: &RemoteUrl) -> Result<Client> {
@@ -49,9 +51,30 @@ impl Client {
             url: url.to_string(),
             why,
         };
-        let endpoint = std::env::var("AWS_ENDPOINT_URL").ok();
+        // The environment first, then the profile for what it leaves out.
+        let profile = crate::profile::load();
+        let env_or = |var: &str, key: &str| std::env::var(var).ok().or_else(|| profile.get(key).map(str::to_string));
+        let endpoint = env_or("AWS_ENDPOINT_URL", "endpoint_url");
         let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-        let mut builder = AmazonS3Builder::from_env()
+        let mut builder = AmazonS3Builder::from_env();
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
+            && let (Some(id), Some(secret)) = (
+                profile.get("aws_access_key_id"),
+                profile.get("aws_secret_access_key"),
+            )
+        {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(t) = profile.get("aws_session_token") {
+                builder = builder.with_token(t);
+            }
+        }
+        if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+            && let Some(r) = profile.get("region")
+        {
+            builder = builder.with_region(r);
+        }
+        let mut builder = builder
             .with_bucket_name(&url.bucket)
             .with_virtual_hosted_style_request(false)
             // allow_http goes on the client options themselves: options set

@@ -13,6 +13,7 @@ mod client;
 mod error;
 mod fetch;
 pub mod manifest;
+mod profile;
 mod replicate;
 pub mod seal;
 mod url;
