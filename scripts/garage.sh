@@ -12,8 +12,9 @@ bin=$root/bin/garage
 if [[ ! -x $bin ]]; then
     echo "garage.sh: building Garage $version into $root (once per machine, about 16 minutes)" >&2
     mkdir -p "$root"
-    # A private target directory, removed afterwards: only the binary is kept.
-    tmp=$(mktemp -d "${TMPDIR:-/tmp}/garage-build.XXXXXX")
+    # A private target directory beside the cache (not /tmp, which may be
+    # small), removed afterwards: only the binary is kept.
+    tmp=$(mktemp -d "$root.build.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     CARGO_TARGET_DIR=$tmp cargo install --locked garage --version "$version" --root "$root.partial" >&2
     mkdir -p "$root/bin"
