@@ -58,10 +58,7 @@ impl Client {
         let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
         let mut builder = AmazonS3Builder::from_env();
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
-            && let (Some(id), Some(secret)) = (
-                profile.get("aws_access_key_id"),
-                profile.get("aws_secret_access_key"),
-            )
+            && let (Some(id), Some(secret)) = (profile.get("aws_access_key_id"), profile.get("aws_secret_access_key"))
         {
             builder = builder.with_access_key_id(id).with_secret_access_key(secret);
             if let Some(t) = profile.get("aws_session_token") {

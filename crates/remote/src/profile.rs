@@ -84,7 +84,10 @@ mod tests {
         assert_eq!(p.get("region"), Some("garage"));
         assert_eq!(p.get("endpoint_url"), Some("http://127.0.0.1:3900"));
         let d = from_texts("default", creds, config);
-        assert_eq!((d.get("aws_access_key_id"), d.get("region")), (Some("A"), Some("us-east-1")));
+        assert_eq!(
+            (d.get("aws_access_key_id"), d.get("region")),
+            (Some("A"), Some("us-east-1"))
+        );
         assert_eq!(from_texts("none", creds, config), Profile::default());
     }
 }
