@@ -161,38 +161,10 @@ impl Client {
         if let Some(k) = &self.key {
             return self.put_sealed(k, name, file, len, path);
         }
-        let read = |at: u64, buf: &mut [u8]| file.read_exact_at(buf, at).map_err(io("read", path));
-        if len <= MULTIPART_FROM {
-            let mut buf = vec![0u8; len as usize];
-            read(0, &mut buf)?;
-            return self.put(name, buf);
-        }
-        let key = self.object_key(name);
-        self.rt.block_on(async {
-            let upload = self
-                .store
-                .put_multipart(&key)
-                .await
-                .map_err(self.err("start multipart upload of", name))?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
-            let mut buf = vec![0u8; PART];
-            let mut at = 0;
-            while at < len {
-                let n = (len - at).min(PART as u64) as usize;
-                if let Err(e) = read(at, &mut buf[..n]) {
-                    let _ = w.abort().await;
-                    return Err(e);
-                }
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(self.err("upload a part of", name))?;
-                w.write(&buf[..n]);
-                at += n as u64;
-            }
-            w.finish()
-                .await
-                .map(drop)
-                .map_err(self.err("finish multipart upload of", name))
+        self.put_pieces(name, len, &[], len.div_ceil(PART as u64), |i, buf| {
+            let at = i * PART as u64;
+            buf.resize((len - at).min(PART as u64) as usize, 0);
+            file.read_exact_at(buf, at).map_err(io("read", path))
         })
     }
 
@@ -203,19 +175,33 @@ impl Client {
             why,
         })?;
         let n = seal::chunks(len);
-        let chunk = |i: u64, buf: &mut Vec<u8>| -> Result<()> {
+        self.put_pieces(name, seal::sealed_len(len), &head, n, |i, buf| {
             let at = i * seal::CHUNK as u64;
             buf.resize((len - at).min(seal::CHUNK as u64) as usize, 0);
             file.read_exact_at(buf, at).map_err(io("read", path))?;
             k.seal_chunk(&head, name, i, i + 1 == n, buf);
             Ok(())
-        };
-        let mut buf = Vec::with_capacity(seal::CHUNK + seal::TAG_LEN);
-        if seal::sealed_len(len) <= MULTIPART_FROM {
-            let mut all = Vec::with_capacity(seal::sealed_len(len) as usize);
-            all.extend_from_slice(&head);
-            for i in 0..n {
-                chunk(i, &mut buf)?;
+        })
+    }
+
+    /// Put object `name` of `total` bytes: `head`, then `pieces` pieces
+    /// that `fill(i, buf)` puts into `buf` in turn. In one request up to
+    /// 16 MiB, in parts (4 in flight) above; a failed piece aborts the
+    /// upload.
+    fn put_pieces(
+        &self,
+        name: &str,
+        total: u64,
+        head: &[u8],
+        pieces: u64,
+        mut fill: impl FnMut(u64, &mut Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let mut buf = Vec::new();
+        if total <= MULTIPART_FROM {
+            let mut all = Vec::with_capacity(total as usize);
+            all.extend_from_slice(head);
+            for i in 0..pieces {
+                fill(i, &mut buf)?;
                 all.extend_from_slice(&buf);
             }
             return self.put(name, all);
@@ -228,9 +214,9 @@ impl Client {
                 .await
                 .map_err(self.err("start multipart upload of", name))?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
-            w.write(&head);
-            for i in 0..n {
-                if let Err(e) = chunk(i, &mut buf) {
+            w.write(head);
+            for i in 0..pieces {
+                if let Err(e) = fill(i, &mut buf) {
                     let _ = w.abort().await;
                     return Err(e);
                 }
@@ -334,33 +320,12 @@ impl Client {
         if let Some(k) = &self.key {
             return self.get_sealed(k, name, len, file, path, parallel);
         }
-        let key = self.object_key(name);
         let ranges: Vec<Range<u64>> = (0..len.div_ceil(PART as u64))
             .map(|i| i * PART as u64..((i + 1) * PART as u64).min(len))
             .collect();
-        for group in ranges.chunks(parallel.max(1)) {
-            let parts = self.rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for r in group {
-                    let (store, key, r) = (self.store.clone(), key.clone(), r.clone());
-                    set.spawn(async move { (r.start, store.get_range(&key, r).await) });
-                }
-                let mut out = Vec::new();
-                while let Some(j) = set.join_next().await {
-                    out.push(j);
-                }
-                out
-            });
-            for p in parts {
-                let (at, bytes) = p.map_err(|e| RemoteError::Setup {
-                    url: self.url.to_string(),
-                    why: format!("a download task failed: {e}"),
-                })?;
-                let bytes = bytes.map_err(self.err("GET (range)", name))?;
-                file.write_all_at(&bytes, at).map_err(io("write", path))?;
-            }
-        }
-        Ok(())
+        self.get_ranges(name, &ranges, parallel, |i, bytes| {
+            file.write_all_at(&bytes, ranges[i].start).map_err(io("write", path))
+        })
     }
 
     /// [`Client::get_to_file`] for an encrypted object: its head, then
@@ -380,14 +345,48 @@ impl Client {
             return Err(self.bad_object(name, "its length is not the manifest's".into()));
         }
         let n = seal::chunks(len);
-        let groups: Vec<(u64, u64)> = (0..n).step_by(8).map(|g| (g, (g + 8).min(n))).collect();
-        for batch in groups.chunks(parallel.max(1)) {
+        let groups: Vec<u64> = (0..n).step_by(8).collect();
+        let ranges: Vec<Range<u64>> = groups
+            .iter()
+            .map(|&g| seal::chunk_range(len, g).start..seal::chunk_range(len, (g + 8).min(n) - 1).end)
+            .collect();
+        self.get_ranges(name, &ranges, parallel, |gi, mut bytes| {
+            let mut at = 0usize;
+            let mut i = groups[gi];
+            while at < bytes.len() {
+                let r = seal::chunk_range(len, i);
+                let size = (r.end - r.start) as usize;
+                let sealed = bytes
+                    .get_mut(at..at + size)
+                    .ok_or_else(|| self.bad_object(name, format!("chunk {i} is cut short")))?;
+                k.open_chunk(&head, name, i, i + 1 == n, sealed)
+                    .map_err(|why| self.bad_object(name, why))?;
+                file.write_all_at(&sealed[..size - seal::TAG_LEN], i * seal::CHUNK as u64)
+                    .map_err(io("write", path))?;
+                at += size;
+                i += 1;
+            }
+            Ok(())
+        })
+    }
+
+    /// GET `ranges` of object `name`, up to `parallel` at once, handing
+    /// each one's bytes to `each(index in ranges, bytes)` as it arrives.
+    fn get_ranges(
+        &self,
+        name: &str,
+        ranges: &[Range<u64>],
+        parallel: usize,
+        mut each: impl FnMut(usize, Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let key = self.object_key(name);
+        let batch = parallel.max(1);
+        for (b, group) in ranges.chunks(batch).enumerate() {
             let parts = self.rt.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
-                for &(g0, g1) in batch {
-                    let range = seal::chunk_range(len, g0).start..seal::chunk_range(len, g1 - 1).end;
-                    let (store, key) = (self.store.clone(), self.object_key(name));
-                    set.spawn(async move { (g0, store.get_range(&key, range).await) });
+                for (k, r) in group.iter().enumerate() {
+                    let (store, key, r) = (self.store.clone(), key.clone(), r.clone());
+                    set.spawn(async move { (b * batch + k, store.get_range(&key, r).await) });
                 }
                 let mut out = Vec::new();
                 while let Some(j) = set.join_next().await {
@@ -396,26 +395,12 @@ impl Client {
                 out
             });
             for p in parts {
-                let (g0, bytes) = p.map_err(|e| RemoteError::Setup {
+                let (i, bytes) = p.map_err(|e| RemoteError::Setup {
                     url: self.url.to_string(),
                     why: format!("a download task failed: {e}"),
                 })?;
-                let mut bytes = bytes.map_err(self.err("GET (range)", name))?.to_vec();
-                let mut at = 0usize;
-                let mut i = g0;
-                while at < bytes.len() {
-                    let r = seal::chunk_range(len, i);
-                    let size = (r.end - r.start) as usize;
-                    let sealed = bytes
-                        .get_mut(at..at + size)
-                        .ok_or_else(|| self.bad_object(name, format!("chunk {i} is cut short")))?;
-                    k.open_chunk(&head, name, i, i + 1 == n, sealed)
-                        .map_err(|why| self.bad_object(name, why))?;
-                    file.write_all_at(&sealed[..size - seal::TAG_LEN], i * seal::CHUNK as u64)
-                        .map_err(io("write", path))?;
-                    at += size;
-                    i += 1;
-                }
+                // Without a copy when the buffer is not shared.
+                each(i, Vec::from(bytes.map_err(self.err("GET (range)", name))?))?;
             }
         }
         Ok(())
