@@ -74,13 +74,7 @@ fn a_replicated_vm_restores_on_another_host() {
         live["newest_epoch"].as_u64().is_some() && live["lag_s"].as_f64().unwrap() < 30.0,
         "{stats}"
     );
-    let out = child.stop(libc::SIGTERM);
-    assert_eq!(
-        out.status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_term(child, &args);
     let r = read_report(&report);
     let rep = &r["replication"];
     let local = store_support::ids(&snaps);
@@ -91,9 +85,7 @@ fn a_replicated_vm_restores_on_another_host() {
     assert!(rep["uploaded_bytes"].as_u64().unwrap() > 0, "{rep}");
     // `ls` and `verify` take the URL: the same epochs, all restorable,
     // every byte sound.
-    let mut cmd = consnap();
-    let out = run_ok(garage.env(cmd.args(["ls", "--json", &url])));
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = garage.ls(&url, &[]);
     let ids: Vec<u64> = listed.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, local);
     assert!(listed.iter().all(|r| r["restorable"] == true), "{listed:?}");
@@ -107,15 +99,7 @@ fn a_replicated_vm_restores_on_another_host() {
         ("middle", local[local.len() / 2].to_string()),
     ] {
         let cache = dir.join(format!("host2-{n}"));
-        let report = dir.join(format!("restore-{n}.json"));
-        let mut cmd = consnap();
-        garage
-            .env(cmd.args(["restore", &url, "--at", &at, "--pause-probe", "0", "--cache"]))
-            .arg(&cache)
-            .arg("--report")
-            .arg(&report);
-        run_ok(&mut cmd);
-        let r = read_report(&report);
+        let r = garage.restore(&url, &cache, &dir.join(format!("restore-{n}.json")), &["--at", &at]);
         assert_eq!(
             (r["ops"].as_u64(), r["checksum"].as_str()),
             (Some(ops), Some(sum.as_str())),
@@ -135,16 +119,7 @@ fn a_replicated_vm_restores_on_another_host() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let out = child.stop(libc::SIGKILL);
     assert_killed(&out, libc::SIGKILL, &["run", "--replicate"]);
-    let cache = dir.join("host3");
-    let report = dir.join("restore-killed.json");
-    let mut cmd = consnap();
-    garage
-        .env(cmd.args(["restore", &url2, "--pause-probe", "0", "--cache"]))
-        .arg(&cache)
-        .arg("--report")
-        .arg(&report);
-    run_ok(&mut cmd);
-    let r = read_report(&report);
+    let r = garage.restore(&url2, &dir.join("host3"), &dir.join("restore-killed.json"), &[]);
     assert_eq!(
         (r["ops"].as_u64(), r["checksum"].as_str()),
         (Some(ops), Some(sum.as_str())),
@@ -196,15 +171,16 @@ fn the_object_store_mirrors_reclamation() {
         "--report",
         report.to_str().unwrap(),
     ]));
-    let child = spawn(&mut cmd);
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let out = child.stop(libc::SIGTERM);
-    assert_eq!(
-        out.status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut child = spawn(&mut cmd);
+    // Epoch 40 taken (ids keep growing while merges remove epochs): about 2 s.
+    child.wait_for("epoch 40", |_| {
+        std::fs::read_dir(snaps.join("epochs")).is_ok_and(|d| {
+            d.flatten()
+                .filter_map(|e| store::epoch_id_of(e.file_name().to_str()?))
+                .any(|id| id >= 40)
+        })
+    });
+    stop_term(child, &["run", "--replicate", &url]);
     let r = read_report(&report);
     let rep = &r["replication"];
     assert!(r["reclaim"]["epochs_merged"].as_u64().unwrap() > 0, "{}", r["reclaim"]);
@@ -215,31 +191,18 @@ fn the_object_store_mirrors_reclamation() {
     assert!(r["snapshots"]["count"].as_u64().unwrap() >= 5, "{}", r["snapshots"]);
     // The remote store holds exactly the local epochs, each restorable.
     let local = store_support::ids(&snaps);
-    let mut cmd = consnap();
-    let out = run_ok(garage.env(cmd.args(["ls", "--json", &url])));
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = garage.ls(&url, &[]);
     let ids: Vec<u64> = listed.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, local);
     assert!(listed.iter().all(|r| r["restorable"] == true), "{listed:?}");
     // The oldest and the newest restore elsewhere to the uninterrupted checksum.
     for at in [local[0], *local.last().unwrap()] {
-        let report = dir.join(format!("restore-{at}.json"));
-        let mut cmd = consnap();
-        garage
-            .env(cmd.args([
-                "restore",
-                &url,
-                "--at",
-                &at.to_string(),
-                "--pause-probe",
-                "0",
-                "--cache",
-            ]))
-            .arg(dir.join(format!("host-{at}")))
-            .arg("--report")
-            .arg(&report);
-        run_ok(&mut cmd);
-        let r = read_report(&report);
+        let r = garage.restore(
+            &url,
+            &dir.join(format!("host-{at}")),
+            &dir.join(format!("restore-{at}.json")),
+            &["--at", &at.to_string()],
+        );
         assert_eq!(
             (r["ops"].as_u64(), r["checksum"].as_str()),
             (Some(ops), Some(sum.as_str())),
@@ -335,13 +298,7 @@ fn encrypted_epochs_restore_only_with_their_key() {
         garage.env(cmd.args(&args));
         let mut child = spawn(&mut cmd);
         child.wait_for("6 committed epochs", |_| epoch_count(&snaps) >= 6);
-        let out = child.stop(libc::SIGTERM);
-        assert_eq!(
-            out.status.code(),
-            Some(128 + libc::SIGTERM),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        stop_term(child, &args);
         pages.push(guest_pages(&snaps, *store_support::ids(&snaps).last().unwrap()));
     }
     // Only pages the other run does not hold (the guest's code and tables
@@ -370,17 +327,12 @@ fn encrypted_epochs_restore_only_with_their_key() {
     );
     // Restored elsewhere with the key: the uninterrupted checksum.
     let url = garage.url("sealed");
-    let report = dir.join("restore.json");
-    let mut cmd = consnap();
-    garage
-        .env(cmd.args(["restore", &url, "--pause-probe", "0", "--encrypt-key"]))
-        .arg(&key)
-        .arg("--cache")
-        .arg(dir.join("host2"))
-        .arg("--report")
-        .arg(&report);
-    run_ok(&mut cmd);
-    let r = read_report(&report);
+    let r = garage.restore(
+        &url,
+        &dir.join("host2"),
+        &dir.join("restore.json"),
+        &["--encrypt-key", key.to_str().unwrap()],
+    );
     assert_eq!(
         (r["ops"].as_u64(), r["checksum"].as_str()),
         (Some(ops), Some(sum.as_str())),
@@ -401,9 +353,7 @@ fn encrypted_epochs_restore_only_with_their_key() {
         assert!(!cache.join("epochs").exists() || epoch_count(&cache) == 0, "{err}");
     }
     // `ls` reads the encrypted headers with the key.
-    let mut cmd = consnap();
-    let out = run_ok(garage.env(cmd.args(["ls", "--json", &url, "--encrypt-key"]).arg(&key)));
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = garage.ls(&url, &["--encrypt-key", key.to_str().unwrap()]);
     assert!(
         !listed.is_empty() && listed.iter().all(|r| r["restorable"] == true),
         "{listed:?}"

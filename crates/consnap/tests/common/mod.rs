@@ -79,11 +79,18 @@ pub fn run_and_kill(args: &[&str], snaps: &Path, epochs: usize) {
 /// cleanly and writes its report); returns its output.
 #[track_caller]
 pub fn run_and_term(args: &[&str], snaps: &Path, epochs: usize) -> Output {
-    let out = start_until_epochs(args, snaps, epochs).stop(libc::SIGTERM);
+    stop_term(start_until_epochs(args, snaps, epochs), args)
+}
+
+/// Stop a running VMM `what` with SIGTERM and check that it stopped the
+/// VM cleanly (exit 128 + SIGTERM, report written); returns its output.
+#[track_caller]
+pub fn stop_term(child: Child, what: &[&str]) -> Output {
+    let out = child.stop(libc::SIGTERM);
     assert_eq!(
         out.status.code(),
         Some(128 + libc::SIGTERM),
-        "{args:?} did not stop on SIGTERM as expected:\n{}",
+        "{what:?} did not stop on SIGTERM as expected:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     out

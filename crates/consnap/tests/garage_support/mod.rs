@@ -155,6 +155,26 @@ api_bind_addr = "127.0.0.1:{s3}"
             .env_remove("AWS_PROFILE")
     }
 
+    /// `consnap ls --json URL EXTRA...`, which must succeed.
+    pub fn ls(&self, url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut cmd = crate::common::consnap();
+        let out = crate::common::run_ok(self.env(cmd.args(["ls", "--json", url]).args(extra)));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `consnap restore URL --pause-probe 0 --cache CACHE --report REPORT
+    /// EXTRA...` run to its end; its report.
+    pub fn restore(&self, url: &str, cache: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut cmd = crate::common::consnap();
+        self.env(cmd.args(["restore", url, "--pause-probe", "0", "--cache"]))
+            .arg(cache)
+            .arg("--report")
+            .arg(report)
+            .args(extra);
+        crate::common::run_ok(&mut cmd);
+        crate::common::read_report(report)
+    }
+
     /// `s3://BUCKET/prefix`.
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{BUCKET}/{prefix}")
