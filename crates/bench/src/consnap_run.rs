@@ -21,11 +21,31 @@ pub struct Ctx {
     pub vcpus: u32,
 }
 
+/// How long a run may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Past this the run is killed and counts as failed.
+    pub deadline: Duration,
+    /// A snapshot run still going at this time is stopped (SIGTERM, a clean
+    /// end with a report); its time is then a lower bound.
+    pub cap: Option<Duration>,
+}
+
 /// Run `spec` under consnap in `mode` (not a QEMU mode) at `interval`, and
 /// fill `rec` with what the report says; then restore the newest epoch and
-/// run it to the end. A failure is returned as the record's error.
-pub fn run(ctx: &Ctx, spec: &str, mode: Mode, interval: Option<Duration>, deadline: Duration, rec: &mut Record) {
-    if let Err(e) = run_inner(ctx, spec, mode, interval, deadline, rec) {
+/// run it to the end, expecting the checksum of the run itself or, for a
+/// run stopped at its cap, `expect` (the baseline's). A failure is
+/// returned as the record's error.
+pub fn run(
+    ctx: &Ctx,
+    spec: &str,
+    mode: Mode,
+    interval: Option<Duration>,
+    limits: Limits,
+    expect: Option<&str>,
+    rec: &mut Record,
+) {
+    if let Err(e) = run_inner(ctx, spec, mode, interval, limits, expect, rec) {
         rec.error = Some(e);
     }
 }
@@ -35,7 +55,8 @@ fn run_inner(
     spec: &str,
     mode: Mode,
     interval: Option<Duration>,
-    deadline: Duration,
+    limits: Limits,
+    expect: Option<&str>,
     rec: &mut Record,
 ) -> Result<(), String> {
     let snaps = ctx.scratch.join("snaps");
@@ -53,14 +74,21 @@ fn run_inner(
             .args(["--mode", mode.name(), "--interval"])
             .arg(format!("{}ms", iv.as_millis()));
     }
-    let r = run_to_report(&mut cmd, &ctx.scratch, "run", &report, deadline)?;
+    let cap = limits.cap.filter(|_| mode.snapshots());
+    let r = run_to_report(&mut cmd, &ctx.scratch, "run", &report, limits.deadline, cap)?;
     rec.wall_s = f(&r["wall_time_s"]).ok_or("the report has no wall_time_s")?;
     let idle = f(&r["vcpu_idle_s"]).unwrap_or(0.0);
     rec.busy_s = Some(rec.wall_s * ctx.vcpus as f64 - idle);
     rec.checksum = r["checksum"].as_str().map(str::to_string);
-    if rec.checksum.is_none() {
-        return Err(format!("the run ended without a checksum (status {})", r["status"]));
+    let expect = if rec.checksum.is_none() && r["status"].as_str() == Some("signal") && cap.is_some() {
+        rec.stopped_s = Some(rec.wall_s);
+        expect.ok_or("stopped at its cap, and no baseline checksum to check its restore against")?
+    } else {
+        rec.checksum
+            .as_deref()
+            .ok_or_else(|| format!("the run ended without a checksum (status {})", r["status"]))?
     }
+    .to_string();
     if mode.snapshots() {
         let s = &r["snapshots"];
         rec.snapshots = s["count"].as_u64().unwrap_or(0);
@@ -86,9 +114,9 @@ fn run_inner(
             .arg(&snaps)
             .args(["--at", "latest", "--pause-probe", "0", "--report"])
             .arg(&rreport);
-        let rr = run_to_report(&mut cmd, &ctx.scratch, "restore", &rreport, deadline)?;
+        let rr = run_to_report(&mut cmd, &ctx.scratch, "restore", &rreport, limits.deadline, None)?;
         rec.restore_s = f(&rr["restored_from"]["restore_s"]);
-        rec.restore_ok = Some(rr["checksum"].as_str() == rec.checksum.as_deref());
+        rec.restore_ok = Some(rr["checksum"].as_str() == Some(expect.as_str()));
     }
     let _ = std::fs::remove_dir_all(&snaps);
     Ok(())
@@ -105,11 +133,12 @@ fn run_to_report(
     what: &str,
     report: &Path,
     deadline: Duration,
+    cap: Option<Duration>,
 ) -> Result<Value, String> {
     let (out, err) = (scratch.join(format!("{what}.out")), scratch.join(format!("{what}.err")));
     let started = Instant::now();
     let mut child = proc::spawn(cmd, &out, &err)?;
-    let ended = proc::wait(&mut child, started, deadline).map_err(|e| format!("consnap {what}: {e}"))?;
+    let ended = proc::wait(&mut child, started, deadline, cap).map_err(|e| format!("consnap {what}: {e}"))?;
     let text = std::fs::read(report).map_err(|e| {
         format!(
             "consnap {what} exited with {} and no report ({e}): {}",
@@ -119,7 +148,7 @@ fn run_to_report(
     })?;
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| format!("consnap {what}: unreadable report {}: {e}", report.display()))?;
-    if !ended.status.success() {
+    if !ended.status.success() && !(ended.capped && v["status"].as_str() == Some("signal")) {
         return Err(format!(
             "consnap {what} exited with {}: {}",
             ended.status,
@@ -147,7 +176,14 @@ pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, String> {
         .arg(ctx.vcpus.to_string())
         .args(["--pause-probe", "0", "--sample-interval", "50ms", "--report"])
         .arg(&report);
-        let r = run_to_report(&mut cmd, &ctx.scratch, "calibrate", &report, Duration::from_secs(120))?;
+        let r = run_to_report(
+            &mut cmd,
+            &ctx.scratch,
+            "calibrate",
+            &report,
+            Duration::from_secs(120),
+            None,
+        )?;
         let progress: Vec<(f64, f64)> = r["progress"]
             .as_array()
             .map(|a| {

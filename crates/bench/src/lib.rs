@@ -110,8 +110,15 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
         mem: opts.mem.clone(),
         vcpus: opts.vcpus,
     };
-    let done: BTreeSet<String> = res
-        .load()?
+    let loaded = res.load()?;
+    // Checksums of the baselines by (work, repeat): a run stopped at its
+    // cap has none of its own, and its restore must reach this one.
+    let mut base_sums: BTreeMap<(String, u32), String> = loaded
+        .iter()
+        .filter(|r| r.error.is_none() && r.mode == Mode::None.name())
+        .filter_map(|r| Some(((r.spec.clone(), r.rep), r.checksum.clone()?)))
+        .collect();
+    let done: BTreeSet<String> = loaded
         .into_iter()
         .filter(|r| r.error.is_none())
         .map(|r| r.key)
@@ -170,6 +177,10 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
         };
         let spec = g.workload.with_ops(ops);
         let deadline = Duration::from_secs_f64(g.seconds * 30.0 + 120.0);
+        let limits = consnap_run::Limits {
+            deadline,
+            cap: (m.cap > 1.0).then(|| Duration::from_secs_f64(g.seconds * m.cap)),
+        };
         for rep in 0..g.repeats {
             for (mode, iv) in m.runs(g, rep) {
                 n += 1;
@@ -201,7 +212,11 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
                 if mode.is_qemu() {
                     qemu::run(&qctx, &spec, mode, iv, deadline, &mut rec);
                 } else {
-                    consnap_run::run(&ctx, &spec, mode, iv, deadline, &mut rec);
+                    let expect = base_sums.get(&(spec.clone(), rep)).map(String::as_str);
+                    consnap_run::run(&ctx, &spec, mode, iv, limits, expect, &mut rec);
+                }
+                if let (Mode::None, None, Some(sum)) = (mode, &rec.error, &rec.checksum) {
+                    base_sums.insert((spec.clone(), rep), sum.clone());
                 }
                 res.append(&rec)?;
                 summary.ran += 1;
@@ -234,6 +249,9 @@ fn line(r: &Record) -> String {
         return format!("{} {}{iv} rep {}: FAILED: {e}", r.workload, r.mode, r.rep);
     }
     let mut s = format!("{} {}{iv} rep {}: {:.2} s", r.workload, r.mode, r.rep, r.wall_s);
+    if let Some(at) = r.stopped_s {
+        s += &format!(" (stopped at its cap, {at:.1} s: a lower bound)");
+    }
     if let Some(p) = r.pause {
         s += &format!(
             ", {} snapshots, pause p50 {:.2} ms p99 {:.2} ms",

@@ -180,6 +180,11 @@ pub struct Matrix {
     /// first repeat (the budget).
     pub qemu_max_interval: Duration,
     pub qemu_workloads: Vec<String>,
+    /// A consnap snapshot run still going after this multiple of its
+    /// group's length is stopped there; its loss is then a lower bound
+    /// (0: never). Some cells lose 30× (full copies of 1 GiB every
+    /// 20 ms): run out, they alone would take most of the budget.
+    pub cap: f64,
 }
 
 impl Matrix {
@@ -211,6 +216,7 @@ impl Matrix {
             qemu_min_interval: ms(1000),
             qemu_max_interval: ms(10_000),
             qemu_workloads: vec!["build".into(), "ftp".into(), "memstress-moderate".into()],
+            cap: 3.0,
         }
     }
 
@@ -237,6 +243,7 @@ impl Matrix {
             qemu_min_interval: ms(1000),
             qemu_max_interval: ms(1000),
             qemu_workloads: vec!["build".into()],
+            cap: 3.0,
         }
     }
 

@@ -10,6 +10,8 @@ pub struct Ended {
     pub status: ExitStatus,
     /// From spawn to exit.
     pub wall: Duration,
+    /// The child was sent SIGTERM at its cap (see [`wait`]).
+    pub capped: bool,
 }
 
 /// Spawn `cmd` with stdout and stderr written to `out` and `err`.
@@ -23,15 +25,29 @@ pub fn spawn(cmd: &mut Command, out: &Path, err: &Path) -> Result<Child, String>
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))
 }
 
-/// Wait for `child` until `deadline`; past it, kill it and say so.
-pub fn wait(child: &mut Child, started: Instant, deadline: Duration) -> Result<Ended, String> {
+/// Wait for `child` until `deadline`; past it, kill it and say so. With a
+/// `cap`, the child is first sent SIGTERM when the cap passes (consnap
+/// then ends the run cleanly and writes its report).
+pub fn wait(child: &mut Child, started: Instant, deadline: Duration, cap: Option<Duration>) -> Result<Ended, String> {
+    let mut capped = false;
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
                 return Ok(Ended {
                     status,
                     wall: started.elapsed(),
+                    capped,
                 });
+            }
+            Ok(None) if !capped && cap.is_some_and(|c| started.elapsed() > c) => {
+                capped = true;
+                if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                    // SAFETY: kill(2) on our own child, which has not been
+                    // reaped yet (try_wait said it runs), so the pid is its.
+                    unsafe {
+                        libc::kill(pid, libc::SIGTERM);
+                    }
+                }
             }
             Ok(None) if started.elapsed() > deadline => {
                 let _ = child.kill();

@@ -165,7 +165,7 @@ fn run_inner(
         &ctx.scratch.join("qemu.err"),
     )?;
     let result = drive(ctx, &mut child, &qmp_path, mode, interval, started, deadline, rec);
-    let ended = proc::wait(&mut child, started, deadline);
+    let ended = proc::wait(&mut child, started, deadline, None);
     let newest = result?;
     let ended = ended?;
     rec.wall_s = ended.wall.as_secs_f64();
@@ -336,7 +336,7 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
             std::thread::sleep(Duration::from_millis(2));
         }
     })();
-    let ended = proc::wait(&mut child, started, deadline);
+    let ended = proc::wait(&mut child, started, deadline, None);
     rec.restore_s = Some(load?);
     let ended = ended?;
     if ended.status.code() != Some(1) {

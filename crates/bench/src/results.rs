@@ -39,8 +39,17 @@ pub struct Record {
     pub rep: u32,
     pub mem: String,
     pub vcpus: u32,
-    /// Wall time of the fixed work, seconds (VM start to power-off).
+    /// Wall time of the fixed work, seconds (VM start to power-off). For a
+    /// run stopped at its cap (`stopped_s`), the time to the stop: a lower
+    /// bound.
     pub wall_s: f64,
+    /// The run lost so much that it was stopped at this many seconds (the
+    /// matrix's cap, a multiple of the run's length without snapshots)
+    /// before its work was done; its `wall_s` and `busy_s` are lower bounds
+    /// and it has no checksum of its own (its restore is checked against the
+    /// baseline's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_s: Option<f64>,
     /// vCPU time not spent idling at the guest's request, seconds: for a
     /// paced guest, what it used (work plus what snapshots cost it).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -44,6 +44,11 @@ pub struct BenchArgs {
     /// boot and the first full epoch less).
     #[arg(long)]
     pub min_seconds: Option<f64>,
+    /// Stop a snapshot run still going after this many times its length
+    /// without snapshots; its loss is then reported as a lower bound
+    /// (default 3; 0 = let every run finish).
+    #[arg(long)]
+    pub cap: Option<f64>,
     /// Only write the report again from the results.
     #[arg(long)]
     pub render_only: bool,
@@ -109,6 +114,12 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
             return Err(format!("--min-seconds: {s} is not between 1 and 3600"));
         }
         matrix.base_seconds = s;
+    }
+    if let Some(c) = a.cap {
+        if !(c == 0.0 || c.is_finite() && (1.5..=1000.0).contains(&c)) {
+            return Err(format!("--cap: {c} is neither 0 nor a multiple between 1.5 and 1000"));
+        }
+        matrix.cap = c;
     }
     if a.vcpus == 0 {
         return Err("--vcpus: must be at least 1".into());
