@@ -148,7 +148,8 @@ fn run_to_report(
     })?;
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| format!("consnap {what}: unreadable report {}: {e}", report.display()))?;
-    if !ended.status.success() && !(ended.capped && v["status"].as_str() == Some("signal")) {
+    let stopped_at_cap = ended.capped && v["status"].as_str() == Some("signal");
+    if !(ended.status.success() || stopped_at_cap) {
         return Err(format!(
             "consnap {what} exited with {}: {}",
             ended.status,
