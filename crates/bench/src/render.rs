@@ -186,7 +186,7 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         opts.results.display()
     );
     machines(&mut d, &all);
-    method(&mut d, opts);
+    method(&mut d, opts, all.iter().filter(|r| r.stopped_s.is_some()).count());
     headline(&mut d, &cells);
     let _ = writeln!(d, "## Loss per workload\n");
     for w in &workloads {
@@ -257,7 +257,7 @@ fn machines(d: &mut String, all: &[&Record]) {
     let _ = writeln!(d);
 }
 
-fn method(d: &mut String, opts: &Options) {
+fn method(d: &mut String, opts: &Options, stopped: usize) {
     let m = &opts.matrix;
     let _ = writeln!(
         d,
@@ -294,7 +294,7 @@ fn method(d: &mut String, opts: &Options) {
              least the time it ran against the baseline's: such cells show `> ` and their median is a lower bound (a ratio \
              with one, an upper or lower bound). The newest snapshot of a stopped run is restored and run to the end like any \
              other, and must reach the baseline's checksum. Run to the end, full copies of 1 GiB every 20 ms would take 30 × \
-             their work, and those cells alone most of the budget.\n",
+             their work, and those cells alone most of the budget. Runs stopped at the cap in these results: {stopped}.\n",
             m.cap,
             (m.cap - 1.0) * 100.0
         );
