@@ -63,6 +63,7 @@ pub fn figures(s: &LazyStats) -> LazyFigures {
         fault_pages: s.fault_pages,
         fill_pages: s.fill_pages,
         zero_pages: s.zero_pages,
+        zero_regions: s.zero_regions,
         fault_p50_us: s.fault_us[0],
         fault_p99_us: s.fault_us[1],
         fault_max_us: s.fault_us[2],

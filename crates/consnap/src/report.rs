@@ -338,6 +338,9 @@ pub struct LazyFigures {
     pub fill_pages: u64,
     /// Zero pages installed.
     pub zero_pages: u64,
+    /// 2 MiB regions without data that a fault handed back to the kernel
+    /// instead (they fault in as huge pages of zeros).
+    pub zero_regions: u64,
     /// Time to serve a fault (read, verify, install), µs.
     pub fault_p50_us: u32,
     pub fault_p99_us: u32,

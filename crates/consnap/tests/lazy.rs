@@ -172,3 +172,38 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
     check(&snaps, again[0], false);
     check(&snaps, *again.last().unwrap(), true);
 }
+
+#[test]
+fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("lazy-zero-regions");
+    // Written in order at 10,000 pages a second, the 128 MiB working set
+    // is mostly empty in the first epoch (taken at 200 ms); the restored
+    // guest then writes the rest while the fill, slowed down, is still
+    // going: the regions it finds empty must come back huge, not as small
+    // zero pages that nothing can collapse later.
+    let spec = "memstress,wss=128M,ops=40000,rate=10000,pattern=seq";
+    let (ops, sum) = reference(spec, 1);
+    let snaps = make_store(&dir, spec);
+    let first = store_support::ids(&snaps)[0];
+    let report = dir.join("lazy.json");
+    run_ok(
+        consnap()
+            .arg("restore")
+            .arg(&snaps)
+            .args(["--at", &first.to_string(), "--lazy", "--pause-probe", "0", "--report"])
+            .arg(&report)
+            .env("CONSNAP_TEST_LAZY_FILL_PAUSE_MS", "1000"),
+    );
+    let r = read_report(&report);
+    assert_eq!(
+        (r["ops"].as_u64(), r["checksum"].as_str()),
+        (Some(ops), Some(sum.as_str())),
+        "{r}"
+    );
+    let regions = r["restored_from"]["lazy"]["zero_regions"].as_u64().unwrap();
+    let huge = r["anon_huge_bytes"].as_u64().unwrap();
+    assert!(regions >= 16 && huge >= regions << 21, "{r}");
+}

@@ -31,7 +31,7 @@ use vmm::memory::GuestRam;
 use vmm_sys_util::eventfd::EventFd;
 
 pub(crate) use self::pager::WpSink;
-use self::pager::{CLUSTER, FILL_PAGES, Pager, Span};
+use self::pager::{CLUSTER, FILL_PAGES, HUGE_FRAMES, Pager, Span};
 use crate::error::panic_message;
 use crate::pages::PAGE;
 use crate::restore::{RestoreError, Restored};
@@ -48,6 +48,9 @@ pub struct LazyStats {
     pub fault_pages: u64,
     pub fill_pages: u64,
     pub zero_pages: u64,
+    /// 2 MiB regions without data that a fault handed back to the kernel
+    /// (they then fault in as huge pages of zeros).
+    pub zero_regions: u64,
     /// Page data read from the store, bytes.
     pub bytes_read: u64,
     /// Fault service time, µs: p50, p99, max.
@@ -127,6 +130,7 @@ impl LazyPager {
             fault_pages: ld(&c.fault_pages),
             fill_pages: ld(&c.fill_pages),
             zero_pages: ld(&c.zero_pages),
+            zero_regions: ld(&c.zero_regions),
             bytes_read: ld(&c.bytes_read),
             fault_us: [at(0.5), at(0.99), lat.last().copied().unwrap_or(0)],
             resident_s: (res > 0).then(|| res as f64 / 1e9),
@@ -340,6 +344,9 @@ fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
     let gfn = p
         .gfn_of(addr)
         .ok_or_else(|| format!("a fault at {addr:#x}, outside guest RAM"))?;
+    if p.release_region(gfn)? {
+        return Ok(0);
+    }
     let mut done = 0;
     let base = gfn / CLUSTER * CLUSTER;
     let order = std::iter::once((gfn, 1)).chain([(base, gfn - base), (gfn + 1, base + CLUSTER - gfn - 1)]);
@@ -357,9 +364,6 @@ fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
     Ok(done)
 }
 
-/// Guest frames per huge page (2 MiB).
-const HUGE_FRAMES: u64 = 512;
-
 /// The fill thread: install every page, the restored epoch's own first,
 /// then each older epoch's in file order, a batch at a time, then the zero
 /// runs. Without cow snapshots sharing the userfaultfd, zero runs are only
@@ -372,13 +376,9 @@ fn fill(p: &Pager) {
     // Data runs of each epoch in file order, then the zero runs.
     let mut by_epoch: Vec<Vec<&store::Run>> = vec![Vec::new(); p.chain.len()];
     let mut zeros = Vec::new();
-    let mut data_regions = std::collections::BTreeSet::new();
     for r in &p.runs {
         match r.source {
-            Source::Data { epoch, .. } => {
-                by_epoch[epoch].push(r);
-                data_regions.extend(r.gfn / HUGE_FRAMES..=(r.gfn + r.count - 1) / HUGE_FRAMES);
-            }
+            Source::Data { epoch, .. } => by_epoch[epoch].push(r),
             Source::Zero => zeros.push(r),
         }
     }
@@ -412,7 +412,7 @@ fn fill(p: &Pager) {
                 // Up to the end of this 2 MiB region; skipped if it holds no data.
                 let region = g / HUGE_FRAMES;
                 n = n.min((region + 1) * HUGE_FRAMES - g);
-                if !data_regions.contains(&region) {
+                if !p.data_regions.contains(&region) {
                     g += n;
                     continue;
                 }

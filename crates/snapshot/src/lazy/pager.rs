@@ -18,6 +18,8 @@ use crate::pages::PAGE;
 pub(crate) const CLUSTER: u64 = 16;
 /// Pages the fill installs per read (1 MiB).
 pub(crate) const FILL_PAGES: u64 = 256;
+/// Guest frames per huge page (2 MiB).
+pub(crate) const HUGE_FRAMES: u64 = 512;
 
 /// One guest RAM range: guest-physical start, host address, length.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +36,8 @@ pub(crate) struct Counters {
     pub fault_pages: AtomicU64,
     pub fill_pages: AtomicU64,
     pub zero_pages: AtomicU64,
+    /// 2 MiB regions without data handed back to the kernel on a fault.
+    pub zero_regions: AtomicU64,
     pub bytes_read: AtomicU64,
 }
 
@@ -72,6 +76,8 @@ pub(crate) struct Pager {
     /// The restore plan, sorted by guest frame.
     pub runs: Vec<Run>,
     pub chain: Vec<EpochReader>,
+    /// The 2 MiB regions (guest frame / [`HUGE_FRAMES`]) that hold data.
+    pub data_regions: std::collections::BTreeSet<u64>,
     /// One bit per guest frame: claimed by the thread that installs it.
     claimed: Vec<AtomicU64>,
     pub counters: Counters,
@@ -95,6 +101,11 @@ pub(crate) struct Pager {
 impl Pager {
     pub(crate) fn new(uffd: Arc<Uffd>, spans: Vec<Span>, mut runs: Vec<Run>, chain: Vec<EpochReader>) -> Pager {
         runs.sort_by_key(|r| r.gfn);
+        let data_regions = runs
+            .iter()
+            .filter(|r| matches!(r.source, Source::Data { .. }) && r.count > 0)
+            .flat_map(|r| r.gfn / HUGE_FRAMES..=(r.gfn + r.count - 1) / HUGE_FRAMES)
+            .collect();
         let frames = spans.iter().map(|s| (s.gpa + s.len) / PAGE as u64).max().unwrap_or(0);
         Pager {
             uffd,
@@ -105,6 +116,7 @@ impl Pager {
             spans,
             runs,
             chain,
+            data_regions,
             claimed: (0..frames.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             counters: Counters::default(),
             latencies: Mutex::new(Vec::new()),
@@ -211,6 +223,40 @@ impl Pager {
             done += n;
         }
         Ok(done)
+    }
+
+    /// Hand the 2 MiB region of guest frame `gfn`, which holds no data, back
+    /// to the kernel: it leaves the userfaultfd (which wakes the faulting
+    /// thread) and faults in as the kernel's own zero memory, a huge page
+    /// where the region is aligned. Installing zero pages instead would pin
+    /// it to small pages that `MADV_COLLAPSE` cannot gather later (a
+    /// region of zero-page mappings has nothing writable to collapse).
+    /// Not with cow snapshots sharing the userfaultfd: their write
+    /// protection needs the region registered. Returns whether it did.
+    pub(crate) fn release_region(&self, gfn: u64) -> Result<bool, String> {
+        let region = gfn / HUGE_FRAMES;
+        if self.for_cow || self.data_regions.contains(&region) {
+            return Ok(false);
+        }
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if gate.released {
+            return Ok(true);
+        }
+        let gpa = gfn * PAGE as u64;
+        let span = self
+            .spans
+            .iter()
+            .find(|s| gpa >= s.gpa && gpa < s.gpa + s.len)
+            .ok_or_else(|| format!("guest frame {gfn:#x} is not guest RAM"))?;
+        let from = (region * HUGE_FRAMES * PAGE as u64).max(span.gpa);
+        let to = ((region + 1) * HUGE_FRAMES * PAGE as u64).min(span.gpa + span.len);
+        // Nobody installs there afterwards (the fill skips such regions).
+        let _ = self.claim_range(from / PAGE as u64, (to - from) / PAGE as u64);
+        self.uffd
+            .unregister(span.host + (from - span.gpa), to - from)
+            .map_err(|e| format!("handing the empty region at guest frame {gfn:#x} back to the kernel: {e}"))?;
+        self.counters.zero_regions.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Install zero pages at `[host, host + len)`: the shared zero page, or
