@@ -98,8 +98,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
         }
         None => None,
     };
+    tracing::debug!(us = started.elapsed().as_micros() as u64, "restore: preflight done");
     let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
     let id = crate::at::resolve(&store, &a.at)?;
+    tracing::debug!(
+        us = started.elapsed().as_micros() as u64,
+        "restore: store opened, epoch {id} chosen"
+    );
     let (restored, pager) = if a.lazy {
         // cow snapshots share guest RAM's userfaultfd with the pager.
         let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;

@@ -19,7 +19,11 @@ pub struct EpochReader {
     file: File,
     header: Header,
     index: Vec<Extent>,
-    sums: Vec<u64>,
+    /// The PAGE_SUMS section as read (8 bytes per data page, little
+    /// endian), decoded on use: a second copy of a table that grows with
+    /// the guest's RAM would cost a lazy restore's first instruction a
+    /// fresh page fault per 512 entries.
+    sums: Vec<u8>,
     frames: Vec<Frame>,
     /// First data page of each frame.
     frame_first: Vec<u64>,
@@ -241,7 +245,7 @@ impl EpochReader {
             frame_first.push(first);
             first += u64::from(f.pages);
         }
-        let sums = sum_bytes.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let sums = sum_bytes;
         Ok(EpochReader {
             path: path.to_path_buf(),
             file,
@@ -292,7 +296,8 @@ impl EpochReader {
 
     /// The checksum of data page `page`.
     pub fn page_sum(&self, page: u64) -> Option<u64> {
-        self.sums.get(usize::try_from(page).ok()?).copied()
+        let at = usize::try_from(page).ok()?.checked_mul(8)?;
+        self.sums.get(at..at.checked_add(8)?).map(|b| le64(b, 0))
     }
 
     /// The encoded machine state, verified.
@@ -380,7 +385,7 @@ impl EpochReader {
     pub fn verify(&self, first: u64, pages: &[u8]) -> Result<()> {
         for (i, page) in pages.chunks_exact(PAGE).enumerate() {
             let p = first + i as u64;
-            if self.sums.get(p as usize) != Some(&checksum(page)) {
+            if self.page_sum(p) != Some(checksum(page)) {
                 return Err(StoreError::Corrupt {
                     path: self.path.clone(),
                     why: format!("data page {p}{} fails its checksum", self.describe_page(p)),

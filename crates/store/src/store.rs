@@ -559,8 +559,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Epoch `id`'s header, read now.
-    fn info(&self, id: u64) -> Result<EpochInfo> {
+    /// Epoch `id`'s header, read now (checked, but nothing else of the
+    /// file is read).
+    pub fn info(&self, id: u64) -> Result<EpochInfo> {
         let path = self.epoch_path(id);
         read_header(&path).and_then(|(header, file_bytes)| {
             self.check_member(&header, id, &path)?;

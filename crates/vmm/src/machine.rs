@@ -141,6 +141,21 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// A VM with its memory but without vCPUs or device state yet: see
+/// [`Machine::prepare`].
+pub struct PreparedVm {
+    parts: Parts,
+    serial_evt: EventFd,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("mem_size", &self.parts.ram.size())
+            .finish()
+    }
+}
+
 struct Parts {
     kvm: Kvm,
     vm: VmFd,
@@ -299,8 +314,34 @@ impl Machine {
         ram: GuestRam,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine, MachineError> {
+        let vm = Self::prepare(state.config.mem_size, state.config.vcpus, ram)?;
+        Self::restore_prepared(vm, state, serial_out)
+    }
+
+    /// The part of a restore that needs only the RAM size and vCPU count:
+    /// the VM, its in-kernel devices and its memory slots. Registering a
+    /// slot costs KVM time that grows with the RAM (about 2 ms a GiB under
+    /// kvm_pvm's shadow paging), so a lazy restore does it while it reads
+    /// the store's indexes.
+    pub fn prepare(mem_size: u64, vcpus: u8, ram: GuestRam) -> Result<PreparedVm, MachineError> {
+        let (parts, serial_evt) = create_vm(mem_size, vcpus, Some(ram))?;
+        Ok(PreparedVm { parts, serial_evt })
+    }
+
+    /// Finish [`Machine::prepare`]'s VM from `state` (its RAM size and
+    /// vCPU count must be the ones it was prepared with).
+    pub fn restore_prepared(
+        vm: PreparedVm,
+        state: &MachineState,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine, MachineError> {
         let cfg = &state.config;
-        let (parts, serial_evt) = create_vm(cfg.mem_size, cfg.vcpus, Some(ram))?;
+        let PreparedVm { parts, serial_evt } = vm;
+        if parts.ram.size() != cfg.mem_size {
+            return Err(MachineError::Phase(
+                "prepared with another RAM size than its state describes",
+            ));
+        }
         parts.ram.clear_vmm_dirty();
         let devices = Devices {
             serial: SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?,

@@ -207,8 +207,14 @@ pub fn restore_lazy(
     serial_out: Box<dyn Write + Send>,
     for_cow: bool,
 ) -> Result<(Restored, LazyPager), RestoreError> {
-    let prep = crate::restore::prepare(store, id)?;
-    let ram = GuestRam::new(prep.state.config.mem_size).map_err(MachineError::from)?;
+    let t0 = std::time::Instant::now();
+    let head = store.info(id)?.header;
+    let mem_size = head.mem_size;
+    let vcpus = u8::try_from(head.vcpus).map_err(|_| RestoreError::Mismatch {
+        id,
+        why: format!("the header says {} vCPUs", head.vcpus),
+    })?;
+    let ram = GuestRam::new(mem_size).map_err(MachineError::from)?;
     // Full epochs of this VM must read pages not installed yet, not take them for zero.
     ram.mark_on_demand();
     let lazy_err = |why: String| RestoreError::Mismatch { id, why };
@@ -234,6 +240,31 @@ pub fn restore_lazy(
         u.register(s.host, s.len, mode)
             .map_err(|e| lazy_err(format!("registering guest RAM for missing pages: {e}")))?;
     }
+    // The chain's indexes are read and planned while KVM builds the VM and
+    // its memory slots (which touches no guest page): both grow with RAM.
+    let (prep, vm) = std::thread::scope(|s| {
+        let plan = std::thread::Builder::new()
+            .name("lazy-plan".into())
+            .spawn_scoped(s, || {
+                let p = crate::restore::prepare(store, id);
+                tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: chain planned");
+                p
+            });
+        let vm = Machine::prepare(mem_size, vcpus, ram);
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: VM prepared");
+        let prep = match plan {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|e| Err(lazy_err(format!("planning panicked: {}", panic_message(&*e))))),
+            Err(e) => Err(lazy_err(format!("cannot start the planning thread: {e}"))),
+        };
+        (prep, vm)
+    });
+    let (prep, vm) = (prep?, vm?);
+    tracing::debug!(
+        us = t0.elapsed().as_micros() as u64,
+        "lazy restore: chain planned, VM prepared"
+    );
     let data_pages: u64 = prep
         .runs
         .iter()
@@ -253,31 +284,15 @@ pub fn restore_lazy(
         threads: Vec::new(),
         _ram: None,
     };
-    // The handler first: building the machine may already touch guest RAM.
-    for (name, nice) in [("lazy-faults", 0), ("lazy-fill", FILL_NICE)] {
-        let p = pager.clone();
-        let s = stop.try_clone().map_err(|e| lazy_err(format!("eventfd: {e}")))?;
-        let t = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                // SAFETY: setpriority on the calling thread; failure only
-                // leaves the default priority.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-                let body = std::panic::AssertUnwindSafe(|| {
-                    if name == "lazy-faults" {
-                        serve_faults(&p, &s);
-                    } else {
-                        fill(&p);
-                    }
-                });
-                if let Err(e) = std::panic::catch_unwind(body) {
-                    p.fail(format!("the {name} thread panicked: {}", panic_message(&*e)));
-                }
-            })
-            .map_err(|e| lazy_err(format!("cannot start the {name} thread: {e}")))?;
-        lazy.threads.push(t);
-    }
-    let machine = Machine::restore(&prep.state, ram, serial_out)?;
+    // The handler first: restoring the machine may already touch guest
+    // RAM. The fill only once the machine is built, so that it does not
+    // compete with that for the CPU.
+    lazy.threads
+        .push(spawn_worker("lazy-faults", 0, &pager, &stop).map_err(lazy_err)?);
+    let machine = Machine::restore_prepared(vm, &prep.state, serial_out)?;
+    lazy.threads
+        .push(spawn_worker("lazy-fill", FILL_NICE, &pager, &stop).map_err(lazy_err)?);
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: machine restored");
     lazy._ram = Some(machine.ram().clone());
     Ok((
         Restored {
@@ -288,6 +303,31 @@ pub fn restore_lazy(
         },
         lazy,
     ))
+}
+
+/// Start the pager thread `name` ("lazy-faults" or "lazy-fill") at
+/// niceness `nice`; a panic in it is recorded as the pager's failure.
+fn spawn_worker(name: &'static str, nice: i32, pager: &Arc<Pager>, stop: &EventFd) -> Result<JoinHandle<()>, String> {
+    let p = pager.clone();
+    let s = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // SAFETY: setpriority on the calling thread; failure only
+            // leaves the default priority.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+            let body = std::panic::AssertUnwindSafe(|| {
+                if name == "lazy-faults" {
+                    serve_faults(&p, &s);
+                } else {
+                    fill(&p);
+                }
+            });
+            if let Err(e) = std::panic::catch_unwind(body) {
+                p.fail(format!("the {name} thread panicked: {}", panic_message(&*e)));
+            }
+        })
+        .map_err(|e| format!("cannot start the {name} thread: {e}"))
 }
 
 /// The handler thread: serve faults until stopped.
