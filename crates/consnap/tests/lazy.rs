@@ -207,3 +207,53 @@ fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
     let huge = r["anon_huge_bytes"].as_u64().unwrap();
     assert!(regions >= 16 && huge >= regions << 21, "{r}");
 }
+
+#[test]
+fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("lazy-compact");
+    let spec = "memstress,wss=32M,ops=20000,rate=4000";
+    let (ops, sum) = reference(spec, 1);
+    let snaps = make_store(&dir, spec);
+    let before = store_support::ids(&snaps);
+    assert!(before.len() >= 10, "{before:?}");
+    // A middle epoch, restored lazily with a slow fill: its chain is read
+    // for seconds after the VM starts, on faults as the guest reaches its
+    // pages.
+    let at = before[before.len() / 2];
+    let report = dir.join("lazy.json");
+    let mut child = spawn(
+        consnap()
+            .arg("restore")
+            .arg(&snaps)
+            .args(["--at", &at.to_string(), "--lazy", "--pause-probe", "0", "--report"])
+            .arg(&report)
+            .env("CONSNAP_TEST_LAZY_FILL_PAUSE_MS", "100"),
+    );
+    // The VM runs within milliseconds; the fill then takes seconds.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(child.running(), "the restore ended before the compaction");
+    // Meanwhile, merge everything older than a second into one epoch a
+    // second and fold chains to two files: the files of `at`'s chain are
+    // rewritten or removed.
+    run_ok(
+        consnap()
+            .args(["compact", "--retain", "1s:all,1h:1s", "--max-chain", "2"])
+            .arg(&snaps),
+    );
+    let after = store_support::ids(&snaps);
+    assert!(after.len() < before.len(), "compaction removed nothing: {after:?}");
+    let out = child.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_report(&report);
+    assert_eq!(
+        (r["ops"].as_u64(), r["checksum"].as_str()),
+        (Some(ops), Some(sum.as_str())),
+        "{r}"
+    );
+    // The guest writes its 8,192 pages at random, 4,000 a second: most of
+    // its faults (pages read from the chain) come after the compaction.
+    assert!(r["restored_from"]["lazy"]["faults"].as_u64().unwrap() > 100, "{r}");
+}
