@@ -56,6 +56,9 @@ impl Client {
         let env_or = |var: &str, key: &str| std::env::var(var).ok().or_else(|| profile.get(key).map(str::to_string));
         let endpoint = env_or("AWS_ENDPOINT_URL", "endpoint_url");
         let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+        // HTTPS through rustls with ring's primitives (the process's
+        // default provider; already set is fine).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = AmazonS3Builder::from_env();
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
             && let (Some(id), Some(secret)) = (profile.get("aws_access_key_id"), profile.get("aws_secret_access_key"))

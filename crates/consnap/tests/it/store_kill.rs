@@ -6,8 +6,8 @@
 //! random retained epoch run to the checksum of an uninterrupted run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod store_support;
+use crate::common;
+use crate::store_support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! checksum the host computes with the same workload code, run after run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

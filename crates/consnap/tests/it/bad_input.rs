@@ -1,7 +1,7 @@
 //! Bad input gets one clear line naming the problem and a non-zero exit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

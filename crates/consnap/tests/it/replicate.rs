@@ -5,9 +5,9 @@
 //! refused in one clear line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod garage_support;
-mod store_support;
+use crate::common;
+use crate::garage_support;
+use crate::store_support;
 
 use common::*;
 use garage_support::Garage;

@@ -3,7 +3,7 @@
 //! under CONSNAP_REQUIRE_QEMU=1 a missing QEMU is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -5,8 +5,8 @@
 //! the file), and otherwise restores to exactly the same memory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod store_support;
+use crate::common;
+use crate::store_support;
 
 use common::*;
 use store_support::*;

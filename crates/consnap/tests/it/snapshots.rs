@@ -4,7 +4,7 @@
 //! of an uninterrupted run (computed on the host by the same workload code).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

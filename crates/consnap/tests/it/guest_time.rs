@@ -4,7 +4,7 @@
 //! (it must not run unthrottled to catch up with the host's clock).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! crafted epochs, damaged or oddly named files in `consnap ls`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod bad_input_support;
+use crate::bad_input_support;
 
 use bad_input_support::*;
 

@@ -4,8 +4,8 @@
 //! snapshots.rs, beside the eager one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod store_support;
+use crate::common;
+use crate::store_support;
 
 use common::*;
 

@@ -5,7 +5,7 @@
 //! socket's rules (0600, stale replaced, live refused).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;

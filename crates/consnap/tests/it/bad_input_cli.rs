@@ -2,7 +2,7 @@
 //! and sizes out of range, options that do not apply; one line, no panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod bad_input_support;
+use crate::bad_input_support;
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;

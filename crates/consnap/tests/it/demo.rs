@@ -2,7 +2,7 @@
 //! and leaves nothing behind in the temporary directory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -5,7 +5,7 @@
 //! (skips every run already in the results).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
