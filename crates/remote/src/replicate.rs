@@ -12,7 +12,7 @@
 //! longer named. A crash at any instant leaves MANIFEST naming objects
 //! that are all there.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -25,6 +25,10 @@ use store::format::{HEADER_SIZE, Header};
 use crate::client::Client;
 use crate::error::{RemoteError, Result, io};
 use crate::manifest::{Entry, Manifest, object_name};
+
+/// While a pass uploads a backlog, a manifest naming what is up so far is
+/// written at most this often (each is one small PUT).
+const INTERIM_MANIFEST: Duration = Duration::from_secs(1);
 
 /// What the replication has done so far.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -439,7 +443,9 @@ impl Worker {
         next.sort_by_key(|e| e.id);
         let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
         let todo: Vec<&Entry> = next.iter().filter(|e| !up.contains(e.object.as_str())).collect();
-        for e in todo {
+        let (mut uploaded, mut published) = (Vec::new(), Instant::now());
+        let last = todo.len();
+        for (i, e) in todo.into_iter().enumerate() {
             // Opened only now (a backlog of thousands of epochs must not
             // hold thousands of descriptors); uploaded from this descriptor
             // only if it is still the version listed, so a file replaced or
@@ -458,6 +464,14 @@ impl Worker {
             c.status.uploaded_objects += 1;
             c.status.uploaded_bytes += e.bytes;
             c.status.upload_s += t.elapsed().as_secs_f64();
+            drop(c);
+            uploaded.push(e.clone());
+            // A long backlog moves the recovery point as it goes up, not
+            // once at the end of the pass.
+            if i + 1 < last && published.elapsed() >= INTERIM_MANIFEST {
+                self.publish_interim(&uploaded, shared)?;
+                published = Instant::now();
+            }
         }
         if next != self.manifest.epochs || self.manifest.generation == 0 {
             let m = Manifest {
@@ -501,6 +515,49 @@ impl Worker {
                 .deleted_objects += 1;
         }
         Ok(settled)
+    }
+}
+
+impl Worker {
+    /// Write a manifest naming what the current one names plus the epochs
+    /// `uploaded` so far in this pass (an uploaded version of an id
+    /// replaces the named one). Every version of an id holds the same
+    /// guest state (reclamation merges away other epochs and folds chains,
+    /// it never changes what an id restores to), and the uploads go in id
+    /// order, so every epoch named has its chain named: the remote store
+    /// is restorable at its newest uploaded epoch. Nothing it named before
+    /// is deleted until the pass's final manifest.
+    fn publish_interim(&mut self, uploaded: &[Entry], shared: &Shared) -> Result<()> {
+        let mut by_id: BTreeMap<u64, Entry> = self.manifest.epochs.iter().map(|e| (e.id, e.clone())).collect();
+        for e in uploaded {
+            by_id.insert(e.id, e.clone());
+        }
+        let m = Manifest {
+            store_uuid: self.uuid,
+            generation: self.manifest.generation + 1,
+            key_id: self.manifest.key_id,
+            epochs: by_id.into_values().collect(),
+        };
+        self.client.put("MANIFEST", m.encode().into_bytes())?;
+        // Objects of ids it replaced leave with the final manifest.
+        let named: BTreeSet<&str> = m.epochs.iter().map(|e| e.object.as_str()).collect();
+        let replaced: Vec<String> = self
+            .manifest
+            .epochs
+            .iter()
+            .map(|e| e.object.clone())
+            .filter(|o| !named.contains(o.as_str()))
+            .collect();
+        self.strays.extend(replaced);
+        self.manifest = m;
+        shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .manifests += 1;
+        self.note_backlog(shared);
+        Ok(())
     }
 }
 
