@@ -474,29 +474,7 @@ impl Worker {
             }
         }
         if next != self.manifest.epochs || self.manifest.generation == 0 {
-            let m = Manifest {
-                store_uuid: self.uuid,
-                generation: self.manifest.generation + 1,
-                key_id: self.manifest.key_id,
-                epochs: next,
-            };
-            self.client.put("MANIFEST", m.encode().into_bytes())?;
-            let named: BTreeSet<&str> = m.epochs.iter().map(|e| e.object.as_str()).collect();
-            let gone: Vec<String> = self
-                .manifest
-                .epochs
-                .iter()
-                .map(|e| e.object.clone())
-                .filter(|o| !named.contains(o.as_str()))
-                .collect();
-            self.manifest = m;
-            self.strays.extend(gone);
-            shared
-                .control
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .status
-                .manifests += 1;
+            self.publish(next, shared)?;
         }
         // Only now: the manifest no longer names them. (A stray left by an
         // upload cut short may have gone up again since, under its name.)
@@ -519,6 +497,36 @@ impl Worker {
 }
 
 impl Worker {
+    /// Write the next MANIFEST, naming `epochs`; the objects the current
+    /// one names and it does not become strays, deleted by the pass once
+    /// no manifest names them.
+    fn publish(&mut self, epochs: Vec<Entry>, shared: &Shared) -> Result<()> {
+        let m = Manifest {
+            store_uuid: self.uuid,
+            generation: self.manifest.generation + 1,
+            key_id: self.manifest.key_id,
+            epochs,
+        };
+        self.client.put("MANIFEST", m.encode().into_bytes())?;
+        let named: BTreeSet<&str> = m.epochs.iter().map(|e| e.object.as_str()).collect();
+        let gone: Vec<String> = self
+            .manifest
+            .epochs
+            .iter()
+            .map(|e| e.object.clone())
+            .filter(|o| !named.contains(o.as_str()))
+            .collect();
+        self.strays.extend(gone);
+        self.manifest = m;
+        shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .manifests += 1;
+        Ok(())
+    }
+
     /// Write a manifest naming what the current one names plus the epochs
     /// `uploaded` so far in this pass (an uploaded version of an id
     /// replaces the named one). Every version of an id holds the same
@@ -532,30 +540,7 @@ impl Worker {
         for e in uploaded {
             by_id.insert(e.id, e.clone());
         }
-        let m = Manifest {
-            store_uuid: self.uuid,
-            generation: self.manifest.generation + 1,
-            key_id: self.manifest.key_id,
-            epochs: by_id.into_values().collect(),
-        };
-        self.client.put("MANIFEST", m.encode().into_bytes())?;
-        // Objects of ids it replaced leave with the final manifest.
-        let named: BTreeSet<&str> = m.epochs.iter().map(|e| e.object.as_str()).collect();
-        let replaced: Vec<String> = self
-            .manifest
-            .epochs
-            .iter()
-            .map(|e| e.object.clone())
-            .filter(|o| !named.contains(o.as_str()))
-            .collect();
-        self.strays.extend(replaced);
-        self.manifest = m;
-        shared
-            .control
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .status
-            .manifests += 1;
+        self.publish(by_id.into_values().collect(), shared)?;
         self.note_backlog(shared);
         Ok(())
     }
