@@ -224,16 +224,28 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     // pages.
     let at = before[before.len() / 2];
     let report = dir.join("lazy.json");
+    let sock = dir.join("api.sock");
     let mut child = spawn(
         consnap()
             .arg("restore")
             .arg(&snaps)
-            .args(["--at", &at.to_string(), "--lazy", "--pause-probe", "0", "--report"])
+            .args(["--at", &at.to_string(), "--lazy", "--pause-probe", "0", "--api-sock"])
+            .arg(&sock)
+            .arg("--report")
             .arg(&report)
             .env("CONSNAP_TEST_LAZY_FILL_PAUSE_MS", "100"),
     );
-    // The VM runs within milliseconds; the fill then takes seconds.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Until the restored guest has done ops of its own (its counter moved
+    // past where the API first saw it); the fill then still takes seconds.
+    let mut first = None;
+    child.wait_for("the restored guest to run", |_| match (guest_ops(&sock), first) {
+        (Some(n), None) => {
+            first = Some(n);
+            false
+        }
+        (Some(n), Some(f)) => n > f,
+        (None, _) => false,
+    });
     assert!(child.running(), "the restore ended before the compaction");
     // Meanwhile, merge everything older than a second into one epoch a
     // second and fold chains to two files: the files of `at`'s chain are
@@ -256,4 +268,17 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     // The guest writes its 8,192 pages at random, 4,000 a second: most of
     // its faults (pages read from the chain) come after the compaction.
     assert!(r["restored_from"]["lazy"]["faults"].as_u64().unwrap() > 100, "{r}");
+}
+
+/// The guest op counter of the run serving the control API at `sock`, if
+/// it answers yet.
+fn guest_ops(sock: &std::path::Path) -> Option<u64> {
+    let out = consnap()
+        .args(["ctl", "--json", "--sock"])
+        .arg(sock)
+        .arg("status")
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["ops"].as_u64()
 }
