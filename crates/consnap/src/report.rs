@@ -313,11 +313,15 @@ pub struct RestoredFrom {
 pub struct RemoteFetch {
     /// The remote store.
     pub url: String,
-    /// The local copy the restore read.
-    pub cache: String,
-    /// Epochs downloaded (the rest of the chain was in the copy already).
+    /// The local copy the restore read (none: a lazy restore, which reads
+    /// the epochs in place by ranged GETs).
+    pub cache: Option<String>,
+    /// Epochs downloaded (the rest of the chain was in the copy already;
+    /// none for a lazy restore).
     pub downloaded: usize,
-    /// Bytes downloaded and seconds it took.
+    /// Bytes downloaded and seconds it took before the VM was built (for
+    /// a lazy restore: opening the chain, its page data then comes by
+    /// ranged GETs).
     pub bytes: u64,
     pub seconds: f64,
 }

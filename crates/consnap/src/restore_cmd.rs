@@ -14,7 +14,8 @@ use crate::session::{self, SessionArgs};
 pub struct RestoreArgs {
     /// Snapshot directory, or an object store a run replicated to
     /// (s3://BUCKET/PREFIX: the epoch's chain is fetched into --cache
-    /// first, with endpoint and credentials as for --replicate).
+    /// first, or read in place with --lazy; endpoint and credentials as
+    /// for --replicate).
     pub dir: PathBuf,
     /// Where the chain of an epoch restored from an object store is
     /// copied (a store directory; later restores reuse what it holds).
@@ -27,7 +28,9 @@ pub struct RestoreArgs {
     #[arg(long, default_value = "latest", allow_hyphen_values = true)]
     pub at: String,
     /// Start the VM at once and bring guest pages in on demand (and in
-    /// the background), each verified before the guest sees it.
+    /// the background), each verified before the guest sees it. From an
+    /// object store, pages are fetched by ranged GETs and nothing is kept
+    /// locally.
     #[arg(long)]
     pub lazy: bool,
     /// Reporting and snapshot options.
@@ -90,6 +93,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
     let started = Instant::now();
     let pre = session::preflight(&a.session)?;
     let fetched = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
+        Some(url) if a.lazy => {
+            if a.cache.is_some() {
+                return Err("--cache: a lazy restore from an object store reads its epochs in place, by ranged GETs, and keeps no local copy; drop --cache or --lazy".into());
+            }
+            let url = url.to_string();
+            return restore_remote_lazy(a, &url, pre, started);
+        }
         Some(url) => {
             let (f, cache) = fetch_remote(url, &a.at, a.cache.as_deref(), a.session.encrypt_key.as_deref())?;
             a.dir = cache;
@@ -156,6 +166,77 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
     )
 }
 
+/// Restore lazily from the object store `url`, reading the chain in
+/// place: headers, indexes and page checksums first, page data by ranged
+/// GETs as the guest (and the background fill) needs it. Nothing of guest
+/// memory is written to the local disk.
+fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, started: Instant) -> Result<i32, String> {
+    let client = std::sync::Arc::new(session::remote_client(url, a.session.encrypt_key.as_deref())?);
+    let u = client.url().clone();
+    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+    remote::check_key(&client, &m).map_err(|e| e.to_string())?;
+    let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
+    let id = crate::at::resolve_in(&epochs, &a.at, &u.to_string())?;
+    let entry = m
+        .get(id)
+        .ok_or_else(|| format!("{u} has no epoch {id} in its manifest"))?;
+    let head = remote::header(&client, entry).map_err(|e| e.to_string())?;
+    let opened = std::sync::Mutex::new(None);
+    let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
+    let (restored, pager) = snapshot::restore_lazy_from(
+        &head,
+        || {
+            let c = remote::open_chain(&client, &m, id)
+                .map_err(|e| snapshot::RestoreError::Chain { id, why: e.to_string() })?;
+            let fetched = c.stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
+            *opened.lock().unwrap_or_else(|p| p.into_inner()) = Some((c.seconds, fetched));
+            Ok(c.chain)
+        },
+        Box::new(std::io::stdout()),
+        for_cow,
+    )
+    .map_err(|e| format!("cannot restore epoch {id} of {u}: {e}"))?;
+    let (seconds, bytes) = opened
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_default();
+    tracing::info!(
+        epoch = id,
+        chain = restored.chain,
+        seconds,
+        bytes,
+        "opened in place in {u}"
+    );
+    let from = RestoredFrom {
+        dir: u.to_string(),
+        epoch: id,
+        chain: restored.chain,
+        bytes_read: restored.bytes_read,
+        restore_s: started.elapsed().as_secs_f64(),
+        first_op_s: None,
+        remote: Some(crate::report::RemoteFetch {
+            url: u.to_string(),
+            cache: None,
+            downloaded: 0,
+            bytes,
+            seconds,
+        }),
+        lazy: None,
+    };
+    session::execute(
+        restored.machine,
+        "restore",
+        &a.session,
+        pre,
+        Some(session::Origin {
+            from,
+            parent: None,
+            pager: Some(pager),
+        }),
+        started,
+    )
+}
+
 /// Fetch the chain of the epoch `at` names in the object store `url` into
 /// a local store (`cache`, or the default under $HOME/.cache); returns
 /// what was fetched with the epoch's id, and the local store.
@@ -186,7 +267,7 @@ fn fetch_remote(
         (
             crate::report::RemoteFetch {
                 url: u.to_string(),
-                cache: cache.display().to_string(),
+                cache: Some(cache.display().to_string()),
                 downloaded: f.downloaded,
                 bytes: f.bytes,
                 seconds: f.seconds,

@@ -42,7 +42,7 @@ pub fn manifest(client: &Client) -> Result<Manifest> {
 
 /// Whether `client` holds the key the remote store's epochs are
 /// encrypted with (or none when they are not).
-pub(crate) fn check_key(client: &Client, m: &Manifest) -> Result<()> {
+pub fn check_key(client: &Client, m: &Manifest) -> Result<()> {
     let url = client.url().to_string();
     let hex = |k: &[u8; 16]| k.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let why = match (m.key_id, client.key().map(crate::SealKey::id)) {
@@ -60,7 +60,7 @@ pub(crate) fn check_key(client: &Client, m: &Manifest) -> Result<()> {
 }
 
 /// The tag in an object name `epochs/ID-TAG.epoch`.
-fn tag_of(object: &str) -> Option<u64> {
+pub(crate) fn tag_of(object: &str) -> Option<u64> {
     let stem = object.strip_suffix(".epoch")?;
     let (_, tag) = stem.rsplit_once('-')?;
     u64::from_str_radix(tag, 16).ok()
@@ -105,24 +105,22 @@ pub fn fetch_all(client: &Client, m: &Manifest, into: &Path) -> Result<Fetched> 
 /// checked against the tag of the object's name), for listing.
 pub fn headers(client: &Client, m: &Manifest) -> Result<Vec<(Entry, Result<Header>)>> {
     check_key(client, m)?;
-    Ok(m.epochs
-        .iter()
-        .map(|e| {
-            let h = (|| {
-                let head = client.get_start(&e.object, e.bytes, HEADER_SIZE as u64)?;
-                let bad = |why: String| RemoteError::BadObject {
-                    url: client.url().to_string(),
-                    key: client.url().key(&e.object),
-                    why,
-                };
-                if Some(xxhash_rust::xxh3::xxh3_64(&head)) != tag_of(&e.object) {
-                    return Err(bad("its header does not match its name".into()));
-                }
-                Header::decode(&head, Path::new(&e.object)).map_err(|err| bad(err.to_string()))
-            })();
-            (e.clone(), h)
-        })
-        .collect())
+    Ok(m.epochs.iter().map(|e| (e.clone(), header(client, e))).collect())
+}
+
+/// The header of epoch `e` (one ranged GET, checked against the tag of
+/// the object's name).
+pub fn header(client: &Client, e: &Entry) -> Result<Header> {
+    let head = client.get_start(&e.object, e.bytes, HEADER_SIZE as u64)?;
+    let bad = |why: String| RemoteError::BadObject {
+        url: client.url().to_string(),
+        key: client.url().key(&e.object),
+        why,
+    };
+    if Some(xxhash_rust::xxh3::xxh3_64(&head)) != tag_of(&e.object) {
+        return Err(bad("its header does not match its name".into()));
+    }
+    Header::decode(&head, Path::new(&e.object)).map_err(|err| bad(err.to_string()))
 }
 
 fn fetch_entries(client: &Client, m: &Manifest, chain: &[&Entry], into: &Path) -> Result<Fetched> {

@@ -8,20 +8,24 @@
 //!   local commit, in order, and mirrors reclamation.
 //! - [`fetch_chain`]: a local copy of one epoch's chain, for the ordinary
 //!   restore to read.
+//! - [`open_chain`]: one epoch's chain read in place by ranged GETs, for a
+//!   lazy restore that keeps nothing locally.
 
 mod client;
 mod error;
 mod fetch;
 pub mod manifest;
 mod profile;
+mod ranged;
 mod replicate;
 pub mod seal;
 mod url;
 
 pub use client::Client;
 pub use error::{RemoteError, Result};
-pub use fetch::{Fetched, fetch_all, fetch_chain, headers, manifest};
+pub use fetch::{Fetched, check_key, fetch_all, fetch_chain, header, headers, manifest};
 pub use manifest::{Entry, Manifest};
+pub use ranged::{RangeStats, RemoteChain, open_chain};
 pub use replicate::{BacklogLimit, ReplicaStatus, ReplicaWatch, Replicator};
 pub use seal::SealKey;
 pub use url::RemoteUrl;

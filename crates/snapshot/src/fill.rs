@@ -65,7 +65,7 @@ fn direct_file(r: &EpochReader) -> Option<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", r.file().as_raw_fd()))
+        .open(format!("/proc/self/fd/{}", r.file()?.as_raw_fd()))
         .ok()
 }
 
@@ -171,7 +171,14 @@ fn read_all(
         }
         let r = &chain[epoch];
         let direct = direct_file(r);
-        let file = direct.as_ref().unwrap_or(r.file());
+        let Some(file) = direct.as_ref().or(r.file()) else {
+            // Epochs read by ranges (a remote store) are restored lazily, or
+            // fetched into a local store first.
+            let _ = tx.send(Done::Failed(StoreError::Usage(
+                "an eager restore reads local epoch files",
+            )));
+            return;
+        };
         let data_at = r.header().sections[3].offset;
         let result = if r.header().codec == Codec::None {
             read_direct(ram, r, file, data_at, epoch, split(pieces), &mut scratch, &tx)

@@ -20,7 +20,7 @@ pub use cow::{CowOptions, Tracker};
 pub use engine::{EpochRecord, Inject, SnapshotConfig, SnapshotEngine};
 pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use hot::HotPolicy;
-pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy};
+pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy, restore_lazy_from};
 pub use restore::{RestoreError, Restored, RestoredRam, restore, restore_ram};
 pub use store::Mode;
 pub use strategy::EpochStats;

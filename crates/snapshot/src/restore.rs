@@ -39,6 +39,14 @@ pub enum RestoreError {
     /// Building the VM.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// Opening the chain elsewhere than in a local store (an object store).
+    #[error("cannot open the chain of epoch {id}: {why}")]
+    Chain {
+        /// Epoch.
+        id: u64,
+        /// Why.
+        why: String,
+    },
 }
 
 /// A restored, not yet started machine.
@@ -82,8 +90,17 @@ pub(crate) struct Prepared {
 
 /// Open epoch `id`'s chain, decode and check its state, plan its pages.
 pub(crate) fn prepare(store: &Store, id: u64) -> Result<Prepared, RestoreError> {
-    let chain = store.chain(id)?;
-    let head = &chain[0];
+    prepare_chain(store.chain(id)?, id)
+}
+
+/// [`prepare`] for a chain already open (epoch `id` first).
+pub(crate) fn prepare_chain(chain: Vec<store::EpochReader>, id: u64) -> Result<Prepared, RestoreError> {
+    let Some(head) = chain.first() else {
+        return Err(RestoreError::Mismatch {
+            id,
+            why: "its chain is empty".into(),
+        });
+    };
     let state_err = |source| RestoreError::State {
         id,
         path: head.path().display().to_string(),

@@ -2,10 +2,8 @@
 //! window buffer: what merging and verifying need. Every page handed out
 //! has been checked against its checksum (and its frame's, if compressed).
 
-use std::os::unix::fs::FileExt;
-
 use crate::codec::{Codec, Decompressor};
-use crate::error::{Result, StoreError, io};
+use crate::error::{Result, StoreError};
 use crate::format::PAGE;
 use crate::reader::EpochReader;
 
@@ -66,10 +64,7 @@ impl<'a> PageCursor<'a> {
             let count = self.window.min(h.pages_data - page).max(n);
             self.buf.resize(count as usize * PAGE, 0);
             let at = h.sections[3].offset + page * PAGE as u64;
-            self.r
-                .file()
-                .read_exact_at(&mut self.buf, at)
-                .map_err(io(self.r.path(), "read pages"))?;
+            self.r.read_raw(&mut self.buf, at)?;
             self.bytes_read += count * PAGE as u64;
             self.first = page;
             self.count = count;

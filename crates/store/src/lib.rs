@@ -31,7 +31,7 @@ pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
 pub use ledger::{LEDGER_FILE, Ledger};
 pub use plan::{Run, Source, claims, plan};
-pub use reader::EpochReader;
+pub use reader::{EpochReader, RangeRead};
 pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
 pub use retain::{DEFAULT_POLICY, Policy};
 pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};

@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::codec::{Codec, Decompressor};
 use crate::error::{Result, StoreError, io};
@@ -11,12 +12,44 @@ use crate::format::{
     describe_frames, le32, le64, ram_frames,
 };
 
+/// Bytes of an epoch that is not a local file, read by ranges: an object
+/// in an object store, fetched with ranged requests as pages are needed.
+pub trait RangeRead: Send + Sync {
+    /// Fill `buf` with the bytes at `at`, or fail (a short object is an
+    /// error).
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()>;
+}
+
+/// Where an epoch's bytes are read from.
+enum Backing {
+    File(File),
+    Ranged(Arc<dyn RangeRead>),
+}
+
+impl Backing {
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        match self {
+            Backing::File(f) => f.read_exact_at(buf, at),
+            Backing::Ranged(r) => r.read_exact_at(buf, at),
+        }
+    }
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::File(file) => file.fmt(f),
+            Backing::Ranged(_) => f.write_str("ranged reads"),
+        }
+    }
+}
+
 /// An opened, verified epoch: header, index, page checksums and frame
 /// table in memory.
 #[derive(Debug)]
 pub struct EpochReader {
     path: PathBuf,
-    file: File,
+    file: Backing,
     header: Header,
     index: Vec<Extent>,
     /// The PAGE_SUMS section as read (8 bytes per data page, little
@@ -30,7 +63,7 @@ pub struct EpochReader {
     file_len: u64,
 }
 
-fn read_at(file: &File, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
+fn read_at(file: &Backing, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
     // The length comes from the file: a sparse file may claim more than this
     // host can allocate, which must be an error, not an abort.
     let mut buf = Vec::new();
@@ -66,11 +99,11 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
 /// Read and verify only the header of `path` (for listings).
 pub fn read_header(path: &Path) -> Result<(Header, u64)> {
     let file = open_regular(path)?;
-    header_of(&file, path)
+    let len = file.metadata().map_err(io(path, "stat"))?.len();
+    header_in(&Backing::File(file), path, len)
 }
 
-fn header_of(file: &File, path: &Path) -> Result<(Header, u64)> {
-    let len = file.metadata().map_err(io(path, "stat"))?.len();
+fn header_in(file: &Backing, path: &Path, len: u64) -> Result<(Header, u64)> {
     let mut b = vec![0u8; HEADER_SIZE.min(len as usize)];
     file.read_exact_at(&mut b, 0).map_err(io(path, "read header"))?;
     let h = Header::decode(&b, path)?;
@@ -79,7 +112,7 @@ fn header_of(file: &File, path: &Path) -> Result<(Header, u64)> {
 }
 
 /// Check that the padding between sections holds zeros.
-fn check_gaps(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<()> {
+fn check_gaps(file: &Backing, path: &Path, h: &Header, file_len: u64) -> Result<()> {
     for (at, to) in h.gaps(file_len) {
         let b = read_at(file, path, to - at, at)?;
         if let Some(i) = b.iter().position(|&x| x != 0) {
@@ -201,12 +234,25 @@ impl EpochReader {
     /// Open `path`, verifying the header, the section layout and padding,
     /// the index, the page-checksum table and the frame table.
     pub fn open(path: &Path) -> Result<EpochReader> {
+        let file = open_regular(path)?;
+        let len = file.metadata().map_err(io(path, "stat"))?.len();
+        Self::open_backing(path, Backing::File(file), len)
+    }
+
+    /// Open an epoch of `len` bytes read through `src` (an object of a
+    /// remote store, named `name` in messages), verifying what
+    /// [`EpochReader::open`] verifies. Its pages are read, and verified,
+    /// as they are asked for.
+    pub fn open_ranged(name: &Path, src: Arc<dyn RangeRead>, len: u64) -> Result<EpochReader> {
+        Self::open_backing(name, Backing::Ranged(src), len)
+    }
+
+    fn open_backing(path: &Path, file: Backing, len: u64) -> Result<EpochReader> {
         let corrupt = |why: String| StoreError::Corrupt {
             path: path.to_path_buf(),
             why,
         };
-        let file = open_regular(path)?;
-        let (header, file_len) = header_of(&file, path)?;
+        let (header, file_len) = header_in(&file, path, len)?;
         check_gaps(&file, path, &header, file_len)?;
         let [_, isec, ssec, _, fsec] = header.sections;
         let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
@@ -268,9 +314,18 @@ impl EpochReader {
         &self.path
     }
 
-    /// The open file (for large direct reads of DATA).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The open file (for large direct reads of DATA), if the epoch is a
+    /// local file.
+    pub fn file(&self) -> Option<&File> {
+        match &self.file {
+            Backing::File(f) => Some(f),
+            Backing::Ranged(_) => None,
+        }
+    }
+
+    /// Read raw bytes of the epoch at `at` (unverified).
+    pub fn read_raw(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file.read_exact_at(buf, at).map_err(io(&self.path, "read"))
     }
 
     /// The file's length when it was opened.

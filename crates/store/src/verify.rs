@@ -3,12 +3,11 @@
 //! restore reads, without building a machine).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{Codec, Decompressor};
 use crate::cursor::PageCursor;
-use crate::error::{Result, StoreError, io};
+use crate::error::{Result, StoreError};
 use crate::format::{Header, PAGE};
 use crate::ledger::Ledger;
 use crate::plan::{Source, plan};
@@ -75,9 +74,7 @@ fn check_pages(r: &EpochReader, problems: &mut Vec<Problem>) -> Result<u64> {
         while page < h.pages_data {
             let n = chunk.min(h.pages_data - page);
             let b = &mut buf[..n as usize * PAGE];
-            r.file()
-                .read_exact_at(b, data_at + page * PAGE as u64)
-                .map_err(io(r.path(), "read pages"))?;
+            r.read_raw(b, data_at + page * PAGE as u64)?;
             for (i, p) in b.chunks_exact(PAGE).enumerate() {
                 if let Err(e) = r.verify(page + i as u64, p) {
                     note(e, problems);

@@ -32,7 +32,7 @@ fn chain_files(store: &store::Store, id: u64) -> Vec<(u64, u64, i128)> {
         .unwrap_or_else(|e| panic!("epoch {id} has no chain: {e}"))
         .iter()
         .map(|e| {
-            let m = e.file().metadata().unwrap();
+            let m = e.file().unwrap().metadata().unwrap();
             (
                 m.ino(),
                 m.size(),

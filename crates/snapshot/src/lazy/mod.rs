@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
-use store::{Source, Store};
+use store::{EpochReader, Source, Store, format::Header};
 use uffd::Uffd;
 use vmm::machine::{Machine, MachineError};
 use vmm::memory::GuestRam;
@@ -207,8 +207,22 @@ pub fn restore_lazy(
     serial_out: Box<dyn Write + Send>,
     for_cow: bool,
 ) -> Result<(Restored, LazyPager), RestoreError> {
-    let t0 = std::time::Instant::now();
     let head = store.info(id)?.header;
+    restore_lazy_from(&head, || Ok(store.chain(id)?), serial_out, for_cow)
+}
+
+/// [`restore_lazy`] of the epoch whose header is `head`, from the chain
+/// `open_chain` opens (newest first; its epochs may be read by ranges, from
+/// an object store). The chain is opened and planned while KVM builds the
+/// VM.
+pub fn restore_lazy_from(
+    head: &Header,
+    open_chain: impl FnOnce() -> Result<Vec<EpochReader>, RestoreError> + Send,
+    serial_out: Box<dyn Write + Send>,
+    for_cow: bool,
+) -> Result<(Restored, LazyPager), RestoreError> {
+    let t0 = std::time::Instant::now();
+    let id = head.id;
     let mem_size = head.mem_size;
     let vcpus = u8::try_from(head.vcpus).map_err(|_| RestoreError::Mismatch {
         id,
@@ -246,7 +260,7 @@ pub fn restore_lazy(
         let plan = std::thread::Builder::new()
             .name("lazy-plan".into())
             .spawn_scoped(s, || {
-                let p = crate::restore::prepare(store, id);
+                let p = open_chain().and_then(|chain| crate::restore::prepare_chain(chain, id));
                 tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: chain planned");
                 p
             });

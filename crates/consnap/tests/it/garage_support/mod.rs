@@ -175,6 +175,23 @@ api_bind_addr = "127.0.0.1:{s3}"
         crate::common::read_report(report)
     }
 
+    /// `consnap restore URL --lazy --pause-probe 0 --report REPORT EXTRA...`
+    /// run to its end on "another host": HOME is `home` (which must stay
+    /// empty: a lazy restore from an object store keeps nothing locally);
+    /// its report.
+    pub fn restore_lazy(&self, url: &str, home: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
+        std::fs::create_dir_all(home).unwrap();
+        let mut cmd = crate::common::consnap();
+        self.env(cmd.args(["restore", url, "--lazy", "--pause-probe", "0", "--report"]))
+            .arg(report)
+            .args(extra)
+            .env("HOME", home);
+        crate::common::run_ok(&mut cmd);
+        let left: Vec<_> = std::fs::read_dir(home).unwrap().flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "a lazy restore from {url} wrote {left:?}");
+        crate::common::read_report(report)
+    }
+
     /// `s3://BUCKET/prefix`.
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{BUCKET}/{prefix}")
