@@ -7,8 +7,8 @@
 #
 # Debian packages: gcc libc6-dev (linker and C runtime for Rust binaries),
 # cpio gzip lz4 xz-utils zstd (scripts/fetch-linux.sh), qemu-system-x86
-# (the QEMU cross-check). Rust: cargo and rustc 1.88 or newer, with the
-# rustfmt and clippy components.
+# (the QEMU cross-check), iproute2 (the object-store cluster tests). Rust:
+# cargo and rustc 1.88 or newer, with the rustfmt and clippy components.
 set -euo pipefail
 
 apt_dir=${CONSNAP_APT_DIR:-/etc/apt}
@@ -103,7 +103,7 @@ if [[ ${CONSNAP_DEPS_PRINT_BACKPORTS:-} == 1 ]]; then
 fi
 
 # command:package
-tools=(cc:gcc cpio:cpio gzip:gzip lz4:lz4 xz:xz-utils zstd:zstd qemu-system-x86_64:qemu-system-x86)
+tools=(cc:gcc cpio:cpio gzip:gzip lz4:lz4 xz:xz-utils zstd:zstd qemu-system-x86_64:qemu-system-x86 ip:iproute2)
 
 missing=()
 for t in "${tools[@]}"; do

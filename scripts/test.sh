@@ -29,6 +29,11 @@ export CONSNAP_LINUX_DIR=${CONSNAP_LINUX_DIR:-$PWD/target/linux}
 # per machine into $HOME/.cache/consnap (about 16 minutes the first time).
 CONSNAP_GARAGE=$(./scripts/garage.sh)
 export CONSNAP_GARAGE CONSNAP_REQUIRE_GARAGE=1
+# The 3-node cluster tests put each Garage node and each "host" in a
+# network namespace of its own: as root they must run.
+if [[ $(id -u) == 0 ]] && command -v ip >/dev/null; then
+    export CONSNAP_REQUIRE_NETNS=1
+fi
 if [[ -e /dev/kvm ]]; then
     export CONSNAP_REQUIRE_KVM=1
 fi

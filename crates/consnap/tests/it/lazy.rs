@@ -269,16 +269,3 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     // its faults (pages read from the chain) come after the compaction.
     assert!(r["restored_from"]["lazy"]["faults"].as_u64().unwrap() > 100, "{r}");
 }
-
-/// The guest op counter of the run serving the control API at `sock`, if
-/// it answers yet.
-fn guest_ops(sock: &std::path::Path) -> Option<u64> {
-    let out = consnap()
-        .args(["ctl", "--json", "--sock"])
-        .arg(sock)
-        .arg("status")
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["ops"].as_u64()
-}

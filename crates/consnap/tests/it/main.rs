@@ -21,6 +21,7 @@ mod lazy;
 mod linux;
 mod qemu;
 mod replicate;
+mod replicate_cluster;
 mod snapshot_errors;
 mod snapshots;
 mod store_damage;

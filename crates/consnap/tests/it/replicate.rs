@@ -10,7 +10,7 @@ use crate::garage_support;
 use crate::store_support;
 
 use common::*;
-use garage_support::Garage;
+use garage_support::{Garage, S3};
 
 /// Rate-limited memstress lasting about 6 s.
 const SPEC: &str = "memstress,wss=16M,ops=36000,rate=6000,pattern=hotcold";

@@ -152,3 +152,16 @@ pub fn store_files(snaps: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     v.sort();
     v
 }
+
+/// The guest op counter of the run serving the control API at `sock`, if
+/// it answers yet.
+pub fn guest_ops(sock: &std::path::Path) -> Option<u64> {
+    let out = consnap()
+        .args(["ctl", "--json", "--sock"])
+        .arg(sock)
+        .arg("status")
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["ops"].as_u64()
+}

@@ -1,7 +1,10 @@
 //! A real S3-compatible object store for the replication tests: a
-//! single-node Garage (built once per machine by scripts/garage.sh, which
-//! the test script runs and names in `CONSNAP_GARAGE`).
+//! single-node Garage, or a 3-node cluster in network namespaces
+//! (`cluster`); Garage is built once per machine by scripts/garage.sh,
+//! which the test script runs and names in `CONSNAP_GARAGE`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cluster;
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -30,7 +33,7 @@ fn free_port() -> u16 {
 /// The Garage binary, if there is one: `CONSNAP_GARAGE`, else the cache
 /// scripts/garage.sh builds into. With `CONSNAP_REQUIRE_GARAGE=1` (the
 /// test script sets it) a missing binary fails the test.
-fn binary() -> Option<PathBuf> {
+pub(super) fn binary() -> Option<PathBuf> {
     let p = std::env::var_os("CONSNAP_GARAGE").map(PathBuf::from).or_else(|| {
         let home = std::env::var_os("HOME")?;
         Some(PathBuf::from(home).join(".cache/consnap/garage-2.5.0/bin/garage"))
@@ -73,15 +76,7 @@ api_bind_addr = "127.0.0.1:{s3}"
             dir = dir.display(),
             secret = "c0115a9e".repeat(8),
         );
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&config)
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+        write_private(&config, &text);
         let log = std::fs::File::create(dir.join("garage.log")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
@@ -155,18 +150,42 @@ api_bind_addr = "127.0.0.1:{s3}"
             .env_remove("AWS_PROFILE")
     }
 
+    /// `s3://BUCKET/prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
+    }
+}
+
+/// Write `text` to `path`, readable by its owner only.
+pub(super) fn write_private(path: &Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+/// Somewhere consnap runs against an object store: a command line pointed
+/// at it the way S3 tools are.
+pub trait S3 {
+    /// `consnap`, with the endpoint and credentials in its environment.
+    fn consnap(&self) -> Command;
+
     /// `consnap ls --json URL EXTRA...`, which must succeed.
-    pub fn ls(&self, url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
-        let mut cmd = crate::common::consnap();
-        let out = crate::common::run_ok(self.env(cmd.args(["ls", "--json", url]).args(extra)));
+    fn ls(&self, url: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+        let out = crate::common::run_ok(self.consnap().args(["ls", "--json", url]).args(extra));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// `consnap restore URL --pause-probe 0 --cache CACHE --report REPORT
     /// EXTRA...` run to its end; its report.
-    pub fn restore(&self, url: &str, cache: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
-        let mut cmd = crate::common::consnap();
-        self.env(cmd.args(["restore", url, "--pause-probe", "0", "--cache"]))
+    fn restore(&self, url: &str, cache: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut cmd = self.consnap();
+        cmd.args(["restore", url, "--pause-probe", "0", "--cache"])
             .arg(cache)
             .arg("--report")
             .arg(report)
@@ -179,10 +198,10 @@ api_bind_addr = "127.0.0.1:{s3}"
     /// run to its end on "another host": HOME is `home` (which must stay
     /// empty: a lazy restore from an object store keeps nothing locally);
     /// its report.
-    pub fn restore_lazy(&self, url: &str, home: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
+    fn restore_lazy(&self, url: &str, home: &Path, report: &Path, extra: &[&str]) -> serde_json::Value {
         std::fs::create_dir_all(home).unwrap();
-        let mut cmd = crate::common::consnap();
-        self.env(cmd.args(["restore", url, "--lazy", "--pause-probe", "0", "--report"]))
+        let mut cmd = self.consnap();
+        cmd.args(["restore", url, "--lazy", "--pause-probe", "0", "--report"])
             .arg(report)
             .args(extra)
             .env("HOME", home);
@@ -191,10 +210,13 @@ api_bind_addr = "127.0.0.1:{s3}"
         assert!(left.is_empty(), "a lazy restore from {url} wrote {left:?}");
         crate::common::read_report(report)
     }
+}
 
-    /// `s3://BUCKET/prefix`.
-    pub fn url(&self, prefix: &str) -> String {
-        format!("s3://{BUCKET}/{prefix}")
+impl S3 for Garage {
+    fn consnap(&self) -> Command {
+        let mut cmd = crate::common::consnap();
+        self.env(&mut cmd);
+        cmd
     }
 }
 
