@@ -24,9 +24,10 @@ use crate::fold;
 use crate::format::{Header, PAGE};
 use crate::ledger::Ledger;
 use crate::plan::{Covered, Run, Source, claims, plan};
+use crate::reader::EpochReader;
 use crate::retain::Policy;
 use crate::store::Store;
-use crate::writer::EpochMeta;
+use crate::writer::{EpochMeta, EpochWriter};
 
 /// Default `--max-chain`: the most files a restore of a retained epoch
 /// reads (see docs/DESIGN.md for the measurement behind it).
@@ -443,27 +444,17 @@ fn rebase(
     w.use_direct_io();
     w.set_merged(merged);
     w.write_state(&sub[0].state()?)?;
-    let mut cursors: Vec<PageCursor<'_>> = sub.iter().map(|e| PageCursor::new(e, WINDOW)).collect();
-    for run in runs {
-        match run.source {
-            Source::Zero => w.zero_pages(run.gfn, run.count)?,
-            Source::Data { epoch, page } => {
-                let mut done = 0;
-                while done < run.count {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    let n = (run.count - done).min(WINDOW);
-                    let bytes = cursors[epoch].pages(page + done, n)?;
-                    w.data_pages(run.gfn + done, bytes)?;
-                    done += n;
-                    let moved = 2 * n * PAGE as u64;
-                    throttle.account(moved, stop);
-                    progress(moved);
-                }
-            }
+    let read = copy_runs(&mut w, sub, runs, |moved| {
+        if stop.load(Ordering::Relaxed) {
+            return false;
         }
-    }
+        throttle.account(moved, stop);
+        progress(moved);
+        true
+    })?;
+    let Some(read) = read else {
+        return Ok(());
+    };
     let old = sub[0].file_len();
     let info = w.commit(head.pause_ns)?;
     pass.rewrites += 1;
@@ -472,8 +463,39 @@ fn rebase(
     }
     pass.bytes_freed += old;
     pass.bytes_written += info.file_bytes;
-    pass.bytes_read += cursors.iter().map(|c| c.bytes_read).sum::<u64>();
+    pass.bytes_read += read;
     Ok(())
+}
+
+/// Write the pages of `runs` (sources in `sub`) into `w`, each run's data
+/// from the epoch that holds it. `each(bytes moved)` is called as data
+/// goes through and may stop the copy (returning false): then `None`;
+/// else the bytes read.
+pub(crate) fn copy_runs(
+    w: &mut EpochWriter,
+    sub: &[EpochReader],
+    runs: Vec<Run>,
+    mut each: impl FnMut(u64) -> bool,
+) -> Result<Option<u64>> {
+    let mut cursors: Vec<PageCursor<'_>> = sub.iter().map(|e| PageCursor::new(e, WINDOW)).collect();
+    for run in runs {
+        match run.source {
+            Source::Zero => w.zero_pages(run.gfn, run.count)?,
+            Source::Data { epoch, page } => {
+                let mut done = 0;
+                while done < run.count {
+                    let n = (run.count - done).min(WINDOW);
+                    let bytes = cursors[epoch].pages(page + done, n)?;
+                    w.data_pages(run.gfn + done, bytes)?;
+                    done += n;
+                    if !each(2 * n * PAGE as u64) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(cursors.iter().map(|c| c.bytes_read).sum()))
 }
 
 /// Pages to write when rebasing the epoch of `chain` onto `y`, which is

@@ -707,6 +707,23 @@ impl Store {
         self.open_writer(meta, tmp)
     }
 
+    /// Start writing a version of epoch `meta.id` that is not for this
+    /// store's directory (a merged epoch to ship to a remote store): under
+    /// a temporary name of its own, finished with
+    /// [`EpochWriter::finish_detached`], which takes it out of the
+    /// directory. Needs no lock: it changes nothing of the store.
+    pub fn detached_writer(&self, meta: EpochMeta) -> Result<EpochWriter> {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = self.epochs.join(format!(
+            "{TMP_PREFIX}ship-{:020}-{}-{nonce:08x}",
+            meta.id,
+            std::process::id()
+        ));
+        self.open_writer(meta, tmp)
+    }
+
     fn open_writer(&self, meta: EpochMeta, tmp: PathBuf) -> Result<EpochWriter> {
         // Never write what a reader refuses.
         let related = match (meta.full, meta.parent) {

@@ -362,6 +362,32 @@ impl EpochWriter {
 
     /// Write index and header, make the file durable and visible.
     pub fn commit(mut self, pause_ns: u64) -> Result<EpochInfo> {
+        let (header, end) = self.seal(pause_ns)?;
+        self.file.sync_all().map_err(io(&self.tmp, "fsync"))?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest, "rename into place"))?;
+        self.committed = true;
+        fsync_dir(&self.epochs_dir)?;
+        Ok(EpochInfo {
+            header,
+            file_bytes: end,
+            path: self.dest.clone(),
+        })
+    }
+
+    /// Write index and header, and take the file out of the store: its
+    /// temporary name is removed, so it is never visible there, and the
+    /// open file is returned with the header and its length (an epoch
+    /// made to be sent elsewhere; not made durable).
+    pub fn finish_detached(mut self, pause_ns: u64) -> Result<(File, Header, u64)> {
+        let (header, end) = self.seal(pause_ns)?;
+        let file = self.file.try_clone().map_err(io(&self.tmp, "duplicate"))?;
+        std::fs::remove_file(&self.tmp).map_err(io(&self.tmp, "remove"))?;
+        self.committed = true;
+        Ok((file, header, end))
+    }
+
+    /// Write index and header; the header and the file's length.
+    fn seal(&mut self, pause_ns: u64) -> Result<(Header, u64)> {
         let state = self.state.ok_or(StoreError::Usage("no state written"))?;
         self.emit_frame()?;
         self.flush_stage(true)?;
@@ -430,15 +456,7 @@ impl EpochWriter {
             ],
         };
         self.pwrite(&header.encode(), 0)?;
-        self.file.sync_all().map_err(io(&self.tmp, "fsync"))?;
-        std::fs::rename(&self.tmp, &self.dest).map_err(io(&self.dest, "rename into place"))?;
-        self.committed = true;
-        fsync_dir(&self.epochs_dir)?;
-        Ok(EpochInfo {
-            header,
-            file_bytes: end,
-            path: self.dest.clone(),
-        })
+        Ok((header, end))
     }
 }
 

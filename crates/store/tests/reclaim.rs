@@ -322,3 +322,57 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
     // levels and without those diffs, 5.)
     assert!(full_rewrites <= 2, "{full_rewrites} epochs rewritten FULL");
 }
+
+/// The image of a chain given as readers (newest first).
+fn image_of(chain: &[store::EpochReader]) -> (Vec<u8>, Vec<u8>) {
+    let mut mem = vec![0xeeu8; PAGES as usize * PAGE];
+    for run in plan(chain).unwrap() {
+        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
+        match run.source {
+            Source::Zero => dst.fill(0),
+            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
+        }
+    }
+    (chain[0].state().unwrap(), mem)
+}
+
+#[test]
+fn merged_epochs_to_ship_restore_like_the_epoch_they_stand_for() {
+    use std::os::fd::AsRawFd;
+    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "merged-onto");
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    let mut rng = Rng(0x5eed);
+    for id in 1..=6u64 {
+        write(&s, &mut rng, id, (id > 1).then(|| id - 1), T0 + id * 100 * MS);
+    }
+    let want = image(&s, 6);
+    let files = |s: &Store| std::fs::read_dir(s.dir().join("epochs")).unwrap().count();
+    let before = files(&s);
+    for (codec, onto, parent) in [(Codec::Zstd, Some(2), Some(2)), (Codec::None, None, None)] {
+        let d = store::merged_onto(&s, 6, |p| Some(p) == onto, codec).unwrap();
+        assert_eq!(files(&s), before, "the merged epoch is not in the store");
+        assert_eq!(
+            (d.header.id, (!d.header.is_full()).then_some(d.header.parent)),
+            (6, parent)
+        );
+        let stands_for: Vec<u64> = if parent.is_some() {
+            vec![5, 4, 3]
+        } else {
+            vec![5, 4, 3, 2, 1]
+        };
+        assert_eq!(d.merged, stands_for);
+        assert_eq!(d.header.merged, stands_for.len() as u64);
+        assert_eq!(d.header.codec, codec);
+        let path = format!("/proc/self/fd/{}", d.file.as_raw_fd());
+        let r = store::EpochReader::open(std::path::Path::new(&path)).unwrap();
+        assert_eq!(r.file_len(), d.len);
+        let mut chain = vec![r];
+        if let Some(p) = parent {
+            chain.extend(s.chain(p).unwrap());
+        }
+        assert!(
+            image_of(&chain) == want,
+            "merged onto {parent:?} restores to another state"
+        );
+    }
+}
