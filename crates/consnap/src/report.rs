@@ -425,6 +425,17 @@ pub struct Replication {
     /// Epochs and bytes committed locally and not off-host at the end.
     pub backlog_epochs: u64,
     pub backlog_bytes: u64,
+    /// The granularity off-host: the median capture-time step between the
+    /// newest remote epochs (coarser than the interval after replication
+    /// fell behind and shipped merged epochs).
+    #[serde(default)]
+    pub remote_step_s: Option<f64>,
+    /// Merged epochs shipped because replication was behind, and the
+    /// local epochs they stand for (which stay local only).
+    #[serde(default)]
+    pub merged_uploads: u64,
+    #[serde(default)]
+    pub covered_epochs: u64,
     /// Objects and bytes uploaded, objects deleted, manifests written.
     pub uploaded_objects: u64,
     pub uploaded_bytes: u64,
@@ -452,6 +463,9 @@ impl Replication {
             remote_epochs: s.remote_epochs,
             backlog_epochs: s.backlog_epochs,
             backlog_bytes: s.backlog_bytes,
+            remote_step_s: s.remote_step_ns.map(|n| n as f64 / 1e9),
+            merged_uploads: s.merged_uploads,
+            covered_epochs: s.covered_epochs,
             uploaded_objects: s.uploaded_objects,
             uploaded_bytes: s.uploaded_bytes,
             deleted_objects: s.deleted_objects,

@@ -30,6 +30,12 @@ use crate::manifest::{Entry, Manifest, object_name};
 /// written at most this often (each is one small PUT).
 const INTERIM_MANIFEST: Duration = Duration::from_secs(1);
 
+/// Replication is behind when the epochs waiting to go up span this much
+/// capture time or more: it then ships the newest state merged onto what
+/// the remote store holds (one object for the run of epochs), so the
+/// remote store's granularity becomes coarser instead of its lag longer.
+const COARSE: Duration = Duration::from_secs(1);
+
 /// What the replication has done so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplicaStatus {
@@ -41,10 +47,16 @@ pub struct ReplicaStatus {
     pub newest_created_ns: Option<u64>,
     /// Epochs the remote store holds.
     pub remote_epochs: u64,
+    /// Median capture-time step between the newest remote epochs, ns.
+    pub remote_step_ns: Option<u64>,
     /// Epochs and bytes committed locally and not yet off-host, at the
     /// last pass.
     pub backlog_epochs: u64,
     pub backlog_bytes: u64,
+    /// Merged epochs shipped because replication had fallen behind, and
+    /// the local epochs that such epochs stand for now (local only).
+    pub merged_uploads: u64,
+    pub covered_epochs: u64,
     /// Totals: objects and bytes uploaded, objects deleted, manifests written.
     pub uploaded_objects: u64,
     pub uploaded_bytes: u64,
@@ -117,6 +129,17 @@ struct Worker {
     /// How often to look for new epochs without being told.
     poll: Duration,
     limit: BacklogLimit,
+    /// The local store, read to write merged epochs.
+    store: store::Store,
+    /// Local epochs a merged epoch shipped instead of them stands for:
+    /// they stay local only.
+    covered: BTreeSet<u64>,
+    /// Objects of merged epochs shipped: kept remotely while their parent
+    /// is, whatever version of the same id the local store has.
+    merged_objects: BTreeSet<String>,
+    /// Objects uploaded that no manifest has named yet: if a failed pass
+    /// leaves one unnamed, it is deleted after the next manifest.
+    unnamed: BTreeSet<String>,
 }
 
 impl Replicator {
@@ -126,7 +149,6 @@ impl Replicator {
     pub fn start(dir: &Path, client: Client, poll: Duration, limit: BacklogLimit) -> Result<Replicator> {
         let local = store::Store::open(dir, store::Access::Read).map_err(Box::new)?;
         let uuid = local.uuid();
-        drop(local);
         let url = client.url().to_string();
         let manifest = match client.get("MANIFEST")? {
             Some(text) => {
@@ -184,6 +206,10 @@ impl Replicator {
             listed: HashMap::new(),
             poll,
             limit,
+            store: local,
+            covered: BTreeSet::new(),
+            merged_objects: BTreeSet::new(),
+            unnamed: BTreeSet::new(),
         };
         w.note(&shared, None);
         let sh = shared.clone();
@@ -350,12 +376,31 @@ impl Worker {
         s.newest_id = newest.map(|e| e.id);
         s.newest_created_ns = newest.map(|e| e.created_ns);
         s.remote_epochs = self.manifest.epochs.len() as u64;
+        let newest: Vec<u64> = self
+            .manifest
+            .epochs
+            .iter()
+            .rev()
+            .take(11)
+            .map(|e| e.created_ns)
+            .collect();
+        let mut steps: Vec<u64> = newest.windows(2).map(|w| w[0].saturating_sub(w[1])).collect();
+        steps.sort_unstable();
+        s.remote_step_ns = steps.get(steps.len() / 2).copied();
         let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
+        let merged_up: BTreeSet<u64> = self
+            .manifest
+            .epochs
+            .iter()
+            .filter(|e| self.merged_objects.contains(&e.object))
+            .map(|e| e.id)
+            .collect();
         let behind: Vec<&Local> = self
             .listed
             .values()
-            .filter(|l| !up.contains(l.object.as_str()))
+            .filter(|l| !up.contains(l.object.as_str()) && !self.covered.contains(&l.id) && !merged_up.contains(&l.id))
             .collect();
+        s.covered_epochs = self.covered.len() as u64;
         s.backlog_epochs = behind.len() as u64;
         s.backlog_bytes = behind.iter().map(|l| l.bytes).sum();
         let over = s.backlog_bytes > self.limit.bytes;
@@ -441,31 +486,91 @@ impl Worker {
             }
         }
         next.sort_by_key(|e| e.id);
-        let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
-        let todo: Vec<&Entry> = next.iter().filter(|e| !up.contains(e.object.as_str())).collect();
-        let (mut uploaded, mut published) = (Vec::new(), Instant::now());
-        let last = todo.len();
-        for (i, e) in todo.into_iter().enumerate() {
-            // Opened only now (a backlog of thousands of epochs must not
-            // hold thousands of descriptors); uploaded from this descriptor
-            // only if it is still the version listed, so a file replaced or
-            // removed meanwhile is seen at the next pass.
-            let path = self.dir.join("epochs").join(store::epoch_file_name(e.id));
-            let file = match open_epoch(&path, e.id)? {
-                Some((file, now)) if now.object == e.object => file,
-                _ => {
-                    self.listed.remove(&e.id);
-                    return Ok(false);
+        self.covered.retain(|id| self.listed.contains_key(id));
+        // What the remote store keeps: the same version of a local epoch,
+        // or a merged epoch shipped earlier (the same guest state), each
+        // with its parent kept.
+        let remote: HashMap<u64, &Entry> = self.manifest.epochs.iter().map(|e| (e.id, e)).collect();
+        let mut kept: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut pending: Vec<Entry> = Vec::new();
+        for e in &next {
+            let parent_kept = |p: Option<u64>| p.is_none_or(|p| kept.contains_key(&p));
+            match remote.get(&e.id) {
+                Some(r) if r.object == e.object && parent_kept(r.parent) => {
+                    kept.insert(e.id, e.clone());
                 }
-            };
+                Some(r) if self.merged_objects.contains(&r.object) && parent_kept(r.parent) => {
+                    kept.insert(e.id, (*r).clone());
+                }
+                _ if self.covered.contains(&e.id) => {}
+                _ => pending.push(e.clone()),
+            }
+        }
+        // A covered epoch stays local only while a newer epoch goes up or
+        // is up (after a failed pass the merged epoch may not be named).
+        let newest_up = kept.keys().chain(pending.iter().map(|e| &e.id)).max().copied();
+        let orphaned: Vec<u64> = self
+            .covered
+            .iter()
+            .copied()
+            .filter(|&c| newest_up.is_none_or(|n| n < c))
+            .collect();
+        if !orphaned.is_empty() {
+            for c in &orphaned {
+                self.covered.remove(c);
+            }
+            return Ok(false);
+        }
+        let named: BTreeSet<String> = self.manifest.epochs.iter().map(|e| e.object.clone()).collect();
+        // Behind by a coarse step or more: ship the newest state, merged
+        // onto what the remote store keeps, instead of every epoch.
+        let behind = match (pending.first(), pending.last()) {
+            (Some(a), Some(b)) => b.created_ns.saturating_sub(a.created_ns) >= COARSE.as_nanos() as u64,
+            _ => false,
+        };
+        let (mut uploaded, mut published) = (Vec::new(), Instant::now());
+        let order: Vec<Entry> = if behind {
+            pending.iter().rev().cloned().collect()
+        } else {
+            pending
+        };
+        let last = order.len();
+        for (i, e) in order.into_iter().enumerate() {
+            if kept.contains_key(&e.id) || self.covered.contains(&e.id) {
+                continue;
+            }
             let t = Instant::now();
-            self.client.put_file(&e.object, &file, e.bytes, &path)?;
+            let sent = if !behind && e.parent.is_none_or(|p| kept.contains_key(&p)) {
+                if named.contains(&e.object) {
+                    // Up already (its parent was sent again this pass).
+                    kept.insert(e.id, e.clone());
+                    continue;
+                }
+                // Opened only now (a backlog of thousands of epochs must not
+                // hold thousands of descriptors); uploaded from this
+                // descriptor only if it is still the version listed, so a
+                // file replaced or removed meanwhile is seen at the next pass.
+                let path = self.dir.join("epochs").join(store::epoch_file_name(e.id));
+                let file = match open_epoch(&path, e.id)? {
+                    Some((file, now)) if now.object == e.object => file,
+                    _ => {
+                        self.listed.remove(&e.id);
+                        return Ok(false);
+                    }
+                };
+                self.unnamed.insert(e.object.clone());
+                self.client.put_file(&e.object, &file, e.bytes, &path)?;
+                e
+            } else {
+                self.ship_merged(e.id, &kept, shared)?
+            };
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
-            c.status.uploaded_bytes += e.bytes;
+            c.status.uploaded_bytes += sent.bytes;
             c.status.upload_s += t.elapsed().as_secs_f64();
             drop(c);
-            uploaded.push(e.clone());
+            kept.insert(sent.id, sent.clone());
+            uploaded.push(sent);
             // A long backlog moves the recovery point as it goes up, not
             // once at the end of the pass.
             if i + 1 < last && published.elapsed() >= INTERIM_MANIFEST {
@@ -473,13 +578,30 @@ impl Worker {
                 published = Instant::now();
             }
         }
-        if next != self.manifest.epochs || self.manifest.generation == 0 {
-            self.publish(next, shared)?;
+        // Every epoch named has its parent named (a safety net: the
+        // choices above keep it so).
+        let mut fin: BTreeMap<u64, Entry> = BTreeMap::new();
+        for (id, e) in kept {
+            if e.parent.is_none_or(|p| fin.contains_key(&p)) {
+                fin.insert(id, e);
+            } else {
+                settled = false;
+            }
+        }
+        let fin: Vec<Entry> = fin.into_values().collect();
+        if fin != self.manifest.epochs || self.manifest.generation == 0 {
+            self.publish(fin, shared)?;
         }
         // Only now: the manifest no longer names them. (A stray left by an
         // upload cut short may have gone up again since, under its name.)
         let named: BTreeSet<String> = self.manifest.epochs.iter().map(|e| e.object.clone()).collect();
+        for o in std::mem::take(&mut self.unnamed) {
+            if !named.contains(&o) {
+                self.strays.insert(o);
+            }
+        }
         self.strays.retain(|o| !named.contains(o));
+        self.merged_objects.retain(|o| named.contains(o));
         while let Some(o) = self.strays.pop_first() {
             if let Err(e) = self.client.delete(&o) {
                 self.strays.insert(o);
@@ -497,6 +619,46 @@ impl Worker {
 }
 
 impl Worker {
+    /// Ship epoch `id` merged with its local ancestors down to the newest
+    /// one whose parent the remote store keeps (`kept`), compressed: one
+    /// object that restores to what epoch `id` restores to. The epochs
+    /// merged into it become covered (local only). Returns its entry.
+    fn ship_merged(&mut self, id: u64, kept: &BTreeMap<u64, Entry>, shared: &Shared) -> Result<Entry> {
+        let d = store::merged_onto(&self.store, id, |p| kept.contains_key(&p), store::Codec::Zstd).map_err(Box::new)?;
+        let mut head = vec![0u8; HEADER_SIZE];
+        let what = self
+            .dir
+            .join("epochs")
+            .join(format!("{} (merged to ship)", store::epoch_file_name(id)));
+        d.file
+            .read_exact_at(&mut head, 0)
+            .map_err(io("read the header of", &what))?;
+        let object = object_name(id, xxhash_rust::xxh3::xxh3_64(&head));
+        self.unnamed.insert(object.clone());
+        self.client.put_file(&object, &d.file, d.len, &what)?;
+        tracing::debug!(
+            epoch = id,
+            merged = d.merged.len(),
+            bytes = d.len,
+            "replication behind: shipped a merged epoch"
+        );
+        self.merged_objects.insert(object.clone());
+        self.covered.extend(d.merged.iter().copied());
+        shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .merged_uploads += 1;
+        Ok(Entry {
+            id,
+            parent: (!d.header.is_full()).then_some(d.header.parent),
+            created_ns: d.header.created_ns,
+            bytes: d.len,
+            object,
+        })
+    }
+
     /// Write the next MANIFEST, naming `epochs`; the objects the current
     /// one names and it does not become strays, deleted by the pass once
     /// no manifest names them.

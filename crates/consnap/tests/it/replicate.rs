@@ -79,7 +79,14 @@ fn a_replicated_vm_restores_on_another_host() {
     let rep = &r["replication"];
     let local = store_support::ids(&snaps);
     assert_eq!(rep["newest_epoch"].as_u64(), local.last().copied(), "{rep}");
-    assert_eq!(rep["remote_epochs"].as_u64(), Some(local.len() as u64), "{rep}");
+    // Every local epoch is off-host, or stood for by a merged epoch if
+    // replication ever fell a second behind (a loaded machine).
+    let covered = rep["covered_epochs"].as_u64().unwrap();
+    assert_eq!(
+        rep["remote_epochs"].as_u64(),
+        Some(local.len() as u64 - covered),
+        "{rep}"
+    );
     assert_eq!(rep["backlog_epochs"], 0, "{rep}");
     assert!(rep["error"].is_null(), "{rep}");
     assert!(rep["uploaded_bytes"].as_u64().unwrap() > 0, "{rep}");
@@ -87,7 +94,10 @@ fn a_replicated_vm_restores_on_another_host() {
     // every byte sound.
     let listed = garage.ls(&url, &[]);
     let ids: Vec<u64> = listed.iter().map(|r| r["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, local);
+    assert!(
+        ids.iter().all(|i| local.contains(i)) && ids.len() as u64 + covered == local.len() as u64,
+        "{ids:?} against {local:?}"
+    );
     assert!(listed.iter().all(|r| r["restorable"] == true), "{listed:?}");
     let mut cmd = consnap();
     let out = run_ok(garage.env(cmd.args(["verify", &url, "--cache"]).arg(dir.join("verify-cache"))));
@@ -96,7 +106,7 @@ fn a_replicated_vm_restores_on_another_host() {
     std::fs::remove_dir_all(&snaps).unwrap();
     for (n, at) in [
         ("latest", "latest".to_string()),
-        ("middle", local[local.len() / 2].to_string()),
+        ("middle", ids[ids.len() / 2].to_string()),
     ] {
         let cache = dir.join(format!("host2-{n}"));
         let r = garage.restore(&url, &cache, &dir.join(format!("restore-{n}.json")), &["--at", &at]);
