@@ -36,6 +36,11 @@ const INTERIM_MANIFEST: Duration = Duration::from_secs(1);
 /// remote store's granularity becomes coarser instead of its lag longer.
 const COARSE: Duration = Duration::from_secs(1);
 
+/// The longest chain a version kept remotely may have (a restore from the
+/// object store reads that many objects at most): beyond it the local
+/// version, which local folding keeps short, goes up instead.
+const MAX_REMOTE_CHAIN: usize = store::DEFAULT_MAX_CHAIN;
+
 /// What the replication has done so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplicaStatus {
@@ -134,9 +139,6 @@ struct Worker {
     /// Local epochs a merged epoch shipped instead of them stands for:
     /// they stay local only.
     covered: BTreeSet<u64>,
-    /// Objects of merged epochs shipped: kept remotely while their parent
-    /// is, whatever version of the same id the local store has.
-    merged_objects: BTreeSet<String>,
     /// Objects uploaded that no manifest has named yet: if a failed pass
     /// leaves one unnamed, it is deleted after the next manifest.
     unnamed: BTreeSet<String>,
@@ -208,7 +210,6 @@ impl Replicator {
             limit,
             store: local,
             covered: BTreeSet::new(),
-            merged_objects: BTreeSet::new(),
             unnamed: BTreeSet::new(),
         };
         w.note(&shared, None);
@@ -388,17 +389,13 @@ impl Worker {
         steps.sort_unstable();
         s.remote_step_ns = steps.get(steps.len() / 2).copied();
         let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
-        let merged_up: BTreeSet<u64> = self
-            .manifest
-            .epochs
-            .iter()
-            .filter(|e| self.merged_objects.contains(&e.object))
-            .map(|e| e.id)
-            .collect();
+        // An epoch whose id is up in another version is off-host too: every
+        // version restores to the same state.
+        let up_ids: BTreeSet<u64> = self.manifest.epochs.iter().map(|e| e.id).collect();
         let behind: Vec<&Local> = self
             .listed
             .values()
-            .filter(|l| !up.contains(l.object.as_str()) && !self.covered.contains(&l.id) && !merged_up.contains(&l.id))
+            .filter(|l| !up.contains(l.object.as_str()) && !up_ids.contains(&l.id) && !self.covered.contains(&l.id))
             .collect();
         s.covered_epochs = self.covered.len() as u64;
         s.backlog_epochs = behind.len() as u64;
@@ -487,23 +484,25 @@ impl Worker {
         }
         next.sort_by_key(|e| e.id);
         self.covered.retain(|id| self.listed.contains_key(id));
-        // What the remote store keeps: the same version of a local epoch,
-        // or a merged epoch shipped earlier (the same guest state), each
-        // with its parent kept.
+        // What the remote store keeps: whatever version of a local epoch it
+        // holds (every version of an id restores to the same state, so a
+        // local merge or fold need not go up again) while that version's
+        // remote chain is whole and at most MAX_REMOTE_CHAIN long.
         let remote: HashMap<u64, &Entry> = self.manifest.epochs.iter().map(|e| (e.id, e)).collect();
         let mut kept: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut depth: HashMap<u64, usize> = HashMap::new();
         let mut pending: Vec<Entry> = Vec::new();
         for e in &next {
-            let parent_kept = |p: Option<u64>| p.is_none_or(|p| kept.contains_key(&p));
-            match remote.get(&e.id) {
-                Some(r) if r.object == e.object && parent_kept(r.parent) => {
-                    kept.insert(e.id, e.clone());
-                }
-                Some(r) if self.merged_objects.contains(&r.object) && parent_kept(r.parent) => {
+            match remote
+                .get(&e.id)
+                .and_then(|r| Some((r, chain_depth(&depth, r.parent)?)))
+            {
+                Some((r, d)) => {
                     kept.insert(e.id, (*r).clone());
+                    depth.insert(e.id, d);
                 }
-                _ if self.covered.contains(&e.id) => {}
-                _ => pending.push(e.clone()),
+                None if self.covered.contains(&e.id) => {}
+                None => pending.push(e.clone()),
             }
         }
         // A covered epoch stays local only while a newer epoch goes up or
@@ -522,25 +521,34 @@ impl Worker {
             return Ok(false);
         }
         let named: BTreeSet<String> = self.manifest.epochs.iter().map(|e| e.object.clone()).collect();
-        // Behind by a coarse step or more: ship the newest state, merged
-        // onto what the remote store keeps, instead of every epoch.
-        let behind = match (pending.first(), pending.last()) {
+        // Behind by a coarse step or more (the epochs newer than what is up
+        // span that much): ship the newest state, merged onto what the
+        // remote store keeps, instead of every epoch. Older epochs that
+        // must go up again wait until replication has caught up.
+        let newest_kept = kept.keys().next_back().copied().unwrap_or(0);
+        let fresh: Vec<&Entry> = pending.iter().filter(|e| e.id > newest_kept).collect();
+        let behind = match (fresh.first(), fresh.last()) {
             (Some(a), Some(b)) => b.created_ns.saturating_sub(a.created_ns) >= COARSE.as_nanos() as u64,
             _ => false,
         };
-        let (mut uploaded, mut published) = (Vec::new(), Instant::now());
-        let order: Vec<Entry> = if behind {
-            pending.iter().rev().cloned().collect()
-        } else {
-            pending
+        let order: Vec<Entry> = match (behind, fresh.last()) {
+            (true, Some(newest)) => {
+                // Look again soon: more may be waiting.
+                settled = false;
+                vec![(*newest).clone()]
+            }
+            _ => pending,
         };
+        let (mut uploaded, mut published) = (Vec::new(), Instant::now());
         let last = order.len();
         for (i, e) in order.into_iter().enumerate() {
             if kept.contains_key(&e.id) || self.covered.contains(&e.id) {
                 continue;
             }
             let t = Instant::now();
-            let sent = if !behind && e.parent.is_none_or(|p| kept.contains_key(&p)) {
+            let single = if behind { None } else { chain_depth(&depth, e.parent) };
+            let sent = if let Some(d) = single {
+                depth.insert(e.id, d);
                 if named.contains(&e.object) {
                     // Up already (its parent was sent again this pass).
                     kept.insert(e.id, e.clone());
@@ -562,7 +570,10 @@ impl Worker {
                 self.client.put_file(&e.object, &file, e.bytes, &path)?;
                 e
             } else {
-                self.ship_merged(e.id, &kept, shared)?
+                let sent = self.ship_merged(e.id, &depth, shared)?;
+                let d = chain_depth(&depth, sent.parent).unwrap_or(1);
+                depth.insert(sent.id, d);
+                sent
             };
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
@@ -601,7 +612,6 @@ impl Worker {
             }
         }
         self.strays.retain(|o| !named.contains(o));
-        self.merged_objects.retain(|o| named.contains(o));
         while let Some(o) = self.strays.pop_first() {
             if let Err(e) = self.client.delete(&o) {
                 self.strays.insert(o);
@@ -620,11 +630,13 @@ impl Worker {
 
 impl Worker {
     /// Ship epoch `id` merged with its local ancestors down to the newest
-    /// one whose parent the remote store keeps (`kept`), compressed: one
+    /// one whose parent the remote store keeps (in `depth`, with room
+    /// under [`MAX_REMOTE_CHAIN`]), compressed: one
     /// object that restores to what epoch `id` restores to. The epochs
     /// merged into it become covered (local only). Returns its entry.
-    fn ship_merged(&mut self, id: u64, kept: &BTreeMap<u64, Entry>, shared: &Shared) -> Result<Entry> {
-        let d = store::merged_onto(&self.store, id, |p| kept.contains_key(&p), store::Codec::Zstd).map_err(Box::new)?;
+    fn ship_merged(&mut self, id: u64, depth: &HashMap<u64, usize>, shared: &Shared) -> Result<Entry> {
+        let onto = |p: u64| depth.get(&p).is_some_and(|&d| d < MAX_REMOTE_CHAIN);
+        let d = store::merged_onto(&self.store, id, onto, store::Codec::Zstd).map_err(Box::new)?;
         let mut head = vec![0u8; HEADER_SIZE];
         let what = self
             .dir
@@ -642,7 +654,6 @@ impl Worker {
             bytes = d.len,
             "replication behind: shipped a merged epoch"
         );
-        self.merged_objects.insert(object.clone());
         self.covered.extend(d.merged.iter().copied());
         shared
             .control
@@ -705,6 +716,16 @@ impl Worker {
         self.publish(by_id.into_values().collect(), shared)?;
         self.note_backlog(shared);
         Ok(())
+    }
+}
+
+/// The remote chain length of an epoch whose parent is `parent`, given the
+/// chain lengths of the epochs kept so far; `None` if the parent is not
+/// kept or the chain would be longer than [`MAX_REMOTE_CHAIN`].
+fn chain_depth(depth: &HashMap<u64, usize>, parent: Option<u64>) -> Option<usize> {
+    match parent {
+        None => Some(1),
+        Some(p) => depth.get(&p).map(|d| d + 1).filter(|&d| d <= MAX_REMOTE_CHAIN),
     }
 }
 
