@@ -57,9 +57,8 @@ def run(spec, mem, interval, mode, workdir):
         # cow with 4 KiB write-protect blocks instead of 2 MiB ones.
         cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--cow-block", "4K", "--interval", interval]
     elif mode == "cow-1ms":
-        # cow with the pause allowed 1 ms of hot-block copies whatever the interval.
-        cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--interval", interval]
-        env = dict(os.environ, CONSNAP_COW_PAUSE_BUDGET="1ms")
+        # cow with the pause allowed 1 ms of hot-block copies.
+        cmd += ["--snapshot-dir", snaps, "--mode", "cow", "--interval", interval, "--cow-pause-copy", "1ms"]
     elif mode != "none":
         cmd += ["--snapshot-dir", snaps, "--mode", mode, "--interval", interval]
     print("  $ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)

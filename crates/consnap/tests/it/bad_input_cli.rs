@@ -285,6 +285,18 @@ fn bad_input_never_panics() {
             vec!["run", "--interval", "0", "--snapshot-dir", s],
             "--interval must be longer than 0",
         ),
+        (
+            vec![
+                "run",
+                "--interval",
+                "20ms",
+                "--cow-pause-copy",
+                "20ms",
+                "--snapshot-dir",
+                s,
+            ],
+            "--cow-pause-copy 20ms must be shorter than --interval 20ms",
+        ),
         (vec!["run", "--pause-probe", "1e9s"], "not a duration"),
         (vec!["run", "--mem", "16777216T"], "not a size"),
         (

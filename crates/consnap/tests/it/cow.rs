@@ -30,7 +30,9 @@ fn spec(workload: &str, vcpus: u32) -> String {
     }
 }
 
-fn random_kill(workload: &str, vcpus: u32) {
+/// `pause_copy`: `--cow-pause-copy`, so that hot blocks copied in the
+/// pause are checked too.
+fn random_kill(workload: &str, vcpus: u32, pause_copy: &str) {
     if !kvm_ready() {
         return;
     }
@@ -52,6 +54,8 @@ fn random_kill(workload: &str, vcpus: u32) {
         "cow",
         "--interval",
         "20ms",
+        "--cow-pause-copy",
+        pause_copy,
         "--pause-probe",
         "0",
     ];
@@ -104,22 +108,22 @@ fn random_kill(workload: &str, vcpus: u32) {
 
 #[test]
 fn memstress_killed_at_random_1_vcpu() {
-    random_kill("memstress", 1);
+    random_kill("memstress", 1, "0ms");
 }
 
 #[test]
 fn memstress_killed_at_random_2_vcpus() {
-    random_kill("memstress", 2);
+    random_kill("memstress", 2, "1ms");
 }
 
 #[test]
 fn build_killed_at_random_1_vcpu() {
-    random_kill("build", 1);
+    random_kill("build", 1, "0ms");
 }
 
 #[test]
 fn build_killed_at_random_2_vcpus() {
-    random_kill("build", 2);
+    random_kill("build", 2, "1ms");
 }
 
 /// Without kernel-mode userfaultfd (an unprivileged user, with
