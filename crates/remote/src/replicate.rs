@@ -505,6 +505,8 @@ impl Worker {
                 None => pending.push(e.clone()),
             }
         }
+        // An epoch named remotely is not local only.
+        self.covered.retain(|id| !kept.contains_key(id));
         // A covered epoch stays local only while a newer epoch goes up or
         // is up (after a failed pass the merged epoch may not be named).
         let newest_up = kept.keys().chain(pending.iter().map(|e| &e.id)).max().copied();
@@ -570,7 +572,17 @@ impl Worker {
                 self.client.put_file(&e.object, &file, e.bytes, &path)?;
                 e
             } else {
-                let sent = self.ship_merged(e.id, &depth, shared)?;
+                // Onto the nearest ancestor kept with room under the chain
+                // limit; when the parent is kept but its chain is full, onto
+                // one at most half as deep (a remote fold), so that the
+                // epochs after this one go up as they are again.
+                let parent_full = !behind && e.parent.is_some_and(|p| depth.contains_key(&p));
+                let room = if parent_full {
+                    MAX_REMOTE_CHAIN / 2
+                } else {
+                    MAX_REMOTE_CHAIN - 1
+                };
+                let sent = self.ship_merged(e.id, &depth, room, shared)?;
                 let d = chain_depth(&depth, sent.parent).unwrap_or(1);
                 depth.insert(sent.id, d);
                 sent
@@ -630,12 +642,12 @@ impl Worker {
 
 impl Worker {
     /// Ship epoch `id` merged with its local ancestors down to the newest
-    /// one whose parent the remote store keeps (in `depth`, with room
-    /// under [`MAX_REMOTE_CHAIN`]), compressed: one
+    /// one whose parent the remote store keeps (in `depth`) with a chain of
+    /// at most `room` objects, compressed: one
     /// object that restores to what epoch `id` restores to. The epochs
     /// merged into it become covered (local only). Returns its entry.
-    fn ship_merged(&mut self, id: u64, depth: &HashMap<u64, usize>, shared: &Shared) -> Result<Entry> {
-        let onto = |p: u64| depth.get(&p).is_some_and(|&d| d < MAX_REMOTE_CHAIN);
+    fn ship_merged(&mut self, id: u64, depth: &HashMap<u64, usize>, room: usize, shared: &Shared) -> Result<Entry> {
+        let onto = |p: u64| depth.get(&p).is_some_and(|&d| d <= room);
         let d = store::merged_onto(&self.store, id, onto, store::Codec::Zstd).map_err(Box::new)?;
         let mut head = vec![0u8; HEADER_SIZE];
         let what = self
@@ -654,7 +666,9 @@ impl Worker {
             bytes = d.len,
             "replication behind: shipped a merged epoch"
         );
-        self.covered.extend(d.merged.iter().copied());
+        // Epochs named remotely stay named: only the others are stood for.
+        self.covered
+            .extend(d.merged.iter().copied().filter(|m| !depth.contains_key(m)));
         shared
             .control
             .lock()
