@@ -30,11 +30,17 @@ use crate::manifest::{Entry, Manifest, object_name};
 /// written at most this often (each is one small PUT).
 const INTERIM_MANIFEST: Duration = Duration::from_secs(1);
 
-/// Replication is behind when the epochs waiting to go up span this much
-/// capture time or more: it then ships the newest state merged onto what
-/// the remote store holds (one object for the run of epochs), so the
-/// remote store's granularity becomes coarser instead of its lag longer.
+/// Replication is behind when at least [`BEHIND_EPOCHS`] new epochs wait
+/// to go up and they span this much capture time or more: it then ships
+/// the newest state merged onto what the remote store holds (one object
+/// for the run of epochs), so the remote store's granularity becomes
+/// coarser instead of its lag longer.
 const COARSE: Duration = Duration::from_secs(1);
+
+/// With epochs a second or more apart, two or three waiting are the normal
+/// jitter of a pass, not a store that cannot keep up: merging them would
+/// thin out the remote store's 1 s tier for nothing.
+const BEHIND_EPOCHS: usize = 4;
 
 /// The longest chain a version kept remotely may have (a restore from the
 /// object store reads that many objects at most): beyond it the local
@@ -530,7 +536,9 @@ impl Worker {
         let newest_kept = kept.keys().next_back().copied().unwrap_or(0);
         let fresh: Vec<&Entry> = pending.iter().filter(|e| e.id > newest_kept).collect();
         let behind = match (fresh.first(), fresh.last()) {
-            (Some(a), Some(b)) => b.created_ns.saturating_sub(a.created_ns) >= COARSE.as_nanos() as u64,
+            (Some(a), Some(b)) => {
+                fresh.len() >= BEHIND_EPOCHS && b.created_ns.saturating_sub(a.created_ns) >= COARSE.as_nanos() as u64
+            }
             _ => false,
         };
         let order: Vec<Entry> = match (behind, fresh.last()) {
