@@ -245,24 +245,6 @@ api_bind_addr = "{addr}:3900"
         }
     }
 
-    /// Start node `k` again (its data as it was) and wait until node 0
-    /// sees every node up.
-    pub fn restart(&mut self, k: usize) {
-        assert!(self.nodes[k].is_none(), "node {k} runs");
-        let child = self.spawn_node(k);
-        self.nodes[k] = Some(child);
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let status = self.garage(0, &["status"]);
-            let failed = status.contains("FAILED NODES") || status.contains("Failed nodes");
-            if !failed {
-                return;
-            }
-            assert!(Instant::now() < until, "node {k} not back in 60 s:\n{status}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     /// Take host `j`'s link down (`false`) or up again.
     pub fn link(&self, j: usize, up: bool) {
         let ns = self.host_ns(j);
