@@ -144,7 +144,10 @@ struct Worker {
     store: store::Store,
     /// Local epochs a merged epoch shipped instead of them stands for:
     /// they stay local only.
-    covered: BTreeSet<u64>,
+    /// (By id, with the object of the local version then: a version the
+    /// local reclamation rewrote since, merging younger epochs into it,
+    /// is one its policy keeps for longer, and goes up.)
+    covered: BTreeMap<u64, String>,
     /// Objects uploaded that no manifest has named yet: if a failed pass
     /// leaves one unnamed, it is deleted after the next manifest.
     unnamed: BTreeSet<String>,
@@ -215,7 +218,7 @@ impl Replicator {
             poll,
             limit,
             store: local,
-            covered: BTreeSet::new(),
+            covered: BTreeMap::new(),
             unnamed: BTreeSet::new(),
         };
         w.note(&shared, None);
@@ -401,7 +404,7 @@ impl Worker {
         let behind: Vec<&Local> = self
             .listed
             .values()
-            .filter(|l| !up.contains(l.object.as_str()) && !up_ids.contains(&l.id) && !self.covered.contains(&l.id))
+            .filter(|l| !up.contains(l.object.as_str()) && !up_ids.contains(&l.id) && !self.covered.contains_key(&l.id))
             .collect();
         s.covered_epochs = self.covered.len() as u64;
         s.backlog_epochs = behind.len() as u64;
@@ -489,7 +492,11 @@ impl Worker {
             }
         }
         next.sort_by_key(|e| e.id);
-        self.covered.retain(|id| self.listed.contains_key(id));
+        // Covered while the local version is the one covered: an epoch the
+        // local reclamation rewrote since (merging its younger neighbours
+        // into it) is one a coarser tier keeps, and goes up.
+        self.covered
+            .retain(|id, object| self.listed.get(id).is_some_and(|l| &l.object == object));
         // What the remote store keeps: whatever version of a local epoch it
         // holds (every version of an id restores to the same state, so a
         // local merge or fold need not go up again) while that version's
@@ -507,18 +514,18 @@ impl Worker {
                     kept.insert(e.id, (*r).clone());
                     depth.insert(e.id, d);
                 }
-                None if self.covered.contains(&e.id) => {}
+                None if self.covered.contains_key(&e.id) => {}
                 None => pending.push(e.clone()),
             }
         }
         // An epoch named remotely is not local only.
-        self.covered.retain(|id| !kept.contains_key(id));
+        self.covered.retain(|id, _| !kept.contains_key(id));
         // A covered epoch stays local only while a newer epoch goes up or
         // is up (after a failed pass the merged epoch may not be named).
         let newest_up = kept.keys().chain(pending.iter().map(|e| &e.id)).max().copied();
         let orphaned: Vec<u64> = self
             .covered
-            .iter()
+            .keys()
             .copied()
             .filter(|&c| newest_up.is_none_or(|n| n < c))
             .collect();
@@ -552,7 +559,7 @@ impl Worker {
         let (mut uploaded, mut published) = (Vec::new(), Instant::now());
         let last = order.len();
         for (i, e) in order.into_iter().enumerate() {
-            if kept.contains_key(&e.id) || self.covered.contains(&e.id) {
+            if kept.contains_key(&e.id) || self.covered.contains_key(&e.id) {
                 continue;
             }
             let t = Instant::now();
@@ -675,8 +682,11 @@ impl Worker {
             "replication behind: shipped a merged epoch"
         );
         // Epochs named remotely stay named: only the others are stood for.
-        self.covered
-            .extend(d.merged.iter().copied().filter(|m| !depth.contains_key(m)));
+        for m in d.merged.iter().filter(|m| !depth.contains_key(m)) {
+            if let Some(l) = self.listed.get(m) {
+                self.covered.insert(*m, l.object.clone());
+            }
+        }
         shared
             .control
             .lock()
