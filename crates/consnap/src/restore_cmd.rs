@@ -171,12 +171,10 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
 /// GETs as the guest (and the background fill) needs it. Nothing of guest
 /// memory is written to the local disk.
 fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, started: Instant) -> Result<i32, String> {
-    let client = std::sync::Arc::new(session::remote_client(url, a.session.encrypt_key.as_deref())?);
+    let (client, m, id) = remote_epoch(url, &a.at, a.session.encrypt_key.as_deref())?;
+    let client = std::sync::Arc::new(client);
     let u = client.url().clone();
-    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
     remote::check_key(&client, &m).map_err(|e| e.to_string())?;
-    let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
-    let id = crate::at::resolve_in(&epochs, &a.at, &u.to_string())?;
     let entry = m
         .get(id)
         .ok_or_else(|| format!("{u} has no epoch {id} in its manifest"))?;
@@ -237,6 +235,20 @@ fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, start
     )
 }
 
+/// A client for the object store `url`, its manifest, and the epoch `at`
+/// names there (ids and capture times from the manifest).
+fn remote_epoch(
+    url: &str,
+    at: &str,
+    key: Option<&std::path::Path>,
+) -> Result<(remote::Client, remote::Manifest, u64), String> {
+    let client = session::remote_client(url, key)?;
+    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+    let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
+    let id = crate::at::resolve_in(&epochs, at, &client.url().to_string())?;
+    Ok((client, m, id))
+}
+
 /// Fetch the chain of the epoch `at` names in the object store `url` into
 /// a local store (`cache`, or the default under $HOME/.cache); returns
 /// what was fetched with the epoch's id, and the local store.
@@ -246,11 +258,8 @@ fn fetch_remote(
     cache: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
 ) -> Result<((crate::report::RemoteFetch, u64), PathBuf), String> {
-    let client = session::remote_client(url, key)?;
+    let (client, m, id) = remote_epoch(url, at, key)?;
     let u = client.url().clone();
-    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
-    let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
-    let id = crate::at::resolve_in(&epochs, at, &u.to_string())?;
     let cache = match cache {
         Some(c) => c.to_path_buf(),
         None => default_cache(&u)?,

@@ -354,20 +354,12 @@ impl Client {
             .map(|&g| seal::chunk_range(len, g).start..seal::chunk_range(len, (g + 8).min(n) - 1).end)
             .collect();
         self.get_ranges(name, &ranges, parallel, |gi, mut bytes| {
-            let mut at = 0usize;
-            let mut i = groups[gi];
-            while at < bytes.len() {
-                let r = seal::chunk_range(len, i);
-                let size = (r.end - r.start) as usize;
-                let sealed = bytes
-                    .get_mut(at..at + size)
-                    .ok_or_else(|| self.bad_object(name, format!("chunk {i} is cut short")))?;
-                k.open_chunk(&head, name, i, i + 1 == n, sealed)
-                    .map_err(|why| self.bad_object(name, why))?;
-                file.write_all_at(&sealed[..size - seal::TAG_LEN], i * seal::CHUNK as u64)
+            let opened = k
+                .open_chunks(&head, name, len, groups[gi], &mut bytes)
+                .map_err(|why| self.bad_object(name, why))?;
+            for (i, plain) in opened {
+                file.write_all_at(&bytes[plain], i * seal::CHUNK as u64)
                     .map_err(io("write", path))?;
-                at += size;
-                i += 1;
             }
             Ok(())
         })

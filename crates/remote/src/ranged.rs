@@ -116,35 +116,16 @@ impl ObjectReader {
     /// Split `stored` (blocks from `first` on, as stored) into plaintext
     /// blocks, authenticating each when encrypted.
     fn open_blocks(&self, first: u64, mut stored: Vec<u8>) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
-        let short = |i: u64| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("block {i} is cut short"));
-        let mut out = Vec::new();
-        let mut i = first;
         match (&self.head, self.client.key()) {
-            (Some(head), Some(k)) => {
-                let n = seal::chunks(self.len);
-                let mut at = 0usize;
-                while at < stored.len() {
-                    let r = seal::chunk_range(self.len, i);
-                    let size = (r.end - r.start) as usize;
-                    let chunk = stored.get_mut(at..at + size).ok_or_else(|| short(i))?;
-                    k.open_chunk(head, &self.name, i, i + 1 == n, chunk)
-                        .map_err(std::io::Error::other)?;
-                    out.push(Arc::new(chunk[..size - seal::TAG_LEN].to_vec()));
-                    at += size;
-                    i += 1;
-                }
-            }
-            _ => {
-                if stored.len() as u64 <= BLOCK {
-                    return Ok(vec![Arc::new(stored)]);
-                }
-                for c in stored.chunks(BLOCK as usize) {
-                    out.push(Arc::new(c.to_vec()));
-                }
-                stored.clear();
-            }
+            (Some(head), Some(k)) => Ok(k
+                .open_chunks(head, &self.name, self.len, first, &mut stored)
+                .map_err(std::io::Error::other)?
+                .into_iter()
+                .map(|(_, plain)| Arc::new(stored[plain].to_vec()))
+                .collect()),
+            _ if stored.len() as u64 <= BLOCK => Ok(vec![Arc::new(stored)]),
+            _ => Ok(stored.chunks(BLOCK as usize).map(|c| Arc::new(c.to_vec())).collect()),
         }
-        Ok(out)
     }
 
     fn cached(&self, block: u64) -> Option<Arc<Vec<u8>>> {
@@ -285,11 +266,16 @@ pub fn open_chain(client: &Arc<Client>, m: &Manifest, id: u64) -> Result<RemoteC
     }
     for pair in chain.windows(2) {
         let (h, p) = (pair[0].header(), pair[1].header());
-        if p.mem_size != h.mem_size || p.vcpus != h.vcpus || Some(p.id) != (!h.is_full()).then_some(h.parent) {
-            return Err(RemoteError::BadManifest {
-                url,
-                why: format!("epoch {} and its parent {} do not describe one machine", h.id, p.id),
-            });
+        let why = if Some(p.id) != (!h.is_full()).then_some(h.parent) {
+            Some(format!(
+                "epoch {} follows epoch {}, not its parent {}",
+                h.id, p.id, h.parent
+            ))
+        } else {
+            h.parent_mismatch(p)
+        };
+        if let Some(why) = why {
+            return Err(RemoteError::BadManifest { url, why });
         }
     }
     Ok(RemoteChain {

@@ -397,14 +397,13 @@ impl Worker {
         let mut steps: Vec<u64> = newest.windows(2).map(|w| w[0].saturating_sub(w[1])).collect();
         steps.sort_unstable();
         s.remote_step_ns = steps.get(steps.len() / 2).copied();
-        let up: BTreeSet<&str> = self.manifest.epochs.iter().map(|e| e.object.as_str()).collect();
-        // An epoch whose id is up in another version is off-host too: every
-        // version restores to the same state.
+        // An epoch whose id is up, in this or another version, is off-host:
+        // every version restores to the same state.
         let up_ids: BTreeSet<u64> = self.manifest.epochs.iter().map(|e| e.id).collect();
         let behind: Vec<&Local> = self
             .listed
             .values()
-            .filter(|l| !up.contains(l.object.as_str()) && !up_ids.contains(&l.id) && !self.covered.contains_key(&l.id))
+            .filter(|l| !up_ids.contains(&l.id) && !self.covered.contains_key(&l.id))
             .collect();
         s.covered_epochs = self.covered.len() as u64;
         s.backlog_epochs = behind.len() as u64;
@@ -500,19 +499,15 @@ impl Worker {
         // What the remote store keeps: whatever version of a local epoch it
         // holds (every version of an id restores to the same state, so a
         // local merge or fold need not go up again) while that version's
-        // remote chain is whole and at most MAX_REMOTE_CHAIN long.
+        // remote chain is whole and at most MAX_REMOTE_CHAIN long; each
+        // with the length of its remote chain.
         let remote: HashMap<u64, &Entry> = self.manifest.epochs.iter().map(|e| (e.id, e)).collect();
-        let mut kept: BTreeMap<u64, Entry> = BTreeMap::new();
-        let mut depth: HashMap<u64, usize> = HashMap::new();
+        let mut kept: Kept = BTreeMap::new();
         let mut pending: Vec<Entry> = Vec::new();
         for e in &next {
-            match remote
-                .get(&e.id)
-                .and_then(|r| Some((r, chain_depth(&depth, r.parent)?)))
-            {
+            match remote.get(&e.id).and_then(|r| Some((r, chain_depth(&kept, r.parent)?))) {
                 Some((r, d)) => {
-                    kept.insert(e.id, (*r).clone());
-                    depth.insert(e.id, d);
+                    kept.insert(e.id, ((*r).clone(), d));
                 }
                 None if self.covered.contains_key(&e.id) => {}
                 None => pending.push(e.clone()),
@@ -563,12 +558,11 @@ impl Worker {
                 continue;
             }
             let t = Instant::now();
-            let single = if behind { None } else { chain_depth(&depth, e.parent) };
+            let single = if behind { None } else { chain_depth(&kept, e.parent) };
             let sent = if let Some(d) = single {
-                depth.insert(e.id, d);
                 if named.contains(&e.object) {
                     // Up already (its parent was sent again this pass).
-                    kept.insert(e.id, e.clone());
+                    kept.insert(e.id, (e, d));
                     continue;
                 }
                 // Opened only now (a backlog of thousands of epochs must not
@@ -585,30 +579,29 @@ impl Worker {
                 };
                 self.unnamed.insert(e.object.clone());
                 self.client.put_file(&e.object, &file, e.bytes, &path)?;
-                e
+                (e, d)
             } else {
                 // Onto the nearest ancestor kept with room under the chain
                 // limit; when the parent is kept but its chain is full, onto
                 // one at most half as deep (a remote fold), so that the
                 // epochs after this one go up as they are again.
-                let parent_full = !behind && e.parent.is_some_and(|p| depth.contains_key(&p));
+                let parent_full = !behind && e.parent.is_some_and(|p| kept.contains_key(&p));
                 let room = if parent_full {
                     MAX_REMOTE_CHAIN / 2
                 } else {
                     MAX_REMOTE_CHAIN - 1
                 };
-                let sent = self.ship_merged(e.id, &depth, room, shared)?;
-                let d = chain_depth(&depth, sent.parent).unwrap_or(1);
-                depth.insert(sent.id, d);
-                sent
+                let sent = self.ship_merged(e.id, &kept, room, shared)?;
+                let d = chain_depth(&kept, sent.parent).unwrap_or(1);
+                (sent, d)
             };
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
-            c.status.uploaded_bytes += sent.bytes;
+            c.status.uploaded_bytes += sent.0.bytes;
             c.status.upload_s += t.elapsed().as_secs_f64();
             drop(c);
-            kept.insert(sent.id, sent.clone());
-            uploaded.push(sent);
+            uploaded.push(sent.0.clone());
+            kept.insert(sent.0.id, sent);
             // A long backlog moves the recovery point as it goes up, not
             // once at the end of the pass.
             if i + 1 < last && published.elapsed() >= INTERIM_MANIFEST {
@@ -619,7 +612,7 @@ impl Worker {
         // Every epoch named has its parent named (a safety net: the
         // choices above keep it so).
         let mut fin: BTreeMap<u64, Entry> = BTreeMap::new();
-        for (id, e) in kept {
+        for (id, (e, _)) in kept {
             if e.parent.is_none_or(|p| fin.contains_key(&p)) {
                 fin.insert(id, e);
             } else {
@@ -657,12 +650,12 @@ impl Worker {
 
 impl Worker {
     /// Ship epoch `id` merged with its local ancestors down to the newest
-    /// one whose parent the remote store keeps (in `depth`) with a chain of
+    /// one whose parent the remote store keeps (in `kept`) with a chain of
     /// at most `room` objects, compressed: one
     /// object that restores to what epoch `id` restores to. The epochs
     /// merged into it become covered (local only). Returns its entry.
-    fn ship_merged(&mut self, id: u64, depth: &HashMap<u64, usize>, room: usize, shared: &Shared) -> Result<Entry> {
-        let onto = |p: u64| depth.get(&p).is_some_and(|&d| d <= room);
+    fn ship_merged(&mut self, id: u64, kept: &Kept, room: usize, shared: &Shared) -> Result<Entry> {
+        let onto = |p: u64| kept.get(&p).is_some_and(|&(_, d)| d <= room);
         let d = store::merged_onto(&self.store, id, onto, store::Codec::Zstd).map_err(Box::new)?;
         let mut head = vec![0u8; HEADER_SIZE];
         let what = self
@@ -682,7 +675,7 @@ impl Worker {
             "replication behind: shipped a merged epoch"
         );
         // Epochs named remotely stay named: only the others are stood for.
-        for m in d.merged.iter().filter(|m| !depth.contains_key(m)) {
+        for m in d.merged.iter().filter(|m| !kept.contains_key(m)) {
             if let Some(l) = self.listed.get(m) {
                 self.covered.insert(*m, l.object.clone());
             }
@@ -751,13 +744,17 @@ impl Worker {
     }
 }
 
+/// The epochs a pass keeps named remotely, by id: each one's entry and the
+/// length of its remote chain.
+type Kept = BTreeMap<u64, (Entry, usize)>;
+
 /// The remote chain length of an epoch whose parent is `parent`, given the
-/// chain lengths of the epochs kept so far; `None` if the parent is not
-/// kept or the chain would be longer than [`MAX_REMOTE_CHAIN`].
-fn chain_depth(depth: &HashMap<u64, usize>, parent: Option<u64>) -> Option<usize> {
+/// epochs kept so far; `None` if the parent is not kept or the chain would
+/// be longer than [`MAX_REMOTE_CHAIN`].
+fn chain_depth(kept: &Kept, parent: Option<u64>) -> Option<usize> {
     match parent {
         None => Some(1),
-        Some(p) => depth.get(&p).map(|d| d + 1).filter(|&d| d <= MAX_REMOTE_CHAIN),
+        Some(p) => kept.get(&p).map(|(_, d)| d + 1).filter(|&d| d <= MAX_REMOTE_CHAIN),
     }
 }
 

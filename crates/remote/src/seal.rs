@@ -168,6 +168,34 @@ impl SealKey {
             .decrypt_in_place_detached(&Self::nonce(head, index), &aad, text, Tag::from_slice(tag))
             .map_err(|_| format!("chunk {index} fails authentication (damaged, or moved from another object)"))
     }
+
+    /// Decrypt in place the sealed chunks that `stored` holds back to
+    /// back, chunk `first` first, of object `object` of `len` plaintext
+    /// bytes; returns each chunk's index and where its plaintext lies in
+    /// `stored`.
+    pub fn open_chunks(
+        &self,
+        head: &[u8],
+        object: &str,
+        len: u64,
+        first: u64,
+        stored: &mut [u8],
+    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, String> {
+        let n = chunks(len);
+        let (mut at, mut i, mut out) = (0usize, first, Vec::new());
+        while at < stored.len() {
+            let r = chunk_range(len, i);
+            let size = (r.end - r.start) as usize;
+            let sealed = stored
+                .get_mut(at..at + size)
+                .ok_or_else(|| format!("chunk {i} is cut short"))?;
+            self.open_chunk(head, object, i, i + 1 == n, sealed)?;
+            out.push((i, at..at + size - TAG_LEN));
+            at += size;
+            i += 1;
+        }
+        Ok(out)
+    }
 }
 
 /// Plaintext chunks of an object of `len` bytes.

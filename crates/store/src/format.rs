@@ -306,6 +306,18 @@ impl Header {
         self.flags & flags::FULL != 0
     }
 
+    /// Why `parent` cannot be this epoch's parent in a chain, if it cannot:
+    /// a chain describes one machine.
+    pub fn parent_mismatch(&self, parent: &Header) -> Option<String> {
+        if parent.mem_size != self.mem_size || parent.vcpus != self.vcpus {
+            return Some(format!(
+                "epoch {} has {} bytes of RAM and {} vCPUs but its parent epoch {} has {} bytes and {}: a chain describes one machine",
+                self.id, self.mem_size, self.vcpus, parent.id, parent.mem_size, parent.vcpus
+            ));
+        }
+        None
+    }
+
     /// Section table entries this version has (4 in version 1, 5 in 2).
     fn table_len(version: u32) -> usize {
         if version >= 2 { 5 } else { 4 }

@@ -671,14 +671,10 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            let ph = p.header();
-            if ph.mem_size != h.mem_size || ph.vcpus != h.vcpus {
+            if let Some(why) = h.parent_mismatch(p.header()) {
                 return Err(StoreError::Mismatch {
                     path: p.path().to_path_buf(),
-                    why: format!(
-                        "epoch {} has {} bytes of RAM and {} vCPUs but its parent epoch {} has {} bytes and {}: a chain describes one machine",
-                        h.id, h.mem_size, h.vcpus, ph.id, ph.mem_size, ph.vcpus
-                    ),
+                    why,
                 });
             }
             chain.push(p);

@@ -129,25 +129,7 @@ impl Cluster {
         let d = self.dir.join(format!("n{k}"));
         std::fs::create_dir_all(&d).unwrap();
         let addr = Self::node_addr(k);
-        let text = format!(
-            r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-replication_factor = 3
-metadata_fsync = true
-data_fsync = true
-compression_level = "none"
-rpc_bind_addr = "{addr}:3901"
-rpc_public_addr = "{addr}:3901"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "{REGION}"
-api_bind_addr = "{addr}:3900"
-"#,
-            d = d.display(),
-            secret = "c0115a9e".repeat(8),
-        );
-        super::write_private(&self.config(k), &text);
+        super::write_config(&self.config(k), &d, 3, &format!("{addr}:3901"), &format!("{addr}:3900"));
     }
 
     fn spawn_node(&self, k: usize) -> Child {

@@ -58,25 +58,7 @@ impl Garage {
         std::fs::create_dir_all(dir).unwrap();
         let (rpc, s3) = (free_port(), free_port());
         let config = dir.join("garage.toml");
-        let text = format!(
-            r#"metadata_dir = "{dir}/meta"
-data_dir = "{dir}/data"
-replication_factor = 1
-metadata_fsync = true
-data_fsync = true
-compression_level = "none"
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "{REGION}"
-api_bind_addr = "127.0.0.1:{s3}"
-"#,
-            dir = dir.display(),
-            secret = "c0115a9e".repeat(8),
-        );
-        write_private(&config, &text);
+        write_config(&config, dir, 1, &format!("127.0.0.1:{rpc}"), &format!("127.0.0.1:{s3}"));
         let log = std::fs::File::create(dir.join("garage.log")).unwrap();
         let child = Command::new(bin)
             .arg("-c")
@@ -156,8 +138,34 @@ api_bind_addr = "127.0.0.1:{s3}"
     }
 }
 
+/// Write the configuration of a Garage node keeping its data in `dir`
+/// (fsync on, no compression, so that page contents show through in its
+/// files), with RPC and the S3 API on `rpc` and `s3` (`host:port`), to
+/// `path`, readable by its owner only.
+pub(super) fn write_config(path: &Path, dir: &Path, replication: u32, rpc: &str, s3: &str) {
+    let text = format!(
+        r#"metadata_dir = "{dir}/meta"
+data_dir = "{dir}/data"
+replication_factor = {replication}
+metadata_fsync = true
+data_fsync = true
+compression_level = "none"
+rpc_bind_addr = "{rpc}"
+rpc_public_addr = "{rpc}"
+rpc_secret = "{secret}"
+
+[s3_api]
+s3_region = "{REGION}"
+api_bind_addr = "{s3}"
+"#,
+        dir = dir.display(),
+        secret = "c0115a9e".repeat(8),
+    );
+    write_private(path, &text);
+}
+
 /// Write `text` to `path`, readable by its owner only.
-pub(super) fn write_private(path: &Path, text: &str) {
+fn write_private(path: &Path, text: &str) {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
