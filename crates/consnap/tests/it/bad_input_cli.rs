@@ -297,6 +297,10 @@ fn bad_input_never_panics() {
             ],
             "--cow-pause-copy 20ms must be shorter than --interval 20ms",
         ),
+        (
+            vec!["restore", "s3://bucket/vm", "--lazy", "--cache", s],
+            "--cache: a lazy restore from an object store reads its epochs in place",
+        ),
         (vec!["run", "--pause-probe", "1e9s"], "not a duration"),
         (vec!["run", "--mem", "16777216T"], "not a size"),
         (
