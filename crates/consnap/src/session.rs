@@ -274,10 +274,11 @@ fn start_replication(
     interval: Duration,
     key: Option<&std::path::Path>,
     limit: remote::BacklogLimit,
+    policy: store::Policy,
 ) -> Result<remote::Replicator, String> {
     let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
     let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
-    remote::Replicator::start(dir, client, poll, limit).map_err(|e| format!("--replicate: {e}"))
+    remote::Replicator::start(dir, client, poll, limit, policy).map_err(|e| format!("--replicate: {e}"))
 }
 
 /// A client for the object store `url`, with the key in `key` if given.
@@ -380,6 +381,7 @@ pub fn execute(
                 a.interval,
                 a.encrypt_key.as_deref(),
                 limit,
+                a.reclaim.retain.clone(),
             )?)
         }
         _ => None,

@@ -12,7 +12,7 @@
 //! longer named. A crash at any instant leaves MANIFEST naming objects
 //! that are all there.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -31,11 +31,22 @@ use crate::manifest::{Entry, Manifest, object_name};
 const INTERIM_MANIFEST: Duration = Duration::from_secs(1);
 
 /// Replication is behind when at least [`BEHIND_EPOCHS`] new epochs wait
-/// to go up and they span this much capture time or more: it then ships
-/// the newest state merged onto what the remote store holds (one object
-/// for the run of epochs), so the remote store's granularity becomes
-/// coarser instead of its lag longer.
+/// to go up, they span this much capture time or more, and the backlog
+/// lasts: uploading it would take more than half the capture time it
+/// spans at the recent upload rate (the object store cannot keep up), or
+/// its oldest epoch has waited [`LAG_BOUND`]. It then ships the newest
+/// state merged onto what the remote store holds (one object for the run
+/// of epochs), so the remote store's granularity becomes coarser instead
+/// of its lag longer.
 const COARSE: Duration = Duration::from_secs(1);
+
+/// A backlog this old is shipped merged whatever the upload rate (after a
+/// network cut, say): the recovery point comes first, the epochs merged
+/// over go up once replication has caught up (see [`Worker::covered`]).
+const LAG_BOUND: Duration = Duration::from_secs(5);
+
+/// Uploads the recent upload rate is measured over.
+const RATE_SAMPLES: usize = 16;
 
 /// With epochs a second or more apart, two or three waiting are the normal
 /// jitter of a pass, not a store that cannot keep up: merging them would
@@ -143,11 +154,18 @@ struct Worker {
     /// The local store, read to write merged epochs.
     store: store::Store,
     /// Local epochs a merged epoch shipped instead of them stands for:
-    /// they stay local only.
+    /// they stay local only while replication is behind. Once it has
+    /// caught up, those the retention policy keeps past its finest tier go
+    /// up, so that the remote store's coarser tiers are as whole as the
+    /// local ones.
     /// (By id, with the object of the local version then: a version the
     /// local reclamation rewrote since, merging younger epochs into it,
     /// is one its policy keeps for longer, and goes up.)
     covered: BTreeMap<u64, String>,
+    /// The local store's retention policy.
+    policy: store::Policy,
+    /// The last uploads: (bytes, seconds).
+    recent: VecDeque<(u64, f64)>,
     /// Objects uploaded that no manifest has named yet: if a failed pass
     /// leaves one unnamed, it is deleted after the next manifest.
     unnamed: BTreeSet<String>,
@@ -156,8 +174,15 @@ struct Worker {
 impl Replicator {
     /// Start replicating the store in `dir` to `client`'s remote store,
     /// looking for new epochs every `poll` (and at [`Replicator::notify`]).
-    /// Refuses a remote store that belongs to another store.
-    pub fn start(dir: &Path, client: Client, poll: Duration, limit: BacklogLimit) -> Result<Replicator> {
+    /// Refuses a remote store that belongs to another store. `policy` is
+    /// the local store's retention policy.
+    pub fn start(
+        dir: &Path,
+        client: Client,
+        poll: Duration,
+        limit: BacklogLimit,
+        policy: store::Policy,
+    ) -> Result<Replicator> {
         let local = store::Store::open(dir, store::Access::Read).map_err(Box::new)?;
         let uuid = local.uuid();
         let url = client.url().to_string();
@@ -219,6 +244,8 @@ impl Replicator {
             limit,
             store: local,
             covered: BTreeMap::new(),
+            policy,
+            recent: VecDeque::new(),
             unnamed: BTreeSet::new(),
         };
         w.note(&shared, None);
@@ -537,19 +564,35 @@ impl Worker {
         // must go up again wait until replication has caught up.
         let newest_kept = kept.keys().next_back().copied().unwrap_or(0);
         let fresh: Vec<&Entry> = pending.iter().filter(|e| e.id > newest_kept).collect();
-        let behind = match (fresh.first(), fresh.last()) {
-            (Some(a), Some(b)) => {
-                fresh.len() >= BEHIND_EPOCHS && b.created_ns.saturating_sub(a.created_ns) >= COARSE.as_nanos() as u64
-            }
-            _ => false,
-        };
+        let behind = self.behind(&fresh);
+        let settled_covered = self.settled_covered(&next);
         let order: Vec<Entry> = match (behind, fresh.last()) {
             (true, Some(newest)) => {
                 // Look again soon: more may be waiting.
                 settled = false;
                 vec![(*newest).clone()]
             }
-            _ => pending,
+            _ if fresh.is_empty() && !settled_covered.is_empty() => {
+                // Caught up: what merged uploads stood for and the policy
+                // keeps goes up as it is, oldest first (each one's parent
+                // is up by then, or it goes up merged onto an ancestor).
+                tracing::debug!(
+                    epochs = settled_covered.len(),
+                    "replication caught up: shipping epochs a merged epoch stood for"
+                );
+                for e in &settled_covered {
+                    self.covered.remove(&e.id);
+                }
+                let mut all = pending;
+                all.extend(settled_covered);
+                all.sort_by_key(|e| e.id);
+                all
+            }
+            _ => {
+                // Some wait for replication to catch up.
+                settled &= settled_covered.is_empty();
+                pending
+            }
         };
         let (mut uploaded, mut published) = (Vec::new(), Instant::now());
         let last = order.len();
@@ -595,6 +638,10 @@ impl Worker {
                 let d = chain_depth(&kept, sent.parent).unwrap_or(1);
                 (sent, d)
             };
+            if self.recent.len() == RATE_SAMPLES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((sent.0.bytes, t.elapsed().as_secs_f64()));
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
             c.status.uploaded_bytes += sent.0.bytes;
@@ -649,6 +696,51 @@ impl Worker {
 }
 
 impl Worker {
+    /// Whether the `fresh` epochs (newer than any the remote store keeps,
+    /// in id order) are a backlog to ship merged; see [`COARSE`].
+    fn behind(&self, fresh: &[&Entry]) -> bool {
+        let (Some(a), Some(b)) = (fresh.first(), fresh.last()) else {
+            return false;
+        };
+        let span = b.created_ns.saturating_sub(a.created_ns);
+        if fresh.len() < BEHIND_EPOCHS || span < COARSE.as_nanos() as u64 {
+            return false;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if now.saturating_sub(a.created_ns) >= LAG_BOUND.as_nanos() as u64 {
+            return true;
+        }
+        let (bytes, secs) = self.recent.iter().fold((0u64, 0f64), |(b, s), &(x, t)| (b + x, s + t));
+        if bytes == 0 || secs <= 0.0 {
+            return true; // no upload to judge by yet
+        }
+        let backlog: u64 = fresh.iter().map(|e| e.bytes).sum();
+        let upload_s = backlog as f64 * secs / bytes as f64;
+        upload_s > span as f64 / 2e9
+    }
+
+    /// The covered epochs of `next` (the local epochs whose chain is
+    /// whole) that the retention policy keeps past its finest tier.
+    fn settled_covered(&self, next: &[Entry]) -> Vec<Entry> {
+        if self.covered.is_empty() {
+            return Vec::new();
+        }
+        let times: Vec<(u64, u64)> = next.iter().map(|e| (e.id, e.created_ns)).collect();
+        let newest = times.iter().map(|&(_, t)| t).max().unwrap_or(0);
+        let keep = self.policy.retained(&times);
+        let settle = self.policy.settle_ns();
+        next.iter()
+            .filter(|e| {
+                self.covered.contains_key(&e.id)
+                    && keep.contains(&e.id)
+                    && newest.saturating_sub(e.created_ns) >= settle
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Ship epoch `id` merged with its local ancestors down to the newest
     /// one whose parent the remote store keeps (in `kept`) with a chain of
     /// at most `room` objects, compressed: one

@@ -167,6 +167,14 @@ impl Policy {
         self.text.split(',').nth(tier).unwrap_or("").to_string()
     }
 
+    /// How old a kept epoch must be before the finest tier has settled
+    /// whether it stays: that tier's span when it keeps every epoch (a
+    /// younger one may still be thinned out), its granularity otherwise
+    /// (the bucket has closed); 0 for `all`.
+    pub fn settle_ns(&self) -> u64 {
+        self.tiers.first().map_or(0, |t| t.every.unwrap_or(t.span))
+    }
+
     /// The ids of `epochs` (id, capture time ns) this policy keeps: the
     /// newest epoch, and those that pass their tier. Ages count from the
     /// newest capture time.
@@ -289,6 +297,13 @@ mod tests {
         let q = Policy::parse("10s:all,1h:1m").unwrap();
         assert!(q.waiting(&epochs).is_empty());
         assert!(Policy::keep_all().waiting(&epochs).is_empty());
+    }
+
+    #[test]
+    fn a_kept_epoch_settles_once_the_finest_tier_is_done_with_it() {
+        assert_eq!(Policy::parse("10s:all,1m:1s").unwrap().settle_ns(), 10 * S);
+        assert_eq!(Policy::parse("1m:1s,1h:1m").unwrap().settle_ns(), S);
+        assert_eq!(Policy::keep_all().settle_ns(), 0);
     }
 
     #[test]

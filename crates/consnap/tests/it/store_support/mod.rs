@@ -33,6 +33,16 @@ pub fn ids(snaps: &Path) -> Vec<u64> {
     Store::open(snaps, Access::Read).unwrap().ids().unwrap()
 }
 
+/// The committed epochs: (id, capture time ns), by id.
+pub fn times(snaps: &Path) -> Vec<(u64, u64)> {
+    let s = Store::open(snaps, Access::Read).unwrap();
+    s.ids()
+        .unwrap()
+        .into_iter()
+        .map(|id| (id, s.info(id).unwrap().header.created_ns))
+        .collect()
+}
+
 /// Every file of the store (STORE, RECLAIM, epochs), sorted.
 pub fn files(snaps: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(snaps)
