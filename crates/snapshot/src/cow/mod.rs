@@ -298,6 +298,7 @@ impl Cow {
         let pool = self.scratch.clone();
         let direct = ctx.direct_io;
         Box::new(move |pause_ns| {
+            shared.start_capture();
             let started = Instant::now();
             let mut bufs = pool
                 .lock()
