@@ -572,19 +572,23 @@ impl Worker {
                 settled = false;
                 vec![(*newest).clone()]
             }
-            _ if fresh.is_empty() && !settled_covered.is_empty() => {
-                // Caught up: what merged uploads stood for and the policy
-                // keeps goes up as it is, oldest first (each one's parent
-                // is up by then, or it goes up merged onto an ancestor).
+            (_, None) if !settled_covered.is_empty() => {
+                // Caught up: the oldest epoch a merged upload stood for
+                // that the policy keeps goes up as it is (its parent is up
+                // by then, or it goes up merged onto an ancestor). One per
+                // pass, so that new epochs never wait behind the backfill:
+                // backfilling every such epoch in one pass left the
+                // recovery point 47 s behind on a guest writing 125 MB/s
+                // every 20 ms.
                 tracing::debug!(
                     epochs = settled_covered.len(),
-                    "replication caught up: shipping epochs a merged epoch stood for"
+                    "replication caught up: shipping an epoch a merged epoch stood for"
                 );
-                for e in &settled_covered {
-                    self.covered.remove(&e.id);
-                }
+                settled = false;
+                let oldest = settled_covered[0].clone();
+                self.covered.remove(&oldest.id);
                 let mut all = pending;
-                all.extend(settled_covered);
+                all.push(oldest);
                 all.sort_by_key(|e| e.id);
                 all
             }
