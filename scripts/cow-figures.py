@@ -38,12 +38,12 @@ CASES = {
     #    (sized from the bench's calibration on this machine).
     "loss-build-1s": ("build,wss=128M,ops=40000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
     "loss-build-10s": ("build,wss=128M,ops=40000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
-    "loss-ftp-1s": ("ftp,wss=256M,ops=1400000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
-    "loss-ftp-10s": ("ftp,wss=256M,ops=1400000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
+    "loss-ftp-1s": ("ftp,wss=256M,ops=1700000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
+    "loss-ftp-10s": ("ftp,wss=256M,ops=1700000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
     "loss-ftp100M-1s": ("ftp,wss=256M,ops=48000,rate=100M", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
     "loss-ftp100M-10s": ("ftp,wss=256M,ops=48000,rate=100M", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
-    "loss-memstress-1s": ("memstress,wss=256M,ops=250000000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
-    "loss-memstress-10s": ("memstress,wss=256M,ops=250000000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
+    "loss-memstress-1s": ("memstress,wss=256M,ops=420000000", "1G", "1s", ["cow", "stop-copy", "stop-copy-full"], True),
+    "loss-memstress-10s": ("memstress,wss=256M,ops=420000000", "1G", "10s", ["cow", "stop-copy", "stop-copy-full"], True),
 }
 
 
