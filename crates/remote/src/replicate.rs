@@ -576,10 +576,9 @@ impl Worker {
                 // Caught up: the oldest epoch a merged upload stood for
                 // that the policy keeps goes up as it is (its parent is up
                 // by then, or it goes up merged onto an ancestor). One per
-                // pass, so that new epochs never wait behind the backfill:
-                // backfilling every such epoch in one pass left the
-                // recovery point 47 s behind on a guest writing 125 MB/s
-                // every 20 ms.
+                // pass: a pass uploads its whole list before it looks for
+                // new epochs, so a long backfill in one pass (a minute of
+                // 1 s epochs of 125 MB each) would hold the newest back.
                 tracing::debug!(
                     epochs = settled_covered.len(),
                     "replication caught up: shipping an epoch a merged epoch stood for"
