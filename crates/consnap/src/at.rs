@@ -2,8 +2,6 @@
 //! or an RFC 3339 timestamp; for a time, the newest epoch captured at or
 //! before it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use store::Store;
 
 use crate::args;
@@ -79,13 +77,6 @@ pub fn rfc3339(s: &str) -> Option<u64> {
         .checked_add(frac_ns as u64)
 }
 
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// The epoch `at` names in `store`.
 pub fn resolve(store: &Store, at: &str) -> Result<u64, String> {
     if at == "latest" {
@@ -121,7 +112,7 @@ pub fn resolve_in(epochs: &[(u64, u64)], at: &str, name: &str) -> Result<u64, St
     }
     let when = if let Some(ago) = at.strip_prefix('-') {
         let d = args::duration(ago).map_err(|e| format!("--at '{at}': {e}"))?;
-        now_ns().saturating_sub(d.as_nanos() as u64)
+        store::now_ns().saturating_sub(d.as_nanos() as u64)
     } else {
         rfc3339(at).ok_or_else(|| {
             format!(

@@ -258,14 +258,6 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
 /// How long the end of a run waits for replication to ship what is left.
 const REPLICATION_GRACE: Duration = Duration::from_secs(120);
 
-/// Now, Unix ns.
-pub(crate) fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 /// Start replicating the snapshot directory `dir` to `url`, looking for
 /// new epochs once an interval (at least every 100 ms, at most every second).
 fn start_replication(
@@ -459,7 +451,7 @@ pub fn execute(
     // After the last epoch and the last reclamation: ship what is left.
     report.replication = replicator.map(|r| {
         let s = r.finish(REPLICATION_GRACE);
-        crate::report::Replication::from_status(&s, now_ns())
+        crate::report::Replication::from_status(&s, store::now_ns())
     });
     if let Some(target) = pre.report {
         target.write(&report).map_err(|e| e.to_string())?;

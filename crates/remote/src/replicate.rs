@@ -641,14 +641,15 @@ impl Worker {
                 let d = chain_depth(&kept, sent.parent).unwrap_or(1);
                 (sent, d)
             };
+            let secs = t.elapsed().as_secs_f64();
             if self.recent.len() == RATE_SAMPLES {
                 self.recent.pop_front();
             }
-            self.recent.push_back((sent.0.bytes, t.elapsed().as_secs_f64()));
+            self.recent.push_back((sent.0.bytes, secs));
             let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
             c.status.uploaded_objects += 1;
             c.status.uploaded_bytes += sent.0.bytes;
-            c.status.upload_s += t.elapsed().as_secs_f64();
+            c.status.upload_s += secs;
             drop(c);
             uploaded.push(sent.0.clone());
             kept.insert(sent.0.id, sent);
@@ -709,10 +710,7 @@ impl Worker {
         if fresh.len() < BEHIND_EPOCHS || span < COARSE.as_nanos() as u64 {
             return false;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        if now.saturating_sub(a.created_ns) >= LAG_BOUND.as_nanos() as u64 {
+        if store::now_ns().saturating_sub(a.created_ns) >= LAG_BOUND.as_nanos() as u64 {
             return true;
         }
         let (bytes, secs) = self.recent.iter().fold((0u64, 0f64), |(b, s), &(x, t)| (b + x, s + t));

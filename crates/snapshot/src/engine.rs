@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use store::{EpochMeta, Mode, Store};
 use vmm::dirty::DirtySet;
@@ -143,13 +143,6 @@ impl std::fmt::Debug for SnapshotEngine {
             .field("committed", &self.records.len())
             .finish_non_exhaustive()
     }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// How long the controller waits before checking again whether an overdue
@@ -517,7 +510,7 @@ impl SnapshotEngine {
         let fail = |f: EpochFailure| Failed(EpochError::new(id, f).to_string());
         let full = self.need_full || self.strategy.always_full();
         let started = Instant::now();
-        let created_ns = now_ns();
+        let created_ns = store::now_ns();
         let Some(cap) = t.pause_and_capture().map_err(|e| fail(e.into()))? else {
             // The guest is powering off: there is nothing left to protect.
             return Ok(());

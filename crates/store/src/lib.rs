@@ -39,3 +39,11 @@ pub use ship::{Detached, merged_onto};
 pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};
 pub use verify::{Problem, Verified, check_restore, verify};
 pub use writer::{EpochMeta, EpochWriter};
+
+/// Now, in ns since the Unix epoch: the clock of epochs' capture times
+/// (`Header::created_ns`); 0 on a clock set before 1970.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

@@ -284,11 +284,7 @@ fn encode_store_file(uuid: &[u8; 16]) -> Vec<u8> {
     b[..8].copy_from_slice(&STORE_MAGIC);
     b[8..12].copy_from_slice(&VERSION.to_le_bytes());
     b[16..32].copy_from_slice(uuid);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    b[32..40].copy_from_slice(&now.to_le_bytes());
+    b[32..40].copy_from_slice(&crate::now_ns().to_le_bytes());
     let sum = checksum(&b[..STORE_SIZE - 8]);
     b[STORE_SIZE - 8..].copy_from_slice(&sum.to_le_bytes());
     b

@@ -146,7 +146,7 @@ impl Board {
             replication: self
                 .replica
                 .as_ref()
-                .map(|w| crate::report::Replication::from_status(&w.status(), crate::session::now_ns())),
+                .map(|w| crate::report::Replication::from_status(&w.status(), store::now_ns())),
         }
     }
 }

@@ -667,7 +667,6 @@ pub(crate) fn handle_faults(shared: &Shared, faults: &Faults, stop: &EventFd, re
 pub(crate) struct Slab {
     buf: crate::pages::PageBuf,
     base: *mut u8,
-    slots: usize,
 }
 
 // SAFETY: the slab owns its buffer; each slot is accessed by one thread at
@@ -682,7 +681,7 @@ impl Slab {
     fn new(slots: usize) -> Slab {
         let mut buf = crate::pages::PageBuf::new(slots * PAGE_SIZE as usize);
         let base = buf.as_mut_ptr();
-        Slab { buf, base, slots }
+        Slab { buf, base }
     }
 
     /// Run `f` on slot `slot`'s page.
@@ -691,9 +690,8 @@ impl Slab {
     /// The calling thread owns `slot` (see [`Slab`]): no other thread reads
     /// or writes it meanwhile.
     pub(crate) unsafe fn with_slot<R>(&self, slot: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let slot = slot as usize;
-        assert!(slot < self.slots, "copy-aside slot {slot} out of {}", self.slots);
-        debug_assert!(self.buf.len() >= self.slots * PAGE_SIZE as usize);
+        let (slot, slots) = (slot as usize, self.buf.len() / PAGE_SIZE as usize);
+        assert!(slot < slots, "copy-aside slot {slot} out of {slots}");
         // SAFETY: the slot lies inside the buffer (checked above), which
         // lives as long as `self`; the caller guarantees exclusive access.
         let page =
