@@ -156,13 +156,33 @@ pub(crate) struct Inner {
     pub free: Vec<u32>,
     /// The epoch was given up ([`Shared::release_all`]): the saver must not commit it.
     pub aborted: bool,
-    /// Where the fault handler's capture-ahead goes next: (range, block);
-    /// `None` when it has nothing left to capture.
-    pub capture: Option<(usize, u64)>,
+    /// Where the fault handler's capture-ahead goes next; `None` when it
+    /// has nothing left to capture.
+    pub capture: Option<CaptureAt>,
     /// Per range: blocks that held changed pages when last examined
     /// (`Tracker::Uffd`); only those are captured ahead of the saver,
     /// since capturing lifts a block's protection until the next epoch.
     pub hot: Vec<PageBits>,
+}
+
+/// Where capture-ahead goes next. It starts at the first block and, after
+/// each fault, jumps to the block after the one written (the guest tends
+/// to go on writing there, as QEMU's background snapshot assumes), coming
+/// back for the blocks it jumped over once it reaches the end of RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CaptureAt {
+    pub ri: usize,
+    pub block: u64,
+    /// Blocks before the start may still be pending: wrap around at the end.
+    pub wrap: bool,
+}
+
+impl CaptureAt {
+    const START: CaptureAt = CaptureAt {
+        ri: 0,
+        block: 0,
+        wrap: false,
+    };
 }
 
 /// Shared by the strategy, the saver and the fault handler.
@@ -298,7 +318,7 @@ impl Shared {
                 calls += 1;
             }
         }
-        g.capture = self.opts.capture_ahead.then_some((0, 0));
+        g.capture = self.opts.capture_ahead.then_some(CaptureAt::START);
         drop(g);
         Ok(calls)
     }
@@ -415,7 +435,12 @@ impl Shared {
     /// quarter of the copy-aside memory free for faults.
     fn capture_ahead(&self) -> Result<Capture, UffdError> {
         let mut g = self.lock();
-        let Some((mut ri, mut block)) = g.capture else {
+        let Some(CaptureAt {
+            mut ri,
+            mut block,
+            mut wrap,
+        }) = g.capture
+        else {
             return Ok(Capture::Idle);
         };
         let reserve = g.free.len() + g.aside.len();
@@ -429,8 +454,11 @@ impl Shared {
                 ri += 1;
                 block = 0;
                 if ri >= self.ranges.len() {
-                    g.capture = None;
-                    break;
+                    if !wrap {
+                        g.capture = None;
+                        break;
+                    }
+                    (ri, wrap) = (0, false);
                 }
                 continue;
             };
@@ -447,7 +475,7 @@ impl Shared {
                 for q in want {
                     g.pending[ri].set(q);
                 }
-                g.capture = Some((ri, b));
+                g.capture = Some(CaptureAt { ri, block: b, wrap });
                 break;
             }
             self.copy_aside(&mut g, ri, &want, true);
@@ -458,7 +486,7 @@ impl Shared {
                 _ => lift.push((ri, b0, b1)),
             }
             block = b + 1;
-            g.capture = Some((ri, block));
+            g.capture = Some(CaptureAt { ri, block, wrap });
         }
         let state = if g.capture.is_none() {
             Capture::Idle
@@ -559,6 +587,13 @@ impl Shared {
         // armed, and no later write to it would ever be seen. (A vCPU can
         // be parked for a pause while its fault is still being served.)
         g.armed[ri].unset(block);
+        if g.capture.is_some() {
+            g.capture = Some(CaptureAt {
+                ri,
+                block: block + 1,
+                wrap: true,
+            });
+        }
         if !self.opts.test_lift_delay.is_zero() {
             std::thread::sleep(self.opts.test_lift_delay);
         }
