@@ -30,6 +30,8 @@ CASES = {
     # 2. 1 GiB guest dirtying all of a 256 MiB working set every epoch, 200 ms.
     "pause-200ms-256MiB": ("memstress,wss=256M,ops=150000000", "1G", "200ms", ["cow", "stop-copy"], False),
     # 3. build all-out at short intervals.
+    "build-500ms": ("build,wss=128M,ops=8000", "1G", "500ms", ["cow", "stop-copy"], True),
+    "build-200ms": ("build,wss=128M,ops=8000", "1G", "200ms", ["cow", "stop-copy"], True),
     "build-100ms": ("build,wss=128M,ops=8000", "1G", "100ms", ["cow", "stop-copy"], True),
     "build-50ms": ("build,wss=128M,ops=8000", "1G", "50ms", ["cow", "stop-copy"], True),
     "build-20ms": ("build,wss=128M,ops=8000", "1G", "20ms", ["cow", "stop-copy"], True),
