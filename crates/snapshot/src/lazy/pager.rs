@@ -356,21 +356,34 @@ impl Pager {
     /// after [`Pager::release`]): regions the fill or faults installed go
     /// back to the huge pages an eager restore has. Regions never touched
     /// are left alone.
+    /// A region busy at that moment (a page locked or pinned for I/O, no
+    /// huge page free yet) fails with `EAGAIN`: the call is tried again a
+    /// few times, after 5, 10 and 20 ms (regions already huge are skipped
+    /// quickly).
     pub(crate) fn collapse(&self) {
         const MADV_COLLAPSE: libc::c_int = 25;
+        const TRIES: u32 = 4;
         for s in &self.spans {
-            // SAFETY: advice over guest RAM, which stays mapped while the
-            // pager runs (the LazyPager keeps it); collapsing copies pages
-            // into huge pages under the kernel's locks and changes no
-            // contents. Failure (an old kernel, no huge page free) only
-            // leaves small pages.
-            let r = unsafe { libc::madvise(s.host as *mut libc::c_void, s.len as usize, MADV_COLLAPSE) };
-            if r != 0 {
-                tracing::debug!(
-                    "lazy restore: MADV_COLLAPSE at {:#x}: {}",
-                    s.host,
-                    std::io::Error::last_os_error()
-                );
+            for attempt in 0..TRIES {
+                // SAFETY: advice over guest RAM, which stays mapped while the
+                // pager runs (the LazyPager keeps it); collapsing copies pages
+                // into huge pages under the kernel's locks and changes no
+                // contents. Failure (an old kernel, no huge page free) only
+                // leaves small pages.
+                let r = unsafe { libc::madvise(s.host as *mut libc::c_void, s.len as usize, MADV_COLLAPSE) };
+                if r == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EAGAIN) || attempt + 1 == TRIES {
+                    tracing::debug!(
+                        "lazy restore: MADV_COLLAPSE at {:#x} (try {}): {e}",
+                        s.host,
+                        attempt + 1
+                    );
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5 << attempt));
             }
         }
     }
