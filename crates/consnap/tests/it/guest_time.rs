@@ -56,12 +56,12 @@ fn a_delayed_restore_runs_as_long_as_an_immediate_one() {
         &snaps,
         6,
     );
-    let paced = |id: u64| (OPS - epoch_ops(&snaps, id)) as f64 / (RATE * u64::from(VCPUS)) as f64;
-    let left_by_epoch: Vec<(u64, f64)> = EPOCHS.map(|id| (id, paced(id))).collect();
-    let Some(&(epoch, expected)) = left_by_epoch.iter().rev().find(|(_, s)| *s >= 2.0) else {
-        panic!("no epoch leaves 2 s of paced work (epoch, seconds left): {left_by_epoch:?}");
+    let seconds = |ops: u64| ops as f64 / (RATE * u64::from(VCPUS)) as f64;
+    let left_by_epoch: Vec<(u64, u64)> = EPOCHS.map(|id| (id, OPS - epoch_ops(&snaps, id))).collect();
+    let Some(&(epoch, left)) = left_by_epoch.iter().rev().find(|(_, ops)| seconds(*ops) >= 2.0) else {
+        panic!("no epoch leaves 2 s of paced work (epoch, ops left): {left_by_epoch:?}");
     };
-    let left = OPS - epoch_ops(&snaps, epoch);
+    let expected = seconds(left);
 
     let at = epoch.to_string();
     let now = restore(&snaps, &at, &[], &dir.join("now.json"));

@@ -356,6 +356,7 @@ impl Pager {
     /// after [`Pager::release`]): regions the fill or faults installed go
     /// back to the huge pages an eager restore has. Regions never touched
     /// are left alone.
+    ///
     /// A region busy at that moment (a page locked or pinned for I/O, no
     /// huge page free yet) fails with `EAGAIN`: the call is tried again a
     /// few times, after 5, 10 and 20 ms (regions already huge are skipped
