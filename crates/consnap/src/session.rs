@@ -117,7 +117,7 @@ pub struct SessionArgs {
     /// last epochs (hot) instead of write-protecting them. Each block
     /// copied spares the guest a write-protect fault later and lengthens
     /// the pause; the default, 0, keeps the pause under a millisecond
-    /// (measured in docs/DESIGN.md: build at 10 ms loses a few points more
+    /// (measured in docs/COW.md: build at 10 ms loses a few points more
     /// without it).
     #[arg(long, default_value = "0ms", value_parser = args::duration, requires = "snapshot_dir")]
     pub cow_pause_copy: Duration,

@@ -1,5 +1,5 @@
 //! Off-host epochs: a local store replicated to an S3-compatible object
-//! store, and restored from it on any host (docs/DESIGN.md, "Replication";
+//! store, and restored from it on any host (docs/REPLICATION.md;
 //! the remote layout is in docs/FORMAT.md, "Remote stores").
 //!
 //! - [`Client`]: a blocking client for `s3://BUCKET/PREFIX`, configured

@@ -1,6 +1,6 @@
 //! Merged epochs made to be sent elsewhere: replication that has fallen
 //! behind ships one epoch that stands for a run of local ones, instead of
-//! each of them (docs/DESIGN.md, "Replication").
+//! each of them (docs/REPLICATION.md).
 
 use std::fs::File;
 
