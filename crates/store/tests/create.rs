@@ -3,32 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use store::{Access, EpochMeta, Mode, PAGE, Store, StoreError};
 
-/// A directory under the target's tmpdir, removed when the test passes and
-/// kept (and printed) when it fails.
-struct TempDir(PathBuf);
+mod common;
 
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("create-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::tempdir;
 
 /// Mode bits of `p` in octal, such as "0700".
 fn mode(p: &Path) -> String {
@@ -78,21 +60,21 @@ fn an_interrupted_creation_resumes() {
         ],
     ];
     for (i, files) in leftovers.iter().enumerate() {
-        let d = TempDir::new(&format!("resume-{i}"));
-        std::fs::create_dir_all(&d.0).unwrap();
+        let (_t, d) = tempdir(&format!("create-resume-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
         for f in *files {
             match f.strip_suffix('/') {
-                Some(dir) => std::fs::create_dir(d.0.join(dir)).unwrap(),
-                None => std::fs::write(d.0.join(f), b"CSNPST").unwrap(),
+                Some(dir) => std::fs::create_dir(d.join(dir)).unwrap(),
+                None => std::fs::write(d.join(f), b"CSNPST").unwrap(),
             }
         }
-        let s = Store::open_or_create(&d.0).unwrap_or_else(|e| panic!("{files:?} not recovered: {e}"));
-        assert_eq!(names(&d.0), ["STORE", "epochs"], "{files:?}: leftovers not removed");
-        assert!(names(&d.0.join("epochs")).is_empty());
+        let s = Store::open_or_create(&d).unwrap_or_else(|e| panic!("{files:?} not recovered: {e}"));
+        assert_eq!(names(&d), ["STORE", "epochs"], "{files:?}: leftovers not removed");
+        assert!(names(&d.join("epochs")).is_empty());
         write_epoch(&s, 1);
         let uuid = s.uuid();
         drop(s);
-        let r = Store::open(&d.0, Access::Read).unwrap();
+        let r = Store::open(&d, Access::Read).unwrap();
         assert_eq!(r.uuid(), uuid);
         r.chain(1).unwrap();
     }
@@ -109,34 +91,34 @@ fn a_directory_that_is_not_a_half_created_store_is_refused() {
         (&["epochs/", "epochs/keep.me"], "keep.me exists"),
     ];
     for (i, (files, needle)) in cases.iter().enumerate() {
-        let d = TempDir::new(&format!("refuse-{i}"));
-        std::fs::create_dir_all(&d.0).unwrap();
+        let (_t, d) = tempdir(&format!("create-refuse-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
         for f in *files {
             match f.strip_suffix('/') {
-                Some(dir) => std::fs::create_dir(d.0.join(dir)).unwrap(),
-                None => std::fs::write(d.0.join(f), b"x").unwrap(),
+                Some(dir) => std::fs::create_dir(d.join(dir)).unwrap(),
+                None => std::fs::write(d.join(f), b"x").unwrap(),
             }
         }
-        let before = names(&d.0);
-        let err = Store::open_or_create(&d.0).unwrap_err().to_string();
+        let before = names(&d);
+        let err = Store::open_or_create(&d).unwrap_err().to_string();
         assert!(err.contains("not a consnap snapshot directory"), "{err}");
         assert!(err.contains(needle), "expected '{needle}' in: {err}");
-        assert_eq!(names(&d.0), before, "a refused directory was changed");
+        assert_eq!(names(&d), before, "a refused directory was changed");
     }
-    let d = TempDir::new("file");
-    std::fs::write(&d.0, b"x").unwrap();
-    let err = Store::open_or_create(&d.0).unwrap_err().to_string();
+    let (_t, d) = tempdir("create-file");
+    std::fs::write(&d, b"x").unwrap();
+    let err = Store::open_or_create(&d).unwrap_err().to_string();
     assert!(err.contains("it exists and is not a directory"), "{err}");
-    std::fs::remove_file(&d.0).unwrap();
+    std::fs::remove_file(&d).unwrap();
 }
 
 #[test]
 fn racing_creators_share_one_store_and_one_lock() {
-    let d = TempDir::new("race");
-    std::fs::create_dir_all(&d.0).unwrap();
+    let (_t, d) = tempdir("create-race");
+    std::fs::create_dir_all(&d).unwrap();
     const THREADS: usize = 6;
     for round in 0..60 {
-        let dir = d.0.join(format!("s{round}"));
+        let dir = d.join(format!("s{round}"));
         if round % 2 == 1 {
             // Half the rounds start from an existing empty directory.
             std::fs::create_dir(&dir).unwrap();
@@ -179,58 +161,53 @@ fn racing_creators_share_one_store_and_one_lock() {
 #[test]
 fn existing_directories_are_made_private() {
     // An empty directory made by someone else, 0755.
-    let d = TempDir::new("open-dir");
-    std::fs::create_dir_all(&d.0).unwrap();
-    std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let s = Store::open_or_create(&d.0).unwrap();
+    let (_t, d) = tempdir("create-open-dir");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Store::open_or_create(&d).unwrap();
     write_epoch(&s, 1);
-    assert_eq!(mode(&d.0), "0700");
-    assert_eq!(mode(&d.0.join("epochs")), "0700");
-    assert_eq!(mode(&d.0.join("STORE")), "0600");
+    assert_eq!(mode(&d), "0700");
+    assert_eq!(mode(&d.join("epochs")), "0700");
+    assert_eq!(mode(&d.join("STORE")), "0600");
     assert_eq!(mode(&s.epoch_path(1)), "0600");
     drop(s);
 
     // A store whose modes were widened (or, created under umask 777 by an
     // earlier consnap, emptied): reading changes nothing, writing fixes them.
     let set = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
-    let epoch = d.0.join("epochs/00000000000000000001.epoch");
-    set(&d.0, 0o755);
-    set(&d.0.join("epochs"), 0o000);
-    set(&d.0.join("STORE"), 0o644);
+    let epoch = d.join("epochs/00000000000000000001.epoch");
+    set(&d, 0o755);
+    set(&d.join("epochs"), 0o000);
+    set(&d.join("STORE"), 0o644);
     set(&epoch, 0o444);
-    drop(Store::open(&d.0, Access::Read).unwrap());
-    assert_eq!(mode(&d.0), "0755", "a reader changed a mode");
-    let s = Store::open(&d.0, Access::Write).unwrap();
+    drop(Store::open(&d, Access::Read).unwrap());
+    assert_eq!(mode(&d), "0755", "a reader changed a mode");
+    let s = Store::open(&d, Access::Write).unwrap();
     assert_eq!(
-        [
-            mode(&d.0),
-            mode(&d.0.join("epochs")),
-            mode(&d.0.join("STORE")),
-            mode(&epoch)
-        ],
+        [mode(&d), mode(&d.join("epochs")), mode(&d.join("STORE")), mode(&epoch)],
         ["0700", "0700", "0600", "0600"]
     );
     drop(s);
 
     // Missing parents are created 0700 too.
-    let deep = d.0.join("a/b/store");
+    let deep = d.join("a/b/store");
     drop(Store::open_or_create(&deep).unwrap());
     assert_eq!(
-        [mode(&d.0.join("a")), mode(&d.0.join("a/b")), mode(&deep)],
+        [mode(&d.join("a")), mode(&d.join("a/b")), mode(&deep)],
         ["0700", "0700", "0700"]
     );
 }
 
 #[test]
 fn modes_are_never_set_through_a_symbolic_link() {
-    let d = TempDir::new("links");
-    let s = Store::open_or_create(&d.0.join("store")).unwrap();
+    let (_t, d) = tempdir("create-links");
+    let s = Store::open_or_create(&d.join("store")).unwrap();
     drop(s);
     // A file outside the store, linked in under an epoch's name.
-    let outside = d.0.join("outside");
+    let outside = d.join("outside");
     std::fs::write(&outside, b"x").unwrap();
     std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
-    std::os::unix::fs::symlink(&outside, d.0.join("store/epochs/00000000000000000001.epoch")).unwrap();
-    drop(Store::open(&d.0.join("store"), Access::Write).unwrap());
+    std::os::unix::fs::symlink(&outside, d.join("store/epochs/00000000000000000001.epoch")).unwrap();
+    drop(Store::open(&d.join("store"), Access::Write).unwrap());
     assert_eq!(mode(&outside), "0644", "chmod went through a link");
 }

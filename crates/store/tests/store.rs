@@ -4,66 +4,15 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use store::{Access, EpochMeta, Mode, PAGE, Source, Store, StoreError, plan};
+use store::{Access, PAGE, Source, Store, StoreError, plan};
 
-// The test helpers of vmm (std and libc only), without depending on vmm.
-#[path = "../../vmm/src/testing.rs"]
-#[allow(dead_code)]
-mod testing;
+mod common;
 
-use testing::TestDir;
+use common::{TestDir, meta, page, three_epochs};
 
-/// A private directory for one test under Cargo's scratch directory
-/// (removed when the test passes, kept and named when it fails), and a
-/// path inside it for a store that does not exist yet.
+/// A scratch directory and a store path in it, named for the test.
 fn tempdir(name: &str) -> (TestDir, PathBuf) {
-    let t = TestDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("store-{name}"));
-    let store = t.join("store");
-    (t, store)
-}
-
-fn page(fill: u8) -> Vec<u8> {
-    vec![fill; PAGE]
-}
-
-fn meta(id: u64, parent: Option<u64>) -> EpochMeta {
-    EpochMeta {
-        id,
-        parent,
-        mode: if parent.is_some() {
-            Mode::StopCopy
-        } else {
-            Mode::StopCopyFull
-        },
-        full: parent.is_none(),
-        created_ns: id * 1000,
-        vcpus: 1,
-        mem_size: 8 * PAGE as u64,
-        guest_ops: Some(id),
-    }
-}
-
-/// Epoch 1: full, pages 0..8 = [1,1,0,0,2,2,2,0]. Epoch 2: page 1 = 9, page 4 = zero.
-/// Epoch 3: pages 2,3 = 7.
-fn build(dir: &std::path::Path) -> Store {
-    let s = Store::open_or_create(dir).unwrap();
-    let mut w = s.writer(meta(1, None)).unwrap();
-    w.write_state(b"state-1").unwrap();
-    w.data_pages(0, &[page(1), page(1)].concat()).unwrap();
-    w.zero_pages(2, 2).unwrap();
-    w.data_pages(4, &[page(2), page(2), page(2)].concat()).unwrap();
-    w.zero_pages(7, 1).unwrap();
-    w.commit(10).unwrap();
-    let mut w = s.writer(meta(2, Some(1))).unwrap();
-    w.write_state(b"state-2").unwrap();
-    w.scattered_pages(&[1], &page(9)).unwrap();
-    w.zero_pages(4, 1).unwrap();
-    w.commit(20).unwrap();
-    let mut w = s.writer(meta(3, Some(2))).unwrap();
-    w.write_state(b"state-3").unwrap();
-    w.scattered_pages(&[2, 3], &[page(7), page(7)].concat()).unwrap();
-    w.commit(30).unwrap();
-    s
+    common::tempdir(&format!("store-{name}"))
 }
 
 fn materialize(s: &Store, id: u64) -> (Vec<u8>, Vec<u8>) {
@@ -87,7 +36,7 @@ fn first_bytes(mem: &[u8]) -> Vec<u8> {
 #[test]
 fn chains_restore_every_epoch_exactly() {
     let (_dir_guard, dir) = tempdir("chain");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     assert_eq!(s.ids().unwrap(), vec![1, 2, 3]);
     assert_eq!(s.latest().unwrap(), 3);
     assert_eq!(s.next_id().unwrap(), 4);
@@ -115,7 +64,7 @@ fn chains_restore_every_epoch_exactly() {
 #[test]
 fn files_are_private() {
     let (_dir_guard, dir) = tempdir("perms");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("epochs")), 0o700);
@@ -126,7 +75,7 @@ fn files_are_private() {
 #[test]
 fn uncommitted_epochs_stay_invisible() {
     let (_dir_guard, dir) = tempdir("uncommitted");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     {
         let mut w = s.writer(meta(4, Some(3))).unwrap();
         w.write_state(b"never").unwrap();
@@ -145,7 +94,7 @@ fn uncommitted_epochs_stay_invisible() {
 #[test]
 fn writer_lock_is_exclusive() {
     let (_dir_guard, dir) = tempdir("lock");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     assert!(matches!(Store::open(&dir, Access::Write), Err(StoreError::Busy(_))));
     assert!(Store::open(&dir, Access::Read).is_ok(), "readers do not need the lock");
     drop(s);
@@ -155,7 +104,7 @@ fn writer_lock_is_exclusive() {
 #[test]
 fn damage_is_detected_and_named() {
     let (_dir_guard, dir) = tempdir("damage");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     let p3 = s.epoch_path(3);
     let good = std::fs::read(&p3).unwrap();
 
@@ -230,7 +179,7 @@ fn foreign_and_empty_directories() {
     assert!(matches!(s.latest(), Err(StoreError::Empty(_))));
     // An epoch copied in from another store is refused.
     let (_other_guard, other_dir) = tempdir("other");
-    let other = build(&other_dir);
+    let other = three_epochs(&other_dir);
     std::fs::copy(other.epoch_path(1), s.epoch_path(1)).unwrap();
     assert!(s.open_epoch(1).unwrap_err().to_string().contains("another store"));
 }
@@ -239,7 +188,7 @@ fn foreign_and_empty_directories() {
 fn an_epoch_without_pages_reads_back() {
     // An incremental epoch of an idle guest has state and no dirty pages.
     let (_dir_guard, dir) = tempdir("no-pages");
-    let s = build(&dir);
+    let s = three_epochs(&dir);
     let mut w = s.writer(meta(4, Some(3))).unwrap();
     w.write_state(b"state-4").unwrap();
     w.commit(40).unwrap();
