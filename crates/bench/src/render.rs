@@ -75,14 +75,38 @@ impl Cell<'_> {
     }
 }
 
+/// The smallest noise [`noise`] assumes for a workload, %.
+const NOISE_FLOOR: f64 = 5.0;
+
+/// The noise of `workload`'s timings on this machine, %: the widest spread
+/// (max − min over the median) of one cell's baseline runs, over the
+/// workload's cells with two or more repeats, and at least [`NOISE_FLOOR`].
+fn noise(cells: &Cells, workload: &str) -> f64 {
+    cells
+        .iter()
+        .filter(|((w, _, _), c)| w == workload && c.base_wall.len() >= 2)
+        .filter_map(|(_, c)| {
+            let m = median(&c.base_wall).filter(|m| *m > 0.0)?;
+            let lo = c.base_wall.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = c.base_wall.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            Some((hi - lo) / m * 100.0)
+        })
+        .fold(NOISE_FLOOR, f64::max)
+}
+
 /// cow's median loss over stop-copy's, as a bound where one of them was
-/// stopped at the cap.
-fn ratio(sc: Option<&Cell>, cow: Option<&Cell>) -> String {
+/// stopped at the cap; no ratio where stop-copy's loss is within `noise`
+/// (a ratio to a loss the machine's noise can make or unmake means nothing).
+/// `paced`: the losses compared are the busy-CPU ones (wall time hides a
+/// paced workload's loss).
+fn ratio(sc: Option<&Cell>, cow: Option<&Cell>, noise: f64, paced: bool) -> String {
     let (Some(a), Some(b)) = (sc, cow) else {
         return "—".into();
     };
-    match (median(&a.loss), median(&b.loss)) {
-        (Some(x), Some(y)) if x.abs() > 0.05 => match (a.stopped > 0, b.stopped > 0) {
+    let loss = |c: &Cell| median(if paced && !c.cpu.is_empty() { &c.cpu } else { &c.loss });
+    match (loss(a), loss(b)) {
+        (Some(x), _) if a.stopped == 0 && x < noise => "within noise".into(),
+        (Some(x), Some(y)) => match (a.stopped > 0, b.stopped > 0) {
             (false, false) => format!("{:.2}", y / x),
             (true, false) => format!("< {:.2}", y / x),
             (false, true) => format!("> {:.2}", y / x),
@@ -267,7 +291,9 @@ fn method(d: &mut String, opts: &Options, stopped: usize) {
          against a run without snapshots of the same repeat, made just before (consnap modes against consnap `none`, QEMU modes \
          against QEMU without snapshots). Figures are medians over the repeats, with the range and n. A paced workload (`rate=`) \
          catches up after each snapshot, so its wall time hides the loss; for those the *CPU* figure is the growth of the vCPU time \
-         not spent idling at the guest's request (`vcpu_idle_s` in the run report), against the baseline. Each run at interval I \
+         not spent idling at the guest's request (`vcpu_idle_s` in the run report), against the baseline. **cow / stop-copy** is \
+         the ratio of the median losses (for a paced workload, of the CPU figures), given only where stop-copy's loss is above the workload's *noise* (the widest spread \
+         of one cell's baseline runs, at least {NOISE_FLOOR}%, shown with each workload); elsewhere the cell says *within noise*. Each run at interval I \
          lasts at least {} s and 3.3 × I + 1 s, so that it holds at least three snapshots. After every run with snapshots the newest \
          snapshot is restored (`consnap restore --at latest`, or QEMU `-incoming`) and run to the end, and its checksum must be \
          the uninterrupted one.\n",
@@ -319,7 +345,7 @@ fn headline(d: &mut String, cells: &Cells) {
                 interval(ms),
                 a.loss_text(),
                 b.loss_text(),
-                ratio(Some(a), Some(b))
+                ratio(Some(a), Some(b), noise(cells, w), false)
             );
         }
     }
@@ -348,8 +374,10 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
     let _ = writeln!(d, "### {w}\n");
     let _ = writeln!(
         d,
-        "Work: `{}` (the work grows with the interval so that each run holds three snapshots; `ops` shown for the shortest).{}\n",
+        "Work: `{}` (the work grows with the interval so that each run holds three snapshots; `ops` shown for the shortest). \
+         Noise: {:.0}%.{}\n",
         spec,
+        noise(cells, w),
         if paced {
             " Paced: the CPU column is the loss that matters."
         } else {
@@ -387,7 +415,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
                 None => " — |".into(),
             };
         }
-        let ratio = ratio(get(Mode::StopCopy), get(Mode::Cow));
+        let ratio = ratio(get(Mode::StopCopy), get(Mode::Cow), noise(cells, w), paced);
         let _ = writeln!(d, "{row} {ratio} |");
     }
     let series: Vec<plot::Series> = modes
@@ -548,6 +576,61 @@ mod tests {
         again.push(rec("cow", 1000, 0, 12.0));
         let all = latest(&again);
         assert_eq!(all.len(), 6);
+    }
+
+    #[test]
+    fn no_ratio_is_taken_to_a_loss_within_the_noise() {
+        // Baselines 10 and 12 s: the workload's noise is 18 %.
+        let recs = vec![
+            rec("none", 0, 0, 10.0),
+            rec("stop-copy", 1000, 0, 11.0),
+            rec("cow", 1000, 0, 10.2),
+            rec("stop-copy", 60_000, 0, 15.0),
+            rec("cow", 60_000, 0, 10.5),
+            rec("none", 0, 1, 12.0),
+            rec("stop-copy", 1000, 1, 13.2),
+            rec("cow", 1000, 1, 12.24),
+            rec("stop-copy", 60_000, 1, 18.0),
+            rec("cow", 60_000, 1, 12.6),
+            rec("stop-copy", 5000, 0, 9.5),
+            rec("cow", 5000, 0, 10.0),
+        ];
+        let all = latest(&recs);
+        let c = cells(&all);
+        assert_eq!(noise(&c, "build").round(), 18.0);
+        assert_eq!(noise(&c, "ftp"), NOISE_FLOOR);
+        let get = |ms: u64, m: Mode| c.get(&("build".to_string(), ms, m));
+        let n = noise(&c, "build");
+        // stop-copy +10 %: within the noise, so no ratio.
+        assert_eq!(
+            ratio(get(1000, Mode::StopCopy), get(1000, Mode::Cow), n, false),
+            "within noise"
+        );
+        // stop-copy +50 %, cow +5 %.
+        assert_eq!(
+            ratio(get(60_000, Mode::StopCopy), get(60_000, Mode::Cow), n, false),
+            "0.10"
+        );
+        // A stop-copy faster than its baseline never gives a ratio.
+        assert_eq!(
+            ratio(get(5000, Mode::StopCopy), get(5000, Mode::Cow), NOISE_FLOOR, false),
+            "within noise"
+        );
+        // Paced: the busy-CPU losses are compared, not the wall times.
+        let busy = |r: Record, b: f64| Record { busy_s: Some(b), ..r };
+        let paced = [
+            busy(rec("none", 0, 0, 10.0), 4.0),
+            busy(rec("stop-copy", 1000, 0, 10.1), 6.0),
+            busy(rec("cow", 1000, 0, 10.0), 4.4),
+        ];
+        let all = latest(&paced);
+        let c = cells(&all);
+        let get = |m: Mode| c.get(&("build".to_string(), 1000, m));
+        assert_eq!(ratio(get(Mode::StopCopy), get(Mode::Cow), NOISE_FLOOR, true), "0.20");
+        assert_eq!(
+            ratio(get(Mode::StopCopy), get(Mode::Cow), NOISE_FLOOR, false),
+            "within noise"
+        );
     }
 
     #[test]
