@@ -78,6 +78,19 @@ impl PageBits {
         }
     }
 
+    /// Add pages [start, end) (clipped to the set's size), a word at a time.
+    pub fn set_span(&mut self, start: u64, end: u64) {
+        let end = end.min(self.pages);
+        let mut p = start;
+        while p < end {
+            let (w, bit) = ((p / 64) as usize, p % 64);
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            self.words[w] |= mask;
+            p += n;
+        }
+    }
+
     /// Remove page `p`.
     pub fn unset(&mut self, p: u64) {
         if p < self.pages {
@@ -273,6 +286,28 @@ mod tests {
         assert!(!w.is_empty());
         w.clear();
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn spans_are_set_a_word_at_a_time_like_page_by_page() {
+        for (start, end) in [
+            (0, 0),
+            (0, 1),
+            (3, 64),
+            (0, 64),
+            (63, 65),
+            (5, 200),
+            (64, 128),
+            (190, 500),
+        ] {
+            let mut a = PageBits::new(200);
+            a.set_span(start, end);
+            let mut b = PageBits::new(200);
+            for p in start..end {
+                b.set(p);
+            }
+            assert_eq!(a.words(), b.words(), "[{start}, {end})");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! optionally saves its own state on its own thread, and parks.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -152,6 +152,8 @@ enum Want {
 struct Ctrl {
     generation: u64,
     want: Want,
+    /// vCPUs out of the guest for this pause (they may still be saving).
+    stopped: usize,
     parked: usize,
     finished: usize,
     saved: Vec<Option<Result<VcpuState, VcpuError>>>,
@@ -197,10 +199,16 @@ impl VcpuTimes {
     }
 }
 
+/// How long [`Vcpus::stop_guest`] polls for the vCPUs to leave the guest
+/// before it sleeps.
+const STOP_SPIN: Duration = Duration::from_micros(300);
+
 /// State shared by the controller and the vCPU threads.
 #[derive(Debug)]
 struct Control {
     requested: AtomicBool,
+    /// `Ctrl::stopped`, readable without the lock (see [`STOP_SPIN`]).
+    stopped: AtomicUsize,
     m: Mutex<Ctrl>,
     cv: Condvar,
 }
@@ -390,9 +398,11 @@ impl Vcpus {
         let n = vcpus.len();
         let control = Arc::new(Control {
             requested: AtomicBool::new(false),
+            stopped: AtomicUsize::new(0),
             m: Mutex::new(Ctrl {
                 generation: 0,
                 want: Want::Run,
+                stopped: 0,
                 parked: 0,
                 finished: 0,
                 saved: (0..n).map(|_| None).collect(),
@@ -463,11 +473,27 @@ impl Vcpus {
     /// Pause every vCPU; returns once all are parked (or have finished).
     pub fn pause(&self, action: PauseAction, timeout: Duration) -> Result<Paused, VcpuError> {
         let start = Instant::now();
+        self.stop_guest(action, timeout)?;
+        let mut paused = self.collect(timeout)?;
+        paused.latency = start.elapsed();
+        Ok(paused)
+    }
+
+    /// Begin a pause: returns the time it took every vCPU to leave the
+    /// guest (guest memory no longer changes), while each may still be
+    /// saving its state on its own thread ([`PauseAction::SaveState`]);
+    /// [`Vcpus::collect`] then waits for those. The caller can do its own
+    /// part of the pause meanwhile. [`VcpuError::Stopping`] (not paused)
+    /// when a vCPU has finished and states were asked for.
+    pub fn stop_guest(&self, action: PauseAction, timeout: Duration) -> Result<Duration, VcpuError> {
+        let start = Instant::now();
         let n = self.threads.len();
         {
             let mut g = self.control.lock();
             g.generation += 1;
             g.want = Want::Pause(action);
+            g.stopped = 0;
+            self.control.stopped.store(0, Ordering::SeqCst);
             g.parked = 0;
             g.saved.iter_mut().for_each(|s| *s = None);
         }
@@ -478,6 +504,39 @@ impl Vcpus {
         // see the new generation and park again, doing this pause's action.
         self.control.cv.notify_all();
         self.kick_all();
+        // Poll a short while before sleeping: a vCPU leaves the guest within
+        // about a hundred µs of the kick, and a sleeping controller would
+        // take about as long again to wake on this kind of host.
+        let spin_until = Instant::now() + STOP_SPIN;
+        while self.control.stopped.load(Ordering::SeqCst) < n && Instant::now() < spin_until {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            // A vCPU thread waiting for this core gets it.
+            std::thread::yield_now();
+        }
+        let (g, timed_out) = self
+            .control
+            .wait_while(self.control.lock(), start + timeout, |c| c.stopped + c.finished < n);
+        let stopping = action == PauseAction::SaveState && g.finished > 0;
+        drop(g);
+        if timed_out {
+            self.resume();
+            return Err(VcpuError::PauseTimeout(timeout));
+        }
+        if stopping {
+            self.resume();
+            return Err(VcpuError::Stopping);
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Finish a pause begun by [`Vcpus::stop_guest`]: wait until every vCPU
+    /// is parked, and take the states they saved. On an error the vCPUs run
+    /// again.
+    pub fn collect(&self, timeout: Duration) -> Result<Paused, VcpuError> {
+        let start = Instant::now();
+        let n = self.threads.len();
         let (mut g, timed_out) = self
             .control
             .wait_while(self.control.lock(), start + timeout, |c| c.parked + c.finished < n);
@@ -488,12 +547,13 @@ impl Vcpus {
         }
         let latency = start.elapsed();
         let mut states = Vec::new();
-        if action == PauseAction::SaveState && g.finished > 0 {
+        let save = g.want == Want::Pause(PauseAction::SaveState);
+        if save && g.finished > 0 {
             drop(g);
             self.resume();
             return Err(VcpuError::Stopping);
         }
-        if action == PauseAction::SaveState {
+        if save {
             for slot in g.saved.iter_mut() {
                 match slot.take() {
                     Some(Ok(s)) => states.push(s),
@@ -676,6 +736,13 @@ impl Worker {
         self.vcpu.fd.set_kvm_immediate_exit(0);
         let mut g = self.control.lock();
         let generation = g.generation;
+        if matches!(g.want, Want::Pause(_)) {
+            // Out of the guest: the controller may go on with its part of
+            // the pause while this thread saves its state.
+            g.stopped += 1;
+            self.control.stopped.fetch_add(1, Ordering::SeqCst);
+            self.control.cv.notify_all();
+        }
         match g.want {
             Want::Stop => return false,
             Want::Run => return true,

@@ -399,9 +399,7 @@ impl Shared {
                 let e = blocks.next_set(s).unwrap_or(blocks.pages());
                 let (p0, _) = self.block_pages(ri, s);
                 let (_, p1) = self.block_pages(ri, e - 1);
-                for p in p0..p1 {
-                    out.ranges[ri].set(p);
-                }
+                out.ranges[ri].set_span(p0, p1);
                 b = e;
             }
         }
