@@ -9,7 +9,7 @@
 //! optionally saves its own state on its own thread, and parks.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
@@ -199,16 +199,10 @@ impl VcpuTimes {
     }
 }
 
-/// How long [`Vcpus::stop_guest`] polls for the vCPUs to leave the guest
-/// before it sleeps.
-const STOP_SPIN: Duration = Duration::from_micros(300);
-
 /// State shared by the controller and the vCPU threads.
 #[derive(Debug)]
 struct Control {
     requested: AtomicBool,
-    /// `Ctrl::stopped`, readable without the lock (see [`STOP_SPIN`]).
-    stopped: AtomicUsize,
     m: Mutex<Ctrl>,
     cv: Condvar,
 }
@@ -398,7 +392,6 @@ impl Vcpus {
         let n = vcpus.len();
         let control = Arc::new(Control {
             requested: AtomicBool::new(false),
-            stopped: AtomicUsize::new(0),
             m: Mutex::new(Ctrl {
                 generation: 0,
                 want: Want::Run,
@@ -493,7 +486,6 @@ impl Vcpus {
             g.generation += 1;
             g.want = Want::Pause(action);
             g.stopped = 0;
-            self.control.stopped.store(0, Ordering::SeqCst);
             g.parked = 0;
             g.saved.iter_mut().for_each(|s| *s = None);
         }
@@ -504,17 +496,6 @@ impl Vcpus {
         // see the new generation and park again, doing this pause's action.
         self.control.cv.notify_all();
         self.kick_all();
-        // Poll a short while before sleeping: a vCPU leaves the guest within
-        // about a hundred µs of the kick, and a sleeping controller would
-        // take about as long again to wake on this kind of host.
-        let spin_until = Instant::now() + STOP_SPIN;
-        while self.control.stopped.load(Ordering::SeqCst) < n && Instant::now() < spin_until {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-            // A vCPU thread waiting for this core gets it.
-            std::thread::yield_now();
-        }
         let (g, timed_out) = self
             .control
             .wait_while(self.control.lock(), start + timeout, |c| c.stopped + c.finished < n);
@@ -740,7 +721,6 @@ impl Worker {
             // Out of the guest: the controller may go on with its part of
             // the pause while this thread saves its state.
             g.stopped += 1;
-            self.control.stopped.fetch_add(1, Ordering::SeqCst);
             self.control.cv.notify_all();
         }
         match g.want {
