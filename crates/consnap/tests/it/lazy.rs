@@ -126,7 +126,10 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
         return;
     }
     let dir = tempdir("lazy-snapshots");
-    let spec = "memstress,wss=32M,ops=24000,rate=6000,pattern=hotcold";
+    // About 6 s of paced work: each lazily restored run must take 8
+    // epochs before the guest ends, also on a loaded host (4 s of work
+    // left a run with 7 epochs beside a busy process).
+    let spec = "memstress,wss=32M,ops=36000,rate=6000,pattern=hotcold";
     let (ops, sum) = reference(spec, 1);
     let snaps = make_store(&dir, spec);
     let first = store_support::ids(&snaps)[0];
