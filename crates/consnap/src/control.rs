@@ -15,7 +15,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, TryLockError};
 use std::time::{Duration, Instant};
 
-use snapshot::{SnapshotEngine, Target, TargetError};
+use snapshot::{Captured, SnapshotEngine, Target, TargetError};
 use vmm::dirty::DirtySet;
 use vmm::machine::Machine;
 use vmm::memory::GuestRam;
@@ -55,11 +55,8 @@ impl Target for Held<'_> {
     fn rearm_dirty(&mut self, pages: &DirtySet) -> Result<(), TargetError> {
         Target::rearm_dirty(self.0, pages)
     }
-    fn begin_pause(&mut self) -> Result<Option<Duration>, TargetError> {
-        Target::begin_pause(self.0)
-    }
-    fn capture(&mut self) -> Result<Vec<u8>, TargetError> {
-        Target::capture(self.0)
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {
+        Target::pause_and_capture(self.0)
     }
     fn resume(&mut self) -> Result<(), TargetError> {
         self.0.pause(PauseAction::Hold).map(drop).map_err(TargetError::from)

@@ -24,7 +24,7 @@ use crate::cow::{Cow, CowOptions};
 use crate::errlog::ErrorLog;
 use crate::error::{EpochError, EpochFailure, SnapshotError};
 use crate::stop_copy::StopCopy;
-use crate::strategy::{EpochCtx, EpochStats, StateSlot, StopCopyFull, Strategy};
+use crate::strategy::{EpochCtx, EpochStats, StopCopyFull, Strategy};
 use crate::target::Target;
 use crate::worker::{Done, Health, Writer};
 
@@ -511,34 +511,18 @@ impl SnapshotEngine {
         let full = self.need_full || self.strategy.always_full();
         let started = Instant::now();
         let created_ns = store::now_ns();
-        let Some(vcpu_pause) = t.begin_pause().map_err(|e| fail(e.into()))? else {
+        let Some(cap) = t.pause_and_capture().map_err(|e| fail(e.into()))? else {
             // The guest is powering off: there is nothing left to protect.
             return Ok(());
         };
         let mut ctx = EpochCtx {
             meta: self.meta(t, id, full, created_ns),
             store,
-            state: StateSlot::default(),
+            state: cap.state,
             taken: None,
             direct_io: self.cfg.direct_io,
         };
-        // The strategy's part of the pause runs while the vCPUs save their
-        // own state, unless it needs that state.
-        let first = self.strategy.state_first(full);
-        let job = if first {
-            t.capture().map(|s| ctx.state.put(s)).map_err(EpochFailure::from)
-        } else {
-            Ok(())
-        }
-        .and_then(|()| self.strategy.paused(t, &mut ctx))
-        .and_then(|job| {
-            if !first && let Err(e) = t.capture().map(|s| ctx.state.put(s)) {
-                // The job will not run: release what it holds.
-                self.strategy.abort();
-                return Err(e.into());
-            }
-            Ok(job)
-        });
+        let job = self.strategy.paused(t, &mut ctx);
         if let Err(e) = t.resume() {
             self.strategy.abort();
             return Err(Fatal(format!("cannot resume the VM after epoch {id}: {e}")));
@@ -572,7 +556,7 @@ impl SnapshotEngine {
             taken: ctx.taken,
             started,
             pause,
-            vcpu_pause,
+            vcpu_pause: cap.vcpu_pause,
         });
         Ok(())
     }

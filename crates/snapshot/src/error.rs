@@ -31,9 +31,6 @@ pub enum EpochFailure {
         /// The panic message.
         message: String,
     },
-    /// The engine did not capture the machine state (a bug).
-    #[error("the machine state of the epoch was never captured")]
-    NoState,
     /// The test hook `CONSNAP_FAIL_EPOCHS` asked for this failure.
     #[error("injected failure (CONSNAP_FAIL_EPOCHS)")]
     Injected,

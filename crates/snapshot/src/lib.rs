@@ -24,4 +24,4 @@ pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy, restore_lazy_from};
 pub use restore::{RestoreError, Restored, RestoredRam, restore, restore_ram};
 pub use store::Mode;
 pub use strategy::EpochStats;
-pub use target::{Target, TargetError};
+pub use target::{Captured, Target, TargetError};

@@ -42,10 +42,6 @@ impl Strategy for StopCopy {
         Ok(())
     }
 
-    fn state_first(&self, full: bool) -> bool {
-        full
-    }
-
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         if ctx.meta.full {
             return capture_full_paused(t, ctx, &mut self.chunk);
@@ -86,14 +82,12 @@ impl Strategy for StopCopy {
         let capture_time = t0.elapsed() - dirty_time;
         let store = ctx.store.clone();
         let meta = ctx.meta.clone();
-        let state = ctx.state.clone();
+        let state = std::mem::take(&mut ctx.state);
         let pool = self.staging.clone();
         let direct = ctx.direct_io;
         Ok(Box::new(move |pause_ns| {
             let started = Instant::now();
-            let r = state
-                .get()
-                .and_then(|state| write_incremental(&store, meta, state, &gfns, &buf, pause_ns, direct));
+            let r = write_incremental(&store, meta, &state, &gfns, &buf, pause_ns, direct);
             if buf.len() < need * 3 / 2 && need > 0 {
                 // Fault the pages in now, so that the next pause does not pay for them.
                 buf = pages::prefaulted((need * 3 / 2).min(ram.size() as usize));

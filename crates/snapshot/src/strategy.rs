@@ -9,7 +9,7 @@
 //!
 //! `stop-copy-full`, `stop-copy` and `cow` are three implementations.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use store::{EpochInfo, EpochMeta, EpochWriter, Mode, Store};
@@ -74,7 +74,7 @@ pub struct EpochCtx {
     /// Its header fields.
     pub meta: EpochMeta,
     /// Encoded machine state.
-    pub state: StateSlot,
+    pub state: Vec<u8>,
     /// The dirty set the strategy took from the machine, so that a failure
     /// can hand it back.
     pub taken: Option<DirtySet>,
@@ -85,24 +85,7 @@ pub struct EpochCtx {
 impl EpochCtx {
     /// Open the epoch's file and write its state.
     pub(crate) fn writer(&self) -> Result<EpochWriter, EpochFailure> {
-        open_writer(&self.store, self.meta.clone(), self.state.get()?, self.direct_io)
-    }
-}
-
-/// An epoch's encoded machine state, put there by the engine while paused:
-/// before the strategy's part of the pause when the strategy writes the
-/// epoch then ([`Strategy::state_first`]), otherwise after it, the vCPUs
-/// saving their own state meanwhile. Jobs read it when they run.
-#[derive(Debug, Clone, Default)]
-pub struct StateSlot(Arc<OnceLock<Vec<u8>>>);
-
-impl StateSlot {
-    pub(crate) fn put(&self, state: Vec<u8>) {
-        let _ = self.0.set(state);
-    }
-
-    pub(crate) fn get(&self) -> Result<&[u8], EpochFailure> {
-        self.0.get().map(Vec::as_slice).ok_or(EpochFailure::NoState)
+        open_writer(&self.store, self.meta.clone(), &self.state, self.direct_io)
     }
 }
 
@@ -131,13 +114,7 @@ pub(crate) trait Strategy: Send {
     }
     /// Before the vCPUs start.
     fn prepare(&mut self, t: &mut dyn Target, health: &Arc<Health>) -> Result<(), SnapshotError>;
-    /// Whether [`Strategy::paused`] needs the machine state of the epoch
-    /// `full` (it writes the epoch while paused); otherwise the state is
-    /// captured after it, the vCPUs saving theirs meanwhile.
-    fn state_first(&self, _full: bool) -> bool {
-        false
-    }
-    /// While paused, with the vCPUs out of the guest. Fills `ctx.taken` with
+    /// While paused, after the state was captured. Fills `ctx.taken` with
     /// any dirty set it takes.
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure>;
     /// The epoch in flight was committed (`ok`) or failed, as the engine
@@ -233,10 +210,6 @@ impl Strategy for StopCopyFull {
     }
 
     fn always_full(&self) -> bool {
-        true
-    }
-
-    fn state_first(&self, _full: bool) -> bool {
         true
     }
 

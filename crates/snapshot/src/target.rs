@@ -9,7 +9,7 @@ use thiserror::Error;
 use vmm::dirty::DirtySet;
 use vmm::machine::{Machine, MachineError};
 use vmm::memory::GuestRam;
-use vmm::vcpu::VcpuError;
+use vmm::vcpu::{PauseAction, VcpuError};
 
 /// A machine operation failed.
 #[derive(Debug, Error)]
@@ -20,6 +20,15 @@ impl From<MachineError> for TargetError {
     fn from(e: MachineError) -> Self {
         TargetError(Box::new(e))
     }
+}
+
+/// The machine's state, captured while paused.
+#[derive(Debug)]
+pub struct Captured {
+    /// Encoded machine state (everything but memory; docs/FORMAT.md).
+    pub state: Vec<u8>,
+    /// Time the vCPUs took to stop.
+    pub vcpu_pause: Duration,
 }
 
 /// A machine the engine snapshots.
@@ -40,15 +49,9 @@ pub trait Target {
     fn rearm_dirty(&mut self, _pages: &DirtySet) -> Result<(), TargetError> {
         Ok(())
     }
-    /// Pause every vCPU: returns, with the time it took, once none is in
-    /// the guest (guest memory no longer changes), while the vCPUs may
-    /// still be saving their own state; [`Target::capture`] finishes the
-    /// pause's capture. `Ok(None)`: the guest is stopping and there is
-    /// nothing left to capture (not paused).
-    fn begin_pause(&mut self) -> Result<Option<Duration>, TargetError>;
-    /// The encoded machine state (everything but memory; docs/FORMAT.md) at
-    /// the pause begun by [`Target::begin_pause`]; the machine stays paused.
-    fn capture(&mut self) -> Result<Vec<u8>, TargetError>;
+    /// Pause every vCPU and capture the machine state. `Ok(None)`: the
+    /// guest is stopping and there is nothing left to capture (not paused).
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError>;
     /// Let the vCPUs run again.
     fn resume(&mut self) -> Result<(), TargetError>;
     /// Pages written since the last call (see [`Machine::take_dirty`]).
@@ -80,19 +83,20 @@ impl Target for Machine {
         Ok(Machine::rearm_dirty(self, pages)?)
     }
 
-    fn begin_pause(&mut self) -> Result<Option<Duration>, TargetError> {
-        match self.stop_guest() {
-            Ok(d) => Ok(Some(d)),
-            Err(MachineError::Vcpu(VcpuError::Stopping)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn capture(&mut self) -> Result<Vec<u8>, TargetError> {
-        match self.capture_state() {
-            Ok(st) => Ok(vmm::state::encode(&st)),
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {
+        let paused = match self.pause(PauseAction::SaveState) {
+            Ok(p) => p,
+            Err(MachineError::Vcpu(VcpuError::Stopping)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let vcpu_pause = paused.latency;
+        match self.save_state(paused) {
+            Ok(st) => Ok(Some(Captured {
+                state: vmm::state::encode(&st),
+                vcpu_pause,
+            })),
             Err(e) => {
-                let _ = Machine::resume(self);
+                let _ = self.resume();
                 Err(e.into())
             }
         }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::{CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
+use snapshot::{Captured, CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
 use store::{Access, Source, Store};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::DirtySet;
@@ -149,7 +149,7 @@ impl Target for Fake {
     fn set_dirty_logging(&mut self, _on: bool) -> Result<(), TargetError> {
         Ok(())
     }
-    fn begin_pause(&mut self) -> Result<Option<Duration>, TargetError> {
+    fn pause_and_capture(&mut self) -> Result<Option<Captured>, TargetError> {
         let t = Instant::now();
         let mut g = self.ctl.0.lock().unwrap();
         g.want_pause = true;
@@ -161,12 +161,12 @@ impl Target for Fake {
         let mut copy = vec![0u8; RAM as usize];
         self.ram.read_to(0, &mut copy).unwrap();
         self.refs.insert(self.seq, copy);
-        Ok(Some(t.elapsed()))
-    }
-    fn capture(&mut self) -> Result<Vec<u8>, TargetError> {
         let mut state = self.seq.to_le_bytes().to_vec();
         state.extend_from_slice(b"fake machine state");
-        Ok(state)
+        Ok(Some(Captured {
+            state,
+            vcpu_pause: t.elapsed(),
+        }))
     }
     fn resume(&mut self) -> Result<(), TargetError> {
         self.ctl.0.lock().unwrap().want_pause = false;

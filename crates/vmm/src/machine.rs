@@ -410,21 +410,6 @@ impl Machine {
         Ok(self.running()?.pause(action, PAUSE_TIMEOUT)?)
     }
 
-    /// Begin a pause that saves the machine's state: returns once no vCPU
-    /// is in the guest (guest memory no longer changes), with the time that
-    /// took, while each vCPU saves its own state on its thread; finish with
-    /// [`Machine::capture_state`] (or [`Machine::resume`]).
-    pub fn stop_guest(&self) -> Result<Duration, MachineError> {
-        Ok(self.running()?.stop_guest(PauseAction::SaveState, PAUSE_TIMEOUT)?)
-    }
-
-    /// Everything but memory at the pause begun by [`Machine::stop_guest`]
-    /// (waits for the vCPUs' own saves); still paused after it.
-    pub fn capture_state(&self) -> Result<MachineState, MachineError> {
-        let paused = self.running()?.collect(PAUSE_TIMEOUT)?;
-        self.save_state(paused)
-    }
-
     /// Resume after [`Machine::pause`].
     pub fn resume(&self) -> Result<(), MachineError> {
         self.running()?.resume();

@@ -152,8 +152,6 @@ enum Want {
 struct Ctrl {
     generation: u64,
     want: Want,
-    /// vCPUs out of the guest for this pause (they may still be saving).
-    stopped: usize,
     parked: usize,
     finished: usize,
     saved: Vec<Option<Result<VcpuState, VcpuError>>>,
@@ -395,7 +393,6 @@ impl Vcpus {
             m: Mutex::new(Ctrl {
                 generation: 0,
                 want: Want::Run,
-                stopped: 0,
                 parked: 0,
                 finished: 0,
                 saved: (0..n).map(|_| None).collect(),
@@ -466,26 +463,11 @@ impl Vcpus {
     /// Pause every vCPU; returns once all are parked (or have finished).
     pub fn pause(&self, action: PauseAction, timeout: Duration) -> Result<Paused, VcpuError> {
         let start = Instant::now();
-        self.stop_guest(action, timeout)?;
-        let mut paused = self.collect(timeout)?;
-        paused.latency = start.elapsed();
-        Ok(paused)
-    }
-
-    /// Begin a pause: returns the time it took every vCPU to leave the
-    /// guest (guest memory no longer changes), while each may still be
-    /// saving its state on its own thread ([`PauseAction::SaveState`]);
-    /// [`Vcpus::collect`] then waits for those. The caller can do its own
-    /// part of the pause meanwhile. [`VcpuError::Stopping`] (not paused)
-    /// when a vCPU has finished and states were asked for.
-    pub fn stop_guest(&self, action: PauseAction, timeout: Duration) -> Result<Duration, VcpuError> {
-        let start = Instant::now();
         let n = self.threads.len();
         {
             let mut g = self.control.lock();
             g.generation += 1;
             g.want = Want::Pause(action);
-            g.stopped = 0;
             g.parked = 0;
             g.saved.iter_mut().for_each(|s| *s = None);
         }
@@ -496,28 +478,6 @@ impl Vcpus {
         // see the new generation and park again, doing this pause's action.
         self.control.cv.notify_all();
         self.kick_all();
-        let (g, timed_out) = self
-            .control
-            .wait_while(self.control.lock(), start + timeout, |c| c.stopped + c.finished < n);
-        let stopping = action == PauseAction::SaveState && g.finished > 0;
-        drop(g);
-        if timed_out {
-            self.resume();
-            return Err(VcpuError::PauseTimeout(timeout));
-        }
-        if stopping {
-            self.resume();
-            return Err(VcpuError::Stopping);
-        }
-        Ok(start.elapsed())
-    }
-
-    /// Finish a pause begun by [`Vcpus::stop_guest`]: wait until every vCPU
-    /// is parked, and take the states they saved. On an error the vCPUs run
-    /// again.
-    pub fn collect(&self, timeout: Duration) -> Result<Paused, VcpuError> {
-        let start = Instant::now();
-        let n = self.threads.len();
         let (mut g, timed_out) = self
             .control
             .wait_while(self.control.lock(), start + timeout, |c| c.parked + c.finished < n);
@@ -528,13 +488,12 @@ impl Vcpus {
         }
         let latency = start.elapsed();
         let mut states = Vec::new();
-        let save = g.want == Want::Pause(PauseAction::SaveState);
-        if save && g.finished > 0 {
+        if action == PauseAction::SaveState && g.finished > 0 {
             drop(g);
             self.resume();
             return Err(VcpuError::Stopping);
         }
-        if save {
+        if action == PauseAction::SaveState {
             for slot in g.saved.iter_mut() {
                 match slot.take() {
                     Some(Ok(s)) => states.push(s),
@@ -717,12 +676,6 @@ impl Worker {
         self.vcpu.fd.set_kvm_immediate_exit(0);
         let mut g = self.control.lock();
         let generation = g.generation;
-        if matches!(g.want, Want::Pause(_)) {
-            // Out of the guest: the controller may go on with its part of
-            // the pause while this thread saves its state.
-            g.stopped += 1;
-            self.control.cv.notify_all();
-        }
         match g.want {
             Want::Stop => return false,
             Want::Run => return true,

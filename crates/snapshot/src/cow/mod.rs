@@ -294,7 +294,7 @@ impl Cow {
     ) -> JobFn {
         let store = ctx.store.clone();
         let meta = ctx.meta.clone();
-        let state = ctx.state.clone();
+        let state = std::mem::take(&mut ctx.state);
         let pool = self.scratch.clone();
         let direct = ctx.direct_io;
         Box::new(move |pause_ns| {
@@ -305,9 +305,7 @@ impl Cow {
                 .unwrap_or_else(|p| p.into_inner())
                 .pop()
                 .unwrap_or_else(saver::Buffers::new);
-            let r = state
-                .get()
-                .and_then(|state| saver::save_epoch(&shared, &store, meta, state, &mut bufs, pause_ns, direct));
+            let r = saver::save_epoch(&shared, &store, meta, &state, &mut bufs, pause_ns, direct);
             pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
             let c = &shared.counters;
             let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
