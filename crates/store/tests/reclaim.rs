@@ -11,15 +11,13 @@ use store::{
     Access, Codec, EpochMeta, Ledger, Mode, PAGE, Policy, ReclaimOptions, Source, Store, plan, reclaim, verify,
 };
 
-#[path = "../../vmm/src/testing.rs"]
-#[allow(dead_code)]
-mod testing;
+mod common;
 
 const PAGES: u64 = 64;
 const MS: u64 = 1_000_000;
 const T0: u64 = 1_700_000_000_000 * MS;
 
-use testing::Rng;
+use common::Rng;
 
 /// Write epoch `id` (parent `parent`) at `t`: a full epoch lists every
 /// page, an incremental one a random few; some pages are zero, some
@@ -56,16 +54,7 @@ fn write(s: &Store, rng: &mut Rng, id: u64, parent: Option<u64>, t: u64) {
 
 /// State and memory image of epoch `id`.
 fn image(s: &Store, id: u64) -> (Vec<u8>, Vec<u8>) {
-    let chain = s.chain(id).unwrap();
-    let mut mem = vec![0xeeu8; PAGES as usize * PAGE];
-    for run in plan(&chain).unwrap() {
-        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
-        match run.source {
-            Source::Zero => dst.fill(0),
-            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
-        }
-    }
-    (chain[0].state().unwrap(), mem)
+    common::image(s, id, PAGES as usize)
 }
 
 fn images(s: &Store) -> BTreeMap<u64, (Vec<u8>, Vec<u8>)> {
@@ -77,7 +66,7 @@ fn chain_len(s: &Store, id: u64) -> usize {
 }
 
 fn check(codec: Codec, tree: bool) {
-    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("reclaim-{codec}-{tree}"));
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), &format!("reclaim-{codec}-{tree}"));
     let s = Store::open_or_create(&dir.join("s")).unwrap();
     s.set_compression(codec);
     let mut rng = Rng(0x1234_5678 ^ codec.code() as u64);
@@ -152,7 +141,7 @@ fn tree_uncompressed() {
 
 #[test]
 fn keep_all_only_folds() {
-    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-fold");
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-fold");
     let s = Store::open_or_create(&dir.join("s")).unwrap();
     let mut rng = Rng(99);
     for id in 1..=40u64 {
@@ -177,7 +166,7 @@ fn keep_all_only_folds() {
 
 #[test]
 fn a_pinned_epoch_is_kept_and_reclamation_needs_the_lock() {
-    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-pin");
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-pin");
     let s = Store::open_or_create(&dir.join("s")).unwrap();
     let mut rng = Rng(7);
     for id in 1..=30u64 {
@@ -218,7 +207,7 @@ fn page_of(id: u64, gfn: u64) -> Vec<u8> {
 fn passes_at_20ms_keep_chains_short_and_copy_little() {
     const MEM: u64 = 4096;
     const N: u64 = 1500;
-    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-20ms");
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-20ms");
     let s = Store::open_or_create(&dir.join("s")).unwrap();
     let mut rng = Rng(2020);
     let opts = ReclaimOptions {
@@ -339,7 +328,7 @@ fn image_of(chain: &[store::EpochReader]) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn merged_epochs_to_ship_restore_like_the_epoch_they_stand_for() {
     use std::os::fd::AsRawFd;
-    let dir = testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "merged-onto");
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "merged-onto");
     let s = Store::open_or_create(&dir.join("s")).unwrap();
     let mut rng = Rng(0x5eed);
     for id in 1..=6u64 {

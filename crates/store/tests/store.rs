@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use store::{Access, PAGE, Source, Store, StoreError, plan};
+use store::{Access, PAGE, Store, StoreError};
 
 mod common;
 
@@ -15,18 +15,9 @@ fn tempdir(name: &str) -> (TestDir, PathBuf) {
     common::tempdir(&format!("store-{name}"))
 }
 
+/// State and image of epoch `id` of the 8-page guest.
 fn materialize(s: &Store, id: u64) -> (Vec<u8>, Vec<u8>) {
-    let chain = s.chain(id).unwrap();
-    let state = chain[0].state().unwrap();
-    let mut mem = vec![0xeeu8; 8 * PAGE];
-    for run in plan(&chain).unwrap() {
-        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
-        match run.source {
-            Source::Zero => dst.fill(0),
-            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
-        }
-    }
-    (state, mem)
+    common::image(s, id, 8)
 }
 
 fn first_bytes(mem: &[u8]) -> Vec<u8> {

@@ -4,13 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use store::{EpochMeta, Mode, PAGE, Store};
+use store::{EpochMeta, Mode, PAGE, Source, Store, plan};
 
 // The test helpers of vmm (std and libc only), without depending on vmm.
 #[path = "../../../vmm/src/testing.rs"]
 mod testing;
 
-pub use testing::TestDir;
+// Not every test file uses both.
+#[allow(unused_imports)]
+pub use testing::{Rng, TestDir};
 
 /// A private directory for one test under Cargo's scratch directory
 /// (removed when the test passes, kept and named when it fails), and a
@@ -68,4 +70,20 @@ pub fn three_epochs(dir: &Path) -> Store {
         .expect("epoch 3 data");
     w.commit(30).expect("commit epoch 3");
     s
+}
+
+/// The state and the memory image (`pages` pages) that restoring epoch
+/// `id` of `s` gives, read through the restore plan. Bytes no epoch
+/// covers stay 0xee.
+pub fn image(s: &Store, id: u64, pages: usize) -> (Vec<u8>, Vec<u8>) {
+    let chain = s.chain(id).expect("open the chain");
+    let mut mem = vec![0xeeu8; pages * PAGE];
+    for run in plan(&chain).expect("plan the restore") {
+        let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
+        match run.source {
+            Source::Zero => dst.fill(0),
+            Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).expect("read pages"),
+        }
+    }
+    (chain[0].state().expect("read the state"), mem)
 }

@@ -369,18 +369,7 @@ fn crafted_headers_and_indexes_never_panic() {
 #[test]
 fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
     let (dir, s) = build("v1-store");
-    let image = |s: &Store, id: u64| {
-        let chain = s.chain(id).unwrap();
-        let mut mem = vec![0xeeu8; 8 * PAGE];
-        for run in store::plan(&chain).unwrap() {
-            let dst = &mut mem[run.gfn as usize * PAGE..(run.gfn + run.count) as usize * PAGE];
-            match run.source {
-                store::Source::Zero => dst.fill(0),
-                store::Source::Data { epoch, page } => chain[epoch].read_pages(page, dst).unwrap(),
-            }
-        }
-        (chain[0].state().unwrap(), mem)
-    };
+    let image = |s: &Store, id: u64| common::image(s, id, 8);
     let before: Vec<_> = (1..=3).map(|id| image(&s, id)).collect();
     drop(s);
     // Make it what an older consnap wrote: version 1 in STORE and in
