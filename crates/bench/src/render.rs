@@ -371,13 +371,14 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
     let paced = spec
         .split(',')
         .any(|x| x.starts_with("rate=") && x != "rate=max" && x != "rate=0");
+    let noise = noise(cells, w);
     let _ = writeln!(d, "### {w}\n");
     let _ = writeln!(
         d,
         "Work: `{}` (the work grows with the interval so that each run holds three snapshots; `ops` shown for the shortest). \
          Noise: {:.0}%.{}\n",
         spec,
-        noise(cells, w),
+        noise,
         if paced {
             " Paced: the CPU column is the loss that matters."
         } else {
@@ -415,7 +416,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
                 None => " — |".into(),
             };
         }
-        let ratio = ratio(get(Mode::StopCopy), get(Mode::Cow), noise(cells, w), paced);
+        let ratio = ratio(get(Mode::StopCopy), get(Mode::Cow), noise, paced);
         let _ = writeln!(d, "{row} {ratio} |");
     }
     let series: Vec<plot::Series> = modes
