@@ -75,6 +75,14 @@ fn vmm_written_pages_reach_the_next_epoch() {
             .find(|x| x.gfn <= gpa / 4096 && gpa / 4096 < x.gfn + u64::from(x.count))
             .expect("the VMM-written page is missing from the incremental epoch");
         assert_eq!(ext.kind, ExtentKind::Data);
+        // The rest of that page's block was never written: zero in epoch 1,
+        // so not in epoch 2 (under cow the whole block was copied aside).
+        let h = e2.header();
+        assert_eq!(
+            (h.pages_data, h.pages_zero),
+            (1, 0),
+            "{mode:?}: epoch 2 holds unchanged pages"
+        );
 
         let restored = snapshot::restore(&store, 2, Box::new(std::io::sink()), &mut |_, _| {}).unwrap();
         let mut buf = [0u8; 18];

@@ -243,8 +243,49 @@ impl EpochWriter {
         self.append(gfns.iter().copied(), bytes)
     }
 
+    /// Append pages at the ascending frame numbers `gfns` (`bytes` holds
+    /// them in that order, in one write) and zero pages at the ascending
+    /// `zeros`, interleaved with them in frame order: a saver whose dirty
+    /// pages are partly zero writes them in one go instead of one write per
+    /// run between two zero pages.
+    pub fn pages_with_zeros(&mut self, gfns: &[u64], bytes: &[u8], zeros: &[u64]) -> Result<()> {
+        if bytes.len() != gfns.len() * PAGE {
+            return Err(StoreError::Usage("page list and buffer differ in size"));
+        }
+        let mut last = None;
+        for (gfn, _) in merged(gfns, zeros) {
+            if last.is_some_and(|l| l >= gfn) {
+                return Err(StoreError::Usage("pages out of order"));
+            }
+            last = Some(gfn);
+        }
+        let (Some(first), Some(last)) = (merged(gfns, zeros).next().map(|p| p.0), last) else {
+            return Ok(());
+        };
+        self.check_order(first, 1)?;
+        self.next_gfn = last + 1;
+        self.write_data(bytes)?;
+        for (gfn, data) in merged(gfns, zeros) {
+            match data {
+                Some(i) => self.index_data(std::iter::once(gfn), &bytes[i * PAGE..(i + 1) * PAGE]),
+                None => {
+                    self.push(gfn, 1, ExtentKind::Zero, 0);
+                    self.pages_zero += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Write checked, ordered pages to DATA and index them at `gfns`, one per page.
     fn append(&mut self, gfns: impl Iterator<Item = u64>, bytes: &[u8]) -> Result<()> {
+        self.write_data(bytes)?;
+        self.index_data(gfns, bytes);
+        Ok(())
+    }
+
+    /// Write page data at the end of DATA (through the packer when compressing).
+    fn write_data(&mut self, bytes: &[u8]) -> Result<()> {
         if self.packer.is_some() {
             self.pack(bytes)?;
         } else {
@@ -257,12 +298,16 @@ impl EpochWriter {
             }
             self.pos += bytes.len() as u64;
         }
+        Ok(())
+    }
+
+    /// Index pages just written to DATA at `gfns`, one per page.
+    fn index_data(&mut self, gfns: impl Iterator<Item = u64>, bytes: &[u8]) {
         for (gfn, page) in gfns.zip(bytes.chunks_exact(PAGE)) {
             let data_page = self.sums.len() as u64;
             self.sums.push(checksum(page));
             self.push(gfn, 1, ExtentKind::Data, data_page);
         }
-        Ok(())
     }
 
     /// Add pages to the current frame, compressing each frame that fills.
@@ -466,4 +511,25 @@ impl Drop for EpochWriter {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// The pages of `gfns` (with their index in it) and of `zeros` (`None`),
+/// merged in frame order; both lists ascending.
+fn merged<'a>(gfns: &'a [u64], zeros: &'a [u64]) -> impl Iterator<Item = (u64, Option<usize>)> + 'a {
+    let (mut d, mut z) = (0, 0);
+    std::iter::from_fn(move || {
+        let data_next = match (gfns.get(d), zeros.get(z)) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(g), Some(zg)) => g < zg,
+        };
+        if data_next {
+            d += 1;
+            Some((gfns[d - 1], Some(d - 1)))
+        } else {
+            z += 1;
+            Some((zeros[z - 1], None))
+        }
+    })
 }

@@ -192,3 +192,43 @@ fn an_epoch_without_pages_reads_back() {
         (&b"state-4"[..], vec![1, 9, 7, 7, 0, 2, 2, 0])
     );
 }
+
+#[test]
+fn data_and_zero_pages_interleave_in_one_call() {
+    for (codec, direct) in [(None, false), (None, true), (Some(store::Codec::Zstd), false)] {
+        let (_dir_guard, dir) = tempdir("interleave");
+        let s = three_epochs(&dir);
+        let mut w = s.writer(meta(4, Some(3))).unwrap();
+        if direct {
+            w.use_direct_io();
+        }
+        if let Some(c) = codec {
+            w.compress(c).unwrap();
+        }
+        w.write_state(b"state-4").unwrap();
+        let refused = |w: &mut store::EpochWriter, gfns: &[u64], n: usize, zeros: &[u64]| {
+            let r = w.pages_with_zeros(gfns, &vec![1u8; n * PAGE], zeros);
+            assert!(matches!(r, Err(StoreError::Usage(_))), "{gfns:?} {zeros:?}: {r:?}");
+        };
+        refused(&mut w, &[2, 4], 2, &[4]);
+        refused(&mut w, &[4, 2], 2, &[]);
+        refused(&mut w, &[2], 2, &[3]);
+        w.pages_with_zeros(
+            &[0, 2, 3, 6],
+            &[page(3), page(4), page(5), page(6)].concat(),
+            &[1, 4, 7],
+        )
+        .unwrap();
+        refused(&mut w, &[7], 1, &[]);
+        let info = w.commit(40).unwrap();
+        assert_eq!(
+            (info.header.pages_data, info.header.pages_zero),
+            (4, 3),
+            "{codec:?} {direct}"
+        );
+        let (state, mem) = materialize(&s, 4);
+        assert_eq!(state, b"state-4");
+        let want: Vec<u8> = [3, 0, 4, 5, 0, 2, 6, 0].iter().flat_map(|&b| page(b)).collect();
+        assert!(mem == want, "{codec:?} direct={direct}: restored pages differ");
+    }
+}

@@ -481,12 +481,14 @@ fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
     }
     let dir = tempdir("chain-too-long");
     let snaps = dir.join("snaps");
+    // 4 s of paced work at 10 ms: about 400 epochs on a quiet host, and
+    // well over 80 beside the suite's other tests (2 s gave 70-91 there).
     run_ok(
         consnap()
             .args([
                 "run",
                 "--workload",
-                "memstress,wss=8M,ops=40000,rate=20000",
+                "memstress,wss=8M,ops=80000,rate=20000",
                 "--mem",
                 "64M",
                 "--interval",

@@ -73,15 +73,21 @@ impl Hashes {
         self.staged_full = true;
     }
 
-    /// The epoch was committed: apply its updates.
+    /// The epoch was committed: apply its updates. A full epoch stages
+    /// only the pages it read; the rest (never populated, written as zero
+    /// runs) hold zeros.
     pub(crate) fn commit(&mut self) {
+        if std::mem::take(&mut self.staged_full) {
+            let zero = self.hash(&[0u8; vmm::memory::PAGE_SIZE as usize]);
+            for t in &mut self.table {
+                t.fill(zero);
+            }
+            self.known = true;
+        }
         for (ri, p, h) in self.staged.drain(..) {
             if let Some(slot) = self.table.get_mut(ri).and_then(|t| t.get_mut(p as usize)) {
                 *slot = h;
             }
-        }
-        if std::mem::take(&mut self.staged_full) {
-            self.known = true;
         }
     }
 
@@ -116,6 +122,17 @@ mod tests {
         h.stage(0, 3, b);
         h.discard();
         assert!(!h.changed(0, 3, a), "a failed epoch leaves the table as it was");
+        // A full epoch's pages that it did not stage were zero.
+        let zero = h.hash(&[0u8; 4096]);
+        assert!(!h.changed(0, 5, zero), "unstaged pages of a full epoch are zero");
+        h.stage(0, 5, b);
+        h.commit();
+        assert!(h.changed(0, 5, zero));
+        h.stage(0, 3, a);
+        h.stage_full();
+        h.commit();
+        assert!(!h.changed(0, 5, zero), "unstaged pages of a full epoch are zero");
+        assert!(!h.changed(0, 3, a));
         let other = Hashes::new(&ranges);
         assert_ne!(other.hash(&[1u8; 4096]), a, "each run draws its own key");
     }

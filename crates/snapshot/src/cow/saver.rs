@@ -31,7 +31,7 @@ pub(crate) fn save_epoch(
     let Buffers { scratch, out } = bufs;
     let full = meta.full;
     // Pages gathered for an epoch that failed are not this epoch's.
-    out.gfns.clear();
+    out.clear();
     std::thread::sleep(shared.opts.test_saver_delay);
     if full && shared.opts.tracker == Tracker::Uffd {
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
@@ -302,21 +302,33 @@ impl Buffers {
 }
 
 /// Data pages gathered across spans so that they reach the file in few,
-/// large writes (each O_DIRECT write costs a device notification).
+/// large writes (each O_DIRECT write costs a device notification), and the
+/// zero pages among them, which are only indexed: a zero page between two
+/// data pages does not split the write.
 pub(crate) struct Out {
     buf: PageBuf,
     gfns: Vec<u64>,
+    zeros: Vec<u64>,
 }
 
 /// Gather up to this much page data before writing it.
 const OUT_BYTES: usize = 4 << 20;
+/// ... and up to this many zero pages.
+const OUT_ZEROS: usize = 1 << 16;
 
 impl Out {
     pub(crate) fn new() -> Out {
         Out {
             buf: pages::prefaulted(OUT_BYTES),
             gfns: Vec::new(),
+            zeros: Vec::new(),
         }
+    }
+
+    /// Forget what was gathered (for an epoch that failed).
+    fn clear(&mut self) {
+        self.gfns.clear();
+        self.zeros.clear();
     }
 
     fn push(&mut self, w: &mut EpochWriter, gfn: u64, page: &[u8]) -> Result<(), EpochFailure> {
@@ -329,18 +341,25 @@ impl Out {
         Ok(())
     }
 
+    fn push_zero(&mut self, w: &mut EpochWriter, gfn: u64) -> Result<(), EpochFailure> {
+        if self.zeros.len() >= OUT_ZEROS {
+            self.flush(w)?;
+        }
+        self.zeros.push(gfn);
+        Ok(())
+    }
+
     pub(crate) fn flush(&mut self, w: &mut EpochWriter) -> Result<(), EpochFailure> {
-        if !self.gfns.is_empty() {
-            w.scattered_pages(&self.gfns, &self.buf[..self.gfns.len() * PAGE])?;
-            self.gfns.clear();
+        if !self.gfns.is_empty() || !self.zeros.is_empty() {
+            w.pages_with_zeros(&self.gfns, &self.buf[..self.gfns.len() * PAGE], &self.zeros)?;
+            self.clear();
         }
         Ok(())
     }
 }
 
-/// Write a span from `scratch`: the kept data pages through `out`, zero
-/// and never-touched pages only in the index (after the data before them,
-/// so that the index stays in page order).
+/// Write a span from `scratch` through `out`: the kept data pages, and
+/// zero and never-touched pages (only indexed).
 fn write_span(
     entries: &[(u64, Src)],
     keep: &[bool],
@@ -356,8 +375,7 @@ fn write_span(
         }
         let page = &scratch[k * PAGE..(k + 1) * PAGE];
         if src == Src::Zero || pages::is_zero(page) {
-            out.flush(w)?;
-            w.zero_pages(gfn0 + p, 1)?;
+            out.push_zero(w, gfn0 + p)?;
         } else {
             out.push(w, gfn0 + p, page)?;
         }
