@@ -73,33 +73,46 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
     }
     let latest = *ids.last().unwrap();
     let middle = ids[ids.len() / 2];
-    for (at, epoch) in [("latest", latest), (&middle.to_string()[..], middle)] {
-        if epoch == middle {
-            // Restoring the middle epoch must not read any later one: damage
-            // them all, so that a restore from the wrong epoch fails.
-            for later in ids.iter().filter(|i| **i > middle) {
-                let path = snaps.join(format!("epochs/{later:020}.epoch"));
-                std::fs::write(&path, b"damaged").unwrap();
-            }
-        }
-        // Eager and lazy at once (most of the time goes to the guest
-        // finishing its work, paced or on its own core).
-        let reports: Vec<(bool, serde_json::Value)> = std::thread::scope(|sc| {
-            let runs: Vec<_> = [false, true]
-                .map(|lazy| {
-                    let (snaps, report) = (&snaps, dir.join(format!("restore-{epoch}-{lazy}.json")));
-                    sc.spawn(move || {
-                        let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
-                        (lazy, restore(snaps, at, extra, &report))
-                    })
+    // Restoring the middle epoch must not read any later one: in a copy
+    // of the store, damage them all, so that a restore from the wrong
+    // epoch fails.
+    let copy = dir.join("snaps-middle");
+    copy_store(&snaps, &copy);
+    for later in ids.iter().filter(|i| **i > middle) {
+        let path = copy.join(format!("epochs/{later:020}.epoch"));
+        std::fs::write(&path, b"damaged").unwrap();
+    }
+    // Each eager and lazy, the four at once (most of the time goes to the
+    // guest finishing its work, paced or on its own core).
+    let middle_s = middle.to_string();
+    let reports: Vec<(u64, bool, serde_json::Value)> = std::thread::scope(|sc| {
+        let runs: Vec<_> = [(&snaps, "latest", latest), (&copy, &middle_s[..], middle)]
+            .into_iter()
+            .flat_map(|run| [(run, false), (run, true)])
+            .map(|((store, at, epoch), lazy)| {
+                let report = dir.join(format!("restore-{epoch}-{lazy}.json"));
+                sc.spawn(move || {
+                    let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
+                    (epoch, lazy, restore(store, at, extra, &report))
                 })
-                .into_iter()
-                .collect();
-            runs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (lazy, r) in reports {
-            check_restored(&r, epoch, (ops, &sum), &ids, (workload, mode, vcpus));
-            assert_eq!(r["restored_from"]["lazy"].is_object(), lazy, "{r}");
+            })
+            .collect();
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (epoch, lazy, r) in reports {
+        check_restored(&r, epoch, (ops, &sum), &ids, (workload, mode, vcpus));
+        assert_eq!(r["restored_from"]["lazy"].is_object(), lazy, "{r}");
+    }
+}
+
+/// A copy of the store at `from` (its epochs and top-level files) at `to`.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to.join("epochs")).unwrap();
+    for sub in ["", "epochs"] {
+        for e in std::fs::read_dir(from.join(sub)).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+            }
         }
     }
 }
