@@ -28,6 +28,22 @@ pub fn show_size(bytes: u64) -> String {
 /// Parse a duration: a decimal number and a unit (`ns`, `us`, `ms`, `s`,
 /// `m` or `min`, `h`), such as `250us`, `0.5ms`, `1.5s`, `2m`, `1h`; `0`
 /// means off. At most [`MAX_DURATION`]; resolution 1 ns.
+/// `--max-lag`: a duration, or `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxLag(pub Option<Duration>);
+
+/// Parse `--max-lag`: `never` or a [`duration`] longer than 0.
+pub fn max_lag(s: &str) -> Result<MaxLag, String> {
+    if s == "never" {
+        return Ok(MaxLag(None));
+    }
+    match duration(s) {
+        Ok(d) if d.is_zero() => Err("'0' is not a lag: give a duration longer than 0, or 'never'".into()),
+        Ok(d) => Ok(MaxLag(Some(d))),
+        Err(e) => Err(format!("{e}, or 'never'")),
+    }
+}
+
 pub fn duration(s: &str) -> Result<Duration, String> {
     let err = || format!("'{s}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)");
     let too_long = || format!("'{s}' is longer than 1 year (365 days), the longest duration consnap accepts");
@@ -126,6 +142,18 @@ mod tests {
         let e = workload_cmdline("memstress,bogus=1").unwrap_err();
         assert!(e.contains("bogus"), "{e}");
         assert!(workload_cmdline("nope").unwrap_err().contains("unknown workload"));
+    }
+
+    #[test]
+    fn max_lag_is_a_duration_or_never() {
+        assert_eq!(max_lag("never"), Ok(MaxLag(None)));
+        assert_eq!(max_lag("250ms"), Ok(MaxLag(Some(Duration::from_millis(250)))));
+        assert!(max_lag("0").unwrap_err().contains("'never'"));
+        let e = max_lag("soon").unwrap_err();
+        assert!(
+            e.contains("'soon' is not a duration") && e.ends_with("or 'never'"),
+            "{e}"
+        );
     }
 
     #[test]

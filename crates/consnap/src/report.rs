@@ -168,6 +168,9 @@ pub struct Snapshots {
     pub delayed: u64,
     /// Total time snapshots were late because of that.
     pub delayed_ms: f64,
+    /// Times a snapshot over a second late made the writer run at the
+    /// vCPUs' priority until the one before it was saved.
+    pub urgent: u64,
     /// Error messages.
     pub errors: Vec<String>,
     /// Guest downtime per epoch.
@@ -208,6 +211,8 @@ pub struct EngineFigures {
     pub overloads: u64,
     /// Total time epochs were late because of that.
     pub overload_time: Duration,
+    /// Times the writer was made urgent.
+    pub urgent: u64,
     /// The epoch being saved, if any.
     pub in_flight: Option<u64>,
 }
@@ -223,6 +228,7 @@ impl EngineFigures {
             errors: Vec::new(),
             overloads: 0,
             overload_time: Duration::ZERO,
+            urgent: 0,
             in_flight: None,
         };
         f.update(e);
@@ -235,6 +241,7 @@ impl EngineFigures {
         self.interval = e.config().interval;
         self.overloads = e.overloads;
         self.overload_time = e.overload_time;
+        self.urgent = e.urgent;
         self.in_flight = e.in_flight();
         if let Some(new) = e.records.get(self.records.len()..) {
             self.records.extend_from_slice(new);
@@ -262,6 +269,7 @@ impl Snapshots {
             failed: f.errors.len(),
             delayed: f.overloads,
             delayed_ms: f.overload_time.as_secs_f64() * 1e3,
+            urgent: f.urgent,
             errors: f.errors.clone(),
             pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
             vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),

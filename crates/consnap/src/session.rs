@@ -100,6 +100,12 @@ pub struct SessionArgs {
     /// How snapshots capture memory.
     #[arg(long, value_enum, default_value = "cow", requires = "snapshot_dir")]
     pub mode: ModeArg,
+    /// A snapshot later than this (the one before it still being saved)
+    /// makes the saver run at the vCPUs' priority until it catches up,
+    /// instead of below them; `never` keeps it below them (needs
+    /// CAP_SYS_NICE, which root has).
+    #[arg(long, default_value = "1s", value_parser = args::max_lag, requires = "snapshot_dir")]
+    pub max_lag: args::MaxLag,
     /// How page data is written: O_DIRECT or through the page cache.
     #[arg(long, value_enum, default_value = "direct", requires = "snapshot_dir")]
     pub snapshot_io: SnapshotIo,
@@ -337,6 +343,7 @@ pub fn execute(
                 },
                 inject: Inject::from_env(),
                 direct_io: a.snapshot_io == SnapshotIo::Direct,
+                max_lag: a.max_lag.0,
             };
             let mut e = SnapshotEngine::new(cfg, parent);
             // Another process writes this store: refuse before the guest

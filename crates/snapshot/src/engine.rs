@@ -43,6 +43,10 @@ pub struct SnapshotConfig {
     pub cow: CowOptions,
     /// Write page data with O_DIRECT (bypassing the page cache).
     pub direct_io: bool,
+    /// An epoch due this long while the one before it is still being
+    /// saved makes the writer run at the vCPUs' priority until that one is
+    /// durable (`None`: never). See `Writer::set_urgent`.
+    pub max_lag: Option<Duration>,
     /// Test hook: which capture attempts of this engine fail on purpose.
     #[doc(hidden)]
     pub inject: Inject,
@@ -127,6 +131,8 @@ pub struct SnapshotEngine {
     pub overloads: u64,
     /// Total time epochs were late because of that.
     pub overload_time: Duration,
+    /// Times a late epoch made the writer urgent (see `SnapshotConfig::max_lag`).
+    pub urgent: u64,
     log: ErrorLog,
     attempts: u64,
     /// A mode asked for at run time, applied when the next epoch starts.
@@ -175,6 +181,7 @@ impl SnapshotEngine {
             errors: Vec::new(),
             overloads: 0,
             overload_time: Duration::ZERO,
+            urgent: 0,
             attempts: 0,
             switch_to: None,
             busy: false,
@@ -329,11 +336,24 @@ impl SnapshotEngine {
                 self.overloads += 1;
                 self.stretching = Some(started);
             }
+            if let (Some(since), Some(lag), Some(w)) = (self.stretching, self.cfg.max_lag, self.writer.as_mut())
+                && started.duration_since(since) >= lag
+                && w.set_urgent(true)
+            {
+                self.urgent += 1;
+                tracing::info!(
+                    epoch = self.in_flight.as_ref().map_or(0, |f| f.id),
+                    "the next epoch is over {lag:?} late: the writer runs at the vCPUs' priority until this one is saved"
+                );
+            }
             self.next_due = started + RETRY;
             return self.flow(failure);
         }
         if let Some(since) = self.stretching.take() {
             self.overload_time += since.elapsed();
+            if let Some(w) = self.writer.as_mut() {
+                w.set_urgent(false);
+            }
         }
         if failure.is_none() || !self.cfg.stop_on_error {
             match self.capture(t) {

@@ -7,6 +7,7 @@
 //! reports each result; the controller collects results without blocking.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -109,6 +110,11 @@ pub(crate) struct Writer {
     jobs: Option<Sender<(u64, u64, JobFn)>>,
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's kernel id, for its niceness.
+    tid: Arc<AtomicI32>,
+    urgent: bool,
+    /// Raising the writer's priority was refused (no CAP_SYS_NICE): not tried again.
+    urgent_denied: bool,
 }
 
 impl Writer {
@@ -116,7 +122,11 @@ impl Writer {
     pub(crate) fn start(health: Arc<Health>) -> Result<Writer, SnapshotError> {
         let (jobs, rx) = channel::<(u64, u64, JobFn)>();
         let (tx, done) = channel::<Done>();
+        let tid = Arc::new(AtomicI32::new(0));
+        let my_tid = tid.clone();
         let thread = spawn("writer", WRITER_NICE, health, move |ready| {
+            // SAFETY: gettid has no preconditions.
+            my_tid.store(unsafe { libc::gettid() }, Ordering::Release);
             ready();
             for (id, pause_ns, job) in rx {
                 let result = match catch_unwind(AssertUnwindSafe(|| job(pause_ns))) {
@@ -151,7 +161,43 @@ impl Writer {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
+            tid,
+            urgent: false,
+            urgent_denied: false,
         })
+    }
+
+    /// Run the writer at the vCPUs' priority (`urgent`, nice 0) or back
+    /// below them. The engine makes it urgent while an epoch is late by
+    /// more than `SnapshotConfig::max_lag`, so that a host kept busy by
+    /// other work (which starves a nice-10 thread: epochs took seconds to
+    /// save beside other busy vCPUs) delays snapshots by about that much,
+    /// not without bound. Lowering a niceness needs CAP_SYS_NICE (root has
+    /// it); without it the writer stays at [`WRITER_NICE`]. True when it
+    /// became urgent just now.
+    pub(crate) fn set_urgent(&mut self, urgent: bool) -> bool {
+        if urgent == self.urgent || urgent && self.urgent_denied {
+            return false;
+        }
+        let tid = self.tid.load(Ordering::Acquire);
+        let nice = if urgent { 0 } else { WRITER_NICE };
+        // SAFETY: setpriority on a thread of this process; failure leaves
+        // its niceness as it was.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if urgent {
+                tracing::info!(
+                    "the snapshot writer cannot run at the vCPUs' priority ({e}): late epochs wait for idle CPU"
+                );
+                self.urgent_denied = true;
+            } else {
+                tracing::warn!("the snapshot writer stays at the vCPUs' priority: {e}");
+            }
+            return false;
+        }
+        self.urgent = urgent;
+        urgent
     }
 
     /// Queue a job for epoch `id`; false if the thread is gone.
@@ -185,5 +231,40 @@ impl Drop for Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice_of(tid: i32) -> i32 {
+        // SAFETY: getpriority on a thread of this process. It may return
+        // -1 as a valid niceness; the tests never set that.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }
+    }
+
+    #[test]
+    fn an_urgent_writer_runs_at_the_vcpus_priority_then_goes_back() {
+        let mut w = Writer::start(Arc::default()).expect("start the writer");
+        let tid = w.tid.load(Ordering::Acquire);
+        assert_ne!(tid, 0);
+        assert_eq!(nice_of(tid), WRITER_NICE);
+        // Whether this process may lower a niceness (CAP_SYS_NICE), tried
+        // on a thread of its own.
+        let may = std::thread::spawn(|| {
+            // SAFETY: setpriority on the calling thread.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 5);
+                libc::setpriority(libc::PRIO_PROCESS, 0, 0) == 0
+            }
+        })
+        .join()
+        .expect("the probe thread");
+        assert_eq!(w.set_urgent(true), may, "only a privileged process may raise it");
+        assert_eq!(nice_of(tid), if may { 0 } else { WRITER_NICE });
+        assert!(!w.set_urgent(true), "already urgent, or refused once: not again");
+        assert!(!w.set_urgent(false));
+        assert_eq!(nice_of(tid), WRITER_NICE);
     }
 }

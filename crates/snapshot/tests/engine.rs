@@ -49,6 +49,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
             cow: Default::default(),
             inject: Default::default(),
             direct_io: true,
+            max_lag: None,
         };
         let mut engine = SnapshotEngine::new(cfg, None);
         engine.prepare(&mut m).unwrap();
@@ -138,6 +139,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             },
             inject: Default::default(),
             direct_io: true,
+            max_lag: None,
         };
         let mut engine = SnapshotEngine::new(cfg, None);
         engine.prepare(&mut m).unwrap();
@@ -216,6 +218,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         },
         inject: Default::default(),
         direct_io: false,
+        max_lag: None,
     };
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut m).unwrap();

@@ -234,6 +234,7 @@ fn config(dir: &Path, mode: Mode, cow: CowOptions, inject: Inject) -> SnapshotCo
         cow,
         inject,
         direct_io: true,
+        max_lag: Some(Duration::from_secs(1)),
     }
 }
 
@@ -608,4 +609,40 @@ fn run_time_mode_interval_and_epoch_now_keep_epochs_exact() {
     assert!(kinds[a..b].iter().all(|&k| k == (full, true)), "{kinds:?}");
     assert_eq!(kinds[b], (sc, true), "the first stop-copy epoch after a switch is full");
     assert!(kinds[b + 1..].iter().all(|&k| k == (sc, false)), "{kinds:?}");
+}
+
+/// An epoch whose save keeps the next one waiting over `max_lag` (1 s)
+/// makes the writer urgent once per such wait, where this process may
+/// raise a thread's priority; the epochs stay exact.
+#[test]
+fn a_late_epoch_makes_the_writer_urgent() {
+    let dir = Dir::new("urgent");
+    let mut fake = Fake::new(true);
+    let cow = CowOptions {
+        test_saver_delay: Duration::from_millis(1300),
+        ..CowOptions::default()
+    };
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow, Inject::default()), None);
+    engine.prepare(&mut fake).unwrap();
+    fake.start();
+    assert!(matches!(run_epochs(&mut engine, &mut fake, 2), TaskFlow::Continue));
+    assert!(engine.finish(&mut fake).is_none(), "{:?}", engine.errors);
+    fake.stop();
+    assert_eq!(check_all(&dir.0, &fake), engine.records.len());
+    // Whether this process may lower a niceness (CAP_SYS_NICE).
+    let may = std::thread::spawn(|| {
+        // SAFETY: setpriority on the calling thread.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 5);
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0) == 0
+        }
+    })
+    .join()
+    .unwrap();
+    assert!(engine.overloads >= 1);
+    if may {
+        assert!((1..=2).contains(&engine.urgent), "urgent {} times", engine.urgent);
+    } else {
+        assert_eq!(engine.urgent, 0);
+    }
 }

@@ -111,6 +111,8 @@ fn lazy_with_snapshots(snaps: &std::path::Path, at: u64, into: &std::path::Path,
         "0",
         "--retain",
         "all",
+        "--max-lag",
+        "100ms",
     ];
     let mut child = spawn(consnap().args(args).env("CONSNAP_TEST_LAZY_FILL_PAUSE_MS", "50"));
     child.wait_for("8 new committed epochs", |_| epoch_count(into) >= before + 8);

@@ -58,10 +58,18 @@ pub fn ls(snaps: &Path) -> Vec<serde_json::Value> {
 /// Start `consnap` with `args` and wait until `snaps` holds at least
 /// `epochs` committed epochs. The run must last longer than that (a
 /// rate-limited workload with room to spare): if it ends first, the test
-/// fails at once with its output.
+/// fails at once with its output. Unless `args` set `--max-lag`, a
+/// snapshot 100 ms late makes the saver run at the vCPUs' priority: beside
+/// the suite's other tests (their busy vCPUs) a saver below them took
+/// seconds per epoch, and runs ended before their epochs.
 #[track_caller]
 pub fn start_until_epochs(args: &[&str], snaps: &Path, epochs: usize) -> Child {
-    let mut child = spawn(consnap().args(args));
+    let mut cmd = consnap();
+    cmd.args(args);
+    if !args.contains(&"--max-lag") {
+        cmd.args(["--max-lag", "100ms"]);
+    }
+    let mut child = spawn(&mut cmd);
     child.wait_for(&format!("{epochs} committed epochs in {}", snaps.display()), |_| {
         epoch_count(snaps) >= epochs
     });
