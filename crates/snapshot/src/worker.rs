@@ -250,17 +250,7 @@ mod tests {
         let tid = w.tid.load(Ordering::Acquire);
         assert_ne!(tid, 0);
         assert_eq!(nice_of(tid), WRITER_NICE);
-        // Whether this process may lower a niceness (CAP_SYS_NICE), tried
-        // on a thread of its own.
-        let may = std::thread::spawn(|| {
-            // SAFETY: setpriority on the calling thread.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, 5);
-                libc::setpriority(libc::PRIO_PROCESS, 0, 0) == 0
-            }
-        })
-        .join()
-        .expect("the probe thread");
+        let may = vmm::testing::may_lower_niceness();
         assert_eq!(w.set_urgent(true), may, "only a privileged process may raise it");
         assert_eq!(nice_of(tid), if may { 0 } else { WRITER_NICE });
         assert!(!w.set_urgent(true), "already urgent, or refused once: not again");

@@ -230,17 +230,7 @@ impl EpochWriter {
 
     /// Append pages at the listed (ascending) frame numbers; `bytes` holds them in that order.
     pub fn scattered_pages(&mut self, gfns: &[u64], bytes: &[u8]) -> Result<()> {
-        if bytes.len() != gfns.len() * PAGE {
-            return Err(StoreError::Usage("page list and buffer differ in size"));
-        }
-        if gfns.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(StoreError::Usage("pages out of order"));
-        }
-        if let Some(&first) = gfns.first() {
-            self.check_order(first, 1)?;
-            self.next_gfn = gfns[gfns.len() - 1] + 1;
-        }
-        self.append(gfns.iter().copied(), bytes)
+        self.pages_with_zeros(gfns, bytes, &[])
     }
 
     /// Append pages at the ascending frame numbers `gfns` (`bytes` holds
@@ -252,14 +242,15 @@ impl EpochWriter {
         if bytes.len() != gfns.len() * PAGE {
             return Err(StoreError::Usage("page list and buffer differ in size"));
         }
-        let mut last = None;
+        let mut span: Option<(u64, u64)> = None;
         for (gfn, _) in merged(gfns, zeros) {
-            if last.is_some_and(|l| l >= gfn) {
-                return Err(StoreError::Usage("pages out of order"));
-            }
-            last = Some(gfn);
+            span = match span {
+                Some((_, last)) if last >= gfn => return Err(StoreError::Usage("pages out of order")),
+                Some((first, _)) => Some((first, gfn)),
+                None => Some((gfn, gfn)),
+            };
         }
-        let (Some(first), Some(last)) = (merged(gfns, zeros).next().map(|p| p.0), last) else {
+        let Some((first, last)) = span else {
             return Ok(());
         };
         self.check_order(first, 1)?;

@@ -15,6 +15,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Whether this process may lower a thread's niceness (CAP_SYS_NICE),
+/// tried on a thread of its own.
+pub fn may_lower_niceness() -> bool {
+    std::thread::spawn(|| {
+        // SAFETY: setpriority on the calling thread, which ends right after.
+        unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 5);
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0) == 0
+        }
+    })
+    .join()
+    .unwrap_or(false)
+}
+
 /// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
 /// unusable /dev/kvm panics (fails the test) instead of skipping it.
 pub fn kvm_ready() -> bool {

@@ -87,29 +87,25 @@ fn kill_restore(workload: &str, mode: &str, vcpus: u32) {
     // for build, which is CPU-bound (more would only take cores from the
     // tests beside this one: their savers, below the vCPUs in priority,
     // then stalled for seconds).
-    let middle_s = middle.to_string();
-    let runs: Vec<_> = [(&snaps, "latest", latest), (&copy, &middle_s[..], middle)]
-        .into_iter()
-        .flat_map(|run| [(run, false), (run, true)])
-        .collect();
-    let at_once = if workload == "build" { 2 } else { 4 };
-    let mut reports: Vec<(u64, bool, serde_json::Value)> = Vec::new();
-    for group in runs.chunks(at_once) {
-        reports.extend(std::thread::scope(|sc| {
-            let hs: Vec<_> = group
-                .iter()
-                .map(|&((store, at, epoch), lazy)| {
-                    let report = dir.join(format!("restore-{epoch}-{lazy}.json"));
-                    sc.spawn(move || {
-                        let extra: &[&str] = if lazy { &["--lazy"] } else { &[] };
-                        (epoch, lazy, restore(store, at, extra, &report))
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
-        }));
+    let mut runs = Vec::new();
+    let mut what = Vec::new();
+    for (store, at, epoch) in [
+        (&snaps, "latest".to_string(), latest),
+        (&copy, middle.to_string(), middle),
+    ] {
+        for lazy in [false, true] {
+            runs.push(RestoreRun {
+                store,
+                at: at.clone(),
+                extra: if lazy { &["--lazy"] } else { &[] },
+                report: dir.join(format!("restore-{epoch}-{lazy}.json")),
+            });
+            what.push((epoch, lazy));
+        }
     }
-    for (epoch, lazy, r) in reports {
+    let at_once = if workload == "build" { 2 } else { 4 };
+    let reports = what.into_iter().zip(restore_many(&runs, at_once));
+    for ((epoch, lazy), r) in reports {
         check_restored(&r, epoch, (ops, &sum), &ids, (workload, mode, vcpus));
         assert_eq!(r["restored_from"]["lazy"].is_object(), lazy, "{r}");
     }

@@ -131,22 +131,45 @@ pub fn restore(snaps: &Path, at: &str, extra: &[&str], report: &Path) -> serde_j
     read_report(report)
 }
 
-/// [`restore`] each of `ids` and run it to its end, `at_once` at a time
-/// (one thread each), reports in `dir/restore-ID.json`; returns (id,
-/// report) in the order of `ids`.
-pub fn restore_each(snaps: &Path, ids: &[u64], dir: &Path, at_once: usize) -> Vec<(u64, serde_json::Value)> {
-    let mut out = Vec::with_capacity(ids.len());
-    for group in ids.chunks(at_once.max(1)) {
-        let handles: Vec<_> = group
-            .iter()
-            .map(|&id| {
-                let (snaps, report) = (snaps.to_path_buf(), dir.join(format!("restore-{id}.json")));
-                std::thread::spawn(move || (id, restore(&snaps, &id.to_string(), &[], &report)))
-            })
-            .collect();
-        out.extend(handles.into_iter().map(|h| h.join().unwrap()));
+/// One restore for [`restore_many`]: the store, the epoch (`--at`), extra
+/// flags, and where its report goes.
+pub struct RestoreRun<'a> {
+    pub store: &'a Path,
+    pub at: String,
+    pub extra: &'a [&'a str],
+    pub report: PathBuf,
+}
+
+/// [`restore`] each of `runs` and run it to its end, `at_once` at a time
+/// (one thread each); returns the reports in the order of `runs`.
+pub fn restore_many(runs: &[RestoreRun], at_once: usize) -> Vec<serde_json::Value> {
+    let mut out = Vec::with_capacity(runs.len());
+    for group in runs.chunks(at_once.max(1)) {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|r| s.spawn(move || restore(r.store, &r.at, r.extra, &r.report)))
+                .collect();
+            out.extend(handles.into_iter().map(|h| h.join().unwrap()));
+        });
     }
     out
+}
+
+/// [`restore`] each of `ids` and run it to its end, `at_once` at a time,
+/// reports in `dir/restore-ID.json`; returns (id, report) in the order of
+/// `ids`.
+pub fn restore_each(snaps: &Path, ids: &[u64], dir: &Path, at_once: usize) -> Vec<(u64, serde_json::Value)> {
+    let runs: Vec<RestoreRun> = ids
+        .iter()
+        .map(|id| RestoreRun {
+            store: snaps,
+            at: id.to_string(),
+            extra: &[],
+            report: dir.join(format!("restore-{id}.json")),
+        })
+        .collect();
+    ids.iter().copied().zip(restore_many(&runs, at_once)).collect()
 }
 
 /// Every file under `snaps/epochs` with its contents, sorted: to show that
