@@ -67,8 +67,8 @@ impl Target for Held<'_> {
     fn mark_dirty(&mut self, pages: &DirtySet) {
         Target::mark_dirty(self.0, pages);
     }
-    fn guest_ops(&self) -> Option<u64> {
-        Target::guest_ops(&*self.0)
+    fn progress(&self) -> Option<u64> {
+        Target::progress(&*self.0)
     }
 }
 
@@ -328,7 +328,7 @@ impl Control {
     /// Refresh the board; `force` waits for the lock (only at the end).
     fn publish(&mut self, m: &Machine, force: bool) {
         let now = Instant::now();
-        let ops = vmm::guest_status::read(m.ram()).map(|s| s.ops_done);
+        let ops = m.progress();
         if let Some(ops) = ops {
             self.ops.push_back((now, ops));
             while self.ops.len() > 2 && self.ops.get(1).is_some_and(|(t, _)| now - *t >= RATE_WINDOW) {

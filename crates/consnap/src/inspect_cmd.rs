@@ -73,16 +73,19 @@ pub fn inspect(a: InspectArgs) -> Result<i32, String> {
                 s.config.vcpus,
                 human(s.config.mem_size),
                 s.config.kernel,
-                s.config
-                    .workload
-                    .as_deref()
-                    .map_or(String::new(), |w| format!(", workload '{w}'"))
+                match guest::host::workload_of(&s.config) {
+                    Some(w) => format!(", workload '{w}'"),
+                    None => s
+                        .config
+                        .cmdline
+                        .map_or(String::new(), |c| format!(", command line '{c}'")),
+                }
             );
         }
         Err(e) => o += &format!("  machine state cannot be decoded: {e}\n"),
     }
-    if h.guest_ops != u64::MAX {
-        o += &format!("  guest ops at capture: {}\n", h.guest_ops);
+    if h.progress != u64::MAX {
+        o += &format!("  guest ops at capture: {}\n", h.progress);
     }
     let total: u64 = chain.iter().map(|e| e.file_len()).sum();
     o += &format!(

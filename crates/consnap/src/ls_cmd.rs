@@ -232,7 +232,7 @@ fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
         zero_pages: h.pages_zero,
         bytes,
         pause_us: h.pause_ns as f64 / 1e3,
-        guest_ops: (h.guest_ops != u64::MAX).then_some(h.guest_ops),
+        guest_ops: (h.progress != u64::MAX).then_some(h.progress),
         compression: h.codec.name().into(),
         merged: h.merged,
         machine: (h.mem_size, h.vcpus),

@@ -118,13 +118,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
     let (restored, pager) = if a.lazy {
         // cow snapshots share guest RAM's userfaultfd with the pager.
         let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
-        match snapshot::restore_lazy(&store, id, Box::new(std::io::stdout()), for_cow) {
+        match snapshot::restore_lazy(&store, id, session::attach, for_cow) {
             Ok((r, p)) => (r, Some(p)),
             Err(e) => return Err(refusal(&store, id, &e)),
         }
     } else {
         let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
-        let restored = snapshot::restore(&store, id, Box::new(std::io::stdout()), &mut |done, total| {
+        let restored = snapshot::restore(&store, id, session::attach, &mut |done, total| {
             bar.update(done, total);
         });
         bar.finish();
@@ -190,7 +190,7 @@ fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, start
             *opened.lock().unwrap_or_else(|p| p.into_inner()) = Some((c.seconds, fetched));
             Ok(c.chain)
         },
-        Box::new(std::io::stdout()),
+        session::attach,
         for_cow,
     )
     .map_err(|e| format!("cannot restore epoch {id} of {u}: {e}"))?;

@@ -97,7 +97,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
     Ok(Plan {
         boot: BootConfig {
             kernel: KernelSource::Bytes {
-                name: "embedded workload guest".into(),
+                name: guest::host::KERNEL_NAME.into(),
                 image: guest::GUEST_ELF,
             },
             initrd: None,
@@ -114,12 +114,11 @@ pub fn run(a: RunArgs) -> Result<i32, String> {
     let plan = plan(&a)?;
     let pre = session::preflight(&a.session)?;
     let started = Instant::now();
-    let machine = Machine::boot(
-        plan.mem,
-        &plan.boot,
-        plan.workload.as_ref().map(|w| w.0.clone()),
-        Box::new(std::io::stdout()),
-    )
-    .map_err(|e| e.to_string())?;
+    let stdout = Box::new(std::io::stdout());
+    let attach = match plan.workload {
+        Some(_) => guest::host::attach(stdout),
+        None => vmm::machine::Attach::console(stdout),
+    };
+    let machine = Machine::boot(plan.mem, &plan.boot, attach).map_err(|e| e.to_string())?;
     session::execute(machine, "run", &a.session, pre, None, started)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use snapshot::{CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine};
+use snapshot::{CowOptions, Mode, SnapshotConfig, SnapshotEngine};
 use vmm::devices::{Devices, GuestStop};
 use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
@@ -286,6 +286,16 @@ pub fn remote_client(url: &str, key: Option<&std::path::Path>) -> Result<remote:
     Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
 }
 
+/// What a restored machine gets attached: the console on stdout, and for
+/// the workload guest its idle port and ops counter.
+pub fn attach(cfg: &vmm::state::MachineConfig) -> vmm::machine::Attach {
+    let stdout = Box::new(std::io::stdout());
+    match guest::host::workload_of(cfg) {
+        Some(_) => guest::host::attach(stdout),
+        None => vmm::machine::Attach::console(stdout),
+    }
+}
+
 /// Where a restored machine came from.
 pub struct Origin {
     /// For the report.
@@ -341,7 +351,6 @@ pub fn execute(
                     lazy: pager.as_ref().and_then(snapshot::LazyPager::cow_link),
                     ..CowOptions::default()
                 },
-                inject: Inject::from_env(),
                 direct_io: a.snapshot_io == SnapshotIo::Direct,
                 max_lag: a.max_lag.0,
             };
@@ -390,11 +399,8 @@ pub fn execute(
         vcpus: machine.config().vcpus,
         mem_bytes: machine.config().mem_size,
         started,
-        workload: machine
-            .config()
-            .workload
-            .as_deref()
-            .and_then(|w| workload::Spec::parse(w).ok())
+        workload: guest::host::workload_of(machine.config())
+            .and_then(|w| workload::Spec::parse(&w).ok())
             .map(|s| s.kind.name().to_string()),
         ops: None,
         ops_per_s: None,
@@ -490,9 +496,13 @@ fn build_report(
         RunEnd::Task(why) => ("error", 1, None, Some(why.clone())),
     };
     let cfg = machine.config();
-    let status_page = read_guest.then(|| vmm::guest_status::read(machine.ram())).flatten();
+    let spec_words = guest::host::workload_of(cfg);
+    let status_page = spec_words
+        .as_ref()
+        .filter(|_| read_guest)
+        .and_then(|_| guest::host::status::read(machine.ram()));
     let done = status_page.filter(|s| s.done());
-    let spec = cfg.workload.as_deref().and_then(|w| workload::Spec::parse(w).ok());
+    let spec = spec_words.as_deref().and_then(|w| workload::Spec::parse(w).ok());
     Report {
         schema: SCHEMA,
         command,
@@ -501,7 +511,7 @@ fn build_report(
         exit_code,
         guest_exit_code,
         workload: spec.map(|s| s.kind.name().to_string()),
-        workload_spec: cfg.workload.clone(),
+        workload_spec: spec_words.clone(),
         ops: done.map(|s| s.ops).or(status_page.map(|s| s.ops_done)),
         checksum: done.map(|s| format!("{:#018x}", s.checksum)),
         workload_errors: done.map(|s| s.errors),

@@ -89,8 +89,8 @@ pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
 
 /// Restore each epoch's RAM and check it against the workload reference.
 fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<String>), String> {
+    use guest::host::check::CheckError;
     use store::{Access, Store};
-    use vmm::workload_check::CheckError;
     let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
     let ids = store.ids().map_err(|e| e.to_string())?;
     let bar = Bar::new("checking memory", false);
@@ -98,14 +98,14 @@ fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<Str
     for (i, &id) in ids.iter().enumerate() {
         bar.update(i as u64, ids.len() as u64);
         let r = snapshot::restore_ram(&store, id, &mut |_, _| {}).map_err(|e| e.to_string())?;
-        let Some(spec) = r.state.config.workload.as_deref() else {
+        let Some(spec) = guest::host::workload_of(&r.state.config) else {
             return Err(format!(
                 "epoch {id}: the guest is not the workload guest; --workload has nothing to check"
             ));
         };
-        match vmm::workload_check::check(&r.ram, spec) {
+        match guest::host::check::check(&r.ram, &spec) {
             Ok(c) if c.shares == 0 => idle += 1,
-            Ok(c) => match r.guest_ops {
+            Ok(c) => match r.progress {
                 Some(at_capture) if at_capture != c.ops => problems.push(store::Problem {
                     path: store.epoch_path(id),
                     what: format!(

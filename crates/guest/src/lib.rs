@@ -1,8 +1,11 @@
-//! The consnap workload guest, embedded.
+//! The consnap workload guest: the image, embedded, and what the host
+//! knows of it ([`host`]).
 //!
 //! `build.rs` compiles `image/` (ring-0 assembly plus `#![no_std]` ring-3
 //! Rust that links the `workload` crate) with the host toolchain into a
-//! static ELF with a PVH entry note. This crate only carries the bytes.
+//! static ELF with a PVH entry note.
+
+pub mod host;
 
 /// The guest ELF image. It boots through its PVH note in consnap and in
 /// `qemu-system-x86_64 -kernel`.

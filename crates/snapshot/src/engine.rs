@@ -47,12 +47,11 @@ pub struct SnapshotConfig {
     /// saved makes the writer run at the vCPUs' priority until that one is
     /// durable (`None`: never). See `Writer::set_urgent`.
     pub max_lag: Option<Duration>,
-    /// Test hook: which capture attempts of this engine fail on purpose.
-    #[doc(hidden)]
-    pub inject: Inject,
 }
 
-/// Failures injected on purpose, for tests of what the engine does with them.
+/// Failures injected on purpose, for tests of what the engine does with
+/// them (feature `testing`; the product has none).
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, Default)]
 pub struct Inject {
     /// Capture attempts (1-based) that fail at their very end, as a failed
@@ -62,6 +61,7 @@ pub struct Inject {
     pub panic_attempts: Vec<u64>,
 }
 
+#[cfg(feature = "testing")]
 impl Inject {
     /// From `CONSNAP_FAIL_EPOCHS=3,4`: those capture attempts fail at their
     /// very end, as a failed write would, so that tests of the whole program
@@ -139,6 +139,9 @@ pub struct SnapshotEngine {
     switch_to: Option<Mode>,
     /// The store was held by another process when the engine was made.
     busy: bool,
+    /// Test hook: which capture attempts fail on purpose.
+    #[cfg(feature = "testing")]
+    inject: Inject,
 }
 
 impl std::fmt::Debug for SnapshotEngine {
@@ -185,12 +188,21 @@ impl SnapshotEngine {
             attempts: 0,
             switch_to: None,
             busy: false,
+            #[cfg(feature = "testing")]
+            inject: Inject::from_env(),
         };
         if let Err(f) = e.open_store() {
             e.busy = matches!(f, store::StoreError::Busy(_));
             e.report(&format!("snapshot directory unusable: {f}"));
         }
         e
+    }
+
+    /// Test hook: make these capture attempts fail (replacing what
+    /// `CONSNAP_FAIL_EPOCHS` asked for).
+    #[cfg(feature = "testing")]
+    pub fn set_inject(&mut self, inject: Inject) {
+        self.inject = inject;
     }
 
     /// True when the store could not be opened because another process
@@ -495,22 +507,29 @@ impl SnapshotEngine {
             created_ns,
             vcpus: t.vcpus(),
             mem_size: t.ram().size(),
-            guest_ops: t.guest_ops(),
+            progress: t.progress(),
         }
+    }
+
+    /// Without the test hooks, the job as it is.
+    #[cfg(not(feature = "testing"))]
+    fn inject(&self, job: crate::strategy::JobFn) -> crate::strategy::JobFn {
+        job
     }
 
     /// Test hooks: make this attempt's job panic, or fail at its very end
     /// (the file it committed is removed again, as if the final rename had
     /// failed), so that the failure takes the same path as a real one.
+    #[cfg(feature = "testing")]
     fn inject(&self, job: crate::strategy::JobFn) -> crate::strategy::JobFn {
         let n = self.attempts;
-        if self.cfg.inject.panic_attempts.contains(&n) {
+        if self.inject.panic_attempts.contains(&n) {
             return Box::new(move |pause_ns| {
                 drop(job(pause_ns));
                 panic!("injected writer panic")
             });
         }
-        if self.cfg.inject.fail_attempts.contains(&n) {
+        if self.inject.fail_attempts.contains(&n) {
             return Box::new(move |pause_ns| {
                 let c = job(pause_ns)?;
                 std::fs::remove_file(&c.info.path)

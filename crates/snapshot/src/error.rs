@@ -32,6 +32,7 @@ pub enum EpochFailure {
         message: String,
     },
     /// The test hook `CONSNAP_FAIL_EPOCHS` asked for this failure.
+    #[cfg(feature = "testing")]
     #[error("injected failure (CONSNAP_FAIL_EPOCHS)")]
     Injected,
 }

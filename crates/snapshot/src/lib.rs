@@ -16,8 +16,12 @@ mod strategy;
 mod target;
 mod worker;
 
+#[cfg(feature = "testing")]
+pub use cow::CowTestHooks;
 pub use cow::{CowOptions, Tracker};
-pub use engine::{EpochRecord, Inject, SnapshotConfig, SnapshotEngine};
+#[cfg(feature = "testing")]
+pub use engine::Inject;
+pub use engine::{EpochRecord, SnapshotConfig, SnapshotEngine};
 pub use error::{EpochError, EpochFailure, SnapshotError};
 pub use hot::HotPolicy;
 pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy, restore_lazy_from};

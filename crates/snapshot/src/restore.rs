@@ -2,11 +2,9 @@
 //! state, fill fresh guest RAM page by page from the newest epoch that has
 //! each page (verifying every page's checksum), then rebuild the VM.
 
-use std::io::Write;
-
 use store::{Source, Store, StoreError};
 use thiserror::Error;
-use vmm::machine::{Machine, MachineError};
+use vmm::machine::{Attach, Machine, MachineError};
 use vmm::memory::GuestRam;
 use vmm::state::{MachineState, StateError};
 
@@ -74,8 +72,8 @@ pub struct RestoredRam {
     /// Bytes of page data read.
     pub bytes_read: u64,
     /// The guest's op count read from live RAM when the epoch was captured
-    /// (header `guest_ops`), if the guest published one.
-    pub guest_ops: Option<u64>,
+    /// (header `progress`), if the guest published one.
+    pub progress: Option<u64>,
 }
 
 /// What a restore needs before any page is read: the chain, its decoded
@@ -85,7 +83,7 @@ pub(crate) struct Prepared {
     pub state: MachineState,
     pub chain: Vec<store::EpochReader>,
     pub runs: Vec<store::Run>,
-    pub guest_ops: Option<u64>,
+    pub progress: Option<u64>,
 }
 
 /// Open epoch `id`'s chain, decode and check its state, plan its pages.
@@ -117,25 +115,25 @@ pub(crate) fn prepare_chain(chain: Vec<store::EpochReader>, id: u64) -> Result<P
             ),
         });
     }
-    let guest_ops = (h.guest_ops != u64::MAX).then_some(h.guest_ops);
+    let progress = (h.progress != u64::MAX).then_some(h.progress);
     let runs = store::plan(&chain)?;
     Ok(Prepared {
         state,
         chain,
         runs,
-        guest_ops,
+        progress,
     })
 }
 
 /// Read epoch `id` of `store` into fresh guest RAM, verifying everything
-/// read, without building a VM (needs no KVM). `progress` receives bytes
+/// read, without building a VM (needs no KVM). `on_read` receives bytes
 /// read so far and the total.
-pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
+pub fn restore_ram(store: &Store, id: u64, on_read: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
     let Prepared {
         state,
         chain,
         runs,
-        guest_ops,
+        progress,
     } = prepare(store, id)?;
     let total: u64 = runs
         .iter()
@@ -143,25 +141,26 @@ pub fn restore_ram(store: &Store, id: u64, progress: &mut dyn FnMut(u64, u64)) -
         .map(|r| r.count * PAGE as u64)
         .sum();
     let ram = GuestRam::new(state.config.mem_size).map_err(MachineError::from)?;
-    let read = crate::fill::fill(&ram, &chain, &runs, &mut |b| progress(b, total))?;
+    let read = crate::fill::fill(&ram, &chain, &runs, &mut |b| on_read(b, total))?;
     Ok(RestoredRam {
         state,
         ram,
         chain: chain.len(),
         bytes_read: read,
-        guest_ops,
+        progress,
     })
 }
 
-/// Rebuild the VM of epoch `id` of `store`. `progress` receives bytes read so far.
+/// Rebuild the VM of epoch `id` of `store`, with what `attach` gives for
+/// its configuration. `on_read` receives bytes read so far.
 pub fn restore(
     store: &Store,
     id: u64,
-    serial_out: Box<dyn Write + Send>,
-    progress: &mut dyn FnMut(u64, u64),
+    attach: impl FnOnce(&vmm::state::MachineConfig) -> Attach,
+    on_read: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
-    let r = restore_ram(store, id, progress)?;
-    let machine = Machine::restore(&r.state, r.ram, serial_out)?;
+    let r = restore_ram(store, id, on_read)?;
+    let machine = Machine::restore(&r.state, r.ram, attach(&r.state.config))?;
     Ok(Restored {
         machine,
         epoch: id,

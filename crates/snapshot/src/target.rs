@@ -58,8 +58,9 @@ pub trait Target {
     fn take_dirty(&mut self) -> Result<DirtySet, TargetError>;
     /// Hand pages back to dirty tracking.
     fn mark_dirty(&mut self, pages: &DirtySet);
-    /// Ops the workload guest has published, if it is the workload guest.
-    fn guest_ops(&self) -> Option<u64>;
+    /// The guest's progress counter, if the machine has one (recorded in
+    /// each epoch's header).
+    fn progress(&self) -> Option<u64>;
 }
 
 impl Target for Machine {
@@ -114,7 +115,7 @@ impl Target for Machine {
         Machine::mark_dirty(self, pages);
     }
 
-    fn guest_ops(&self) -> Option<u64> {
-        vmm::guest_status::read(Machine::ram(self)).map(|s| s.ops_done)
+    fn progress(&self) -> Option<u64> {
+        Machine::progress(self)
     }
 }

@@ -10,7 +10,7 @@ use snapshot::{Mode, SnapshotConfig, SnapshotEngine};
 use store::{Access, ExtentKind, Store};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::{BootConfig, KernelSource};
-use vmm::machine::Machine;
+use vmm::machine::{Attach, Machine};
 use vmm::run::Task;
 use vmm::testing::kvm_ready;
 
@@ -39,7 +39,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
         vcpus: 1,
     };
     for mode in [Mode::StopCopy, Mode::Cow] {
-        let mut m = Machine::boot(32 << 20, &boot, None, Box::new(std::io::sink())).unwrap();
+        let mut m = Machine::boot(32 << 20, &boot, Attach::console(Box::new(std::io::sink()))).unwrap();
         let dir = tempdir(&format!("vmm-dirty-{mode:?}"));
         let cfg = SnapshotConfig {
             dir: dir.clone(),
@@ -47,7 +47,6 @@ fn vmm_written_pages_reach_the_next_epoch() {
             interval: Duration::from_secs(3600),
             stop_on_error: true,
             cow: Default::default(),
-            inject: Default::default(),
             direct_io: true,
             max_lag: None,
         };
@@ -85,7 +84,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
             "{mode:?}: epoch 2 holds unchanged pages"
         );
 
-        let restored = snapshot::restore(&store, 2, Box::new(std::io::sink()), &mut |_, _| {}).unwrap();
+        let restored = snapshot::restore(&store, 2, |_| Attach::console(Box::new(std::io::sink())), &mut |_, _| {}).unwrap();
         let mut buf = [0u8; 18];
         restored
             .machine
@@ -124,7 +123,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             cmdline: String::new(),
             vcpus: 1,
         };
-        let mut m = Machine::boot(32 << 20, &boot, None, Box::new(std::io::sink())).unwrap();
+        let mut m = Machine::boot(32 << 20, &boot, Attach::console(Box::new(std::io::sink()))).unwrap();
         let dir = tempdir(&format!("kvm-dirty-{mode:?}"));
         let cfg = SnapshotConfig {
             dir: dir.clone(),
@@ -134,10 +133,12 @@ fn kvm_written_pages_reach_the_next_epoch() {
             // The saver starts late: KVM's writes meet protected pages.
             cow: snapshot::CowOptions {
                 capture_ahead: false,
-                test_saver_delay: Duration::from_millis(50),
+                test: snapshot::CowTestHooks {
+                    saver_delay: Duration::from_millis(50),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
-            inject: Default::default(),
             direct_io: true,
             max_lag: None,
         };
@@ -196,15 +197,14 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
     }
     let boot = BootConfig {
         kernel: KernelSource::Bytes {
-            name: "workload guest".into(),
+            name: guest::host::KERNEL_NAME.into(),
             image: guest::GUEST_ELF,
         },
         initrd: None,
         cmdline: "workload=memstress wss=2M ops=100000000000 pattern=random rate=200000".into(),
         vcpus: 1,
     };
-    let workload = Some(boot.cmdline.clone());
-    let mut m = Machine::boot(64 << 20, &boot, workload, Box::new(std::io::sink())).unwrap();
+    let mut m = Machine::boot(64 << 20, &boot, guest::host::attach(Box::new(std::io::sink()))).unwrap();
     let dir = tempdir("lift-race");
     let cfg = SnapshotConfig {
         dir: dir.clone(),
@@ -213,10 +213,12 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         stop_on_error: true,
         cow: snapshot::CowOptions {
             pause_copy_budget: Duration::ZERO,
-            test_lift_delay: Duration::from_millis(30),
+            test: snapshot::CowTestHooks {
+                lift_delay: Duration::from_millis(30),
+                ..Default::default()
+            },
             ..Default::default()
         },
-        inject: Default::default(),
         direct_io: false,
         max_lag: None,
     };
@@ -226,7 +228,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
     // The arena is the 2 MiB block after the image (see docs/GUEST.md); wait
     // until the guest has done ops in it.
     let t = std::time::Instant::now();
-    while vmm::guest_status::read(m.ram()).map_or(0, |s| s.ops_done) == 0 {
+    while m.progress().unwrap_or(0) == 0 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the guest never started its workload"
@@ -245,19 +247,19 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
     m.stop();
     let store = Store::open(&dir, Access::Read).unwrap();
     // Every epoch must restore exactly the memory memstress had at the op
-    // count the guest published (vmm::workload_check): a write lost by the
+    // count the guest published (guest::host::check): a write lost by the
     // tracker leaves a stale line in some later epoch.
     let (mut checked, mut last_ops) = (0, 0);
     for id in store.ids().unwrap() {
         let r = snapshot::restore_ram(&store, id, &mut |_, _| {}).unwrap();
-        let spec = r.state.config.workload.clone().unwrap();
-        match vmm::workload_check::check(&r.ram, &spec) {
+        let spec = guest::host::workload_of(&r.state.config).unwrap();
+        match guest::host::check::check(&r.ram, &spec) {
             Ok(c) if c.shares == 1 => {
                 // The header's count was read from live RAM in the pause:
                 // a lost write to the status page shows here.
                 assert_eq!(
                     Some(c.ops),
-                    r.guest_ops,
+                    r.progress,
                     "epoch {id}: restored op count vs the one at capture"
                 );
                 checked += u32::from(c.ops > last_ops);

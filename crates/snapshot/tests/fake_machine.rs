@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::{Captured, CowOptions, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
+use snapshot::{Captured, CowOptions, CowTestHooks, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
 use store::{Access, Source, Store};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::dirty::DirtySet;
@@ -199,7 +199,7 @@ impl Target for Fake {
     fn mark_dirty(&mut self, pages: &DirtySet) {
         self.redirty.or(pages);
     }
-    fn guest_ops(&self) -> Option<u64> {
+    fn progress(&self) -> Option<u64> {
         Some(self.writes())
     }
 }
@@ -225,14 +225,13 @@ impl Drop for Dir {
     }
 }
 
-fn config(dir: &Path, mode: Mode, cow: CowOptions, inject: Inject) -> SnapshotConfig {
+fn config(dir: &Path, mode: Mode, cow: CowOptions) -> SnapshotConfig {
     SnapshotConfig {
         dir: dir.to_path_buf(),
         mode,
         interval: Duration::from_millis(5),
         stop_on_error: false,
         cow,
-        inject,
         direct_io: true,
         max_lag: Some(Duration::from_secs(1)),
     }
@@ -296,7 +295,7 @@ fn check_all(dir: &Path, fake: &Fake) -> usize {
 fn exact(name: &str, mode: Mode, cow: CowOptions, huge: bool) {
     let dir = Dir::new(name);
     let mut fake = Fake::new(huge);
-    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow, Inject::default()), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow), None);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 12), TaskFlow::Continue));
@@ -341,7 +340,10 @@ fn cow_with_the_dirty_log_tracker_is_exact() {
         // This tracker protects only the pages just written, and the saver
         // can be done before the guest writes one again; a late saver makes
         // the guest meet protected pages even on a loaded machine.
-        test_saver_delay: Duration::from_millis(20),
+        test: CowTestHooks {
+            saver_delay: Duration::from_millis(20),
+            ..CowTestHooks::default()
+        },
         ..CowOptions::default()
     };
     exact("cow-dirty-log", Mode::Cow, cow, true);
@@ -374,10 +376,13 @@ fn cow_without_copy_on_fault_is_caught() {
     let dir = Dir::new("mutant");
     let mut fake = Fake::new(true);
     let cow = CowOptions {
-        test_skip_copy: true,
+        test: CowTestHooks {
+            skip_copy: true,
+            ..CowTestHooks::default()
+        },
         ..CowOptions::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow, Inject::default()), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 12);
@@ -394,7 +399,8 @@ fn with_failures(mode: Mode, fail: &[u64]) {
         fail_attempts: fail.to_vec(),
         ..Inject::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None);
+    engine.set_inject(inject);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 10);
@@ -454,9 +460,10 @@ fn stop_on_error_stops_at_the_first_failure() {
         fail_attempts: vec![3],
         ..Inject::default()
     };
-    let mut cfg = config(&dir.0, Mode::Cow, CowOptions::default(), inject);
+    let mut cfg = config(&dir.0, Mode::Cow, CowOptions::default());
     cfg.stop_on_error = true;
     let mut engine = SnapshotEngine::new(cfg, None);
+    engine.set_inject(inject);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     match run_epochs(&mut engine, &mut fake, 10) {
@@ -488,7 +495,8 @@ fn a_dying_writer_stops_the_run_and_releases_the_guest() {
             panic_attempts: vec![3],
             ..Inject::default()
         };
-        let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default(), inject), None);
+        let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None);
+        engine.set_inject(inject);
         engine.prepare(&mut fake).unwrap();
         fake.start();
         match run_epochs(&mut engine, &mut fake, 10) {
@@ -513,10 +521,7 @@ fn a_vanished_store_directory_fails_epochs_then_recovers() {
     // A real I/O failure: the epochs directory disappears under the writer.
     let dir = Dir::new("vanish");
     let mut fake = Fake::new(true);
-    let mut engine = SnapshotEngine::new(
-        config(&dir.0, Mode::Cow, CowOptions::default(), Inject::default()),
-        None,
-    );
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, CowOptions::default()), None);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 3);
@@ -550,7 +555,7 @@ fn run_time_mode_interval_and_epoch_now_keep_epochs_exact() {
     use vmm::run::Task;
     let dir = Dir::new("runtime");
     let mut fake = Fake::new(true);
-    let cfg = config(&dir.0, Mode::StopCopy, CowOptions::default(), Inject::default());
+    let cfg = config(&dir.0, Mode::StopCopy, CowOptions::default());
     let mut engine = SnapshotEngine::new(cfg, None);
     engine.prepare(&mut fake).unwrap();
     fake.start();
@@ -619,10 +624,13 @@ fn a_late_epoch_makes_the_writer_urgent() {
     let dir = Dir::new("urgent");
     let mut fake = Fake::new(true);
     let cow = CowOptions {
-        test_saver_delay: Duration::from_millis(1300),
+        test: CowTestHooks {
+            saver_delay: Duration::from_millis(1300),
+            ..CowTestHooks::default()
+        },
         ..CowOptions::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow, Inject::default()), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
     engine.prepare(&mut fake).unwrap();
     fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 2), TaskFlow::Continue));

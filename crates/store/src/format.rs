@@ -254,7 +254,7 @@ pub struct Header {
     /// Guest RAM bytes.
     pub mem_size: u64,
     /// Ops the workload guest had published (u64::MAX if unknown).
-    pub guest_ops: u64,
+    pub progress: u64,
     /// Pages stored with data.
     pub pages_data: u64,
     /// Pages recorded as zero.
@@ -340,7 +340,7 @@ impl Header {
         put(64, &(PAGE as u32).to_le_bytes());
         put(68, &self.vcpus.to_le_bytes());
         put(72, &self.mem_size.to_le_bytes());
-        put(80, &self.guest_ops.to_le_bytes());
+        put(80, &self.progress.to_le_bytes());
         put(88, &self.pages_data.to_le_bytes());
         put(96, &self.pages_zero.to_le_bytes());
         put(104, &self.extents.to_le_bytes());
@@ -522,7 +522,7 @@ impl Header {
             flags,
             vcpus,
             mem_size,
-            guest_ops: le64(b, 80),
+            progress: le64(b, 80),
             pages_data,
             pages_zero,
             extents,

@@ -13,7 +13,7 @@ fn header() -> Header {
         flags: 0,
         vcpus: 2,
         mem_size: 1 << 30,
-        guest_ops: 55,
+        progress: 55,
         pages_data: 3,
         pages_zero: 1,
         extents: 2,

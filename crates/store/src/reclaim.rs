@@ -437,7 +437,7 @@ fn rebase(
         created_ns: head.created_ns,
         vcpus: head.vcpus,
         mem_size: head.mem_size,
-        guest_ops: (head.guest_ops != u64::MAX).then_some(head.guest_ops),
+        progress: (head.progress != u64::MAX).then_some(head.progress),
     };
     let mut w = store.rewriter(meta)?;
     w.compress(codec.unwrap_or(head.codec))?;

@@ -55,7 +55,7 @@ pub fn merged_onto(store: &Store, id: u64, onto: impl Fn(u64) -> bool, codec: Co
         created_ns: head.created_ns,
         vcpus: head.vcpus,
         mem_size: head.mem_size,
-        guest_ops: (head.guest_ops != u64::MAX).then_some(head.guest_ops),
+        progress: (head.progress != u64::MAX).then_some(head.progress),
     };
     let mut w = store.detached_writer(meta)?;
     w.compress(codec)?;

@@ -35,7 +35,7 @@ pub struct EpochMeta {
     /// Guest RAM bytes.
     pub mem_size: u64,
     /// Ops the guest had published, if known.
-    pub guest_ops: Option<u64>,
+    pub progress: Option<u64>,
 }
 
 /// Compressed DATA on its way to the file: frames are compressed as they
@@ -459,7 +459,7 @@ impl EpochWriter {
             flags: if self.meta.full { format::flags::FULL } else { 0 },
             vcpus: self.meta.vcpus,
             mem_size: self.meta.mem_size,
-            guest_ops: self.meta.guest_ops.unwrap_or(u64::MAX),
+            progress: self.meta.progress.unwrap_or(u64::MAX),
             pages_data: self.sums.len() as u64,
             pages_zero: self.pages_zero,
             extents: self.extents.len() as u64,

@@ -36,7 +36,7 @@ fn write_epoch(s: &Store, id: u64) {
             created_ns: 1,
             vcpus: 1,
             mem_size: 2 * PAGE as u64,
-            guest_ops: None,
+            progress: None,
         })
         .unwrap();
     w.write_state(b"s").unwrap();

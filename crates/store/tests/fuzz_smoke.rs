@@ -37,7 +37,7 @@ fn seed_epochs(dir: &Path) -> Vec<Vec<u8>> {
             created_ns: id * 1000,
             vcpus: 1,
             mem_size: 8 * PAGE as u64,
-            guest_ops: Some(id),
+            progress: Some(id),
         };
         let mut w = s.writer(meta(1, None)).unwrap();
         w.write_state(b"state-1").unwrap();

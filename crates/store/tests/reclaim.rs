@@ -32,7 +32,7 @@ fn write(s: &Store, rng: &mut Rng, id: u64, parent: Option<u64>, t: u64) {
             created_ns: t,
             vcpus: 1,
             mem_size: PAGES * PAGE as u64,
-            guest_ops: Some(id),
+            progress: Some(id),
         })
         .unwrap();
     w.write_state(format!("state-{id}").as_bytes()).unwrap();
@@ -230,7 +230,7 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
             created_ns: T0 + id * 20 * MS,
             vcpus: 1,
             mem_size: MEM * PAGE as u64,
-            guest_ops: Some(id),
+            progress: Some(id),
         };
         let mut w = s.writer(meta).unwrap();
         w.write_state(b"s").unwrap();

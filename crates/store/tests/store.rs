@@ -49,7 +49,7 @@ fn chains_restore_every_epoch_exactly() {
     let listed = s.list().unwrap();
     assert_eq!(listed.len(), 3);
     let h = &listed[2].1.as_ref().unwrap().header;
-    assert_eq!((h.parent, h.pages_data, h.pause_ns, h.guest_ops), (2, 2, 30, 3));
+    assert_eq!((h.parent, h.pages_data, h.pause_ns, h.progress), (2, 2, 30, 3));
 }
 
 #[test]

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootConfig, BootError, layout};
 use crate::cpuid;
 use crate::devices::serial::COM1_IRQ;
-use crate::devices::{DeviceError, Devices, SerialDevice};
+use crate::devices::{BusDevice, DeviceError, Devices, SerialDevice};
 use crate::dirty::{DirtySet, PageBits};
 use crate::memory::{GuestRam, MemoryError, RamRange};
 use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
@@ -112,6 +112,67 @@ impl Waker {
     }
 }
 
+/// A counter the guest keeps in its own memory (ops done, requests
+/// served...), read by the VMM without a VM exit: what the machine reports
+/// as its progress ([`Machine::progress`]), samples over a run and records
+/// in each snapshot. The VMM knows no guest: the program that runs one
+/// says where its counter is.
+pub trait ProgressCounter: Send + Sync {
+    /// The counter now, or `None` while the guest has not published it.
+    fn read(&self, ram: &GuestRam) -> Option<u64>;
+}
+
+/// A port device the embedding program adds: `len` ports from `base`.
+pub struct PortDevice {
+    /// First port.
+    pub base: u16,
+    /// Number of ports.
+    pub len: u16,
+    /// The device.
+    pub device: Arc<dyn BusDevice>,
+}
+
+/// What the program running a machine attaches to it, on a boot as on a
+/// restore: nothing of it is part of the machine's saved state.
+pub struct Attach {
+    /// Where the guest's console output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Port devices of the program's own (they hold no state).
+    pub ports: Vec<PortDevice>,
+    /// The guest's progress counter, if the program knows one.
+    pub progress: Option<Arc<dyn ProgressCounter>>,
+}
+
+impl Attach {
+    /// The console alone.
+    pub fn console(serial_out: Box<dyn Write + Send>) -> Attach {
+        Attach {
+            serial_out,
+            ports: Vec::new(),
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach")
+            .field("ports", &self.ports.iter().map(|p| p.device.name()).collect::<Vec<_>>())
+            .field("progress", &self.progress.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The devices of a machine: COM1 (from its saved state on a restore),
+/// the legacy stubs, and the program's own port devices.
+fn build_devices(serial: SerialDevice, ports: Vec<PortDevice>) -> Result<Devices, DeviceError> {
+    let mut d = Devices::new(serial)?;
+    for p in ports {
+        d.pio.insert(u64::from(p.base), u64::from(p.len), p.device)?;
+    }
+    Ok(d)
+}
+
 /// A VM with its RAM, devices and vCPUs.
 pub struct Machine {
     kvm: Kvm,
@@ -119,6 +180,7 @@ pub struct Machine {
     ram: Arc<GuestRam>,
     devices: Arc<Devices>,
     config: MachineConfig,
+    progress: Option<Arc<dyn ProgressCounter>>,
     pending: Vec<Vcpu>,
     restore: Option<Vec<state::VcpuState>>,
     vcpus: Option<Vcpus>,
@@ -272,12 +334,7 @@ fn set_lint(v: &Vcpu) -> Result<(), MachineError> {
 
 impl Machine {
     /// Create a VM and boot `boot` in it (vCPUs not started yet).
-    pub fn boot(
-        mem_size: u64,
-        boot: &BootConfig,
-        workload: Option<String>,
-        serial_out: Box<dyn Write + Send>,
-    ) -> Result<Machine, MachineError> {
+    pub fn boot(mem_size: u64, boot: &BootConfig, attach: Attach) -> Result<Machine, MachineError> {
         let (parts, serial_evt) = create_vm(mem_size, boot.vcpus, None)?;
         let entry = boot::load(&parts.ram, boot)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus)?;
@@ -295,27 +352,26 @@ impl Machine {
             boot::KernelSource::File(p) => p.display().to_string(),
         };
         tracing::debug!(?entry, "kernel loaded");
-        let devices = Devices {
-            serial: SerialDevice::new(serial_evt, serial_out),
-        };
+        let Attach {
+            serial_out,
+            ports,
+            progress,
+        } = attach;
+        let devices = build_devices(SerialDevice::new(serial_evt, serial_out), ports)?;
         let config = MachineConfig {
             mem_size,
             vcpus: boot.vcpus,
-            workload,
+            cmdline: Some(boot.cmdline.clone()),
             kernel,
         };
-        Ok(Self::assemble(parts, devices, config, vcpus, None))
+        Ok(Self::assemble(parts, devices, config, progress, vcpus, None))
     }
 
     /// Recreate a VM from `state` over `ram`, which already holds the
     /// guest's memory (vCPUs not started).
-    pub fn restore(
-        state: &MachineState,
-        ram: GuestRam,
-        serial_out: Box<dyn Write + Send>,
-    ) -> Result<Machine, MachineError> {
+    pub fn restore(state: &MachineState, ram: GuestRam, attach: Attach) -> Result<Machine, MachineError> {
         let vm = Self::prepare(state.config.mem_size, state.config.vcpus, ram)?;
-        Self::restore_prepared(vm, state, serial_out)
+        Self::restore_prepared(vm, state, attach)
     }
 
     /// The part of a restore that needs only the RAM size and vCPU count:
@@ -330,11 +386,7 @@ impl Machine {
 
     /// Finish [`Machine::prepare`]'s VM from `state` (its RAM size and
     /// vCPU count must be the ones it was prepared with).
-    pub fn restore_prepared(
-        vm: PreparedVm,
-        state: &MachineState,
-        serial_out: Box<dyn Write + Send>,
-    ) -> Result<Machine, MachineError> {
+    pub fn restore_prepared(vm: PreparedVm, state: &MachineState, attach: Attach) -> Result<Machine, MachineError> {
         let cfg = &state.config;
         let PreparedVm { parts, serial_evt } = vm;
         if parts.ram.size() != cfg.mem_size {
@@ -343,15 +395,20 @@ impl Machine {
             ));
         }
         parts.ram.clear_vmm_dirty();
-        let devices = Devices {
-            serial: SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?,
-        };
+        let Attach {
+            serial_out,
+            ports,
+            progress,
+        } = attach;
+        let serial = SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?;
+        let devices = build_devices(serial, ports)?;
         InKernelDevices::restore(&parts.vm, &state.vm)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
         Ok(Self::assemble(
             parts,
             devices,
             cfg.clone(),
+            progress,
             vcpus,
             Some(state.vcpus.clone()),
         ))
@@ -361,6 +418,7 @@ impl Machine {
         parts: Parts,
         devices: Devices,
         config: MachineConfig,
+        progress: Option<Arc<dyn ProgressCounter>>,
         vcpus: Vec<Vcpu>,
         restore: Option<Vec<state::VcpuState>>,
     ) -> Machine {
@@ -372,6 +430,7 @@ impl Machine {
             ram: Arc::new(parts.ram),
             devices: Arc::new(devices),
             config,
+            progress,
             pending: vcpus,
             restore,
             vcpus: None,
@@ -405,14 +464,27 @@ impl Machine {
         self.vcpus.as_ref().ok_or(MachineError::Phase("not started"))
     }
 
-    /// Pause all vCPUs.
+    /// Pause all vCPUs. A [`PauseAction::SaveState`] pause (a snapshot's)
+    /// then quiesces the devices that work beside the vCPUs, so that
+    /// nothing touches guest memory or a device's files until
+    /// [`Machine::resume`].
     pub fn pause(&self, action: PauseAction) -> Result<Paused, MachineError> {
-        Ok(self.running()?.pause(action, PAUSE_TIMEOUT)?)
+        let vcpus = self.running()?;
+        let paused = vcpus.pause(action, PAUSE_TIMEOUT)?;
+        if action == PauseAction::SaveState
+            && let Err(e) = self.devices.quiesce()
+        {
+            vcpus.resume();
+            return Err(e.into());
+        }
+        Ok(paused)
     }
 
-    /// Resume after [`Machine::pause`].
+    /// Resume after [`Machine::pause`]: the devices, then the vCPUs.
     pub fn resume(&self) -> Result<(), MachineError> {
-        self.running()?.resume();
+        let vcpus = self.running()?;
+        self.devices.resume();
+        vcpus.resume();
         Ok(())
     }
 
@@ -576,6 +648,13 @@ impl Machine {
     /// Static configuration.
     pub fn config(&self) -> &MachineConfig {
         &self.config
+    }
+
+    /// The guest's progress counter now, when the program running the
+    /// machine attached one ([`Attach::progress`]) and the guest has
+    /// published it.
+    pub fn progress(&self) -> Option<u64> {
+        self.progress.as_ref().and_then(|p| p.read(&self.ram))
     }
 
     /// The KVM system handle.

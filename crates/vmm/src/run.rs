@@ -129,13 +129,14 @@ impl Task for PauseProbe {
     }
 }
 
-/// Samples the guest's published op counter (no VM exit involved).
+/// Samples the machine's progress counter ([`Machine::progress`]; no VM
+/// exit involved).
 #[derive(Debug)]
 pub struct ProgressSampler {
     interval: Duration,
     start: Instant,
     next: Instant,
-    /// (milliseconds since start, ops done).
+    /// (milliseconds since start, counter).
     pub samples: Vec<(u64, u64)>,
 }
 
@@ -158,9 +159,8 @@ impl Task for ProgressSampler {
     }
 
     fn run(&mut self, machine: &mut Machine) -> TaskFlow {
-        if let Some(st) = crate::guest_status::read(machine.ram()) {
-            self.samples
-                .push((self.start.elapsed().as_millis() as u64, st.ops_done));
+        if let Some(n) = machine.progress() {
+            self.samples.push((self.start.elapsed().as_millis() as u64, n));
         }
         self.next += self.interval;
         if self.next < Instant::now() {

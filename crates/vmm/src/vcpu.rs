@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
-use crate::devices::{Devices, GuestStop};
+use crate::devices::{Devices, GuestStop, IoOutcome};
 use crate::memory::GuestRam;
 use crate::state::{self, Persist, VcpuState};
+
+/// The longest one idle request may keep a vCPU thread asleep.
+pub const MAX_IDLE: Duration = Duration::from_millis(5);
 
 /// vCPU errors; each names the vCPU.
 #[derive(Debug, Error)]
@@ -168,8 +171,8 @@ pub struct VcpuTimes {
     pub cpu_ns: u64,
     /// Time it was runnable but waited for a CPU, ns (from schedstat).
     pub wait_ns: u64,
-    /// Time the guest asked to idle (port 0x502) and the thread slept, ns:
-    /// a rate-limited workload's slack.
+    /// Time the guest asked to idle ([`IoOutcome::Idle`]) and the thread
+    /// slept, ns: a paced guest's slack.
     pub idle_ns: u64,
 }
 
@@ -569,11 +572,6 @@ struct Worker {
     idle_ns: u64,
 }
 
-enum Flow {
-    Continue,
-    Done,
-}
-
 impl Worker {
     fn run(mut self) {
         let exit_ptr: *mut u8 = &mut self.vcpu.fd.get_kvm_run().immediate_exit;
@@ -601,39 +599,30 @@ impl Worker {
                 // without running guest code.
                 continue;
             }
-            let mut idle = None;
             let flow = match self.vcpu.fd.run() {
-                Ok(VcpuExit::IoOut(crate::devices::IDLE_PORT, &[lo, hi])) => {
-                    idle = Some(u16::from_le_bytes([lo, hi]).min(workload::abi::IDLE_MAX_US));
-                    Ok(None)
-                }
                 Ok(exit) => handle_exit(self.vcpu.id, exit, &self.devices),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.fd.set_kvm_immediate_exit(0);
-                    Ok(None)
+                    Ok(IoOutcome::Done)
                 }
                 Err(source) => Err(ExitError::Kvm(source)),
             };
-            let flow = match flow {
-                Ok(None) => Flow::Continue,
-                Ok(Some(how)) => {
+            match flow {
+                Ok(IoOutcome::Done) => {}
+                Ok(IoOutcome::Idle(d)) => self.idle(d.min(MAX_IDLE)),
+                Ok(IoOutcome::Stop(how)) => {
+                    self.devices.serial.flush();
                     let _ = self.events.send(VcpuEvent::Stop {
                         vcpu: self.vcpu.id,
                         how,
                     });
-                    Flow::Done
+                    return;
                 }
                 Err(e) => {
                     let err = self.describe(e);
                     let _ = self.events.send(VcpuEvent::Error(err));
-                    Flow::Done
+                    return;
                 }
-            };
-            if let Flow::Done = flow {
-                return;
-            }
-            if let Some(us) = idle {
-                self.idle(Duration::from_micros(u64::from(us)));
             }
         }
     }
@@ -704,32 +693,31 @@ enum ExitError {
     Unexpected(String),
 }
 
-fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<Option<GuestStop>, ExitError> {
+fn handle_exit(vcpu: u8, exit: VcpuExit<'_>, devices: &Devices) -> Result<IoOutcome, ExitError> {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            devices.pio_read(port, data);
-            Ok(None)
+            devices.pio.read(u64::from(port), data);
+            Ok(IoOutcome::Done)
         }
-        VcpuExit::IoOut(port, data) => Ok(devices.pio_write(port, data)),
+        VcpuExit::IoOut(port, data) => Ok(devices.pio.write(u64::from(port), data)),
         VcpuExit::MmioRead(addr, data) => {
-            tracing::debug!(vcpu, "MMIO read of unbacked address {addr:#x}");
-            data.fill(0xff);
-            Ok(None)
+            devices.mmio.read(addr, data);
+            Ok(IoOutcome::Done)
         }
-        VcpuExit::MmioWrite(addr, _) => {
-            tracing::debug!(vcpu, "MMIO write to unbacked address {addr:#x}");
-            Ok(None)
-        }
-        VcpuExit::Hlt => Ok(Some(GuestStop::Shutdown)),
+        VcpuExit::MmioWrite(addr, data) => Ok(devices.mmio.write(addr, data)),
+        VcpuExit::Hlt => Ok(IoOutcome::Stop(GuestStop::Shutdown)),
         VcpuExit::Shutdown => Err(ExitError::Shutdown),
         VcpuExit::InternalError => Err(ExitError::Internal),
         VcpuExit::FailEntry(reason, _) => Err(ExitError::FailEntry(reason)),
         VcpuExit::SystemEvent(kind, _) => match kind {
-            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ok(Some(GuestStop::Reset)),
-            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(GuestStop::Shutdown)),
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ok(IoOutcome::Stop(GuestStop::Reset)),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Ok(IoOutcome::Stop(GuestStop::Shutdown)),
             other => Err(ExitError::Unexpected(format!("system event {other}"))),
         },
-        VcpuExit::Intr => Ok(None),
-        other => Err(ExitError::Unexpected(format!("{other:?}"))),
+        VcpuExit::Intr => Ok(IoOutcome::Done),
+        other => {
+            tracing::debug!(vcpu, "unexpected exit {other:?}");
+            Err(ExitError::Unexpected(format!("{other:?}")))
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::{GuestStop, SerialDevice};
-use vmm::machine::Machine;
+use vmm::machine::{Attach, Machine};
 use vmm::memory::GuestRam;
 use vmm::state::{MachineState, Persist};
 use vmm::testing::kvm_ready;
@@ -29,7 +29,7 @@ fn machine(code: &[u8], vcpus: u8) -> Machine {
         cmdline: String::new(),
         vcpus,
     };
-    Machine::boot(MEM, &boot, None, Box::new(std::io::sink())).unwrap()
+    Machine::boot(MEM, &boot, Attach::console(Box::new(std::io::sink()))).unwrap()
 }
 
 /// `mov dword [addr], value` in 32-bit code.
@@ -134,7 +134,7 @@ fn copy_ram(ram: &GuestRam) -> Vec<u8> {
 fn restore(st: &MachineState, image: &[u8]) -> Machine {
     let ram = GuestRam::new(st.config.mem_size).unwrap();
     ram.write_from(0, image).unwrap();
-    Machine::restore(st, ram, Box::new(std::io::sink())).unwrap()
+    Machine::restore(st, ram, Attach::console(Box::new(std::io::sink()))).unwrap()
 }
 
 #[test]

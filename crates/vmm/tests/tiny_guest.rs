@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
-use vmm::machine::Machine;
+use vmm::machine::{Attach, Machine};
 use vmm::run::RunEnd;
 use vmm::testing::kvm_ready;
 use vmm::vcpu::{PauseAction, VcpuError};
@@ -38,7 +38,7 @@ fn machine(code: &[u8], vcpus: u8, out: Capture) -> Machine {
         cmdline: String::new(),
         vcpus,
     };
-    Machine::boot(32 << 20, &boot, None, Box::new(out)).unwrap()
+    Machine::boot(32 << 20, &boot, Attach::console(Box::new(out))).unwrap()
 }
 
 #[test]

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+#[cfg(feature = "testing")]
+pub use shared::CowTestHooks;
 pub use shared::{CowOptions, Tracker};
 use store::Mode;
 use uffd::{Uffd, feature};

@@ -32,7 +32,9 @@ pub(crate) fn save_epoch(
     let full = meta.full;
     // Pages gathered for an epoch that failed are not this epoch's.
     out.clear();
-    std::thread::sleep(shared.opts.test_saver_delay);
+    if !shared.opts.saver_delay().is_zero() {
+        std::thread::sleep(shared.opts.saver_delay());
+    }
     if full && shared.opts.tracker == Tracker::Uffd {
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
     }

@@ -69,19 +69,52 @@ pub struct CowOptions {
     pub pause_copy_budget: std::time::Duration,
     /// The VM was restored lazily: share its pager's userfaultfd.
     pub lazy: Option<crate::lazy::LazyLink>,
-    /// Test hook: the saver waits this long before it starts, so that
-    /// writes meet protected pages.
-    #[doc(hidden)]
-    pub test_saver_delay: std::time::Duration,
-    /// Test hook for mutation checks: the fault handler lifts protection
-    /// without copying the page first (the saved epoch is then wrong).
-    #[doc(hidden)]
-    pub test_skip_copy: bool,
-    /// Test hook: the fault handler waits this long between marking a
-    /// block unarmed (on a fault, or capturing ahead) and lifting its
-    /// protection, widening the window in which a pause could re-arm it.
-    #[doc(hidden)]
-    pub test_lift_delay: std::time::Duration,
+    /// Test hooks (feature `testing` only).
+    #[cfg(feature = "testing")]
+    pub test: CowTestHooks,
+}
+
+/// Ways for tests to widen the engine's races or break it on purpose
+/// (feature `testing`; the product has none of them).
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Default)]
+pub struct CowTestHooks {
+    /// The saver waits this long before it starts, so that writes meet
+    /// protected pages.
+    pub saver_delay: std::time::Duration,
+    /// For mutation checks: the fault handler lifts protection without
+    /// copying the page first (the saved epoch is then wrong).
+    pub skip_copy: bool,
+    /// The fault handler waits this long between marking a block unarmed
+    /// (on a fault, or capturing ahead) and lifting its protection,
+    /// widening the window in which a pause could re-arm it.
+    pub lift_delay: std::time::Duration,
+}
+
+impl CowOptions {
+    /// The saver's delay before it starts (a test hook; none in the product).
+    pub(crate) fn saver_delay(&self) -> std::time::Duration {
+        #[cfg(feature = "testing")]
+        return self.test.saver_delay;
+        #[cfg(not(feature = "testing"))]
+        std::time::Duration::ZERO
+    }
+
+    /// The fault handler's delay before it lifts protection (a test hook).
+    pub(crate) fn lift_delay(&self) -> std::time::Duration {
+        #[cfg(feature = "testing")]
+        return self.test.lift_delay;
+        #[cfg(not(feature = "testing"))]
+        std::time::Duration::ZERO
+    }
+
+    /// The fault handler skips its copy (a test hook for mutation checks).
+    pub(crate) fn skip_copy(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.test.skip_copy;
+        #[cfg(not(feature = "testing"))]
+        false
+    }
 }
 
 impl Default for CowOptions {
@@ -94,11 +127,10 @@ impl Default for CowOptions {
             merge_gap_pages: 16,
             hot: Some(crate::hot::HotPolicy::default()),
             capture_ahead: true,
-            pause_copy_budget: std::time::Duration::from_millis(1),
+            pause_copy_budget: std::time::Duration::ZERO,
             lazy: None,
-            test_saver_delay: std::time::Duration::ZERO,
-            test_skip_copy: false,
-            test_lift_delay: std::time::Duration::ZERO,
+            #[cfg(feature = "testing")]
+            test: CowTestHooks::default(),
         }
     }
 }
@@ -496,8 +528,8 @@ impl Shared {
         // Lifted under the lock, like the `armed` bits cleared above: see
         // `on_fault`. (Capture-ahead can still be lifting when the saver
         // has committed the epoch and the next pause begins.)
-        if !lift.is_empty() && !self.opts.test_lift_delay.is_zero() {
-            std::thread::sleep(self.opts.test_lift_delay);
+        if !lift.is_empty() && !self.opts.lift_delay().is_zero() {
+            std::thread::sleep(self.opts.lift_delay());
         }
         for (r, s, e) in lift {
             let (a, l) = self.span(r, s, e);
@@ -551,7 +583,7 @@ impl Shared {
         let (b0, b1) = self.block_pages(ri, block);
         let mut g = self.lock();
         loop {
-            if self.opts.test_skip_copy {
+            if self.opts.skip_copy() {
                 break;
             }
             let mut want = Vec::new();
@@ -592,8 +624,8 @@ impl Shared {
                 wrap: true,
             });
         }
-        if !self.opts.test_lift_delay.is_zero() {
-            std::thread::sleep(self.opts.test_lift_delay);
+        if !self.opts.lift_delay().is_zero() {
+            std::thread::sleep(self.opts.lift_delay());
         }
         let (a, l) = self.span(ri, b0, b1);
         let lifted = self.uffd.unprotect(a, l, true);

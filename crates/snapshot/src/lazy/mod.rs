@@ -18,7 +18,6 @@
 
 mod pager;
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,8 +25,9 @@ use std::thread::JoinHandle;
 
 use store::{EpochReader, Source, Store, format::Header};
 use uffd::Uffd;
-use vmm::machine::{Machine, MachineError};
+use vmm::machine::{Attach, Machine, MachineError};
 use vmm::memory::GuestRam;
+use vmm::state::MachineConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 pub(crate) use self::pager::WpSink;
@@ -204,11 +204,11 @@ impl LazyLink {
 pub fn restore_lazy(
     store: &Store,
     id: u64,
-    serial_out: Box<dyn Write + Send>,
+    attach: impl FnOnce(&MachineConfig) -> Attach,
     for_cow: bool,
 ) -> Result<(Restored, LazyPager), RestoreError> {
     let head = store.info(id)?.header;
-    restore_lazy_from(&head, || Ok(store.chain(id)?), serial_out, for_cow)
+    restore_lazy_from(&head, || Ok(store.chain(id)?), attach, for_cow)
 }
 
 /// [`restore_lazy`] of the epoch whose header is `head`, from the chain
@@ -218,7 +218,7 @@ pub fn restore_lazy(
 pub fn restore_lazy_from(
     head: &Header,
     open_chain: impl FnOnce() -> Result<Vec<EpochReader>, RestoreError> + Send,
-    serial_out: Box<dyn Write + Send>,
+    attach: impl FnOnce(&MachineConfig) -> Attach,
     for_cow: bool,
 ) -> Result<(Restored, LazyPager), RestoreError> {
     let t0 = std::time::Instant::now();
@@ -303,7 +303,7 @@ pub fn restore_lazy_from(
     // compete with that for the CPU.
     lazy.threads
         .push(spawn_worker("lazy-faults", 0, &pager, &stop).map_err(lazy_err)?);
-    let machine = Machine::restore_prepared(vm, &prep.state, serial_out)?;
+    let machine = Machine::restore_prepared(vm, &prep.state, attach(&prep.state.config))?;
     lazy.threads
         .push(spawn_worker("lazy-fill", FILL_NICE, &pager, &stop).map_err(lazy_err)?);
     tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: machine restored");
@@ -443,12 +443,7 @@ fn fill(p: &Pager) {
         });
     }
     let stopped = || p.stopping.load(Ordering::SeqCst) || p.failed.load(Ordering::SeqCst);
-    // Test hook: a slow fill, so that tests see the VM (and its snapshots)
-    // run long before every page has arrived.
-    let pause = std::env::var("CONSNAP_TEST_LAZY_FILL_PAUSE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis);
+    let pause = fill_pause();
     // Measurement knob: `CONSNAP_LAZY_FILL_ORDER=address` fills in guest
     // address order instead, to measure what the newest-first order buys.
     let mut data: Vec<&store::Run> = by_epoch.into_iter().flatten().collect();
@@ -500,4 +495,17 @@ fn fill(p: &Pager) {
         p.huge_ns.store(ns, Ordering::SeqCst);
         tracing::info!(seconds = ns as f64 / 1e9, "lazy restore: huge pages collapsed");
     }
+}
+
+/// Test hook (feature `testing`): `CONSNAP_TEST_LAZY_FILL_PAUSE_MS` slows
+/// the fill down, so that tests see the VM (and its snapshots) run long
+/// before every page has arrived. The product never reads it.
+fn fill_pause() -> Option<std::time::Duration> {
+    #[cfg(feature = "testing")]
+    return std::env::var("CONSNAP_TEST_LAZY_FILL_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
+    #[cfg(not(feature = "testing"))]
+    None
 }

@@ -41,7 +41,7 @@ pub fn meta(id: u64, parent: Option<u64>) -> EpochMeta {
         created_ns: id * 1000,
         vcpus: 1,
         mem_size: 8 * PAGE as u64,
-        guest_ops: Some(id),
+        progress: Some(id),
     }
 }
 

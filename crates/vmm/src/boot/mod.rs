@@ -2,7 +2,7 @@
 //!
 //! Two boot protocols:
 //! - **PVH** for ELF kernels with a `XEN_ELFNOTE_PHYS32_ENTRY` note: the
-//!   workload guest, and Linux's uncompressed `vmlinux`. Entry in 32-bit
+//!   guests of consnap's tests, and Linux's uncompressed `vmlinux`. Entry in 32-bit
 //!   protected mode with EBX pointing at `hvm_start_info`.
 //! - **Linux 64-bit boot protocol** for bzImage: `boot_params` at the zero
 //!   page, entry at `startup_64` in long mode on identity page tables.
@@ -106,7 +106,7 @@ pub enum BootError {
 /// Where the kernel comes from.
 #[derive(Debug, Clone)]
 pub enum KernelSource {
-    /// An image held in memory (the embedded workload guest), with a name for messages.
+    /// An image held in memory (an embedded kernel), with a name for messages.
     Bytes {
         /// Name used in errors.
         name: String,

@@ -1,7 +1,7 @@
 //! Intel MultiProcessor Specification 1.4 tables.
 //!
 //! Linux finds its CPUs, the I/O APIC and the ISA interrupt routing here when
-//! there are no ACPI tables, and the workload guest counts CPUs from it. The
+//! there are no ACPI tables, and guests that read no ACPI count CPUs from it. The
 //! floating pointer sits at the start of the EBDA, where both look.
 
 use super::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};

@@ -1,4 +1,14 @@
-//! Port-I/O devices emulated by the VMM (everything else is in-kernel KVM).
+//! The devices the VMM emulates (everything else is in-kernel KVM), on two
+//! buses that the vCPU threads dispatch guest accesses through.
+//!
+//! Every device implements [`BusDevice`] (reads and writes at an offset
+//! into its window) and sits on the port bus or the MMIO bus of
+//! [`Devices`]. A device that works outside the vCPU threads or keeps
+//! requests in flight also implements [`Quiesce`]: at a snapshot's pause
+//! the machine quiesces it (it completes or records what is in flight and
+//! stops touching guest memory) before its state is saved, and resumes it
+//! with the vCPUs. Each device with state saves it through
+//! [`crate::state::Persist`], next to its code.
 //!
 //! | ports        | device                                         |
 //! |--------------|------------------------------------------------|
@@ -7,26 +17,21 @@
 //! | 0x60, 0x64   | i8042 stub: reads 0, command 0xfe resets the VM |
 //! | 0x600, 0x601 | ACPI sleep control/status: SLP_EN powers the VM off (guest `poweroff`) |
 //!
-//! Reads of any other port return all ones; writes are ignored. The
-//! debug-exit and i8042 stubs hold no state; COM1's state is saved through
-//! [`crate::state::Persist`].
+//! The program embedding the VMM may add port devices of its own
+//! ([`crate::machine::Attach`]). Reads of any other port or address return
+//! all ones; writes are ignored.
 
+pub mod legacy;
 pub mod serial;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use thiserror::Error;
 
 pub use serial::SerialDevice;
 
-/// Debug-exit port.
-pub const DEBUG_EXIT_PORT: u16 = workload::abi::DEBUG_EXIT_PORT;
-/// The idle port (see [`workload::abi::IDLE_PORT`]); writes are handled by
-/// the vCPU thread itself, which sleeps.
-pub const IDLE_PORT: u16 = workload::abi::IDLE_PORT;
-const I8042_DATA: u16 = 0x60;
-const I8042_CMD: u16 = 0x64;
-const I8042_RESET: u8 = 0xfe;
-
-/// Device errors.
+/// Device errors; each names the device.
 #[derive(Debug, Error)]
 pub enum DeviceError {
     /// Creating an event fd failed.
@@ -38,8 +43,35 @@ pub enum DeviceError {
         source: std::io::Error,
     },
     /// Saved device state could not be applied.
-    #[error("invalid device state: {0}")]
-    State(String),
+    #[error("invalid state of {device}: {why}")]
+    State {
+        /// Which device.
+        device: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Two devices claim overlapping windows.
+    #[error("{bus} bus: {new} at {base:#x} (+{len:#x}) overlaps {old}")]
+    Overlap {
+        /// "port" or "MMIO".
+        bus: &'static str,
+        /// The device being added.
+        new: String,
+        /// Its base.
+        base: u64,
+        /// Its length.
+        len: u64,
+        /// The device already there.
+        old: String,
+    },
+    /// A device could not finish its in-flight work at a pause.
+    #[error("{device} could not quiesce: {why}")]
+    Quiesce {
+        /// Which device.
+        device: String,
+        /// Why.
+        why: String,
+    },
 }
 
 /// How the guest asked to stop.
@@ -56,54 +88,179 @@ pub enum GuestStop {
     Shutdown,
 }
 
-/// The VMM's port-I/O devices.
-#[derive(Debug)]
-pub struct Devices {
-    /// COM1.
-    pub serial: SerialDevice,
+/// What a guest write asks of the vCPU that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOutcome {
+    /// Nothing: the vCPU runs on.
+    Done,
+    /// The guest asked the VM to stop.
+    Stop(GuestStop),
+    /// The guest has nothing to do for up to this long: the vCPU thread
+    /// sleeps (less when the VMM pauses or stops the vCPU).
+    Idle(Duration),
 }
 
-impl Devices {
-    /// Dispatch a guest IN.
-    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        match port {
-            p if (serial::COM1_BASE..serial::COM1_BASE + 8).contains(&p) && data.len() == 1 => {
-                data[0] = self.serial.read((p - serial::COM1_BASE) as u8);
-            }
-            IDLE_PORT if data.len() == 2 => data.copy_from_slice(&workload::abi::IDLE_MAGIC.to_le_bytes()),
-            I8042_DATA | I8042_CMD => data.fill(0),
-            crate::boot::acpi::SLEEP_CONTROL_PORT | crate::boot::acpi::SLEEP_STATUS_PORT => data.fill(0),
-            _ => data.fill(0xff),
+/// A device on a bus: the guest reads and writes at offsets into its window.
+pub trait BusDevice: Send + Sync {
+    /// A name for messages.
+    fn name(&self) -> String;
+    /// The guest reads `data.len()` bytes at `offset`.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset`.
+    fn write(&self, offset: u64, data: &[u8]) -> IoOutcome;
+}
+
+/// A device with work of its own beside the vCPUs (requests served on a
+/// thread of its own, requests in flight): the snapshot pause must reach it.
+pub trait Quiesce: Send + Sync {
+    /// With every vCPU parked, before the device's state is saved:
+    /// complete (or record, to resubmit after a restore) every request in
+    /// flight, then stop touching guest memory and the device's backing
+    /// files until [`Quiesce::resume`]. Pages the device wrote into guest
+    /// memory were written through vm-memory, whose bitmap the machine's
+    /// dirty set includes.
+    fn quiesce(&self) -> Result<(), DeviceError>;
+    /// After the pause: serve requests again.
+    fn resume(&self);
+}
+
+struct Slot {
+    base: u64,
+    len: u64,
+    device: Arc<dyn BusDevice>,
+}
+
+/// An address space of devices (the port bus or the MMIO bus).
+pub struct Bus {
+    name: &'static str,
+    /// Sorted by base; windows never overlap.
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut l = f.debug_list();
+        for s in &self.slots {
+            l.entry(&format_args!("{:#x}+{:#x} {}", s.base, s.len, s.device.name()));
+        }
+        l.finish()
+    }
+}
+
+impl Bus {
+    /// An empty bus called `name` in messages.
+    pub fn new(name: &'static str) -> Bus {
+        Bus {
+            name,
+            slots: Vec::new(),
         }
     }
 
-    /// Dispatch a guest OUT; returns a stop request if the guest asked for one.
-    pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<GuestStop> {
-        match port {
-            p if (serial::COM1_BASE..serial::COM1_BASE + 8).contains(&p) && data.len() == 1 => {
-                self.serial.write((p - serial::COM1_BASE) as u8, data[0]);
-                None
-            }
-            DEBUG_EXIT_PORT => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                self.serial.flush();
-                Some(GuestStop::PowerOff {
-                    code: u32::from_le_bytes(v),
-                })
-            }
-            p if p == crate::boot::acpi::SLEEP_CONTROL_PORT
-                && data.first().is_some_and(|v| v & crate::boot::acpi::SLP_EN != 0) =>
-            {
-                self.serial.flush();
-                Some(GuestStop::Shutdown)
-            }
-            I8042_CMD if data.first() == Some(&I8042_RESET) => {
-                self.serial.flush();
-                Some(GuestStop::Reset)
-            }
-            _ => None,
+    /// Put `device` at `[base, base + len)`.
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<(), DeviceError> {
+        let end = base.saturating_add(len);
+        if let Some(s) = self.slots.iter().find(|s| base < s.base + s.len && s.base < end) {
+            return Err(DeviceError::Overlap {
+                bus: self.name,
+                new: device.name(),
+                base,
+                len,
+                old: s.device.name(),
+            });
         }
+        let at = self.slots.partition_point(|s| s.base < base);
+        self.slots.insert(at, Slot { base, len, device });
+        Ok(())
+    }
+
+    /// The device whose window holds the whole access `[addr, addr + len)`,
+    /// and the offset of `addr` in it.
+    fn find(&self, addr: u64, len: usize) -> Option<(&dyn BusDevice, u64)> {
+        let i = self.slots.partition_point(|s| s.base <= addr).checked_sub(1)?;
+        let s = &self.slots[i];
+        let off = addr - s.base;
+        (off.checked_add(len as u64)? <= s.len).then_some((&*s.device, off))
+    }
+
+    /// A guest read at `addr`; all ones where no device answers.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr, data.len()) {
+            Some((d, off)) => d.read(off, data),
+            None => {
+                tracing::trace!(bus = self.name, "read of unbacked address {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// A guest write at `addr`; ignored where no device answers.
+    pub fn write(&self, addr: u64, data: &[u8]) -> IoOutcome {
+        match self.find(addr, data.len()) {
+            Some((d, off)) => d.write(off, data),
+            None => {
+                tracing::trace!(bus = self.name, "write to unbacked address {addr:#x}");
+                IoOutcome::Done
+            }
+        }
+    }
+}
+
+/// The VMM's devices: the console, both buses, and the devices that
+/// take part in the snapshot pause.
+pub struct Devices {
+    /// COM1 (also on the port bus).
+    pub serial: Arc<SerialDevice>,
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+    /// Devices quiesced at a snapshot's pause, in this order.
+    quiesce: Vec<Arc<dyn Quiesce>>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Devices {
+    /// COM1 and the legacy stubs on the port bus (see the module table).
+    pub fn new(serial: SerialDevice) -> Result<Devices, DeviceError> {
+        let serial = Arc::new(serial);
+        let mut pio = Bus::new("port");
+        pio.insert(u64::from(serial::COM1_BASE), 8, serial.clone())?;
+        legacy::insert_all(&mut pio)?;
+        Ok(Devices {
+            serial,
+            pio,
+            mmio: Bus::new("MMIO"),
+            quiesce: Vec::new(),
+        })
+    }
+
+    /// Add a device that takes part in the snapshot pause.
+    pub fn add_quiesce(&mut self, d: Arc<dyn Quiesce>) {
+        self.quiesce.push(d);
+    }
+
+    /// Quiesce every device (see [`Quiesce`]); on failure the ones already
+    /// quiesced are resumed.
+    pub fn quiesce(&self) -> Result<(), DeviceError> {
+        for (i, d) in self.quiesce.iter().enumerate() {
+            if let Err(e) = d.quiesce() {
+                self.quiesce[..i].iter().for_each(|d| d.resume());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume every device after [`Devices::quiesce`] (harmless otherwise).
+    pub fn resume(&self) {
+        self.quiesce.iter().for_each(|d| d.resume());
     }
 }

@@ -7,7 +7,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::DeviceError;
+use super::{BusDevice, DeviceError, IoOutcome};
 use crate::state::Persist;
 
 /// First port of COM1.
@@ -74,6 +74,28 @@ impl SerialDevice {
     }
 }
 
+/// One-byte accesses to the eight registers; anything wider reads all
+/// ones and is ignored.
+impl BusDevice for SerialDevice {
+    fn name(&self) -> String {
+        "COM1".into()
+    }
+
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match data {
+            [b] => *b = SerialDevice::read(self, offset as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> IoOutcome {
+        if let [b] = data {
+            SerialDevice::write(self, offset as u8, *b);
+        }
+        IoOutcome::Done
+    }
+}
+
 /// COM1's registers and pending input; its output writer and interrupt fd are
 /// the restore arguments.
 impl Persist for SerialDevice {
@@ -86,8 +108,10 @@ impl Persist for SerialDevice {
     }
 
     fn restore((irq, out): Self::Args, state: &SerialState) -> Result<Self, DeviceError> {
-        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| DeviceError::State(format!("serial: {e:?}")))?;
+        let uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, out).map_err(|e| DeviceError::State {
+            device: "COM1".into(),
+            why: format!("{e:?}"),
+        })?;
         Ok(Self { uart: Mutex::new(uart) })
     }
 }

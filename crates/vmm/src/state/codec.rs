@@ -117,7 +117,7 @@ pub fn encode(st: &MachineState) -> Vec<u8> {
     cfg.push(st.config.vcpus);
     cfg.extend_from_slice(&[0; 7]);
     put_str(&mut cfg, Some(&st.config.kernel));
-    put_str(&mut cfg, st.config.workload.as_deref());
+    put_str(&mut cfg, st.config.cmdline.as_deref());
     e.rec(CONFIG, 0, &cfg);
     e.rec(PIC_MASTER, 0, pod_bytes(&st.vm.pic_master));
     e.rec(PIC_SLAVE, 0, pod_bytes(&st.vm.pic_slave));
@@ -305,11 +305,11 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                 let mem_size = r.u64()?;
                 let vcpus = r.take(8)?[0];
                 let kernel = r.string()?.unwrap_or_default();
-                let workload = r.string()?;
+                let cmdline = r.string()?;
                 config = Some(MachineConfig {
                     mem_size,
                     vcpus,
-                    workload,
+                    cmdline,
                     kernel,
                 });
             }
@@ -419,7 +419,7 @@ mod tests {
             config: MachineConfig {
                 mem_size: 64 << 20,
                 vcpus: 2,
-                workload: Some("workload=memstress".into()),
+                cmdline: Some("console=ttyS0 reboot=k".into()),
                 kernel: "embedded".into(),
             },
             vm: VmState {

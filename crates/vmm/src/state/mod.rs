@@ -93,9 +93,10 @@ pub struct MachineConfig {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
-    /// The workload spec (guest command-line words) if the guest is the workload guest.
-    pub workload: Option<String>,
-    /// What was booted, for humans (path or "embedded workload guest").
+    /// The kernel command line the machine booted with (`None` in states
+    /// saved before consnap recorded it for every kernel).
+    pub cmdline: Option<String>,
+    /// What was booted, for humans (a path, or the name of an embedded image).
     pub kernel: String,
 }
 

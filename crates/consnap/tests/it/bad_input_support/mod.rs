@@ -158,7 +158,7 @@ pub fn small_store(dir: &Path) {
                 created_ns: id * 1_000_000_000,
                 vcpus: 1,
                 mem_size: 4 * PAGE as u64,
-                guest_ops: Some(id),
+                progress: Some(id),
             })
             .unwrap();
         w.write_state(b"not a machine").unwrap();

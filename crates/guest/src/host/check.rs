@@ -13,7 +13,7 @@ use thiserror::Error;
 use workload::abi::{self, off};
 use workload::{Kind, NoEnv, Share, Spec};
 
-use crate::memory::GuestRam;
+use vmm::memory::GuestRam;
 
 /// Why a memory image does not pass.
 #[derive(Debug, Error)]
@@ -86,7 +86,7 @@ pub fn check(ram: &GuestRam, spec: &str) -> Result<Checked, CheckError> {
         ops: 0,
         bytes: 0,
     };
-    let Some(status) = crate::guest_status::read(ram) else {
+    let Some(status) = super::status::read(ram) else {
         return Ok(none);
     };
     if status.state < abi::state::RUNNING || status.ncpus == 0 {

@@ -2,7 +2,7 @@
 
 use workload::abi::{self, off};
 
-use crate::memory::GuestRam;
+use vmm::memory::GuestRam;
 
 /// A snapshot of the guest's published status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
