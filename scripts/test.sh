@@ -8,7 +8,8 @@
 # 3. Fetches the Debian kernel and busybox initramfs for the Linux tests
 #    (cached in target/linux), and builds Garage for the replication tests
 #    (once per machine, scripts/garage.sh).
-# 4. Runs every test in release mode. When /dev/kvm exists,
+# 4. Builds the product binary (no test hooks) for the test that checks
+#    it, then runs every test in release mode. When /dev/kvm exists,
 #    CONSNAP_REQUIRE_KVM=1 makes a KVM test that cannot run a failure, never
 #    a silent skip; when QEMU is installed, CONSNAP_REQUIRE_QEMU=1 makes the
 #    cross-check against QEMU mandatory too. Tests keep their files in
@@ -22,6 +23,15 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
+
+# The product binary as `cargo build --release` makes it: without the
+# test hooks, which only test builds compile in (the `testing` feature of
+# snapshot, turned on by consnap's dev-dependencies). A test checks that
+# it ignores them; `cargo test` below builds the binary again with them.
+cargo build --release --bin consnap
+mkdir -p target/product
+cp target/release/consnap target/product/consnap
+export CONSNAP_PRODUCT_BIN=$PWD/target/product/consnap CONSNAP_REQUIRE_PRODUCT=1
 
 ./scripts/fetch-linux.sh
 export CONSNAP_LINUX_DIR=${CONSNAP_LINUX_DIR:-$PWD/target/linux}

@@ -1,31 +1,35 @@
-//! consnap's snapshot engine: captures epochs of a running machine into a
-//! [`store::Store`] with one of three strategies (`stop-copy-full`,
-//! `stop-copy`, `cow`), and brings a machine back from one.
+//! consnap's snapshot engine, in two halves:
+//! - [`capture`]: takes epochs of a running machine into a
+//!   [`store::Store`] with one of three strategies (`stop-copy-full`,
+//!   `stop-copy`, `cow`);
+//! - [`restore`]: brings a machine back from an epoch, eagerly or lazily
+//!   (pages on demand).
+//!
+//! [`pages`] holds what both halves use to handle guest pages.
 
-mod cow;
-mod engine;
-mod errlog;
-mod error;
-mod fill;
-mod hot;
-mod lazy;
+pub mod capture;
 pub mod pages;
-mod restore;
-mod stop_copy;
-mod strategy;
-mod target;
-mod worker;
+pub mod restore;
 
+pub use capture::{
+    Captured, CowOptions, EpochError, EpochFailure, EpochRecord, EpochStats, HotPolicy, SnapshotConfig, SnapshotEngine,
+    SnapshotError, Target, TargetError, Tracker,
+};
 #[cfg(feature = "testing")]
-pub use cow::CowTestHooks;
-pub use cow::{CowOptions, Tracker};
-#[cfg(feature = "testing")]
-pub use engine::Inject;
-pub use engine::{EpochRecord, SnapshotConfig, SnapshotEngine};
-pub use error::{EpochError, EpochFailure, SnapshotError};
-pub use hot::HotPolicy;
-pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy, restore_lazy_from};
-pub use restore::{RestoreError, Restored, RestoredRam, restore, restore_ram};
+pub use capture::{CowTestHooks, Inject};
+pub use restore::{
+    LazyLink, LazyPager, LazyStats, RestoreError, Restored, RestoredRam, restore, restore_lazy, restore_lazy_from,
+    restore_ram,
+};
 pub use store::Mode;
-pub use strategy::EpochStats;
-pub use target::{Captured, Target, TargetError};
+
+/// Text of a panic payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

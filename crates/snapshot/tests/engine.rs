@@ -84,7 +84,13 @@ fn vmm_written_pages_reach_the_next_epoch() {
             "{mode:?}: epoch 2 holds unchanged pages"
         );
 
-        let restored = snapshot::restore(&store, 2, |_| Attach::console(Box::new(std::io::sink())), &mut |_, _| {}).unwrap();
+        let restored = snapshot::restore(
+            &store,
+            2,
+            |_| Attach::console(Box::new(std::io::sink())),
+            &mut |_, _| {},
+        )
+        .unwrap();
         let mut buf = [0u8; 18];
         restored
             .machine

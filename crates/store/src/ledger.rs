@@ -177,7 +177,7 @@ impl Ledger {
             let _ = std::fs::remove_file(&tmp);
         }
         r?;
-        crate::store::fsync_dir(dir)
+        crate::durable::fsync_dir(dir)
     }
 }
 

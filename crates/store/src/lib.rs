@@ -11,6 +11,7 @@ mod aligned;
 pub mod civil;
 mod codec;
 mod cursor;
+mod durable;
 mod error;
 mod fold;
 pub mod format;
@@ -36,9 +37,9 @@ pub use reader::{EpochReader, RangeRead};
 pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
 pub use retain::{DEFAULT_POLICY, Policy};
 pub use ship::{Detached, merged_onto};
-pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};
+pub use store::{Access, Store, Stray, epoch_file_name, epoch_id_of};
 pub use verify::{Problem, Verified, check_restore, verify};
-pub use writer::{EpochMeta, EpochWriter};
+pub use writer::{EpochInfo, EpochMeta, EpochWriter};
 
 /// Now, in ns since the Unix epoch: the clock of epochs' capture times
 /// (`Header::created_ns`); 0 on a clock set before 1970.

@@ -347,7 +347,7 @@ pub fn reclaim(
             }
         }
         if !plan.remove.is_empty() {
-            crate::store::fsync_dir(&store.dir().join("epochs"))?;
+            crate::durable::fsync_dir(&store.dir().join("epochs"))?;
         }
     }
     pass.time_ns = started.elapsed().as_nanos() as u64;

@@ -17,10 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::codec::Codec;
+use crate::durable::fsync_dir;
 use crate::error::{Result, StoreError, io};
 use crate::format::{self, Header, OLDEST_VERSION, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
 use crate::reader::{EpochReader, open_regular, read_header};
-use crate::writer::{EpochMeta, EpochWriter};
+use crate::writer::{EpochInfo, EpochMeta, EpochWriter};
 
 const EPOCHS: &str = "epochs";
 const STORE_FILE: &str = "STORE";
@@ -34,17 +35,6 @@ const ID_DIGITS: usize = 20;
 /// Guest memory holds secrets: directories are 0700, files 0600, whatever the umask.
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
-
-/// A committed epoch as listed.
-#[derive(Debug, Clone)]
-pub struct EpochInfo {
-    /// Its header.
-    pub header: Header,
-    /// Size of its file.
-    pub file_bytes: u64,
-    /// Its file.
-    pub path: PathBuf,
-}
 
 /// A file in `epochs/` that is neither a committed epoch nor an epoch being
 /// written: consnap never reads it.
@@ -184,12 +174,6 @@ fn make_private(path: &Path, mode: u32) -> Result<()> {
         tracing::info!("{}: mode {had:04o} set to {mode:04o}", path.display());
     }
     Ok(())
-}
-
-pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync directory"))
 }
 
 /// Whether `dir`, which has no STORE file, is a store whose creation was

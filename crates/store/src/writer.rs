@@ -10,12 +10,23 @@ use std::path::PathBuf;
 
 use crate::aligned::AlignedBuf;
 use crate::codec::{Codec, Compressor};
+use crate::durable::fsync_dir;
 use crate::error::{Result, StoreError, io};
 use crate::format::{
     self, EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, Frame, HEADER_SIZE, Header, Mode, PAGE, Section, VERSION,
     checksum,
 };
-use crate::store::{EpochInfo, fsync_dir};
+
+/// A committed epoch as listed.
+#[derive(Debug, Clone)]
+pub struct EpochInfo {
+    /// Its header.
+    pub header: Header,
+    /// Size of its file.
+    pub file_bytes: u64,
+    /// Its file.
+    pub path: PathBuf,
+}
 
 /// What the caller knows about an epoch before writing it.
 #[derive(Debug, Clone)]

@@ -333,15 +333,15 @@ impl Vcpu {
 }
 
 /// Holds vCPU threads until all `n` have arrived, or until opened.
-struct Gate {
+struct StartBarrier {
     m: Mutex<(usize, bool)>,
     cv: Condvar,
     n: usize,
 }
 
-impl Gate {
-    fn new(n: usize) -> Gate {
-        Gate {
+impl StartBarrier {
+    fn new(n: usize) -> StartBarrier {
+        StartBarrier {
             m: Mutex::new((0, false)),
             cv: Condvar::new(),
             n,
@@ -409,7 +409,7 @@ impl Vcpus {
         // the AP's own KVM_SET_MP_STATE/LAPIC/VCPU_EVENTS then overwrites,
         // and the AP never starts (seen on 2-vCPU restores of epochs taken
         // during SMP bring-up).
-        let ready = Arc::new(Gate::new(n));
+        let ready = Arc::new(StartBarrier::new(n));
         let mut threads = Vec::with_capacity(n);
         for vcpu in vcpus {
             let id = vcpu.id;

@@ -533,3 +533,64 @@ fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
     );
     assert!(!err.contains("newest intact epoch"), "{err}");
 }
+
+/// The product binary (a plain `cargo build --release`, without the test
+/// builds' `testing` feature) has no test hooks: `CONSNAP_FAIL_EPOCHS`
+/// fails nothing there. scripts/test.sh builds it first and names it in
+/// `CONSNAP_PRODUCT_BIN`; without it the test says it was skipped (and
+/// fails under `CONSNAP_REQUIRE_PRODUCT=1`, which the script sets).
+#[test]
+fn the_product_binary_ignores_the_failure_hook() {
+    let Some(bin) = std::env::var_os("CONSNAP_PRODUCT_BIN") else {
+        assert_ne!(
+            std::env::var("CONSNAP_REQUIRE_PRODUCT").as_deref(),
+            Ok("1"),
+            "CONSNAP_REQUIRE_PRODUCT=1 but CONSNAP_PRODUCT_BIN is not set"
+        );
+        eprintln!("SKIPPED: CONSNAP_PRODUCT_BIN is not set (scripts/test.sh builds the product binary)");
+        return;
+    };
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("product-hooks");
+    let snaps = dir.join("snaps");
+    let report = dir.join("r.json");
+    let out = run_ok(
+        std::process::Command::new(&bin)
+            .env("CONSNAP_FAIL_EPOCHS", "1,2,3,4,5,6,7,8")
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=8M,ops=40000,rate=20000",
+                "--interval",
+                "100ms",
+            ])
+            .args(["--pause-probe", "0", "--quiet", "--report"])
+            .arg(&report)
+            .arg("--snapshot-dir")
+            .arg(&snaps),
+    );
+    let r = read_report(&report);
+    assert_eq!(r["snapshots"]["failed"].as_u64(), Some(0), "{}", tail(&out.stderr, 20));
+    assert!(r["snapshots"]["count"].as_u64().unwrap() >= 8, "{}", r["snapshots"]);
+    // The same run of the test build fails the hooked attempts: the
+    // variable is not ignored by accident.
+    let hooked = dir.join("hooked.json");
+    run_ok(
+        consnap()
+            .env("CONSNAP_FAIL_EPOCHS", "1,2")
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=8M,ops=10000,rate=20000",
+                "--interval",
+                "100ms",
+            ])
+            .args(["--pause-probe", "0", "--quiet", "--report"])
+            .arg(&hooked)
+            .arg("--snapshot-dir")
+            .arg(dir.join("hooked")),
+    );
+    assert_eq!(read_report(&hooked)["snapshots"]["failed"].as_u64(), Some(2));
+}

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use store::format::HEADER_SIZE;
 
-use super::{BEHIND_EPOCHS, COARSE, Kept, LAG_BOUND, Shared, Worker};
+use super::{BEHIND_EPOCHS, COARSE, Kept, LAG_BOUND, Mailbox, Worker};
 use crate::error::{Result, io};
 use crate::manifest::{Entry, Manifest, object_name};
 
@@ -59,7 +59,7 @@ impl Worker {
     /// at most `room` objects, compressed: one
     /// object that restores to what epoch `id` restores to. The epochs
     /// merged into it become covered (local only). Returns its entry.
-    pub(super) fn ship_merged(&mut self, id: u64, kept: &Kept, room: usize, shared: &Shared) -> Result<Entry> {
+    pub(super) fn ship_merged(&mut self, id: u64, kept: &Kept, room: usize, shared: &Mailbox) -> Result<Entry> {
         let onto = |p: u64| kept.get(&p).is_some_and(|&(_, d)| d <= room);
         let d = store::merged_onto(&self.store, id, onto, store::Codec::Zstd).map_err(Box::new)?;
         let mut head = vec![0u8; HEADER_SIZE];
@@ -103,7 +103,7 @@ impl Worker {
     /// Write the next MANIFEST, naming `epochs`; the objects the current
     /// one names and it does not become strays, deleted by the pass once
     /// no manifest names them.
-    pub(super) fn publish(&mut self, epochs: Vec<Entry>, shared: &Shared) -> Result<()> {
+    pub(super) fn publish(&mut self, epochs: Vec<Entry>, shared: &Mailbox) -> Result<()> {
         let m = Manifest {
             store_uuid: self.uuid,
             generation: self.manifest.generation + 1,
@@ -138,7 +138,7 @@ impl Worker {
     /// order, so every epoch named has its chain named: the remote store
     /// is restorable at its newest uploaded epoch. Nothing it named before
     /// is deleted until the pass's final manifest.
-    pub(super) fn publish_interim(&mut self, uploaded: &[Entry], shared: &Shared) -> Result<()> {
+    pub(super) fn publish_interim(&mut self, uploaded: &[Entry], shared: &Mailbox) -> Result<()> {
         let mut by_id: BTreeMap<u64, Entry> = self.manifest.epochs.iter().map(|e| (e.id, e.clone())).collect();
         for e in uploaded {
             by_id.insert(e.id, e.clone());

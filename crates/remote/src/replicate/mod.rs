@@ -116,14 +116,16 @@ pub struct BacklogLimit {
     pub throttle: bool,
 }
 
-struct Shared {
+/// What the replication thread and its owner share: the control state and its
+/// condition variable.
+struct Mailbox {
     control: Mutex<Control>,
     cv: Condvar,
 }
 
 /// The replication thread of one local store.
 pub struct Replicator {
-    shared: Arc<Shared>,
+    shared: Arc<Mailbox>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -226,7 +228,7 @@ impl Replicator {
             limit: Some(limit),
             ..ReplicaStatus::default()
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Mailbox {
             control: Mutex::new(Control {
                 wake: true,
                 stopping: false,
@@ -317,7 +319,7 @@ impl Replicator {
 
 /// Reads a replicator's status; see [`Replicator::watch`].
 #[derive(Clone)]
-pub struct ReplicaWatch(Arc<Shared>);
+pub struct ReplicaWatch(Arc<Mailbox>);
 
 impl std::fmt::Debug for ReplicaWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -350,7 +352,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl Worker {
-    fn run(&mut self, shared: &Shared) {
+    fn run(&mut self, shared: &Mailbox) {
         let mut failures = 0u32;
         loop {
             let stopping = {
@@ -397,7 +399,7 @@ impl Worker {
     }
 
     /// Record the status.
-    fn note(&self, shared: &Shared, error: Option<String>) {
+    fn note(&self, shared: &Mailbox, error: Option<String>) {
         self.note_backlog(shared);
         shared
             .control
@@ -408,7 +410,7 @@ impl Worker {
     }
 
     /// Record what is off-host and the backlog, and whether it is over the limit.
-    fn note_backlog(&self, shared: &Shared) {
+    fn note_backlog(&self, shared: &Mailbox) {
         let mut c = shared.control.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut c.status;
         let newest = self.manifest.epochs.last();
@@ -490,7 +492,7 @@ impl Worker {
 
     /// One pass; `Ok(false)` if some local epoch was left out because its
     /// chain was not whole (a reclamation in progress).
-    fn pass(&mut self, shared: &Shared) -> Result<bool> {
+    fn pass(&mut self, shared: &Mailbox) -> Result<bool> {
         self.scan()?;
         self.note_backlog(shared);
         // Epochs whose chain is whole, in id order.

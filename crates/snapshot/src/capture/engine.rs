@@ -20,13 +20,14 @@ use vmm::dirty::DirtySet;
 use vmm::machine::Machine;
 use vmm::run::{Task, TaskFlow};
 
-use crate::cow::{Cow, CowOptions};
-use crate::errlog::ErrorLog;
-use crate::error::{EpochError, EpochFailure, SnapshotError};
-use crate::stop_copy::StopCopy;
-use crate::strategy::{EpochCtx, EpochStats, StopCopyFull, Strategy};
-use crate::target::Target;
-use crate::worker::{Done, Health, Writer};
+use crate::capture::cow::{Cow, CowOptions};
+use crate::capture::errlog::ErrorLog;
+use crate::capture::error::{EpochError, EpochFailure, SnapshotError};
+use crate::capture::job::EpochStats;
+use crate::capture::stop_copy::StopCopy;
+use crate::capture::strategy::{EpochCtx, StopCopyFull, Strategy};
+use crate::capture::target::Target;
+use crate::capture::worker::{Done, Health, Writer};
 
 /// What to snapshot, where and how often.
 #[derive(Debug, Clone)]
@@ -513,7 +514,7 @@ impl SnapshotEngine {
 
     /// Without the test hooks, the job as it is.
     #[cfg(not(feature = "testing"))]
-    fn inject(&self, job: crate::strategy::JobFn) -> crate::strategy::JobFn {
+    fn inject(&self, job: crate::capture::job::JobFn) -> crate::capture::job::JobFn {
         job
     }
 
@@ -521,7 +522,7 @@ impl SnapshotEngine {
     /// (the file it committed is removed again, as if the final rename had
     /// failed), so that the failure takes the same path as a real one.
     #[cfg(feature = "testing")]
-    fn inject(&self, job: crate::strategy::JobFn) -> crate::strategy::JobFn {
+    fn inject(&self, job: crate::capture::job::JobFn) -> crate::capture::job::JobFn {
         let n = self.attempts;
         if self.inject.panic_attempts.contains(&n) {
             return Box::new(move |pause_ns| {
@@ -532,9 +533,14 @@ impl SnapshotEngine {
         if self.inject.fail_attempts.contains(&n) {
             return Box::new(move |pause_ns| {
                 let c = job(pause_ns)?;
-                std::fs::remove_file(&c.info.path)
-                    .map_err(|e| EpochFailure::Target(crate::target::TargetError(Box::new(e))))?;
-                Err(EpochFailure::Injected)
+                Err(match std::fs::remove_file(&c.info.path) {
+                    Ok(()) => EpochFailure::Injected,
+                    Err(source) => EpochFailure::Store(store::StoreError::Io {
+                        path: c.info.path.clone(),
+                        op: "remove",
+                        source,
+                    }),
+                })
             });
         }
         job

@@ -10,11 +10,12 @@ use std::time::Instant;
 use store::{EpochInfo, EpochMeta, Mode, Store};
 use vmm::memory::PAGE_SIZE;
 
-use crate::error::{EpochFailure, SnapshotError};
+use crate::capture::error::{EpochFailure, SnapshotError};
+use crate::capture::job::{Committed, EpochStats, JobFn};
+use crate::capture::strategy::{EpochCtx, Strategy, capture_full_paused};
+use crate::capture::target::Target;
+use crate::capture::worker::Health;
 use crate::pages::{self, PAGE, PageBuf, is_zero};
-use crate::strategy::{Committed, EpochCtx, EpochStats, JobFn, Strategy, capture_full_paused};
-use crate::target::Target;
-use crate::worker::Health;
 
 /// The staging buffer starts at this size (pre-faulted) and grows when needed.
 const STAGING_START: usize = 16 << 20;
@@ -124,7 +125,7 @@ fn write_incremental(
     pause_ns: u64,
     direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
-    let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
+    let mut w = crate::capture::strategy::open_writer(store, meta, state, direct_io)?;
     let mut data = Vec::with_capacity(gfns.len());
     let mut zeros = Vec::new();
     for (i, &gfn) in gfns.iter().enumerate() {

@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub(crate) use self::pager::WpSink;
 use self::pager::{CLUSTER, FILL_PAGES, HUGE_FRAMES, Pager, Span};
-use crate::error::panic_message;
 use crate::pages::PAGE;
+use crate::panic_message;
 use crate::restore::{RestoreError, Restored};
 
 /// Niceness of the fill thread: it yields to the vCPUs and to the handler.
@@ -110,7 +110,7 @@ impl LazyPager {
         self.pager.resident_ns.load(Ordering::SeqCst) > 0
     }
 
-    /// Counters so far.
+    /// PagerCounters so far.
     pub fn stats(&self) -> LazyStats {
         let c = &self.pager.counters;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -26,17 +26,18 @@ use uffd::{Uffd, feature};
 use vmm::dirty::DirtySet;
 use vmm_sys_util::eventfd::EventFd;
 
-use self::shared::Shared;
-use crate::error::{EpochFailure, SnapshotError};
-use crate::hot::Hotness;
-use crate::strategy::{Committed, EpochCtx, EpochStats, JobFn, Strategy};
-use crate::target::Target;
-use crate::worker::{self, Health};
+use self::shared::CowState;
+use crate::capture::error::{EpochFailure, SnapshotError};
+use crate::capture::hot::Hotness;
+use crate::capture::job::{Committed, EpochStats, JobFn};
+use crate::capture::strategy::{EpochCtx, Strategy};
+use crate::capture::target::Target;
+use crate::capture::worker::{self, Health};
 
 /// The `cow` strategy.
 pub(crate) struct Cow {
     opts: CowOptions,
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<CowState>>,
     stop: Option<EventFd>,
     handler: Option<JoinHandle<()>>,
     scratch: Arc<Mutex<Vec<saver::Buffers>>>,
@@ -81,7 +82,7 @@ impl Strategy for Cow {
             Some(link) => {
                 let queue = Arc::new(Mutex::new(Vec::new()));
                 let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err)?;
-                link.set_sink(Some(crate::lazy::WpSink {
+                link.set_sink(Some(crate::restore::lazy::WpSink {
                     queue: queue.clone(),
                     wake: wake.try_clone().map_err(thread_err)?,
                 }));
@@ -128,7 +129,7 @@ impl Strategy for Cow {
             }
         }
         let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err);
-        let shared = Arc::new(Shared::new(u, ram, self.opts.clone(), evt()?));
+        let shared = Arc::new(CowState::new(u, ram, self.opts.clone(), evt()?));
         let protect = || {
             if self.opts.tracker == Tracker::Uffd {
                 // From now on every write is seen: the first (full) epoch then
@@ -255,7 +256,7 @@ impl Cow {
         &mut self,
         t: &mut dyn Target,
         ctx: &mut EpochCtx,
-        shared: Arc<Shared>,
+        shared: Arc<CowState>,
         t0: Instant,
     ) -> Result<JobFn, EpochFailure> {
         // VMM writes went through protected pages too; forget the bitmap.
@@ -289,7 +290,7 @@ impl Cow {
     fn job(
         &self,
         ctx: &mut EpochCtx,
-        shared: Arc<Shared>,
+        shared: Arc<CowState>,
         calls: u64,
         dirty_time: std::time::Duration,
         capture_time: std::time::Duration,

@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::target::TargetError;
+use crate::capture::target::TargetError;
 
 /// What went wrong with one epoch. Always wrapped in [`EpochError`], which names the epoch.
 #[derive(Debug, Error)]
@@ -20,6 +20,13 @@ pub enum EpochFailure {
     /// Reading guest memory.
     #[error(transparent)]
     Memory(#[from] vmm::memory::MemoryError),
+    /// The saver ended with pages of the epoch neither saved nor copied
+    /// aside (an engine defect: the epoch is not committed).
+    #[error("{pages} pages were neither saved nor copied aside")]
+    Unsaved {
+        /// How many.
+        pages: usize,
+    },
     /// An engine thread is gone.
     #[error("the {0} thread is gone")]
     ThreadGone(&'static str),
@@ -88,15 +95,4 @@ pub enum SnapshotError {
         /// The mode asked for.
         to: store::Mode,
     },
-}
-
-/// Text of a panic payload.
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
 }

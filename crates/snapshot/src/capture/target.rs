@@ -13,13 +13,13 @@ use vmm::vcpu::{PauseAction, VcpuError};
 
 /// A machine operation failed.
 #[derive(Debug, Error)]
-#[error(transparent)]
-pub struct TargetError(pub Box<dyn std::error::Error + Send + Sync>);
-
-impl From<MachineError> for TargetError {
-    fn from(e: MachineError) -> Self {
-        TargetError(Box::new(e))
-    }
+pub enum TargetError {
+    /// The KVM machine.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// A machine without KVM (the tests' fake machine) failed.
+    #[error("{0}")]
+    Other(String),
 }
 
 /// The machine's state, captured while paused.

@@ -29,9 +29,9 @@ pub(crate) struct Span {
     pub len: u64,
 }
 
-/// Counters of a lazy restore.
+/// PagerCounters of a lazy restore.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+pub(crate) struct PagerCounters {
     pub faults: AtomicU64,
     pub fault_pages: AtomicU64,
     pub fill_pages: AtomicU64,
@@ -51,7 +51,7 @@ pub(crate) struct WpSink {
 /// What an install may do now; changed only under the write lock, while
 /// no install runs.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Gate {
+pub(crate) struct InstallMode {
     /// Pages are installed write-protected (cow snapshots run).
     pub protect: bool,
     /// RAM has left the userfaultfd (every page holding data is in): an
@@ -63,8 +63,8 @@ pub(crate) struct Gate {
 /// What the handler and the fill share.
 pub(crate) struct Pager {
     pub uffd: Arc<Uffd>,
-    /// Held for reading across every install: see [`Gate`].
-    pub gate: RwLock<Gate>,
+    /// Held for reading across every install: see [`InstallMode`].
+    pub gate: RwLock<InstallMode>,
     /// The cow fault handler, while one runs (write-protect faults go there).
     pub sink: Mutex<Option<WpSink>>,
     /// Cow snapshots may share the userfaultfd: RAM stays registered, and
@@ -80,7 +80,7 @@ pub(crate) struct Pager {
     pub data_regions: std::collections::BTreeSet<u64>,
     /// One bit per guest frame: claimed by the thread that installs it.
     claimed: Vec<AtomicU64>,
-    pub counters: Counters,
+    pub counters: PagerCounters,
     /// Fault service times, µs.
     pub latencies: Mutex<Vec<u32>>,
     /// The first failure (a page that fails its checksum, an I/O error).
@@ -109,7 +109,7 @@ impl Pager {
         let frames = spans.iter().map(|s| (s.gpa + s.len) / PAGE as u64).max().unwrap_or(0);
         Pager {
             uffd,
-            gate: RwLock::new(Gate::default()),
+            gate: RwLock::new(InstallMode::default()),
             sink: Mutex::new(None),
             for_cow: false,
             zeros: Vec::new(),
@@ -118,7 +118,7 @@ impl Pager {
             chain,
             data_regions,
             claimed: (0..frames.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            counters: Counters::default(),
+            counters: PagerCounters::default(),
             latencies: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             refused: Mutex::new(Vec::new()),

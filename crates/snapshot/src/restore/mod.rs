@@ -1,6 +1,13 @@
 //! Bringing a machine back from an epoch: read the chain, decode the
 //! state, fill fresh guest RAM page by page from the newest epoch that has
-//! each page (verifying every page's checksum), then rebuild the VM.
+//! each page (verifying every page's checksum), then rebuild the VM
+//! ([`restore`]); or rebuild the VM at once and let its pages arrive on
+//! demand ([`restore_lazy`], the pager in `lazy`).
+
+pub(crate) mod fill;
+pub(crate) mod lazy;
+
+pub use lazy::{LazyLink, LazyPager, LazyStats, restore_lazy, restore_lazy_from};
 
 use store::{Source, Store, StoreError};
 use thiserror::Error;
@@ -141,7 +148,7 @@ pub fn restore_ram(store: &Store, id: u64, on_read: &mut dyn FnMut(u64, u64)) ->
         .map(|r| r.count * PAGE as u64)
         .sum();
     let ram = GuestRam::new(state.config.mem_size).map_err(MachineError::from)?;
-    let read = crate::fill::fill(&ram, &chain, &runs, &mut |b| on_read(b, total))?;
+    let read = crate::restore::fill::fill(&ram, &chain, &runs, &mut |b| on_read(b, total))?;
     Ok(RestoredRam {
         state,
         ram,

@@ -57,7 +57,7 @@ pub struct CowOptions {
     pub merge_gap_pages: u64,
     /// Leave pages of regions written in most epochs unprotected in KVM's
     /// dirty log (`None`: re-protect every page each epoch).
-    pub hot: Option<crate::hot::HotPolicy>,
+    pub hot: Option<crate::capture::hot::HotPolicy>,
     /// Between faults, the fault handler copies pending pages aside ahead
     /// of the saver and lifts their protection.
     pub capture_ahead: bool,
@@ -68,7 +68,7 @@ pub struct CowOptions {
     /// page of the block after its protection is lifted.
     pub pause_copy_budget: std::time::Duration,
     /// The VM was restored lazily: share its pager's userfaultfd.
-    pub lazy: Option<crate::lazy::LazyLink>,
+    pub lazy: Option<crate::restore::lazy::LazyLink>,
     /// Test hooks (feature `testing` only).
     #[cfg(feature = "testing")]
     pub test: CowTestHooks,
@@ -125,7 +125,7 @@ impl Default for CowOptions {
             aside_bytes: 256 << 20,
             chunk_pages: 512,
             merge_gap_pages: 16,
-            hot: Some(crate::hot::HotPolicy::default()),
+            hot: Some(crate::capture::hot::HotPolicy::default()),
             capture_ahead: true,
             pause_copy_budget: std::time::Duration::ZERO,
             lazy: None,
@@ -135,9 +135,9 @@ impl Default for CowOptions {
     }
 }
 
-/// Counters for one epoch.
+/// EpochCounters for one epoch.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
+pub(crate) struct EpochCounters {
     pub faults: AtomicU64,
     pub copied: AtomicU64,
     pub waits: AtomicU64,
@@ -154,7 +154,7 @@ pub(crate) struct Counters {
     pub fault_max_ns: AtomicU64,
 }
 
-impl Counters {
+impl EpochCounters {
     pub(crate) fn reset(&self) {
         for c in [
             &self.faults,
@@ -180,13 +180,13 @@ pub(crate) struct Inner {
     pub armed: Vec<PageBits>,
     /// The span the saver has claimed and not yet lifted: (range, first page, end page).
     pub held: Option<(usize, u64, u64)>,
-    /// Pages copied aside: (range, page) -> (slot in [`Shared::slab`],
+    /// Pages copied aside: (range, page) -> (slot in [`CowState::slab`],
     /// keyed hash of the copy under `Tracker::Uffd`, taken while it is hot
     /// in the cache).
     pub aside: BTreeMap<(usize, u64), (u32, Option<u64>)>,
-    /// Free slots of [`Shared::slab`].
+    /// Free slots of [`CowState::slab`].
     pub free: Vec<u32>,
-    /// The epoch was given up ([`Shared::release_all`]): the saver must not commit it.
+    /// The epoch was given up ([`CowState::release_all`]): the saver must not commit it.
     pub aborted: bool,
     /// Where the fault handler's capture-ahead goes next; `None` when it
     /// has nothing left to capture.
@@ -217,8 +217,8 @@ impl CaptureAt {
     };
 }
 
-/// Shared by the strategy, the saver and the fault handler.
-pub(crate) struct Shared {
+/// CowState by the strategy, the saver and the fault handler.
+pub(crate) struct CowState {
     pub uffd: Arc<Uffd>,
     pub ram: Arc<GuestRam>,
     pub ranges: Vec<RamRange>,
@@ -230,7 +230,7 @@ pub(crate) struct Shared {
     pub slab: Slab,
     /// Signalled when aside slots are freed or the saver releases a span.
     pub cv: Condvar,
-    pub counters: Counters,
+    pub counters: EpochCounters,
     /// Wakes the fault handler when an epoch is armed (to capture ahead).
     pub kick: EventFd,
     /// Page hashes of the last committed epoch (`Tracker::Uffd`).
@@ -239,8 +239,8 @@ pub(crate) struct Shared {
     pub seed: u64,
 }
 
-impl Shared {
-    pub(crate) fn new(uffd: Arc<Uffd>, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> Shared {
+impl CowState {
+    pub(crate) fn new(uffd: Arc<Uffd>, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> CowState {
         let ranges = ram.ranges().to_vec();
         let hashes = super::hashes::Hashes::new(&ranges);
         let seed = hashes.seed();
@@ -264,7 +264,7 @@ impl Shared {
                 .map(|r| PageBits::new(r.pages().div_ceil(opts.block_pages)))
                 .collect(),
         };
-        Shared {
+        CowState {
             uffd,
             ram,
             ranges,
@@ -273,7 +273,7 @@ impl Shared {
             inner: Mutex::new(inner),
             slab: Slab::new(slots),
             cv: Condvar::new(),
-            counters: Counters::default(),
+            counters: EpochCounters::default(),
             kick,
             hashes,
             seed,
@@ -355,7 +355,7 @@ impl Shared {
         Ok(calls)
     }
 
-    /// Start capturing ahead of the saver (armed by [`Shared::arm`]). Only
+    /// Start capturing ahead of the saver (armed by [`CowState::arm`]). Only
     /// once the vCPUs run again: woken inside the pause, the fault handler
     /// preempted the pausing thread on this 2-core host and made 1 pause in
     /// 20 last 2-8 ms instead of 0.1 ms.
@@ -655,7 +655,7 @@ pub(crate) enum Faults {
 }
 
 /// Serve one write-protect fault at `addr`, counting its time.
-fn serve(shared: &Shared, addr: u64) {
+fn serve(shared: &CowState, addr: u64) {
     let t = std::time::Instant::now();
     if let Err(e) = shared.on_fault(addr & !(PAGE_SIZE - 1)) {
         panic!("serving a write-protect fault failed: {e}");
@@ -667,7 +667,7 @@ fn serve(shared: &Shared, addr: u64) {
 
 /// The fault handler thread's body: serve faults until `stop` is
 /// signalled; between faults, capture ahead of the saver.
-pub(crate) fn handle_faults(shared: &Shared, faults: &Faults, stop: &EventFd, ready: &dyn Fn()) {
+pub(crate) fn handle_faults(shared: &CowState, faults: &Faults, stop: &EventFd, ready: &dyn Fn()) {
     ready();
     let mut events = [Event::Other(0); 32];
     let mut capture = Capture::Idle;

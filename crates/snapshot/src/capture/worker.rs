@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{EpochFailure, SnapshotError, panic_message};
-use crate::strategy::{Committed, JobFn};
+use crate::capture::error::{EpochFailure, SnapshotError};
+use crate::capture::job::{Committed, JobFn};
+use crate::panic_message;
 
 /// How long a thread may take to report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

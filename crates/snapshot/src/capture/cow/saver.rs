@@ -10,8 +10,8 @@ use store::{EpochInfo, EpochMeta, EpochWriter, Store};
 use vmm::dirty::PageBits;
 use vmm::memory::PAGE_SIZE;
 
-use super::shared::{Shared, Tracker};
-use crate::error::EpochFailure;
+use super::shared::{CowState, Tracker};
+use crate::capture::error::EpochFailure;
 use crate::pages::{self, PageBuf};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -20,7 +20,7 @@ static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// Save one epoch whose pages `shared` holds armed and pending, and commit
 /// it. On failure every protection is lifted before returning.
 pub(crate) fn save_epoch(
-    shared: &Shared,
+    shared: &CowState,
     store: &Store,
     meta: EpochMeta,
     state: &[u8],
@@ -39,7 +39,7 @@ pub(crate) fn save_epoch(
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
     }
     let r = (|| {
-        let mut w = crate::strategy::open_writer(store, meta, state, direct_io)?;
+        let mut w = crate::capture::strategy::open_writer(store, meta, state, direct_io)?;
         for ri in 0..shared.ranges.len() {
             save_range(shared, ri, full, &mut w, scratch, out)?;
         }
@@ -53,9 +53,7 @@ pub(crate) fn save_epoch(
             return Err(EpochFailure::ThreadGone("saver (epoch abandoned)"));
         }
         if leftovers != 0 {
-            return Err(EpochFailure::Target(crate::target::TargetError(
-                format!("{leftovers} pages were neither saved nor copied aside").into(),
-            )));
+            return Err(EpochFailure::Unsaved { pages: leftovers });
         }
         Ok(w.commit(pause_ns)?)
     })();
@@ -78,7 +76,7 @@ enum Src {
 }
 
 fn save_range(
-    shared: &Shared,
+    shared: &CowState,
     ri: usize,
     full: bool,
     w: &mut EpochWriter,
@@ -220,7 +218,7 @@ fn save_range(
 }
 
 /// Copy the claimed pages of `entries` from guest memory into `scratch`.
-fn copy_claimed(shared: &Shared, ri: usize, entries: &[(u64, Src)], scratch: &mut [u8]) -> Result<(), EpochFailure> {
+fn copy_claimed(shared: &CowState, ri: usize, entries: &[(u64, Src)], scratch: &mut [u8]) -> Result<(), EpochFailure> {
     let base = shared.ranges[ri].gpa;
     let mut i = 0;
     while i < entries.len() {
@@ -247,7 +245,7 @@ fn copy_claimed(shared: &Shared, ri: usize, entries: &[(u64, Src)], scratch: &mu
 /// those whose keyed hash differs from the last committed epoch's (their
 /// new hashes are staged, to apply once this epoch commits).
 fn changed(
-    shared: &Shared,
+    shared: &CowState,
     ri: usize,
     full: bool,
     entries: &[(u64, Src)],
@@ -386,13 +384,13 @@ fn write_span(
 }
 
 /// Release the span the saver held, keeping its protection.
-fn release(shared: &Shared) {
+fn release(shared: &CowState) {
     shared.lock().held = None;
     shared.cv.notify_all();
 }
 
 /// Lift protection on the armed blocks of [start, end) and release the span.
-fn lift(shared: &Shared, ri: usize, start: u64, end: u64) -> Result<(), EpochFailure> {
+fn lift(shared: &CowState, ri: usize, start: u64, end: u64) -> Result<(), EpochFailure> {
     let bp = shared.opts.block_pages;
     let mut g = shared.lock();
     let (b0, b1) = (start / bp, end.div_ceil(bp));
