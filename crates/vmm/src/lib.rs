@@ -17,6 +17,7 @@ pub mod devices;
 pub mod dirty;
 pub mod machine;
 pub mod memory;
+pub mod region;
 pub mod run;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]

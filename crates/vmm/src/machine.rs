@@ -9,6 +9,7 @@
 //! vCPUs, each applying its own state on its own thread before it first runs.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,10 +27,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootConfig, BootError, layout};
 use crate::cpuid;
 use crate::devices::serial::COM1_IRQ;
+use crate::devices::virtio::{self, VirtioSlot, block::Block, disk::DiskImage};
 use crate::devices::{BusDevice, DeviceError, Devices, SerialDevice};
 use crate::dirty::{DirtySet, PageBits};
 use crate::memory::{GuestRam, MemoryError, RamRange};
-use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
+use crate::region::Region;
+use crate::state::{
+    self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError, VirtioDeviceState,
+    VirtioState,
+};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
 
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
@@ -132,8 +138,19 @@ pub struct PortDevice {
     pub device: Arc<dyn BusDevice>,
 }
 
+/// A disk image to attach as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskAttach {
+    /// The raw image.
+    pub path: PathBuf,
+    /// The guest may only read it (on a boot; a restore keeps the saved
+    /// device's setting).
+    pub readonly: bool,
+}
+
 /// What the program running a machine attaches to it, on a boot as on a
-/// restore: nothing of it is part of the machine's saved state.
+/// restore: files and hooks, nothing of which is part of the machine's
+/// saved state (a restore checks that the disks fit the saved devices).
 pub struct Attach {
     /// Where the guest's console output goes.
     pub serial_out: Box<dyn Write + Send>,
@@ -141,6 +158,8 @@ pub struct Attach {
     pub ports: Vec<PortDevice>,
     /// The guest's progress counter, if the program knows one.
     pub progress: Option<Arc<dyn ProgressCounter>>,
+    /// Disk images, one virtio-blk device each, in slot order.
+    pub disks: Vec<DiskAttach>,
 }
 
 impl Attach {
@@ -150,6 +169,7 @@ impl Attach {
             serial_out,
             ports: Vec::new(),
             progress: None,
+            disks: Vec::new(),
         }
     }
 }
@@ -164,11 +184,50 @@ impl std::fmt::Debug for Attach {
 }
 
 /// The devices of a machine: COM1 (from its saved state on a restore),
-/// the legacy stubs, and the program's own port devices.
-fn build_devices(serial: SerialDevice, ports: Vec<PortDevice>) -> Result<Devices, DeviceError> {
+/// the legacy stubs, the program's own port devices, and a virtio-blk
+/// device per disk (from its saved state on a restore).
+fn build_devices(
+    parts: &Parts,
+    serial: SerialDevice,
+    ports: Vec<PortDevice>,
+    disks: &[DiskAttach],
+    saved: Option<&[VirtioState]>,
+) -> Result<Devices, DeviceError> {
     let mut d = Devices::new(serial)?;
     for p in ports {
         d.pio.insert(u64::from(p.base), u64::from(p.len), p.device)?;
+    }
+    if disks.len() > virtio::MAX_DEVICES {
+        return Err(DeviceError::Mismatch(format!(
+            "{} disks given: consnap attaches at most {}",
+            disks.len(),
+            virtio::MAX_DEVICES
+        )));
+    }
+    if let Some(s) = saved
+        && s.len() != disks.len()
+    {
+        return Err(DeviceError::Mismatch(format!(
+            "the saved machine has {} disk(s), {} given",
+            s.len(),
+            disks.len()
+        )));
+    }
+    for (i, disk) in disks.iter().enumerate() {
+        let saved = saved.map(|s| &s[i]);
+        let block = match saved.map(|s| &s.device) {
+            Some(VirtioDeviceState::Block(b)) => Block::restore(Arc::new(DiskImage::open(&disk.path, b.readonly)?), b)?,
+            None => {
+                let image = Arc::new(DiskImage::open(&disk.path, disk.readonly)?);
+                let id = disk
+                    .path
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                Block::new(image, &id)
+            }
+        };
+        let slot = VirtioSlot::block(&parts.vm, &parts.ram, i, Arc::new(block), saved.map(|s| &s.transport))?;
+        d.add_virtio(slot)?;
     }
     Ok(d)
 }
@@ -221,7 +280,7 @@ impl std::fmt::Debug for PreparedVm {
 struct Parts {
     kvm: Kvm,
     vm: VmFd,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
 }
 
 /// VM with irqchip, PIT and RAM slots (over `ram`, or fresh RAM of
@@ -272,7 +331,14 @@ fn create_vm(mem_size: u64, vcpus: u8, ram: Option<GuestRam>) -> Result<(Parts, 
     for r in ram.ranges() {
         set_slot(&vm, &ram, r, false)?;
     }
-    Ok((Parts { kvm, vm, ram }, serial_evt))
+    Ok((
+        Parts {
+            kvm,
+            vm,
+            ram: Arc::new(ram),
+        },
+        serial_evt,
+    ))
 }
 
 fn set_slot(vm: &VmFd, ram: &GuestRam, r: &RamRange, log_dirty: bool) -> Result<(), MachineError> {
@@ -336,6 +402,15 @@ impl Machine {
     /// Create a VM and boot `boot` in it (vCPUs not started yet).
     pub fn boot(mem_size: u64, boot: &BootConfig, attach: Attach) -> Result<Machine, MachineError> {
         let (parts, serial_evt) = create_vm(mem_size, boot.vcpus, None)?;
+        // Linux finds virtio-mmio devices on its command line.
+        let mut boot = boot.clone();
+        for i in 0..attach.disks.len() {
+            if !boot.cmdline.is_empty() {
+                boot.cmdline.push(' ');
+            }
+            boot.cmdline += &virtio::cmdline_word(i);
+        }
+        let boot = &boot;
         let entry = boot::load(&parts.ram, boot)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus)?;
         for v in &vcpus {
@@ -356,8 +431,9 @@ impl Machine {
             serial_out,
             ports,
             progress,
+            disks,
         } = attach;
-        let devices = build_devices(SerialDevice::new(serial_evt, serial_out), ports)?;
+        let devices = build_devices(&parts, SerialDevice::new(serial_evt, serial_out), ports, &disks, None)?;
         let config = MachineConfig {
             mem_size,
             vcpus: boot.vcpus,
@@ -399,9 +475,10 @@ impl Machine {
             serial_out,
             ports,
             progress,
+            disks,
         } = attach;
         let serial = SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?;
-        let devices = build_devices(serial, ports)?;
+        let devices = build_devices(&parts, serial, ports, &disks, Some(&state.devices.virtio))?;
         InKernelDevices::restore(&parts.vm, &state.vm)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
         Ok(Self::assemble(
@@ -427,7 +504,7 @@ impl Machine {
         Machine {
             kvm: parts.kvm,
             vm: parts.vm,
-            ram: Arc::new(parts.ram),
+            ram: parts.ram,
             devices: Arc::new(devices),
             config,
             progress,
@@ -498,6 +575,7 @@ impl Machine {
         }
         let devices = DeviceStates {
             serial: self.devices.serial.save()?,
+            virtio: self.devices.virtio.iter().map(VirtioSlot::save).collect(),
         };
         let vm = InKernelDevices(&self.vm).save()?;
         Ok(MachineState {
@@ -650,6 +728,15 @@ impl Machine {
         &self.config
     }
 
+    /// The captured state besides guest RAM: each disk's blocks, in slot order.
+    pub fn regions(&self) -> Vec<Arc<dyn Region>> {
+        self.devices
+            .virtio
+            .iter()
+            .map(|s| s.block.disk().clone() as Arc<dyn Region>)
+            .collect()
+    }
+
     /// The guest's progress counter now, when the program running the
     /// machine attached one ([`Attach::progress`]) and the guest has
     /// published it.
@@ -673,6 +760,7 @@ impl Machine {
         if let Some(v) = self.vcpus.take() {
             self.vcpu_times = v.stop_then(between);
         }
+        self.devices.stop_workers();
         self.devices.serial.flush();
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,22 @@ pub enum DeviceError {
         /// The device already there.
         old: String,
     },
+    /// Wiring a device to KVM failed.
+    #[error("{device}: {op} failed: {source}")]
+    Kvm {
+        /// Which device.
+        device: String,
+        /// The ioctl.
+        op: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A disk image.
+    #[error(transparent)]
+    Disk(#[from] virtio::disk::DiskError),
+    /// The devices given to a restore do not fit the saved machine.
+    #[error("{0}")]
+    Mismatch(String),
     /// A device could not finish its in-flight work at a pause.
     #[error("{device} could not quiesce: {why}")]
     Quiesce {
@@ -205,8 +222,8 @@ impl Bus {
     }
 }
 
-/// The VMM's devices: the console, both buses, and the devices that
-/// take part in the snapshot pause.
+/// The VMM's devices: the console, both buses, the virtio devices, and
+/// the devices that take part in the snapshot pause.
 pub struct Devices {
     /// COM1 (also on the port bus).
     pub serial: Arc<SerialDevice>,
@@ -214,6 +231,8 @@ pub struct Devices {
     pub pio: Bus,
     /// Memory-mapped I/O.
     pub mmio: Bus,
+    /// virtio devices, by slot (also on the MMIO bus).
+    pub virtio: Vec<virtio::VirtioSlot>,
     /// Devices quiesced at a snapshot's pause, in this order.
     quiesce: Vec<Arc<dyn Quiesce>>,
 }
@@ -238,6 +257,7 @@ impl Devices {
             serial,
             pio,
             mmio: Bus::new("MMIO"),
+            virtio: Vec::new(),
             quiesce: Vec::new(),
         })
     }
@@ -262,5 +282,21 @@ impl Devices {
     /// Resume every device after [`Devices::quiesce`] (harmless otherwise).
     pub fn resume(&self) {
         self.quiesce.iter().for_each(|d| d.resume());
+    }
+
+    /// Add a virtio device in the next slot: on the MMIO bus, quiesced at
+    /// pauses, served by its thread from now on.
+    pub fn add_virtio(&mut self, slot: virtio::VirtioSlot) -> Result<(), DeviceError> {
+        let t = slot.transport.clone();
+        self.mmio
+            .insert(virtio::slot_base(t.slot()), virtio::MMIO_WINDOW, t.clone())?;
+        self.quiesce.push(t);
+        self.virtio.push(slot);
+        Ok(())
+    }
+
+    /// Stop the threads of the virtio devices (the vCPUs have stopped).
+    pub fn stop_workers(&self) {
+        self.virtio.iter().for_each(virtio::VirtioSlot::stop);
     }
 }

@@ -85,10 +85,10 @@ fn pod_from<T: Pod>(b: &[u8], what: &str) -> Result<T, StateError> {
     Ok(v)
 }
 
-struct Enc(Vec<u8>);
+pub(super) struct Enc(pub(super) Vec<u8>);
 
 impl Enc {
-    fn rec(&mut self, tag: u16, index: u16, payload: &[u8]) {
+    pub(super) fn rec(&mut self, tag: u16, index: u16, payload: &[u8]) {
         self.0.extend_from_slice(&tag.to_le_bytes());
         self.0.extend_from_slice(&index.to_le_bytes());
         self.0.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -139,6 +139,7 @@ pub fn encode(st: &MachineState) -> Vec<u8> {
     ser.extend_from_slice(&(s.in_buffer.len() as u32).to_le_bytes());
     ser.extend_from_slice(&s.in_buffer);
     e.rec(SERIAL, 0, &ser);
+    super::virtio_codec::encode(&mut e, &st.devices.virtio);
     for v in &st.vcpus {
         let i = u16::from(v.id);
         e.rec(MP_STATE, i, pod_bytes(&v.mp_state));
@@ -167,13 +168,13 @@ pub fn encode(st: &MachineState) -> Vec<u8> {
     e.0
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    what: &'static str,
+pub(super) struct Reader<'a> {
+    pub(super) b: &'a [u8],
+    pub(super) what: &'static str,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
         if self.b.len() < n {
             return Err(StateError::Corrupt(format!("{} record is truncated", self.what)));
         }
@@ -181,11 +182,11 @@ impl<'a> Reader<'a> {
         self.b = t;
         Ok(h)
     }
-    fn u32(&mut self) -> Result<u32, StateError> {
+    pub(super) fn u32(&mut self) -> Result<u32, StateError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
-    fn u64(&mut self) -> Result<u64, StateError> {
+    pub(super) fn u64(&mut self) -> Result<u64, StateError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
@@ -227,6 +228,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
     let mut config = None;
     let (mut pm, mut ps, mut io, mut pit, mut clock, mut serial) = (None, None, None, None, None, None);
     let mut vcpus: Vec<PartialVcpu> = Vec::new();
+    let mut virtio = super::virtio_codec::Slots::default();
     let mut ended = false;
     while !b.is_empty() {
         if b.len() < 8 {
@@ -336,6 +338,7 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
                     in_buffer,
                 });
             }
+            t if virtio.takes(t) => virtio.record(t, index, p)?,
             other => {
                 return Err(StateError::Corrupt(format!("unknown record tag {other:#06x}")));
             }
@@ -384,12 +387,13 @@ pub fn decode(mut b: &[u8]) -> Result<MachineState, StateError> {
         vcpus,
         devices: DeviceStates {
             serial: need(serial, "SERIAL")?,
+            virtio: virtio.finish()?,
         },
     })
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> MachineState {
@@ -434,6 +438,7 @@ mod tests {
             },
             vcpus: vec![vcpu(0), vcpu(1)],
             devices: DeviceStates {
+                virtio: Vec::new(),
                 serial: SerialState {
                     in_buffer: vec![1, 2, 3],
                     ..Default::default()

@@ -9,6 +9,7 @@
 
 mod codec;
 mod kvm;
+mod virtio_codec;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
@@ -168,6 +169,24 @@ impl std::fmt::Debug for VmState {
 pub struct DeviceStates {
     /// COM1 registers and pending input.
     pub serial: SerialState,
+    /// virtio devices, by slot (see `devices::virtio`).
+    pub virtio: Vec<VirtioState>,
+}
+
+/// One virtio device: its transport (registers, queues) and its own state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioState {
+    /// The MMIO transport.
+    pub transport: crate::devices::virtio::mmio::TransportState,
+    /// The device.
+    pub device: VirtioDeviceState,
+}
+
+/// The state of a virtio device behind its transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioDeviceState {
+    /// virtio-blk.
+    Block(crate::devices::virtio::block::BlockState),
 }
 
 /// Everything but memory.

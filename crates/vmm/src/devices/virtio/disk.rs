@@ -1,0 +1,417 @@
+//! A disk image: a raw file the guest reads and writes through virtio-blk,
+//! locked against a second VMM, and captured in every epoch as a
+//! [`Region`] (see `crate::region`): the image tracks the units the guest
+//! writes and copies a frozen unit aside before overwriting it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use thiserror::Error;
+
+use crate::dirty::PageBits;
+use crate::region::{Region, RegionInfo, RegionKind, UNIT};
+
+/// Sector size of virtio-blk.
+pub const SECTOR: u64 = 512;
+/// Smallest image consnap attaches.
+pub const MIN_BYTES: u64 = UNIT;
+
+/// Errors opening a disk image; each names the file.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    /// The file cannot be opened.
+    #[error("cannot open disk image {path}{hint}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// What the user can do.
+        hint: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Not a regular file.
+    #[error("disk image {0} is not a regular file")]
+    NotAFile(PathBuf),
+    /// Size unusable.
+    #[error("disk image {path} is {bytes} bytes: it must be a multiple of {SECTOR} bytes and at least {MIN_BYTES}")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Another process holds the image.
+    #[error("disk image {0} is in use by another process (it holds the image's lock)")]
+    Busy(PathBuf),
+    /// The image changed size under the VM.
+    #[error("disk image {path} changed size from {was} to {now} bytes while the VM ran: another process writes it")]
+    Resized {
+        /// The image.
+        path: PathBuf,
+        /// Size when attached.
+        was: u64,
+        /// Size now.
+        now: u64,
+    },
+    /// Another I/O call failed.
+    #[error("disk image {path}: {op}: {source}")]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// The epoch being saved: which units are still to be read as they were
+/// at the pause, and the ones the guest overwrote since, copied aside.
+#[derive(Debug)]
+struct Frozen {
+    pending: PageBits,
+    aside: BTreeMap<u64, Box<[u8]>>,
+}
+
+#[derive(Debug)]
+struct Track {
+    /// Units written since the last `take_dirty`.
+    dirty: PageBits,
+    frozen: Option<Frozen>,
+}
+
+/// A raw disk image attached to the VM.
+#[derive(Debug)]
+pub struct DiskImage {
+    path: PathBuf,
+    file: File,
+    readonly: bool,
+    bytes: u64,
+    track: Mutex<Track>,
+}
+
+impl DiskImage {
+    /// Open `path` for the guest (read-only when `readonly`), and lock it:
+    /// exclusively for writing, shared for reading, so that two VMs never
+    /// write one image.
+    pub fn open(path: &Path, readonly: bool) -> Result<DiskImage, DiskError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_path_buf(),
+                hint: match source.raw_os_error() {
+                    Some(libc::EACCES | libc::EROFS | libc::EPERM) if !readonly => {
+                        " for writing (attach it with `,readonly` if the guest only reads it)"
+                    }
+                    _ => "",
+                },
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| DiskError::Io {
+            path: path.to_path_buf(),
+            op: "stat",
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(DiskError::NotAFile(path.to_path_buf()));
+        }
+        let bytes = meta.len();
+        if bytes < MIN_BYTES || !bytes.is_multiple_of(SECTOR) {
+            return Err(DiskError::Size {
+                path: path.to_path_buf(),
+                bytes,
+            });
+        }
+        let op = if readonly { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let source = io::Error::last_os_error();
+            return Err(if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                DiskError::Busy(path.to_path_buf())
+            } else {
+                DiskError::Io {
+                    path: path.to_path_buf(),
+                    op: "lock",
+                    source,
+                }
+            });
+        }
+        let units = bytes.div_ceil(UNIT);
+        Ok(DiskImage {
+            path: path.to_path_buf(),
+            file,
+            readonly,
+            bytes,
+            track: Mutex::new(Track {
+                dirty: PageBits::new(units),
+                frozen: None,
+            }),
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its size in bytes, as attached.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Attached read-only.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Track> {
+        self.track.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The units `[offset, offset + len)` touches.
+    fn units(offset: u64, len: u64) -> std::ops::Range<u64> {
+        offset / UNIT..(offset + len).div_ceil(UNIT)
+    }
+
+    /// Read `buf.len()` bytes at `offset` (inside the image).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Write `data` at `offset` (inside the image): frozen units it
+    /// touches are copied aside first, and its units become dirty.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if self.readonly {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let units = Self::units(offset, data.len() as u64);
+        {
+            let mut t = self.lock();
+            if let Some(f) = &mut t.frozen {
+                for u in units.clone() {
+                    if f.pending.get(u) {
+                        let mut unit = vec![0u8; UNIT as usize].into_boxed_slice();
+                        self.read_unit(u, &mut unit)?;
+                        f.aside.insert(u, unit);
+                        f.pending.unset(u);
+                    }
+                }
+            }
+            t.dirty.set_span(units.start, units.end);
+        }
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Make every completed write durable on the host.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Unit `u` of the file as it is now; bytes past the image's end are zero.
+    fn read_unit(&self, u: u64, buf: &mut [u8]) -> io::Result<()> {
+        let at = u * UNIT;
+        let n = (self.bytes - at).min(UNIT) as usize;
+        self.file.read_exact_at(&mut buf[..n], at)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Check that the image still has the size it had when attached.
+    pub fn check_size(&self) -> Result<(), DiskError> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|source| DiskError::Io {
+                path: self.path.clone(),
+                op: "stat",
+                source,
+            })?
+            .len();
+        if now != self.bytes {
+            return Err(DiskError::Resized {
+                path: self.path.clone(),
+                was: self.bytes,
+                now,
+            });
+        }
+        Ok(())
+    }
+
+    /// Units holding data according to the file system (`SEEK_DATA` /
+    /// `SEEK_HOLE`); every unit where it cannot tell.
+    fn data_units(&self) -> io::Result<PageBits> {
+        let units = self.bytes.div_ceil(UNIT);
+        let mut bits = PageBits::new(units);
+        let fd = self.file.as_raw_fd();
+        let mut at: i64 = 0;
+        let end = self.bytes as i64;
+        while at < end {
+            // SAFETY: lseek on a descriptor this image owns; no memory is passed.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    // No data after `at`.
+                    Some(libc::ENXIO) => Ok(bits),
+                    // The file system cannot tell: assume data everywhere.
+                    Some(libc::EINVAL) => Ok(PageBits::full(units)),
+                    _ => Err(e),
+                };
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { end } else { hole.min(end) };
+            let r = Self::units(data as u64, (hole - data) as u64);
+            bits.set_span(r.start, r.end.min(units));
+            at = hole.max(data + 1);
+        }
+        Ok(bits)
+    }
+}
+
+impl Region for DiskImage {
+    fn info(&self) -> RegionInfo {
+        RegionInfo {
+            kind: RegionKind::Disk,
+            bytes: self.bytes,
+            readonly: self.readonly,
+            name: format!("disk {}", self.path.display()),
+        }
+    }
+
+    fn take_dirty(&self) -> PageBits {
+        let mut t = self.lock();
+        let units = t.dirty.pages();
+        std::mem::replace(&mut t.dirty, PageBits::new(units))
+    }
+
+    fn mark_dirty(&self, units: &PageBits) {
+        self.lock().dirty.or(units);
+    }
+
+    fn populated(&self) -> io::Result<PageBits> {
+        self.data_units()
+    }
+
+    fn freeze(&self, units: PageBits) {
+        self.lock().frozen = Some(Frozen {
+            pending: units,
+            aside: BTreeMap::new(),
+        });
+    }
+
+    fn read_frozen(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut t = self.lock();
+        let Some(f) = &mut t.frozen else {
+            return Err(io::Error::other("no epoch is frozen"));
+        };
+        for (i, unit) in buf.chunks_mut(UNIT as usize).enumerate() {
+            let u = first + i as u64;
+            if f.pending.get(u) {
+                self.read_unit(u, unit)?;
+                f.pending.unset(u);
+            } else if let Some(copy) = f.aside.remove(&u) {
+                unit.copy_from_slice(&copy[..unit.len()]);
+            } else {
+                return Err(io::Error::other(format!(
+                    "unit {u} of {} is not part of the frozen epoch",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn thaw(&self) {
+        self.lock().frozen = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDir;
+
+    fn image(dir: &TestDir, name: &str, bytes: u64) -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn frozen_units_read_as_at_the_freeze_whatever_the_guest_writes() {
+        let dir = TestDir::new(std::env::temp_dir(), "disk-freeze");
+        let d = DiskImage::open(&image(&dir, "d.img", 64 << 10), false).unwrap();
+        d.write_at(&[1u8; 8192], 0).unwrap();
+        assert_eq!(d.take_dirty().iter().collect::<Vec<_>>(), vec![0, 1]);
+        let mut units = PageBits::new(16);
+        units.set_span(0, 3);
+        d.freeze(units);
+        // The guest overwrites unit 1 and half of unit 2 after the pause.
+        d.write_at(&[2u8; 6144], 4096).unwrap();
+        let mut got = vec![0u8; 3 * 4096];
+        d.read_frozen(0, &mut got).unwrap();
+        assert!(got[..8192].iter().all(|&b| b == 1));
+        assert!(got[8192..].iter().all(|&b| b == 0));
+        // Read once: a unit no longer frozen is refused.
+        assert!(d.read_frozen(1, &mut [0u8; 4096]).is_err());
+        d.thaw();
+        assert_eq!(d.take_dirty().iter().collect::<Vec<_>>(), vec![1, 2]);
+        let mut now = [0u8; 4096];
+        d.read_at(&mut now, 4096).unwrap();
+        assert!(now.iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn bad_images_are_refused_with_their_name() {
+        let dir = TestDir::new(std::env::temp_dir(), "disk-bad");
+        let missing = dir.path().join("none.img");
+        let e = DiskImage::open(&missing, false).unwrap_err();
+        assert!(e.to_string().contains("none.img"), "{e}");
+        let small = image(&dir, "small.img", 512);
+        assert!(matches!(
+            DiskImage::open(&small, false),
+            Err(DiskError::Size { bytes: 512, .. })
+        ));
+        let odd = image(&dir, "odd.img", 8192 + 100);
+        assert!(matches!(DiskImage::open(&odd, false), Err(DiskError::Size { .. })));
+        assert!(matches!(DiskImage::open(dir.path(), true), Err(DiskError::NotAFile(_))));
+        let ok = image(&dir, "ok.img", 1 << 20);
+        let held = DiskImage::open(&ok, false).unwrap();
+        assert!(matches!(DiskImage::open(&ok, false), Err(DiskError::Busy(_))));
+        assert!(matches!(DiskImage::open(&ok, true), Err(DiskError::Busy(_))));
+        drop(held);
+        let ro = DiskImage::open(&ok, true).unwrap();
+        let _ro2 = DiskImage::open(&ok, true).unwrap();
+        assert!(ro.write_at(&[0u8; 512], 0).is_err());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ok)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        assert!(matches!(ro.check_size(), Err(DiskError::Resized { now, .. }) if now == 2 << 20));
+    }
+
+    #[test]
+    fn holes_are_not_populated() {
+        let dir = TestDir::new(std::env::temp_dir(), "disk-holes");
+        let p = image(&dir, "sparse.img", 16 << 20);
+        let d = DiskImage::open(&p, false).unwrap();
+        d.write_at(&[7u8; 4096], 5 << 20).unwrap();
+        d.flush().unwrap();
+        let pop = d.populated().unwrap();
+        assert!(pop.get((5 << 20) / UNIT));
+        // File systems allocate in their own blocks: a few units around the
+        // write at most, never the whole image.
+        assert!(pop.count() < 64, "{} units", pop.count());
+    }
+}

@@ -1,0 +1,219 @@
+//! virtio 1.x devices over the MMIO transport ("Version 2").
+//!
+//! Each device sits in a 4 KiB window of the MMIO bus at
+//! [`slot_base`]`(i)` with interrupt [`slot_irq`]`(i)`, announced to the
+//! guest as Linux expects it: `virtio_mmio.device=4K@0x...:IRQ` on the
+//! kernel command line. The guest's queue notifications reach the device
+//! through an ioeventfd (no exit to the VMM), and the device's interrupts
+//! reach the guest through an irqfd; a device serves its requests on a
+//! thread of its own ([`worker`]), never on a vCPU thread.
+//!
+//! - [`mmio`]: the transport's registers and state ([`mmio::MmioTransport`]);
+//! - [`block`]: virtio-blk over a [`disk::DiskImage`].
+
+pub mod block;
+pub mod disk;
+pub mod mmio;
+pub(crate) mod worker;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// Guest-physical base of the first device window (in the MMIO hole
+/// between 3 and 4 GiB, below the IOAPIC and LAPIC).
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of a device window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Interrupt of the first device (COM1 has 4).
+pub const FIRST_IRQ: u32 = 5;
+/// Most virtio devices a machine has (IOAPIC pins 5 to 20).
+pub const MAX_DEVICES: usize = 16;
+
+/// Guest-physical base of device slot `i`'s window.
+pub fn slot_base(i: usize) -> u64 {
+    MMIO_BASE + i as u64 * MMIO_WINDOW
+}
+
+/// Interrupt (GSI) of device slot `i`.
+pub fn slot_irq(i: usize) -> u32 {
+    FIRST_IRQ + i as u32
+}
+
+/// The kernel command-line word that announces slot `i` to Linux.
+pub fn cmdline_word(i: usize) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", slot_base(i), slot_irq(i))
+}
+
+/// Bit of the interrupt status register: the device used buffers.
+pub const INT_USED: u32 = 1;
+/// Bit of the interrupt status register: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt: the status register the driver reads and
+/// acknowledges, and the irqfd that raises the guest interrupt.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised through `irqfd` (registered with KVM for the
+    /// device's GSI), with `status` as saved.
+    pub fn new(irqfd: EventFd, status: u32) -> Interrupt {
+        Interrupt {
+            status: AtomicU32::new(status),
+            irqfd,
+        }
+    }
+
+    /// Set `bits` in the status register and interrupt the guest.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("virtio interrupt not delivered: {e}");
+        }
+    }
+
+    /// The status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledges `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset.
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device behind the MMIO transport does; the transport owns the
+/// registers, the queues and the interrupt.
+pub trait VirtioDevice: Send + Sync {
+    /// virtio device id (2 for a block device).
+    fn device_type(&self) -> u32;
+    /// A name for messages.
+    fn name(&self) -> String;
+    /// Largest size of each queue; their number is the device's queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// The driver reads device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Serve what queue `index` holds, until it is empty or `stop()` says
+    /// to stop between two requests (a pause). Returns whether buffers were
+    /// used (the transport then decides whether to interrupt).
+    fn process(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<bool, virtio_queue::Error>;
+    /// At a snapshot's pause, once no request is in flight: whatever the
+    /// device must find true of its backend for the epoch to be right.
+    fn check(&self) -> Result<(), crate::devices::DeviceError> {
+        Ok(())
+    }
+}
+
+impl crate::devices::Quiesce for mmio::MmioTransport {
+    fn quiesce(&self) -> Result<(), crate::devices::DeviceError> {
+        let name = crate::devices::BusDevice::name(self);
+        self.pauser.pause(&name)?;
+        if let Err(e) = self.device.check() {
+            self.pauser.resume();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn resume(&self) {
+        self.pauser.resume();
+    }
+}
+
+/// A virtio device in its slot, with the thread that serves it.
+pub struct VirtioSlot {
+    /// The transport (on the MMIO bus).
+    pub transport: std::sync::Arc<mmio::MmioTransport>,
+    /// The device: today always a block device.
+    pub block: std::sync::Arc<block::Block>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for VirtioSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioSlot")
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioSlot {
+    /// Wire block device `block` to the VM in slot `slot` (its irqfd and
+    /// its queues' ioeventfds), from `saved` transport state on a restore,
+    /// and start the thread that serves it.
+    pub fn block(
+        vm: &kvm_ioctls::VmFd,
+        ram: &std::sync::Arc<crate::memory::GuestRam>,
+        slot: usize,
+        block: std::sync::Arc<block::Block>,
+        saved: Option<&mmio::TransportState>,
+    ) -> Result<VirtioSlot, crate::devices::DeviceError> {
+        use crate::devices::DeviceError;
+        let name = block.name();
+        let kvm = |op: &'static str| {
+            let device = name.clone();
+            move |source| DeviceError::Kvm { device, op, source }
+        };
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+            what: "virtio interrupt",
+            source,
+        })?;
+        vm.register_irqfd(&irqfd, slot_irq(slot)).map_err(kvm("KVM_IRQFD"))?;
+        let dev: std::sync::Arc<dyn VirtioDevice> = block.clone();
+        let t = std::sync::Arc::new(match saved {
+            Some(s) => mmio::MmioTransport::restore(slot, dev, ram.clone(), irqfd, s)?,
+            None => mmio::MmioTransport::new(slot, dev, ram.clone(), irqfd)?,
+        });
+        let notify = kvm_ioctls::IoEventAddress::Mmio(slot_base(slot) + mmio::NOTIFY_OFFSET);
+        for (q, evt) in t.queue_evts.iter().enumerate() {
+            vm.register_ioevent(evt, &notify, q as u32)
+                .map_err(kvm("KVM_IOEVENTFD"))?;
+        }
+        let thread = worker::spawn(t.clone())?;
+        Ok(VirtioSlot {
+            transport: t,
+            block,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stop its thread (once).
+    pub(crate) fn stop(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = thread {
+            worker::stop(&self.transport, h);
+        }
+    }
+
+    /// The slot's saved state.
+    pub fn save(&self) -> crate::state::VirtioState {
+        crate::state::VirtioState {
+            transport: self.transport.save(),
+            device: crate::state::VirtioDeviceState::Block(self.block.save()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
