@@ -1,9 +1,11 @@
 //! The engine against a fake machine (no KVM): a "guest" thread writes
 //! pseudo-random pages of real guest RAM through vm-memory (so the VMM
-//! dirty bitmap tracks them, as KVM's log would), and every pause takes a
-//! reference copy of all of RAM. Every committed epoch, restored through
-//! its chain, must equal the reference copy of its own pause, page for
-//! page, in every capture mode and whatever failures are injected.
+//! dirty bitmap tracks them, as KVM's log would) and sectors of a real
+//! disk image through the device's `DiskImage` (as virtio-blk would), and
+//! every pause takes a reference copy of all of RAM and of the disk. Every
+//! committed epoch, restored through its chain, must equal the reference
+//! copies of its own pause, page for page and block for block, in every
+//! capture mode and whatever failures are injected.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -16,14 +18,18 @@ use std::time::{Duration, Instant};
 use snapshot::{Captured, CowOptions, CowTestHooks, Inject, Mode, SnapshotConfig, SnapshotEngine, Target, TargetError};
 use store::{Access, Source, Store};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::virtio::disk::DiskImage;
 use vmm::dirty::DirtySet;
 use vmm::memory::GuestRam;
+use vmm::region::Region;
 use vmm::run::TaskFlow;
 
 const RAM: u64 = 32 << 20;
 const PAGE: u64 = 4096;
 /// The guest writes within this many bytes of RAM (plus zeroing some pages).
 const WSS: u64 = 12 << 20;
+/// The fake disk: small, so that the guest rewrites its blocks often.
+const DISK: u64 = 1 << 20;
 
 #[derive(Default)]
 struct GuestCtl {
@@ -34,6 +40,9 @@ struct GuestCtl {
 
 struct Fake {
     ram: Arc<GuestRam>,
+    _disk_dir: vmm::testing::TestDir,
+    disk: Arc<DiskImage>,
+    disk_refs: HashMap<u64, Vec<u8>>,
     ctl: Arc<(Mutex<GuestCtl>, Condvar)>,
     writes: Arc<AtomicU64>,
     guest: Option<JoinHandle<()>>,
@@ -48,6 +57,19 @@ struct Fake {
 impl Fake {
     fn new(huge: bool) -> Fake {
         let ram = Arc::new(GuestRam::with_huge_pages(RAM, huge).unwrap());
+        let disk_dir = vmm::testing::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "fake-disk");
+        let img = disk_dir.path().join("d.img");
+        // Some data before snapshots start; the rest of the image is a hole.
+        let mut start = vec![0u8; DISK as usize / 2];
+        start[..8192].fill(3);
+        std::fs::write(&img, &start).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(DISK)
+            .unwrap();
+        let disk = Arc::new(DiskImage::open(&img, false).unwrap());
         let ctl: Arc<(Mutex<GuestCtl>, Condvar)> = Arc::default();
         let writes = Arc::new(AtomicU64::new(0));
         let redirty = DirtySet::empty(ram.ranges());
@@ -57,6 +79,9 @@ impl Fake {
             .unwrap();
         Fake {
             ram,
+            _disk_dir: disk_dir,
+            disk,
+            disk_refs: HashMap::new(),
             ctl,
             writes,
             guest: None,
@@ -69,8 +94,13 @@ impl Fake {
 
     /// Start the guest, as vCPUs start: after the engine is prepared.
     fn start(&mut self) {
-        let (r, c, w) = (self.ram.clone(), self.ctl.clone(), self.writes.clone());
-        self.guest = Some(std::thread::spawn(move || guest(&r, &c, &w)));
+        let (r, d, c, w) = (
+            self.ram.clone(),
+            self.disk.clone(),
+            self.ctl.clone(),
+            self.writes.clone(),
+        );
+        self.guest = Some(std::thread::spawn(move || guest(&r, &d, &c, &w)));
     }
 
     fn writes(&self) -> u64 {
@@ -97,7 +127,7 @@ impl Drop for Fake {
 /// (so that a page is often written in one epoch only: an epoch that lost
 /// its pages would show), now and then a whole page of zeros; it parks
 /// whenever a pause is asked.
-fn guest(ram: &GuestRam, ctl: &(Mutex<GuestCtl>, Condvar), writes: &AtomicU64) {
+fn guest(ram: &GuestRam, disk: &DiskImage, ctl: &(Mutex<GuestCtl>, Condvar), writes: &AtomicU64) {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut n: u64 = 0;
     loop {
@@ -135,6 +165,16 @@ fn guest(ram: &GuestRam, ctl: &(Mutex<GuestCtl>, Condvar), writes: &AtomicU64) {
                 ram.memory().write_obj(n, GuestAddress(at)).unwrap();
             }
         }
+        // The device writes a few sectors of the disk, now and then a
+        // whole block of zeros.
+        let sector = (x >> 20) % (DISK / 512 - 8);
+        let data = if n.is_multiple_of(31) {
+            [0u8; 2048]
+        } else {
+            [(n % 251) as u8 + 1; 2048]
+        };
+        disk.write_at(&data[..512 * (1 + (x % 4) as usize)], sector * 512)
+            .unwrap();
         writes.fetch_add(32, Ordering::Relaxed);
     }
 }
@@ -161,6 +201,9 @@ impl Target for Fake {
         let mut copy = vec![0u8; RAM as usize];
         self.ram.read_to(0, &mut copy).unwrap();
         self.refs.insert(self.seq, copy);
+        let mut disk = vec![0u8; DISK as usize];
+        self.disk.read_at(&mut disk, 0).unwrap();
+        self.disk_refs.insert(self.seq, disk);
         let mut state = self.seq.to_le_bytes().to_vec();
         state.extend_from_slice(b"fake machine state");
         Ok(Some(Captured {
@@ -195,6 +238,9 @@ impl Target for Fake {
         d.or(&self.redirty);
         self.redirty = DirtySet::empty(self.ram.ranges());
         Ok(d)
+    }
+    fn regions(&self) -> Vec<Arc<dyn Region>> {
+        vec![self.disk.clone()]
     }
     fn mark_dirty(&mut self, pages: &DirtySet) {
         self.redirty.or(pages);
@@ -258,21 +304,29 @@ fn run_epochs(engine: &mut SnapshotEngine, fake: &mut Fake, epochs: usize) -> Ta
     TaskFlow::Continue
 }
 
-/// Rebuild RAM as epoch `id` restores it, and the pause it belongs to.
-fn image(store: &Store, id: u64) -> (u64, Vec<u8>) {
+/// Rebuild RAM and the disk as epoch `id` restores them, and the pause
+/// it belongs to.
+fn image(store: &Store, id: u64) -> (u64, Vec<u8>, Vec<u8>) {
     let chain = store.chain(id).unwrap();
     let state = chain[0].state().unwrap();
     let seq = u64::from_le_bytes(state[..8].try_into().unwrap());
     let mut img = vec![0u8; RAM as usize];
+    let mut disk = vec![0u8; DISK as usize];
+    let disk_base = store::format::unit_addr(1, 0);
     for run in store::plan(&chain).unwrap() {
         if let Source::Data { epoch, page } = run.source {
-            let at = (run.gfn * PAGE) as usize;
+            let (buf, first) = if run.gfn >= disk_base {
+                (&mut disk, run.gfn - disk_base)
+            } else {
+                (&mut img, run.gfn)
+            };
+            let at = (first * PAGE) as usize;
             chain[epoch]
-                .read_pages(page, &mut img[at..at + (run.count * PAGE) as usize])
+                .read_pages(page, &mut buf[at..at + (run.count * PAGE) as usize])
                 .unwrap();
         }
     }
-    (seq, img)
+    (seq, img, disk)
 }
 
 /// Every committed epoch restores to its reference copy; returns how many.
@@ -280,13 +334,20 @@ fn check_all(dir: &Path, fake: &Fake) -> usize {
     let store = Store::open(dir, Access::Read).unwrap();
     let ids = store.ids().unwrap();
     for &id in &ids {
-        let (seq, img) = image(&store, id);
+        let (seq, img, disk) = image(&store, id);
         let want = &fake.refs[&seq];
         if let Some(p) = (0..RAM / PAGE).find(|p| {
             let r = (p * PAGE) as usize..((p + 1) * PAGE) as usize;
             img[r.clone()] != want[r]
         }) {
             panic!("epoch {id} (pause {seq}) differs from guest memory at its pause, first at page {p}");
+        }
+        let want = &fake.disk_refs[&seq];
+        if let Some(b) = (0..DISK / PAGE).find(|b| {
+            let r = (b * PAGE) as usize..((b + 1) * PAGE) as usize;
+            disk[r.clone()] != want[r]
+        }) {
+            panic!("epoch {id} (pause {seq}) differs from the disk at its pause, first at block {b}");
         }
     }
     ids.len()
@@ -367,6 +428,38 @@ fn cow_with_little_aside_memory_waits_but_stays_exact() {
         ..CowOptions::default()
     };
     exact("cow-small-aside", Mode::Cow, cow, false);
+}
+
+/// Mutation check: a disk that overwrites blocks of the epoch being saved
+/// without copying them aside first must make some epoch differ from the
+/// disk at its pause.
+#[test]
+fn a_disk_without_copy_aside_is_caught() {
+    let dir = Dir::new("disk-mutant");
+    let mut fake = Fake::new(true);
+    fake.disk.test_skip_copy_aside(true);
+    // The saver starts late: the guest rewrites frozen blocks meanwhile.
+    let cow = CowOptions {
+        test: CowTestHooks {
+            saver_delay: Duration::from_millis(20),
+            ..CowTestHooks::default()
+        },
+        ..CowOptions::default()
+    };
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
+    engine.prepare(&mut fake).unwrap();
+    fake.start();
+    run_epochs(&mut engine, &mut fake, 8);
+    engine.finish(&mut fake);
+    fake.stop();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_all(&dir.0, &fake)));
+    let msg = caught
+        .err()
+        .map(|e| e.downcast_ref::<String>().cloned().unwrap_or_default());
+    assert!(
+        msg.as_deref().is_some_and(|m| m.contains("differs from the disk")),
+        "a disk that does not copy aside went unnoticed: {msg:?}"
+    );
 }
 
 /// Mutation check: a fault handler that lifts protection without copying

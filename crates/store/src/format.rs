@@ -1,6 +1,7 @@
-//! The on-disk layout, version 2 (docs/FORMAT.md is the normative text).
-//! Version 1 files, which are version 2 files without compression, are
-//! still read.
+//! The on-disk layout, version 3 (docs/FORMAT.md is the normative text).
+//! Version 3 adds regions besides guest RAM (disks) to version 2; an epoch
+//! without regions is still written as version 2, and version 1 files,
+//! which are version 2 files without compression, are still read.
 //!
 //! Every integer is little-endian. Every file starts with a magic, a format
 //! version and ends its header with an XXH3-64 checksum.
@@ -9,8 +10,52 @@ use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use std::path::Path;
 
-/// Format version written by this build.
-pub const VERSION: u32 = 2;
+/// Newest epoch format version this build reads and writes (for an epoch
+/// with regions; one without is written as version 2).
+pub const VERSION: u32 = 3;
+/// Version of the STORE file this build writes (its layout never changed).
+pub const STORE_VERSION: u32 = 2;
+/// Bits of a unit address that number the unit inside its region; the
+/// bits above number the region (0 is guest RAM, whose units are frames).
+pub const REGION_SHIFT: u32 = 48;
+/// Most regions besides RAM an epoch describes.
+pub const MAX_REGIONS: usize = 64;
+/// Largest region (a disk image), bytes: 2^48 units of a page.
+pub const MAX_REGION_BYTES: u64 = 1 << (REGION_SHIFT + 12);
+/// Region kinds.
+pub mod region_kind {
+    /// A disk image (virtio-blk).
+    pub const DISK: u32 = 1;
+}
+
+/// The unit address of unit `unit` of region `region` (1-based; 0 is RAM).
+pub fn unit_addr(region: usize, unit: u64) -> u64 {
+    ((region as u64) << REGION_SHIFT) | unit
+}
+
+/// The region a unit address belongs to (0: guest RAM).
+pub fn region_of(addr: u64) -> usize {
+    (addr >> REGION_SHIFT) as usize
+}
+
+/// A region besides guest RAM that an epoch holds (version 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// [`region_kind`].
+    pub kind: u32,
+    /// The guest could not write it.
+    pub readonly: bool,
+    /// Its size in bytes; its units are the pages that hold them (the last
+    /// one's bytes beyond the size are zero).
+    pub bytes: u64,
+}
+
+impl RegionDesc {
+    /// Units (pages) of the region.
+    pub fn units(&self) -> u64 {
+        self.bytes.div_ceil(PAGE as u64)
+    }
+}
 /// The oldest format version this build reads.
 pub const OLDEST_VERSION: u32 = 1;
 /// Size of one FRAMES entry.
@@ -52,6 +97,49 @@ pub fn ram_frames(mem_size: u64) -> Vec<(u64, u64)> {
         v.push((start, start + (mem_size - low) / page));
     }
     v
+}
+
+/// Regions as text for messages: `no disks`, `1 disk of 67108864 bytes`.
+pub fn describe_regions(regions: &[RegionDesc]) -> String {
+    match regions {
+        [] => "no disks".into(),
+        [r] => format!("1 disk of {} bytes", r.bytes),
+        rs => format!(
+            "{} disks of {} bytes",
+            rs.len(),
+            rs.iter().map(|r| r.bytes.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The region table of a version 3 header.
+fn decode_regions(b: &[u8]) -> std::result::Result<Vec<RegionDesc>, String> {
+    let n = le32(b, REGIONS_AT) as usize;
+    if n == 0 || n > MAX_REGIONS {
+        return Err(format!(
+            "the header lists {n} regions (version 3 epochs have 1 to {MAX_REGIONS}; without regions an epoch is version 2)"
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let at = REGIONS_AT + 8 + i * REGION_SIZE;
+            let (kind, flags, bytes) = (le32(b, at), le32(b, at + 4), le64(b, at + 8));
+            if kind != region_kind::DISK {
+                return Err(format!("region {} has unknown kind {kind} (known: 1 disk)", i + 1));
+            }
+            if flags & !REGION_READONLY != 0 {
+                return Err(format!("region {} has unknown flags {flags:#x}", i + 1));
+            }
+            if bytes == 0 || bytes > MAX_REGION_BYTES {
+                return Err(format!("region {} has {bytes} bytes (1 to 2^60)", i + 1));
+            }
+            Ok(RegionDesc {
+                kind,
+                readonly: flags & REGION_READONLY != 0,
+                bytes,
+            })
+        })
+        .collect()
 }
 
 /// `ram_frames` as text for messages: `frames 0..2048` or `frames 0..786432 and 1048576..1310720`.
@@ -271,6 +359,8 @@ pub struct Header {
     pub merged: u64,
     /// STATE, INDEX, PAGE_SUMS, DATA, FRAMES.
     pub sections: [Section; 5],
+    /// Regions besides guest RAM (version 3), in region order from 1.
+    pub regions: Vec<RegionDesc>,
 }
 
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
@@ -298,6 +388,9 @@ const KINDS: [u32; 5] = [
 const CODEC_AT: usize = 120;
 const FRAMES_AT: usize = 288;
 const MERGED_AT: usize = 296;
+const REGIONS_AT: usize = 304;
+const REGION_SIZE: usize = 24;
+const REGION_READONLY: u32 = 1;
 const SUM_AT: usize = HEADER_SIZE - 8;
 
 impl Header {
@@ -315,7 +408,36 @@ impl Header {
                 self.id, self.mem_size, self.vcpus, parent.id, parent.mem_size, parent.vcpus
             ));
         }
+        if parent.regions != self.regions {
+            return Some(format!(
+                "epoch {} has {} but its parent epoch {} has {}: a chain describes one machine",
+                self.id,
+                describe_regions(&self.regions),
+                parent.id,
+                describe_regions(&parent.regions)
+            ));
+        }
         None
+    }
+
+    /// The unit address ranges `[start, end)` this epoch's index may list:
+    /// guest RAM's frames, then each region's units.
+    pub fn unit_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v = ram_frames(self.mem_size);
+        for (i, r) in self.regions.iter().enumerate() {
+            v.push((unit_addr(i + 1, 0), unit_addr(i + 1, r.units())));
+        }
+        v
+    }
+
+    /// Units of RAM and every region: what a FULL epoch lists.
+    pub fn units(&self) -> u64 {
+        self.mem_size / PAGE as u64 + self.regions.iter().map(RegionDesc::units).sum::<u64>()
+    }
+
+    /// The version an epoch with these regions is written in.
+    pub fn version_for(regions: &[RegionDesc]) -> u32 {
+        if regions.is_empty() { 2 } else { VERSION }
     }
 
     /// Section table entries this version has (4 in version 1, 5 in 2).
@@ -357,6 +479,15 @@ impl Header {
             put(CODEC_AT, &self.codec.code().to_le_bytes());
             put(FRAMES_AT, &self.frames.to_le_bytes());
             put(MERGED_AT, &self.merged.to_le_bytes());
+        }
+        if self.version >= 3 {
+            put(REGIONS_AT, &(self.regions.len() as u32).to_le_bytes());
+            for (i, r) in self.regions.iter().enumerate() {
+                let at = REGIONS_AT + 8 + i * REGION_SIZE;
+                put(at, &r.kind.to_le_bytes());
+                put(at + 4, &(if r.readonly { REGION_READONLY } else { 0 }).to_le_bytes());
+                put(at + 8, &r.bytes.to_le_bytes());
+            }
         }
         let sum = checksum(&b[..SUM_AT]);
         b[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
@@ -443,17 +574,28 @@ impl Header {
                 "epoch {id} has guest RAM size {mem_size} bytes (must be a non-zero multiple of {PAGE} up to 1 TiB)"
             )));
         }
+        let regions = if version >= 3 {
+            decode_regions(b).map_err(|why| corrupt(format!("epoch {id}: {why}")))?
+        } else {
+            Vec::new()
+        };
         let (pages_data, pages_zero) = (le64(b, 88), le64(b, 96));
         let ram_pages = mem_size / PAGE as u64;
+        let all = ram_pages + regions.iter().map(RegionDesc::units).sum::<u64>();
+        let of = if regions.is_empty() {
+            "its guest RAM".to_string()
+        } else {
+            format!("its guest RAM and {}", describe_regions(&regions))
+        };
         let listed = pages_data.checked_add(pages_zero);
-        if listed.is_none_or(|n| n > ram_pages) {
+        if listed.is_none_or(|n| n > all) {
             return Err(corrupt(format!(
-                "epoch {id} lists {pages_data} data and {pages_zero} zero pages, more than the {ram_pages} pages of its guest RAM"
+                "epoch {id} lists {pages_data} data and {pages_zero} zero pages, more than the {all} pages of {of}"
             )));
         }
-        if full && listed != Some(ram_pages) {
+        if full && listed != Some(all) {
             return Err(corrupt(format!(
-                "FULL epoch {id} lists {pages_data} data and {pages_zero} zero pages, but its guest RAM has {ram_pages} pages"
+                "FULL epoch {id} lists {pages_data} data and {pages_zero} zero pages, but {of} has {all} pages"
             )));
         }
         let extents = le64(b, 104);
@@ -531,6 +673,7 @@ impl Header {
             frames,
             merged,
             sections,
+            regions,
         })
     }
 

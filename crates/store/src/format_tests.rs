@@ -4,7 +4,7 @@ use super::*;
 
 fn header() -> Header {
     Header {
-        version: VERSION,
+        version: 2,
         id: 7,
         parent: 6,
         store_uuid: [9; 16],
@@ -48,6 +48,7 @@ fn header() -> Header {
                 sum: 0,
             },
         ],
+        regions: Vec::new(),
     }
 }
 
@@ -68,12 +69,66 @@ fn header_round_trips_and_detects_damage() {
         bad[i] ^= 1;
         assert!(Header::decode(&bad, p).is_err(), "flip at {i} accepted");
     }
-    let mut v3 = b.clone();
-    v3[8] = 3;
+    let mut v4 = b.clone();
+    v4[8] = 4;
+    let sum = checksum(&v4[..SUM_AT]);
+    v4[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
     assert!(matches!(
-        Header::decode(&v3, p),
-        Err(StoreError::Version { found: 3, .. })
+        Header::decode(&v4, p),
+        Err(StoreError::Version { found: 4, .. })
     ));
+}
+
+#[test]
+fn regions_make_version_3_and_count_in_the_pages_of_a_full_epoch() {
+    let mut h = header();
+    h.regions = vec![
+        RegionDesc {
+            kind: region_kind::DISK,
+            readonly: false,
+            bytes: 64 << 20,
+        },
+        RegionDesc {
+            kind: region_kind::DISK,
+            readonly: true,
+            bytes: 4096 * 3 + 512,
+        },
+    ];
+    h.version = Header::version_for(&h.regions);
+    assert_eq!(h.version, 3);
+    let p = Path::new("x");
+    assert_eq!(Header::decode(&h.encode(), p).unwrap(), h);
+    assert_eq!(h.regions[1].units(), 4);
+    assert_eq!(
+        h.unit_ranges()[1..],
+        [(1 << 48, (1 << 48) + 16384), (2 << 48, (2 << 48) + 4)]
+    );
+    assert_eq!(region_of(unit_addr(2, 3)), 2);
+    // A FULL epoch lists RAM's pages and every region's.
+    h.flags = flags::FULL;
+    h.parent = 0;
+    h.pages_data = 0;
+    h.pages_zero = (1 << 30) / 4096 + 16384 + 4;
+    h.extents = 3;
+    Header::decode(&h.encode(), p).unwrap();
+    h.pages_zero -= 1;
+    let e = Header::decode(&h.encode(), p).unwrap_err().to_string();
+    assert!(e.contains("2 disks"), "{e}");
+    // A version 3 header without regions, or with a damaged region table.
+    let mut none = h.clone();
+    none.regions.clear();
+    none.version = 3;
+    assert!(Header::decode(&none.encode(), p).is_err());
+    let mut b = h.encode();
+    b[REGIONS_AT + 8] = 9;
+    let sum = checksum(&b[..SUM_AT]);
+    b[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
+    let e = Header::decode(&b, p).unwrap_err().to_string();
+    assert!(e.contains("unknown kind 9"), "{e}");
+    // A parent with other disks is another machine.
+    let mut parent = h.clone();
+    parent.regions.pop();
+    assert!(h.parent_mismatch(&parent).is_some());
 }
 
 #[test]

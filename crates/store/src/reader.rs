@@ -9,7 +9,7 @@ use crate::codec::{Codec, Decompressor};
 use crate::error::{Result, StoreError, io};
 use crate::format::{
     EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, FRAME_SIZE, Frame, HEADER_SIZE, Header, PAGE, checksum,
-    describe_frames, le32, le64, ram_frames,
+    describe_frames, le32, le64,
 };
 
 /// Bytes of an epoch that is not a local file, read by ranges: an object
@@ -175,7 +175,7 @@ fn check_frames(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Frame>
 /// (With the header's checks this also makes a FULL epoch list every page
 /// of guest RAM exactly once.)
 fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>, String> {
-    let ram = ram_frames(header.mem_size);
+    let ranges = header.unit_ranges();
     let mut index = Vec::with_capacity(bytes.len() / EXTENT_SIZE);
     let (mut next_gfn, mut next_data, mut zero) = (0u64, 0u64, 0u64);
     for (i, b) in bytes.chunks_exact(EXTENT_SIZE).enumerate() {
@@ -194,9 +194,16 @@ fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>
                 i - 1
             ));
         }
-        if !ram.iter().any(|&(lo, hi)| lo <= e.gfn && end <= hi) {
+        if !ranges.iter().any(|&(lo, hi)| lo <= e.gfn && end <= hi) {
+            let disks = match header.regions.len() {
+                0 => String::new(),
+                n => format!(
+                    " and its {n} disk(s): {}",
+                    crate::format::describe_regions(&header.regions)
+                ),
+            };
             return Err(format!(
-                "index entry {i} (frames {}..{end}) lies outside guest RAM of {} bytes ({})",
+                "index entry {i} (frames {}..{end}) lies outside guest RAM of {} bytes ({}){disks}",
                 e.gfn,
                 header.mem_size,
                 describe_frames(header.mem_size)

@@ -429,16 +429,8 @@ fn rebase(
             .filter(|e| !keep.contains(&e.header().id))
             .map(|e| 1 + e.header().merged)
             .sum::<u64>();
-    let meta = EpochMeta {
-        id: r.id,
-        parent: r.onto,
-        mode: head.mode,
-        full: r.onto.is_none(),
-        created_ns: head.created_ns,
-        vcpus: head.vcpus,
-        mem_size: head.mem_size,
-        progress: (head.progress != u64::MAX).then_some(head.progress),
-    };
+    debug_assert_eq!(head.id, r.id);
+    let meta = EpochMeta::rewrite_of(&head, r.onto);
     let mut w = store.rewriter(meta)?;
     w.compress(codec.unwrap_or(head.codec))?;
     w.use_direct_io();

@@ -47,16 +47,7 @@ pub fn merged_onto(store: &Store, id: u64, onto: impl Fn(u64) -> bool, codec: Co
     let parent = (!full).then_some(base.parent);
     let runs = if full { plan(sub)? } else { claims(sub) };
     let head = sub[0].header().clone();
-    let meta = EpochMeta {
-        id,
-        parent,
-        mode: head.mode,
-        full,
-        created_ns: head.created_ns,
-        vcpus: head.vcpus,
-        mem_size: head.mem_size,
-        progress: (head.progress != u64::MAX).then_some(head.progress),
-    };
+    let meta = EpochMeta::rewrite_of(&head, parent);
     let mut w = store.detached_writer(meta)?;
     w.compress(codec)?;
     w.set_merged(sub.iter().map(|e| e.header().merged).sum::<u64>() + cut as u64);

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use crate::codec::Codec;
 use crate::durable::fsync_dir;
 use crate::error::{Result, StoreError, io};
-use crate::format::{self, Header, OLDEST_VERSION, STORE_MAGIC, STORE_SIZE, VERSION, checksum, le32};
+use crate::format::{self, Header, OLDEST_VERSION, STORE_MAGIC, STORE_SIZE, STORE_VERSION, checksum, le32};
 use crate::reader::{EpochReader, open_regular, read_header};
 use crate::writer::{EpochInfo, EpochMeta, EpochWriter};
 
@@ -266,7 +266,7 @@ fn random_uuid() -> [u8; 16] {
 fn encode_store_file(uuid: &[u8; 16]) -> Vec<u8> {
     let mut b = vec![0u8; STORE_SIZE];
     b[..8].copy_from_slice(&STORE_MAGIC);
-    b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..12].copy_from_slice(&STORE_VERSION.to_le_bytes());
     b[16..32].copy_from_slice(uuid);
     b[32..40].copy_from_slice(&crate::now_ns().to_le_bytes());
     let sum = checksum(&b[..STORE_SIZE - 8]);
@@ -292,11 +292,11 @@ fn decode_store_file(b: &[u8], dir: &Path) -> Result<[u8; 16]> {
         return Err(not(&format!("{} does not start with {:?}", path.display(), "CSNPSTOR")));
     }
     let version = le32(b, 8);
-    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+    if !(OLDEST_VERSION..=STORE_VERSION).contains(&version) {
         return Err(StoreError::Version {
             path,
             found: version,
-            supported: VERSION,
+            supported: STORE_VERSION,
         });
     }
     if checksum(&b[..STORE_SIZE - 8]) != format::le64(b, STORE_SIZE - 8) {
@@ -719,6 +719,14 @@ impl Store {
             return Err(StoreError::Usage(
                 "guest RAM size not a non-zero multiple of 4096 up to 1 TiB",
             ));
+        }
+        if meta.regions.len() > format::MAX_REGIONS
+            || meta
+                .regions
+                .iter()
+                .any(|r| r.kind != format::region_kind::DISK || r.bytes == 0 || r.bytes > format::MAX_REGION_BYTES)
+        {
+            return Err(StoreError::Usage("regions: at most 64 disks of 1 byte to 2^60 bytes"));
         }
         let dest = self.epoch_path(meta.id);
         let file = private_file(&tmp)?;

@@ -179,9 +179,15 @@ pub fn verify(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Verified
             None if store.epoch_path(*id).exists() => format!("its parent epoch {} is missing", h.parent),
             None => continue,
             Some(None) => format!("its parent epoch {} is damaged", h.parent),
-            Some(Some(p)) if p.mem_size != h.mem_size || p.vcpus != h.vcpus => format!(
-                "its parent epoch {} describes another machine ({} bytes of RAM and {} vCPUs, not {} and {})",
-                h.parent, p.mem_size, p.vcpus, h.mem_size, h.vcpus
+            Some(Some(p)) if h.parent_mismatch(p).is_some() => format!(
+                "its parent epoch {} describes another machine ({} bytes of RAM, {} vCPUs and {}, not {}, {} and {})",
+                h.parent,
+                p.mem_size,
+                p.vcpus,
+                crate::format::describe_regions(&p.regions),
+                h.mem_size,
+                h.vcpus,
+                crate::format::describe_regions(&h.regions)
             ),
             Some(Some(_)) => continue,
         };

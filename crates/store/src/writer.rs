@@ -13,8 +13,7 @@ use crate::codec::{Codec, Compressor};
 use crate::durable::fsync_dir;
 use crate::error::{Result, StoreError, io};
 use crate::format::{
-    self, EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, Frame, HEADER_SIZE, Header, Mode, PAGE, Section, VERSION,
-    checksum,
+    self, EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, Frame, HEADER_SIZE, Header, Mode, PAGE, Section, checksum,
 };
 
 /// A committed epoch as listed.
@@ -45,8 +44,29 @@ pub struct EpochMeta {
     pub vcpus: u32,
     /// Guest RAM bytes.
     pub mem_size: u64,
-    /// Ops the guest had published, if known.
+    /// The machine's progress counter, if it has one.
     pub progress: Option<u64>,
+    /// Regions besides guest RAM (disks), in region order from 1.
+    pub regions: Vec<crate::format::RegionDesc>,
+}
+
+impl EpochMeta {
+    /// A new version of the epoch `head` describes (same id, capture time,
+    /// mode, machine and progress) with `parent` as its parent (`None`:
+    /// full): what a rewrite writes.
+    pub fn rewrite_of(head: &Header, parent: Option<u64>) -> EpochMeta {
+        EpochMeta {
+            id: head.id,
+            parent,
+            mode: head.mode,
+            full: parent.is_none(),
+            created_ns: head.created_ns,
+            vcpus: head.vcpus,
+            mem_size: head.mem_size,
+            progress: (head.progress != u64::MAX).then_some(head.progress),
+            regions: head.regions.clone(),
+        }
+    }
 }
 
 /// Compressed DATA on its way to the file: frames are compressed as they
@@ -461,7 +481,7 @@ impl EpochWriter {
         // after the state: set its length to the end of the last section.
         self.file.set_len(end).map_err(io(&self.tmp, "set length"))?;
         let header = Header {
-            version: VERSION,
+            version: Header::version_for(&self.meta.regions),
             id: self.meta.id,
             parent: self.meta.parent.unwrap_or(0),
             store_uuid: self.uuid,
@@ -478,6 +498,7 @@ impl EpochWriter {
             codec,
             frames: frames.len() as u64,
             merged: self.merged,
+            regions: self.meta.regions.clone(),
             sections: [
                 state,
                 Section {

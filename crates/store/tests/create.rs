@@ -37,6 +37,7 @@ fn write_epoch(s: &Store, id: u64) {
             vcpus: 1,
             mem_size: 2 * PAGE as u64,
             progress: None,
+            regions: Vec::new(),
         })
         .unwrap();
     w.write_state(b"s").unwrap();

@@ -38,6 +38,7 @@ fn seed_epochs(dir: &Path) -> Vec<Vec<u8>> {
             vcpus: 1,
             mem_size: 8 * PAGE as u64,
             progress: Some(id),
+            regions: Vec::new(),
         };
         let mut w = s.writer(meta(1, None)).unwrap();
         w.write_state(b"state-1").unwrap();

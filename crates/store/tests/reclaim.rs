@@ -33,6 +33,7 @@ fn write(s: &Store, rng: &mut Rng, id: u64, parent: Option<u64>, t: u64) {
             vcpus: 1,
             mem_size: PAGES * PAGE as u64,
             progress: Some(id),
+            regions: Vec::new(),
         })
         .unwrap();
     w.write_state(format!("state-{id}").as_bytes()).unwrap();
@@ -231,6 +232,7 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
             vcpus: 1,
             mem_size: MEM * PAGE as u64,
             progress: Some(id),
+            regions: Vec::new(),
         };
         let mut w = s.writer(meta).unwrap();
         w.write_state(b"s").unwrap();

@@ -16,14 +16,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use store::{EpochMeta, Mode, Store};
-use vmm::dirty::DirtySet;
+use vmm::dirty::{DirtySet, PageBits};
 use vmm::machine::Machine;
+use vmm::region::Region;
 use vmm::run::{Task, TaskFlow};
 
 use crate::capture::cow::{Cow, CowOptions};
 use crate::capture::errlog::ErrorLog;
 use crate::capture::error::{EpochError, EpochFailure, SnapshotError};
 use crate::capture::job::EpochStats;
+use crate::capture::regions::RegionCapture;
 use crate::capture::stop_copy::StopCopy;
 use crate::capture::strategy::{EpochCtx, StopCopyFull, Strategy};
 use crate::capture::target::Target;
@@ -107,6 +109,8 @@ struct InFlight {
     parent: Option<u64>,
     full: bool,
     taken: Option<DirtySet>,
+    /// Each region's units in this epoch (handed back if it fails).
+    taken_regions: Vec<PageBits>,
     started: Instant,
     pause: Duration,
     vcpu_pause: Duration,
@@ -117,6 +121,8 @@ pub struct SnapshotEngine {
     cfg: SnapshotConfig,
     store: Option<Arc<Store>>,
     strategy: Box<dyn Strategy>,
+    /// The machine's regions besides RAM (disks), from `prepare`.
+    regions: Vec<Arc<dyn Region>>,
     health: Arc<Health>,
     parent: Option<u64>,
     need_full: bool,
@@ -175,6 +181,7 @@ impl SnapshotEngine {
             cfg,
             store: None,
             strategy,
+            regions: Vec::new(),
             health: Arc::default(),
             parent,
             need_full: parent.is_none(),
@@ -237,6 +244,7 @@ impl SnapshotEngine {
 
     /// Arm dirty tracking and start the engine's threads, before the vCPUs start.
     pub fn prepare(&mut self, t: &mut dyn Target) -> Result<(), SnapshotError> {
+        self.regions = t.regions();
         self.strategy.prepare(t, &self.health)?;
         self.writer = Some(Writer::start(self.health.clone())?);
         Ok(())
@@ -397,7 +405,7 @@ impl SnapshotEngine {
     fn stop_now(&mut self, t: &mut dyn Target, msg: String) -> TaskFlow {
         self.strategy.abort();
         if let Some(f) = self.in_flight.take() {
-            self.lost(t, f.full, f.taken);
+            self.lost(t, f.full, f.taken, &f.taken_regions);
         }
         let msg = format!("snapshot engine failed: {msg}");
         tracing::debug!(error = %msg, "snapshot engine stopped");
@@ -478,7 +486,7 @@ impl SnapshotEngine {
                 None
             }
             Err(failure) => {
-                self.lost(t, f.full, f.taken);
+                self.lost(t, f.full, f.taken, &f.taken_regions);
                 let msg = EpochError::new(done.id, failure).to_string();
                 self.report(&msg);
                 Some(msg)
@@ -486,8 +494,12 @@ impl SnapshotEngine {
         }
     }
 
-    /// An epoch did not make it: its pages go back to the dirty set.
-    fn lost(&mut self, t: &mut dyn Target, full: bool, taken: Option<DirtySet>) {
+    /// An epoch did not make it: its pages go back to the dirty set, and
+    /// its regions' units to their devices' dirty sets.
+    fn lost(&mut self, t: &mut dyn Target, full: bool, taken: Option<DirtySet>, taken_regions: &[PageBits]) {
+        for (r, units) in self.regions.iter().zip(taken_regions) {
+            r.mark_dirty(units);
+        }
         if full {
             self.need_full = true;
         }
@@ -509,6 +521,11 @@ impl SnapshotEngine {
             vcpus: t.vcpus(),
             mem_size: t.ram().size(),
             progress: t.progress(),
+            regions: self
+                .regions
+                .iter()
+                .map(|r| crate::capture::regions::describe(&**r))
+                .collect(),
         }
     }
 
@@ -560,12 +577,22 @@ impl SnapshotEngine {
             // The guest is powering off: there is nothing left to protect.
             return Ok(());
         };
+        let (regions, taken_regions) = match RegionCapture::take(&self.regions, full) {
+            Ok(r) => r,
+            Err(f) => {
+                if let Err(e) = t.resume() {
+                    return Err(Fatal(format!("cannot resume the VM after epoch {id}: {e}")));
+                }
+                return Err(fail(f));
+            }
+        };
         let mut ctx = EpochCtx {
             meta: self.meta(t, id, full, created_ns),
             store,
             state: cap.state,
             taken: None,
             direct_io: self.cfg.direct_io,
+            regions,
         };
         let job = self.strategy.paused(t, &mut ctx);
         if let Err(e) = t.resume() {
@@ -577,7 +604,7 @@ impl SnapshotEngine {
             Ok(j) => j,
             Err(f) => {
                 self.strategy.finished(false);
-                self.lost(t, full, ctx.taken);
+                self.lost(t, full, ctx.taken, &taken_regions);
                 return Err(fail(f));
             }
         };
@@ -589,7 +616,7 @@ impl SnapshotEngine {
             .is_some_and(|w| w.submit(id, pause.as_nanos() as u64, job));
         if !submitted {
             self.strategy.abort();
-            self.lost(t, full, ctx.taken);
+            self.lost(t, full, ctx.taken, &taken_regions);
             return Err(Fatal(
                 EpochError::new(id, EpochFailure::ThreadGone("writer")).to_string(),
             ));
@@ -599,6 +626,7 @@ impl SnapshotEngine {
             parent: if full { None } else { self.parent },
             full,
             taken: ctx.taken,
+            taken_regions,
             started,
             pause,
             vcpu_pause: cap.vcpu_pause,

@@ -27,6 +27,14 @@ pub enum EpochFailure {
         /// How many.
         pages: usize,
     },
+    /// Reading a region (a disk) as it was at the pause.
+    #[error("{region}: {source}")]
+    Region {
+        /// Which region.
+        region: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// An engine thread is gone.
     #[error("the {0} thread is gone")]
     ThreadGone(&'static str),

@@ -11,6 +11,7 @@ mod errlog;
 pub(crate) mod error;
 mod hot;
 pub(crate) mod job;
+pub(crate) mod regions;
 mod stop_copy;
 pub(crate) mod strategy;
 pub(crate) mod target;

@@ -7,12 +7,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use store::{EpochInfo, EpochMeta, Mode, Store};
+use store::{EpochInfo, Mode};
 use vmm::memory::PAGE_SIZE;
 
 use crate::capture::error::{EpochFailure, SnapshotError};
 use crate::capture::job::{Committed, EpochStats, JobFn};
-use crate::capture::strategy::{EpochCtx, Strategy, capture_full_paused};
+use crate::capture::strategy::{EpochCtx, EpochFile, Strategy, capture_full_paused};
 use crate::capture::target::Target;
 use crate::capture::worker::Health;
 use crate::pages::{self, PAGE, PageBuf, is_zero};
@@ -80,15 +80,16 @@ impl Strategy for StopCopy {
                 gfns.extend(gfn0 + first..gfn0 + first + n);
             }
         }
+        if let Err(e) = ctx.regions.stage() {
+            self.give_back(buf);
+            return Err(e);
+        }
         let capture_time = t0.elapsed() - dirty_time;
-        let store = ctx.store.clone();
-        let meta = ctx.meta.clone();
-        let state = std::mem::take(&mut ctx.state);
+        let file = ctx.take_file();
         let pool = self.staging.clone();
-        let direct = ctx.direct_io;
         Ok(Box::new(move |pause_ns| {
             let started = Instant::now();
-            let r = write_incremental(&store, meta, &state, &gfns, &mut buf, pause_ns, direct);
+            let r = write_incremental(file, &gfns, &mut buf, pause_ns);
             if buf.len() < need * 3 / 2 && need > 0 {
                 // Fault the pages in now, so that the next pause does not pay for them.
                 buf = pages::prefaulted((need * 3 / 2).min(ram.size() as usize));
@@ -116,16 +117,8 @@ impl StopCopy {
 /// Write an incremental epoch from a staging buffer holding `gfns` in order.
 /// Zero pages are only indexed; the others are moved together (a 4 KiB
 /// copy costs far less than a write of its own) and go out as one write.
-fn write_incremental(
-    store: &Store,
-    meta: EpochMeta,
-    state: &[u8],
-    gfns: &[u64],
-    buf: &mut [u8],
-    pause_ns: u64,
-    direct_io: bool,
-) -> Result<EpochInfo, EpochFailure> {
-    let mut w = crate::capture::strategy::open_writer(store, meta, state, direct_io)?;
+fn write_incremental(file: EpochFile, gfns: &[u64], buf: &mut [u8], pause_ns: u64) -> Result<EpochInfo, EpochFailure> {
+    let mut w = file.open()?;
     let mut data = Vec::with_capacity(gfns.len());
     let mut zeros = Vec::new();
     for (i, &gfn) in gfns.iter().enumerate() {
@@ -140,5 +133,5 @@ fn write_incremental(
         }
     }
     w.pages_with_zeros(&data, &buf[..data.len() * PAGE], &zeros)?;
-    Ok(w.commit(pause_ns)?)
+    file.regions.commit(w, pause_ns)
 }

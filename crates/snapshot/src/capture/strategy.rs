@@ -17,6 +17,7 @@ use vmm::memory::{GuestRam, PAGE_SIZE};
 
 use crate::capture::error::{EpochFailure, SnapshotError};
 use crate::capture::job::{Committed, EpochStats, JobFn};
+use crate::capture::regions::RegionCapture;
 use crate::capture::target::Target;
 use crate::capture::worker::Health;
 use crate::pages::{self, PageBuf};
@@ -34,6 +35,8 @@ pub struct EpochCtx {
     pub taken: Option<DirtySet>,
     /// Write page data with O_DIRECT.
     pub direct_io: bool,
+    /// The epoch's regions besides RAM (disks), taken and frozen.
+    pub regions: RegionCapture,
 }
 
 impl EpochCtx {
@@ -41,15 +44,39 @@ impl EpochCtx {
     pub(crate) fn writer(&self) -> Result<EpochWriter, EpochFailure> {
         open_writer(&self.store, self.meta.clone(), &self.state, self.direct_io)
     }
+
+    /// What the background job needs to write and commit the epoch (the
+    /// state and the regions move into it).
+    pub(crate) fn take_file(&mut self) -> EpochFile {
+        EpochFile {
+            store: self.store.clone(),
+            meta: self.meta.clone(),
+            state: std::mem::take(&mut self.state),
+            direct_io: self.direct_io,
+            regions: std::mem::take(&mut self.regions),
+        }
+    }
+}
+
+/// An epoch's file as its background job writes it: where it goes, its
+/// header fields and state, and its regions, written after RAM's pages.
+pub(crate) struct EpochFile {
+    pub store: Arc<Store>,
+    pub meta: EpochMeta,
+    pub state: Vec<u8>,
+    pub direct_io: bool,
+    pub regions: RegionCapture,
+}
+
+impl EpochFile {
+    /// Open the file and write the state; RAM's pages come next.
+    pub(crate) fn open(&self) -> Result<EpochWriter, EpochFailure> {
+        open_writer(&self.store, self.meta.clone(), &self.state, self.direct_io)
+    }
 }
 
 /// Open an epoch file and write its state.
-pub(crate) fn open_writer(
-    store: &Store,
-    meta: EpochMeta,
-    state: &[u8],
-    direct_io: bool,
-) -> Result<EpochWriter, EpochFailure> {
+fn open_writer(store: &Store, meta: EpochMeta, state: &[u8], direct_io: bool) -> Result<EpochWriter, EpochFailure> {
     let mut w = store.writer(meta)?;
     if direct_io {
         w.use_direct_io();
@@ -96,9 +123,11 @@ pub(crate) fn capture_full_paused(
     let ram = t.ram().clone();
     let mut w = ctx.writer()?;
     write_all_pages(&ram, &mut w, chunk)?;
+    ctx.regions.write(&mut w)?;
+    let regions = std::mem::take(&mut ctx.regions);
     Ok(Box::new(move |pause_ns| {
         let started = std::time::Instant::now();
-        let info = w.commit(pause_ns)?;
+        let info = regions.commit(w, pause_ns)?;
         Ok(Committed {
             info,
             stats: EpochStats {

@@ -9,6 +9,7 @@ use thiserror::Error;
 use vmm::dirty::DirtySet;
 use vmm::machine::{Machine, MachineError};
 use vmm::memory::GuestRam;
+use vmm::region::Region;
 use vmm::vcpu::{PauseAction, VcpuError};
 
 /// A machine operation failed.
@@ -61,6 +62,11 @@ pub trait Target {
     /// The guest's progress counter, if the machine has one (recorded in
     /// each epoch's header).
     fn progress(&self) -> Option<u64>;
+    /// The captured state besides guest RAM (each disk's blocks), in
+    /// region order; the same for the machine's whole life.
+    fn regions(&self) -> Vec<Arc<dyn Region>> {
+        Vec::new()
+    }
 }
 
 impl Target for Machine {
@@ -117,5 +123,9 @@ impl Target for Machine {
 
     fn progress(&self) -> Option<u64> {
         Machine::progress(self)
+    }
+
+    fn regions(&self) -> Vec<Arc<dyn Region>> {
+        Machine::regions(self)
     }
 }

@@ -4,6 +4,7 @@
 //! ([`restore`]); or rebuild the VM at once and let its pages arrive on
 //! demand ([`restore_lazy`], the pager in `lazy`).
 
+pub(crate) mod disk;
 pub(crate) mod fill;
 pub(crate) mod lazy;
 
@@ -44,6 +45,26 @@ pub enum RestoreError {
     /// Building the VM.
     #[error(transparent)]
     Machine(#[from] MachineError),
+    /// A disk image cannot be written.
+    #[error("disk image {path}: {why}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The disks given do not match the epoch's.
+    #[error(
+        "epoch {id} has {has} disk(s) but {given} new image path(s) were given: give --disk PATH for each of its disks, in order (a restore writes each disk as it was into a new image)"
+    )]
+    Disks {
+        /// Epoch.
+        id: u64,
+        /// Its disks.
+        has: usize,
+        /// Paths given.
+        given: usize,
+    },
     /// Opening the chain elsewhere than in a local store (an object store).
     #[error("cannot open the chain of epoch {id}: {why}")]
     Chain {
@@ -89,8 +110,47 @@ pub struct RestoredRam {
 pub(crate) struct Prepared {
     pub state: MachineState,
     pub chain: Vec<store::EpochReader>,
+    /// Guest RAM's runs.
     pub runs: Vec<store::Run>,
+    /// The disks' runs (unit addresses of regions 1 and up).
+    pub region_runs: Vec<store::Run>,
+    /// The disks.
+    pub regions: Vec<store::format::RegionDesc>,
     pub progress: Option<u64>,
+}
+
+impl Prepared {
+    /// Check that `disks` are as many as the epoch's, and write each
+    /// region into its new image. Returns the bytes read.
+    pub(crate) fn materialize_disks(
+        &self,
+        id: u64,
+        disks: &[vmm::machine::DiskAttach],
+        on_read: &mut dyn FnMut(u64),
+    ) -> Result<u64, RestoreError> {
+        if disks.len() != self.regions.len() {
+            return Err(RestoreError::Disks {
+                id,
+                has: self.regions.len(),
+                given: disks.len(),
+            });
+        }
+        let mut read = 0;
+        for (i, (desc, d)) in self.regions.iter().zip(disks).enumerate() {
+            read += disk::materialize(&self.chain, &self.region_runs, i + 1, desc, &d.path, on_read)?;
+        }
+        Ok(read)
+    }
+
+    /// Bytes of page data to read for RAM and for the disks.
+    fn data_bytes(&self) -> u64 {
+        self.runs
+            .iter()
+            .chain(&self.region_runs)
+            .filter(|r| matches!(r.source, Source::Data { .. }))
+            .map(|r| r.count * PAGE as u64)
+            .sum()
+    }
 }
 
 /// Open epoch `id`'s chain, decode and check its state, plan its pages.
@@ -122,12 +182,27 @@ pub(crate) fn prepare_chain(chain: Vec<store::EpochReader>, id: u64) -> Result<P
             ),
         });
     }
+    if state.devices.virtio.len() != h.regions.len() {
+        return Err(RestoreError::Mismatch {
+            id,
+            why: format!(
+                "header lists {}, state has {} virtio devices",
+                store::format::describe_regions(&h.regions),
+                state.devices.virtio.len()
+            ),
+        });
+    }
     let progress = (h.progress != u64::MAX).then_some(h.progress);
-    let runs = store::plan(&chain)?;
+    let regions = h.regions.clone();
+    let (runs, region_runs) = store::plan(&chain)?
+        .into_iter()
+        .partition(|r| store::format::region_of(r.gfn) == 0);
     Ok(Prepared {
         state,
         chain,
         runs,
+        region_runs,
+        regions,
         progress,
     })
 }
@@ -136,25 +211,51 @@ pub(crate) fn prepare_chain(chain: Vec<store::EpochReader>, id: u64) -> Result<P
 /// read, without building a VM (needs no KVM). `on_read` receives bytes
 /// read so far and the total.
 pub fn restore_ram(store: &Store, id: u64, on_read: &mut dyn FnMut(u64, u64)) -> Result<RestoredRam, RestoreError> {
-    let Prepared {
-        state,
-        chain,
-        runs,
-        progress,
-    } = prepare(store, id)?;
-    let total: u64 = runs
+    let prep = prepare(store, id)?;
+    let total = prep.data_bytes();
+    fill_ram(prep, &mut |b| on_read(b, total))
+}
+
+fn fill_ram(prep: Prepared, on_read: &mut dyn FnMut(u64)) -> Result<RestoredRam, RestoreError> {
+    let ram = GuestRam::new(prep.state.config.mem_size).map_err(MachineError::from)?;
+    let read = crate::restore::fill::fill(&ram, &prep.chain, &prep.runs, on_read)?;
+    Ok(RestoredRam {
+        state: prep.state,
+        ram,
+        chain: prep.chain.len(),
+        bytes_read: read,
+        progress: prep.progress,
+    })
+}
+
+/// Write the disks of epoch `id` of `store` into new images at `paths`
+/// (one per disk of the epoch, in order), without restoring the VM.
+/// Returns the bytes of block data read; `on_read` receives bytes read so
+/// far and the total.
+pub fn export_disks(
+    store: &Store,
+    id: u64,
+    paths: &[std::path::PathBuf],
+    on_read: &mut dyn FnMut(u64, u64),
+) -> Result<u64, RestoreError> {
+    let prep = prepare(store, id)?;
+    let total: u64 = prep
+        .region_runs
         .iter()
         .filter(|r| matches!(r.source, Source::Data { .. }))
         .map(|r| r.count * PAGE as u64)
         .sum();
-    let ram = GuestRam::new(state.config.mem_size).map_err(MachineError::from)?;
-    let read = crate::restore::fill::fill(&ram, &chain, &runs, &mut |b| on_read(b, total))?;
-    Ok(RestoredRam {
-        state,
-        ram,
-        chain: chain.len(),
-        bytes_read: read,
-        progress,
+    let disks: Vec<vmm::machine::DiskAttach> = paths
+        .iter()
+        .map(|p| vmm::machine::DiskAttach {
+            path: p.clone(),
+            readonly: false,
+        })
+        .collect();
+    let mut done = 0;
+    prep.materialize_disks(id, &disks, &mut |b| {
+        done += b;
+        on_read(done, total)
     })
 }
 
@@ -166,12 +267,20 @@ pub fn restore(
     attach: impl FnOnce(&vmm::state::MachineConfig) -> Attach,
     on_read: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, RestoreError> {
-    let r = restore_ram(store, id, on_read)?;
-    let machine = Machine::restore(&r.state, r.ram, attach(&r.state.config))?;
+    let prep = prepare(store, id)?;
+    let attach = attach(&prep.state.config);
+    let total = prep.data_bytes();
+    let mut disk_done = 0;
+    let disk_read = prep.materialize_disks(id, &attach.disks, &mut |b| {
+        disk_done += b;
+        on_read(disk_done, total)
+    })?;
+    let r = fill_ram(prep, &mut |b| on_read(disk_read + b, total))?;
+    let machine = Machine::restore(&r.state, r.ram, attach)?;
     Ok(Restored {
         machine,
         epoch: id,
         chain: r.chain,
-        bytes_read: r.bytes_read,
+        bytes_read: r.bytes_read + disk_read,
     })
 }

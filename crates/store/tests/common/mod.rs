@@ -42,6 +42,7 @@ pub fn meta(id: u64, parent: Option<u64>) -> EpochMeta {
         vcpus: 1,
         mem_size: 8 * PAGE as u64,
         progress: Some(id),
+        regions: Vec::new(),
     }
 }
 

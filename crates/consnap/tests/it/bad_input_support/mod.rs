@@ -159,6 +159,7 @@ pub fn small_store(dir: &Path) {
                 vcpus: 1,
                 mem_size: 4 * PAGE as u64,
                 progress: Some(id),
+                regions: Vec::new(),
             })
             .unwrap();
         w.write_state(b"not a machine").unwrap();

@@ -295,11 +295,8 @@ impl Cow {
         dirty_time: std::time::Duration,
         capture_time: std::time::Duration,
     ) -> JobFn {
-        let store = ctx.store.clone();
-        let meta = ctx.meta.clone();
-        let state = std::mem::take(&mut ctx.state);
+        let file = ctx.take_file();
         let pool = self.scratch.clone();
-        let direct = ctx.direct_io;
         Box::new(move |pause_ns| {
             shared.start_capture();
             let started = Instant::now();
@@ -308,7 +305,7 @@ impl Cow {
                 .unwrap_or_else(|p| p.into_inner())
                 .pop()
                 .unwrap_or_else(saver::Buffers::new);
-            let r = saver::save_epoch(&shared, &store, meta, &state, &mut bufs, pause_ns, direct);
+            let r = saver::save_epoch(&shared, file, &mut bufs, pause_ns);
             pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
             let c = &shared.counters;
             let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

@@ -6,12 +6,13 @@
 //! keep it, so that the next write is seen), then write the pages (under
 //! `Tracker::Uffd` only those whose hash changed since the last epoch).
 
-use store::{EpochInfo, EpochMeta, EpochWriter, Store};
+use store::{EpochInfo, EpochWriter};
 use vmm::dirty::PageBits;
 use vmm::memory::PAGE_SIZE;
 
 use super::shared::{CowState, Tracker};
 use crate::capture::error::EpochFailure;
+use crate::capture::strategy::EpochFile;
 use crate::pages::{self, PageBuf};
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -21,15 +22,12 @@ static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// it. On failure every protection is lifted before returning.
 pub(crate) fn save_epoch(
     shared: &CowState,
-    store: &Store,
-    meta: EpochMeta,
-    state: &[u8],
+    file: EpochFile,
     bufs: &mut Buffers,
     pause_ns: u64,
-    direct_io: bool,
 ) -> Result<EpochInfo, EpochFailure> {
     let Buffers { scratch, out } = bufs;
-    let full = meta.full;
+    let full = file.meta.full;
     // Pages gathered for an epoch that failed are not this epoch's.
     out.clear();
     if !shared.opts.saver_delay().is_zero() {
@@ -39,7 +37,7 @@ pub(crate) fn save_epoch(
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
     }
     let r = (|| {
-        let mut w = crate::capture::strategy::open_writer(store, meta, state, direct_io)?;
+        let mut w = file.open()?;
         for ri in 0..shared.ranges.len() {
             save_range(shared, ri, full, &mut w, scratch, out)?;
         }
@@ -55,7 +53,7 @@ pub(crate) fn save_epoch(
         if leftovers != 0 {
             return Err(EpochFailure::Unsaved { pages: leftovers });
         }
-        Ok(w.commit(pause_ns)?)
+        file.regions.commit(w, pause_ns)
     })();
     if r.is_err() {
         shared.release_all();

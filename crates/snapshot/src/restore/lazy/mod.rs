@@ -286,6 +286,10 @@ pub fn restore_lazy_from(
         .map(|r| r.count)
         .sum();
     let chain_len = prep.chain.len();
+    // Disks are written in full before the VM runs (their blocks are not
+    // served on demand yet).
+    let attach = attach(&prep.state.config);
+    prep.materialize_disks(id, &attach.disks, &mut |_| {})?;
     let mut pager = Pager::new(Arc::new(u), spans, prep.runs, prep.chain);
     if for_cow {
         pager = pager.for_cow();
@@ -303,7 +307,7 @@ pub fn restore_lazy_from(
     // compete with that for the CPU.
     lazy.threads
         .push(spawn_worker("lazy-faults", 0, &pager, &stop).map_err(lazy_err)?);
-    let machine = Machine::restore_prepared(vm, &prep.state, attach(&prep.state.config))?;
+    let machine = Machine::restore_prepared(vm, &prep.state, attach)?;
     lazy.threads
         .push(spawn_worker("lazy-fill", FILL_NICE, &pager, &stop).map_err(lazy_err)?);
     tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: machine restored");

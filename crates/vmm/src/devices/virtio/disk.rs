@@ -93,6 +93,10 @@ pub struct DiskImage {
     readonly: bool,
     bytes: u64,
     track: Mutex<Track>,
+    /// Test hook (mutation checks): overwrite frozen units without
+    /// copying them aside first.
+    #[cfg(feature = "testing")]
+    skip_copy: std::sync::atomic::AtomicBool,
 }
 
 impl DiskImage {
@@ -154,7 +158,24 @@ impl DiskImage {
                 dirty: PageBits::new(units),
                 frozen: None,
             }),
+            #[cfg(feature = "testing")]
+            skip_copy: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Test hook (mutation checks): from now on, overwrite frozen units
+    /// without copying them aside (an epoch then saves what the guest wrote
+    /// after its pause).
+    #[cfg(feature = "testing")]
+    pub fn test_skip_copy_aside(&self, on: bool) {
+        self.skip_copy.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn copies_aside(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return !self.skip_copy.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(feature = "testing"))]
+        true
     }
 
     /// The image's path.
@@ -195,7 +216,7 @@ impl DiskImage {
         let units = Self::units(offset, data.len() as u64);
         {
             let mut t = self.lock();
-            if let Some(f) = &mut t.frozen {
+            if let Some(f) = t.frozen.as_mut().filter(|_| self.copies_aside()) {
                 for u in units.clone() {
                     if f.pending.get(u) {
                         let mut unit = vec![0u8; UNIT as usize].into_boxed_slice();
