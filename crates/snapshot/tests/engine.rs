@@ -103,6 +103,125 @@ fn vmm_written_pages_reach_the_next_epoch() {
     }
 }
 
+/// Pages a device writes into guest RAM from its own thread (here the
+/// virtio-blk device reading a sector into a page nothing else writes) are
+/// in the next epoch whatever the mode and tracker, and the epoch restores
+/// with the sector in place and the disk beside it.
+#[test]
+fn device_written_pages_reach_the_next_epoch() {
+    if !kvm_ready() {
+        return;
+    }
+    use vmm::tiny_guests::{BUF, GO, virtio_read, virtio_read_request, virtio_used};
+    let boot = BootConfig {
+        kernel: KernelSource::Bytes {
+            name: "virtio reader".into(),
+            image: vmm::testing::pvh_elf(&virtio_read(true)),
+        },
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: 1,
+    };
+    let cases = [
+        (Mode::StopCopy, snapshot::Tracker::Uffd),
+        (Mode::StopCopyFull, snapshot::Tracker::Uffd),
+        (Mode::Cow, snapshot::Tracker::Uffd),
+        (Mode::Cow, snapshot::Tracker::DirtyLog),
+    ];
+    for (mode, tracker) in cases {
+        let dir = tempdir(&format!("device-dirty-{mode:?}-{tracker:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        let mut sector = vec![0u8; 1 << 20];
+        sector[..512].fill(0xa5);
+        std::fs::write(&img, &sector).unwrap();
+        let attach = Attach {
+            disks: vec![vmm::machine::DiskAttach {
+                path: img.clone(),
+                readonly: false,
+            }],
+            ..Attach::console(Box::new(std::io::sink()))
+        };
+        let mut m = Machine::boot(32 << 20, &boot, attach).unwrap();
+        virtio_read_request(m.ram()).unwrap();
+        let snaps = dir.join("snaps");
+        let cfg = SnapshotConfig {
+            dir: snaps.clone(),
+            mode,
+            interval: Duration::from_secs(3600),
+            stop_on_error: true,
+            cow: snapshot::CowOptions {
+                tracker,
+                ..Default::default()
+            },
+            direct_io: true,
+            max_lag: None,
+        };
+        let mut engine = SnapshotEngine::new(cfg, None);
+        engine.prepare(&mut m).unwrap();
+        m.start().unwrap();
+        engine.run(&mut m);
+        assert!(engine.wait(&mut m).is_none(), "{:?}", engine.errors);
+        // Now the guest notifies the device, which writes BUF on its thread.
+        m.ram().write_from(u64::from(GO), &1u32.to_le_bytes()).unwrap();
+        let t = std::time::Instant::now();
+        while virtio_used(m.ram()) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the device never completed the request"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        engine.run(&mut m);
+        assert!(engine.wait(&mut m).is_none(), "{:?}", engine.errors);
+        m.stop();
+        drop(m);
+        assert_eq!(engine.records.len(), 2, "{:?}", engine.errors);
+
+        let store = Store::open(&snaps, Access::Read).unwrap();
+        let e2 = store.open_epoch(2).unwrap();
+        let buf = u64::from(BUF) / 4096;
+        if mode != Mode::StopCopyFull {
+            let ext = e2
+                .index()
+                .iter()
+                .find(|x| x.gfn <= buf && buf < x.gfn + u64::from(x.count));
+            assert!(
+                ext.is_some_and(|x| x.kind == ExtentKind::Data),
+                "{mode:?}/{tracker:?}: the page the device wrote is not in the incremental epoch"
+            );
+        }
+        assert_eq!(e2.header().regions.len(), 1, "the disk is a region of the epoch");
+        let new_img = dir.join("restored.img");
+        let restored = snapshot::restore(
+            &store,
+            2,
+            |_| Attach {
+                disks: vec![vmm::machine::DiskAttach {
+                    path: new_img.clone(),
+                    readonly: false,
+                }],
+                ..Attach::console(Box::new(std::io::sink()))
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let mut got = [0u8; 512];
+        restored.machine.ram().read_to(u64::from(BUF), &mut got).unwrap();
+        assert!(
+            got.iter().all(|&b| b == 0xa5),
+            "{mode:?}/{tracker:?}: the sector read is not restored"
+        );
+        drop(restored);
+        assert_eq!(
+            std::fs::read(&new_img).unwrap(),
+            sector,
+            "the restored disk is the disk at the pause"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// KVM itself writes guest memory (here the kvmclock page, on every
 /// registration): those writes reach the next epoch, and under `cow` they
 /// fault from kernel mode into the fault handler instead of failing KVM_RUN.

@@ -22,6 +22,8 @@ pub mod run;
 pub mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod tiny_guests;
 pub mod vcpu;
 
 pub use machine::{Machine, MachineError};
