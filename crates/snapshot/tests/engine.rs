@@ -136,10 +136,7 @@ fn device_written_pages_reach_the_next_epoch() {
         sector[..512].fill(0xa5);
         std::fs::write(&img, &sector).unwrap();
         let attach = Attach {
-            disks: vec![vmm::machine::DiskAttach {
-                path: img.clone(),
-                readonly: false,
-            }],
+            disks: vec![vmm::machine::DiskAttach::new(img.clone())],
             ..Attach::console(Box::new(std::io::sink()))
         };
         let mut m = Machine::boot(32 << 20, &boot, attach).unwrap();
@@ -197,10 +194,7 @@ fn device_written_pages_reach_the_next_epoch() {
             &store,
             2,
             |_| Attach {
-                disks: vec![vmm::machine::DiskAttach {
-                    path: new_img.clone(),
-                    readonly: false,
-                }],
+                disks: vec![vmm::machine::DiskAttach::new(new_img.clone())],
                 ..Attach::console(Box::new(std::io::sink()))
             },
             &mut |_, _| {},

@@ -139,13 +139,37 @@ pub struct PortDevice {
 }
 
 /// A disk image to attach as a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct DiskAttach {
     /// The raw image.
     pub path: PathBuf,
     /// The guest may only read it (on a boot; a restore keeps the saved
     /// device's setting).
     pub readonly: bool,
+    /// A lazily restored disk: where its units come from until the image
+    /// is whole (see `devices::virtio::disk`).
+    pub source: Option<Arc<dyn virtio::disk::UnitSource>>,
+}
+
+impl DiskAttach {
+    /// An image the guest reads and writes.
+    pub fn new(path: PathBuf) -> DiskAttach {
+        DiskAttach {
+            path,
+            readonly: false,
+            source: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for DiskAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskAttach")
+            .field("path", &self.path)
+            .field("readonly", &self.readonly)
+            .field("lazy", &self.source.is_some())
+            .finish()
+    }
 }
 
 /// What the program running a machine attaches to it, on a boot as on a
@@ -216,7 +240,13 @@ fn build_devices(
     for (i, disk) in disks.iter().enumerate() {
         let saved = saved.map(|s| &s[i]);
         let block = match saved.map(|s| &s.device) {
-            Some(VirtioDeviceState::Block(b)) => Block::restore(Arc::new(DiskImage::open(&disk.path, b.readonly)?), b)?,
+            Some(VirtioDeviceState::Block(b)) => {
+                let image = match &disk.source {
+                    Some(src) => DiskImage::open_lazy(&disk.path, b.readonly, src.clone())?,
+                    None => DiskImage::open(&disk.path, b.readonly)?,
+                };
+                Block::restore(Arc::new(image), b)?
+            }
             None => {
                 let image = Arc::new(DiskImage::open(&disk.path, disk.readonly)?);
                 let id = disk

@@ -48,10 +48,7 @@ fn a_guest_reads_a_sector_through_ioeventfd_and_irqfd() {
     };
     let out = Capture::default();
     let attach = Attach {
-        disks: vec![DiskAttach {
-            path: img.clone(),
-            readonly: false,
-        }],
+        disks: vec![DiskAttach::new(img.clone())],
         ..Attach::console(Box::new(out.clone()))
     };
     let mut m = Machine::boot(32 << 20, &boot, attach).unwrap();

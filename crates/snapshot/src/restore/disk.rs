@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use store::format::{RegionDesc, region_of, unit_addr};
 use store::{EpochReader, Run, Source, StoreError};
@@ -122,4 +123,83 @@ fn write_blocks(
         }
     }
     Ok(read)
+}
+
+/// A region of a chain, read unit by unit: the source of a lazily
+/// restored disk.
+pub(crate) struct ChainUnits {
+    chain: Arc<Vec<EpochReader>>,
+    /// This region's runs, ascending.
+    runs: Vec<Run>,
+    region: usize,
+}
+
+impl vmm::devices::virtio::disk::UnitSource for ChainUnits {
+    fn read_units(&self, first: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let n = (buf.len() / PAGE) as u64;
+        let mut u = unit_addr(self.region, first);
+        let end = u + n;
+        while u < end {
+            let i = self.runs.partition_point(|r| r.gfn + r.count <= u);
+            let at = ((u - unit_addr(self.region, first)) as usize) * PAGE;
+            let Some(run) = self.runs.get(i).filter(|r| r.gfn <= u) else {
+                // Listed by no epoch: cannot be (a chain ends at a full epoch).
+                return Err(std::io::Error::other(format!(
+                    "disk block {} is in no epoch of the chain",
+                    u & ((1 << 48) - 1)
+                )));
+            };
+            let k = (run.gfn + run.count).min(end) - u;
+            let dst = &mut buf[at..at + k as usize * PAGE];
+            match run.source {
+                Source::Zero => dst.fill(0),
+                Source::Data { epoch, page } => self.chain[epoch]
+                    .read_pages(page + (u - run.gfn), dst)
+                    .map_err(std::io::Error::other)?,
+            }
+            u += k;
+        }
+        Ok(())
+    }
+}
+
+/// For a lazy restore: create each disk's image, empty and of its size,
+/// at the path `disks` give, and make the chain its source.
+pub(crate) fn lazy_disks(
+    id: u64,
+    regions: &[RegionDesc],
+    chain: &Arc<Vec<EpochReader>>,
+    runs: Vec<Run>,
+    disks: &mut [vmm::machine::DiskAttach],
+) -> Result<(), RestoreError> {
+    if disks.len() != regions.len() {
+        return Err(RestoreError::Disks {
+            id,
+            has: regions.len(),
+            given: disks.len(),
+        });
+    }
+    for (i, (desc, d)) in regions.iter().zip(disks.iter_mut()).enumerate() {
+        let region = i + 1;
+        if d.path.symlink_metadata().is_ok() {
+            return Err(RestoreError::Disk {
+                path: d.path.clone(),
+                why: "exists: a restore writes a new image and never changes one; give a path that does not exist"
+                    .into(),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&d.path)
+            .map_err(io(&d.path, "create"))?;
+        file.set_len(desc.bytes).map_err(io(&d.path, "set length"))?;
+        d.source = Some(Arc::new(ChainUnits {
+            chain: chain.clone(),
+            runs: region_runs(&runs, region).copied().collect(),
+            region,
+        }));
+    }
+    Ok(())
 }

@@ -245,13 +245,7 @@ pub fn export_disks(
         .filter(|r| matches!(r.source, Source::Data { .. }))
         .map(|r| r.count * PAGE as u64)
         .sum();
-    let disks: Vec<vmm::machine::DiskAttach> = paths
-        .iter()
-        .map(|p| vmm::machine::DiskAttach {
-            path: p.clone(),
-            readonly: false,
-        })
-        .collect();
+    let disks: Vec<vmm::machine::DiskAttach> = paths.iter().map(|p| vmm::machine::DiskAttach::new(p.clone())).collect();
     let mut done = 0;
     prep.materialize_disks(id, &disks, &mut |b| {
         done += b;

@@ -286,11 +286,12 @@ pub fn restore_lazy_from(
         .map(|r| r.count)
         .sum();
     let chain_len = prep.chain.len();
-    // Disks are written in full before the VM runs (their blocks are not
-    // served on demand yet).
-    let attach = attach(&prep.state.config);
-    prep.materialize_disks(id, &attach.disks, &mut |_| {})?;
-    let mut pager = Pager::new(Arc::new(u), spans, prep.runs, prep.chain);
+    // Disks start empty and fill from the chain, blocks the guest touches
+    // first (the device fetches them), the rest by a fill thread.
+    let mut attach = attach(&prep.state.config);
+    let chain = Arc::new(prep.chain);
+    crate::restore::disk::lazy_disks(id, &prep.regions, &chain, prep.region_runs, &mut attach.disks)?;
+    let mut pager = Pager::new(Arc::new(u), spans, prep.runs, chain);
     if for_cow {
         pager = pager.for_cow();
     }

@@ -75,7 +75,7 @@ pub(crate) struct Pager {
     pub spans: Vec<Span>,
     /// The restore plan, sorted by guest frame.
     pub runs: Vec<Run>,
-    pub chain: Vec<EpochReader>,
+    pub chain: Arc<Vec<EpochReader>>,
     /// The 2 MiB regions (guest frame / [`HUGE_FRAMES`]) that hold data.
     pub data_regions: std::collections::BTreeSet<u64>,
     /// One bit per guest frame: claimed by the thread that installs it.
@@ -99,7 +99,7 @@ pub(crate) struct Pager {
 }
 
 impl Pager {
-    pub(crate) fn new(uffd: Arc<Uffd>, spans: Vec<Span>, mut runs: Vec<Run>, chain: Vec<EpochReader>) -> Pager {
+    pub(crate) fn new(uffd: Arc<Uffd>, spans: Vec<Span>, mut runs: Vec<Run>, chain: Arc<Vec<EpochReader>>) -> Pager {
         runs.sort_by_key(|r| r.gfn);
         let data_regions = runs
             .iter()

@@ -2,6 +2,12 @@
 //! locked against a second VMM, and captured in every epoch as a
 //! [`Region`] (see `crate::region`): the image tracks the units the guest
 //! writes and copies a frozen unit aside before overwriting it.
+//!
+//! A lazily restored disk starts as an empty image of the right size whose
+//! units arrive from a [`UnitSource`] (the snapshot store): a unit the
+//! guest reads, or writes only in part, is fetched and written into the
+//! image first, and a fill thread ([`DiskImage::fill`]) brings in the rest;
+//! once every unit is in, the image is an ordinary one.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -70,6 +76,26 @@ pub enum DiskError {
     },
 }
 
+/// Where the units of a lazily restored disk come from.
+pub trait UnitSource: Send + Sync {
+    /// Units `[first, first + buf.len() / 4096)`, verified (bytes past the
+    /// image's end are zero).
+    fn read_units(&self, first: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// A disk still filling from its source.
+struct Lazy {
+    source: std::sync::Arc<dyn UnitSource>,
+    /// Units already in the image.
+    filled: PageBits,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy").field("filled", &self.filled.count()).finish()
+    }
+}
+
 /// The epoch being saved: which units are still to be read as they were
 /// at the pause, and the ones the guest overwrote since, copied aside.
 #[derive(Debug)]
@@ -83,6 +109,8 @@ struct Track {
     /// Units written since the last `take_dirty`.
     dirty: PageBits,
     frozen: Option<Frozen>,
+    /// Units still to arrive from the store (a lazy restore).
+    lazy: Option<Lazy>,
 }
 
 /// A raw disk image attached to the VM.
@@ -157,6 +185,7 @@ impl DiskImage {
             track: Mutex::new(Track {
                 dirty: PageBits::new(units),
                 frozen: None,
+                lazy: None,
             }),
             #[cfg(feature = "testing")]
             skip_copy: std::sync::atomic::AtomicBool::new(false),
@@ -176,6 +205,80 @@ impl DiskImage {
         return !self.skip_copy.load(std::sync::atomic::Ordering::Relaxed);
         #[cfg(not(feature = "testing"))]
         true
+    }
+
+    /// [`DiskImage::open`] an image whose units are to come from `source`
+    /// (an empty image of the restored disk's size, made by the restore).
+    pub fn open_lazy(
+        path: &Path,
+        readonly: bool,
+        source: std::sync::Arc<dyn UnitSource>,
+    ) -> Result<DiskImage, DiskError> {
+        let d = DiskImage::open(path, readonly)?;
+        let units = d.bytes.div_ceil(UNIT);
+        d.lock().lazy = Some(Lazy {
+            source,
+            filled: PageBits::new(units),
+        });
+        Ok(d)
+    }
+
+    /// Units still to arrive from the store (0 once the disk is whole).
+    pub fn missing(&self) -> u64 {
+        self.lock()
+            .lazy
+            .as_ref()
+            .map_or(0, |l| l.filled.pages() - l.filled.count())
+    }
+
+    /// Fetch the missing units of `units` that `whole` does not cover
+    /// entirely (those are about to be overwritten whole) into the image;
+    /// mark all of `units` filled.
+    fn ensure(&self, t: &mut Track, units: std::ops::Range<u64>, whole: std::ops::Range<u64>) -> io::Result<()> {
+        let Some(l) = &mut t.lazy else {
+            return Ok(());
+        };
+        let mut buf = [0u8; UNIT as usize];
+        for u in units {
+            if l.filled.get(u) {
+                continue;
+            }
+            if !whole.contains(&u) {
+                l.source.read_units(u, &mut buf)?;
+                let at = u * UNIT;
+                let n = (self.bytes - at).min(UNIT) as usize;
+                self.file.write_all_at(&buf[..n], at)?;
+            }
+            l.filled.set(u);
+        }
+        if l.filled.count() == l.filled.pages() {
+            tracing::info!(disk = %self.path.display(), "lazily restored disk is whole");
+            t.lazy = None;
+        }
+        Ok(())
+    }
+
+    /// Bring in up to `max` missing units (the fill thread calls this until
+    /// it returns false: the disk is whole).
+    pub fn fill(&self, max: u64) -> io::Result<bool> {
+        let mut t = self.lock();
+        let Some(l) = &t.lazy else {
+            return Ok(false);
+        };
+        let first = l.filled.next_clear(0);
+        let end = (first + max).min(l.filled.pages());
+        let mut buf = vec![0u8; ((end - first) * UNIT) as usize];
+        l.source.read_units(first, &mut buf)?;
+        for u in first..end {
+            if !l.filled.get(u) {
+                let i = ((u - first) * UNIT) as usize;
+                let at = u * UNIT;
+                let n = (self.bytes - at).min(UNIT) as usize;
+                self.file.write_all_at(&buf[i..i + n], at)?;
+            }
+        }
+        self.ensure(&mut t, first..end, first..end)?;
+        Ok(t.lazy.is_some())
     }
 
     /// The image's path.
@@ -204,6 +307,12 @@ impl DiskImage {
 
     /// Read `buf.len()` bytes at `offset` (inside the image).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        {
+            let mut t = self.lock();
+            if t.lazy.is_some() {
+                self.ensure(&mut t, Self::units(offset, buf.len() as u64), 0..0)?;
+            }
+        }
         self.file.read_exact_at(buf, offset)
     }
 
@@ -216,6 +325,15 @@ impl DiskImage {
         let units = Self::units(offset, data.len() as u64);
         {
             let mut t = self.lock();
+            // Units the write covers entirely need not arrive first,
+            // unless an epoch being saved may want their old contents.
+            let end = offset + data.len() as u64;
+            let whole = match t.frozen {
+                Some(_) => 0..0,
+                None if end == self.bytes => offset.div_ceil(UNIT)..units.end,
+                None => offset.div_ceil(UNIT)..end / UNIT,
+            };
+            self.ensure(&mut t, units.clone(), whole)?;
             if let Some(f) = t.frozen.as_mut().filter(|_| self.copies_aside()) {
                 for u in units.clone() {
                     if f.pending.get(u) {
@@ -319,6 +437,12 @@ impl Region for DiskImage {
     }
 
     fn populated(&self) -> io::Result<PageBits> {
+        let t = self.lock();
+        if let Some(l) = &t.lazy {
+            // Units still in the store may hold data: read them all.
+            return Ok(PageBits::full(l.filled.pages()));
+        }
+        drop(t);
         self.data_units()
     }
 
@@ -331,6 +455,14 @@ impl Region for DiskImage {
 
     fn read_frozen(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut t = self.lock();
+        let Some(f) = &mut t.frozen else {
+            return Err(io::Error::other("no epoch is frozen"));
+        };
+        let n = (buf.len() as u64).div_ceil(UNIT);
+        let pending_any = (first..first + n).any(|u| f.pending.get(u));
+        if pending_any && t.lazy.is_some() {
+            self.ensure(&mut t, first..first + n, 0..0)?;
+        }
         let Some(f) = &mut t.frozen else {
             return Err(io::Error::other("no epoch is frozen"));
         };
@@ -420,6 +552,57 @@ mod tests {
             .set_len(2 << 20)
             .unwrap();
         assert!(matches!(ro.check_size(), Err(DiskError::Resized { now, .. }) if now == 2 << 20));
+    }
+
+    /// A source whose unit u is all (u + 1), counting what it is asked for.
+    struct Counting(std::sync::atomic::AtomicU64);
+
+    impl UnitSource for Counting {
+        fn read_units(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+            for (i, unit) in buf.chunks_mut(UNIT as usize).enumerate() {
+                unit.fill(first as u8 + i as u8 + 1);
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_lazy_disk_fetches_what_is_read_or_partly_written_and_fills_the_rest() {
+        let dir = TestDir::new(std::env::temp_dir(), "disk-lazy");
+        let p = image(&dir, "lazy.img", 8 * UNIT);
+        let src = std::sync::Arc::new(Counting(std::sync::atomic::AtomicU64::new(0)));
+        let d = DiskImage::open_lazy(&p, false, src.clone()).unwrap();
+        let asked = || src.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(d.missing(), 8);
+        let mut b = [0u8; 512];
+        d.read_at(&mut b, 2 * UNIT + 512).unwrap();
+        assert!(b.iter().all(|&x| x == 3));
+        assert_eq!(asked(), 1);
+        // A write covering unit 4 whole and unit 5 in part fetches unit 5 only.
+        d.write_at(&[9u8; 4096 + 100], 4 * UNIT).unwrap();
+        assert_eq!(asked(), 2);
+        d.read_at(&mut b, 5 * UNIT).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 9) && b[100..].iter().all(|&x| x == 6));
+        // A frozen unit not in the image yet reads as the source has it.
+        let mut units = PageBits::new(8);
+        units.set(6);
+        d.freeze(units);
+        let mut u6 = vec![0u8; UNIT as usize];
+        d.read_frozen(6, &mut u6).unwrap();
+        assert!(u6.iter().all(|&x| x == 7));
+        d.thaw();
+        while d.fill(3).unwrap() {}
+        assert_eq!(d.missing(), 0);
+        let all = std::fs::read(&p).unwrap();
+        for u in 0..8usize {
+            let want = match u {
+                4 => 9,
+                _ => u as u8 + 1,
+            };
+            assert_eq!(all[u * 4096 + 200], want, "unit {u}");
+        }
+        assert!(all[5 * 4096..5 * 4096 + 100].iter().all(|&x| x == 9));
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub struct VirtioSlot {
     /// The device: today always a block device.
     pub block: std::sync::Arc<block::Block>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// A lazily restored disk's fill thread, and what stops it.
+    filler: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop_fill: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for VirtioSlot {
@@ -156,6 +159,42 @@ impl std::fmt::Debug for VirtioSlot {
             .field("transport", &self.transport)
             .finish_non_exhaustive()
     }
+}
+
+/// Niceness of a lazily restored disk's fill thread: below the vCPUs and
+/// the device, which fetch what the guest needs now.
+const FILL_NICE: i32 = 5;
+/// Units a fill step brings in.
+const FILL_UNITS: u64 = 256;
+
+/// Bring in every missing unit of `disk`, a step at a time, until it is
+/// whole or `stop` is set.
+fn spawn_filler(
+    disk: std::sync::Arc<disk::DiskImage>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, crate::devices::DeviceError> {
+    std::thread::Builder::new()
+        .name("disk-fill".into())
+        .spawn(move || {
+            // SAFETY: setpriority on the calling thread; failure is harmless.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FILL_NICE) };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match disk.fill(FILL_UNITS) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        // The guest gets an I/O error where it reads such a
+                        // unit; the fill cannot go on.
+                        tracing::error!(disk = %disk.path().display(), "lazily restored disk: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|source| crate::devices::DeviceError::Quiesce {
+            device: "disk fill".into(),
+            why: format!("cannot start its thread: {source}"),
+        })
 }
 
 impl VirtioSlot {
@@ -191,18 +230,33 @@ impl VirtioSlot {
                 .map_err(kvm("KVM_IOEVENTFD"))?;
         }
         let thread = worker::spawn(t.clone())?;
+        let stop_fill = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let filler = if block.disk().missing() > 0 {
+            Some(spawn_filler(block.disk().clone(), stop_fill.clone())?)
+        } else {
+            None
+        };
         Ok(VirtioSlot {
             transport: t,
             block,
             thread: std::sync::Mutex::new(Some(thread)),
+            filler: std::sync::Mutex::new(filler),
+            stop_fill,
         })
     }
 
-    /// Stop its thread (once).
+    /// Stop its threads (once).
     pub(crate) fn stop(&self) {
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = thread {
             worker::stop(&self.transport, h);
+        }
+        self.stop_fill.store(true, std::sync::atomic::Ordering::Relaxed);
+        let filler = self.filler.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = filler
+            && h.join().is_err()
+        {
+            tracing::error!("the disk fill thread panicked");
         }
     }
 
