@@ -456,7 +456,7 @@ fn run_cpu(cpu: u32, spec: &Spec) {
         hz: TICK_HZ.load(Acquire),
         start: ticks(cpu as usize),
     };
-    let out = workload::run_share(&share, mem, &mut env);
+    let out = workload::run_share(&share, mem, &mut env, None);
     let i = cpu as usize;
     RES_OPS[i].store(out.ops, Relaxed);
     RES_SUM[i].store(out.checksum, Relaxed);
