@@ -521,7 +521,8 @@ pub fn init(cmdline: &str, need: u64, irq: bool) {
         d.flags.store(0, Relaxed);
         d.next.store(0, Relaxed);
     }
-    RINGS.avail_flags.store(0, Relaxed);
+    // Polling: VRING_AVAIL_F_NO_INTERRUPT, the device need not interrupt.
+    RINGS.avail_flags.store(if irq { 0 } else { 1 }, Relaxed);
     RINGS.avail_idx.store(0, Relaxed);
     RINGS.used.flags.store(0, Relaxed);
     RINGS.used.idx.store(0, Relaxed);
