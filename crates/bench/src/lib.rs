@@ -297,6 +297,7 @@ fn guess_ops(spec: &str) -> u64 {
         (workload::Kind::Build, _) => 400,
         (workload::Kind::Ftp, _) => 15_000,
         (workload::Kind::Memstress, _) => 2_000_000,
+        (workload::Kind::Dblog, _) => 20_000,
     };
     per_s.max(1) * 3 / 2
 }

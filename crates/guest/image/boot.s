@@ -12,8 +12,12 @@
  *     for time (see main.rs),
  *   - drops to ring 3 (iretq, IF=0) into the Rust workload code.
  * Ring 3 reaches ring 0 only by executing HLT (a #GP at CPL 3) with a request
- * number in RAX: 0 parks the CPU for good, 1 starts the application processors.
+ * number in RAX: 0 parks the CPU for good, 1 starts the application processors,
+ * 2 waits for an interrupt (the disk driver's irq=on mode, virtio.rs).
  * Any other exception prints its vector and RIP on COM1 and exits with code 4.
+ * The only interrupts are those request 2 waits for: vector 0x20 (the disk,
+ * routed by ring 3 through the IOAPIC; its handler sends the local APIC an
+ * EOI) and the local APIC's spurious vector 0x2f; ring 3 runs with IF=0.
  */
 
 .set KCODE64, 0x08
@@ -34,6 +38,10 @@
 .set MSR_KVM_SYSTEM_TIME_NEW, 0x4b564d01
 .set KVM_FEATURE_CLOCKSOURCE2, 0x8
 .set PVCLOCK_SLOT, 32
+.set IRQ_VECTOR, 0x20
+.set SPURIOUS_VECTOR, 0x2f
+.set IDT_ENTRIES, 0x30
+.set LAPIC_EOI, 0xFEE000B0
 
 /* ---------------------------------------------------------------- PVH note */
 .section .note.Xen, "a", @note
@@ -196,7 +204,22 @@ setup_tables:
     leaq isr_stubs(%rip), %rsi
     leaq idt(%rip), %rdi
     movabsq $0x00008E0000000000 + (KCODE64 << 16), %r9
-2:  movq %rsi, %rax
+2:  call set_gate
+    addq $16, %rsi
+    addq $16, %rdi
+    incl %ecx
+    cmpl $32, %ecx
+    jb 2b
+    leaq irq_stub(%rip), %rsi
+    leaq idt + IRQ_VECTOR * 16(%rip), %rdi
+    call set_gate
+    leaq spurious_stub(%rip), %rsi
+    leaq idt + SPURIOUS_VECTOR * 16(%rip), %rdi
+    /* fall through */
+
+/* IDT entry at RDI: interrupt gate to RSI (R9 = type and selector bits). */
+set_gate:
+    movq %rsi, %rax
     movq %rax, %rdx
     andl $0xffff, %edx
     orq %r9, %rdx
@@ -208,12 +231,20 @@ setup_tables:
     movq %rdx, (%rdi)
     shrq $32, %rax
     movq %rax, 8(%rdi)
-    addq $16, %rsi
-    addq $16, %rdi
-    incl %ecx
-    cmpl $32, %ecx
-    jb 2b
     ret
+
+/* The disk's interrupt, taken only inside request 2 (HLT with IF=1): EOI
+ * to the local APIC, then back to the CLI after that HLT. */
+irq_stub:
+    pushq %rax
+    movl $LAPIC_EOI, %eax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+/* The local APIC's spurious interrupt needs no EOI. */
+spurious_stub:
+    iretq
 
 /* ------------------------------------------------------ exception entry */
 .balign 16
@@ -260,6 +291,8 @@ isr_common:
     jz park
     cmpq $1, %rax
     je start_aps
+    cmpq $2, %rax
+    je wait_irq
     jmp fatal
 
 request_done:
@@ -286,6 +319,15 @@ park:
     cli
 3:  hlt
     jmp 3b
+
+/* Request 2: wait for an interrupt. STI's one-instruction shadow covers the
+ * HLT, so an interrupt that became pending while ring 3 ran (IF=0) wakes it
+ * at once instead of being lost. */
+wait_irq:
+    sti
+    hlt
+    cli
+    jmp request_done
 
 /* INIT-SIPI-SIPI to all other CPUs; they run ap_tramp at 0x8000. */
 start_aps:
@@ -425,7 +467,7 @@ gdt_ptr:
 
 .balign 16
 idt_ptr:
-    .word 32 * 16 - 1
+    .word IDT_ENTRIES * 16 - 1
     .quad idt
 
 .balign 8
@@ -467,7 +509,7 @@ tss_area:
 .section .bss, "aw", @nobits
 .balign 4096
 idt:
-    .skip 32 * 16
+    .skip IDT_ENTRIES * 16
 /* One pvclock_vcpu_time_info per CPU, written by KVM, read by ring 3; the
  * 256 bytes sit in one page, as KVM requires. */
 .balign 256

@@ -5,7 +5,9 @@
 //! ACPI MADT or the MP table, starts the other CPUs, and runs its share of the workload; the
 //! others run theirs. CPU 0 then combines the results, publishes them in the
 //! status page, prints them on COM1 and writes the exit code to the
-//! debug-exit port. Nothing here runs in ring 0.
+//! debug-exit port. Nothing here runs in ring 0. With `disk=on` (and for
+//! dblog) CPU 0 first brings up the virtio-blk disk (`virtio.rs`), which
+//! every CPU then uses.
 #![no_std]
 #![no_main]
 
@@ -222,8 +224,14 @@ impl Write for Serial {
 }
 
 macro_rules! say {
-    ($($arg:tt)*) => {{ let _ = writeln!(Serial, "consnap-guest: {}", format_args!($($arg)*)); }};
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::Serial, "consnap-guest: {}", format_args!($($arg)*));
+    }};
 }
+
+// After `say!`, which it uses.
+mod virtio;
 
 fn finish(code: u32) -> ! {
     STATUS.exit_code.store(code, Release);
@@ -456,7 +464,9 @@ fn run_cpu(cpu: u32, spec: &Spec) {
         hz: TICK_HZ.load(Acquire),
         start: ticks(cpu as usize),
     };
-    let out = workload::run_share(&share, mem, &mut env);
+    let mut disk = virtio::GuestDisk { cpu: cpu as usize };
+    let disk: Option<&mut dyn workload::Disk> = if spec.uses_disk() { Some(&mut disk) } else { None };
+    let out = workload::run_share(&share, mem, &mut env, disk);
     let i = cpu as usize;
     RES_OPS[i].store(out.ops, Relaxed);
     RES_SUM[i].store(out.checksum, Relaxed);
@@ -508,6 +518,18 @@ fn bsp_main(start_info: u64) -> ! {
         spec.rate,
         if kvmclock { "kvmclock" } else { "tsc" }
     );
+    if spec.uses_disk() {
+        if spec.irq && ncpus > 1 {
+            fail(
+                exit::RESOURCES,
+                format_args!(
+                    "irq=on waits for the disk's interrupt on one vCPU only, but this guest has {ncpus} \
+                     (use polling, the default, or 1 vCPU)"
+                ),
+            );
+        }
+        virtio::init(cmdline(start_info), spec.dsize, spec.irq);
+    }
     if ncpus > 1 {
         kernel_request(1);
         wait_until(0, "the other CPUs to start", || CHECKED_IN.load(Acquire) == ncpus - 1);
@@ -529,6 +551,10 @@ fn bsp_main(start_info: u64) -> ! {
     let code = if total.errors == 0 { exit::OK } else { exit::INTEGRITY };
     STATUS.exit_code.store(code, Relaxed);
     STATUS.state.store(state::DONE, Release);
+    if spec.uses_disk() {
+        let (requests, waits) = virtio::stats();
+        say!("virtio-blk: {requests} requests, {waits} waits for an interrupt");
+    }
     say!(
         "done workload={} cpus={ncpus} ops={} checksum={:#018x} errors={}",
         spec.kind.name(),

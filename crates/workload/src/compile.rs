@@ -11,10 +11,30 @@
 //! and output are folded into the running checksum, the heap is reset and the
 //! file is compiled again from scratch. This gives heap churn and a bursty
 //! dirty set over a large heap, like the paper's Compilation workload.
+//!
+//! With `disk=on` the sources live on the disk and the objects go to it.
+//! The share's disk area is split in halves. The first holds `src_slots`
+//! source slots of [`source_slot_bytes`] each: a length word, then the
+//! text. Before compiling, the share writes the sources of the first
+//! `src_slots` files; file `f` is read from slot `f % src_slots` into the
+//! heap, and once it is compiled the source of file `f + src_slots` takes
+//! its slot. The second half is an object log: the code emitted for each
+//! file (and whenever the output buffer fills) is appended, zero-padded to
+//! whole sectors, wrapping to the start of the half when it does not fit.
+//! Apart from where sources come from and that each file's output is
+//! written out after it, compilation is the same as without the disk.
 
+use crate::disk::{Disk, SECTOR, SECTOR_WORDS};
 use crate::hash::hash_words;
 use crate::rng::Rng;
 use crate::{Env, Share};
+
+/// Bytes of one source slot on the disk for files of `filesize` bytes: a
+/// length word and the text (under `filesize` bytes), with room to spare,
+/// rounded up to whole sectors.
+pub(crate) fn source_slot_bytes(filesize: u64) -> u64 {
+    (filesize + 16).next_multiple_of(SECTOR)
+}
 
 /// Heap exhausted: the current file is abandoned and retried on a fresh heap.
 #[derive(Debug)]
@@ -150,11 +170,29 @@ struct Compiler<'a> {
     out_limit: usize,
     sym_limit: usize,
     acc: u64,
+    io: Option<Io<'a>>,
+}
+
+/// Where the sources and objects of `disk=on` live (sectors on the disk).
+struct Io<'a> {
+    disk: &'a mut dyn Disk,
+    src_sector: u64,
+    src_slots: u64,
+    slot_words: usize,
+    obj_sector: u64,
+    obj_sectors: u64,
+    obj_pos: u64,
+    errors: u64,
+}
+
+/// Source text: bytes packed into heap words from `base`.
+struct Text {
+    base: usize,
+    len: usize,
 }
 
 struct FileState {
-    text: usize,
-    text_len: usize,
+    text: Text,
     toks: Arr,
     nodes: Arr,
     stmts: Arr,
@@ -162,7 +200,7 @@ struct FileState {
 }
 
 impl<'a> Compiler<'a> {
-    fn new(mem: &'a mut [u64]) -> R<Self> {
+    fn new(mem: &'a mut [u64], io: Option<Io<'a>>) -> R<Self> {
         let words = mem.len();
         let mut heap = Heap::new(mem);
         let syms = Self::new_table(&mut heap, 64)?;
@@ -175,6 +213,7 @@ impl<'a> Compiler<'a> {
             out_limit: (words / 16).max(1024),
             sym_limit: (words / 8).max(1024),
             acc: 0,
+            io,
         })
     }
 
@@ -254,26 +293,97 @@ impl<'a> Compiler<'a> {
     fn emit(&mut self, w: u64) -> R<()> {
         if self.out.len >= self.out_limit {
             // "Write the object file" and reuse the buffer.
-            self.acc ^= hash_words(4, &self.heap.mem[self.out.at..self.out.at + self.out.len]);
-            self.out.len = 0;
+            self.end_object();
         }
         self.out.push(&mut self.heap, w)
     }
 
+    /// Write the output buffer out (to the disk's object log with
+    /// `disk=on`), fold it into the checksum and empty it.
+    fn end_object(&mut self) {
+        let (at, n) = (self.out.at, self.out.len);
+        if let Some(io) = self.io.as_mut() {
+            // The buffer's capacity is a power of two of at least 256
+            // words, so the padding to a whole sector fits in it.
+            let padded = n.next_multiple_of(SECTOR_WORDS);
+            self.heap.mem[at + n..at + padded].fill(0);
+            let sectors = ((padded / SECTOR_WORDS) as u64).min(io.obj_sectors);
+            if sectors > 0 {
+                if io.obj_pos + sectors > io.obj_sectors {
+                    io.obj_pos = 0;
+                }
+                let words = &self.heap.mem[at..at + sectors as usize * SECTOR_WORDS];
+                if io.disk.write(io.obj_sector + io.obj_pos, words).is_err() {
+                    io.errors += 1;
+                }
+                io.obj_pos += sectors;
+            }
+        }
+        self.acc ^= hash_words(4, &self.heap.mem[at..at + n]);
+        self.out.len = 0;
+    }
+
+    /// `disk=on`: generate the source of `file` and write it to its slot.
+    fn store_source(&mut self, file: u64, seed: u64, filesize: usize) -> R<()> {
+        let Some(slot_words) = self.io.as_ref().map(|io| io.slot_words) else {
+            return Ok(());
+        };
+        let at = self.heap.alloc(slot_words)?;
+        self.heap.mem[at..at + slot_words].fill(0);
+        let mut rng = Rng::new(seed ^ file.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut text = Text { base: at + 1, len: 0 };
+        self.generate(&mut text, &mut rng, filesize, 256 + file * 16);
+        self.heap.mem[at] = text.len as u64;
+        if let Some(io) = self.io.as_mut() {
+            let sector = io.src_sector + (file % io.src_slots) * (slot_words / SECTOR_WORDS) as u64;
+            if io.disk.write(sector, &self.heap.mem[at..at + slot_words]).is_err() {
+                io.errors += 1;
+            }
+        }
+        self.heap.free(at);
+        Ok(())
+    }
+
+    /// `disk=on`: read the source of `file` from its slot into the heap
+    /// block `at` (`slot_words` long).
+    fn load_source(&mut self, file: u64, at: usize, filesize: usize) -> Text {
+        let mut text = Text { base: at + 1, len: 0 };
+        if let Some(io) = self.io.as_mut() {
+            let sector = io.src_sector + (file % io.src_slots) * (io.slot_words / SECTOR_WORDS) as u64;
+            let words = &mut self.heap.mem[at..at + io.slot_words];
+            if io.disk.read(sector, words).is_err() {
+                io.errors += 1;
+                words[0] = 0;
+            }
+            text.len = words[0] as usize;
+            if text.len > filesize {
+                // Not a source this workload wrote: compile nothing.
+                io.errors += 1;
+                text.len = 0;
+            }
+        }
+        text
+    }
+
     fn compile_file(&mut self, file: u64, seed: u64, filesize: usize) -> R<()> {
         let mut rng = Rng::new(seed ^ file.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let text_words = filesize.div_ceil(8) + 1;
-        let text = self.heap.alloc(text_words)?;
+        let slot_words = self.io.as_ref().map(|io| io.slot_words);
+        let block = self.heap.alloc(slot_words.unwrap_or(filesize.div_ceil(8) + 1))?;
+        let text = match slot_words {
+            Some(_) => self.load_source(file, block, filesize),
+            None => Text { base: block, len: 0 },
+        };
         let mut st = FileState {
             text,
-            text_len: 0,
             toks: Arr::new(&mut self.heap, 64)?,
             nodes: Arr::new(&mut self.heap, 64)?,
             stmts: Arr::new(&mut self.heap, 16)?,
             pos: 0,
         };
-        let vocab = 256 + file * 16;
-        self.generate(&mut st, &mut rng, filesize, vocab);
+        if slot_words.is_none() {
+            let vocab = 256 + file * 16;
+            self.generate(&mut st.text, &mut rng, filesize, vocab);
+        }
         self.tokenize(&mut st)?;
         while st.toks.get(&self.heap, st.pos) & 0xff != T_END {
             let s = self.statement(&mut st)?;
@@ -291,20 +401,20 @@ impl<'a> Compiler<'a> {
         self.heap.free(st.nodes.at);
         self.heap.free(st.stmts.at);
         self.heap.free(st.toks.at);
-        self.heap.free(st.text);
+        self.heap.free(block);
         Ok(())
     }
 
     // ---- source generation ----
 
-    fn put(&mut self, st: &mut FileState, s: &[u8]) {
+    fn put(&mut self, t: &mut Text, s: &[u8]) {
         for &b in s {
-            self.heap.set_byte(st.text, st.text_len, b);
-            st.text_len += 1;
+            self.heap.set_byte(t.base, t.len, b);
+            t.len += 1;
         }
     }
 
-    fn put_num(&mut self, st: &mut FileState, mut n: u64, radix: u64) {
+    fn put_num(&mut self, t: &mut Text, mut n: u64, radix: u64) {
         let mut buf = [0u8; 20];
         let mut i = buf.len();
         loop {
@@ -316,16 +426,16 @@ impl<'a> Compiler<'a> {
                 break;
             }
         }
-        self.put(st, &buf[i..]);
+        self.put(t, &buf[i..]);
     }
 
-    fn put_ident(&mut self, st: &mut FileState, rng: &mut Rng, vocab: u64) {
-        self.put(st, b"s");
+    fn put_ident(&mut self, t: &mut Text, rng: &mut Rng, vocab: u64) {
+        self.put(t, b"s");
         let id = rng.below(vocab);
-        self.put_num(st, id, 36);
+        self.put_num(t, id, 36);
     }
 
-    fn gen_expr(&mut self, st: &mut FileState, rng: &mut Rng, vocab: u64, depth: u32) {
+    fn gen_expr(&mut self, st: &mut Text, rng: &mut Rng, vocab: u64, depth: u32) {
         let choice = if depth == 0 { rng.below(2) } else { rng.below(6) };
         match choice {
             0 => {
@@ -355,9 +465,9 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn generate(&mut self, st: &mut FileState, rng: &mut Rng, filesize: usize, vocab: u64) {
+    fn generate(&mut self, st: &mut Text, rng: &mut Rng, filesize: usize, vocab: u64) {
         // The longest statement at depth 3 is well under 512 bytes.
-        while st.text_len + 512 < filesize {
+        while st.len + 512 < filesize {
             if rng.percent(15) {
                 self.put(st, b"fn ");
                 self.put_ident(st, rng, vocab);
@@ -378,29 +488,29 @@ impl<'a> Compiler<'a> {
 
     fn tokenize(&mut self, st: &mut FileState) -> R<()> {
         let mut i = 0;
-        while i < st.text_len {
-            let b = self.heap.byte(st.text, i);
+        while i < st.text.len {
+            let b = self.heap.byte(st.text.base, i);
             if b.is_ascii_whitespace() {
                 i += 1;
             } else if b.is_ascii_digit() {
                 let mut v = 0u64;
-                while i < st.text_len && self.heap.byte(st.text, i).is_ascii_digit() {
-                    v = v * 10 + u64::from(self.heap.byte(st.text, i) - b'0');
+                while i < st.text.len && self.heap.byte(st.text.base, i).is_ascii_digit() {
+                    v = v * 10 + u64::from(self.heap.byte(st.text.base, i) - b'0');
                     i += 1;
                 }
                 st.toks.push(&mut self.heap, T_NUM | v << 8)?;
             } else if b.is_ascii_alphabetic() {
                 let start = i;
                 let mut h = 0xcbf2_9ce4_8422_2325u64;
-                while i < st.text_len && self.heap.byte(st.text, i).is_ascii_alphanumeric() {
-                    h = (h ^ u64::from(self.heap.byte(st.text, i))).wrapping_mul(0x100_0000_01b3);
+                while i < st.text.len && self.heap.byte(st.text.base, i).is_ascii_alphanumeric() {
+                    h = (h ^ u64::from(self.heap.byte(st.text.base, i))).wrapping_mul(0x100_0000_01b3);
                     i += 1;
                 }
                 let word = |s: &[u8]| {
                     s.len() == i - start
                         && s.iter()
                             .enumerate()
-                            .all(|(k, c)| self.heap.byte(st.text, start + k) == *c)
+                            .all(|(k, c)| self.heap.byte(st.text.base, start + k) == *c)
                 };
                 let tok = if word(b"let") {
                     T_LET
@@ -569,12 +679,40 @@ impl<'a> Compiler<'a> {
     }
 }
 
-pub(crate) fn run(share: &Share, mem: &mut [u64], env: &mut dyn Env) -> (u64, u64, u64) {
+pub(crate) fn run(share: &Share, mem: &mut [u64], env: &mut dyn Env, disk: Option<&mut dyn Disk>) -> (u64, u64, u64) {
     let filesize = share.spec.filesize as usize;
-    let Ok(mut c) = Compiler::new(mem) else {
+    let io = match disk {
+        None => None,
+        Some(disk) => {
+            let slot_sectors = source_slot_bytes(share.spec.filesize) / SECTOR;
+            let src_sectors = share.disk_bytes / 2 / SECTOR;
+            let src_slots = src_sectors / slot_sectors;
+            if src_slots == 0 {
+                return (0, 0, 1);
+            }
+            Some(Io {
+                disk,
+                src_sector: share.disk_off / SECTOR,
+                src_slots,
+                slot_words: slot_sectors as usize * SECTOR_WORDS,
+                obj_sector: share.disk_off / SECTOR + src_sectors,
+                obj_sectors: share.disk_bytes / SECTOR - src_sectors,
+                obj_pos: 0,
+                errors: 0,
+            })
+        }
+    };
+    let src_slots = io.as_ref().map_or(0, |io| io.src_slots);
+    let Ok(mut c) = Compiler::new(mem, io) else {
         return (0, 0, 1);
     };
     let mut errors = 0;
+    // disk=on: the first sources, before the build starts.
+    for file in 0..share.ops.min(src_slots) {
+        if c.store_source(file, share.seed, filesize).is_err() {
+            errors += 1;
+        }
+    }
     for file in 0..share.ops {
         if c.compile_file(file, share.seed, filesize).is_err() {
             // Out of heap: end the session and compile this file on a fresh heap.
@@ -588,8 +726,20 @@ pub(crate) fn run(share: &Share, mem: &mut [u64], env: &mut dyn Env) -> (u64, u6
                 }
             }
         }
+        if c.io.is_some() {
+            c.end_object();
+            let next = file + src_slots;
+            if next < share.ops && c.store_source(next, share.seed, filesize).is_err() {
+                let retried = c
+                    .new_session()
+                    .and_then(|()| c.store_source(next, share.seed, filesize));
+                if retried.is_err() {
+                    errors += 1;
+                }
+            }
+        }
         env.step(file + 1, file + 1);
     }
     let acc = c.acc ^ hash_words(5, &c.heap.mem[c.syms.at..c.syms.at + c.syms.len]);
-    (share.ops, acc, errors)
+    (share.ops, acc, errors + c.io.as_ref().map_or(0, |io| io.errors))
 }

@@ -3,8 +3,13 @@
 //! The command line is a list of space-separated `key=value` words, one of
 //! which is `workload=NAME`. The host CLI's `--workload NAME,k=v,...` is sugar
 //! for the same words, so `qemu -append` can pass exactly what consnap passes.
+//! Words `virtio_mmio.device=...` that a VMM adds to name its devices
+//! ([`crate::mmio`]) may appear anywhere among them; they are checked here
+//! and collected by [`crate::mmio::devices`].
 
 use core::fmt;
+
+use crate::mmio;
 
 /// The workloads the guest can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,11 +20,14 @@ pub enum Kind {
     Build,
     /// Rate-limited sequential receive into a file cache (the paper's Ftp workload).
     Ftp,
+    /// A database log: random 4 KiB disk writes with periodic flushes and an
+    /// in-memory index (always uses the disk).
+    Dblog,
 }
 
 impl Kind {
     /// All workloads, in the order they are documented.
-    pub const ALL: [Kind; 3] = [Kind::Memstress, Kind::Build, Kind::Ftp];
+    pub const ALL: [Kind; 4] = [Kind::Memstress, Kind::Build, Kind::Ftp, Kind::Dblog];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -27,6 +35,7 @@ impl Kind {
             Kind::Memstress => "memstress",
             Kind::Build => "build",
             Kind::Ftp => "ftp",
+            Kind::Dblog => "dblog",
         }
     }
 
@@ -34,8 +43,9 @@ impl Kind {
     pub fn keys(self) -> &'static [&'static str] {
         match self {
             Kind::Memstress => &["wss", "ops", "seed", "rate", "pattern", "hot", "hotw"],
-            Kind::Build => &["wss", "ops", "seed", "filesize"],
-            Kind::Ftp => &["wss", "ops", "seed", "rate", "chunk"],
+            Kind::Build => &["wss", "ops", "seed", "filesize", "disk", "irq", "dsize"],
+            Kind::Ftp => &["wss", "ops", "seed", "rate", "chunk", "disk", "irq", "dsize"],
+            Kind::Dblog => &["wss", "ops", "seed", "rate", "flush", "dsize", "disk", "irq"],
         }
     }
 
@@ -76,11 +86,13 @@ pub struct Spec {
     pub kind: Kind,
     /// Working-set size in bytes, over all vCPUs (a multiple of 4096).
     pub wss: u64,
-    /// Operations over all vCPUs: page writes (memstress), files (build), chunks (ftp).
+    /// Operations over all vCPUs: page writes (memstress), files (build),
+    /// chunks (ftp), 4 KiB disk writes (dblog).
     pub ops: u64,
     /// Seed of every random choice.
     pub seed: u64,
-    /// Rate limit per vCPU: pages/s (memstress) or bytes/s (ftp); 0 = unlimited.
+    /// Rate limit per vCPU: pages/s (memstress), bytes/s (ftp) or writes/s
+    /// (dblog); 0 = unlimited.
     pub rate: u64,
     /// memstress page pattern.
     pub pattern: Pattern,
@@ -92,6 +104,17 @@ pub struct Spec {
     pub chunk: u64,
     /// build source size per file in bytes.
     pub filesize: u64,
+    /// Whether the workload uses the virtio-blk disk (`disk=on`; always on
+    /// for dblog). See [`Spec::uses_disk`].
+    pub disk: bool,
+    /// Whether the guest's disk driver waits for the device's interrupt
+    /// (`irq=on`) instead of polling the used ring (the default).
+    pub irq: bool,
+    /// Bytes of disk the workload uses, from offset 0, over all vCPUs (a
+    /// multiple of 4096); vCPU i uses the i-th of `ncpus` equal parts.
+    pub dsize: u64,
+    /// dblog: a FLUSH after every this many writes (0: never).
+    pub flush: u64,
 }
 
 /// Why a command line was rejected. Borrows the offending text.
@@ -129,10 +152,10 @@ impl fmt::Display for ParseError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ParseError::MissingWorkload => {
-                write!(f, "no workload given (expected workload=memstress|build|ftp)")
+                write!(f, "no workload given (expected workload=memstress|build|ftp|dblog)")
             }
             ParseError::UnknownWorkload(w) => {
-                write!(f, "unknown workload '{w}' (known: memstress, build, ftp)")
+                write!(f, "unknown workload '{w}' (known: memstress, build, ftp, dblog)")
             }
             ParseError::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
             ParseError::UnknownKey { workload, key } => {
@@ -206,6 +229,10 @@ impl Spec {
             hotw: 90,
             chunk: 64 << 10,
             filesize: 32 << 10,
+            disk: false,
+            irq: false,
+            dsize: 64 << 20,
+            flush: 16,
         };
         match kind {
             Kind::Memstress => base,
@@ -219,7 +246,18 @@ impl Spec {
                 ops: 8192,
                 ..base
             },
+            Kind::Dblog => Spec {
+                wss: 4 << 20,
+                ops: 16384,
+                disk: true,
+                ..base
+            },
         }
+    }
+
+    /// Whether the workload reads and writes the disk (`disk=on`, or dblog).
+    pub fn uses_disk(&self) -> bool {
+        self.disk
     }
 
     /// Parse space-separated `key=value` words (a guest command line).
@@ -239,6 +277,15 @@ impl Spec {
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').ok_or(ParseError::NotKeyValue(word))?;
             if key == "workload" {
+                continue;
+            }
+            if key == mmio::KEY {
+                // A device the VMM names (Linux's syntax); any number of them.
+                mmio::parse_device(value).ok_or(ParseError::BadValue {
+                    key,
+                    value,
+                    expected: "SIZE@BASE:IRQ[:ID] such as 4K@0xd0000000:5",
+                })?;
                 continue;
             }
             let idx = kind
@@ -283,6 +330,10 @@ impl Spec {
             "hotw" => self.hotw = parse_percent(value).ok_or(bad("a percentage 0..=100"))?,
             "chunk" => self.chunk = parse_size(value).ok_or(bad("a size such as 64K"))?,
             "filesize" => self.filesize = parse_size(value).ok_or(bad("a size such as 32K"))?,
+            "disk" => self.disk = parse_on_off(value).ok_or(bad("on or off"))?,
+            "irq" => self.irq = parse_on_off(value).ok_or(bad("on or off"))?,
+            "dsize" => self.dsize = parse_size(value).ok_or(bad("a size such as 64M"))?,
+            "flush" => self.flush = parse_count(value).ok_or(bad("a count of writes such as 16, or 0 for never"))?,
             _ => {
                 return Err(ParseError::UnknownKey {
                     workload: self.kind,
@@ -301,6 +352,12 @@ impl Spec {
         if self.hot == 0 {
             return Err(Inconsistent("hot must be at least 1 percent"));
         }
+        if self.irq && !self.disk {
+            return Err(Inconsistent("irq=on needs disk=on"));
+        }
+        if self.disk && (self.dsize < PAGE || !self.dsize.is_multiple_of(PAGE)) {
+            return Err(Inconsistent("dsize must be a positive multiple of 4K"));
+        }
         match self.kind {
             Kind::Memstress => {}
             Kind::Build => {
@@ -310,6 +367,11 @@ impl Spec {
                 if self.wss < 16 * self.filesize.max(64 << 10) {
                     return Err(Inconsistent("build needs wss of at least 16 x filesize (and 1M)"));
                 }
+                if self.disk && self.dsize < 64 * crate::compile::source_slot_bytes(self.filesize) {
+                    return Err(Inconsistent(
+                        "build with disk=on needs dsize of at least 64 source slots (filesize + 16, rounded up to 512)",
+                    ));
+                }
             }
             Kind::Ftp => {
                 if self.chunk < 512 || !self.chunk.is_multiple_of(8) {
@@ -317,6 +379,23 @@ impl Spec {
                 }
                 if self.chunk.saturating_mul(4) > self.wss {
                     return Err(Inconsistent("ftp needs wss of at least 4 chunks"));
+                }
+                if self.disk && !self.chunk.is_multiple_of(512) {
+                    return Err(Inconsistent("ftp with disk=on needs chunk to be a multiple of 512"));
+                }
+                if self.disk && self.chunk.saturating_mul(16) > self.dsize {
+                    return Err(Inconsistent("ftp with disk=on needs dsize of at least 16 chunks"));
+                }
+            }
+            Kind::Dblog => {
+                if !self.disk {
+                    return Err(Inconsistent("dblog always uses the disk (disk=off is not allowed)"));
+                }
+                if self.wss < 64 << 10 {
+                    return Err(Inconsistent("dblog needs wss of at least 64K"));
+                }
+                if self.dsize < 256 << 10 {
+                    return Err(Inconsistent("dblog needs dsize of at least 256K"));
                 }
             }
         }
@@ -326,6 +405,14 @@ impl Spec {
 
 fn parse_percent(s: &str) -> Option<u64> {
     parse_count(s).filter(|p| *p <= 100)
+}
+
+fn parse_on_off(s: &str) -> Option<bool> {
+    match s {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -394,5 +481,74 @@ mod tests {
         ));
         assert!(Spec::parse("workload=memstress ops=99999999999999999999").is_err());
         assert!(Spec::parse("workload=memstress hot=101").is_err());
+    }
+
+    #[test]
+    fn disk_keys_and_device_words_anywhere() {
+        let line = "virtio_mmio.device=512@0xfeb00000:5 workload=ftp disk=on irq=on dsize=16M \
+                    virtio_mmio.device=512@0xfeb00e00:12 chunk=64K virtio_mmio.device=4K@0xd0000000:5:1";
+        let s = Spec::parse(line).unwrap();
+        assert!(s.disk && s.irq && s.uses_disk());
+        assert_eq!((s.dsize, s.chunk), (16 << 20, 64 << 10));
+        assert_eq!(Spec::parse("workload=ftp disk=on irq=on dsize=16M chunk=64K"), Ok(s));
+        let d = Spec::parse("workload=dblog").unwrap();
+        assert_eq!(d, Spec::defaults(Kind::Dblog));
+        assert!(d.uses_disk() && !d.irq);
+        assert_eq!((d.flush, d.dsize, d.wss), (16, 64 << 20, 4 << 20));
+        let d = Spec::parse("workload=dblog flush=0 rate=2k disk=on wss=1M dsize=1M ops=10 seed=4").unwrap();
+        assert_eq!((d.flush, d.rate, d.dsize), (0, 2000, 1 << 20));
+        assert!(!Spec::parse("workload=build").unwrap().uses_disk());
+        assert!(Spec::parse("workload=build disk=on").unwrap().uses_disk());
+        // consnap's --workload sugar: the words are just more keys.
+        assert!(Spec::parse("workload=memstress virtio_mmio.device=4K@0xd0000000:5").is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_disk_settings_and_dotted_words() {
+        assert!(matches!(
+            Spec::parse("workload=ftp virtio_mmio.device=4K@0xd0000000"),
+            Err(ParseError::BadValue {
+                key: "virtio_mmio.device",
+                value: "4K@0xd0000000",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Spec::parse("workload=ftp foo.bar=1"),
+            Err(ParseError::UnknownKey { key: "foo.bar", .. })
+        ));
+        assert!(matches!(
+            Spec::parse("workload=ftp virtio_mmio.devices=4K@0x1000:5"),
+            Err(ParseError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            Spec::parse("workload=memstress disk=on"),
+            Err(ParseError::UnknownKey { key: "disk", .. })
+        ));
+        assert!(matches!(
+            Spec::parse("workload=ftp disk=yes"),
+            Err(ParseError::BadValue { key: "disk", .. })
+        ));
+        assert_eq!(
+            Spec::parse("workload=ftp disk=on disk=off"),
+            Err(ParseError::Duplicate("disk"))
+        );
+        for inconsistent in [
+            "workload=ftp irq=on",
+            "workload=dblog disk=off",
+            "workload=dblog wss=32K",
+            "workload=dblog dsize=128K",
+            "workload=ftp disk=on dsize=5000",
+            "workload=ftp disk=on chunk=1000",
+            "workload=ftp disk=on chunk=64K dsize=512K",
+            "workload=build disk=on dsize=1M",
+        ] {
+            assert!(
+                matches!(Spec::parse(inconsistent), Err(ParseError::Inconsistent(_))),
+                "{inconsistent}"
+            );
+        }
+        // dsize only matters with the disk.
+        assert!(Spec::parse("workload=ftp dsize=5000").is_ok());
     }
 }

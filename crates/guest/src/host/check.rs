@@ -112,11 +112,11 @@ pub fn check(ram: &GuestRam, spec: &str) -> Result<Checked, CheckError> {
         };
         let mut before = vec![0u64; share.words()];
         share.ops = ops;
-        workload::run_share(&share, &mut before, &mut NoEnv);
+        workload::run_share(&share, &mut before, &mut NoEnv, None);
         let mut after = vec![0u64; share.words()];
         // The op in flight at the pause, if any is left.
         share.ops = if ops < total { ops + 1 } else { ops };
-        workload::run_share(&share, &mut after, &mut NoEnv);
+        workload::run_share(&share, &mut after, &mut NoEnv, None);
         let mut page = [0u8; 4096];
         let (mut bad, mut first) = (0u64, 0u64);
         for (i, (b, a)) in before.chunks(512).zip(after.chunks(512)).enumerate() {
@@ -160,7 +160,7 @@ mod tests {
         let mut share = Share::new(spec, 0, 1);
         share.ops = ops;
         let mut mem = vec![0u64; share.words()];
-        workload::run_share(&share, &mut mem, &mut NoEnv);
+        workload::run_share(&share, &mut mem, &mut NoEnv, None);
         mem
     }
 
