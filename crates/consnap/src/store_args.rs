@@ -29,10 +29,6 @@ impl CompressArg {
     }
 }
 
-fn policy(s: &str) -> Result<Policy, String> {
-    Policy::parse(s)
-}
-
 fn rate(s: &str) -> Result<u64, String> {
     let t = s.strip_suffix("/s").unwrap_or(s);
     args::size(t)
@@ -45,7 +41,7 @@ pub struct ReclaimArgs {
     /// Retention policy: tiers SPAN:EVERY from young to old, EVERY `all` or
     /// a duration that is a multiple of the previous tier's; older epochs
     /// are merged into younger ones. `all` keeps every epoch.
-    #[arg(long, default_value = DEFAULT_POLICY, value_parser = policy)]
+    #[arg(long, default_value = DEFAULT_POLICY, value_parser = Policy::parse)]
     pub retain: Policy,
     /// Fold chains so that restoring any retained epoch reads at most this
     /// many files (0: never fold).

@@ -26,7 +26,7 @@ mod verify;
 mod writer;
 
 pub use aligned::AlignedBuf;
-pub use codec::{Codec, Decompressor};
+pub use codec::{Codec, CodecError, Decompressor};
 pub use cursor::PageCursor;
 pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
@@ -34,7 +34,7 @@ pub use ledger::{LEDGER_FILE, Ledger};
 pub use plan::{Run, Source, claims, plan};
 pub use reader::{EpochReader, RangeRead};
 pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
-pub use retain::{DEFAULT_POLICY, Policy};
+pub use retain::{DEFAULT_POLICY, Policy, PolicyError};
 pub use ship::{Detached, merged_onto};
 pub use store::{Access, EpochInfo, Store, Stray, epoch_file_name, epoch_id_of};
 pub use verify::{Problem, Verified, check_restore, verify};
