@@ -249,7 +249,7 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
         remote::RemoteUrl::parse(u).map_err(|e| format!("--replicate: {e}"))?;
     }
     if let Some(k) = &a.encrypt_key {
-        remote::SealKey::load(k)?;
+        remote::SealKey::load(k).map_err(|e| e.to_string())?;
     }
     let report = a
         .report
@@ -282,7 +282,7 @@ fn start_replication(
 /// A client for the object store `url`, with the key in `key` if given.
 pub fn remote_client(url: &str, key: Option<&std::path::Path>) -> Result<remote::Client, String> {
     let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let key = key.map(remote::SealKey::load).transpose()?;
+    let key = key.map(remote::SealKey::load).transpose().map_err(|e| e.to_string())?;
     Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
 }
 
