@@ -242,7 +242,7 @@ fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
 
 /// The rows of a remote store: its MANIFEST, and each epoch's header.
 pub fn remote_rows(url: &str, key: Option<&Path>) -> Result<Vec<Row>, String> {
-    let client = crate::session::remote_client(url, key)?;
+    let client = crate::remote_args::remote_client(url, key)?;
     let m = remote::manifest(&client).map_err(|e| e.to_string())?;
     let mut rows: Vec<Row> = remote::headers(&client, &m)
         .map_err(|e| e.to_string())?

@@ -14,6 +14,7 @@ mod live;
 mod ls_cmd;
 mod progress;
 mod reclaimer;
+mod remote_args;
 mod report;
 mod restore_cmd;
 mod run_cmd;

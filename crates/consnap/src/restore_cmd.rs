@@ -242,7 +242,7 @@ fn remote_epoch(
     at: &str,
     key: Option<&std::path::Path>,
 ) -> Result<(remote::Client, remote::Manifest, u64), String> {
-    let client = session::remote_client(url, key)?;
+    let client = crate::remote_args::remote_client(url, key)?;
     let m = remote::manifest(&client).map_err(|e| e.to_string())?;
     let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
     let id = crate::at::resolve_in(&epochs, at, &client.url().to_string())?;
@@ -262,7 +262,7 @@ fn fetch_remote(
     let u = client.url().clone();
     let cache = match cache {
         Some(c) => c.to_path_buf(),
-        None => default_cache(&u)?,
+        None => crate::remote_args::default_cache(&u)?,
     };
     let f = remote::fetch_chain(&client, &m, id, &cache).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -285,15 +285,4 @@ fn fetch_remote(
         ),
         cache,
     ))
-}
-
-/// Where a remote store is copied by default:
-/// `$HOME/.cache/consnap/remote/BUCKET/PREFIX`.
-pub fn default_cache(u: &remote::RemoteUrl) -> Result<PathBuf, String> {
-    let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
-    let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
-    if !u.prefix.is_empty() {
-        p = p.join(&u.prefix);
-    }
-    Ok(p)
 }

@@ -18,6 +18,7 @@ use crate::api::server::{self, ApiServer};
 use crate::args;
 use crate::control::Control;
 use crate::live::Live;
+use crate::remote_args::remote_client;
 use crate::report::{EngineFigures, Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
 
 /// Snapshot modes on the command line.
@@ -277,13 +278,6 @@ fn start_replication(
     let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
     let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
     remote::Replicator::start(dir, client, poll, limit, policy).map_err(|e| format!("--replicate: {e}"))
-}
-
-/// A client for the object store `url`, with the key in `key` if given.
-pub fn remote_client(url: &str, key: Option<&std::path::Path>) -> Result<remote::Client, String> {
-    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let key = key.map(remote::SealKey::load).transpose().map_err(|e| e.to_string())?;
-    Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
 }
 
 /// What a restored machine gets attached: the console on stdout, and for

@@ -32,12 +32,12 @@ pub struct VerifyArgs {
 pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
     let mut fetched = None;
     if let Some(url) = a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
-        let client = crate::session::remote_client(url, a.encrypt_key.as_deref())?;
+        let client = crate::remote_args::remote_client(url, a.encrypt_key.as_deref())?;
         let u = client.url().clone();
         let m = remote::manifest(&client).map_err(|e| e.to_string())?;
         let cache = match a.cache.take() {
             Some(c) => c,
-            None => crate::restore_cmd::default_cache(&u)?,
+            None => crate::remote_args::default_cache(&u)?,
         };
         let f = remote::fetch_all(&client, &m, &cache).map_err(|e| e.to_string())?;
         fetched = Some(format!(
