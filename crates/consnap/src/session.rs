@@ -13,7 +13,7 @@ use vmm::machine::Machine;
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
 
 use crate::api::VmState;
-use crate::api::board::{Board, Shared};
+use crate::api::board::{Board, BoardCell};
 use crate::api::server::{self, ApiServer};
 use crate::args;
 use crate::control::Control;
@@ -388,7 +388,7 @@ pub fn execute(
         }
         _ => None,
     };
-    let shared = Arc::new(Shared::new(Board {
+    let cell = Arc::new(BoardCell::new(Board {
         state: VmState::Running,
         vcpus: machine.config().vcpus,
         mem_bytes: machine.config().mem_size,
@@ -407,19 +407,19 @@ pub fn execute(
             let (tx, rx) = mpsc::sync_channel(server::QUEUE);
             let waker = machine.waker();
             let wake: server::Wake = Arc::new(move || waker.wake());
-            (Some(ApiServer::start(listener, shared.clone(), tx, wake)?), Some(rx))
+            (Some(ApiServer::start(listener, cell.clone(), tx, wake)?), Some(rx))
         }
         None => (None, None),
     };
     let live = if engine.is_some() && !a.quiet {
-        Live::start(shared.clone(), a.status_interval.filter(|d| !d.is_zero()))
+        Live::start(cell.clone(), a.status_interval.filter(|d| !d.is_zero()))
     } else {
         None
     };
     let probe = PauseProbe::new(a.pause_probe);
     let sampled_from_s = started.elapsed().as_secs_f64();
     let sampler = ProgressSampler::new(a.sample_interval);
-    let mut control = Control::new(engine, probe, sampler, shared, commands);
+    let mut control = Control::new(engine, probe, sampler, cell, commands);
     vmm::run::install_stop_signals();
     spawn_stdin(machine.devices().clone());
     let mut watch = crate::lazy_watch::Watch::new(pager.as_ref());

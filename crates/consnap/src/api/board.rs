@@ -44,9 +44,11 @@ pub struct Board {
     pub replica: Option<remote::ReplicaWatch>,
 }
 
-/// The board and the flag that says a command waits for the controller.
+/// Where the board lives between the controller and its readers: the
+/// board behind its lock, and the flag that says a command waits for the
+/// controller.
 #[derive(Debug)]
-pub struct Shared {
+pub struct BoardCell {
     /// The board.
     pub board: Mutex<Board>,
     /// Set by the server after queueing a command; the controller clears it
@@ -54,10 +56,10 @@ pub struct Shared {
     pub pending: AtomicBool,
 }
 
-impl Shared {
+impl BoardCell {
     /// A board for a VM that is about to run.
-    pub fn new(board: Board) -> Shared {
-        Shared {
+    pub fn new(board: Board) -> BoardCell {
+        BoardCell {
             board: Mutex::new(board),
             pending: AtomicBool::new(false),
         }

@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::ApiError;
-use super::board::{Answer, Command, ConfigPatchError, Envelope, Refusal, Shared};
+use super::board::{Answer, BoardCell, Command, ConfigPatchError, Envelope, Refusal};
 use crate::ls_cmd;
 
 /// Connections served at once; more wait in the socket's backlog.
@@ -130,7 +130,7 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 /// What the handlers share.
 #[derive(Clone)]
 struct App {
-    shared: Arc<Shared>,
+    cell: Arc<BoardCell>,
     commands: SyncSender<Envelope>,
     waker: Wake,
     /// One store listing at a time.
@@ -149,7 +149,7 @@ impl ApiServer {
     /// Serve `listener` on a new thread.
     pub fn start(
         mut listener: Listener,
-        shared: Arc<Shared>,
+        cell: Arc<BoardCell>,
         commands: SyncSender<Envelope>,
         waker: Wake,
     ) -> Result<ApiServer, String> {
@@ -159,7 +159,7 @@ impl ApiServer {
             .ok_or_else(|| "the API socket is already served".to_string())?;
         let (path, inode) = (listener.path.clone(), listener.inode);
         let app = App {
-            shared,
+            cell,
             commands,
             waker,
             listing: Arc::new(Semaphore::new(1)),
@@ -345,17 +345,17 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn vm(State(app): State<App>) -> Response {
-    let info = app.shared.lock().vm_info();
+    let info = app.cell.lock().vm_info();
     json(&info)
 }
 
 async fn stats(State(app): State<App>) -> Response {
-    let stats = app.shared.lock().stats();
+    let stats = app.cell.lock().stats();
     json(&stats)
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let text = super::metrics::render(&app.shared.lock());
+    let text = super::metrics::render(&app.cell.lock());
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -365,7 +365,7 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 async fn config(State(app): State<App>) -> Response {
-    let config = app.shared.lock().config();
+    let config = app.cell.lock().config();
     match config {
         Some(c) => json(&c),
         None => refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into())),
@@ -373,7 +373,7 @@ async fn config(State(app): State<App>) -> Response {
 }
 
 async fn list(State(app): State<App>) -> Response {
-    let Some(dir) = app.shared.lock().snapshot_dir() else {
+    let Some(dir) = app.cell.lock().snapshot_dir() else {
         return refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into()));
     };
     let Ok(_one) = app.listing.acquire().await else {
@@ -433,12 +433,12 @@ async fn command(app: &App, cmd: Command, wait: Duration) -> Response {
             return error(StatusCode::CONFLICT, "the VM is stopping");
         }
     }
-    if !app.shared.pending.swap(true, Ordering::SeqCst) {
+    if !app.cell.pending.swap(true, Ordering::SeqCst) {
         (app.waker)();
     }
     match tokio::time::timeout(wait, answer).await {
         Ok(Ok(Ok(Answer::State(state)))) => {
-            let mut info = app.shared.lock().vm_info();
+            let mut info = app.cell.lock().vm_info();
             info.state = state;
             json(&info)
         }
@@ -455,9 +455,9 @@ async fn command(app: &App, cmd: Command, wait: Duration) -> Response {
 
 /// Requests without a socket, for tests of the routes.
 #[cfg(test)]
-pub fn test_router(shared: Arc<Shared>, commands: SyncSender<Envelope>, waker: Wake) -> Router {
+pub fn test_router(cell: Arc<BoardCell>, commands: SyncSender<Envelope>, waker: Wake) -> Router {
     router(App {
-        shared,
+        cell,
         commands,
         waker,
         listing: Arc::new(Semaphore::new(1)),
