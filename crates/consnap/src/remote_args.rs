@@ -6,17 +6,33 @@
 
 use std::path::{Path, PathBuf};
 
+use thiserror::Error;
+
+/// Why an object store cannot be reached as given.
+#[derive(Debug, Error)]
+pub enum RemoteArgsError {
+    /// The URL is not an object store's, or the client cannot be set up.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// The `--encrypt-key` file cannot be used.
+    #[error(transparent)]
+    Key(#[from] remote::SealError),
+    /// No `--cache` and nowhere to put the default one.
+    #[error("--cache: no HOME to put the default cache under")]
+    NoHome,
+}
+
 /// A client for the object store `url`, with the key in `key` if given.
-pub fn remote_client(url: &str, key: Option<&Path>) -> Result<remote::Client, String> {
-    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let key = key.map(remote::SealKey::load).transpose().map_err(|e| e.to_string())?;
-    Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
+pub fn remote_client(url: &str, key: Option<&Path>) -> Result<remote::Client, RemoteArgsError> {
+    let u = remote::RemoteUrl::parse(url)?;
+    let key = key.map(remote::SealKey::load).transpose()?;
+    Ok(remote::Client::from_env(&u)?.with_key(key))
 }
 
 /// Where a remote store is copied by default:
 /// `$HOME/.cache/consnap/remote/BUCKET/PREFIX`.
-pub fn default_cache(u: &remote::RemoteUrl) -> Result<PathBuf, String> {
-    let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
+pub fn default_cache(u: &remote::RemoteUrl) -> Result<PathBuf, RemoteArgsError> {
+    let home = std::env::var_os("HOME").ok_or(RemoteArgsError::NoHome)?;
     let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
     if !u.prefix.is_empty() {
         p = p.join(&u.prefix);

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use snapshot::{CowOptions, Mode, SnapshotConfig, SnapshotEngine};
+use thiserror::Error;
 use vmm::devices::{Devices, GuestStop};
-use vmm::machine::Machine;
+use vmm::machine::{Machine, MachineError};
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
 
 use crate::api::VmState;
@@ -18,8 +19,56 @@ use crate::api::server::{self, ApiServer};
 use crate::args;
 use crate::control::Control;
 use crate::live::Live;
-use crate::remote_args::remote_client;
-use crate::report::{EngineFigures, Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
+use crate::remote_args::{RemoteArgsError, remote_client};
+use crate::report::{EngineFigures, Percentiles, Report, ReportError, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
+
+/// Why a run or a restored machine cannot be started or run; each names
+/// the option or the file at fault.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// `--interval 0`.
+    #[error("--interval must be longer than 0")]
+    ZeroInterval,
+    /// A pause-copy budget that fills the whole interval.
+    #[error("--cow-pause-copy {pause_copy:?} must be shorter than --interval {interval:?}")]
+    PauseCopy {
+        /// `--cow-pause-copy`.
+        pause_copy: Duration,
+        /// `--interval`.
+        interval: Duration,
+    },
+    /// `CONSNAP_COW_HOT` that does not parse.
+    #[error("CONSNAP_COW_HOT='{0}' is not 'off' or STREAK,PAGES,PROBE")]
+    HotPolicy(String),
+    /// The snapshot mode cannot run on this host, or the engine cannot be
+    /// set up on the machine.
+    #[error(transparent)]
+    Engine(#[from] snapshot::SnapshotError),
+    /// `--replicate` names no object store, or replication cannot start.
+    #[error("--replicate: {0}")]
+    Replicate(#[source] remote::RemoteError),
+    /// The object store of `--replicate` cannot be reached as given.
+    #[error("--replicate: {0}")]
+    ReplicateClient(#[source] RemoteArgsError),
+    /// The `--encrypt-key` file cannot be used.
+    #[error(transparent)]
+    EncryptKey(#[from] remote::SealError),
+    /// The `--report` file cannot be written.
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    /// The `--api-sock` socket cannot be served.
+    #[error(transparent)]
+    Api(#[from] server::ServerError),
+    /// Another process writes the snapshot directory (the engine's message).
+    #[error("{0}")]
+    StoreInUse(String),
+    /// `--on-snapshot-error stop` and the engine failed before the run (its message).
+    #[error("stopping on snapshot failure: {0}")]
+    SnapshotFailed(String),
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
 
 /// Snapshot modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -203,7 +252,7 @@ fn spawn_stdin(devices: Arc<Devices>) {
 
 /// The hot-region policy, from `CONSNAP_COW_HOT` (`off`, or
 /// `STREAK,PAGES,PROBE`), a tuning knob for measurements.
-fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
+fn hot_policy() -> Result<Option<snapshot::HotPolicy>, SessionError> {
     let Ok(v) = std::env::var("CONSNAP_COW_HOT") else {
         return Ok(Some(snapshot::HotPolicy::default()));
     };
@@ -217,8 +266,22 @@ fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
             min_pages: pages.min(64) as u32,
             probe_every: probe,
         })),
-        _ => Err(format!("CONSNAP_COW_HOT='{v}' is not 'off' or STREAK,PAGES,PROBE")),
+        _ => Err(SessionError::HotPolicy(v)),
     }
+}
+
+/// `--interval` and `--cow-pause-copy` together.
+fn check_times(a: &SessionArgs) -> Result<(), SessionError> {
+    if a.interval.is_zero() {
+        return Err(SessionError::ZeroInterval);
+    }
+    if a.cow_pause_copy >= a.interval {
+        return Err(SessionError::PauseCopy {
+            pause_copy: a.cow_pause_copy,
+            interval: a.interval,
+        });
+    }
+    Ok(())
 }
 
 /// What [`preflight`] checked and opened.
@@ -233,31 +296,18 @@ pub struct Preflight {
 /// Check the session options before any VM exists: the snapshot mode must
 /// be able to run on this host, the report path must be writable, and the
 /// API socket is created.
-pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
-    if a.interval.is_zero() {
-        return Err("--interval must be longer than 0".into());
-    }
-    if a.cow_pause_copy >= a.interval {
-        return Err(format!(
-            "--cow-pause-copy {:?} must be shorter than --interval {:?}",
-            a.cow_pause_copy, a.interval
-        ));
-    }
+pub fn preflight(a: &SessionArgs) -> Result<Preflight, SessionError> {
+    check_times(a)?;
     if a.snapshot_dir.is_some() {
-        SnapshotEngine::check_host(a.mode.mode()).map_err(|e| e.to_string())?;
+        SnapshotEngine::check_host(a.mode.mode())?;
     }
     if let Some(u) = &a.replicate {
-        remote::RemoteUrl::parse(u).map_err(|e| format!("--replicate: {e}"))?;
+        remote::RemoteUrl::parse(u).map_err(SessionError::Replicate)?;
     }
     if let Some(k) = &a.encrypt_key {
-        remote::SealKey::load(k).map_err(|e| e.to_string())?;
+        remote::SealKey::load(k)?;
     }
-    let report = a
-        .report
-        .as_deref()
-        .map(ReportTarget::open)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let report = a.report.as_deref().map(ReportTarget::open).transpose()?;
     let api = a.api_sock.as_deref().map(server::bind).transpose()?;
     Ok(Preflight { report, api })
 }
@@ -274,10 +324,10 @@ fn start_replication(
     key: Option<&std::path::Path>,
     limit: remote::BacklogLimit,
     policy: store::Policy,
-) -> Result<remote::Replicator, String> {
-    let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
+) -> Result<remote::Replicator, SessionError> {
+    let client = remote_client(url, key).map_err(SessionError::ReplicateClient)?;
     let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
-    remote::Replicator::start(dir, client, poll, limit, policy).map_err(|e| format!("--replicate: {e}"))
+    remote::Replicator::start(dir, client, poll, limit, policy).map_err(SessionError::Replicate)
 }
 
 /// What a restored machine gets attached: the console on stdout, and for
@@ -309,20 +359,12 @@ pub fn execute(
     pre: Preflight,
     origin: Option<Origin>,
     started: Instant,
-) -> Result<i32, String> {
+) -> Result<i32, SessionError> {
     let (restored, parent, pager) = match origin {
         Some(o) => (Some(o.from), o.parent, o.pager),
         None => (None, None, None),
     };
-    if a.interval.is_zero() {
-        return Err("--interval must be longer than 0".into());
-    }
-    if a.cow_pause_copy >= a.interval {
-        return Err(format!(
-            "--cow-pause-copy {:?} must be shorter than --interval {:?}",
-            a.cow_pause_copy, a.interval
-        ));
-    }
+    check_times(a)?;
     let engine = match &a.snapshot_dir {
         Some(dir) => {
             let cfg = SnapshotConfig {
@@ -352,12 +394,12 @@ pub fn execute(
             // Another process writes this store: refuse before the guest
             // runs (retrying would only fail the same way, quietly).
             if e.store_in_use() {
-                return Err(e.errors[0].clone());
+                return Err(SessionError::StoreInUse(e.errors.first().cloned().unwrap_or_default()));
             }
-            if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {
-                return Err(format!("stopping on snapshot failure: {}", e.errors[0]));
+            if let (OnError::Stop, Some(why)) = (a.on_snapshot_error, e.errors.first()) {
+                return Err(SessionError::SnapshotFailed(why.clone()));
             }
-            e.prepare(&mut machine).map_err(|e| e.to_string())?;
+            e.prepare(&mut machine)?;
             Some(e)
         }
         None => None,
@@ -437,7 +479,7 @@ pub fn execute(
     if let Some(l) = live {
         l.stop();
     }
-    let end = end.map_err(|e| e.to_string())?;
+    let end = end?;
     let _ = std::io::stdout().flush();
     let done = control.into_finished();
     let mut pauses = done.probe_pauses;
@@ -461,7 +503,7 @@ pub fn execute(
         crate::report::Replication::from_status(&s, store::now_ns())
     });
     if let Some(target) = pre.report {
-        target.write(&report).map_err(|e| e.to_string())?;
+        target.write(&report)?;
     }
     if let Some(api) = api {
         api.stop();

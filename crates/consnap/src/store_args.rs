@@ -4,6 +4,7 @@
 
 use clap::{Args, ValueEnum};
 use store::{Codec, DEFAULT_MAX_CHAIN, DEFAULT_POLICY, Policy, ReclaimOptions};
+use thiserror::Error;
 
 use crate::args;
 
@@ -29,10 +30,26 @@ impl CompressArg {
     }
 }
 
-fn rate(s: &str) -> Result<u64, String> {
+/// Why a store option is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreArgsError {
+    /// `--reclaim-rate` that is not a rate.
+    #[error("'{text}' is not a rate in bytes per second (examples: 50M, 200M/s, 0 for no limit)")]
+    NotARate {
+        /// As given.
+        text: String,
+        /// Why its size is refused.
+        #[source]
+        source: args::ArgError,
+    },
+}
+
+fn rate(s: &str) -> Result<u64, StoreArgsError> {
     let t = s.strip_suffix("/s").unwrap_or(s);
-    args::size(t)
-        .map_err(|_| format!("'{s}' is not a rate in bytes per second (examples: 50M, 200M/s, 0 for no limit)"))
+    args::size(t).map_err(|source| StoreArgsError::NotARate {
+        text: s.to_string(),
+        source,
+    })
 }
 
 /// Retention and reclamation.
