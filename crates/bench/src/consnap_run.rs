@@ -2,14 +2,74 @@
 //! `consnap restore --at latest` of what it saved, run to the end.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use thiserror::Error;
 
 use crate::matrix::Mode;
-use crate::proc;
+use crate::proc::{self, ProcError};
 use crate::results::{Pause, Record};
+
+/// Why a run of consnap failed (`what`: `run`, `restore`, `calibrate`).
+#[derive(Debug, Error)]
+pub enum ConsnapRunError {
+    /// consnap could not be started.
+    #[error(transparent)]
+    Start(#[from] ProcError),
+    /// It could not be waited for, or ran past its deadline.
+    #[error("consnap {what}: {source}")]
+    Wait {
+        what: &'static str,
+        #[source]
+        source: ProcError,
+    },
+    /// It ended without writing its report.
+    #[error("consnap {what} exited with {status} and no report ({source}): {stderr}")]
+    NoReport {
+        what: &'static str,
+        status: ExitStatus,
+        #[source]
+        source: std::io::Error,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// Its report is not JSON.
+    #[error("consnap {what}: unreadable report {path}: {source}")]
+    BadReport {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// It failed.
+    #[error("consnap {what} exited with {status}: {why}")]
+    Failed {
+        what: &'static str,
+        status: ExitStatus,
+        /// The report's error, or the last lines of its stderr.
+        why: String,
+    },
+    /// The report lacks the run's time.
+    #[error("the report has no wall_time_s")]
+    NoWallTime,
+    /// A run stopped at its cap, with nothing to check its restore against.
+    #[error("stopped at its cap, and no baseline checksum to check its restore against")]
+    NoBaseline,
+    /// The run ended without the workload's checksum.
+    #[error("the run ended without a checksum (status {status})")]
+    NoChecksum {
+        /// The report's status, as JSON.
+        status: Value,
+    },
+    /// A snapshot run committed no epoch.
+    #[error("no snapshot was committed")]
+    NoSnapshot,
+    /// Calibration runs ended too soon to measure a rate.
+    #[error("could not measure the rate of {spec}: every run was too short")]
+    Calibration { spec: String },
+}
 
 /// What every run shares.
 pub struct Ctx {
@@ -46,7 +106,7 @@ pub fn run(
     rec: &mut Record,
 ) {
     if let Err(e) = run_inner(ctx, spec, mode, interval, limits, expect, rec) {
-        rec.error = Some(e);
+        rec.error = Some(e.to_string());
     }
 }
 
@@ -58,7 +118,7 @@ fn run_inner(
     limits: Limits,
     expect: Option<&str>,
     rec: &mut Record,
-) -> Result<(), String> {
+) -> Result<(), ConsnapRunError> {
     let snaps = ctx.scratch.join("snaps");
     let _ = std::fs::remove_dir_all(&snaps);
     let report = ctx.scratch.join("run.json");
@@ -76,17 +136,17 @@ fn run_inner(
     }
     let cap = limits.cap.filter(|_| mode.snapshots());
     let r = run_to_report(&mut cmd, &ctx.scratch, "run", &report, limits.deadline, cap)?;
-    rec.wall_s = f(&r["wall_time_s"]).ok_or("the report has no wall_time_s")?;
+    rec.wall_s = f(&r["wall_time_s"]).ok_or(ConsnapRunError::NoWallTime)?;
     let idle = f(&r["vcpu_idle_s"]).unwrap_or(0.0);
     rec.busy_s = Some(rec.wall_s * ctx.vcpus as f64 - idle);
     rec.checksum = r["checksum"].as_str().map(str::to_string);
     let expect = if rec.checksum.is_none() && r["status"].as_str() == Some("signal") && cap.is_some() {
         rec.stopped_s = Some(rec.wall_s);
-        expect.ok_or("stopped at its cap, and no baseline checksum to check its restore against")?
+        expect.ok_or(ConsnapRunError::NoBaseline)?
     } else {
-        rec.checksum
-            .as_deref()
-            .ok_or_else(|| format!("the run ended without a checksum (status {})", r["status"]))?
+        rec.checksum.as_deref().ok_or_else(|| ConsnapRunError::NoChecksum {
+            status: r["status"].clone(),
+        })?
     }
     .to_string();
     if mode.snapshots() {
@@ -104,7 +164,7 @@ fn run_inner(
         rec.save_mb_s = f(&s["save_mb_s"]);
         rec.store_bytes = Some(proc::du(&snaps));
         if rec.snapshots == 0 {
-            return Err("no snapshot was committed".into());
+            return Err(ConsnapRunError::NoSnapshot);
         }
         // The newest epoch, restored and run to the end.
         let rreport = ctx.scratch.join("restore.json");
@@ -130,38 +190,41 @@ fn f(v: &Value) -> Option<f64> {
 fn run_to_report(
     cmd: &mut Command,
     scratch: &Path,
-    what: &str,
+    what: &'static str,
     report: &Path,
     deadline: Duration,
     cap: Option<Duration>,
-) -> Result<Value, String> {
+) -> Result<Value, ConsnapRunError> {
     let (out, err) = (scratch.join(format!("{what}.out")), scratch.join(format!("{what}.err")));
     let started = Instant::now();
     let mut child = proc::spawn(cmd, &out, &err)?;
-    let ended = proc::wait(&mut child, started, deadline, cap).map_err(|e| format!("consnap {what}: {e}"))?;
-    let text = std::fs::read(report).map_err(|e| {
-        format!(
-            "consnap {what} exited with {} and no report ({e}): {}",
-            ended.status,
-            proc::tail(&err, 3)
-        )
+    let ended =
+        proc::wait(&mut child, started, deadline, cap).map_err(|source| ConsnapRunError::Wait { what, source })?;
+    let text = std::fs::read(report).map_err(|source| ConsnapRunError::NoReport {
+        what,
+        status: ended.status,
+        source,
+        stderr: proc::tail(&err, 3),
     })?;
-    let v: Value = serde_json::from_slice(&text)
-        .map_err(|e| format!("consnap {what}: unreadable report {}: {e}", report.display()))?;
+    let v: Value = serde_json::from_slice(&text).map_err(|source| ConsnapRunError::BadReport {
+        what,
+        path: report.to_path_buf(),
+        source,
+    })?;
     let stopped_at_cap = ended.capped && v["status"].as_str() == Some("signal");
     if !(ended.status.success() || stopped_at_cap) {
-        return Err(format!(
-            "consnap {what} exited with {}: {}",
-            ended.status,
-            v["error"].as_str().map_or_else(|| proc::tail(&err, 3), str::to_string)
-        ));
+        return Err(ConsnapRunError::Failed {
+            what,
+            status: ended.status,
+            why: v["error"].as_str().map_or_else(|| proc::tail(&err, 3), str::to_string),
+        });
     }
     Ok(v)
 }
 
 /// Guest ops per second of `spec` (without ops) under consnap without
 /// snapshots, from the guest's progress counter over a short run.
-pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, String> {
+pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, ConsnapRunError> {
     let mut ops = guess_ops;
     for _ in 0..4 {
         let report = ctx.scratch.join("calibrate.json");
@@ -204,5 +267,5 @@ pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, String> {
             }
         }
     }
-    Err(format!("could not measure the rate of {spec}: every run was too short"))
+    Err(ConsnapRunError::Calibration { spec: spec.to_string() })
 }

@@ -20,9 +20,23 @@ pub enum BenchError {
     /// A flag value that cannot be used.
     #[error("{flag}: {why}")]
     BadFlag { flag: &'static str, why: String },
-    /// A run the whole matrix depends on failed (the calibration of a workload).
-    #[error("{what}: {why}")]
-    Run { what: String, why: String },
+    /// `consnap guest export`, which the QEMU runs need, failed.
+    #[error("consnap guest export: exited with {status}")]
+    GuestExport { status: std::process::ExitStatus },
+    /// The calibration of a workload failed.
+    #[error("calibrating {workload}: {source}")]
+    Calibrate {
+        workload: String,
+        #[source]
+        source: crate::ConsnapRunError,
+    },
+    /// A plot of the report could not be drawn.
+    #[error("{file}: {source}")]
+    Plot {
+        file: String,
+        #[source]
+        source: crate::PlotError,
+    },
 }
 
 impl BenchError {

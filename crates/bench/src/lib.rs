@@ -23,8 +23,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub use consnap_run::ConsnapRunError;
 pub use error::{BenchError, Result};
 pub use matrix::{Matrix, Mode, Workload};
+pub use plot::PlotError;
+pub use proc::ProcError;
+pub use qemu::QemuError;
 use results::{Machine, Record, Results, SCHEMA};
 
 /// What to run and where.
@@ -98,10 +102,7 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
             .status()
             .map_err(BenchError::io(&opts.exe))?;
         if !st.success() {
-            return Err(BenchError::Run {
-                what: "consnap guest export".into(),
-                why: format!("exited with {st}"),
-            });
+            return Err(BenchError::GuestExport { status: st });
         }
     }
     let qctx = qemu::Ctx {
@@ -156,11 +157,12 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
                     Some(&r) => r,
                     None => {
                         let guess = guess_ops(&g.workload.spec);
-                        let r =
-                            consnap_run::calibrate(&ctx, &g.workload.spec, guess).map_err(|why| BenchError::Run {
-                                what: format!("calibrating {}", g.workload.name),
-                                why,
-                            })?;
+                        let r = consnap_run::calibrate(&ctx, &g.workload.spec, guess).map_err(|source| {
+                            BenchError::Calibrate {
+                                workload: g.workload.name.clone(),
+                                source,
+                            }
+                        })?;
                         say(
                             &mut log,
                             &format!("{}: {r:.0} ops/s without snapshots", g.workload.name),

@@ -1,9 +1,37 @@
 //! Child processes with a deadline, their output kept in files.
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Why a child could not be started or waited for.
+#[derive(Debug, Error)]
+pub enum ProcError {
+    /// A file for its output could not be created.
+    #[error("{path}: {source}")]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The program did not start.
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: OsString,
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran past its deadline and was killed.
+    #[error("killed after {:.0} s (the deadline)", .deadline.as_secs_f64())]
+    Deadline { deadline: Duration },
+    /// Waiting for it failed.
+    #[error("waiting for the child: {0}")]
+    Wait(#[source] std::io::Error),
+}
 
 /// How a child ended.
 pub struct Ended {
@@ -15,20 +43,33 @@ pub struct Ended {
 }
 
 /// Spawn `cmd` with stdout and stderr written to `out` and `err`.
-pub fn spawn(cmd: &mut Command, out: &Path, err: &Path) -> Result<Child, String> {
-    let o = File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let e = File::create(err).map_err(|e| format!("{}: {e}", err.display()))?;
+pub fn spawn(cmd: &mut Command, out: &Path, err: &Path) -> Result<Child, ProcError> {
+    let create = |path: &Path| {
+        File::create(path).map_err(|source| ProcError::Output {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (o, e) = (create(out)?, create(err)?);
     cmd.stdin(Stdio::null())
         .stdout(o)
         .stderr(e)
         .spawn()
-        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))
+        .map_err(|source| ProcError::Spawn {
+            program: cmd.get_program().to_os_string(),
+            source,
+        })
 }
 
 /// Wait for `child` until `deadline`; past it, kill it and say so. With a
 /// `cap`, the child is first sent SIGTERM when the cap passes (consnap
 /// then ends the run cleanly and writes its report).
-pub fn wait(child: &mut Child, started: Instant, deadline: Duration, cap: Option<Duration>) -> Result<Ended, String> {
+pub fn wait(
+    child: &mut Child,
+    started: Instant,
+    deadline: Duration,
+    cap: Option<Duration>,
+) -> Result<Ended, ProcError> {
     let mut capped = false;
     loop {
         match child.try_wait() {
@@ -52,10 +93,10 @@ pub fn wait(child: &mut Child, started: Instant, deadline: Duration, cap: Option
             Ok(None) if started.elapsed() > deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("killed after {:.0} s (the deadline)", deadline.as_secs_f64()));
+                return Err(ProcError::Deadline { deadline });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for the child: {e}")),
+            Err(e) => return Err(ProcError::Wait(e)),
         }
     }
 }
@@ -79,4 +120,26 @@ pub fn du(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_program_and_the_deadline() {
+        let dir = std::env::temp_dir();
+        let (out, err) = (dir.join("bench-proc-test.out"), dir.join("bench-proc-test.err"));
+        let e = spawn(&mut Command::new("/nonexistent/consnap"), &out, &err).unwrap_err();
+        assert!(matches!(e, ProcError::Spawn { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with("cannot start \"/nonexistent/consnap\": "),
+            "{e}"
+        );
+        let _ = (std::fs::remove_file(&out), std::fs::remove_file(&err));
+        let e = ProcError::Deadline {
+            deadline: Duration::from_secs(90),
+        };
+        assert_eq!(e.to_string(), "killed after 90 s (the deadline)");
+    }
 }

@@ -5,14 +5,94 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use thiserror::Error;
 
 use crate::matrix::Mode;
-use crate::proc;
+use crate::proc::{self, ProcError};
 use crate::results::{Pause, Record};
+
+/// Why a QEMU run failed.
+#[derive(Debug, Error)]
+pub enum QemuError {
+    /// QEMU could not be started or waited for.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// QEMU ended before its QMP socket existed.
+    #[error("QEMU exited with {status} before its QMP socket was ready")]
+    EarlyExit { status: ExitStatus },
+    /// The QMP socket cannot be connected to.
+    #[error("QMP socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading from QMP failed.
+    #[error("QMP: {0}")]
+    Io(#[source] std::io::Error),
+    /// QEMU closed QMP.
+    #[error("QMP: QEMU closed the connection")]
+    Closed,
+    /// QMP sent a line that is not JSON.
+    #[error("QMP: bad reply {line:?}: {source}")]
+    BadReply {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A command could not be sent.
+    #[error("QMP {cmd}: {source}")]
+    Send {
+        cmd: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU answered a command with an error.
+    #[error("QMP {cmd}: {desc}")]
+    Refused { cmd: &'static str, desc: String },
+    /// A snapshot (a migration to a file) failed.
+    #[error("QEMU migration {state}: {desc}")]
+    Migration { state: String, desc: String },
+    /// A snapshot failed while the guest was still running.
+    #[error("{source}: {stderr}")]
+    Snapshot {
+        #[source]
+        source: Box<QemuError>,
+        /// The last lines of QEMU's stderr.
+        stderr: String,
+    },
+    /// The guest finished before the first snapshot.
+    #[error("the guest finished before QEMU took a snapshot")]
+    NoSnapshot,
+    /// The restored QEMU did not start running within its limit.
+    #[error("the restored QEMU never ran (status {status}): {stderr}")]
+    NeverRan {
+        /// Its last `query-status` answer.
+        status: Value,
+        stderr: String,
+    },
+    /// QEMU did not end with the guest's exit (`who`: `QEMU`, `restored QEMU`).
+    #[error("{who} exited with {status}: {stderr}")]
+    Exited {
+        who: &'static str,
+        status: ExitStatus,
+        stderr: String,
+    },
+    /// The console file cannot be read.
+    #[error("{path}: {source}")]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest printed no checksum.
+    #[error("the guest printed no checksum in {path}")]
+    NoChecksum { path: PathBuf },
+}
 
 /// QEMU's binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -69,22 +149,27 @@ struct Qmp {
 impl Qmp {
     /// Connect (QEMU creates the socket shortly after it starts) and leave
     /// capabilities negotiation.
-    fn connect(path: &Path, child: &mut Child) -> Result<Qmp, String> {
+    fn connect(path: &Path, child: &mut Child) -> Result<Qmp, QemuError> {
         let start = Instant::now();
         let s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
                 Err(_) if start.elapsed() < Duration::from_secs(20) => {
                     if let Ok(Some(st)) = child.try_wait() {
-                        return Err(format!("QEMU exited with {st} before its QMP socket was ready"));
+                        return Err(QemuError::EarlyExit { status: st });
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(format!("QMP socket {}: {e}", path.display())),
+                Err(source) => {
+                    return Err(QemuError::Socket {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
             }
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-        let wr = s.try_clone().map_err(|e| format!("QMP: {e}"))?;
+        let wr = s.try_clone().map_err(QemuError::Io)?;
         let mut q = Qmp {
             rd: BufReader::new(s),
             wr,
@@ -94,44 +179,47 @@ impl Qmp {
         Ok(q)
     }
 
-    fn read(&mut self) -> Result<Value, String> {
+    fn read(&mut self) -> Result<Value, QemuError> {
         let mut line = String::new();
         match self.rd.read_line(&mut line) {
-            Ok(0) => Err("QMP: QEMU closed the connection".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP: bad reply {line:?}: {e}")),
-            Err(e) => Err(format!("QMP: {e}")),
+            Ok(0) => Err(QemuError::Closed),
+            Ok(_) => serde_json::from_str(&line).map_err(|source| QemuError::BadReply { line, source }),
+            Err(e) => Err(QemuError::Io(e)),
         }
     }
 
     /// Run a command and return its `return` value; events are skipped.
-    fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+    fn execute(&mut self, cmd: &'static str, args: Value) -> Result<Value, QemuError> {
         let mut msg = json!({ "execute": cmd, "arguments": args }).to_string();
         msg.push('\n');
         self.wr
             .write_all(msg.as_bytes())
-            .map_err(|e| format!("QMP {cmd}: {e}"))?;
+            .map_err(|source| QemuError::Send { cmd, source })?;
         loop {
             let v = self.read()?;
             if let Some(r) = v.get("return") {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                return Err(format!("QMP {cmd}: {}", e["desc"].as_str().unwrap_or("error")));
+                return Err(QemuError::Refused {
+                    cmd,
+                    desc: e["desc"].as_str().unwrap_or("error").to_string(),
+                });
             }
         }
     }
 
     /// Poll `query-migrate` until the migration ends; its final state.
-    fn wait_migration(&mut self) -> Result<Value, String> {
+    fn wait_migration(&mut self) -> Result<Value, QemuError> {
         loop {
             let st = self.execute("query-migrate", json!({}))?;
             match st["status"].as_str() {
                 Some("completed") => return Ok(st),
                 Some(s @ ("failed" | "cancelled")) => {
-                    return Err(format!(
-                        "QEMU migration {s}: {}",
-                        st["error-desc"].as_str().unwrap_or("no reason given")
-                    ));
+                    return Err(QemuError::Migration {
+                        state: s.to_string(),
+                        desc: st["error-desc"].as_str().unwrap_or("no reason given").to_string(),
+                    });
                 }
                 _ => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -143,7 +231,7 @@ impl Qmp {
 /// the newest snapshot and run it to the end.
 pub fn run(ctx: &Ctx, spec: &str, mode: Mode, interval: Option<Duration>, deadline: Duration, rec: &mut Record) {
     if let Err(e) = run_inner(ctx, spec, mode, interval, deadline, rec) {
-        rec.error = Some(e);
+        rec.error = Some(e.to_string());
     }
 }
 
@@ -154,7 +242,7 @@ fn run_inner(
     interval: Option<Duration>,
     deadline: Duration,
     rec: &mut Record,
-) -> Result<(), String> {
+) -> Result<(), QemuError> {
     let qmp_path = ctx.scratch.join("qmp.sock");
     let console = ctx.scratch.join("qemu-console.txt");
     let _ = std::fs::remove_file(&qmp_path);
@@ -171,11 +259,11 @@ fn run_inner(
     rec.wall_s = ended.wall.as_secs_f64();
     // isa-debug-exit: QEMU exits with 2 × code + 1.
     if ended.status.code() != Some(1) {
-        return Err(format!(
-            "QEMU exited with {}: {}",
-            ended.status,
-            proc::tail(&ctx.scratch.join("qemu.err"), 3)
-        ));
+        return Err(QemuError::Exited {
+            who: "QEMU",
+            status: ended.status,
+            stderr: proc::tail(&ctx.scratch.join("qemu.err"), 3),
+        });
     }
     rec.checksum = Some(checksum(&console)?);
     if let Some(file) = newest {
@@ -203,7 +291,7 @@ fn drive(
     started: Instant,
     deadline: Duration,
     rec: &mut Record,
-) -> Result<Option<PathBuf>, String> {
+) -> Result<Option<PathBuf>, QemuError> {
     let Some(interval) = interval.filter(|_| mode.snapshots()) else {
         return Ok(None);
     };
@@ -230,7 +318,7 @@ fn drive(
         let _ = std::fs::remove_file(&file);
         let t0 = Instant::now();
         let uri = json!({ "uri": format!("file:{}", file.display()) });
-        let step = |q: &mut Qmp| -> Result<Value, String> {
+        let step = |q: &mut Qmp| -> Result<Value, QemuError> {
             if mode == Mode::QemuStopCopy {
                 q.execute("stop", json!({}))?;
             }
@@ -254,7 +342,12 @@ fn drive(
             // The guest finished while a snapshot was taken: QEMU closes
             // the socket as it exits.
             Err(_) if exits_soon(child) => break,
-            Err(e) => return Err(format!("{e}: {}", proc::tail(&ctx.scratch.join("qemu.err"), 3))),
+            Err(e) => {
+                return Err(QemuError::Snapshot {
+                    source: Box::new(e),
+                    stderr: proc::tail(&ctx.scratch.join("qemu.err"), 3),
+                });
+            }
         }
         let now = Instant::now();
         let next = due + interval;
@@ -265,7 +358,7 @@ fn drive(
     }
     rec.snapshots = pauses.len() as u64;
     if pauses.is_empty() {
-        return Err("the guest finished before QEMU took a snapshot".into());
+        return Err(QemuError::NoSnapshot);
     }
     rec.pause = Some(percentiles(&mut pauses));
     rec.bytes_p50 = Some(percentiles(&mut bytes).p50_us);
@@ -297,7 +390,7 @@ fn percentiles(xs: &mut [f64]) -> Pause {
 
 /// Restore `file` in a new QEMU (`-incoming`), time until it runs, and
 /// check that it finishes with the same checksum.
-fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Record) -> Result<(), String> {
+fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Record) -> Result<(), QemuError> {
     let qmp_path = ctx.scratch.join("qmp-in.sock");
     let console = ctx.scratch.join("qemu-in-console.txt");
     let _ = std::fs::remove_file(&qmp_path);
@@ -309,7 +402,7 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
         &ctx.scratch.join("qemu-in.out"),
         &ctx.scratch.join("qemu-in.err"),
     )?;
-    let load = (|| -> Result<f64, String> {
+    let load = (|| -> Result<f64, QemuError> {
         let mut q = Qmp::connect(&qmp_path, &mut child)?;
         q.execute("migrate-incoming", json!({ "uri": format!("file:{}", file.display()) }))?;
         let limit = deadline.min(Duration::from_secs(60));
@@ -327,11 +420,10 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
                 _ => {}
             }
             if started.elapsed() > limit {
-                return Err(format!(
-                    "the restored QEMU never ran (status {}): {}",
-                    st["status"],
-                    proc::tail(&ctx.scratch.join("qemu-in.err"), 3)
-                ));
+                return Err(QemuError::NeverRan {
+                    status: st["status"].clone(),
+                    stderr: proc::tail(&ctx.scratch.join("qemu-in.err"), 3),
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -340,24 +432,29 @@ fn restore(ctx: &Ctx, spec: &str, file: &Path, deadline: Duration, rec: &mut Rec
     rec.restore_s = Some(load?);
     let ended = ended?;
     if ended.status.code() != Some(1) {
-        return Err(format!(
-            "restored QEMU exited with {}: {}",
-            ended.status,
-            proc::tail(&ctx.scratch.join("qemu-in.err"), 3)
-        ));
+        return Err(QemuError::Exited {
+            who: "restored QEMU",
+            status: ended.status,
+            stderr: proc::tail(&ctx.scratch.join("qemu-in.err"), 3),
+        });
     }
     rec.restore_ok = Some(checksum(&console)? == rec.checksum.clone().unwrap_or_default());
     Ok(())
 }
 
 /// The checksum the guest printed on its console.
-fn checksum(console: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(console).map_err(|e| format!("{}: {e}", console.display()))?;
+fn checksum(console: &Path) -> Result<String, QemuError> {
+    let text = std::fs::read_to_string(console).map_err(|source| QemuError::Console {
+        path: console.to_path_buf(),
+        source,
+    })?;
     text.lines()
         .filter(|l| l.contains("consnap-guest: done"))
         .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("checksum=")))
         .map(str::to_string)
-        .ok_or_else(|| format!("the guest printed no checksum in {}", console.display()))
+        .ok_or_else(|| QemuError::NoChecksum {
+            path: console.to_path_buf(),
+        })
 }
 
 #[cfg(test)]

@@ -438,9 +438,9 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
         &series,
         false,
     )
-    .map_err(|why| BenchError::Run {
-        what: file.clone(),
-        why,
+    .map_err(|source| BenchError::Plot {
+        file: file.clone(),
+        source,
     })?;
     let _ = writeln!(d, "\n![loss of {w}](plots/{file})\n");
     Ok(())
@@ -512,9 +512,9 @@ fn pause_table(d: &mut String, w: &str, cells: &Cells, plots: &Path) -> Result<(
         &series,
         true,
     )
-    .map_err(|why| BenchError::Run {
-        what: file.clone(),
-        why,
+    .map_err(|source| BenchError::Plot {
+        file: file.clone(),
+        source,
     })?;
     let _ = writeln!(d, "\n![pause p99 of {w}](plots/{file})\n");
     Ok(())

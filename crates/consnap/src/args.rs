@@ -2,15 +2,49 @@
 
 use std::time::Duration;
 
+use thiserror::Error;
 use workload::Spec;
+
+/// Why a size, a duration, a lag or a workload spec is refused; each names
+/// the text given.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ArgError {
+    /// Not a size.
+    #[error("'{0}' is not a size (examples: 512M, 1G, 1T, 4096)")]
+    NotASize(String),
+    /// Not a duration.
+    #[error("'{0}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)")]
+    NotADuration(String),
+    /// A duration beyond [`MAX_DURATION`].
+    #[error("'{0}' is longer than 1 year (365 days), the longest duration consnap accepts")]
+    TooLong(String),
+    /// A duration that rounds to 0 but is not 0.
+    #[error("'{0}' is shorter than 1ns")]
+    TooShort(String),
+    /// `--max-lag 0`.
+    #[error("'0' is not a lag: give a duration longer than 0, or 'never'")]
+    ZeroLag,
+    /// `--max-lag` that is neither a duration nor `never`.
+    #[error("{0}, or 'never'")]
+    NotALag(#[source] Box<ArgError>),
+    /// A `--workload` spec the workload guest refuses (`why`: the spec
+    /// parser's message; its error borrows the spec, so it is kept as text).
+    #[error("invalid --workload '{spec}': {why}")]
+    Workload {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
 
 /// Longest duration any option accepts: one year (365 days). Longer ones
 /// are refused rather than overflowing the clock.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parse a byte size such as `256M`, `1G`, `1T`, `4096`.
-pub fn size(s: &str) -> Result<u64, String> {
-    workload::spec::parse_size(s).ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G, 1T, 4096)"))
+pub fn size(s: &str) -> Result<u64, ArgError> {
+    workload::spec::parse_size(s).ok_or_else(|| ArgError::NotASize(s.to_string()))
 }
 
 /// A size for messages, in the largest unit that shows it exactly:
@@ -33,20 +67,20 @@ pub fn show_size(bytes: u64) -> String {
 pub struct MaxLag(pub Option<Duration>);
 
 /// Parse `--max-lag`: `never` or a [`duration`] longer than 0.
-pub fn max_lag(s: &str) -> Result<MaxLag, String> {
+pub fn max_lag(s: &str) -> Result<MaxLag, ArgError> {
     if s == "never" {
         return Ok(MaxLag(None));
     }
     match duration(s) {
-        Ok(d) if d.is_zero() => Err("'0' is not a lag: give a duration longer than 0, or 'never'".into()),
+        Ok(d) if d.is_zero() => Err(ArgError::ZeroLag),
         Ok(d) => Ok(MaxLag(Some(d))),
-        Err(e) => Err(format!("{e}, or 'never'")),
+        Err(e) => Err(ArgError::NotALag(Box::new(e))),
     }
 }
 
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("'{s}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)");
-    let too_long = || format!("'{s}' is longer than 1 year (365 days), the longest duration consnap accepts");
+pub fn duration(s: &str) -> Result<Duration, ArgError> {
+    let err = || ArgError::NotADuration(s.to_string());
+    let too_long = || ArgError::TooLong(s.to_string());
     if s == "0" {
         return Ok(Duration::ZERO);
     }
@@ -86,7 +120,7 @@ pub fn duration(s: &str) -> Result<Duration, String> {
         return Err(too_long());
     }
     if ns == 0 && s.bytes().any(|b| (b'1'..=b'9').contains(&b)) {
-        return Err(format!("'{s}' is shorter than 1ns"));
+        return Err(ArgError::TooShort(s.to_string()));
     }
     Ok(Duration::from_nanos(ns as u64))
 }
@@ -113,13 +147,16 @@ pub fn show_duration(d: Duration) -> String {
 }
 
 /// Turn `NAME,key=value,...` into guest command-line words, validated.
-pub fn workload_cmdline(spec: &str) -> Result<(String, Spec), String> {
+pub fn workload_cmdline(spec: &str) -> Result<(String, Spec), ArgError> {
     let mut parts = spec.split(',');
     let name = parts.next().unwrap_or_default();
     let mut words = vec![format!("workload={name}")];
     words.extend(parts.filter(|p| !p.is_empty()).map(str::to_string));
     let cmdline = words.join(" ");
-    let parsed = Spec::parse(&cmdline).map_err(|e| format!("invalid --workload '{spec}': {e}"))?;
+    let parsed = Spec::parse(&cmdline).map_err(|e| ArgError::Workload {
+        spec: spec.to_string(),
+        why: e.to_string(),
+    })?;
     Ok((cmdline, parsed))
 }
 
@@ -139,20 +176,34 @@ mod tests {
         let (c, s) = workload_cmdline("memstress,wss=64M,ops=10").unwrap();
         assert_eq!(c, "workload=memstress wss=64M ops=10");
         assert_eq!(s.ops, 10);
-        let e = workload_cmdline("memstress,bogus=1").unwrap_err();
-        assert!(e.contains("bogus"), "{e}");
-        assert!(workload_cmdline("nope").unwrap_err().contains("unknown workload"));
+        let e = workload_cmdline("memstress,bogus=1").unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid --workload 'memstress,bogus=1': ") && e.contains("bogus"),
+            "{e}"
+        );
+        assert!(
+            workload_cmdline("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown workload")
+        );
+        assert_eq!(
+            size("lots").unwrap_err().to_string(),
+            "'lots' is not a size (examples: 512M, 1G, 1T, 4096)"
+        );
     }
 
     #[test]
     fn max_lag_is_a_duration_or_never() {
         assert_eq!(max_lag("never"), Ok(MaxLag(None)));
         assert_eq!(max_lag("250ms"), Ok(MaxLag(Some(Duration::from_millis(250)))));
-        assert!(max_lag("0").unwrap_err().contains("'never'"));
-        let e = max_lag("soon").unwrap_err();
-        assert!(
-            e.contains("'soon' is not a duration") && e.ends_with("or 'never'"),
-            "{e}"
+        assert_eq!(
+            max_lag("0").unwrap_err().to_string(),
+            "'0' is not a lag: give a duration longer than 0, or 'never'"
+        );
+        assert_eq!(
+            max_lag("soon").unwrap_err().to_string(),
+            "'soon' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0), or 'never'"
         );
     }
 
@@ -173,9 +224,12 @@ mod tests {
         ok("8760h", 365 * 24 * 3_600_000_000_000);
         ok("0.001h", 3_600_000_000);
         for bad in ["", ".5s", "1.s", "1.2.3s", "s", "1x", "-1s", "1 s", "1e3s", "1.5"] {
-            assert!(duration(bad).unwrap_err().contains("is not a duration"), "{bad:?}");
+            assert_eq!(duration(bad), Err(ArgError::NotADuration(bad.to_string())), "{bad:?}");
         }
-        assert!(duration("0.1ns").unwrap_err().contains("shorter than 1ns"));
+        assert_eq!(
+            duration("0.1ns").unwrap_err().to_string(),
+            "'0.1ns' is shorter than 1ns"
+        );
     }
 
     #[test]
@@ -188,14 +242,16 @@ mod tests {
             "365.0001d",
             "31536000.000000001s",
         ] {
-            let e = duration(long).unwrap_err();
+            let e = duration(long).unwrap_err().to_string();
             assert!(e.contains("1 year") || e.contains("not a duration"), "{long}: {e}");
         }
-        assert!(duration("8761h").unwrap_err().contains("longer than 1 year (365 days)"));
-        assert!(
-            duration("31536000.000000001s")
-                .unwrap_err()
-                .contains("longer than 1 year")
+        assert_eq!(
+            duration("8761h").unwrap_err().to_string(),
+            "'8761h' is longer than 1 year (365 days), the longest duration consnap accepts"
+        );
+        assert_eq!(
+            duration("31536000.000000001s"),
+            Err(ArgError::TooLong("31536000.000000001s".into()))
         );
         assert_eq!(duration("31536000s"), Ok(MAX_DURATION));
     }

@@ -3,8 +3,59 @@
 //! before it.
 
 use store::Store;
+use thiserror::Error;
 
-use crate::args;
+use crate::args::{self, ArgError};
+
+/// Why `--at` names no epoch; each names the store (a directory or an
+/// object store's URL) and what was given.
+#[derive(Debug, Error)]
+pub enum AtError {
+    /// The store cannot be listed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// `latest` in a store without epochs.
+    #[error("{store} has no epoch")]
+    Empty {
+        /// The store.
+        store: String,
+    },
+    /// An id the store does not hold.
+    #[error("{store} has no epoch {id}")]
+    NoEpoch {
+        /// The store.
+        store: String,
+        /// The id given.
+        id: u64,
+    },
+    /// `-DURATION` with a duration that does not parse.
+    #[error("--at '{at}': {source}")]
+    Ago {
+        /// As given.
+        at: String,
+        /// Why the duration is refused.
+        #[source]
+        source: ArgError,
+    },
+    /// Neither an id, `latest`, `-DURATION` nor a time.
+    #[error(
+        "--at '{at}' is not an epoch id, 'latest', a time before now such as -30s, or an RFC 3339 time such as 2026-11-26T12:00:00Z"
+    )]
+    NotATime {
+        /// As given.
+        at: String,
+    },
+    /// A time before the store's first epoch.
+    #[error("no epoch in {store} was captured at or before {} (--at {at})", crate::ls_cmd::utc(*.when_ns))]
+    NoneBefore {
+        /// The store.
+        store: String,
+        /// As given.
+        at: String,
+        /// The time it names, Unix ns.
+        when_ns: u64,
+    },
+}
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
@@ -78,14 +129,14 @@ pub fn rfc3339(s: &str) -> Option<u64> {
 }
 
 /// The epoch `at` names in `store`.
-pub fn resolve(store: &Store, at: &str) -> Result<u64, String> {
+pub fn resolve(store: &Store, at: &str) -> Result<u64, AtError> {
     if at == "latest" {
-        return store.latest().map_err(|e| e.to_string());
+        return Ok(store.latest()?);
     }
     if let Ok(id) = at.parse::<u64>() {
         return Ok(id);
     }
-    let listed = store.list().map_err(|e| e.to_string())?;
+    let listed = store.list()?;
     let epochs: Vec<(u64, u64)> = listed
         .iter()
         .filter_map(|(id, i)| i.as_ref().ok().map(|i| (*id, i.header.created_ns)))
@@ -95,41 +146,40 @@ pub fn resolve(store: &Store, at: &str) -> Result<u64, String> {
 
 /// [`resolve`] over (id, capture time) pairs of the store `name`, such as
 /// a remote store's manifest.
-pub fn resolve_in(epochs: &[(u64, u64)], at: &str, name: &str) -> Result<u64, String> {
+pub fn resolve_in(epochs: &[(u64, u64)], at: &str, name: &str) -> Result<u64, AtError> {
     if at == "latest" {
-        return epochs
-            .iter()
-            .map(|e| e.0)
-            .max()
-            .ok_or_else(|| format!("{name} has no epoch"));
+        return epochs.iter().map(|e| e.0).max().ok_or_else(|| AtError::Empty {
+            store: name.to_string(),
+        });
     }
     if let Ok(id) = at.parse::<u64>() {
         return epochs
             .iter()
             .any(|e| e.0 == id)
             .then_some(id)
-            .ok_or_else(|| format!("{name} has no epoch {id}"));
+            .ok_or_else(|| AtError::NoEpoch {
+                store: name.to_string(),
+                id,
+            });
     }
     let when = if let Some(ago) = at.strip_prefix('-') {
-        let d = args::duration(ago).map_err(|e| format!("--at '{at}': {e}"))?;
+        let d = args::duration(ago).map_err(|source| AtError::Ago {
+            at: at.to_string(),
+            source,
+        })?;
         store::now_ns().saturating_sub(d.as_nanos() as u64)
     } else {
-        rfc3339(at).ok_or_else(|| {
-            format!(
-                "--at '{at}' is not an epoch id, 'latest', a time before now such as -30s, or an RFC 3339 time such as 2026-11-26T12:00:00Z"
-            )
-        })?
+        rfc3339(at).ok_or_else(|| AtError::NotATime { at: at.to_string() })?
     };
     epochs
         .iter()
         .filter(|(_, t)| *t <= when)
         .max_by_key(|(id, t)| (*t, *id))
         .map(|(id, _)| *id)
-        .ok_or_else(|| {
-            format!(
-                "no epoch in {name} was captured at or before {} (--at {at})",
-                crate::ls_cmd::utc(when)
-            )
+        .ok_or_else(|| AtError::NoneBefore {
+            store: name.to_string(),
+            at: at.to_string(),
+            when_ns: when,
         })
 }
 
@@ -156,5 +206,33 @@ mod tests {
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn refusals_name_the_store_and_the_text() {
+        let epochs = [(3, 1_000_000_000), (5, 2_000_000_000)];
+        assert_eq!(resolve_in(&epochs, "latest", "s").unwrap(), 5);
+        assert_eq!(resolve_in(&epochs, "1970-01-01T00:00:01.5Z", "s").unwrap(), 3);
+        for (at, msg) in [
+            ("4", "s has no epoch 4"),
+            (
+                "-5",
+                "--at '-5': '5' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)",
+            ),
+            (
+                "soon",
+                "--at 'soon' is not an epoch id, 'latest', a time before now such as -30s, or an RFC 3339 time such as 2026-11-26T12:00:00Z",
+            ),
+            (
+                "1970-01-01T00:00:00Z",
+                "no epoch in s was captured at or before 1970-01-01 00:00:00.000 (--at 1970-01-01T00:00:00Z)",
+            ),
+        ] {
+            assert_eq!(resolve_in(&epochs, at, "s").unwrap_err().to_string(), msg);
+        }
+        assert_eq!(
+            resolve_in(&[], "latest", "s").unwrap_err().to_string(),
+            "s has no epoch"
+        );
     }
 }

@@ -4,8 +4,38 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use thiserror::Error;
 
-use crate::args;
+use crate::args::{self, ArgError};
+
+/// Why `consnap bench` cannot run or finish.
+#[derive(Debug, Error)]
+pub enum BenchCmdError {
+    /// `--modes` names no mode.
+    #[error("--modes: no mode {0:?}")]
+    NoMode(String),
+    /// `--intervals` with a zero interval.
+    #[error("--intervals: {0:?} is not an interval")]
+    ZeroInterval(Duration),
+    /// `--repeats 0`.
+    #[error("--repeats: must be at least 1")]
+    NoRepeats,
+    /// `--min-seconds` out of range.
+    #[error("--min-seconds: {0} is not between 1 and 3600")]
+    MinSeconds(f64),
+    /// `--cap` out of range.
+    #[error("--cap: {0} is neither 0 nor a multiple between 1.5 and 1000")]
+    Cap(f64),
+    /// `--vcpus 0`.
+    #[error("--vcpus: must be at least 1")]
+    NoVcpus,
+    /// The consnap binary to run cannot be found.
+    #[error("cannot find the consnap binary: {0}")]
+    Exe(#[source] std::io::Error),
+    /// A workload that does not parse, or the bench itself failed.
+    #[error(transparent)]
+    Bench(#[from] bench::BenchError),
+}
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -54,11 +84,11 @@ pub struct BenchArgs {
     pub render_only: bool,
 }
 
-fn mem(s: &str) -> Result<String, String> {
+fn mem(s: &str) -> Result<String, ArgError> {
     args::size(s).map(|_| s.to_string())
 }
 
-pub fn bench(a: BenchArgs) -> Result<i32, String> {
+pub fn bench(a: BenchArgs) -> Result<i32, BenchCmdError> {
     let mut matrix = if a.quick {
         bench::Matrix::quick()
     } else {
@@ -75,7 +105,7 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
                 w.split(',').collect()
             };
             for p in parts {
-                ws.push(bench::Workload::parse(p).map_err(|e| e.to_string())?);
+                ws.push(bench::Workload::parse(p)?);
             }
         }
         // Chosen workloads run at every interval.
@@ -87,7 +117,7 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
         matrix.modes = a
             .modes
             .iter()
-            .map(|m| bench::Mode::parse(m).ok_or_else(|| format!("--modes: no mode {m:?}")))
+            .map(|m| bench::Mode::parse(m).ok_or_else(|| BenchCmdError::NoMode(m.clone())))
             .collect::<Result<_, _>>()?;
         if !matrix.modes.contains(&bench::Mode::None) {
             matrix.modes.insert(0, bench::Mode::None);
@@ -99,37 +129,37 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
     }
     if !a.intervals.is_empty() {
         if let Some(z) = a.intervals.iter().find(|d| d.is_zero()) {
-            return Err(format!("--intervals: {z:?} is not an interval"));
+            return Err(BenchCmdError::ZeroInterval(*z));
         }
         matrix.intervals = a.intervals.clone();
     }
     if let Some(r) = a.repeats {
         if r == 0 {
-            return Err("--repeats: must be at least 1".into());
+            return Err(BenchCmdError::NoRepeats);
         }
         matrix.repeats = r;
     }
     if let Some(s) = a.min_seconds {
         if !(s.is_finite() && (1.0..=3600.0).contains(&s)) {
-            return Err(format!("--min-seconds: {s} is not between 1 and 3600"));
+            return Err(BenchCmdError::MinSeconds(s));
         }
         matrix.base_seconds = s;
     }
     if let Some(c) = a.cap {
         if !(c == 0.0 || c.is_finite() && (1.5..=1000.0).contains(&c)) {
-            return Err(format!("--cap: {c} is neither 0 nor a multiple between 1.5 and 1000"));
+            return Err(BenchCmdError::Cap(c));
         }
         matrix.cap = c;
     }
     if a.vcpus == 0 {
-        return Err("--vcpus: must be at least 1".into());
+        return Err(BenchCmdError::NoVcpus);
     }
     let results = a
         .results
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("bench-results/{label}")));
     let doc = a.doc.clone().unwrap_or_else(|| results.join("BENCHMARKS.md"));
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the consnap binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(BenchCmdError::Exe)?;
     let opts = bench::Options {
         matrix,
         exe,
@@ -140,7 +170,7 @@ pub fn bench(a: BenchArgs) -> Result<i32, String> {
         render_only: a.render_only,
         label: label.into(),
     };
-    let s = bench::run(&opts).map_err(|e| e.to_string())?;
+    let s = bench::run(&opts)?;
     println!(
         "consnap bench: {} runs made, {} already in the results, {} failed, {} wrong checksums; report {}",
         s.ran,

@@ -5,11 +5,29 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use clap::Args;
-use store::{Access, Ledger, Policy, ReclaimOptions, Store};
+use store::{Access, Ledger, Policy, PolicyError, ReclaimOptions, Store};
+use thiserror::Error;
 
 use crate::ls_cmd::human;
 use crate::progress::Bar;
 use crate::store_args::CompressArg;
+
+/// Why a store cannot be compacted.
+#[derive(Debug, Error)]
+pub enum CompactError {
+    /// The store cannot be opened, read or reclaimed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// No `--retain`, and the policy in RECLAIM does not parse.
+    #[error("the policy recorded in {dir}/RECLAIM is invalid ({source}): give --retain")]
+    RecordedPolicy {
+        /// The store.
+        dir: PathBuf,
+        /// Why the policy is refused.
+        #[source]
+        source: PolicyError,
+    },
+}
 
 /// Options of `consnap compact`.
 #[derive(Debug, Args)]
@@ -30,17 +48,17 @@ pub struct CompactArgs {
 }
 
 /// Compact a store; prints what it did.
-pub fn compact(a: CompactArgs) -> Result<i32, String> {
-    let store = Store::open(&a.dir, Access::Write).map_err(|e| e.to_string())?;
+pub fn compact(a: CompactArgs) -> Result<i32, CompactError> {
+    let store = Store::open(&a.dir, Access::Write)?;
     let last = Ledger::load(&a.dir).ok().flatten();
     let policy = match (a.retain, &last) {
         (Some(p), _) => p,
-        (None, Some(l)) if !l.policy.is_empty() => Policy::parse(&l.policy).map_err(|e| {
-            format!(
-                "the policy recorded in {}/RECLAIM is invalid ({e}): give --retain",
-                a.dir.display()
-            )
-        })?,
+        (None, Some(l)) if !l.policy.is_empty() => {
+            Policy::parse(&l.policy).map_err(|source| CompactError::RecordedPolicy {
+                dir: a.dir.clone(),
+                source,
+            })?
+        }
         _ => Policy::default(),
     };
     let max_chain = a
@@ -55,21 +73,18 @@ pub fn compact(a: CompactArgs) -> Result<i32, String> {
         batch_merges: false,
     };
     let before: u64 = store
-        .list()
-        .map_err(|e| e.to_string())?
+        .list()?
         .iter()
         .filter_map(|(_, i)| i.as_ref().ok().map(|i| i.file_bytes))
         .sum();
     let bar = Bar::new("compacting", true);
     let pass = store::reclaim(&store, &opts, &[], &AtomicBool::new(false), &mut |d, t| {
         bar.update(d, t)
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     bar.finish();
-    let ids = store.ids().map_err(|e| e.to_string())?;
+    let ids = store.ids()?;
     let after: u64 = store
-        .list()
-        .map_err(|e| e.to_string())?
+        .list()?
         .iter()
         .filter_map(|(_, i)| i.as_ref().ok().map(|i| i.file_bytes))
         .sum();

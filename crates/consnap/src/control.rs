@@ -23,7 +23,7 @@ use vmm::run::{PauseProbe, ProgressSampler, Task, TaskFlow};
 use vmm::vcpu::PauseAction;
 
 use crate::api::VmState;
-use crate::api::board::{Answer, Command, Envelope, Refusal, Reply, Shared, snap_config};
+use crate::api::board::{Answer, BoardCell, Command, Envelope, Refusal, Reply, snap_config};
 use crate::report::EpochEntry;
 
 /// How often the board is refreshed when nothing happens.
@@ -90,7 +90,7 @@ pub struct Control {
     engine: Option<SnapshotEngine>,
     probe: PauseProbe,
     sampler: ProgressSampler,
-    shared: Arc<Shared>,
+    cell: Arc<BoardCell>,
     commands: Option<Receiver<Envelope>>,
     user_paused: bool,
     stopping: bool,
@@ -123,14 +123,14 @@ impl Control {
         engine: Option<SnapshotEngine>,
         probe: PauseProbe,
         sampler: ProgressSampler,
-        shared: Arc<Shared>,
+        cell: Arc<BoardCell>,
         commands: Option<Receiver<Envelope>>,
     ) -> Control {
         Control {
             engine,
             probe,
             sampler,
-            shared,
+            cell,
             commands,
             user_paused: false,
             stopping: false,
@@ -181,7 +181,7 @@ impl Control {
     /// Handle the commands waiting in the queue; returns the replies to
     /// send once the board shows their effect.
     fn serve(&mut self, m: &mut Machine) -> Vec<(tokio::sync::oneshot::Sender<Reply>, Reply)> {
-        self.shared.pending.store(false, Ordering::SeqCst);
+        self.cell.pending.store(false, Ordering::SeqCst);
         let mut replies = Vec::new();
         for _ in 0..COMMANDS_PER_RUN {
             let Some(env) = self.commands.as_ref().and_then(|rx| rx.try_recv().ok()) else {
@@ -210,7 +210,7 @@ impl Control {
             replies.push((env.reply, reply));
         }
         // More may wait: come back at once.
-        self.shared.pending.store(true, Ordering::SeqCst);
+        self.cell.pending.store(true, Ordering::SeqCst);
         replies
     }
 
@@ -264,7 +264,7 @@ impl Control {
         let hold = due
             && !asked
             && self
-                .shared
+                .cell
                 .lock()
                 .replica
                 .as_ref()
@@ -341,10 +341,10 @@ impl Control {
             }
             _ => None,
         };
-        let mut board = match self.shared.board.try_lock() {
+        let mut board = match self.cell.board.try_lock() {
             Ok(b) => b,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) if force => self.shared.lock(),
+            Err(TryLockError::WouldBlock) if force => self.cell.lock(),
             Err(TryLockError::WouldBlock) => {
                 // A reader holds it: try again soon, never wait.
                 self.next_publish = now + POLL_EVERY;
@@ -402,7 +402,7 @@ fn settle(engine: &SnapshotEngine, id: u64, errors: usize) -> Option<Reply> {
 
 impl Task for Control {
     fn due(&self) -> Option<Instant> {
-        if self.shared.pending.load(Ordering::SeqCst) {
+        if self.cell.pending.load(Ordering::SeqCst) {
             return Some(self.created);
         }
         let mut due = self.next_publish;

@@ -6,11 +6,43 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
+use thiserror::Error;
 
-use crate::api::client::{self, Answer};
+use crate::api::client::{self, Answer, ClientError};
 use crate::api::{ConfigPatch, SnapConfig, Stats, VmInfo};
 use crate::ls_cmd::{self, Row};
 use crate::report::{EpochEntry, Percentiles};
+
+/// Why a `ctl` operation failed.
+#[derive(Debug, Error)]
+pub enum CtlError {
+    /// A `set` word that is no setting.
+    #[error("'{0}' is not interval=DURATION or mode=MODE")]
+    NotASetting(String),
+    /// The settings cannot be encoded.
+    #[error("{0}")]
+    Encode(#[source] serde_json::Error),
+    /// The API did not answer.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The API refused (its message and HTTP status).
+    #[error("{message} ({status})")]
+    Refused {
+        /// The API's message.
+        message: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// An answer that is not what the API documents.
+    #[error("unexpected answer from consnap: {0}")]
+    Decode(#[source] serde_json::Error),
+    /// The listing cannot be written to stdout.
+    #[error("cannot write the listing: {0}")]
+    WriteListing(#[source] std::io::Error),
+    /// The answer cannot be written to stdout.
+    #[error("cannot write: {0}")]
+    Write(#[source] std::io::Error),
+}
 
 /// Options of `consnap ctl`.
 #[derive(Debug, Args)]
@@ -57,8 +89,8 @@ pub enum CtlOp {
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(150);
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn decode<T: DeserializeOwned>(a: &Answer) -> Result<T, String> {
-    serde_json::from_slice(&a.body).map_err(|e| format!("unexpected answer from consnap: {e}"))
+fn decode<T: DeserializeOwned>(a: &Answer) -> Result<T, CtlError> {
+    serde_json::from_slice(&a.body).map_err(CtlError::Decode)
 }
 
 fn us(v: f64) -> String {
@@ -164,20 +196,20 @@ fn stats_text(st: &Stats) -> String {
 }
 
 /// The PATCH body from `KEY=VALUE` words.
-fn patch(settings: &[String]) -> Result<String, String> {
+fn patch(settings: &[String]) -> Result<String, CtlError> {
     let mut p = ConfigPatch::default();
     for s in settings {
         match s.split_once('=') {
             Some(("interval", v)) => p.interval = Some(v.to_string()),
             Some(("mode", v)) => p.mode = Some(v.to_string()),
-            _ => return Err(format!("'{s}' is not interval=DURATION or mode=MODE")),
+            _ => return Err(CtlError::NotASetting(s.clone())),
         }
     }
-    serde_json::to_string(&p).map_err(|e| e.to_string())
+    serde_json::to_string(&p).map_err(CtlError::Encode)
 }
 
 /// Run one `ctl` operation; returns the exit status.
-pub fn ctl(a: CtlArgs) -> Result<i32, String> {
+pub fn ctl(a: CtlArgs) -> Result<i32, CtlError> {
     let (method, path, body, timeout) = match &a.op {
         CtlOp::Status => ("GET", "/vm", None, TIMEOUT),
         CtlOp::Pause => ("PUT", "/vm/pause", None, TIMEOUT),
@@ -191,7 +223,10 @@ pub fn ctl(a: CtlArgs) -> Result<i32, String> {
     };
     let answer = client::call(&a.sock, method, path, body, timeout)?;
     if !(200..300).contains(&answer.status) {
-        return Err(format!("{} ({})", answer.error_message(), answer.status));
+        return Err(CtlError::Refused {
+            message: answer.error_message(),
+            status: answer.status,
+        });
     }
     let mut code = 0;
     let text = if a.json || matches!(a.op, CtlOp::Metrics) {
@@ -208,7 +243,7 @@ pub fn ctl(a: CtlArgs) -> Result<i32, String> {
                 return match ls_cmd::print(&rows, false) {
                     Ok(()) => Ok(code),
                     Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(code),
-                    Err(e) => Err(format!("cannot write the listing: {e}")),
+                    Err(e) => Err(CtlError::WriteListing(e)),
                 };
             }
             CtlOp::Metrics => String::new(),
@@ -221,7 +256,7 @@ pub fn ctl(a: CtlArgs) -> Result<i32, String> {
     match writeln!(std::io::stdout(), "{text}") {
         Ok(()) => Ok(code),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(code),
-        Err(e) => Err(format!("cannot write: {e}")),
+        Err(e) => Err(CtlError::Write(e)),
     }
 }
 
@@ -233,7 +268,10 @@ mod tests {
     fn settings_become_a_patch() {
         let p = patch(&["interval=20ms".into(), "mode=stop-copy".into()]).unwrap();
         assert_eq!(p, r#"{"interval":"20ms","mode":"stop-copy"}"#);
-        assert!(patch(&["speed=3".into()]).unwrap_err().contains("interval=DURATION"));
+        assert_eq!(
+            patch(&["speed=3".into()]).unwrap_err().to_string(),
+            "'speed=3' is not interval=DURATION or mode=MODE"
+        );
         assert!(patch(&["interval".into()]).is_err());
     }
 }

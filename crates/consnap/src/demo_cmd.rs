@@ -8,16 +8,125 @@
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use snapshot::{Mode, SnapshotEngine};
+use thiserror::Error;
 
 use crate::api::{VmInfo, client};
-use crate::ls_cmd::{self, Row};
+use crate::ls_cmd::{self, LsError, Row};
 use crate::report::Percentiles;
+
+/// Why the demo stopped before its end.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    /// The `--keep` directory cannot be read or created.
+    #[error("--keep {dir}: {source}")]
+    Keep {
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--keep` directory holds files.
+    #[error("--keep {dir}: not empty; give an empty or new directory")]
+    KeepNotEmpty {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A directory or console file cannot be created.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file for a child's stderr cannot be created.
+    #[error("{source}")]
+    Stderr {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The consnap binary to run cannot be found.
+    #[error("cannot find the consnap binary: {0}")]
+    Exe(#[source] std::io::Error),
+    /// A child consnap did not start.
+    #[error("cannot start {what}: {source}")]
+    Start {
+        /// Which run.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Ctrl-C.
+    #[error("interrupted")]
+    Interrupted,
+    /// A child consnap ran past [`DEADLINE`].
+    #[error("{what} did not finish within {secs}s")]
+    Deadline {
+        /// Which run.
+        what: String,
+        /// The deadline, seconds.
+        secs: u64,
+    },
+    /// A child consnap cannot be waited for.
+    #[error("cannot wait for {what}: {source}")]
+    Wait {
+        /// Which run.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A child consnap failed.
+    #[error("{what} failed ({status})")]
+    Failed {
+        /// Which run.
+        what: String,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// A run left no report.
+    #[error("no report {path}: {source}")]
+    NoReport {
+        /// The report.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A report that is not JSON.
+    #[error("{path}: {source}")]
+    BadReport {
+        /// The report.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A run that ended without the workload's checksum.
+    #[error("a run ended without a checksum")]
+    NoChecksum,
+    /// The protected run ended before it could be killed.
+    #[error("the protected run ended before it could be killed")]
+    EndedEarly,
+    /// The protected run committed no epoch that can be restored.
+    #[error("no restorable epoch was committed")]
+    NoEpoch,
+    /// The epochs cannot be listed.
+    #[error(transparent)]
+    Ls(#[from] LsError),
+}
 
 /// Options of `consnap demo`.
 #[derive(Debug, Args)]
@@ -49,24 +158,25 @@ struct Workdir {
 }
 
 impl Workdir {
-    fn new(keep: Option<&Path>) -> Result<Workdir, String> {
+    fn new(keep: Option<&Path>) -> Result<Workdir, DemoError> {
         if let Some(dir) = keep {
+            let keep_err = |source| DemoError::Keep {
+                dir: dir.to_path_buf(),
+                source,
+            };
             let empty = match std::fs::read_dir(dir) {
                 Ok(mut d) => d.next().is_none(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-                Err(e) => return Err(format!("--keep {}: {e}", dir.display())),
+                Err(e) => return Err(keep_err(e)),
             };
             if !empty {
-                return Err(format!(
-                    "--keep {}: not empty; give an empty or new directory",
-                    dir.display()
-                ));
+                return Err(DemoError::KeepNotEmpty { dir: dir.to_path_buf() });
             }
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| format!("--keep {}: {e}", dir.display()))?;
+                .map_err(keep_err)?;
             return Ok(Workdir {
                 path: dir.to_path_buf(),
                 keep: true,
@@ -79,7 +189,10 @@ impl Workdir {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|source| DemoError::Create {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Workdir { path, keep: false })
     }
 }
@@ -100,16 +213,22 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(args: &[&str], console: &Path, stderr: Stdio, what: &str) -> Result<Vm, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the consnap binary: {e}"))?;
-        let out = std::fs::File::create(console).map_err(|e| format!("cannot create {}: {e}", console.display()))?;
+    fn start(args: &[&str], console: &Path, stderr: Stdio, what: &str) -> Result<Vm, DemoError> {
+        let exe = std::env::current_exe().map_err(DemoError::Exe)?;
+        let out = std::fs::File::create(console).map_err(|source| DemoError::Create {
+            path: console.to_path_buf(),
+            source,
+        })?;
         let child = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("cannot start {what}: {e}"))?;
+            .map_err(|source| DemoError::Start {
+                what: what.to_string(),
+                source,
+            })?;
         Ok(Vm {
             child,
             started: Instant::now(),
@@ -117,29 +236,42 @@ impl Vm {
         })
     }
 
-    fn running(&mut self) -> Result<bool, String> {
+    fn running(&mut self) -> Result<bool, DemoError> {
         if INTERRUPTED.load(Ordering::SeqCst) {
-            return Err("interrupted".into());
+            return Err(DemoError::Interrupted);
         }
         if self.started.elapsed() > DEADLINE {
-            return Err(format!("{} did not finish within {}s", self.what, DEADLINE.as_secs()));
+            return Err(DemoError::Deadline {
+                what: self.what.clone(),
+                secs: DEADLINE.as_secs(),
+            });
         }
         match self.child.try_wait() {
             Ok(None) => Ok(true),
             Ok(Some(_)) => Ok(false),
-            Err(e) => Err(format!("cannot wait for {}: {e}", self.what)),
+            Err(source) => Err(self.wait_failed(source)),
+        }
+    }
+
+    fn wait_failed(&self, source: std::io::Error) -> DemoError {
+        DemoError::Wait {
+            what: self.what.clone(),
+            source,
         }
     }
 
     /// Wait for the end; Err if it failed.
-    fn finish(mut self) -> Result<Duration, String> {
+    fn finish(mut self) -> Result<Duration, DemoError> {
         while self.running()? {
             std::thread::sleep(Duration::from_millis(20));
         }
         match self.child.wait() {
             Ok(s) if s.success() => Ok(self.started.elapsed()),
-            Ok(s) => Err(format!("{} failed ({s})", self.what)),
-            Err(e) => Err(format!("cannot wait for {}: {e}", self.what)),
+            Ok(status) => Err(DemoError::Failed {
+                what: self.what.clone(),
+                status,
+            }),
+            Err(source) => Err(self.wait_failed(source)),
         }
     }
 }
@@ -160,13 +292,16 @@ fn say(text: &str) {
 }
 
 /// The checksum and ops a finished run reported.
-fn outcome(report: &Path) -> Result<(String, u64), String> {
-    let text = std::fs::read_to_string(report).map_err(|e| format!("no report {}: {e}", report.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", report.display()))?;
-    let sum = v["checksum"]
-        .as_str()
-        .ok_or("a run ended without a checksum")?
-        .to_string();
+fn outcome(report: &Path) -> Result<(String, u64), DemoError> {
+    let text = std::fs::read_to_string(report).map_err(|source| DemoError::NoReport {
+        path: report.to_path_buf(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| DemoError::BadReport {
+        path: report.to_path_buf(),
+        source,
+    })?;
+    let sum = v["checksum"].as_str().ok_or(DemoError::NoChecksum)?.to_string();
     Ok((sum, v["ops"].as_u64().unwrap_or(0)))
 }
 
@@ -191,7 +326,7 @@ fn row_line(r: &Row) -> String {
 }
 
 /// Run the demo; returns the exit status (0: every checksum matches).
-pub fn demo(a: DemoArgs) -> Result<i32, String> {
+pub fn demo(a: DemoArgs) -> Result<i32, DemoError> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
@@ -204,7 +339,15 @@ pub fn demo(a: DemoArgs) -> Result<i32, String> {
     result
 }
 
-fn steps(dir: &Path) -> Result<i32, String> {
+/// A file for a child's stderr.
+fn stderr_file(path: PathBuf) -> Result<Stdio, DemoError> {
+    match std::fs::File::create(&path) {
+        Ok(f) => Ok(Stdio::from(f)),
+        Err(source) => Err(DemoError::Stderr { path, source }),
+    }
+}
+
+fn steps(dir: &Path) -> Result<i32, DemoError> {
     let snaps = dir.join("snapshots");
     let mut sock = dir.join("api.sock");
     if sock.as_os_str().len() > 100 {
@@ -260,7 +403,7 @@ fn steps(dir: &Path) -> Result<i32, String> {
     // Kill it part-way: once the guest has done about half its work.
     let at = loop {
         if !vm.running()? {
-            return Err("the protected run ended before it could be killed".into());
+            return Err(DemoError::EndedEarly);
         }
         if let Ok(ans) = client::call(&sock, "GET", "/vm", None, Duration::from_secs(5))
             && let Ok(info) = serde_json::from_slice::<VmInfo>(&ans.body)
@@ -284,7 +427,7 @@ fn steps(dir: &Path) -> Result<i32, String> {
     let rows: Vec<Row> = ls_cmd::rows(&snaps)?;
     let good: Vec<&Row> = rows.iter().filter(|r| r.restorable).collect();
     let (Some(latest), Some(first)) = (good.last(), good.first()) else {
-        return Err("no restorable epoch was committed".into());
+        return Err(DemoError::NoEpoch);
     };
     let earlier = good[good.len() / 3];
     let bytes: u64 = rows.iter().map(|r| r.bytes).sum();
@@ -318,7 +461,7 @@ fn steps(dir: &Path) -> Result<i32, String> {
         let report = dir.join(format!("restore-{id}.json"));
         let id_s = id.to_string();
         let report_s = report.display().to_string();
-        let err = std::fs::File::create(dir.join(format!("restore-{id}.stderr"))).map_err(|e| e.to_string())?;
+        let err = stderr_file(dir.join(format!("restore-{id}.stderr")))?;
         let took = Vm::start(
             &[
                 "restore",
@@ -331,7 +474,7 @@ fn steps(dir: &Path) -> Result<i32, String> {
                 &report_s,
             ],
             &dir.join(format!("restore-{id}.console")),
-            Stdio::from(err),
+            err,
             &format!("the restore of epoch {id}"),
         )?
         .finish()?;
@@ -346,11 +489,11 @@ fn steps(dir: &Path) -> Result<i32, String> {
     say("[5/5] The same workload run once without interruption, for comparison:");
     let report = dir.join("uninterrupted.json");
     let report_s = report.display().to_string();
-    let err = std::fs::File::create(dir.join("uninterrupted.stderr")).map_err(|e| e.to_string())?;
+    let err = stderr_file(dir.join("uninterrupted.stderr"))?;
     let took = Vm::start(
         &["run", "--workload", SPEC, "--pause-probe", "0", "--report", &report_s],
         &dir.join("uninterrupted.console"),
-        Stdio::from(err),
+        err,
         "the uninterrupted run",
     )?
     .finish()?;

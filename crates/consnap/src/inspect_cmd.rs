@@ -5,8 +5,21 @@ use std::path::PathBuf;
 
 use clap::Args;
 use store::{Access, Source, Store};
+use thiserror::Error;
 
+use crate::at::AtError;
 use crate::ls_cmd::{human, utc};
+
+/// Why an epoch cannot be shown.
+#[derive(Debug, Error)]
+pub enum InspectError {
+    /// The store, the epoch or its chain cannot be read.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The epoch named does not exist.
+    #[error(transparent)]
+    At(#[from] AtError),
+}
 
 /// Options of `consnap inspect`.
 #[derive(Debug, Args)]
@@ -20,14 +33,14 @@ pub struct InspectArgs {
 
 /// Print epoch ID: its header, chain and files, what a restore reads from
 /// each, and the machine its state describes.
-pub fn inspect(a: InspectArgs) -> Result<i32, String> {
-    let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
+pub fn inspect(a: InspectArgs) -> Result<i32, InspectError> {
+    let store = Store::open(&a.dir, Access::Read)?;
     let id = crate::at::resolve(&store, &a.id)?;
-    let chain = store.chain(id).map_err(|e| e.to_string())?;
+    let chain = store.chain(id)?;
     let head = &chain[0];
     let h = head.header();
-    let state = head.state().map_err(|e| e.to_string())?;
-    let runs = store::plan(&chain).map_err(|e| e.to_string())?;
+    let state = head.state()?;
+    let runs = store::plan(&chain)?;
     let mut used = vec![0u64; chain.len()];
     let mut zero = 0;
     for r in &runs {

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::VmState;
-use crate::api::board::{Board, Shared, snap_stats};
+use crate::api::board::{Board, BoardCell, snap_stats};
 
 /// The status line's thread.
 pub struct Live {
@@ -71,7 +71,7 @@ pub fn line(board: &Board) -> Option<String> {
 impl Live {
     /// Start the line (for a run with snapshots), every `every` or at the
     /// default pace.
-    pub fn start(shared: Arc<Shared>, every: Option<Duration>) -> Option<Live> {
+    pub fn start(cell: Arc<BoardCell>, every: Option<Duration>) -> Option<Live> {
         let tty = std::io::stderr().is_terminal();
         let every = every.unwrap_or(if tty {
             Duration::from_secs(1)
@@ -84,7 +84,7 @@ impl Live {
             .spawn(move || {
                 let mut drawn = false;
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    let Some(text) = line(&shared.lock()) else { continue };
+                    let Some(text) = line(&cell.lock()) else { continue };
                     let mut err = std::io::stderr().lock();
                     // stderr may be unwritable: never fail over a status line.
                     let _ = if tty {

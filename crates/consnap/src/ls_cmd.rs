@@ -7,6 +7,26 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use store::{Access, Store};
+use thiserror::Error;
+
+use crate::remote_args::{self, RemoteArgsError};
+
+/// Why a store cannot be listed.
+#[derive(Debug, Error)]
+pub enum LsError {
+    /// The local store cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The object store cannot be read.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// The object store cannot be reached as given.
+    #[error(transparent)]
+    RemoteArgs(#[from] RemoteArgsError),
+    /// The listing cannot be written to stdout.
+    #[error("cannot write the listing: {0}")]
+    Write(#[source] std::io::Error),
+}
 
 /// Options of `consnap ls`.
 #[derive(Debug, Args)]
@@ -151,7 +171,7 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 
 /// List the epochs of a snapshot directory. Exits 1 when any entry is
 /// damaged, cannot be restored, or is a file that is not an epoch.
-pub fn ls(a: LsArgs) -> Result<i32, String> {
+pub fn ls(a: LsArgs) -> Result<i32, LsError> {
     let rows = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) => remote_rows(url, a.encrypt_key.as_deref())?,
         None => rows(&a.dir)?,
@@ -173,16 +193,16 @@ pub fn ls(a: LsArgs) -> Result<i32, String> {
         Ok(()) => {}
         // `consnap ls | head` closes the pipe early: not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(e) => return Err(format!("cannot write the listing: {e}")),
+        Err(e) => return Err(LsError::Write(e)),
     }
     Ok(i32::from(bad))
 }
 
 /// The rows of a listing, annotated with tiers and chain lengths (also
 /// served by the control API and shown by `ctl` and `demo`).
-pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
-    let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
-    let listed = store.list().map_err(|e| e.to_string())?;
+pub fn rows(dir: &Path) -> Result<Vec<Row>, LsError> {
+    let store = Store::open(dir, Access::Read)?;
+    let listed = store.list()?;
     let name_of = |id: u64| store::epoch_file_name(id);
     let mut rows: Vec<Row> = listed
         .into_iter()
@@ -197,7 +217,7 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, String> {
             },
         })
         .collect();
-    let strays = store.strays().map_err(|e| e.to_string())?;
+    let strays = store.strays()?;
     for stray in strays {
         rows.push(Row {
             file: stray
@@ -241,11 +261,10 @@ fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
 }
 
 /// The rows of a remote store: its MANIFEST, and each epoch's header.
-pub fn remote_rows(url: &str, key: Option<&Path>) -> Result<Vec<Row>, String> {
-    let client = crate::session::remote_client(url, key)?;
-    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
-    let mut rows: Vec<Row> = remote::headers(&client, &m)
-        .map_err(|e| e.to_string())?
+pub fn remote_rows(url: &str, key: Option<&Path>) -> Result<Vec<Row>, LsError> {
+    let client = remote_args::remote_client(url, key)?;
+    let m = remote::manifest(&client)?;
+    let mut rows: Vec<Row> = remote::headers(&client, &m)?
         .into_iter()
         .map(|(e, h)| match h {
             Ok(h) => row_of(e.id, e.object, &h, e.bytes),

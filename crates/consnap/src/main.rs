@@ -14,6 +14,7 @@ mod live;
 mod ls_cmd;
 mod progress;
 mod reclaimer;
+mod remote_args;
 mod report;
 mod restore_cmd;
 mod run_cmd;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use thiserror::Error;
 
 /// consnap: a KVM virtual machine monitor that protects a running VM with
 /// continuous snapshots.
@@ -74,6 +76,58 @@ enum GuestCommand {
     },
 }
 
+/// What any command can fail with: its own error, which `main` prints as
+/// `consnap: error: MESSAGE` before exiting with status 1.
+#[derive(Debug, Error)]
+enum CliError {
+    #[error(transparent)]
+    Demo(#[from] demo_cmd::DemoError),
+    #[error(transparent)]
+    Run(#[from] run_cmd::RunError),
+    #[error(transparent)]
+    Restore(#[from] restore_cmd::RestoreCmdError),
+    #[error(transparent)]
+    Ls(#[from] ls_cmd::LsError),
+    #[error(transparent)]
+    Ctl(#[from] ctl_cmd::CtlError),
+    #[error(transparent)]
+    Inspect(#[from] inspect_cmd::InspectError),
+    #[error(transparent)]
+    Verify(#[from] verify_cmd::VerifyError),
+    #[error(transparent)]
+    Compact(#[from] compact_cmd::CompactError),
+    #[error(transparent)]
+    Bench(#[from] bench_cmd::BenchCmdError),
+    /// `guest export` cannot write the ELF.
+    #[error("cannot write {path}: {source}")]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Run the command `cli` names; its exit status.
+fn dispatch(cli: Cli) -> Result<i32, CliError> {
+    Ok(match cli.command {
+        Command::Demo(a) => demo_cmd::demo(a)?,
+        Command::Run(a) => run_cmd::run(a)?,
+        Command::Restore(a) => restore_cmd::restore(a)?,
+        Command::Ls(a) => ls_cmd::ls(a)?,
+        Command::Ctl(a) => ctl_cmd::ctl(a)?,
+        Command::Inspect(a) => inspect_cmd::inspect(a)?,
+        Command::Verify(a) => verify_cmd::verify(a)?,
+        Command::Compact(a) => compact_cmd::compact(a)?,
+        Command::Bench(a) => bench_cmd::bench(a)?,
+        Command::Guest {
+            command: GuestCommand::Export { path },
+        } => match std::fs::write(&path, guest::GUEST_ELF) {
+            Ok(()) => 0,
+            Err(source) => return Err(CliError::Export { path, source }),
+        },
+    })
+}
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -89,27 +143,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo(a) => demo_cmd::demo(a),
-        Command::Run(a) => run_cmd::run(a),
-        Command::Restore(a) => restore_cmd::restore(a),
-        Command::Ls(a) => ls_cmd::ls(a),
-        Command::Ctl(a) => ctl_cmd::ctl(a),
-        Command::Inspect(a) => inspect_cmd::inspect(a),
-        Command::Verify(a) => verify_cmd::verify(a),
-        Command::Compact(a) => compact_cmd::compact(a),
-        Command::Bench(a) => bench_cmd::bench(a),
-        Command::Guest {
-            command: GuestCommand::Export { path },
-        } => std::fs::write(&path, guest::GUEST_ELF)
-            .map(|()| 0)
-            .map_err(|e| format!("cannot write {}: {e}", path.display())),
-    };
-    match result {
+    match dispatch(Cli::parse()) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(msg) => {
-            let _ = writeln!(std::io::stderr(), "consnap: error: {msg}");
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "consnap: error: {e}");
             ExitCode::from(1)
         }
     }

@@ -5,9 +5,97 @@ use std::time::Instant;
 
 use clap::Args;
 use store::{Access, Store};
+use thiserror::Error;
 
+use crate::at::AtError;
+use crate::remote_args::{self, RemoteArgsError};
 use crate::report::RestoredFrom;
-use crate::session::{self, SessionArgs};
+use crate::session::{self, SessionArgs, SessionError};
+
+/// Why `consnap restore` cannot restore or run its VM.
+#[derive(Debug, Error)]
+pub enum RestoreCmdError {
+    /// The session's options, or the run itself.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// `--cache` with `--lazy` from an object store.
+    #[error(
+        "--cache: a lazy restore from an object store reads its epochs in place, by ranged GETs, and keeps no local copy; drop --cache or --lazy"
+    )]
+    LazyCache,
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// `--at` names no epoch.
+    #[error(transparent)]
+    At(#[from] AtError),
+    /// The epoch cannot be restored; `fallback` suggests another.
+    #[error("cannot restore epoch {id}: {source}{fallback}")]
+    Refused {
+        /// The epoch.
+        id: u64,
+        /// Why.
+        #[source]
+        source: snapshot::RestoreError,
+        /// The epoch to try instead, if any.
+        fallback: Fallback,
+    },
+    /// The object store cannot be read.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// The object store cannot be reached as given.
+    #[error(transparent)]
+    RemoteArgs(#[from] RemoteArgsError),
+    /// `--at` names an epoch the object store's manifest lacks.
+    #[error("{url} has no epoch {id} in its manifest")]
+    NotInManifest {
+        /// The object store.
+        url: String,
+        /// The epoch.
+        id: u64,
+    },
+    /// An epoch of an object store cannot be restored in place.
+    #[error("cannot restore epoch {id} of {url}: {source}")]
+    RemoteRefused {
+        /// The epoch.
+        id: u64,
+        /// The object store.
+        url: String,
+        /// Why.
+        #[source]
+        source: snapshot::RestoreError,
+    },
+}
+
+/// What a refused restore suggests instead.
+#[derive(Debug)]
+pub enum Fallback {
+    /// Nothing: another epoch would fail the same way.
+    Unsought,
+    /// The newest epoch of the store `dir` that can be restored.
+    Intact {
+        /// The epoch.
+        id: u64,
+        /// The store.
+        dir: PathBuf,
+    },
+    /// No other epoch of the store can be restored.
+    NoneIntact,
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fallback::Unsought => Ok(()),
+            Fallback::Intact { id, dir } => write!(
+                f,
+                "; the newest intact epoch is {id}: consnap restore {} --at {id}",
+                dir.display()
+            ),
+            Fallback::NoneIntact => f.write_str("; no other epoch in the store can be restored"),
+        }
+    }
+}
 
 /// Options of `consnap restore`.
 #[derive(Debug, Args)]
@@ -41,12 +129,21 @@ pub struct RestoreArgs {
 /// Why epoch `id` cannot be restored, and the newest epoch that can: each
 /// newer-first candidate is checked as a restore would read it (chain,
 /// state, every page it takes), skipping chains through the damaged file.
-fn refusal(store: &Store, id: u64, e: &snapshot::RestoreError) -> String {
-    let mut msg = format!("cannot restore epoch {id}: {e}");
+fn refusal(store: &Store, id: u64, e: snapshot::RestoreError) -> RestoreCmdError {
+    let fallback = fallback(store, id, &e);
+    RestoreCmdError::Refused {
+        id,
+        source: e,
+        fallback,
+    }
+}
+
+/// The newest epoch to restore instead of `id`, which failed with `e`.
+fn fallback(store: &Store, id: u64, e: &snapshot::RestoreError) -> Fallback {
     // Not damage: another epoch would fail the same way (and each check
     // would walk a chain that long again).
     if matches!(e, snapshot::RestoreError::Store(store::StoreError::ChainTooLong { .. })) {
-        return msg;
+        return Fallback::Unsought;
     }
     let damaged = match e {
         snapshot::RestoreError::Store(
@@ -70,15 +167,12 @@ fn refusal(store: &Store, id: u64, e: &snapshot::RestoreError) -> String {
             !through_damage && store::check_restore(store, *c).is_ok()
         });
     match intact {
-        Some(c) => {
-            msg += &format!(
-                "; the newest intact epoch is {c}: consnap restore {} --at {c}",
-                store.dir().display()
-            );
-        }
-        None => msg += "; no other epoch in the store can be restored",
+        Some(c) => Fallback::Intact {
+            id: c,
+            dir: store.dir().to_path_buf(),
+        },
+        None => Fallback::NoneIntact,
     }
-    msg
 }
 
 fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
@@ -89,13 +183,13 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 }
 
 /// Restore a VM and run it to its end; returns consnap's exit status.
-pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
+pub fn restore(mut a: RestoreArgs) -> Result<i32, RestoreCmdError> {
     let started = Instant::now();
     let pre = session::preflight(&a.session)?;
     let fetched = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) if a.lazy => {
             if a.cache.is_some() {
-                return Err("--cache: a lazy restore from an object store reads its epochs in place, by ranged GETs, and keeps no local copy; drop --cache or --lazy".into());
+                return Err(RestoreCmdError::LazyCache);
             }
             let url = url.to_string();
             return restore_remote_lazy(a, &url, pre, started);
@@ -109,7 +203,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
         None => None,
     };
     tracing::debug!(us = started.elapsed().as_micros() as u64, "restore: preflight done");
-    let store = Store::open(&a.dir, Access::Read).map_err(|e| e.to_string())?;
+    let store = Store::open(&a.dir, Access::Read)?;
     let id = crate::at::resolve(&store, &a.at)?;
     tracing::debug!(
         us = started.elapsed().as_micros() as u64,
@@ -120,7 +214,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
         let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
         match snapshot::restore_lazy(&store, id, session::attach, for_cow) {
             Ok((r, p)) => (r, Some(p)),
-            Err(e) => return Err(refusal(&store, id, &e)),
+            Err(e) => return Err(refusal(&store, id, e)),
         }
     } else {
         let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
@@ -130,7 +224,7 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
         bar.finish();
         match restored {
             Ok(r) => (r, None),
-            Err(e) => return Err(refusal(&store, id, &e)),
+            Err(e) => return Err(refusal(&store, id, e)),
         }
     };
     let from = RestoredFrom {
@@ -156,29 +250,34 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, String> {
         .filter(|d| same_dir(d, &a.dir))
         .map(|_| id);
     drop(store);
-    session::execute(
+    Ok(session::execute(
         restored.machine,
         "restore",
         &a.session,
         pre,
         Some(session::Origin { from, parent, pager }),
         started,
-    )
+    )?)
 }
 
 /// Restore lazily from the object store `url`, reading the chain in
 /// place: headers, indexes and page checksums first, page data by ranged
 /// GETs as the guest (and the background fill) needs it. Nothing of guest
 /// memory is written to the local disk.
-fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, started: Instant) -> Result<i32, String> {
+fn restore_remote_lazy(
+    a: RestoreArgs,
+    url: &str,
+    pre: session::Preflight,
+    started: Instant,
+) -> Result<i32, RestoreCmdError> {
     let (client, m, id) = remote_epoch(url, &a.at, a.session.encrypt_key.as_deref())?;
     let client = std::sync::Arc::new(client);
     let u = client.url().clone();
-    remote::check_key(&client, &m).map_err(|e| e.to_string())?;
+    remote::check_key(&client, &m)?;
     let entry = m
         .get(id)
-        .ok_or_else(|| format!("{u} has no epoch {id} in its manifest"))?;
-    let head = remote::header(&client, entry).map_err(|e| e.to_string())?;
+        .ok_or_else(|| RestoreCmdError::NotInManifest { url: u.to_string(), id })?;
+    let head = remote::header(&client, entry)?;
     let opened = std::sync::Mutex::new(None);
     let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
     let (restored, pager) = snapshot::restore_lazy_from(
@@ -193,7 +292,11 @@ fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, start
         session::attach,
         for_cow,
     )
-    .map_err(|e| format!("cannot restore epoch {id} of {u}: {e}"))?;
+    .map_err(|source| RestoreCmdError::RemoteRefused {
+        id,
+        url: u.to_string(),
+        source,
+    })?;
     let (seconds, bytes) = opened
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
@@ -221,7 +324,7 @@ fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, start
         }),
         lazy: None,
     };
-    session::execute(
+    Ok(session::execute(
         restored.machine,
         "restore",
         &a.session,
@@ -232,7 +335,7 @@ fn restore_remote_lazy(a: RestoreArgs, url: &str, pre: session::Preflight, start
             pager: Some(pager),
         }),
         started,
-    )
+    )?)
 }
 
 /// A client for the object store `url`, its manifest, and the epoch `at`
@@ -241,9 +344,9 @@ fn remote_epoch(
     url: &str,
     at: &str,
     key: Option<&std::path::Path>,
-) -> Result<(remote::Client, remote::Manifest, u64), String> {
-    let client = session::remote_client(url, key)?;
-    let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+) -> Result<(remote::Client, remote::Manifest, u64), RestoreCmdError> {
+    let client = remote_args::remote_client(url, key)?;
+    let m = remote::manifest(&client)?;
     let epochs: Vec<(u64, u64)> = m.epochs.iter().map(|e| (e.id, e.created_ns)).collect();
     let id = crate::at::resolve_in(&epochs, at, &client.url().to_string())?;
     Ok((client, m, id))
@@ -257,14 +360,14 @@ fn fetch_remote(
     at: &str,
     cache: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
-) -> Result<((crate::report::RemoteFetch, u64), PathBuf), String> {
+) -> Result<((crate::report::RemoteFetch, u64), PathBuf), RestoreCmdError> {
     let (client, m, id) = remote_epoch(url, at, key)?;
     let u = client.url().clone();
     let cache = match cache {
         Some(c) => c.to_path_buf(),
-        None => default_cache(&u)?,
+        None => remote_args::default_cache(&u)?,
     };
-    let f = remote::fetch_chain(&client, &m, id, &cache).map_err(|e| e.to_string())?;
+    let f = remote::fetch_chain(&client, &m, id, &cache)?;
     tracing::info!(
         epoch = id,
         downloaded = f.downloaded,
@@ -285,15 +388,4 @@ fn fetch_remote(
         ),
         cache,
     ))
-}
-
-/// Where a remote store is copied by default:
-/// `$HOME/.cache/consnap/remote/BUCKET/PREFIX`.
-pub fn default_cache(u: &remote::RemoteUrl) -> Result<PathBuf, String> {
-    let home = std::env::var_os("HOME").ok_or("--cache: no HOME to put the default cache under")?;
-    let mut p = PathBuf::from(home).join(".cache/consnap/remote").join(&u.bucket);
-    if !u.prefix.is_empty() {
-        p = p.join(&u.prefix);
-    }
-    Ok(p)
 }

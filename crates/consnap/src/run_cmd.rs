@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use thiserror::Error;
 use vmm::boot::{BootConfig, KernelSource};
-use vmm::machine::Machine;
+use vmm::machine::{Machine, MachineError};
 
-use crate::args;
-use crate::session::{self, SessionArgs};
+use crate::args::{self, ArgError};
+use crate::session::{self, SessionArgs, SessionError};
 
 /// Room the workload guest needs besides its working set (image, stacks,
 /// 2 MiB alignment of the arena).
@@ -43,24 +44,57 @@ pub struct RunArgs {
     pub session: SessionArgs,
 }
 
+/// Why `consnap run` cannot run its VM.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// `--initrd` for the workload guest.
+    #[error("--initrd {initrd} needs --kernel: the workload guest takes no initial ramdisk")]
+    InitrdNeedsKernel {
+        /// The `--initrd` given.
+        initrd: PathBuf,
+    },
+    /// `--cmdline` for the workload guest.
+    #[error("--cmdline needs --kernel: the workload guest's command line comes from --workload")]
+    CmdlineNeedsKernel,
+    /// A `--workload` spec that does not parse.
+    #[error(transparent)]
+    Workload(#[from] ArgError),
+    /// A working set too large for `--mem`.
+    #[error(
+        "--workload wss={} does not fit in --mem {}: the workload guest needs wss + {} below 3 GiB",
+        args::show_size(*.wss),
+        args::show_size(*.mem),
+        args::show_size(GUEST_OVERHEAD)
+    )]
+    DoesNotFit {
+        /// The workload's working set, bytes.
+        wss: u64,
+        /// Guest RAM, bytes.
+        mem: u64,
+    },
+    /// The session's options, or the run itself.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The VM cannot be built.
+    #[error(transparent)]
+    Boot(#[from] MachineError),
+}
+
 struct Plan {
     boot: BootConfig,
     mem: u64,
     workload: Option<(String, workload::Spec)>,
 }
 
-fn plan(a: &RunArgs) -> Result<Plan, String> {
+fn plan(a: &RunArgs) -> Result<Plan, RunError> {
     // Checked here rather than with clap's `requires`, which misses the
     // --workload case and prints several lines.
     if a.kernel.is_none() {
         if let Some(initrd) = &a.initrd {
-            return Err(format!(
-                "--initrd {} needs --kernel: the workload guest takes no initial ramdisk",
-                initrd.display()
-            ));
+            return Err(RunError::InitrdNeedsKernel { initrd: initrd.clone() });
         }
         if a.cmdline.is_some() {
-            return Err("--cmdline needs --kernel: the workload guest's command line comes from --workload".into());
+            return Err(RunError::CmdlineNeedsKernel);
         }
     }
     if let Some(kernel) = &a.kernel {
@@ -87,12 +121,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
     });
     let usable = mem.min(vmm::memory::MMIO_HOLE_START);
     if need > usable {
-        return Err(format!(
-            "--workload wss={} does not fit in --mem {}: the workload guest needs wss + {} below 3 GiB",
-            args::show_size(spec.wss),
-            args::show_size(mem),
-            args::show_size(GUEST_OVERHEAD)
-        ));
+        return Err(RunError::DoesNotFit { wss: spec.wss, mem });
     }
     Ok(Plan {
         boot: BootConfig {
@@ -110,7 +139,7 @@ fn plan(a: &RunArgs) -> Result<Plan, String> {
 }
 
 /// Run a VM to its end; returns consnap's exit status.
-pub fn run(a: RunArgs) -> Result<i32, String> {
+pub fn run(a: RunArgs) -> Result<i32, RunError> {
     let plan = plan(&a)?;
     let pre = session::preflight(&a.session)?;
     let started = Instant::now();
@@ -119,6 +148,6 @@ pub fn run(a: RunArgs) -> Result<i32, String> {
         Some(_) => guest::host::attach(stdout),
         None => vmm::machine::Attach::console(stdout),
     };
-    let machine = Machine::boot(plan.mem, &plan.boot, attach).map_err(|e| e.to_string())?;
-    session::execute(machine, "run", &a.session, pre, None, started)
+    let machine = Machine::boot(plan.mem, &plan.boot, attach)?;
+    Ok(session::execute(machine, "run", &a.session, pre, None, started)?)
 }

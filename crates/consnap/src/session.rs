@@ -2,23 +2,73 @@
 //! reporting on it. Shared by `run` and `restore`.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use snapshot::{CowOptions, Mode, SnapshotConfig, SnapshotEngine};
+use snapshot::{CowOptions, HotPolicy, LazyLink, LazyPager, Mode, SnapshotConfig, SnapshotEngine};
+use thiserror::Error;
 use vmm::devices::{Devices, GuestStop};
-use vmm::machine::Machine;
+use vmm::machine::{Machine, MachineError};
 use vmm::run::{PauseProbe, ProgressSampler, RunEnd, Task};
 
 use crate::api::VmState;
-use crate::api::board::{Board, Shared};
+use crate::api::board::{Board, BoardCell, Envelope};
 use crate::api::server::{self, ApiServer};
 use crate::args;
-use crate::control::Control;
+use crate::control::{Control, Finished};
 use crate::live::Live;
-use crate::report::{EngineFigures, Percentiles, Report, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
+use crate::remote_args::{RemoteArgsError, remote_client};
+use crate::report::{EngineFigures, Percentiles, Report, ReportError, ReportTarget, RestoredFrom, SCHEMA, Snapshots};
+
+/// Why a run or a restored machine cannot be started or run; each names
+/// the option or the file at fault.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// `--interval 0`.
+    #[error("--interval must be longer than 0")]
+    ZeroInterval,
+    /// A pause-copy budget that fills the whole interval.
+    #[error("--cow-pause-copy {pause_copy:?} must be shorter than --interval {interval:?}")]
+    PauseCopy {
+        /// `--cow-pause-copy`.
+        pause_copy: Duration,
+        /// `--interval`.
+        interval: Duration,
+    },
+    /// `CONSNAP_COW_HOT` that does not parse.
+    #[error("CONSNAP_COW_HOT='{0}' is not 'off' or STREAK,PAGES,PROBE")]
+    HotPolicy(String),
+    /// The snapshot mode cannot run on this host, or the engine cannot be
+    /// set up on the machine.
+    #[error(transparent)]
+    Engine(#[from] snapshot::SnapshotError),
+    /// `--replicate` names no object store, or replication cannot start.
+    #[error("--replicate: {0}")]
+    Replicate(#[source] remote::RemoteError),
+    /// The object store of `--replicate` cannot be reached as given.
+    #[error("--replicate: {0}")]
+    ReplicateClient(#[source] RemoteArgsError),
+    /// The `--encrypt-key` file cannot be used.
+    #[error(transparent)]
+    EncryptKey(#[from] remote::SealError),
+    /// The `--report` file cannot be written.
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    /// The `--api-sock` socket cannot be served.
+    #[error(transparent)]
+    Api(#[from] server::ServerError),
+    /// Another process writes the snapshot directory (the engine's message).
+    #[error("{0}")]
+    StoreInUse(String),
+    /// `--on-snapshot-error stop` and the engine failed before the run (its message).
+    #[error("stopping on snapshot failure: {0}")]
+    SnapshotFailed(String),
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
 
 /// Snapshot modes on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,90 +250,232 @@ fn spawn_stdin(devices: Arc<Devices>) {
     });
 }
 
-/// The hot-region policy, from `CONSNAP_COW_HOT` (`off`, or
-/// `STREAK,PAGES,PROBE`), a tuning knob for measurements.
-fn hot_policy() -> Result<Option<snapshot::HotPolicy>, String> {
-    let Ok(v) = std::env::var("CONSNAP_COW_HOT") else {
-        return Ok(Some(snapshot::HotPolicy::default()));
+/// The hot-region policy `CONSNAP_COW_HOT` (`var`) asks for: `off`, or
+/// `STREAK,PAGES,PROBE` (a tuning knob for measurements); unset, the
+/// engine's default.
+fn hot_policy(var: Option<&str>) -> Result<Option<HotPolicy>, SessionError> {
+    let Some(v) = var else {
+        return Ok(Some(HotPolicy::default()));
     };
     if v == "off" {
         return Ok(None);
     }
     let n: Vec<u64> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
     match n[..] {
-        [streak, pages, probe] => Ok(Some(snapshot::HotPolicy {
+        [streak, pages, probe] => Ok(Some(HotPolicy {
             min_streak: streak.min(255) as u8,
             min_pages: pages.min(64) as u32,
             probe_every: probe,
         })),
-        _ => Err(format!("CONSNAP_COW_HOT='{v}' is not 'off' or STREAK,PAGES,PROBE")),
+        _ => Err(SessionError::HotPolicy(v.to_string())),
     }
 }
 
-/// What [`preflight`] checked and opened.
+/// What [`preflight`] checked and opened. Only [`preflight`] makes one,
+/// and [`execute`] takes one: the options are checked there, once.
 #[derive(Debug)]
 pub struct Preflight {
     /// Where the report goes, if anywhere.
     pub report: Option<ReportTarget>,
     /// The control API's socket, bound.
     pub api: Option<server::Listener>,
+    /// `cow`'s hot-region policy (from `CONSNAP_COW_HOT`), when snapshots are on.
+    hot: Option<HotPolicy>,
 }
 
-/// Check the session options before any VM exists: the snapshot mode must
-/// be able to run on this host, the report path must be writable, and the
-/// API socket is created.
-pub fn preflight(a: &SessionArgs) -> Result<Preflight, String> {
+/// Check the session options before any VM exists: the intervals must fit
+/// together, the snapshot mode must be able to run on this host, the
+/// object store URL and key must be usable, the report path must be
+/// writable, and the API socket is created.
+pub fn preflight(a: &SessionArgs) -> Result<Preflight, SessionError> {
     if a.interval.is_zero() {
-        return Err("--interval must be longer than 0".into());
+        return Err(SessionError::ZeroInterval);
     }
     if a.cow_pause_copy >= a.interval {
-        return Err(format!(
-            "--cow-pause-copy {:?} must be shorter than --interval {:?}",
-            a.cow_pause_copy, a.interval
-        ));
+        return Err(SessionError::PauseCopy {
+            pause_copy: a.cow_pause_copy,
+            interval: a.interval,
+        });
     }
-    if a.snapshot_dir.is_some() {
-        SnapshotEngine::check_host(a.mode.mode()).map_err(|e| e.to_string())?;
-    }
+    let hot = match a.snapshot_dir {
+        Some(_) => {
+            SnapshotEngine::check_host(a.mode.mode())?;
+            hot_policy(std::env::var("CONSNAP_COW_HOT").ok().as_deref())?
+        }
+        None => None,
+    };
     if let Some(u) = &a.replicate {
-        remote::RemoteUrl::parse(u).map_err(|e| format!("--replicate: {e}"))?;
+        remote::RemoteUrl::parse(u).map_err(SessionError::Replicate)?;
     }
     if let Some(k) = &a.encrypt_key {
         remote::SealKey::load(k)?;
     }
-    let report = a
-        .report
-        .as_deref()
-        .map(ReportTarget::open)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let report = a.report.as_deref().map(ReportTarget::open).transpose()?;
     let api = a.api_sock.as_deref().map(server::bind).transpose()?;
-    Ok(Preflight { report, api })
+    Ok(Preflight { report, api, hot })
+}
+
+/// `cow`'s options from the command line, with the hot-region policy
+/// `hot` and, after a lazy restore, the pager's `lazy` link. What the
+/// command line does not set is the engine's default, and its own
+/// defaults are the engine's too (a test checks it).
+fn cow_options(a: &SessionArgs, hot: Option<HotPolicy>, lazy: Option<LazyLink>) -> CowOptions {
+    CowOptions {
+        tracker: match a.cow_tracker {
+            CowTracker::Uffd => snapshot::Tracker::Uffd,
+            CowTracker::DirtyLog => snapshot::Tracker::DirtyLog,
+        },
+        block_pages: match a.cow_block {
+            CowBlock::Small => 1,
+            CowBlock::Huge => 512,
+        },
+        aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
+        hot,
+        pause_copy_budget: a.cow_pause_copy,
+        lazy,
+        ..CowOptions::default()
+    }
+}
+
+/// The engine's configuration: snapshots into `dir`, `cow` tuned by `cow`.
+fn snapshot_config(a: &SessionArgs, dir: &Path, cow: CowOptions) -> SnapshotConfig {
+    SnapshotConfig {
+        dir: dir.to_path_buf(),
+        mode: a.mode.mode(),
+        interval: a.interval,
+        stop_on_error: a.on_snapshot_error == OnError::Stop,
+        cow,
+        direct_io: a.snapshot_io == SnapshotIo::Direct,
+        max_lag: a.max_lag.0,
+    }
+}
+
+/// The snapshot engine, when snapshots are on, prepared on `machine`;
+/// `parent`: the epoch the first new one continues, `pager`: the pager of
+/// a lazy restore.
+fn start_engine(
+    machine: &mut Machine,
+    a: &SessionArgs,
+    hot: Option<HotPolicy>,
+    parent: Option<u64>,
+    pager: Option<&LazyPager>,
+) -> Result<Option<SnapshotEngine>, SessionError> {
+    let Some(dir) = &a.snapshot_dir else {
+        return Ok(None);
+    };
+    let cow = cow_options(a, hot, pager.and_then(LazyPager::cow_link));
+    let mut e = SnapshotEngine::new(snapshot_config(a, dir, cow), parent);
+    // Another process writes this store: refuse before the guest runs
+    // (retrying would only fail the same way, quietly).
+    if e.store_in_use() {
+        return Err(SessionError::StoreInUse(e.errors.first().cloned().unwrap_or_default()));
+    }
+    if let (OnError::Stop, Some(why)) = (a.on_snapshot_error, e.errors.first()) {
+        return Err(SessionError::SnapshotFailed(why.clone()));
+    }
+    e.prepare(machine)?;
+    Ok(Some(e))
 }
 
 /// How long the end of a run waits for replication to ship what is left.
 const REPLICATION_GRACE: Duration = Duration::from_secs(120);
 
-/// Start replicating the snapshot directory `dir` to `url`, looking for
-/// new epochs once an interval (at least every 100 ms, at most every second).
-fn start_replication(
-    url: &str,
-    dir: &std::path::Path,
-    interval: Duration,
-    key: Option<&std::path::Path>,
-    limit: remote::BacklogLimit,
-    policy: store::Policy,
-) -> Result<remote::Replicator, String> {
-    let client = remote_client(url, key).map_err(|e| format!("--replicate: {e}"))?;
-    let poll = interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
-    remote::Replicator::start(dir, client, poll, limit, policy).map_err(|e| format!("--replicate: {e}"))
+/// What works on the snapshot directory beside the VM: the reclaimer,
+/// and the replicator with `--replicate`.
+struct Background {
+    reclaimer: Option<crate::reclaimer::Reclaimer>,
+    replicator: Option<remote::Replicator>,
 }
 
-/// A client for the object store `url`, with the key in `key` if given.
-pub fn remote_client(url: &str, key: Option<&std::path::Path>) -> Result<remote::Client, String> {
-    let u = remote::RemoteUrl::parse(url).map_err(|e| e.to_string())?;
-    let key = key.map(remote::SealKey::load).transpose()?;
-    Ok(remote::Client::from_env(&u).map_err(|e| e.to_string())?.with_key(key))
+impl Background {
+    /// Start what the options ask for on `engine`'s store; `parent`: the
+    /// restored epoch the new ones continue (the reclaimer keeps it).
+    fn start(
+        a: &SessionArgs,
+        engine: Option<&SnapshotEngine>,
+        parent: Option<u64>,
+    ) -> Result<Background, SessionError> {
+        let reclaimer = engine.and_then(SnapshotEngine::store).map(|store| {
+            store.set_compression(a.compress.codec());
+            let opts = store::ReclaimOptions {
+                codec: Some(a.compress.codec()),
+                batch_merges: true,
+                ..a.reclaim.options()
+            };
+            crate::reclaimer::Reclaimer::start(store, opts, parent)
+        });
+        let replicator = match (&a.replicate, &a.snapshot_dir) {
+            (Some(url), Some(dir)) => Some(start_replication(url, dir, a)?),
+            _ => None,
+        };
+        Ok(Background { reclaimer, replicator })
+    }
+
+    /// After the last epoch: the last reclamation, then ship what is left.
+    fn finish(
+        self,
+    ) -> (
+        Option<crate::reclaimer::ReclaimReport>,
+        Option<crate::report::Replication>,
+    ) {
+        let reclaim = self.reclaimer.map(crate::reclaimer::Reclaimer::finish);
+        let replication = self.replicator.map(|r| {
+            let s = r.finish(REPLICATION_GRACE);
+            crate::report::Replication::from_status(&s, store::now_ns())
+        });
+        (reclaim, replication)
+    }
+}
+
+/// Start replicating the snapshot directory `dir` to `url`, looking for
+/// new epochs once an interval (at least every 100 ms, at most every second).
+fn start_replication(url: &str, dir: &Path, a: &SessionArgs) -> Result<remote::Replicator, SessionError> {
+    let client = remote_client(url, a.encrypt_key.as_deref()).map_err(SessionError::ReplicateClient)?;
+    let poll = a.interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let limit = remote::BacklogLimit {
+        bytes: a.replicate_backlog,
+        throttle: a.replicate_overflow == Overflow::Throttle,
+    };
+    remote::Replicator::start(dir, client, poll, limit, a.reclaim.retain.clone()).map_err(SessionError::Replicate)
+}
+
+/// The board of `machine`, about to run.
+fn board(
+    machine: &Machine,
+    started: Instant,
+    engine: Option<&SnapshotEngine>,
+    replicator: Option<&remote::Replicator>,
+) -> Board {
+    Board {
+        state: VmState::Running,
+        vcpus: machine.config().vcpus,
+        mem_bytes: machine.config().mem_size,
+        started,
+        workload: guest::host::workload_of(machine.config())
+            .and_then(|w| workload::Spec::parse(&w).ok())
+            .map(|s| s.kind.name().to_string()),
+        ops: None,
+        ops_per_s: None,
+        probe: Vec::new(),
+        snap: engine.map(EngineFigures::new),
+        replica: replicator.map(remote::Replicator::watch),
+    }
+}
+
+/// Serve the control API on `listener`, if one was bound: the server, and
+/// the queue its commands come through to the controller.
+fn serve_api(
+    listener: Option<server::Listener>,
+    machine: &Machine,
+    cell: &Arc<BoardCell>,
+) -> Result<Option<(ApiServer, mpsc::Receiver<Envelope>)>, SessionError> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let (tx, rx) = mpsc::sync_channel(server::QUEUE);
+    let waker = machine.waker();
+    let wake: server::Wake = Arc::new(move || waker.wake());
+    Ok(Some((ApiServer::start(listener, cell.clone(), tx, wake)?, rx)))
 }
 
 /// What a restored machine gets attached: the console on stdout, and for
@@ -307,7 +499,32 @@ pub struct Origin {
     pub pager: Option<snapshot::LazyPager>,
 }
 
-/// Run `machine` to its end; `origin` for a restored machine.
+/// Run `machine` with `control` (and a lazy restore's watch) until it
+/// ends; then stop every vCPU and let the controller finish.
+fn run_machine(
+    machine: &mut Machine,
+    control: &mut Control,
+    pager: Option<&LazyPager>,
+) -> Result<RunEnd, MachineError> {
+    vmm::run::install_stop_signals();
+    spawn_stdin(machine.devices().clone());
+    let mut watch = crate::lazy_watch::Watch::new(pager);
+    let end = vmm::run::run(machine, &mut [control as &mut dyn Task, &mut watch]);
+    control.stopping(machine);
+    // A vCPU may wait in the kernel for a page the pager refused (it
+    // failed its checksum): once every vCPU is told to stop, zero pages
+    // release it, and it stops without running guest code again.
+    machine.stop_then(&mut || {
+        if let Some(p) = pager {
+            p.release_refused();
+        }
+    });
+    control.finish(machine);
+    end
+}
+
+/// Run `machine` to its end; `origin` for a restored machine. `pre` is
+/// what [`preflight`] checked and opened for the same options `a`.
 pub fn execute(
     mut machine: Machine,
     command: &'static str,
@@ -315,159 +532,46 @@ pub fn execute(
     pre: Preflight,
     origin: Option<Origin>,
     started: Instant,
-) -> Result<i32, String> {
+) -> Result<i32, SessionError> {
     let (restored, parent, pager) = match origin {
         Some(o) => (Some(o.from), o.parent, o.pager),
         None => (None, None, None),
     };
-    if a.interval.is_zero() {
-        return Err("--interval must be longer than 0".into());
-    }
-    if a.cow_pause_copy >= a.interval {
-        return Err(format!(
-            "--cow-pause-copy {:?} must be shorter than --interval {:?}",
-            a.cow_pause_copy, a.interval
-        ));
-    }
-    let engine = match &a.snapshot_dir {
-        Some(dir) => {
-            let cfg = SnapshotConfig {
-                dir: dir.clone(),
-                mode: a.mode.mode(),
-                interval: a.interval,
-                stop_on_error: a.on_snapshot_error == OnError::Stop,
-                cow: CowOptions {
-                    tracker: match a.cow_tracker {
-                        CowTracker::Uffd => snapshot::Tracker::Uffd,
-                        CowTracker::DirtyLog => snapshot::Tracker::DirtyLog,
-                    },
-                    block_pages: match a.cow_block {
-                        CowBlock::Small => 1,
-                        CowBlock::Huge => 512,
-                    },
-                    aside_bytes: usize::try_from(a.cow_buffer).unwrap_or(usize::MAX),
-                    hot: hot_policy()?,
-                    pause_copy_budget: a.cow_pause_copy,
-                    lazy: pager.as_ref().and_then(snapshot::LazyPager::cow_link),
-                    ..CowOptions::default()
-                },
-                direct_io: a.snapshot_io == SnapshotIo::Direct,
-                max_lag: a.max_lag.0,
-            };
-            let mut e = SnapshotEngine::new(cfg, parent);
-            // Another process writes this store: refuse before the guest
-            // runs (retrying would only fail the same way, quietly).
-            if e.store_in_use() {
-                return Err(e.errors[0].clone());
-            }
-            if a.on_snapshot_error == OnError::Stop && !e.errors.is_empty() {
-                return Err(format!("stopping on snapshot failure: {}", e.errors[0]));
-            }
-            e.prepare(&mut machine).map_err(|e| e.to_string())?;
-            Some(e)
-        }
-        None => None,
-    };
-    let reclaimer = engine.as_ref().and_then(|e| e.store()).map(|store| {
-        store.set_compression(a.compress.codec());
-        let opts = store::ReclaimOptions {
-            codec: Some(a.compress.codec()),
-            batch_merges: true,
-            ..a.reclaim.options()
-        };
-        crate::reclaimer::Reclaimer::start(store, opts, parent)
-    });
-    let replicator = match (&a.replicate, &a.snapshot_dir) {
-        (Some(url), Some(dir)) => {
-            let limit = remote::BacklogLimit {
-                bytes: a.replicate_backlog,
-                throttle: a.replicate_overflow == Overflow::Throttle,
-            };
-            Some(start_replication(
-                url,
-                dir,
-                a.interval,
-                a.encrypt_key.as_deref(),
-                limit,
-                a.reclaim.retain.clone(),
-            )?)
-        }
-        _ => None,
-    };
-    let shared = Arc::new(Shared::new(Board {
-        state: VmState::Running,
-        vcpus: machine.config().vcpus,
-        mem_bytes: machine.config().mem_size,
+    let engine = start_engine(&mut machine, a, pre.hot, parent, pager.as_ref())?;
+    let background = Background::start(a, engine.as_ref(), parent)?;
+    let cell = Arc::new(BoardCell::new(board(
+        &machine,
         started,
-        workload: guest::host::workload_of(machine.config())
-            .and_then(|w| workload::Spec::parse(&w).ok())
-            .map(|s| s.kind.name().to_string()),
-        ops: None,
-        ops_per_s: None,
-        probe: Vec::new(),
-        snap: engine.as_ref().map(EngineFigures::new),
-        replica: replicator.as_ref().map(remote::Replicator::watch),
-    }));
-    let (api, commands) = match pre.api {
-        Some(listener) => {
-            let (tx, rx) = mpsc::sync_channel(server::QUEUE);
-            let waker = machine.waker();
-            let wake: server::Wake = Arc::new(move || waker.wake());
-            (Some(ApiServer::start(listener, shared.clone(), tx, wake)?), Some(rx))
-        }
-        None => (None, None),
-    };
-    let live = if engine.is_some() && !a.quiet {
-        Live::start(shared.clone(), a.status_interval.filter(|d| !d.is_zero()))
-    } else {
-        None
+        engine.as_ref(),
+        background.replicator.as_ref(),
+    )));
+    let (api, commands) = serve_api(pre.api, &machine, &cell)?.unzip();
+    let live = match (&engine, a.quiet) {
+        (Some(_), false) => Live::start(cell.clone(), a.status_interval.filter(|d| !d.is_zero())),
+        _ => None,
     };
     let probe = PauseProbe::new(a.pause_probe);
     let sampled_from_s = started.elapsed().as_secs_f64();
     let sampler = ProgressSampler::new(a.sample_interval);
-    let mut control = Control::new(engine, probe, sampler, shared, commands);
-    vmm::run::install_stop_signals();
-    spawn_stdin(machine.devices().clone());
-    let mut watch = crate::lazy_watch::Watch::new(pager.as_ref());
-    let end = vmm::run::run(&mut machine, &mut [&mut control as &mut dyn Task, &mut watch]);
-    control.stopping(&machine);
-    // A vCPU may wait in the kernel for a page the pager refused (it
-    // failed its checksum): once every vCPU is told to stop, zero pages
-    // release it, and it stops without running guest code again.
-    machine.stop_then(&mut || {
-        if let Some(p) = &pager {
-            p.release_refused();
-        }
-    });
-    control.finish(&mut machine);
+    let mut control = Control::new(engine, probe, sampler, cell, commands);
+    let end = run_machine(&mut machine, &mut control, pager.as_ref());
     if let Some(l) = live {
         l.stop();
     }
-    let end = end.map_err(|e| e.to_string())?;
+    let end = end?;
     let _ = std::io::stdout().flush();
-    let done = control.into_finished();
-    let mut pauses = done.probe_pauses;
-    if let Some(e) = &done.engine {
-        pauses.extend(e.records.iter().map(|r| r.vcpu_pause));
-    }
     // A page that failed its checksum is never installed: do not read
     // guest memory for the report then (it could be that page).
-    let failed = pager.as_ref().is_some_and(|p| p.failure().is_some());
-    let mut report = build_report(command, &machine, &end, started, &pauses, done.samples, !failed);
-    report.snapshots = done.engine.as_ref().map(Snapshots::from_engine);
+    let read_guest = pager.as_ref().is_none_or(|p| p.failure().is_none());
+    let mut report = build_report(command, &machine, &end, started, control.into_finished(), read_guest);
     report.restored_from = restored.map(|mut r| {
         r.first_op_s = crate::lazy_watch::first_op_s(&report.progress, sampled_from_s);
         r.lazy = pager.as_ref().map(|p| crate::lazy_watch::figures(&p.stats()));
         r
     });
-    report.reclaim = reclaimer.map(crate::reclaimer::Reclaimer::finish);
-    // After the last epoch and the last reclamation: ship what is left.
-    report.replication = replicator.map(|r| {
-        let s = r.finish(REPLICATION_GRACE);
-        crate::report::Replication::from_status(&s, store::now_ns())
-    });
+    (report.reclaim, report.replication) = background.finish();
     if let Some(target) = pre.report {
-        target.write(&report).map_err(|e| e.to_string())?;
+        target.write(&report)?;
     }
     if let Some(api) = api {
         api.stop();
@@ -478,15 +582,21 @@ pub fn execute(
     Ok(report.exit_code)
 }
 
+/// The report of `machine`'s run, which ended with `end`; `measured`:
+/// what the controller measured. `read_guest`: whether guest memory may be read
+/// (the workload guest's status page).
 fn build_report(
     command: &'static str,
     machine: &Machine,
     end: &RunEnd,
     started: Instant,
-    pauses: &[Duration],
-    progress: Vec<(u64, u64)>,
+    measured: Finished,
     read_guest: bool,
 ) -> Report {
+    let mut pauses = measured.probe_pauses;
+    if let Some(e) = &measured.engine {
+        pauses.extend(e.records.iter().map(|r| r.vcpu_pause));
+    }
     let (status, exit_code, guest_exit_code, error) = match end {
         RunEnd::Guest(GuestStop::PowerOff { code }) => ("poweroff", (*code).min(255) as i32, Some(*code), None),
         RunEnd::Guest(GuestStop::Reset) => ("reset", 0, None, None),
@@ -522,9 +632,9 @@ fn build_report(
         vcpu_cpu_s: machine.vcpu_times().iter().map(|t| t.cpu_ns as f64 / 1e9).sum(),
         vcpu_wait_s: machine.vcpu_times().iter().map(|t| t.wait_ns as f64 / 1e9).sum(),
         vcpu_idle_s: machine.vcpu_times().iter().map(|t| t.idle_ns as f64 / 1e9).sum(),
-        pause: Percentiles::of(pauses),
-        progress,
-        snapshots: None,
+        pause: Percentiles::of(&pauses),
+        progress: measured.samples,
+        snapshots: measured.engine.as_ref().map(Snapshots::from_engine),
         restored_from: None,
         reclaim: None,
         replication: None,
@@ -555,4 +665,108 @@ fn summarize(r: &Report) {
         line += &format!("; error: {e}");
     }
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The options `run` and `restore` share, as clap parses them there.
+    #[derive(Debug, Parser)]
+    struct Session {
+        #[command(flatten)]
+        session: SessionArgs,
+    }
+
+    /// The session options of `consnap run OPTIONS...`.
+    fn run_options(options: &[&str]) -> SessionArgs {
+        let words = std::iter::once("consnap run").chain(options.iter().copied());
+        Session::try_parse_from(words).unwrap().session
+    }
+
+    #[test]
+    fn the_cli_and_the_engine_share_one_set_of_defaults() {
+        let a = run_options(&["--snapshot-dir", "snaps"]);
+        let cli = cow_options(&a, hot_policy(None).unwrap(), None);
+        let engine = CowOptions::default();
+        assert_eq!(cli.tracker, engine.tracker);
+        assert_eq!(cli.block_pages, engine.block_pages);
+        assert_eq!(cli.aside_bytes, engine.aside_bytes);
+        assert_eq!(cli.chunk_pages, engine.chunk_pages);
+        assert_eq!(cli.merge_gap_pages, engine.merge_gap_pages);
+        assert_eq!(cli.hot, engine.hot);
+        assert_eq!(cli.capture_ahead, engine.capture_ahead);
+        assert_eq!(cli.pause_copy_budget, engine.pause_copy_budget);
+        assert!(cli.lazy.is_none());
+    }
+
+    #[test]
+    fn the_options_take_effect() {
+        let a = run_options(&[
+            "--snapshot-dir",
+            "snaps",
+            "--cow-tracker",
+            "dirty-log",
+            "--cow-block",
+            "4K",
+            "--cow-buffer",
+            "64M",
+            "--cow-pause-copy",
+            "2ms",
+            "--interval",
+            "20ms",
+            "--snapshot-io",
+            "buffered",
+            "--max-lag",
+            "never",
+        ]);
+        let cow = cow_options(&a, None, None);
+        assert_eq!(cow.tracker, snapshot::Tracker::DirtyLog);
+        assert_eq!((cow.block_pages, cow.aside_bytes), (1, 64 << 20));
+        assert_eq!(cow.pause_copy_budget, Duration::from_millis(2));
+        assert_eq!(cow.hot, None);
+        let cfg = snapshot_config(&a, Path::new("snaps"), cow);
+        assert_eq!((cfg.mode, cfg.interval), (Mode::Cow, Duration::from_millis(20)));
+        assert!(!cfg.direct_io && !cfg.stop_on_error && cfg.max_lag.is_none());
+    }
+
+    #[test]
+    fn preflight_refuses_intervals_that_do_not_fit() {
+        let zero = run_options(&["--snapshot-dir", "snaps", "--interval", "0"]);
+        assert_eq!(
+            preflight(&zero).unwrap_err().to_string(),
+            "--interval must be longer than 0"
+        );
+        let full = run_options(&[
+            "--snapshot-dir",
+            "snaps",
+            "--interval",
+            "10ms",
+            "--cow-pause-copy",
+            "10ms",
+        ]);
+        assert_eq!(
+            preflight(&full).unwrap_err().to_string(),
+            "--cow-pause-copy 10ms must be shorter than --interval 10ms"
+        );
+    }
+
+    #[test]
+    fn the_hot_policy_is_off_or_three_numbers() {
+        assert_eq!(hot_policy(Some("off")).unwrap(), None);
+        assert_eq!(
+            hot_policy(Some("3, 8,4")).unwrap(),
+            Some(HotPolicy {
+                min_streak: 3,
+                min_pages: 8,
+                probe_every: 4,
+            })
+        );
+        assert_eq!(
+            hot_policy(Some("3,8")).unwrap_err().to_string(),
+            "CONSNAP_COW_HOT='3,8' is not 'off' or STREAK,PAGES,PROBE"
+        );
+    }
 }

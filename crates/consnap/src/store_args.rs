@@ -4,6 +4,7 @@
 
 use clap::{Args, ValueEnum};
 use store::{Codec, DEFAULT_MAX_CHAIN, DEFAULT_POLICY, Policy, ReclaimOptions};
+use thiserror::Error;
 
 use crate::args;
 
@@ -29,14 +30,26 @@ impl CompressArg {
     }
 }
 
-fn policy(s: &str) -> Result<Policy, String> {
-    Policy::parse(s)
+/// Why a store option is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreArgsError {
+    /// `--reclaim-rate` that is not a rate.
+    #[error("'{text}' is not a rate in bytes per second (examples: 50M, 200M/s, 0 for no limit)")]
+    NotARate {
+        /// As given.
+        text: String,
+        /// Why its size is refused.
+        #[source]
+        source: args::ArgError,
+    },
 }
 
-fn rate(s: &str) -> Result<u64, String> {
+fn rate(s: &str) -> Result<u64, StoreArgsError> {
     let t = s.strip_suffix("/s").unwrap_or(s);
-    args::size(t)
-        .map_err(|_| format!("'{s}' is not a rate in bytes per second (examples: 50M, 200M/s, 0 for no limit)"))
+    args::size(t).map_err(|source| StoreArgsError::NotARate {
+        text: s.to_string(),
+        source,
+    })
 }
 
 /// Retention and reclamation.
@@ -45,7 +58,7 @@ pub struct ReclaimArgs {
     /// Retention policy: tiers SPAN:EVERY from young to old, EVERY `all` or
     /// a duration that is a multiple of the previous tier's; older epochs
     /// are merged into younger ones. `all` keeps every epoch.
-    #[arg(long, default_value = DEFAULT_POLICY, value_parser = policy)]
+    #[arg(long, default_value = DEFAULT_POLICY, value_parser = Policy::parse)]
     pub retain: Policy,
     /// Fold chains so that restoring any retained epoch reads at most this
     /// many files (0: never fold).

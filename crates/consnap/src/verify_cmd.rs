@@ -4,8 +4,47 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
+use guest::host::check::CheckError;
+use thiserror::Error;
 
 use crate::progress::Bar;
+use crate::remote_args::{self, RemoteArgsError};
+
+/// Why a store cannot be verified (problems found in it are not errors:
+/// they are reported, and the exit status is 1).
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    /// The object store cannot be reached as given.
+    #[error(transparent)]
+    RemoteArgs(#[from] RemoteArgsError),
+    /// The object store cannot be read.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// The store cannot be opened or listed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// `--workload`: an epoch's memory cannot be restored.
+    #[error(transparent)]
+    Restore(#[from] snapshot::RestoreError),
+    /// `--workload` on a store of another guest.
+    #[error("epoch {id}: the guest is not the workload guest; --workload has nothing to check")]
+    NotWorkloadGuest {
+        /// The epoch.
+        id: u64,
+    },
+    /// `--workload`: an epoch's memory cannot be checked.
+    #[error("--workload cannot check epoch {id}: {source}")]
+    Check {
+        /// The epoch.
+        id: u64,
+        /// Why.
+        #[source]
+        source: CheckError,
+    },
+    /// The report cannot be written to stdout.
+    #[error("cannot write the report: {0}")]
+    Write(#[source] std::io::Error),
+}
 
 /// Options of `consnap verify`.
 #[derive(Debug, Args)]
@@ -29,17 +68,17 @@ pub struct VerifyArgs {
 
 /// Check every byte of a store; exit status 1 on any problem, each named
 /// with its file, byte offsets and what is wrong.
-pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
+pub fn verify(mut a: VerifyArgs) -> Result<i32, VerifyError> {
     let mut fetched = None;
     if let Some(url) = a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
-        let client = crate::session::remote_client(url, a.encrypt_key.as_deref())?;
+        let client = remote_args::remote_client(url, a.encrypt_key.as_deref())?;
         let u = client.url().clone();
-        let m = remote::manifest(&client).map_err(|e| e.to_string())?;
+        let m = remote::manifest(&client)?;
         let cache = match a.cache.take() {
             Some(c) => c,
-            None => crate::restore_cmd::default_cache(&u)?,
+            None => remote_args::default_cache(&u)?,
         };
-        let f = remote::fetch_all(&client, &m, &cache).map_err(|e| e.to_string())?;
+        let f = remote::fetch_all(&client, &m, &cache)?;
         fetched = Some(format!(
             "{} epochs of {u} fetched into {} ({} downloaded, {} bytes, {:.2} s) and verified there",
             f.chain,
@@ -51,7 +90,7 @@ pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
         a.dir = cache;
     }
     let bar = Bar::new("verifying", false);
-    let mut v = store::verify(&a.dir, &mut |done, total| bar.update(done, total)).map_err(|e| e.to_string())?;
+    let mut v = store::verify(&a.dir, &mut |done, total| bar.update(done, total))?;
     bar.finish();
     if a.workload && v.problems.is_empty() {
         let (problems, notes) = check_workload(&a.dir)?;
@@ -82,26 +121,23 @@ pub fn verify(mut a: VerifyArgs) -> Result<i32, String> {
     match print() {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(e) => return Err(format!("cannot write the report: {e}")),
+        Err(e) => return Err(VerifyError::Write(e)),
     }
     Ok(i32::from(!v.problems.is_empty()))
 }
 
 /// Restore each epoch's RAM and check it against the workload reference.
-fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<String>), String> {
-    use guest::host::check::CheckError;
+fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<String>), VerifyError> {
     use store::{Access, Store};
-    let store = Store::open(dir, Access::Read).map_err(|e| e.to_string())?;
-    let ids = store.ids().map_err(|e| e.to_string())?;
+    let store = Store::open(dir, Access::Read)?;
+    let ids = store.ids()?;
     let bar = Bar::new("checking memory", false);
     let (mut problems, mut checked, mut idle) = (Vec::new(), 0u64, 0u64);
     for (i, &id) in ids.iter().enumerate() {
         bar.update(i as u64, ids.len() as u64);
-        let r = snapshot::restore_ram(&store, id, &mut |_, _| {}).map_err(|e| e.to_string())?;
+        let r = snapshot::restore_ram(&store, id, &mut |_, _| {})?;
         let Some(spec) = guest::host::workload_of(&r.state.config) else {
-            return Err(format!(
-                "epoch {id}: the guest is not the workload guest; --workload has nothing to check"
-            ));
+            return Err(VerifyError::NotWorkloadGuest { id });
         };
         match guest::host::check::check(&r.ram, &spec) {
             Ok(c) if c.shares == 0 => idle += 1,
@@ -119,7 +155,7 @@ fn check_workload(dir: &std::path::Path) -> Result<(Vec<store::Problem>, Vec<Str
                 path: store.epoch_path(id),
                 what: format!("epoch {id} restores memory the guest never had: {e}"),
             }),
-            Err(e) => return Err(format!("--workload cannot check epoch {id}: {e}")),
+            Err(source) => return Err(VerifyError::Check { id, source }),
         }
     }
     bar.finish();

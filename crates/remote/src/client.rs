@@ -12,7 +12,7 @@ use object_store::path::Path as Key;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
 
 use crate::error::{RemoteError, Result, io};
-use crate::seal::{self, SealKey};
+use crate::seal::{self, SealError, SealKey};
 use crate::url::RemoteUrl;
 
 /// Objects larger than this go up in parts.
@@ -127,6 +127,12 @@ impl Client {
         }
     }
 
+    /// An encrypted object `name` that does not open.
+    fn sealed_object(&self, name: &str) -> impl FnOnce(SealError) -> RemoteError + use<> {
+        let (url, key) = (self.url.to_string(), self.url.key(name));
+        move |source| RemoteError::SealedObject { url, key, source }
+    }
+
     /// The store's URL.
     pub fn url(&self) -> &RemoteUrl {
         &self.url
@@ -173,9 +179,9 @@ impl Client {
 
     /// [`Client::put_file`], encrypted: the head, then each 1 MiB chunk sealed.
     fn put_sealed(&self, k: &SealKey, name: &str, file: &File, len: u64, path: &std::path::Path) -> Result<()> {
-        let head = k.head(len).map_err(|why| RemoteError::Setup {
+        let head = k.head(len).map_err(|source| RemoteError::Nonce {
             url: self.url.to_string(),
-            why,
+            source,
         })?;
         let n = seal::chunks(len);
         self.put_pieces(name, seal::sealed_len(len), &head, n, |i, buf| {
@@ -247,12 +253,12 @@ impl Client {
             return Err(self.bad_object(name, "cut short".into()));
         }
         let head: Vec<u8> = b[..seal::HEAD].to_vec();
-        if k.open_head(&head).map_err(|why| self.bad_object(name, why))? != len {
+        if k.open_head(&head).map_err(self.sealed_object(name))? != len {
             return Err(self.bad_object(name, "its length is not the manifest's".into()));
         }
         let sealed = &mut b[seal::HEAD..];
         k.open_chunk(&head, name, 0, seal::chunks(len) == 1, sealed)
-            .map_err(|why| self.bad_object(name, why))?;
+            .map_err(self.sealed_object(name))?;
         let plain = sealed.len() - seal::TAG_LEN;
         Ok(sealed[..plain.min(want as usize)].to_vec())
     }
@@ -344,7 +350,7 @@ impl Client {
         parallel: usize,
     ) -> Result<()> {
         let head = self.get_range(name, 0..seal::HEAD as u64)?;
-        if k.open_head(&head).map_err(|why| self.bad_object(name, why))? != len {
+        if k.open_head(&head).map_err(self.sealed_object(name))? != len {
             return Err(self.bad_object(name, "its length is not the manifest's".into()));
         }
         let n = seal::chunks(len);
@@ -356,7 +362,7 @@ impl Client {
         self.get_ranges(name, &ranges, parallel, |gi, mut bytes| {
             let opened = k
                 .open_chunks(&head, name, len, groups[gi], &mut bytes)
-                .map_err(|why| self.bad_object(name, why))?;
+                .map_err(self.sealed_object(name))?;
             for (i, plain) in opened {
                 file.write_all_at(&bytes[plain], i * seal::CHUNK as u64)
                     .map_err(io("write", path))?;

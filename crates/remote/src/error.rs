@@ -25,12 +25,35 @@ pub enum RemoteError {
         "{url} holds no consnap store (no MANIFEST object): nothing was replicated there yet, or the prefix is wrong"
     )]
     NoStore { url: String },
-    /// MANIFEST is damaged or not a manifest.
+    /// MANIFEST names what the remote store does not hold, or belongs
+    /// to another store.
     #[error("the MANIFEST of {url} is damaged: {why}")]
     BadManifest { url: String, why: String },
+    /// MANIFEST does not decode.
+    #[error("the MANIFEST of {url} is damaged: {source}")]
+    DamagedManifest {
+        url: String,
+        #[source]
+        source: crate::manifest::ManifestError,
+    },
     /// An object does not hold what MANIFEST says.
     #[error("object {key} of {url} is damaged: {why}")]
     BadObject { url: String, key: String, why: String },
+    /// An encrypted object that does not open with the key given.
+    #[error("object {key} of {url} is damaged: {source}")]
+    SealedObject {
+        url: String,
+        key: String,
+        #[source]
+        source: crate::seal::SealError,
+    },
+    /// No nonce for a new encrypted object.
+    #[error("cannot reach the object store for {url}: {source}")]
+    Nonce {
+        url: String,
+        #[source]
+        source: crate::seal::SealError,
+    },
     /// The key given does not open the remote store's epochs.
     #[error("{url}: {why}")]
     Key { url: String, why: String },

@@ -37,7 +37,7 @@ pub fn manifest(client: &Client) -> Result<Manifest> {
     let text = client
         .get("MANIFEST")?
         .ok_or(RemoteError::NoStore { url: url.clone() })?;
-    Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url, why })
+    Manifest::decode(&text).map_err(|source| RemoteError::DamagedManifest { url, source })
 }
 
 /// Whether `client` holds the key the remote store's epochs are

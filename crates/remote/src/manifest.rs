@@ -2,8 +2,50 @@
 //! stores"). Written last, after every object it names, so that the
 //! remote store is whole at every instant.
 
+use thiserror::Error;
+
 /// First line of every manifest.
 pub const MAGIC: &str = "consnap-remote 1";
+
+/// Why a MANIFEST does not decode: damaged, cut short, or not a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ManifestError {
+    /// Bytes that are not text.
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    /// No `end` line: cut short, or not a manifest.
+    #[error("no end line (cut short?)")]
+    NoEnd,
+    /// An `end` line without a checksum.
+    #[error("bad end line")]
+    BadEnd,
+    /// The checksum on the `end` line is not the body's.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// A first line that is not [`MAGIC`].
+    #[error("first line is not {MAGIC:?}")]
+    Magic,
+    /// A line that must be there is not.
+    #[error("no {0} line")]
+    NoLine(&'static str),
+    /// The store line holds no UUID.
+    #[error("bad store UUID")]
+    StoreUuid,
+    /// The generation line holds no number.
+    #[error("bad generation")]
+    Generation,
+    /// The encryption line holds no key id.
+    #[error("bad key id")]
+    KeyId,
+    /// An epoch line that does not parse, or is out of order.
+    #[error("epoch line {number}: {line:?}")]
+    EpochLine {
+        /// 1-based, among the epoch lines.
+        number: usize,
+        /// The line.
+        line: String,
+    },
+}
 
 /// One epoch of a remote store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +87,18 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// 16 bytes from 32 hex digits (and nothing else).
+fn unhex16(text: &str) -> Option<[u8; 16]> {
+    if text.len() != 32 || !text.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 impl Manifest {
     /// The text of this manifest.
     pub fn encode(&self) -> String {
@@ -69,62 +123,51 @@ impl Manifest {
     }
 
     /// Parse and check a manifest.
-    pub fn decode(text: &[u8]) -> Result<Manifest, String> {
-        let text = std::str::from_utf8(text).map_err(|_| "not UTF-8 text".to_string())?;
+    pub fn decode(text: &[u8]) -> Result<Manifest, ManifestError> {
+        let text = std::str::from_utf8(text).map_err(|_| ManifestError::NotUtf8)?;
         let end = text
             .rfind("end ")
             .filter(|i| *i == 0 || text.as_bytes()[i - 1] == b'\n')
-            .ok_or("no end line (cut short?)")?;
+            .ok_or(ManifestError::NoEnd)?;
         let (body, tail) = text.split_at(end);
         let want = tail
             .strip_prefix("end ")
             .and_then(|t| t.strip_suffix('\n'))
             .filter(|t| t.len() == 16)
             .and_then(|t| u64::from_str_radix(t, 16).ok())
-            .ok_or("bad end line")?;
+            .ok_or(ManifestError::BadEnd)?;
         if xxhash_rust::xxh3::xxh3_64(body.as_bytes()) != want {
-            return Err("checksum mismatch".into());
+            return Err(ManifestError::Checksum);
         }
         let mut lines = body.lines();
         if lines.next() != Some(MAGIC) {
-            return Err(format!("first line is not {MAGIC:?}"));
+            return Err(ManifestError::Magic);
         }
-        let field = |line: Option<&str>, name: &str| -> Result<String, String> {
+        let field = |line: Option<&str>, name: &'static str| -> Result<String, ManifestError> {
             line.and_then(|l| l.strip_prefix(name))
                 .and_then(|l| l.strip_prefix(' '))
                 .map(str::to_string)
-                .ok_or_else(|| format!("no {name} line"))
+                .ok_or(ManifestError::NoLine(name))
         };
-        let uuid_hex = field(lines.next(), "store")?;
-        if uuid_hex.len() != 32 {
-            return Err("bad store UUID".into());
-        }
-        let mut store_uuid = [0u8; 16];
-        for (i, b) in store_uuid.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&uuid_hex[2 * i..2 * i + 2], 16).map_err(|_| "bad store UUID")?;
-        }
+        let store_uuid = unhex16(&field(lines.next(), "store")?).ok_or(ManifestError::StoreUuid)?;
         let generation = field(lines.next(), "generation")?
             .parse()
-            .map_err(|_| "bad generation")?;
+            .map_err(|_| ManifestError::Generation)?;
         let mut lines = lines.peekable();
         let mut key_id = None;
         if let Some(k) = lines
             .peek()
             .and_then(|l| l.strip_prefix("encryption xchacha20poly1305 "))
         {
-            if k.len() != 32 {
-                return Err("bad key id".into());
-            }
-            let mut id = [0u8; 16];
-            for (i, b) in id.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&k[2 * i..2 * i + 2], 16).map_err(|_| "bad key id")?;
-            }
-            key_id = Some(id);
+            key_id = Some(unhex16(k).ok_or(ManifestError::KeyId)?);
             lines.next();
         }
         let mut epochs: Vec<Entry> = Vec::new();
         for (n, line) in lines.enumerate() {
-            let bad = || format!("epoch line {}: {line:?}", n + 1);
+            let bad = || ManifestError::EpochLine {
+                number: n + 1,
+                line: line.to_string(),
+            };
             let w: Vec<&str> = line.split(' ').collect();
             let [
                 "epoch",
@@ -247,10 +290,9 @@ mod tests {
         // A well-formed checksum over bad content is refused too.
         let body = "consnap-remote 1\nstore 07070707070707070707070707070707\ngeneration 1\nepoch 5 parent 5 created 1 bytes 1 object epochs/00000000000000000005-0000000000000abc.epoch\n";
         let forged = format!("{body}end {:016x}\n", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
-        assert!(
-            Manifest::decode(forged.as_bytes())
-                .unwrap_err()
-                .contains("epoch line 1")
+        assert_eq!(
+            Manifest::decode(forged.as_bytes()).unwrap_err().to_string(),
+            "epoch line 1: \"epoch 5 parent 5 created 1 bytes 1 object epochs/00000000000000000005-0000000000000abc.epoch\""
         );
     }
 }

@@ -23,7 +23,7 @@ use crate::client::Client;
 use crate::error::{RemoteError, Result};
 use crate::fetch::{check_key, tag_of};
 use crate::manifest::{Entry, Manifest};
-use crate::seal;
+use crate::seal::{self, SealError};
 
 /// Bytes per block: the plaintext of one sealed chunk.
 const BLOCK: u64 = seal::CHUNK as u64;
@@ -63,6 +63,11 @@ impl ObjectReader {
             key: client.url().key(&e.object),
             why,
         };
+        let unsealed = |source: SealError| RemoteError::SealedObject {
+            url: client.url().to_string(),
+            key: client.url().key(&e.object),
+            source,
+        };
         let sealed = client.key().is_some();
         let first_end = if sealed {
             seal::chunk_range(e.bytes, 0).end
@@ -75,7 +80,7 @@ impl ObjectReader {
         let head = match client.key() {
             Some(k) if bytes.len() >= seal::HEAD => {
                 let head = bytes[..seal::HEAD].to_vec();
-                if k.open_head(&head).map_err(&bad)? != e.bytes {
+                if k.open_head(&head).map_err(unsealed)? != e.bytes {
                     return Err(bad("its length is not the manifest's".into()));
                 }
                 bytes.drain(..seal::HEAD);
@@ -92,7 +97,7 @@ impl ObjectReader {
             cache: Mutex::new(VecDeque::new()),
             stats,
         };
-        let block0 = r.open_blocks(0, bytes).map_err(|err| bad(err.to_string()))?;
+        let block0 = r.open_blocks(0, bytes).map_err(unsealed)?;
         let b0 = &block0[0];
         if b0.len() < HEADER_SIZE.min(e.bytes as usize) {
             return Err(bad("cut short".into()));
@@ -115,11 +120,10 @@ impl ObjectReader {
 
     /// Split `stored` (blocks from `first` on, as stored) into plaintext
     /// blocks, authenticating each when encrypted.
-    fn open_blocks(&self, first: u64, mut stored: Vec<u8>) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
+    fn open_blocks(&self, first: u64, mut stored: Vec<u8>) -> std::result::Result<Vec<Arc<Vec<u8>>>, SealError> {
         match (&self.head, self.client.key()) {
             (Some(head), Some(k)) => Ok(k
-                .open_chunks(head, &self.name, self.len, first, &mut stored)
-                .map_err(std::io::Error::other)?
+                .open_chunks(head, &self.name, self.len, first, &mut stored)?
                 .into_iter()
                 .map(|(_, plain)| Arc::new(stored[plain].to_vec()))
                 .collect()),
@@ -160,7 +164,7 @@ impl ObjectReader {
                 format!("asked for {want} bytes of {}, got {}", self.name, bytes.len()),
             ));
         }
-        self.open_blocks(first, bytes)
+        self.open_blocks(first, bytes).map_err(std::io::Error::other)
     }
 }
 

@@ -4,10 +4,11 @@
 //! "Encrypted objects").
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use thiserror::Error;
 
 /// First bytes of an encrypted object.
 pub const MAGIC: &[u8; 8] = b"CSNPENC1";
@@ -17,6 +18,49 @@ pub const HEAD: usize = 64;
 pub const CHUNK: usize = 1 << 20;
 /// Bytes the AEAD adds to a chunk.
 pub const TAG_LEN: usize = 16;
+
+/// Why a key file or an encrypted object cannot be used.
+#[derive(Debug, Error)]
+pub enum SealError {
+    /// The key file cannot be read.
+    #[error("--encrypt-key {path}: {source}")]
+    ReadKey {
+        /// The key file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key file holds no key.
+    #[error("--encrypt-key {path}: not a key (32 bytes, or 64 hex digits; e.g. `openssl rand -hex 32 > FILE`)")]
+    NotAKey {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// No random bytes for a new object's nonce.
+    #[error("cannot read /dev/urandom for a nonce: {0}")]
+    Nonce(#[source] std::io::Error),
+    /// An object without the head of an encrypted one.
+    #[error("not an encrypted consnap object")]
+    NotSealed,
+    /// An encrypted object this consnap does not read.
+    #[error("an encrypted object of another version or chunk size")]
+    OtherFormat,
+    /// An object encrypted with another key.
+    #[error("encrypted with key {found}, not with the key given ({given})")]
+    OtherKey {
+        /// The id of the key the object was encrypted with, hex.
+        found: String,
+        /// The id of the key given, hex.
+        given: String,
+    },
+    /// A chunk shorter than its tag.
+    #[error("chunk {0} is cut short")]
+    CutShort(u64),
+    /// A chunk that does not authenticate.
+    #[error("chunk {0} fails authentication (damaged, or moved from another object)")]
+    Forged(u64),
+}
 
 /// A key read from a key file, and its id.
 #[derive(Clone)]
@@ -35,27 +79,35 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// 32 bytes from 64 hex digits (and nothing else).
+fn unhex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
 impl SealKey {
     /// The key in `path`: 32 bytes, or 64 hex digits (surrounding
     /// whitespace ignored), such as `head -c 32 /dev/urandom > key` or
     /// `openssl rand -hex 32 > key` make.
-    pub fn load(path: &Path) -> Result<SealKey, String> {
-        let raw = std::fs::read(path).map_err(|e| format!("--encrypt-key {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<SealKey, SealError> {
+        let raw = std::fs::read(path).map_err(|source| SealError::ReadKey {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let text = std::str::from_utf8(&raw).map(str::trim).unwrap_or("");
-        let key: [u8; 32] = if let Ok(k) = <[u8; 32]>::try_from(raw.as_slice()) {
-            k
-        } else if text.len() == 64 && text.bytes().all(|c| c.is_ascii_hexdigit()) {
-            let mut k = [0u8; 32];
-            for (i, b) in k.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-            }
-            k
-        } else {
-            return Err(format!(
-                "--encrypt-key {}: not a key (32 bytes, or 64 hex digits; e.g. `openssl rand -hex 32 > FILE`)",
-                path.display()
-            ));
+        let key = match <[u8; 32]>::try_from(raw.as_slice()) {
+            Ok(k) => Some(k),
+            Err(_) => unhex32(text),
         };
+        let key = key.ok_or_else(|| SealError::NotAKey {
+            path: path.to_path_buf(),
+        })?;
         Ok(SealKey::from_bytes(key))
     }
 
@@ -86,7 +138,7 @@ impl SealKey {
     }
 
     /// The head of a new encrypted object of `len` plaintext bytes.
-    pub fn head(&self, len: u64) -> Result<[u8; HEAD], String> {
+    pub fn head(&self, len: u64) -> Result<[u8; HEAD], SealError> {
         let mut h = [0u8; HEAD];
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&1u32.to_le_bytes());
@@ -94,26 +146,25 @@ impl SealKey {
         h[16..24].copy_from_slice(&len.to_le_bytes());
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut h[24..40]))
-            .map_err(|e| format!("cannot read /dev/urandom for a nonce: {e}"))?;
+            .map_err(SealError::Nonce)?;
         h[40..56].copy_from_slice(&self.id);
         Ok(h)
     }
 
     /// Check the head of an encrypted object; its plaintext length.
-    pub fn open_head(&self, head: &[u8]) -> Result<u64, String> {
+    pub fn open_head(&self, head: &[u8]) -> Result<u64, SealError> {
         if head.len() < HEAD || &head[..8] != MAGIC {
-            return Err("not an encrypted consnap object".into());
+            return Err(SealError::NotSealed);
         }
         let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         if u32_at(8) != 1 || u32_at(12) as usize != CHUNK {
-            return Err("an encrypted object of another version or chunk size".into());
+            return Err(SealError::OtherFormat);
         }
         if head[40..56] != self.id {
-            return Err(format!(
-                "encrypted with key {}, not with the key given ({})",
-                hex(&head[40..56]),
-                self.id_hex()
-            ));
+            return Err(SealError::OtherKey {
+                found: hex(&head[40..56]),
+                given: self.id_hex(),
+            });
         }
         let mut len = [0u8; 8];
         len.copy_from_slice(&head[16..24]);
@@ -158,15 +209,15 @@ impl SealKey {
         index: u64,
         last: bool,
         sealed: &mut [u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), SealError> {
         if sealed.len() < TAG_LEN {
-            return Err(format!("chunk {index} is cut short"));
+            return Err(SealError::CutShort(index));
         }
         let (text, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
         let aad = Self::aad(head, object, index, last);
         self.cipher
             .decrypt_in_place_detached(&Self::nonce(head, index), &aad, text, Tag::from_slice(tag))
-            .map_err(|_| format!("chunk {index} fails authentication (damaged, or moved from another object)"))
+            .map_err(|_| SealError::Forged(index))
     }
 
     /// Decrypt in place the sealed chunks that `stored` holds back to
@@ -180,15 +231,13 @@ impl SealKey {
         len: u64,
         first: u64,
         stored: &mut [u8],
-    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, String> {
+    ) -> Result<Vec<(u64, std::ops::Range<usize>)>, SealError> {
         let n = chunks(len);
         let (mut at, mut i, mut out) = (0usize, first, Vec::new());
         while at < stored.len() {
             let r = chunk_range(len, i);
             let size = (r.end - r.start) as usize;
-            let sealed = stored
-                .get_mut(at..at + size)
-                .ok_or_else(|| format!("chunk {i} is cut short"))?;
+            let sealed = stored.get_mut(at..at + size).ok_or(SealError::CutShort(i))?;
             self.open_chunk(head, object, i, i + 1 == n, sealed)?;
             out.push((i, at..at + size - TAG_LEN));
             at += size;
@@ -226,7 +275,7 @@ mod tests {
         assert_ne!(k.id(), other.id());
         let head = k.head(3 * CHUNK as u64 - 5).unwrap();
         assert_eq!(k.open_head(&head).unwrap(), 3 * CHUNK as u64 - 5);
-        assert!(other.open_head(&head).unwrap_err().contains(&k.id_hex()));
+        assert!(other.open_head(&head).unwrap_err().to_string().contains(&k.id_hex()));
         let plain: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
         let mut buf = plain.clone();
         k.seal_chunk(&head, "epochs/a", 1, false, &mut buf);
@@ -271,7 +320,13 @@ mod tests {
         assert_eq!(SealKey::load(&raw).unwrap().id(), SealKey::load(&hexf).unwrap().id());
         let bad = dir.join("bad");
         std::fs::write(&bad, "short").unwrap();
-        assert!(SealKey::load(&bad).unwrap_err().contains("not a key"));
+        assert_eq!(
+            SealKey::load(&bad).unwrap_err().to_string(),
+            format!(
+                "--encrypt-key {}: not a key (32 bytes, or 64 hex digits; e.g. `openssl rand -hex 32 > FILE`)",
+                bad.display()
+            )
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

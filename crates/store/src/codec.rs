@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use thiserror::Error;
+
 /// How DATA is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Codec {
@@ -14,6 +16,31 @@ pub enum Codec {
     Zstd,
     /// LZ4 blocks.
     Lz4,
+}
+
+/// Why a compression name is refused or page data does not decompress.
+#[derive(Debug, Error)]
+pub enum CodecError {
+    /// A name on the command line that is no compression.
+    #[error("'{0}' is not a compression (known: none, zstd, lz4)")]
+    Unknown(String),
+    /// Pages stored as they are were given to the decompressor.
+    #[error("not compressed")]
+    NotCompressed,
+    /// zstd refused the frame (or could not make a context).
+    #[error("{0}")]
+    Zstd(#[source] std::io::Error),
+    /// LZ4 refused the block.
+    #[error("{0}")]
+    Lz4(#[from] lz4_flex::block::DecompressError),
+    /// The frame holds fewer or more bytes than its pages.
+    #[error("decompresses to {got} bytes, not {want}")]
+    Length {
+        /// Bytes it decompressed to.
+        got: usize,
+        /// Bytes its pages take.
+        want: usize,
+    },
 }
 
 /// The zstd level consnap writes: the fastest standard level, so that
@@ -50,12 +77,12 @@ impl Codec {
     }
 
     /// From a name on the command line.
-    pub fn parse(s: &str) -> Result<Codec, String> {
+    pub fn parse(s: &str) -> Result<Codec, CodecError> {
         match s {
             "none" => Ok(Codec::None),
             "zstd" => Ok(Codec::Zstd),
             "lz4" => Ok(Codec::Lz4),
-            _ => Err(format!("'{s}' is not a compression (known: none, zstd, lz4)")),
+            _ => Err(CodecError::Unknown(s.to_string())),
         }
     }
 }
@@ -126,22 +153,26 @@ impl fmt::Debug for Decompressor {
 
 impl Decompressor {
     /// Decompress `src` into exactly `dst.len()` bytes.
-    pub fn decompress(&mut self, codec: Codec, src: &[u8], dst: &mut [u8]) -> Result<(), String> {
+    pub fn decompress(&mut self, codec: Codec, src: &[u8], dst: &mut [u8]) -> Result<(), CodecError> {
         let n = match codec {
-            Codec::None => return Err("not compressed".into()),
+            Codec::None => return Err(CodecError::NotCompressed),
             Codec::Zstd => {
-                if self.zstd.is_none() {
-                    self.zstd = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
-                }
-                let Some(z) = self.zstd.as_mut() else {
-                    return Err("no zstd context".into());
+                let z = match self.zstd.take() {
+                    Some(z) => z,
+                    None => zstd::bulk::Decompressor::new().map_err(CodecError::Zstd)?,
                 };
-                z.decompress_to_buffer(src, dst).map_err(|e| e.to_string())?
+                self.zstd
+                    .insert(z)
+                    .decompress_to_buffer(src, dst)
+                    .map_err(CodecError::Zstd)?
             }
-            Codec::Lz4 => lz4_flex::block::decompress_into(src, dst).map_err(|e| e.to_string())?,
+            Codec::Lz4 => lz4_flex::block::decompress_into(src, dst)?,
         };
         if n != dst.len() {
-            return Err(format!("decompresses to {n} bytes, not {}", dst.len()));
+            return Err(CodecError::Length {
+                got: n,
+                want: dst.len(),
+            });
         }
         Ok(())
     }
@@ -168,7 +199,7 @@ mod tests {
             let mut short = vec![0u8; page.len() - 1];
             assert!(d.decompress(codec, &out, &mut short).is_err());
             assert!(d.decompress(codec, &out[..out.len() / 2], &mut back).is_err());
-            assert_eq!(Codec::parse(codec.name()), Ok(codec));
+            assert_eq!(Codec::parse(codec.name()).ok(), Some(codec));
         }
         // Random bytes do not compress: stored raw.
         let mut x = 1u64;
@@ -181,6 +212,7 @@ mod tests {
             })
             .collect();
         assert!(!Compressor::new(Codec::Lz4).compress(&noise, &mut Vec::new()));
-        assert!(Codec::parse("gzip").unwrap_err().contains("none, zstd, lz4"));
+        let e = Codec::parse("gzip").unwrap_err();
+        assert_eq!(e.to_string(), "'gzip' is not a compression (known: none, zstd, lz4)");
     }
 }

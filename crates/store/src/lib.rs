@@ -27,7 +27,7 @@ mod verify;
 mod writer;
 
 pub use aligned::AlignedBuf;
-pub use codec::{Codec, Decompressor};
+pub use codec::{Codec, CodecError, Decompressor};
 pub use cursor::PageCursor;
 pub use error::{Result, StoreError};
 pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
@@ -35,7 +35,7 @@ pub use ledger::{LEDGER_FILE, Ledger};
 pub use plan::{Run, Source, claims, plan};
 pub use reader::{EpochReader, RangeRead};
 pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
-pub use retain::{DEFAULT_POLICY, Policy};
+pub use retain::{DEFAULT_POLICY, Policy, PolicyError};
 pub use ship::{Detached, merged_onto};
 pub use store::{Access, Store, Stray, epoch_file_name, epoch_id_of};
 pub use verify::{Problem, Verified, check_restore, verify};

@@ -14,6 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use thiserror::Error;
+
 /// The default policy (see docs/DESIGN.md, Snapshot store, for why).
 pub const DEFAULT_POLICY: &str = "10s:all,1m:1s,1h:1m,1d:1h";
 
@@ -45,10 +47,111 @@ const MAX_TIERS: usize = 16;
 /// Longest span a policy may name (10 years).
 const MAX_SPAN: u64 = 10 * 366 * 86_400 * 1_000_000_000;
 
-/// Parse `500ms`, `10s`, `2m`, `24h`, `7d`, `2w` into ns (whole numbers only).
-fn duration(s: &str) -> Result<u64, String> {
-    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-    let (num, unit) = s.split_at(digits);
+/// Why a `--retain` policy is refused; each names the tier at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PolicyError {
+    /// Nothing was given.
+    #[error("the policy is empty (example: 10s:all,1m:1s,1h:1m)")]
+    Empty,
+    /// A tier without its colon.
+    #[error("tier {tier} '{part}' is not SPAN:EVERY (such as 1m:1s or 10s:all)")]
+    NotSpanEvery {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+    },
+    /// A duration with no unit, or one policies do not know.
+    #[error(
+        "tier {tier} '{part}': '{text}' is not a duration (a whole number and ms, s, m, h, d or w, such as 10s or 24h)"
+    )]
+    Unit {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+        /// The duration as given.
+        text: String,
+    },
+    /// A duration whose number is not a whole number.
+    #[error("tier {tier} '{part}': '{text}' is not a duration (a whole number and a unit, such as 10s)")]
+    Number {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+        /// The duration as given.
+        text: String,
+    },
+    /// A duration beyond [`MAX_SPAN`].
+    #[error("tier {tier} '{part}': '{text}' is longer than 10 years")]
+    TooLong {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+        /// The duration as given.
+        text: String,
+    },
+    /// A duration of zero.
+    #[error("tier {tier} '{part}': '{text}' is zero: every duration in a policy must be longer")]
+    Zero {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+        /// The duration as given.
+        text: String,
+    },
+    /// A tier that ends before the one before it.
+    #[error("tier {tier} '{part}' must reach further back than the tier before it")]
+    NotFurther {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+    },
+    /// `all` after a thinned tier.
+    #[error(
+        "tier {tier} '{part}' keeps all epochs, but an earlier tier already thinned them out (tiers go from fine to coarse)"
+    )]
+    AllAfterThinned {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+    },
+    /// A granularity that is no multiple of the previous tier's.
+    #[error(
+        "tier {tier} '{part}': its granularity must be a multiple of the previous tier's, so that an epoch kept now is still wanted later"
+    )]
+    NotAMultiple {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+    },
+    /// A granularity coarser than the tier's span.
+    #[error("tier {tier} '{part}': one epoch per {} ms is coarser than the tier's own span", .every_ns / 1_000_000)]
+    Coarser {
+        /// 1-based.
+        tier: usize,
+        /// The tier as given.
+        part: String,
+        /// Its granularity, ns.
+        every_ns: u64,
+    },
+    /// More than [`MAX_TIERS`] tiers.
+    #[error("more than {MAX_TIERS} tiers")]
+    TooManyTiers,
+}
+
+/// Parse `500ms`, `10s`, `2m`, `24h`, `7d`, `2w` into ns (whole numbers
+/// only): `text` of tier `tier` (1-based), `part` as given.
+fn duration(text: &str, tier: usize, part: &str) -> Result<u64, PolicyError> {
+    let (t, p) = (text.to_string(), part.to_string());
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = text.split_at(digits);
     let unit_ns: u64 = match unit {
         "ms" => 1_000_000,
         "s" => 1_000_000_000,
@@ -56,21 +159,16 @@ fn duration(s: &str) -> Result<u64, String> {
         "h" => 3_600_000_000_000,
         "d" => 86_400_000_000_000,
         "w" => 7 * 86_400_000_000_000,
-        _ => {
-            return Err(format!(
-                "'{s}' is not a duration (a whole number and ms, s, m, h, d or w, such as 10s or 24h)"
-            ));
-        }
+        _ => return Err(PolicyError::Unit { tier, part: p, text: t }),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (a whole number and a unit, such as 10s)"))?;
-    let ns = n
-        .checked_mul(unit_ns)
-        .filter(|&v| v <= MAX_SPAN)
-        .ok_or_else(|| format!("'{s}' is longer than 10 years"))?;
+    let Ok(n) = num.parse::<u64>() else {
+        return Err(PolicyError::Number { tier, part: p, text: t });
+    };
+    let Some(ns) = n.checked_mul(unit_ns).filter(|&v| v <= MAX_SPAN) else {
+        return Err(PolicyError::TooLong { tier, part: p, text: t });
+    };
     if ns == 0 {
-        return Err(format!("'{s}' is zero: every duration in a policy must be longer"));
+        return Err(PolicyError::Zero { tier, part: p, text: t });
     }
     Ok(ns)
 }
@@ -85,54 +183,46 @@ impl Policy {
     }
 
     /// Parse a policy such as `10s:all,1m:1s,1h:1m,1d:1h`, or `all`.
-    pub fn parse(text: &str) -> Result<Policy, String> {
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
         let text = text.trim();
         if text == "all" {
             return Ok(Policy::keep_all());
         }
         if text.is_empty() {
-            return Err("the policy is empty (example: 10s:all,1m:1s,1h:1m)".into());
+            return Err(PolicyError::Empty);
         }
         let mut tiers: Vec<Tier> = Vec::new();
         for (i, part) in text.split(',').enumerate() {
-            let n = i + 1;
+            let tier = i + 1;
+            let at = || part.to_string();
             let (span, every) = part
                 .split_once(':')
-                .ok_or_else(|| format!("tier {n} '{part}' is not SPAN:EVERY (such as 1m:1s or 10s:all)"))?;
-            let span = duration(span).map_err(|e| format!("tier {n} '{part}': {e}"))?;
+                .ok_or_else(|| PolicyError::NotSpanEvery { tier, part: at() })?;
+            let span = duration(span, tier, part)?;
             let every = match every {
                 "all" => None,
-                e => Some(duration(e).map_err(|e| format!("tier {n} '{part}': {e}"))?),
+                e => Some(duration(e, tier, part)?),
             };
             if let Some(prev) = tiers.last() {
                 if span <= prev.span {
-                    return Err(format!(
-                        "tier {n} '{part}' must reach further back than the tier before it"
-                    ));
+                    return Err(PolicyError::NotFurther { tier, part: at() });
                 }
                 match (prev.every, every) {
-                    (Some(_), None) => {
-                        return Err(format!(
-                            "tier {n} '{part}' keeps all epochs, but an earlier tier already thinned them out (tiers go from fine to coarse)"
-                        ));
-                    }
-                    (Some(p), Some(e)) if e % p != 0 => {
-                        return Err(format!(
-                            "tier {n} '{part}': its granularity must be a multiple of the previous tier's, so that an epoch kept now is still wanted later"
-                        ));
-                    }
+                    (Some(_), None) => return Err(PolicyError::AllAfterThinned { tier, part: at() }),
+                    (Some(p), Some(e)) if e % p != 0 => return Err(PolicyError::NotAMultiple { tier, part: at() }),
                     _ => {}
                 }
             }
-            if every.is_some_and(|e| e > span) {
-                return Err(format!(
-                    "tier {n} '{part}': one epoch per {} is coarser than the tier's own span",
-                    every.map_or(String::new(), |e| format!("{} ms", e / 1_000_000))
-                ));
+            if let Some(every_ns) = every.filter(|&e| e > span) {
+                return Err(PolicyError::Coarser {
+                    tier,
+                    part: at(),
+                    every_ns,
+                });
             }
             tiers.push(Tier { span, every });
             if tiers.len() > MAX_TIERS {
-                return Err(format!("more than {MAX_TIERS} tiers"));
+                return Err(PolicyError::TooManyTiers);
             }
         }
         Ok(Policy {
@@ -332,8 +422,25 @@ mod tests {
             ("1.5s:all", "not a duration"),
             ("99999999999w:all", "10 years"),
         ] {
-            let e = Policy::parse(bad).unwrap_err();
+            let e = Policy::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
+        }
+        // The messages, word for word: the tier, as given, and what is wrong.
+        for (bad, msg) in [
+            (
+                "10s:all,1x:1s",
+                "tier 2 '1x:1s': '1x' is not a duration (a whole number and ms, s, m, h, d or w, such as 10s or 24h)",
+            ),
+            (
+                "1s:2s",
+                "tier 1 '1s:2s': one epoch per 2000 ms is coarser than the tier's own span",
+            ),
+            (
+                "0s:all",
+                "tier 1 '0s:all': '0s' is zero: every duration in a policy must be longer",
+            ),
+        ] {
+            assert_eq!(Policy::parse(bad).unwrap_err().to_string(), msg);
         }
     }
 

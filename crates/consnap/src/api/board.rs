@@ -11,9 +11,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use snapshot::Mode;
+use thiserror::Error;
 
 use super::{SnapConfig, SnapStats, Stats, VmInfo, VmState};
-use crate::args;
+use crate::args::{self, ArgError};
 use crate::report::{EngineFigures, EpochEntry, Percentiles, Snapshots};
 
 /// Error messages `GET /stats` shows.
@@ -44,9 +45,11 @@ pub struct Board {
     pub replica: Option<remote::ReplicaWatch>,
 }
 
-/// The board and the flag that says a command waits for the controller.
+/// Where the board lives between the controller and its readers: the
+/// board behind its lock, and the flag that says a command waits for the
+/// controller.
 #[derive(Debug)]
-pub struct Shared {
+pub struct BoardCell {
     /// The board.
     pub board: Mutex<Board>,
     /// Set by the server after queueing a command; the controller clears it
@@ -54,10 +57,10 @@ pub struct Shared {
     pub pending: AtomicBool,
 }
 
-impl Shared {
+impl BoardCell {
     /// A board for a VM that is about to run.
-    pub fn new(board: Board) -> Shared {
-        Shared {
+    pub fn new(board: Board) -> BoardCell {
+        BoardCell {
             board: Mutex::new(board),
             pending: AtomicBool::new(false),
         }
@@ -231,7 +234,7 @@ pub const SNAPSHOTS_OFF: &str = "snapshots are off: start the VM with --snapshot
 /// `ms` (1 to 10 digits), `s` (7), `m` (5) or `h` (3), without leading
 /// zeros, so at least 1ms (below it the VM would spend most of its time
 /// paused) and at most about 115 days.
-pub fn api_interval(text: &str) -> Result<Duration, String> {
+pub fn api_interval(text: &str) -> Result<Duration, ConfigPatchError> {
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = text.split_at(digits);
     let max_digits = match unit {
@@ -242,49 +245,78 @@ pub fn api_interval(text: &str) -> Result<Duration, String> {
         _ => 0,
     };
     if num.is_empty() || num.starts_with('0') || num.len() > max_digits {
-        return Err(format!(
-            "interval '{text}' is not a whole number of ms, s, m or h of at least 1ms (such as 20ms, 1500ms, 1s, 5m)"
-        ));
+        return Err(ConfigPatchError::Interval { text: text.to_string() });
     }
-    args::duration(text)
+    Ok(args::duration(text)?)
 }
 
-/// A `PATCH /snapshots/config` body that cannot be used (HTTP 400).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigPatchError(pub String);
+/// Why a `PATCH /snapshots/config` body cannot be used (HTTP 400).
+#[derive(Debug, Error)]
+pub enum ConfigPatchError {
+    /// Not JSON.
+    #[error("the body is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// JSON, but not an object.
+    #[error(r#"the body must be a JSON object such as {{"interval": "20ms"}}"#)]
+    NotAnObject,
+    /// An empty object.
+    #[error("give interval and/or mode")]
+    Empty,
+    /// A field whose value is not a string.
+    #[error("{field} must be a string")]
+    NotAString {
+        /// The field.
+        field: String,
+    },
+    /// An interval the API does not take (see [`api_interval`]).
+    #[error("interval '{text}' is not a whole number of ms, s, m or h of at least 1ms (such as 20ms, 1500ms, 1s, 5m)")]
+    Interval {
+        /// As given.
+        text: String,
+    },
+    /// An interval that is no duration.
+    #[error(transparent)]
+    Duration(#[from] ArgError),
+    /// A mode that does not exist.
+    #[error("unknown mode '{mode}': cow, stop-copy or stop-copy-full")]
+    UnknownMode {
+        /// As given.
+        mode: String,
+    },
+    /// A field that cannot be set.
+    #[error("unknown field '{field}': only interval and mode can be set")]
+    UnknownField {
+        /// As given.
+        field: String,
+    },
+}
 
 /// Check a `PATCH /snapshots/config` body: a JSON object with `interval`
 /// (see [`api_interval`]) and/or `mode` (a mode name), nothing else.
 pub fn parse_patch(body: &[u8]) -> Result<(Option<Duration>, Option<Mode>), ConfigPatchError> {
-    let bad = |m: String| ConfigPatchError(m);
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(ConfigPatchError::NotJson)?;
     let serde_json::Value::Object(fields) = value else {
-        return Err(bad(
-            r#"the body must be a JSON object such as {"interval": "20ms"}"#.into()
-        ));
+        return Err(ConfigPatchError::NotAnObject);
     };
     if fields.is_empty() {
-        return Err(bad("give interval and/or mode".into()));
+        return Err(ConfigPatchError::Empty);
     }
     let mut interval = None;
     let mut mode = None;
     for (key, v) in &fields {
         let Some(text) = v.as_str() else {
-            return Err(bad(format!("{key} must be a string")));
+            return Err(ConfigPatchError::NotAString { field: key.clone() });
         };
         match key.as_str() {
-            "interval" => interval = Some(api_interval(text).map_err(bad)?),
+            "interval" => interval = Some(api_interval(text)?),
             "mode" => {
-                mode = Some(
-                    mode_by_name(text)
-                        .ok_or_else(|| bad(format!("unknown mode '{text}': cow, stop-copy or stop-copy-full")))?,
-                );
+                mode =
+                    Some(mode_by_name(text).ok_or_else(|| ConfigPatchError::UnknownMode { mode: text.to_string() })?);
             }
             other => {
-                return Err(bad(format!(
-                    "unknown field '{other}': only interval and mode can be set"
-                )));
+                return Err(ConfigPatchError::UnknownField {
+                    field: other.to_string(),
+                });
             }
         }
     }
@@ -298,7 +330,7 @@ mod tests {
     #[test]
     fn config_patches_are_checked() {
         let ok = |b: &str| parse_patch(b.as_bytes()).unwrap();
-        let err = |b: &str| parse_patch(b.as_bytes()).unwrap_err().0;
+        let err = |b: &str| parse_patch(b.as_bytes()).unwrap_err().to_string();
         assert_eq!(ok(r#"{"interval":"20ms"}"#), (Some(Duration::from_millis(20)), None));
         assert_eq!(ok(r#"{"mode":"stop-copy-full"}"#), (None, Some(Mode::StopCopyFull)));
         assert_eq!(
@@ -306,7 +338,10 @@ mod tests {
             (Some(Duration::from_secs(1)), Some(Mode::Cow))
         );
         assert!(err("").contains("not JSON"));
-        assert!(err("[1]").contains("JSON object"));
+        assert_eq!(
+            err("[1]"),
+            r#"the body must be a JSON object such as {"interval": "20ms"}"#
+        );
         assert!(err("{}").contains("give interval"));
         assert!(err(r#"{"interval":null}"#).contains("must be a string"));
         assert!(err(r#"{"interval":20}"#).contains("must be a string"));
@@ -333,7 +368,7 @@ mod tests {
             ("99999m", Duration::from_secs(99_999 * 60)),
             ("999h", Duration::from_secs(999 * 3600)),
         ] {
-            assert_eq!(api_interval(good), Ok(d));
+            assert_eq!(api_interval(good).ok(), Some(d));
         }
         assert!(err(r#"{"mode":"fast"}"#).contains("unknown mode"));
         assert!(err(r#"{"speed":"1"}"#).contains("unknown field 'speed'"));

@@ -1,12 +1,58 @@
 //! A client of the control API, for `consnap ctl` and `consnap demo`: one
 //! request per connection, over the Unix socket, with a deadline.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use thiserror::Error;
+
+/// Why a request got no answer; each names the socket or the request.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The client's runtime did not start.
+    #[error("cannot start the client runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// No answer within the deadline.
+    #[error("no answer from {sock} within {secs}s")]
+    Timeout {
+        /// The API socket.
+        sock: PathBuf,
+        /// The deadline, seconds.
+        secs: u64,
+    },
+    /// Nothing listens on the socket.
+    #[error("cannot connect to {sock}: {source} (is a consnap running with --api-sock {sock}?)")]
+    Connect {
+        /// The API socket.
+        sock: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("{sock}: {source}")]
+    Http {
+        /// The API socket.
+        sock: PathBuf,
+        /// Cause.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request could not be built.
+    #[error("bad request {method} {path}: {source}")]
+    Request {
+        /// Its method.
+        method: String,
+        /// Its path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: hyper::http::Error,
+    },
+}
 
 /// An answer: its status and body.
 #[derive(Debug)]
@@ -27,33 +73,40 @@ impl Answer {
 }
 
 /// Send `method path` with an optional JSON body to the API at `sock`.
-pub fn call(sock: &Path, method: &str, path: &str, body: Option<String>, timeout: Duration) -> Result<Answer, String> {
+pub fn call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    timeout: Duration,
+) -> Result<Answer, ClientError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
-        .map_err(|e| format!("cannot start the client runtime: {e}"))?;
+        .map_err(ClientError::Runtime)?;
     rt.block_on(async {
         match tokio::time::timeout(timeout, exchange(sock, method, path, body)).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer from {} within {}s",
-                sock.display(),
-                timeout.as_secs()
-            )),
+            Err(_) => Err(ClientError::Timeout {
+                sock: sock.to_path_buf(),
+                secs: timeout.as_secs(),
+            }),
         }
     })
 }
 
-async fn exchange(sock: &Path, method: &str, path: &str, body: Option<String>) -> Result<Answer, String> {
-    let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
-        format!(
-            "cannot connect to {}: {e} (is a consnap running with --api-sock {}?)",
-            sock.display(),
-            sock.display()
-        )
-    })?;
-    let broken = |e: hyper::Error| format!("{}: {e}", sock.display());
+async fn exchange(sock: &Path, method: &str, path: &str, body: Option<String>) -> Result<Answer, ClientError> {
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|source| ClientError::Connect {
+            sock: sock.to_path_buf(),
+            source,
+        })?;
+    let broken = |source: hyper::Error| ClientError::Http {
+        sock: sock.to_path_buf(),
+        source,
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(broken)?;
@@ -67,7 +120,11 @@ async fn exchange(sock: &Path, method: &str, path: &str, body: Option<String>) -
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| format!("bad request {method} {path}: {e}"))?;
+        .map_err(|source| ClientError::Request {
+            method: method.to_string(),
+            path: path.to_string(),
+            source,
+        })?;
     let res = sender.send_request(req).await.map_err(broken)?;
     let status = res.status().as_u16();
     let body = res.into_body().collect().await.map_err(broken)?.to_bytes().to_vec();

@@ -29,10 +29,11 @@ use axum::routing::{get, put};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
+use thiserror::Error;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::ApiError;
-use super::board::{Answer, Command, ConfigPatchError, Envelope, Refusal, Shared};
+use super::board::{Answer, BoardCell, Command, Envelope, Refusal};
 use crate::ls_cmd;
 
 /// Connections served at once; more wait in the socket's backlog.
@@ -49,6 +50,56 @@ const COMMAND_WAIT: Duration = Duration::from_secs(10);
 const TAKE_WAIT: Duration = Duration::from_secs(120);
 /// Whole-request deadline (beyond the longest wait above).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(130);
+
+/// Why the API cannot be served; each names the `--api-sock` path.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// Another process serves the socket.
+    #[error("--api-sock {path}: a process is listening there (another consnap?); stop it or choose another path")]
+    Listening {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// A socket left by a process that died cannot be removed.
+    #[error("--api-sock {path}: cannot remove the stale socket: {source}")]
+    Stale {
+        /// The socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something that is not a socket is there.
+    #[error("--api-sock {path}: exists and is not a socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The socket cannot be created.
+    #[error("--api-sock {path}: cannot listen there: {source}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path cannot be looked at, or the socket set up.
+    #[error("--api-sock {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// [`ApiServer::start`] was given a listener that is served already.
+    #[error("the API socket is already served")]
+    AlreadyServed,
+    /// The server's thread did not start.
+    #[error("cannot start the API thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
 
 /// A bound socket, checked before the VM is built; removed again if it
 /// is dropped before it is served.
@@ -82,25 +133,21 @@ impl Drop for Listener {
 /// Create the socket at `path`, 0600. A socket file nobody listens on (left
 /// by a process that died) is replaced; a live one, or anything that is
 /// not a socket, is refused.
-pub fn bind(path: &Path) -> Result<Listener, String> {
-    let shown = path.display();
+pub fn bind(path: &Path) -> Result<Listener, ServerError> {
+    let at = || path.to_path_buf();
+    let io = |source| ServerError::Io { path: at(), source };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(format!(
-                    "--api-sock {shown}: a process is listening there (another consnap?); stop it or choose another path"
-                ));
-            }
+            Ok(_) => return Err(ServerError::Listening { path: at() }),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                tracing::info!("replacing the stale socket {shown}");
-                std::fs::remove_file(path)
-                    .map_err(|e| format!("--api-sock {shown}: cannot remove the stale socket: {e}"))?;
+                tracing::info!("replacing the stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(|source| ServerError::Stale { path: at(), source })?;
             }
-            Err(e) => return Err(format!("--api-sock {shown}: {e}")),
+            Err(e) => return Err(io(e)),
         },
-        Ok(_) => return Err(format!("--api-sock {shown}: exists and is not a socket")),
+        Ok(_) => return Err(ServerError::NotASocket { path: at() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("--api-sock {shown}: {e}")),
+        Err(e) => return Err(io(e)),
     }
     // The socket must never be open to others, not even for a moment: bind
     // under a umask that leaves 0600. This runs before any other thread
@@ -110,12 +157,12 @@ pub fn bind(path: &Path) -> Result<Listener, String> {
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    let socket = bound.map_err(|e| format!("--api-sock {shown}: cannot listen there: {e}"))?;
+    let socket = bound.map_err(|source| ServerError::Listen { path: at(), source })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .and_then(|()| socket.set_nonblocking(true))
         .map_err(|e| {
             let _ = std::fs::remove_file(path);
-            format!("--api-sock {shown}: {e}")
+            io(e)
         })?;
     Ok(Listener {
         socket: Some(socket),
@@ -130,7 +177,7 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 /// What the handlers share.
 #[derive(Clone)]
 struct App {
-    shared: Arc<Shared>,
+    cell: Arc<BoardCell>,
     commands: SyncSender<Envelope>,
     waker: Wake,
     /// One store listing at a time.
@@ -149,17 +196,14 @@ impl ApiServer {
     /// Serve `listener` on a new thread.
     pub fn start(
         mut listener: Listener,
-        shared: Arc<Shared>,
+        cell: Arc<BoardCell>,
         commands: SyncSender<Envelope>,
         waker: Wake,
-    ) -> Result<ApiServer, String> {
-        let socket = listener
-            .socket
-            .take()
-            .ok_or_else(|| "the API socket is already served".to_string())?;
+    ) -> Result<ApiServer, ServerError> {
+        let socket = listener.socket.take().ok_or(ServerError::AlreadyServed)?;
         let (path, inode) = (listener.path.clone(), listener.inode);
         let app = App {
-            shared,
+            cell,
             commands,
             waker,
             listing: Arc::new(Semaphore::new(1)),
@@ -170,7 +214,7 @@ impl ApiServer {
             .spawn(move || serve_thread(socket, router(app), stopped))
             .map_err(|e| {
                 remove_if_ours(&path, inode);
-                format!("cannot start the API thread: {e}")
+                ServerError::Thread(e)
             })?;
         Ok(ApiServer {
             stop: Some(stop),
@@ -345,17 +389,17 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn vm(State(app): State<App>) -> Response {
-    let info = app.shared.lock().vm_info();
+    let info = app.cell.lock().vm_info();
     json(&info)
 }
 
 async fn stats(State(app): State<App>) -> Response {
-    let stats = app.shared.lock().stats();
+    let stats = app.cell.lock().stats();
     json(&stats)
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    let text = super::metrics::render(&app.shared.lock());
+    let text = super::metrics::render(&app.cell.lock());
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -365,7 +409,7 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 async fn config(State(app): State<App>) -> Response {
-    let config = app.shared.lock().config();
+    let config = app.cell.lock().config();
     match config {
         Some(c) => json(&c),
         None => refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into())),
@@ -373,7 +417,7 @@ async fn config(State(app): State<App>) -> Response {
 }
 
 async fn list(State(app): State<App>) -> Response {
-    let Some(dir) = app.shared.lock().snapshot_dir() else {
+    let Some(dir) = app.cell.lock().snapshot_dir() else {
         return refused(Refusal::Conflict(super::board::SNAPSHOTS_OFF.into()));
     };
     let Ok(_one) = app.listing.acquire().await else {
@@ -381,7 +425,7 @@ async fn list(State(app): State<App>) -> Response {
     };
     match tokio::task::spawn_blocking(move || ls_cmd::rows(&dir)).await {
         Ok(Ok(rows)) => json(&rows),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("listing failed: {e}")),
     }
 }
@@ -410,7 +454,7 @@ async fn set_config(State(app): State<App>, headers: HeaderMap, body: Bytes) -> 
     }
     match super::board::parse_patch(&body) {
         Ok((interval, mode)) => command(&app, Command::Configure { interval, mode }, COMMAND_WAIT).await,
-        Err(ConfigPatchError(msg)) => error(StatusCode::BAD_REQUEST, msg),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }
 
@@ -433,12 +477,12 @@ async fn command(app: &App, cmd: Command, wait: Duration) -> Response {
             return error(StatusCode::CONFLICT, "the VM is stopping");
         }
     }
-    if !app.shared.pending.swap(true, Ordering::SeqCst) {
+    if !app.cell.pending.swap(true, Ordering::SeqCst) {
         (app.waker)();
     }
     match tokio::time::timeout(wait, answer).await {
         Ok(Ok(Ok(Answer::State(state)))) => {
-            let mut info = app.shared.lock().vm_info();
+            let mut info = app.cell.lock().vm_info();
             info.state = state;
             json(&info)
         }
@@ -455,9 +499,9 @@ async fn command(app: &App, cmd: Command, wait: Duration) -> Response {
 
 /// Requests without a socket, for tests of the routes.
 #[cfg(test)]
-pub fn test_router(shared: Arc<Shared>, commands: SyncSender<Envelope>, waker: Wake) -> Router {
+pub fn test_router(cell: Arc<BoardCell>, commands: SyncSender<Envelope>, waker: Wake) -> Router {
     router(App {
-        shared,
+        cell,
         commands,
         waker,
         listing: Arc::new(Semaphore::new(1)),

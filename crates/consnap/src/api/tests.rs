@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode, header};
 use tower::ServiceExt;
 use yaml_rust2::{Yaml, YamlLoader};
 
-use super::board::{Board, Refusal, Shared};
+use super::board::{Board, BoardCell, Refusal};
 use super::server::{body_text, test_router};
 use super::{ROUTES, VmState};
 
@@ -38,8 +38,8 @@ fn documented() -> BTreeSet<(String, String)> {
     ops
 }
 
-fn shared() -> Arc<Shared> {
-    Arc::new(Shared::new(Board {
+fn cell() -> Arc<BoardCell> {
+    Arc::new(BoardCell::new(Board {
         state: VmState::Running,
         vcpus: 1,
         mem_bytes: 256 << 20,
@@ -61,7 +61,7 @@ fn send(method: &str, path: &str, body: &str) -> (StatusCode, Option<String>, St
             let _ = env.reply.send(Err(Refusal::Conflict("refused by the test".into())));
         }
     });
-    let app = test_router(shared(), tx, Arc::new(|| {}));
+    let app = test_router(cell(), tx, Arc::new(|| {}));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -192,7 +192,10 @@ impl Replicator {
         let url = client.url().to_string();
         let manifest = match client.get("MANIFEST")? {
             Some(text) => {
-                let m = Manifest::decode(&text).map_err(|why| RemoteError::BadManifest { url: url.clone(), why })?;
+                let m = Manifest::decode(&text).map_err(|source| RemoteError::DamagedManifest {
+                    url: url.clone(),
+                    source,
+                })?;
                 crate::fetch::check_key(&client, &m)?;
                 if m.store_uuid != uuid {
                     return Err(RemoteError::BadManifest {
