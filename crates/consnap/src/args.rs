@@ -27,6 +27,9 @@ pub enum ArgError {
     /// `--max-lag` that is neither a duration nor `never`.
     #[error("{0}, or 'never'")]
     NotALag(#[source] Box<ArgError>),
+    /// A `--disk` value with an unknown option.
+    #[error("--disk '{0}': the only option after the path is ',readonly' (PATH[,readonly])")]
+    DiskOption(String),
     /// A `--workload` spec the workload guest refuses (`why`: the spec
     /// parser's message; its error borrows the spec, so it is kept as text).
     #[error("invalid --workload '{spec}': {why}")]
@@ -36,6 +39,22 @@ pub enum ArgError {
         /// What is wrong with it.
         why: String,
     },
+}
+
+/// `--disk PATH[,readonly]`.
+pub fn disk(s: &str) -> Result<vmm::machine::DiskAttach, ArgError> {
+    let (path, readonly) = match s.rsplit_once(',') {
+        Some((p, "readonly")) => (p, true),
+        Some((_, _)) => return Err(ArgError::DiskOption(s.to_string())),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err(ArgError::DiskOption(s.to_string()));
+    }
+    Ok(vmm::machine::DiskAttach {
+        readonly,
+        ..vmm::machine::DiskAttach::new(path.into())
+    })
 }
 
 /// Longest duration any option accepts: one year (365 days). Longer ones

@@ -121,6 +121,12 @@ pub struct RestoreArgs {
     /// locally.
     #[arg(long)]
     pub lazy: bool,
+    /// Write the epoch's disk into this new image and run the VM on it
+    /// (repeatable: one per disk of the epoch, in order). The path must not
+    /// exist; the image the VM first ran on is never changed. With --lazy
+    /// the image fills from the store while the VM runs.
+    #[arg(long, value_name = "NEWPATH")]
+    pub disk: Vec<PathBuf>,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -212,13 +218,13 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, RestoreCmdError> {
     let (restored, pager) = if a.lazy {
         // cow snapshots share guest RAM's userfaultfd with the pager.
         let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
-        match snapshot::restore_lazy(&store, id, session::attach, for_cow) {
+        match snapshot::restore_lazy(&store, id, |c| session::attach(c, &a.disk), for_cow) {
             Ok((r, p)) => (r, Some(p)),
             Err(e) => return Err(refusal(&store, id, e)),
         }
     } else {
         let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
-        let restored = snapshot::restore(&store, id, session::attach, &mut |done, total| {
+        let restored = snapshot::restore(&store, id, |c| session::attach(c, &a.disk), &mut |done, total| {
             bar.update(done, total);
         });
         bar.finish();
@@ -289,7 +295,7 @@ fn restore_remote_lazy(
             *opened.lock().unwrap_or_else(|p| p.into_inner()) = Some((c.seconds, fetched));
             Ok(c.chain)
         },
-        session::attach,
+        |c| session::attach(c, &a.disk),
         for_cow,
     )
     .map_err(|source| RestoreCmdError::RemoteRefused {

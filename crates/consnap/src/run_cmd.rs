@@ -39,6 +39,11 @@ pub struct RunArgs {
     /// Number of vCPUs (1 to 4).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
+    /// Attach a raw disk image as a virtio-blk device (repeatable, in
+    /// order; `,readonly` for one the guest may only read). The image is
+    /// locked while the VM runs and captured in every snapshot with memory.
+    #[arg(long, value_name = "PATH[,readonly]", value_parser = args::disk)]
+    pub disk: Vec<vmm::machine::DiskAttach>,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -144,10 +149,11 @@ pub fn run(a: RunArgs) -> Result<i32, RunError> {
     let pre = session::preflight(&a.session)?;
     let started = Instant::now();
     let stdout = Box::new(std::io::stdout());
-    let attach = match plan.workload {
+    let mut attach = match plan.workload {
         Some(_) => guest::host::attach(stdout),
         None => vmm::machine::Attach::console(stdout),
     };
+    attach.disks = a.disk;
     let machine = Machine::boot(plan.mem, &plan.boot, attach)?;
     Ok(session::execute(machine, "run", &a.session, pre, None, started)?)
 }

@@ -478,14 +478,17 @@ fn serve_api(
     Ok(Some((ApiServer::start(listener, cell.clone(), tx, wake)?, rx)))
 }
 
-/// What a restored machine gets attached: the console on stdout, and for
-/// the workload guest its idle port and ops counter.
-pub fn attach(cfg: &vmm::state::MachineConfig) -> vmm::machine::Attach {
+/// What a restored machine gets attached: the console on stdout, for the
+/// workload guest its idle port and ops counter, and the new images its
+/// disks are restored into.
+pub fn attach(cfg: &vmm::state::MachineConfig, disks: &[std::path::PathBuf]) -> vmm::machine::Attach {
     let stdout = Box::new(std::io::stdout());
-    match guest::host::workload_of(cfg) {
+    let mut a = match guest::host::workload_of(cfg) {
         Some(_) => guest::host::attach(stdout),
         None => vmm::machine::Attach::console(stdout),
-    }
+    };
+    a.disks = disks.iter().cloned().map(vmm::machine::DiskAttach::new).collect();
+    a
 }
 
 /// Where a restored machine came from.
