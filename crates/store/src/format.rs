@@ -122,7 +122,7 @@ fn decode_regions(b: &[u8]) -> std::result::Result<Vec<RegionDesc>, String> {
     }
     (0..n)
         .map(|i| {
-            let at = REGIONS_AT + 8 + i * REGION_SIZE;
+            let at = REGIONS_AT + 16 + i * REGION_SIZE;
             let (kind, flags, bytes) = (le32(b, at), le32(b, at + 4), le64(b, at + 8));
             if kind != region_kind::DISK {
                 return Err(format!("region {} has unknown kind {kind} (known: 1 disk)", i + 1));
@@ -361,6 +361,8 @@ pub struct Header {
     pub sections: [Section; 5],
     /// Regions besides guest RAM (version 3), in region order from 1.
     pub regions: Vec<RegionDesc>,
+    /// Of the data pages, those of the regions (version 3; 0 otherwise).
+    pub region_pages_data: u64,
 }
 
 pub(crate) fn le32(b: &[u8], at: usize) -> u32 {
@@ -482,8 +484,9 @@ impl Header {
         }
         if self.version >= 3 {
             put(REGIONS_AT, &(self.regions.len() as u32).to_le_bytes());
+            put(REGIONS_AT + 8, &self.region_pages_data.to_le_bytes());
             for (i, r) in self.regions.iter().enumerate() {
-                let at = REGIONS_AT + 8 + i * REGION_SIZE;
+                let at = REGIONS_AT + 16 + i * REGION_SIZE;
                 put(at, &r.kind.to_le_bytes());
                 put(at + 4, &(if r.readonly { REGION_READONLY } else { 0 }).to_le_bytes());
                 put(at + 8, &r.bytes.to_le_bytes());
@@ -579,6 +582,7 @@ impl Header {
         } else {
             Vec::new()
         };
+        let region_pages_data = if version >= 3 { le64(b, REGIONS_AT + 8) } else { 0 };
         let (pages_data, pages_zero) = (le64(b, 88), le64(b, 96));
         let ram_pages = mem_size / PAGE as u64;
         let all = ram_pages + regions.iter().map(RegionDesc::units).sum::<u64>();
@@ -615,6 +619,11 @@ impl Header {
         } else {
             (Codec::None, 0, 0)
         };
+        if region_pages_data > pages_data {
+            return Err(corrupt(format!(
+                "epoch {id} says {region_pages_data} of its {pages_data} data pages are disk blocks"
+            )));
+        }
         if codec == Codec::None && frames != 0 {
             return Err(corrupt(format!("epoch {id} is not compressed but has {frames} frames")));
         }
@@ -674,6 +683,7 @@ impl Header {
             merged,
             sections,
             regions,
+            region_pages_data,
         })
     }
 

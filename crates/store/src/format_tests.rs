@@ -49,6 +49,7 @@ fn header() -> Header {
             },
         ],
         regions: Vec::new(),
+        region_pages_data: 0,
     }
 }
 
@@ -120,7 +121,7 @@ fn regions_make_version_3_and_count_in_the_pages_of_a_full_epoch() {
     none.version = 3;
     assert!(Header::decode(&none.encode(), p).is_err());
     let mut b = h.encode();
-    b[REGIONS_AT + 8] = 9;
+    b[REGIONS_AT + 16] = 9;
     let sum = checksum(&b[..SUM_AT]);
     b[SUM_AT..].copy_from_slice(&sum.to_le_bytes());
     let e = Header::decode(&b, p).unwrap_err().to_string();

@@ -177,7 +177,7 @@ fn check_frames(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Frame>
 fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>, String> {
     let ranges = header.unit_ranges();
     let mut index = Vec::with_capacity(bytes.len() / EXTENT_SIZE);
-    let (mut next_gfn, mut next_data, mut zero) = (0u64, 0u64, 0u64);
+    let (mut next_gfn, mut next_data, mut zero, mut region_data) = (0u64, 0u64, 0u64, 0u64);
     for (i, b) in bytes.chunks_exact(EXTENT_SIZE).enumerate() {
         let e = Extent::decode(b).ok_or_else(|| format!("index entry {i} has unknown kind {}", le32(b, 12)))?;
         if e.count == 0 {
@@ -217,7 +217,12 @@ fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>
                     e.data_page
                 ));
             }
-            ExtentKind::Data => next_data += u64::from(e.count),
+            ExtentKind::Data => {
+                next_data += u64::from(e.count);
+                if crate::format::region_of(e.gfn) != 0 {
+                    region_data += u64::from(e.count);
+                }
+            }
             ExtentKind::Zero if e.data_page != 0 => {
                 return Err(format!(
                     "index entry {i} is a zero extent with data page {} (must be 0)",
@@ -232,6 +237,12 @@ fn check_index(header: &Header, bytes: &[u8]) -> std::result::Result<Vec<Extent>
         return Err(format!(
             "index lists {next_data} data and {zero} zero pages, the header says {} and {}",
             header.pages_data, header.pages_zero
+        ));
+    }
+    if region_data != header.region_pages_data {
+        return Err(format!(
+            "index lists {region_data} data pages of disks, the header says {}",
+            header.region_pages_data
         ));
     }
     Ok(index)

@@ -105,6 +105,8 @@ pub struct EpochWriter {
     extents: Vec<Extent>,
     sums: Vec<u64>,
     pages_zero: u64,
+    /// Data pages of regions (disks) so far.
+    region_pages_data: u64,
     next_gfn: u64,
     packer: Option<Packer>,
     merged: u64,
@@ -143,6 +145,7 @@ impl EpochWriter {
             extents: Vec::new(),
             sums: Vec::new(),
             pages_zero: 0,
+            region_pages_data: 0,
             next_gfn: 0,
             packer: None,
             merged: 0,
@@ -328,6 +331,9 @@ impl EpochWriter {
         for (gfn, page) in gfns.zip(bytes.chunks_exact(PAGE)) {
             let data_page = self.sums.len() as u64;
             self.sums.push(checksum(page));
+            if crate::format::region_of(gfn) != 0 {
+                self.region_pages_data += 1;
+            }
             self.push(gfn, 1, ExtentKind::Data, data_page);
         }
     }
@@ -499,6 +505,7 @@ impl EpochWriter {
             frames: frames.len() as u64,
             merged: self.merged,
             regions: self.meta.regions.clone(),
+            region_pages_data: self.region_pages_data,
             sections: [
                 state,
                 Section {
