@@ -97,6 +97,20 @@ pub fn inspect(a: InspectArgs) -> Result<i32, InspectError> {
         }
         Err(e) => o += &format!("  machine state cannot be decoded: {e}\n"),
     }
+    for (i, r) in h.regions.iter().enumerate() {
+        o += &format!(
+            "  disk {i}: {} ({} bytes){}\n",
+            human(r.bytes),
+            r.bytes,
+            if r.readonly { ", read-only" } else { "" }
+        );
+    }
+    if !h.regions.is_empty() {
+        o += &format!(
+            "  of the page data, {} are disk blocks\n",
+            human(h.region_pages_data * store::PAGE as u64)
+        );
+    }
     if h.progress != u64::MAX {
         o += &format!("  guest ops at capture: {}\n", h.progress);
     }

@@ -66,6 +66,8 @@ pub struct Row {
     pub zero_pages: u64,
     /// File size.
     pub bytes: u64,
+    /// Of the page data, bytes of disk blocks (the VM's disks).
+    pub disk_bytes: u64,
     /// Guest downtime.
     pub pause_us: f64,
     /// Ops the workload guest had done.
@@ -251,6 +253,7 @@ fn row_of(id: u64, file: String, h: &store::Header, bytes: u64) -> Row {
         pages: h.pages_data,
         zero_pages: h.pages_zero,
         bytes,
+        disk_bytes: h.region_pages_data * store::PAGE as u64,
         pause_us: h.pause_ns as f64 / 1e3,
         guest_ops: (h.progress != u64::MAX).then_some(h.progress),
         compression: h.codec.name().into(),
@@ -369,8 +372,8 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
     } else {
         writeln!(
             out,
-            "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>5}  TIER",
-            "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "PAUSE", "GUEST OPS", "FILES",
+            "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>5}  TIER",
+            "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "DISK", "PAUSE", "GUEST OPS", "FILES",
         )?;
         for r in rows {
             let id = r.id.map_or_else(|| "-".to_string(), |i| i.to_string());
@@ -381,7 +384,7 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
             }
             writeln!(
                 out,
-                "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>5}  {}",
+                "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>5}  {}",
                 id,
                 r.parent.map_or("-".to_string(), |p| {
                     if r.parent_missing {
@@ -396,6 +399,7 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
                 r.pages,
                 r.zero_pages,
                 human(r.bytes),
+                if r.disk_bytes > 0 { human(r.disk_bytes) } else { "-".into() },
                 format!("{:.1}ms", r.pause_us / 1e3),
                 r.guest_ops.map_or("-".to_string(), |o| o.to_string()),
                 r.chain.map_or("-".to_string(), |c| c.to_string()),

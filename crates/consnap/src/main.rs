@@ -8,6 +8,7 @@ mod compact_cmd;
 mod control;
 mod ctl_cmd;
 mod demo_cmd;
+mod export_cmd;
 mod inspect_cmd;
 mod lazy_watch;
 mod live;
@@ -55,6 +56,8 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Check every checksum and index of a snapshot directory.
     Verify(verify_cmd::VerifyArgs),
+    /// Write the disks of a snapshot into new images, without running the VM.
+    Export(export_cmd::ExportArgs),
     /// Reclaim space in a snapshot directory no process is writing.
     Compact(compact_cmd::CompactArgs),
     /// Measure the capture modes against runs without snapshots and against
@@ -98,6 +101,8 @@ enum CliError {
     Compact(#[from] compact_cmd::CompactError),
     #[error(transparent)]
     Bench(#[from] bench_cmd::BenchCmdError),
+    #[error(transparent)]
+    ExportDisks(#[from] export_cmd::ExportError),
     /// `guest export` cannot write the ELF.
     #[error("cannot write {path}: {source}")]
     Export {
@@ -117,6 +122,7 @@ fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Ctl(a) => ctl_cmd::ctl(a)?,
         Command::Inspect(a) => inspect_cmd::inspect(a)?,
         Command::Verify(a) => verify_cmd::verify(a)?,
+        Command::Export(a) => export_cmd::export(a)?,
         Command::Compact(a) => compact_cmd::compact(a)?,
         Command::Bench(a) => bench_cmd::bench(a)?,
         Command::Guest {

@@ -147,8 +147,13 @@ fn refusal(store: &Store, id: u64, e: snapshot::RestoreError) -> RestoreCmdError
 /// The newest epoch to restore instead of `id`, which failed with `e`.
 fn fallback(store: &Store, id: u64, e: &snapshot::RestoreError) -> Fallback {
     // Not damage: another epoch would fail the same way (and each check
-    // would walk a chain that long again).
-    if matches!(e, snapshot::RestoreError::Store(store::StoreError::ChainTooLong { .. })) {
+    // would walk a chain that long again), or the options are at fault.
+    if matches!(
+        e,
+        snapshot::RestoreError::Store(store::StoreError::ChainTooLong { .. })
+            | snapshot::RestoreError::Disks { .. }
+            | snapshot::RestoreError::Disk { .. }
+    ) {
         return Fallback::Unsought;
     }
     let damaged = match e {

@@ -74,9 +74,15 @@ pub fn attach(serial_out: Box<dyn Write + Send>) -> Attach {
 }
 
 /// The workload spec of a machine that runs the workload guest (its
-/// command line), `None` for any other kernel.
+/// command line without the words that announce devices), `None` for any
+/// other kernel.
 pub fn workload_of(cfg: &MachineConfig) -> Option<String> {
-    (cfg.kernel == KERNEL_NAME).then(|| cfg.cmdline.clone()).flatten()
+    let cmdline = cfg.cmdline.as_deref().filter(|_| cfg.kernel == KERNEL_NAME)?;
+    let words: Vec<&str> = cmdline
+        .split_whitespace()
+        .filter(|w| !w.starts_with("virtio_mmio."))
+        .collect();
+    Some(words.join(" "))
 }
 
 #[cfg(test)]
