@@ -25,7 +25,9 @@ pub enum ExportError {
     #[error("give --disk-out PATH for each disk of the epoch, in order (`consnap inspect DIR ID` lists them)")]
     NoOutput,
     /// An object store.
-    #[error("{0}: export reads a local snapshot directory; restore the epoch from the object store with `consnap restore --cache DIR` first, or export from the directory the run wrote")]
+    #[error(
+        "{0}: export reads a local snapshot directory; restore the epoch from the object store with `consnap restore --cache DIR` first, or export from the directory the run wrote"
+    )]
     Remote(String),
 }
 

@@ -373,7 +373,18 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
         writeln!(
             out,
             "{:>6} {:>6}  {:<23}  {:<14} {:<4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>5}  TIER",
-            "ID", "PARENT", "TIME (UTC)", "MODE", "KIND", "PAGES", "ZERO", "BYTES", "DISK", "PAUSE", "GUEST OPS", "FILES",
+            "ID",
+            "PARENT",
+            "TIME (UTC)",
+            "MODE",
+            "KIND",
+            "PAGES",
+            "ZERO",
+            "BYTES",
+            "DISK",
+            "PAUSE",
+            "GUEST OPS",
+            "FILES",
         )?;
         for r in rows {
             let id = r.id.map_or_else(|| "-".to_string(), |i| i.to_string());
@@ -399,7 +410,11 @@ pub fn print(rows: &[Row], json: bool) -> std::io::Result<()> {
                 r.pages,
                 r.zero_pages,
                 human(r.bytes),
-                if r.disk_bytes > 0 { human(r.disk_bytes) } else { "-".into() },
+                if r.disk_bytes > 0 {
+                    human(r.disk_bytes)
+                } else {
+                    "-".into()
+                },
                 format!("{:.1}ms", r.pause_us / 1e3),
                 r.guest_ops.map_or("-".to_string(), |o| o.to_string()),
                 r.chain.map_or("-".to_string(), |c| c.to_string()),

@@ -16,6 +16,7 @@ mod bench_quick;
 mod boot;
 mod cow;
 mod demo;
+mod disk;
 mod guest_time;
 mod lazy;
 mod linux;

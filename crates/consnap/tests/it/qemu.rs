@@ -179,7 +179,15 @@ fn run_disk_guest_on_consnap(dir: &Path, spec: &str, smp: u32, bytes: u64) -> (S
     let report = dir.join("consnap.json");
     run_ok(
         consnap()
-            .args(["run", "--workload", spec, "--vcpus", &smp.to_string(), "--pause-probe", "0"])
+            .args([
+                "run",
+                "--workload",
+                spec,
+                "--vcpus",
+                &smp.to_string(),
+                "--pause-probe",
+                "0",
+            ])
             .arg("--disk")
             .arg(&image)
             .arg("--report")
@@ -218,7 +226,10 @@ fn disk_workload_matches_reference(name: &str, spec: &str) {
         );
         assert!(rest.iter().all(|b| *b == 0), "{spec}: written beyond dsize");
         let (on_consnap, consnap_image) = run_disk_guest_on_consnap(&dir, &spec, smp, image_bytes);
-        assert_eq!(on_consnap, checksum, "{spec} on {smp} vCPU(s): consnap and QEMU disagree");
+        assert_eq!(
+            on_consnap, checksum,
+            "{spec} on {smp} vCPU(s): consnap and QEMU disagree"
+        );
         assert!(
             consnap_image == image,
             "{spec} on {smp} vCPU(s): consnap leaves another disk image than QEMU"

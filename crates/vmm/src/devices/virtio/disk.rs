@@ -125,6 +125,43 @@ pub struct DiskImage {
     /// copying them aside first.
     #[cfg(feature = "testing")]
     skip_copy: std::sync::atomic::AtomicBool,
+    /// Test hook: fail some writes or flushes (`CONSNAP_TEST_DISK_FAULT`).
+    #[cfg(feature = "testing")]
+    faults: Faults,
+}
+
+/// Test hook (feature `testing`): `CONSNAP_TEST_DISK_FAULT=write:N` or
+/// `flush:N` makes the Nth write or flush of every image fail with EIO, as
+/// a failing host disk would.
+#[cfg(feature = "testing")]
+#[derive(Debug, Default)]
+struct Faults {
+    write_at: Option<u64>,
+    flush_at: Option<u64>,
+    writes: std::sync::atomic::AtomicU64,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(feature = "testing")]
+impl Faults {
+    fn from_env() -> Faults {
+        let v = std::env::var("CONSNAP_TEST_DISK_FAULT").unwrap_or_default();
+        let at = |what: &str| v.strip_prefix(what).and_then(|n| n.parse().ok());
+        Faults {
+            write_at: at("write:"),
+            flush_at: at("flush:"),
+            ..Faults::default()
+        }
+    }
+
+    /// Count one more operation; whether it is the one to fail.
+    fn hit(count: &std::sync::atomic::AtomicU64, at: Option<u64>) -> io::Result<()> {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if at == Some(n) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
 }
 
 impl DiskImage {
@@ -137,15 +174,18 @@ impl DiskImage {
             .write(!readonly)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                hint: match source.raw_os_error() {
-                    Some(libc::EACCES | libc::EROFS | libc::EPERM) if !readonly => {
-                        " for writing (attach it with `,readonly` if the guest only reads it)"
-                    }
-                    _ => "",
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EISDIR) => DiskError::NotAFile(path.to_path_buf()),
+                _ => DiskError::Open {
+                    path: path.to_path_buf(),
+                    hint: match source.raw_os_error() {
+                        Some(libc::EACCES | libc::EROFS | libc::EPERM) if !readonly => {
+                            " for writing (attach it with `,readonly` if the guest only reads it)"
+                        }
+                        _ => "",
+                    },
+                    source,
                 },
-                source,
             })?;
         let meta = file.metadata().map_err(|source| DiskError::Io {
             path: path.to_path_buf(),
@@ -189,6 +229,8 @@ impl DiskImage {
             }),
             #[cfg(feature = "testing")]
             skip_copy: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "testing")]
+            faults: Faults::from_env(),
         })
     }
 
@@ -346,11 +388,15 @@ impl DiskImage {
             }
             t.dirty.set_span(units.start, units.end);
         }
+        #[cfg(feature = "testing")]
+        Faults::hit(&self.faults.writes, self.faults.write_at)?;
         self.file.write_all_at(data, offset)
     }
 
     /// Make every completed write durable on the host.
     pub fn flush(&self) -> io::Result<()> {
+        #[cfg(feature = "testing")]
+        Faults::hit(&self.faults.flushes, self.faults.flush_at)?;
         self.file.sync_data()
     }
 
