@@ -341,7 +341,7 @@ pub struct Header {
     pub vcpus: u32,
     /// Guest RAM bytes.
     pub mem_size: u64,
-    /// Ops the workload guest had published (u64::MAX if unknown).
+    /// The machine's progress counter at capture (u64::MAX if none).
     pub progress: u64,
     /// Pages stored with data.
     pub pages_data: u64,

@@ -9,6 +9,7 @@
 
 mod codec;
 mod kvm;
+mod records;
 mod virtio_codec;
 
 use kvm_bindings::{

@@ -5,7 +5,7 @@
 
 use virtio_queue::QueueState;
 
-use super::codec::{Enc, Reader};
+use super::records::{Enc, Reader};
 use super::{StateError, VirtioDeviceState, VirtioState};
 use crate::devices::virtio::block::BlockState;
 use crate::devices::virtio::mmio::TransportState;

@@ -135,7 +135,7 @@ impl Default for CowOptions {
     }
 }
 
-/// EpochCounters for one epoch.
+/// Counters for one epoch.
 #[derive(Debug, Default)]
 pub(crate) struct EpochCounters {
     pub faults: AtomicU64,
@@ -217,7 +217,7 @@ impl CaptureAt {
     };
 }
 
-/// CowState by the strategy, the saver and the fault handler.
+/// Shared by the strategy, the saver and the fault handler.
 pub(crate) struct CowState {
     pub uffd: Arc<Uffd>,
     pub ram: Arc<GuestRam>,

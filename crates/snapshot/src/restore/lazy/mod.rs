@@ -30,6 +30,7 @@ use vmm::memory::GuestRam;
 use vmm::state::MachineConfig;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use self::pager::PagerError;
 pub(crate) use self::pager::WpSink;
 use self::pager::{CLUSTER, FILL_PAGES, HUGE_FRAMES, Pager, Span};
 use crate::pages::PAGE;
@@ -83,7 +84,7 @@ impl std::fmt::Debug for LazyPager {
 impl LazyPager {
     /// Why the VM must stop: a page failed its checksum or could not be
     /// read or installed, or a pager thread died.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Arc<PagerError>> {
         if !self.pager.failed.load(Ordering::SeqCst) {
             return None;
         }
@@ -110,7 +111,7 @@ impl LazyPager {
         self.pager.resident_ns.load(Ordering::SeqCst) > 0
     }
 
-    /// PagerCounters so far.
+    /// Counters so far.
     pub fn stats(&self) -> LazyStats {
         let c = &self.pager.counters;
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -343,7 +344,10 @@ fn spawn_worker(name: &'static str, nice: i32, pager: &Arc<Pager>, stop: &EventF
                 }
             });
             if let Err(e) = std::panic::catch_unwind(body) {
-                p.fail(format!("the {name} thread panicked: {}", panic_message(&*e)));
+                p.fail(PagerError::Panicked {
+                    thread: name,
+                    message: panic_message(&*e),
+                });
             }
         })
         .map_err(|e| format!("cannot start the {name} thread: {e}"))
@@ -359,14 +363,17 @@ fn serve_faults(p: &Pager, stop: &EventFd) {
             Ok((false, false)) => continue,
             Ok((true, false)) => {}
             Err(e) => {
-                p.fail(format!("polling the userfaultfd: {e}"));
+                p.fail(PagerError::Uffd {
+                    what: "polling",
+                    source: e,
+                });
                 return;
             }
         }
         let n = match p.uffd.read_events(&mut events) {
             Ok(n) => n,
             Err(e) => {
-                p.fail(format!("reading userfaultfd events: {e}"));
+                p.fail(PagerError::Events(e));
                 return;
             }
         };
@@ -399,10 +406,8 @@ fn serve_faults(p: &Pager, stop: &EventFd) {
 /// Serve a fault at host address `addr`: its page first, then the rest of
 /// its cluster. Pages another thread claimed are left to it (its install
 /// wakes the faulting thread).
-fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
-    let gfn = p
-        .gfn_of(addr)
-        .ok_or_else(|| format!("a fault at {addr:#x}, outside guest RAM"))?;
+fn serve_one(p: &Pager, addr: u64, buf: &mut Vec<u8>) -> Result<u64, PagerError> {
+    let gfn = p.gfn_of(addr).ok_or(PagerError::FaultOutside(addr))?;
     if p.release_region(gfn)? {
         return Ok(0);
     }

@@ -29,7 +29,74 @@ pub(crate) struct Span {
     pub len: u64,
 }
 
-/// PagerCounters of a lazy restore.
+/// Why a lazy restore stops the VM; each names the page, frame or thread.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    /// An address outside guest RAM.
+    #[error("guest frame {0:#x} is not guest RAM")]
+    NotRam(u64),
+    /// A fault outside guest RAM.
+    #[error("a fault at {0:#x}, outside guest RAM")]
+    FaultOutside(u64),
+    /// Installing pages failed.
+    #[error("installing {what} at guest frame {gfn:#x}: {source}")]
+    Install {
+        /// Data or zero pages.
+        what: &'static str,
+        /// Where.
+        gfn: u64,
+        /// Cause.
+        source: uffd::UffdError,
+    },
+    /// Handing an empty region back to the kernel failed.
+    #[error("handing the empty region at guest frame {gfn:#x} back to the kernel: {source}")]
+    Release {
+        /// Where.
+        gfn: u64,
+        /// Cause.
+        source: uffd::UffdError,
+    },
+    /// A page failed its checksum or could not be read: it was refused.
+    #[error("epoch {epoch}: {source}; the guest never ran on that page")]
+    Refused {
+        /// The epoch whose page it is.
+        epoch: u64,
+        /// Why.
+        source: StoreError,
+    },
+    /// Forwarding a write-protect fault to the cow fault handler failed.
+    #[error("waking the cow fault handler: {0}")]
+    Wake(std::io::Error),
+    /// Lifting write protection failed.
+    #[error("lifting write protection at {addr:#x}: {source}")]
+    Unprotect {
+        /// Where.
+        addr: u64,
+        /// Cause.
+        source: uffd::UffdError,
+    },
+    /// Reading the userfaultfd failed.
+    #[error("{what} the userfaultfd: {source}")]
+    Uffd {
+        /// Polling or reading.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Reading the userfaultfd's events failed.
+    #[error("reading events from the userfaultfd: {0}")]
+    Events(uffd::UffdError),
+    /// A pager thread panicked.
+    #[error("the {thread} thread panicked: {message}")]
+    Panicked {
+        /// Which thread.
+        thread: &'static str,
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// Counters of a lazy restore.
 #[derive(Debug, Default)]
 pub(crate) struct PagerCounters {
     pub faults: AtomicU64,
@@ -84,7 +151,7 @@ pub(crate) struct Pager {
     /// Fault service times, µs.
     pub latencies: Mutex<Vec<u32>>,
     /// The first failure (a page that fails its checksum, an I/O error).
-    pub failure: Mutex<Option<String>>,
+    pub failure: Mutex<Option<Arc<PagerError>>>,
     /// Host ranges claimed but never installed because they failed:
     /// whoever touches them waits until [`Pager::release_refused`].
     refused: Mutex<Vec<(u64, u64)>>,
@@ -131,11 +198,11 @@ impl Pager {
     }
 
     /// Record the first failure.
-    pub(crate) fn fail(&self, why: String) {
+    pub(crate) fn fail(&self, why: PagerError) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             tracing::error!(%why, "lazy restore failed");
-            *f = Some(why);
+            *f = Some(Arc::new(why));
         }
         self.failed.store(true, Ordering::SeqCst);
     }
@@ -188,21 +255,23 @@ impl Pager {
     /// Install the pages of `[gfn, gfn + count)` that nobody claimed yet,
     /// all within `run`: read and verify them into `buf`, then copy them
     /// in (zero runs become zero pages). Returns pages installed.
-    pub(crate) fn install(&self, run: &Run, gfn: u64, count: u64, buf: &mut Vec<u8>) -> Result<u64, String> {
+    pub(crate) fn install(&self, run: &Run, gfn: u64, count: u64, buf: &mut Vec<u8>) -> Result<u64, PagerError> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if gate.released {
             return Ok(0);
         }
         let mut done = 0;
         for (g, n) in self.claim_range(gfn, count) {
-            let host = self
-                .host_of(g)
-                .ok_or_else(|| format!("guest frame {g:#x} is not guest RAM"))?;
+            let host = self.host_of(g).ok_or(PagerError::NotRam(g))?;
             let len = n * PAGE as u64;
             match run.source {
                 Source::Zero => {
                     self.install_zeros(host, len, gate.protect)
-                        .map_err(|e| format!("installing zero pages at guest frame {g:#x}: {e}"))?;
+                        .map_err(|source| PagerError::Install {
+                            what: "zero pages",
+                            gfn: g,
+                            source,
+                        })?;
                     self.counters.zero_pages.fetch_add(n, Ordering::Relaxed);
                 }
                 Source::Data { epoch, page } => {
@@ -212,8 +281,13 @@ impl Pager {
                     if r.read_pages(first, buf).is_ok() {
                         self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
                         // SAFETY: `buf` holds `len` readable bytes for the call.
-                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, gate.protect) }
-                            .map_err(|e| format!("installing pages at guest frame {g:#x}: {e}"))?;
+                        unsafe { self.uffd.copy(host, buf.as_ptr(), len, gate.protect) }.map_err(|source| {
+                            PagerError::Install {
+                                what: "pages",
+                                gfn: g,
+                                source,
+                            }
+                        })?;
                     } else {
                         // Page by page: install the good ones, refuse the bad.
                         self.install_each(r, first, host, n, buf, gate.protect)?;
@@ -233,7 +307,7 @@ impl Pager {
     /// region of zero-page mappings has nothing writable to collapse).
     /// Not with cow snapshots sharing the userfaultfd: their write
     /// protection needs the region registered. Returns whether it did.
-    pub(crate) fn release_region(&self, gfn: u64) -> Result<bool, String> {
+    pub(crate) fn release_region(&self, gfn: u64) -> Result<bool, PagerError> {
         let region = gfn / HUGE_FRAMES;
         if self.for_cow || self.data_regions.contains(&region) {
             return Ok(false);
@@ -247,14 +321,14 @@ impl Pager {
             .spans
             .iter()
             .find(|s| gpa >= s.gpa && gpa < s.gpa + s.len)
-            .ok_or_else(|| format!("guest frame {gfn:#x} is not guest RAM"))?;
+            .ok_or(PagerError::NotRam(gfn))?;
         let from = (region * HUGE_FRAMES * PAGE as u64).max(span.gpa);
         let to = ((region + 1) * HUGE_FRAMES * PAGE as u64).min(span.gpa + span.len);
         // Nobody installs there afterwards (the fill skips such regions).
         let _ = self.claim_range(from / PAGE as u64, (to - from) / PAGE as u64);
         self.uffd
             .unregister(span.host + (from - span.gpa), to - from)
-            .map_err(|e| format!("handing the empty region at guest frame {gfn:#x} back to the kernel: {e}"))?;
+            .map_err(|source| PagerError::Release { gfn, source })?;
         self.counters.zero_regions.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
@@ -286,19 +360,17 @@ impl Pager {
 
     /// Hand a write-protect fault at `addr` to the cow fault handler, or,
     /// with none running, lift the protection (nothing needs the page saved).
-    pub(crate) fn forward_wp(&self, addr: u64) -> Result<(), String> {
+    pub(crate) fn forward_wp(&self, addr: u64) -> Result<(), PagerError> {
         let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         match &*sink {
             Some(s) => {
                 s.queue.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
-                s.wake
-                    .write(1)
-                    .map_err(|e| format!("waking the cow fault handler: {e}"))
+                s.wake.write(1).map_err(PagerError::Wake)
             }
             None => self
                 .uffd
                 .unprotect(addr & !(PAGE as u64 - 1), PAGE as u64, true)
-                .map_err(|e| format!("lifting write protection at {addr:#x}: {e}")),
+                .map_err(|source| PagerError::Unprotect { addr, source }),
         }
     }
 }
@@ -314,7 +386,7 @@ impl Pager {
         n: u64,
         buf: &mut [u8],
         protect: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), PagerError> {
         let mut bad = None;
         for i in 0..n {
             let page = &mut buf[..PAGE];
@@ -323,15 +395,23 @@ impl Pager {
                 Ok(()) => {
                     self.counters.bytes_read.fetch_add(PAGE as u64, Ordering::Relaxed);
                     // SAFETY: `page` holds one readable page for the call.
-                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, protect) }
-                        .map_err(|e| format!("installing a page at {at:#x}: {e}"))?;
+                    unsafe { self.uffd.copy(at, page.as_ptr(), PAGE as u64, protect) }.map_err(|source| {
+                        PagerError::Install {
+                            what: "a page",
+                            gfn: self.gfn_of(at).unwrap_or(0),
+                            source,
+                        }
+                    })?;
                 }
                 Err(e) => {
                     self.refused
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push((at, PAGE as u64));
-                    bad.get_or_insert_with(|| describe(r, e));
+                    bad.get_or_insert(PagerError::Refused {
+                        epoch: r.header().id,
+                        source: e,
+                    });
                 }
             }
         }
@@ -398,9 +478,4 @@ impl Pager {
             }
         }
     }
-}
-
-/// A page that cannot be used: name the epoch and the page.
-fn describe(r: &EpochReader, e: StoreError) -> String {
-    format!("epoch {}: {e}; the guest never ran on that page", r.header().id)
 }

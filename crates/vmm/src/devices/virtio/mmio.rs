@@ -18,7 +18,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Pauser;
+use super::pause::Pauser;
 use super::{INT_USED, Interrupt, VirtioDevice};
 use crate::devices::{BusDevice, DeviceError, IoOutcome};
 use crate::memory::GuestRam;

@@ -14,6 +14,7 @@
 pub mod block;
 pub mod disk;
 pub mod mmio;
+pub(crate) mod pause;
 pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
