@@ -30,6 +30,9 @@ pub enum BenchError {
         #[source]
         source: crate::ConsnapRunError,
     },
+    /// A disk throughput run failed.
+    #[error(transparent)]
+    DiskIo(#[from] crate::disk_io::DiskIoError),
     /// A plot of the report could not be drawn.
     #[error("{file}: {source}")]
     Plot {

@@ -10,6 +10,7 @@
 //! plots are generated from those lines alone.
 
 mod consnap_run;
+pub mod disk_io;
 pub mod error;
 pub mod matrix;
 mod plot;
@@ -153,8 +154,12 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
         let ops = match calib.get(&ckey) {
             Some(&ops) => ops,
             None => {
-                let rate = match rates.get(&g.workload.name) {
-                    Some(&r) => r,
+                let rate = match rates
+                    .get(&g.workload.name)
+                    .copied()
+                    .or_else(|| paced_rate(&g.workload.spec, opts.vcpus))
+                {
+                    Some(r) => r,
                     None => {
                         let guess = guess_ops(&g.workload.spec);
                         let r = consnap_run::calibrate(&ctx, &g.workload.spec, guess).map_err(|source| {
@@ -287,6 +292,21 @@ fn say(log: &mut std::fs::File, msg: &str) {
     let _ = writeln!(log, "{} {msg}", results::now_rfc3339());
 }
 
+/// The op rate a paced workload (`rate=`) keeps by construction, over
+/// `vcpus` vCPUs; `None` for one that runs flat out. A paced workload is
+/// sized from it rather than from a calibration run: beside other busy
+/// work, a short calibration run measured a fraction of it (its first
+/// hundreds of milliseconds fault its working set in), and the matrix's runs
+/// then ended before their first snapshot at 1 s.
+fn paced_rate(spec: &str, vcpus: u32) -> Option<f64> {
+    let s = workload::Spec::parse(&matrix::guest_words(spec)).ok()?;
+    let per_vcpu = match s.kind {
+        workload::Kind::Ftp => s.rate / s.chunk.max(1),
+        _ => s.rate,
+    };
+    (per_vcpu > 0).then(|| per_vcpu as f64 * f64::from(vcpus.max(1)))
+}
+
 /// A first guess of ops for a calibration run of about a second.
 fn guess_ops(spec: &str) -> u64 {
     let words = matrix::guest_words(spec);
@@ -300,6 +320,7 @@ fn guess_ops(spec: &str) -> u64 {
         (workload::Kind::Ftp, _) => 15_000,
         (workload::Kind::Memstress, _) => 2_000_000,
         (workload::Kind::Dblog, _) => 20_000,
+        (workload::Kind::Diskio, _) => 2_000,
     };
     per_s.max(1) * 3 / 2
 }
@@ -313,4 +334,16 @@ fn commit() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paced_workloads_are_sized_by_their_rate() {
+        assert_eq!(super::paced_rate("memstress,wss=256M,rate=25000", 1), Some(25_000.0));
+        assert_eq!(super::paced_rate("memstress,wss=256M,rate=25000", 2), Some(50_000.0));
+        assert_eq!(super::paced_rate("ftp,wss=256M,rate=100M", 1), Some(1600.0));
+        assert_eq!(super::paced_rate("memstress,wss=256M", 1), None);
+        assert_eq!(super::paced_rate("build", 1), None);
+    }
 }

@@ -210,6 +210,13 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         opts.results.display()
     );
     machines(&mut d, &all);
+    // The disk throughput table has a command and a page of its own.
+    if opts.doc.with_file_name("DISK-IO.md").exists() {
+        let _ = writeln!(
+            d,
+            "The guest's disk throughput on consnap's virtio-blk against QEMU's is in [DISK-IO.md](DISK-IO.md) (`consnap bench --disk-io --doc docs/DISK-IO.md`).\n"
+        );
+    }
     method(&mut d, opts, all.iter().filter(|r| r.stopped_s.is_some()).count());
     headline(&mut d, &cells);
     let _ = writeln!(d, "## Loss per workload\n");

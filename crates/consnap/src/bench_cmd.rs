@@ -82,13 +82,55 @@ pub struct BenchArgs {
     /// Only write the report again from the results.
     #[arg(long)]
     pub render_only: bool,
+    /// Instead of the matrix: the guest's disk throughput on consnap's
+    /// virtio-blk against QEMU's (sequential 1 MiB and random 4 KiB, read
+    /// and write, no snapshots), each --repeats times (default 3); prints a
+    /// Markdown table and writes it to RESULTS/DISK-IO.md.
+    #[arg(long)]
+    pub disk_io: bool,
 }
 
 fn mem(s: &str) -> Result<String, ArgError> {
     args::size(s).map(|_| s.to_string())
 }
 
+/// `--disk-io`: the throughput table.
+fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
+    let results = a
+        .results
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("bench-results/disk-io"));
+    let scratch = results.join("scratch");
+    std::fs::create_dir_all(&scratch).map_err(|e| bench::BenchError::Io {
+        path: scratch.clone(),
+        source: e,
+    })?;
+    let exe = std::env::current_exe().map_err(BenchCmdError::Exe)?;
+    let elf = scratch.join("guest.elf");
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if qemu {
+        std::fs::write(&elf, guest::GUEST_ELF).map_err(|e| bench::BenchError::Io {
+            path: elf.clone(),
+            source: e,
+        })?;
+    }
+    let repeats = a.repeats.unwrap_or(3).max(1);
+    let rows = bench::disk_io::measure(&exe, qemu.then_some(elf.as_path()), &scratch, repeats)?;
+    let table = bench::disk_io::table(&rows, repeats);
+    print!("{table}");
+    let doc = a.doc.clone().unwrap_or_else(|| results.join("DISK-IO.md"));
+    std::fs::write(&doc, &table).map_err(|e| bench::BenchError::Io { path: doc, source: e })?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(0)
+}
+
 pub fn bench(a: BenchArgs) -> Result<i32, BenchCmdError> {
+    if a.disk_io {
+        return disk_io(&a);
+    }
     let mut matrix = if a.quick {
         bench::Matrix::quick()
     } else {

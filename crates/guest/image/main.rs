@@ -416,17 +416,25 @@ fn calibrate_tsc() -> u64 {
     cycles * PIT_HZ / u64::from(COUNT)
 }
 
+/// Clock ticks each CPU took from its first op to its last (diskio).
+static PHASE_TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
 struct GuestEnv {
     cpu: usize,
     rate: u64,
     hz: u64,
     start: u64,
+    /// Time the ops (diskio's throughput).
+    timed: bool,
 }
 
 impl Env for GuestEnv {
     #[inline]
     fn step(&mut self, ops: u64, units: u64) {
         STATUS.ops_done[self.cpu].store(ops, Relaxed);
+        if self.timed {
+            PHASE_TICKS[self.cpu].store(ticks(self.cpu).saturating_sub(self.start), Relaxed);
+        }
         if self.rate != 0 {
             let due = self.start + (u128::from(units) * u128::from(self.hz) / u128::from(self.rate)) as u64;
             // Ahead of the rate: sleep in the VMM (idle port), at least
@@ -463,6 +471,7 @@ fn run_cpu(cpu: u32, spec: &Spec) {
         rate: spec.rate,
         hz: TICK_HZ.load(Acquire),
         start: ticks(cpu as usize),
+        timed: spec.kind == workload::Kind::Diskio,
     };
     let mut disk = virtio::GuestDisk { cpu: cpu as usize };
     let disk: Option<&mut dyn workload::Disk> = if spec.uses_disk() { Some(&mut disk) } else { None };
@@ -503,7 +512,7 @@ fn bsp_main(start_info: u64) -> ! {
     if kvmclock {
         TICK_HZ.store(1_000_000_000, Relaxed);
         KVMCLOCK.store(true, Release);
-    } else if spec.rate != 0 {
+    } else if spec.rate != 0 || spec.kind == workload::Kind::Diskio {
         TICK_HZ.store(calibrate_tsc(), Relaxed);
     }
     if spec.rate != 0 {
@@ -554,6 +563,21 @@ fn bsp_main(start_info: u64) -> ! {
     if spec.uses_disk() {
         let (requests, waits) = virtio::stats();
         say!("virtio-blk: {requests} requests, {waits} waits for an interrupt");
+    }
+    if spec.kind == workload::Kind::Diskio {
+        // Throughput of the I/O phase: every CPU's ops, over the longest
+        // CPU's time from its first op to its last.
+        let hz = TICK_HZ.load(Relaxed).max(1);
+        let slowest = (0..ncpus as usize).map(|i| PHASE_TICKS[i].load(Relaxed)).max().unwrap_or(0);
+        let us = (u128::from(slowest) * 1_000_000 / u128::from(hz)) as u64;
+        let bytes = total.ops.saturating_mul(spec.chunk);
+        say!(
+            "diskio {} {} chunk={}: {bytes} bytes in {us} us, {} MB/s",
+            if spec.io_write { "write" } else { "read" },
+            spec.pattern.name(),
+            spec.chunk,
+            if us == 0 { 0 } else { bytes / us }
+        );
     }
     say!(
         "done workload={} cpus={ncpus} ops={} checksum={:#018x} errors={}",

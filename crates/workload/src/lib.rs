@@ -16,6 +16,7 @@ pub mod abi;
 mod compile;
 mod dblog;
 pub mod disk;
+mod diskio;
 mod ftp;
 pub mod hash;
 mod memstress;
@@ -139,8 +140,8 @@ pub fn run_share(share: &Share, mem: &mut [u64], env: &mut dyn Env, disk: Option
             Kind::Memstress => memstress::run(share, mem, env),
             Kind::Build => compile::run(share, mem, env, None),
             Kind::Ftp => ftp::run(share, mem, env),
-            // Not reached: dblog's spec always uses the disk.
-            Kind::Dblog => (0, 0, 1),
+            // Not reached: their specs always use the disk.
+            Kind::Dblog | Kind::Diskio => (0, 0, 1),
         },
         Some(d) => {
             let d: &mut dyn Disk = &mut **d;
@@ -149,6 +150,7 @@ pub fn run_share(share: &Share, mem: &mut [u64], env: &mut dyn Env, disk: Option
                 Kind::Build => compile::run(share, mem, env, Some(d)),
                 Kind::Ftp => ftp::run_disk(share, mem, env, d),
                 Kind::Dblog => dblog::run(share, mem, env, d),
+                Kind::Diskio => diskio::run(share, mem, env, d),
             }
         }
     };
@@ -215,6 +217,7 @@ mod tests {
             Kind::Build => 20,
             Kind::Ftp => 300,
             Kind::Dblog => 2_000,
+            Kind::Diskio => 200,
         };
         s.chunk = 16 << 10;
         s.filesize = 8 << 10;

@@ -23,11 +23,14 @@ pub enum Kind {
     /// A database log: random 4 KiB disk writes with periodic flushes and an
     /// in-memory index (always uses the disk).
     Dblog,
+    /// Disk throughput: blocks read or written in order or at random
+    /// (always uses the disk).
+    Diskio,
 }
 
 impl Kind {
     /// All workloads, in the order they are documented.
-    pub const ALL: [Kind; 4] = [Kind::Memstress, Kind::Build, Kind::Ftp, Kind::Dblog];
+    pub const ALL: [Kind; 5] = [Kind::Memstress, Kind::Build, Kind::Ftp, Kind::Dblog, Kind::Diskio];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl Kind {
             Kind::Build => "build",
             Kind::Ftp => "ftp",
             Kind::Dblog => "dblog",
+            Kind::Diskio => "diskio",
         }
     }
 
@@ -46,6 +50,7 @@ impl Kind {
             Kind::Build => &["wss", "ops", "seed", "filesize", "disk", "irq", "dsize"],
             Kind::Ftp => &["wss", "ops", "seed", "rate", "chunk", "disk", "irq", "dsize"],
             Kind::Dblog => &["wss", "ops", "seed", "rate", "flush", "dsize", "disk", "irq"],
+            Kind::Diskio => &["wss", "ops", "seed", "pattern", "chunk", "io", "dsize", "disk", "irq"],
         }
     }
 
@@ -115,6 +120,8 @@ pub struct Spec {
     pub dsize: u64,
     /// dblog: a FLUSH after every this many writes (0: never).
     pub flush: u64,
+    /// diskio: write blocks (`io=write`) rather than read them.
+    pub io_write: bool,
 }
 
 /// Why a command line was rejected. Borrows the offending text.
@@ -233,6 +240,7 @@ impl Spec {
             irq: false,
             dsize: 64 << 20,
             flush: 16,
+            io_write: false,
         };
         match kind {
             Kind::Memstress => base,
@@ -250,6 +258,15 @@ impl Spec {
                 wss: 4 << 20,
                 ops: 16384,
                 disk: true,
+                ..base
+            },
+            Kind::Diskio => Spec {
+                wss: 1 << 20,
+                ops: 4096,
+                pattern: Pattern::Seq,
+                chunk: 1 << 20,
+                disk: true,
+                io_write: true,
                 ..base
             },
         }
@@ -334,6 +351,13 @@ impl Spec {
             "irq" => self.irq = parse_on_off(value).ok_or(bad("on or off"))?,
             "dsize" => self.dsize = parse_size(value).ok_or(bad("a size such as 64M"))?,
             "flush" => self.flush = parse_count(value).ok_or(bad("a count of writes such as 16, or 0 for never"))?,
+            "io" => {
+                self.io_write = match value {
+                    "read" => false,
+                    "write" => true,
+                    _ => return Err(bad("read or write")),
+                }
+            }
             _ => {
                 return Err(ParseError::UnknownKey {
                     workload: self.kind,
@@ -396,6 +420,23 @@ impl Spec {
                 }
                 if self.dsize < 256 << 10 {
                     return Err(Inconsistent("dblog needs dsize of at least 256K"));
+                }
+            }
+            Kind::Diskio => {
+                if !self.disk {
+                    return Err(Inconsistent("diskio always uses the disk (disk=off is not allowed)"));
+                }
+                if self.chunk < 512 || !self.chunk.is_multiple_of(512) || self.chunk > (16 << 20) {
+                    return Err(Inconsistent("diskio needs chunk to be whole sectors, 512 to 16M"));
+                }
+                if self.chunk > self.wss {
+                    return Err(Inconsistent("diskio needs wss of at least one chunk"));
+                }
+                if self.chunk > self.dsize {
+                    return Err(Inconsistent("diskio needs dsize of at least one chunk"));
+                }
+                if self.pattern == Pattern::HotCold {
+                    return Err(Inconsistent("diskio takes pattern=seq or pattern=random"));
                 }
             }
         }

@@ -349,27 +349,71 @@ impl DiskImage {
 
     /// Read `buf.len()` bytes at `offset` (inside the image).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the one iovec covers `buf`, which this call borrows mutably.
+        unsafe { self.read_vectored_at(&iov, offset) }
+    }
+
+    /// Read into the buffers `iov` (in order) from `offset`, inside the image.
+    ///
+    /// # Safety
+    /// Every iovec must point at memory writable for its whole length for
+    /// the duration of the call, that no Rust reference aliases (guest
+    /// memory, which only the kernel and volatile accesses touch, or a
+    /// buffer the caller lends).
+    pub unsafe fn read_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
         {
             let mut t = self.lock();
             if t.lazy.is_some() {
-                self.ensure(&mut t, Self::units(offset, buf.len() as u64), 0..0)?;
+                self.ensure(&mut t, Self::units(offset, len as u64), 0..0)?;
             }
         }
-        self.file.read_exact_at(buf, offset)
+        // SAFETY: the caller's contract.
+        unsafe { vectored(self.file.as_raw_fd(), iov, offset, len, false) }
     }
 
     /// Write `data` at `offset` (inside the image): frozen units it
     /// touches are copied aside first, and its units become dirty.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let iov = [libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        }];
+        // SAFETY: the one iovec covers `data`, which this call borrows and
+        // only reads.
+        unsafe { self.write_vectored_at(&iov, offset) }
+    }
+
+    /// [`DiskImage::write_at`] of the buffers `iov`, in order.
+    ///
+    /// # Safety
+    /// Every iovec must point at memory readable for its whole length for
+    /// the duration of the call.
+    pub unsafe fn write_vectored_at(&self, iov: &[libc::iovec], offset: u64) -> io::Result<()> {
         if self.readonly {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        let units = Self::units(offset, data.len() as u64);
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        self.before_write(offset, len as u64)?;
+        #[cfg(feature = "testing")]
+        Faults::hit(&self.faults.writes, self.faults.write_at)?;
+        // SAFETY: the caller's contract; pwritev only reads the buffers.
+        unsafe { vectored(self.file.as_raw_fd(), iov, offset, len, true) }
+    }
+
+    /// Before `len` bytes at `offset` are overwritten: fetch what a lazy
+    /// disk still lacks, copy frozen units aside, and mark the units dirty.
+    fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let units = Self::units(offset, len);
         {
             let mut t = self.lock();
             // Units the write covers entirely need not arrive first,
             // unless an epoch being saved may want their old contents.
-            let end = offset + data.len() as u64;
+            let end = offset + len;
             let whole = match t.frozen {
                 Some(_) => 0..0,
                 None if end == self.bytes => offset.div_ceil(UNIT)..units.end,
@@ -388,9 +432,7 @@ impl DiskImage {
             }
             t.dirty.set_span(units.start, units.end);
         }
-        #[cfg(feature = "testing")]
-        Faults::hit(&self.faults.writes, self.faults.write_at)?;
-        self.file.write_all_at(data, offset)
+        Ok(())
     }
 
     /// Make every completed write durable on the host.
@@ -460,6 +502,54 @@ impl DiskImage {
         }
         Ok(bits)
     }
+}
+
+/// `preadv` or `pwritev` (`write`) of all `len` bytes of `iov` at
+/// `offset`, going on after short transfers.
+///
+/// # Safety
+/// As for [`DiskImage::read_vectored_at`] (reads) and
+/// [`DiskImage::write_vectored_at`] (writes).
+unsafe fn vectored(fd: i32, iov: &[libc::iovec], offset: u64, len: usize, write: bool) -> io::Result<()> {
+    let mut v: Vec<libc::iovec> = iov.to_vec();
+    let (mut first, mut done) = (0usize, 0usize);
+    while done < len {
+        let n = (v.len() - first).min(1024) as libc::c_int;
+        let at = (offset + done as u64) as libc::off_t;
+        // SAFETY: the iovecs from `first` on describe memory the caller
+        // vouches for (see the function's contract).
+        let r = unsafe {
+            if write {
+                libc::pwritev(fd, v[first..].as_ptr(), n, at)
+            } else {
+                libc::preadv(fd, v[first..].as_ptr(), n, at)
+            }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            // Past the end of the file (truncated under the VM).
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        let mut r = r as usize;
+        done += r;
+        while first < v.len() && r >= v[first].iov_len {
+            r -= v[first].iov_len;
+            first += 1;
+        }
+        if r > 0 {
+            let cur = &mut v[first];
+            // SAFETY: r < iov_len, so the new base stays inside the same buffer.
+            cur.iov_base = unsafe { cur.iov_base.cast::<u8>().add(r) }.cast();
+            cur.iov_len -= r;
+        }
+    }
+    Ok(())
 }
 
 impl Region for DiskImage {
