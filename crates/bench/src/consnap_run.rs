@@ -66,6 +66,9 @@ pub enum ConsnapRunError {
     /// A snapshot run committed no epoch.
     #[error("no snapshot was committed")]
     NoSnapshot,
+    /// The disk image of a disk workload could not be made.
+    #[error("cannot make the disk image: {0}")]
+    Disk(#[source] std::io::Error),
     /// Calibration runs ended too soon to measure a rate.
     #[error("could not measure the rate of {spec}: every run was too short")]
     Calibration { spec: String },
@@ -79,6 +82,20 @@ pub struct Ctx {
     pub scratch: PathBuf,
     pub mem: String,
     pub vcpus: u32,
+}
+
+/// For a disk workload (`disk=on`, dblog, diskio): a fresh zero image of
+/// its disk area plus a MiB at `path`, and the flags that attach it.
+fn disk_args(spec: &str, path: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    let Ok(s) = workload::Spec::parse(&crate::matrix::guest_words(spec)) else {
+        return Ok(Vec::new());
+    };
+    if !s.uses_disk() {
+        return Ok(Vec::new());
+    }
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path)?.set_len(s.dsize + (1 << 20))?;
+    Ok(vec!["--disk".into(), path.as_os_str().to_owned()])
 }
 
 /// How long a run may take.
@@ -123,11 +140,13 @@ fn run_inner(
     let _ = std::fs::remove_dir_all(&snaps);
     let report = ctx.scratch.join("run.json");
     let _ = std::fs::remove_file(&report);
+    let disk = ctx.scratch.join("disk.img");
     let mut cmd = Command::new(&ctx.exe);
     cmd.args(["run", "--workload", spec, "--mem", &ctx.mem, "--vcpus"])
         .arg(ctx.vcpus.to_string())
         .args(["--pause-probe", "0", "--report"])
-        .arg(&report);
+        .arg(&report)
+        .args(disk_args(spec, &disk).map_err(ConsnapRunError::Disk)?);
     if let (true, Some(iv)) = (mode.snapshots(), interval) {
         cmd.arg("--snapshot-dir")
             .arg(&snaps)
@@ -174,11 +193,19 @@ fn run_inner(
             .arg(&snaps)
             .args(["--at", "latest", "--pause-probe", "0", "--report"])
             .arg(&rreport);
-        let rr = run_to_report(&mut cmd, &ctx.scratch, "restore", &rreport, limits.deadline, None)?;
+        let restored = ctx.scratch.join("restored.img");
+        let _ = std::fs::remove_file(&restored);
+        if !disk_args(spec, &disk).map_err(ConsnapRunError::Disk)?.is_empty() {
+            cmd.arg("--disk").arg(&restored);
+        }
+        let rr = run_to_report(&mut cmd, &ctx.scratch, "restore", &rreport, limits.deadline, None);
+        let _ = std::fs::remove_file(&restored);
+        let rr = rr?;
         rec.restore_s = f(&rr["restored_from"]["restore_s"]);
         rec.restore_ok = Some(rr["checksum"].as_str() == Some(expect.as_str()));
     }
     let _ = std::fs::remove_dir_all(&snaps);
+    let _ = std::fs::remove_file(&disk);
     Ok(())
 }
 
@@ -239,7 +266,8 @@ pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, ConsnapRu
         ])
         .arg(ctx.vcpus.to_string())
         .args(["--pause-probe", "0", "--sample-interval", "50ms", "--report"])
-        .arg(&report);
+        .arg(&report)
+        .args(disk_args(spec, &ctx.scratch.join("disk.img")).map_err(ConsnapRunError::Disk)?);
         let r = run_to_report(
             &mut cmd,
             &ctx.scratch,
