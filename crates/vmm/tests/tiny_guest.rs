@@ -2,31 +2,16 @@
 //! run through the real loader, vCPU threads and devices.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
 use vmm::machine::{Attach, Machine};
 use vmm::run::RunEnd;
-use vmm::testing::kvm_ready;
+use vmm::testing::{Capture, kvm_ready};
 use vmm::vcpu::{PauseAction, VcpuError};
 
 const LOAD: u64 = vmm::testing::LOAD;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn machine(code: &[u8], vcpus: u8, out: Capture) -> Machine {
     let boot = BootConfig {

@@ -4,28 +4,13 @@
 //! the sector into guest memory (kvm-ioctls style: real KVM, real exits).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
 use vmm::machine::{Attach, DiskAttach, Machine};
 use vmm::run::RunEnd;
-use vmm::testing::{TestDir, kvm_ready};
+use vmm::testing::{Capture, TestDir, kvm_ready};
 use vmm::tiny_guests;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[test]
 fn a_guest_reads_a_sector_through_ioeventfd_and_irqfd() {

@@ -15,15 +15,6 @@ use std::process::{Command, Output};
 
 use common::*;
 
-/// Guest command-line words for a `NAME,k=v,...` spec, as consnap makes them.
-fn guest_words(spec: &str) -> String {
-    spec.split(',')
-        .enumerate()
-        .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn qemu_ready() -> bool {
     let ok = try_spawn(Command::new("qemu-system-x86_64").arg("--version")).is_ok_and(|c| c.wait().status.success());
     if !ok && std::env::var("CONSNAP_REQUIRE_QEMU").as_deref() == Ok("1") {
@@ -212,7 +203,7 @@ fn disk_workload_matches_reference(name: &str, spec: &str) {
     let dir = tempdir(name);
     let elf = dir.join("guest.elf");
     run_ok(consnap().args(["guest", "export"]).arg(&elf));
-    let parsed = workload::Spec::parse(&guest_words(spec)).unwrap();
+    let parsed = parse_spec(spec);
     let image_bytes = parsed.dsize + (1 << 20);
     for (smp, extra) in [(1, ""), (1, ",irq=on"), (2, "")] {
         let spec = format!("{spec}{extra}");

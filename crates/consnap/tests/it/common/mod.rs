@@ -21,15 +21,23 @@ pub fn read_report(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The checksum the host computes for a workload spec (`NAME,k=v,...`).
-pub fn reference(spec: &str, vcpus: u32) -> (u64, String) {
-    let words: Vec<String> = spec
-        .split(',')
+/// Guest command-line words for a `NAME,k=v,...` spec, as consnap makes them.
+pub fn guest_words(spec: &str) -> String {
+    spec.split(',')
         .enumerate()
         .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-        .collect();
-    let s = workload::Spec::parse(&words.join(" ")).unwrap();
-    let out = workload::reference(&s, vcpus);
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A `NAME,k=v,...` spec, parsed as the guest parses it.
+pub fn parse_spec(spec: &str) -> workload::Spec {
+    workload::Spec::parse(&guest_words(spec)).unwrap()
+}
+
+/// The checksum the host computes for a workload spec (`NAME,k=v,...`).
+pub fn reference(spec: &str, vcpus: u32) -> (u64, String) {
+    let out = workload::reference(&parse_spec(spec), vcpus);
     (out.ops, format!("{:#018x}", out.checksum))
 }
 
