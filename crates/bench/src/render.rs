@@ -184,7 +184,13 @@ fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
 pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
     let all = latest(records);
     let cells = cells(&all);
-    let plots_dir = opts.doc.parent().unwrap_or(Path::new(".")).join("plots");
+    // BENCHMARKS.md's plots in plots/, another report's in plots/<its
+    // name>/: two reports beside each other share workload names.
+    let sub = match opts.doc.file_stem().and_then(|s| s.to_str()) {
+        Some("BENCHMARKS") | None => String::new(),
+        Some(stem) => format!("{}/", stem.to_lowercase()),
+    };
+    let plots_dir = opts.doc.parent().unwrap_or(Path::new(".")).join("plots").join(&sub);
     std::fs::create_dir_all(&plots_dir).map_err(BenchError::io(&plots_dir))?;
     let workloads: Vec<String> = {
         let mut seen = Vec::new();
@@ -210,7 +216,13 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         opts.results.display()
     );
     machines(&mut d, &all);
-    // The disk throughput table has a command and a page of its own.
+    // The disk workloads and the disk throughput have pages of their own.
+    if opts.doc.with_file_name("BENCHMARKS-DISK.md").exists() && !opts.doc.ends_with("BENCHMARKS-DISK.md") {
+        let _ = writeln!(
+            d,
+            "The loss with a disk in every epoch (ftp storing its chunks on a disk, a database log) is in [BENCHMARKS-DISK.md](BENCHMARKS-DISK.md) (`consnap bench --workloads ftp-100M,ftp-100M-disk,dblog --modes cow,stop-copy,stop-copy-full --intervals 20ms,100ms,1s,10s --repeats 2 --results bench-results/disk --doc docs/BENCHMARKS-DISK.md`).\n"
+        );
+    }
     if opts.doc.with_file_name("DISK-IO.md").exists() {
         let _ = writeln!(
             d,
@@ -365,6 +377,14 @@ fn headline(d: &mut String, cells: &Cells) {
     );
 }
 
+/// The part of a plot's link after `plots/`: its report's own folder.
+fn plot_sub(plots: &Path) -> String {
+    match plots.file_name().and_then(|n| n.to_str()) {
+        Some(n) if n != "plots" => format!("{n}/"),
+        _ => String::new(),
+    }
+}
+
 fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &Path) -> Result<()> {
     let ivs: BTreeSet<u64> = cells.keys().filter(|k| k.0 == w && k.1 > 0).map(|k| k.1).collect();
     if ivs.is_empty() {
@@ -449,7 +469,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
         file: file.clone(),
         source,
     })?;
-    let _ = writeln!(d, "\n![loss of {w}](plots/{file})\n");
+    let _ = writeln!(d, "\n![loss of {w}](plots/{}{file})\n", plot_sub(plots));
     Ok(())
 }
 
@@ -523,7 +543,7 @@ fn pause_table(d: &mut String, w: &str, cells: &Cells, plots: &Path) -> Result<(
         file: file.clone(),
         source,
     })?;
-    let _ = writeln!(d, "\n![pause p99 of {w}](plots/{file})\n");
+    let _ = writeln!(d, "\n![pause p99 of {w}](plots/{}{file})\n", plot_sub(plots));
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 //! the sector into guest memory (kvm-ioctls style: real KVM, real exits).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-
 use vmm::boot::{BootConfig, KernelSource};
 use vmm::devices::GuestStop;
 use vmm::machine::{Attach, DiskAttach, Machine};
