@@ -369,7 +369,9 @@ mod tests {
             );
             let lossy = run_on(&share, &mut faulty(7, false));
             assert_ne!(lossy.checksum, good.checksum, "{what:?}");
-            if what != Kind::Build {
+            // build and diskio do not check what they wrote (diskio only
+            // measures throughput); the checksum still differs.
+            if what != Kind::Build && what != Kind::Diskio {
                 assert!(lossy.errors > 0, "{what:?} did not notice lost writes");
             }
             // A disk workload given no disk does nothing and says so.
