@@ -347,6 +347,10 @@ fn method(d: &mut String, opts: &Options, stopped: usize) {
 }
 
 fn headline(d: &mut String, cells: &Cells) {
+    // A matrix without the paper's workloads (the disk report) has nothing to set beside it.
+    if !PAPER.iter().any(|(w, ..)| cells.keys().any(|k| k.0 == *w)) {
+        return;
+    }
     let _ = writeln!(d, "## Headline: loss of stop-copy and cow, beside the paper\n");
     let _ = writeln!(
         d,
