@@ -250,7 +250,10 @@ fn run_to_report(
 }
 
 /// Guest ops per second of `spec` (without ops) under consnap without
-/// snapshots, from the guest's progress counter over a short run.
+/// snapshots: the ops of a short run over the CPU time its vCPUs got (per
+/// vCPU). Time the host gave to other work is left out, so a calibration on
+/// a busy machine sizes runs that last at least as long as asked, never
+/// ones that end before their first snapshot.
 pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, ConsnapRunError> {
     let mut ops = guess_ops;
     for _ in 0..4 {
@@ -265,7 +268,7 @@ pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, ConsnapRu
             "--vcpus",
         ])
         .arg(ctx.vcpus.to_string())
-        .args(["--pause-probe", "0", "--sample-interval", "50ms", "--report"])
+        .args(["--pause-probe", "0", "--report"])
         .arg(&report)
         .args(disk_args(spec, &ctx.scratch.join("disk.img")).map_err(ConsnapRunError::Disk)?);
         let r = run_to_report(
@@ -276,24 +279,14 @@ pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64) -> Result<f64, ConsnapRu
             Duration::from_secs(120),
             None,
         )?;
-        let progress: Vec<(f64, f64)> = r["progress"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64()?)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let first = progress.iter().find(|p| p.1 > 0.0);
-        let wall = f(&r["wall_time_s"]).unwrap_or(0.0);
-        match (first, progress.last()) {
-            (Some(a), Some(b)) if b.0 - a.0 >= 1000.0 && b.1 > a.1 => return Ok((b.1 - a.1) / ((b.0 - a.0) / 1e3)),
-            _ => {
-                // Too short to measure: ten times the work.
-                tracing::info!(spec, ops, wall, "calibration run too short, trying more ops");
-                ops = ops.saturating_mul(10);
-            }
+        let done = r["ops"].as_u64().unwrap_or(0) as f64;
+        let busy = f(&r["vcpu_cpu_s"]).unwrap_or(0.0) / f64::from(ctx.vcpus.max(1));
+        if busy >= 1.0 && done > 0.0 {
+            return Ok(done / busy);
         }
+        // Too short to measure: ten times the work.
+        tracing::info!(spec, ops, busy, "calibration run too short, trying more ops");
+        ops = ops.saturating_mul(10);
     }
     Err(ConsnapRunError::Calibration { spec: spec.to_string() })
 }

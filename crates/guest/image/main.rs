@@ -486,14 +486,56 @@ fn run_cpu(cpu: u32, spec: &Spec) {
 /// Give up waiting after this many ticks: 60 s of kvmclock, 15-30 s of TSC.
 const WAIT_TICKS: u64 = 60_000_000_000;
 
-fn wait_until(cpu: u32, what: &str, cond: impl Fn() -> bool) {
-    let start = ticks(cpu as usize);
+/// A wait for another CPU or for the device: spin first (the answer
+/// usually comes within microseconds), then, where the VMM offers the idle
+/// port, sleep in the VMM in short steps, so that on a busy host the
+/// thread being waited for (a vCPU holding the disk, the device's worker)
+/// gets the CPU instead of this one spinning through its time slice.
+struct Backoff {
+    spins: u32,
+}
+
+impl Backoff {
+    /// Spins before the first sleep: about 0.1-0.3 ms of PAUSE.
+    const SPINS: u32 = 4096;
+    /// One sleep in the VMM, in microseconds.
+    const SLEEP_US: u16 = 50;
+
+    const fn new() -> Self {
+        Backoff { spins: 0 }
+    }
+
+    fn wait(&mut self) {
+        if self.spins < Self::SPINS || !CAN_IDLE.load(Relaxed) {
+            self.spins = self.spins.saturating_add(1);
+            core::hint::spin_loop();
+        } else {
+            outw(abi::IDLE_PORT, Self::SLEEP_US);
+        }
+    }
+}
+
+/// Wait on CPU `cpu` until `cond` holds; give up after [`WAIT_TICKS`]
+/// without a change in `progress` (a slow host is not a hang).
+fn wait_until(cpu: u32, what: &str, progress: impl Fn() -> u64, cond: impl Fn() -> bool) {
+    let mut start = ticks(cpu as usize);
+    let mut seen = progress();
+    let mut backoff = Backoff::new();
     while !cond() {
-        core::hint::spin_loop();
-        if ticks(cpu as usize).saturating_sub(start) > WAIT_TICKS {
+        backoff.wait();
+        let now = progress();
+        if now != seen {
+            seen = now;
+            start = ticks(cpu as usize);
+        } else if ticks(cpu as usize).saturating_sub(start) > WAIT_TICKS {
             fail(exit::RESOURCES, format_args!("timed out waiting for {what}"));
         }
     }
+}
+
+/// Ops done by all CPUs so far: what a wait for the others watches.
+fn ops_done() -> u64 {
+    STATUS.ops_done.iter().map(|o| o.load(Relaxed)).sum()
 }
 
 fn bsp_main(start_info: u64) -> ! {
@@ -515,9 +557,8 @@ fn bsp_main(start_info: u64) -> ! {
     } else if spec.rate != 0 || spec.kind == workload::Kind::Diskio {
         TICK_HZ.store(calibrate_tsc(), Relaxed);
     }
-    if spec.rate != 0 {
-        CAN_IDLE.store(inw(abi::IDLE_PORT) == abi::IDLE_MAGIC, Release);
-    }
+    // Paced workloads and every wait for a CPU or the disk sleep there.
+    CAN_IDLE.store(inw(abi::IDLE_PORT) == abi::IDLE_MAGIC, Release);
     say!(
         "workload={} cpus={ncpus} wss={} ops={} seed={} rate={} clock={}",
         spec.kind.name(),
@@ -541,13 +582,13 @@ fn bsp_main(start_info: u64) -> ! {
     }
     if ncpus > 1 {
         kernel_request(1);
-        wait_until(0, "the other CPUs to start", || CHECKED_IN.load(Acquire) == ncpus - 1);
+        wait_until(0, "the other CPUs to start", || 0, || CHECKED_IN.load(Acquire) == ncpus - 1);
     }
     STATUS.ncpus.store(ncpus, Relaxed);
     STATUS.state.store(state::RUNNING, Release);
     GO.store(1, Release);
     run_cpu(0, &spec);
-    wait_until(0, "the other CPUs to finish", || FINISHED.load(Acquire) == ncpus);
+    wait_until(0, "the other CPUs to finish", ops_done, || FINISHED.load(Acquire) == ncpus);
     let outs: [Outcome; MAX_CPUS] = core::array::from_fn(|i| Outcome {
         ops: RES_OPS[i].load(Relaxed),
         checksum: RES_SUM[i].load(Relaxed),
@@ -597,7 +638,7 @@ fn ap_main(cpu: u32, start_info: u64) -> ! {
         fail(exit::RESOURCES, format_args!("kvmclock is not running on CPU {cpu}"));
     }
     CHECKED_IN.fetch_add(1, AcqRel);
-    wait_until(cpu, "the start signal", || GO.load(Acquire) != 0);
+    wait_until(cpu, "the start signal", || 0, || GO.load(Acquire) != 0);
     if cpu < NCPUS.load(Acquire) {
         run_cpu(cpu, &spec);
     }

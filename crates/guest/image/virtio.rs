@@ -5,7 +5,8 @@
 //! reaches them with plain loads and stores (each one a VM exit). The driver
 //! keeps one request in flight on queue 0: a 16-byte header, at most one
 //! data descriptor (pointing straight at the caller's buffer: guest
-//! physical = virtual) and a status byte. A spin lock serializes vCPUs.
+//! physical = virtual) and a status byte. A ticket lock serializes vCPUs;
+//! waits spin, then sleep in the VMM in short steps (`Backoff`).
 //!
 //! Completion is found by polling the used ring's index or, with `irq=on`,
 //! by waiting in ring 0 (request 2 of boot.s: `sti; hlt; cli`) for the
@@ -20,7 +21,7 @@ use workload::abi::exit;
 use workload::disk::{Disk, DiskError, SECTOR, SECTOR_WORDS, check_request};
 use workload::mmio::{self, MmioDevice};
 
-use crate::{WAIT_TICKS, fail, kernel_request, ticks};
+use crate::{Backoff, WAIT_TICKS, fail, kernel_request, ticks};
 
 // virtio-mmio registers (32-bit).
 const MAGIC_VALUE: u64 = 0x000;
@@ -182,17 +183,22 @@ struct Device {
     used: u16,
 }
 
-/// A spin lock around the device: one request at a time, from any vCPU.
+/// A ticket lock around the device: one request at a time, from any vCPU,
+/// served in the order asked (a vCPU that keeps asking cannot starve the
+/// others, as it can with a plain spin lock).
 struct Locked {
-    held: AtomicBool,
+    next: AtomicU32,
+    serving: AtomicU32,
     dev: UnsafeCell<Device>,
 }
 
-// SAFETY: `dev` is only reached through `with_device`, which holds `held`.
+// SAFETY: `dev` is only reached through `with_device`, which holds the
+// ticket being served.
 unsafe impl Sync for Locked {}
 
 static DEVICE: Locked = Locked {
-    held: AtomicBool::new(false),
+    next: AtomicU32::new(0),
+    serving: AtomicU32::new(0),
     dev: UnsafeCell::new(Device {
         base: 0,
         queue_size: 0,
@@ -217,16 +223,15 @@ pub fn stats() -> (u64, u64) {
 }
 
 fn with_device<R>(f: impl FnOnce(&mut Device) -> R) -> R {
-    while DEVICE
-        .held
-        .compare_exchange_weak(false, true, Acquire, Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
+    let ticket = DEVICE.next.fetch_add(1, Relaxed);
+    let mut backoff = Backoff::new();
+    while DEVICE.serving.load(Acquire) != ticket {
+        backoff.wait();
     }
-    // SAFETY: the lock is held, so this is the only reference to the device state.
+    // SAFETY: this ticket is served, so this is the only reference to the
+    // device state until `serving` moves on.
     let r = f(unsafe { &mut *DEVICE.dev.get() });
-    DEVICE.held.store(false, Release);
+    DEVICE.serving.store(ticket.wrapping_add(1), Release);
     r
 }
 
@@ -296,11 +301,12 @@ impl Device {
         self.set(QUEUE_NOTIFY, 0);
         let start = ticks(cpu);
         let mut spins = 0u32;
+        let mut backoff = Backoff::new();
         while RINGS.used.idx.load(Acquire) == self.used {
             if self.irq {
                 wait_for_interrupt(self);
             } else {
-                core::hint::spin_loop();
+                backoff.wait();
                 spins = spins.wrapping_add(1);
                 if spins % 4096 == 0 && ticks(cpu).saturating_sub(start) > WAIT_TICKS {
                     fail(

@@ -65,11 +65,21 @@ fn quick_bench_runs_every_cell_and_resumes() {
                     assert!(r["checksum"].is_null(), "{r}");
                 }
                 assert_eq!(r["restore_ok"], true, "{r}");
-                // Three are due in each run, but the tests beside this one
+                // One is due each interval of the run (the bench sizes
+                // runs for about three; a calibration on a busy machine
+                // can make them shorter), but the tests beside this one
                 // can hold a saver back (an epoch durable after 5 s was
-                // seen): late snapshots are counted, not a failure.
+                // seen): late snapshots are counted, not a failure. A run
+                // stopped at the cap may have had one long pause (the
+                // baselines write their first epoch paused: 14 s on a busy
+                // CI disk was seen) and no time for more.
                 let (taken, late) = (r["snapshots"].as_u64().unwrap(), r["delayed"].as_u64().unwrap());
-                assert!(taken >= 3 || taken >= 1 && late >= 1, "{r}");
+                let due = (r["wall_s"].as_f64().unwrap() * 1000.0 / iv as f64 - 0.5)
+                    .floor()
+                    .max(0.0) as u64;
+                let stopped = !r["stopped_s"].is_null();
+                assert!(taken >= 1, "{r}");
+                assert!(taken >= due.min(3) || late >= 1 || stopped, "{due} due: {r}");
                 assert!(r["pause"]["p99_us"].as_f64().unwrap() > 0.0, "{r}");
             }
         }
