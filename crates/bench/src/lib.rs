@@ -321,6 +321,8 @@ fn guess_ops(spec: &str) -> u64 {
         (workload::Kind::Memstress, _) => 2_000_000,
         (workload::Kind::Dblog, _) => 20_000,
         (workload::Kind::Diskio, _) => 2_000,
+        // Served over the network, not calibrated by ops.
+        (workload::Kind::Kv, _) => 1,
     };
     per_s.max(1) * 3 / 2
 }

@@ -30,6 +30,11 @@ pub enum ArgError {
     /// A `--disk` value with an unknown option.
     #[error("--disk '{0}': the only option after the path is ',readonly' (PATH[,readonly])")]
     DiskOption(String),
+    /// A `--net` value that is not `tap=NAME[,mac=MAC]`.
+    #[error(
+        "--net '{0}': give tap=NAME[,mac=52:54:00:12:34:56] (NAME: 1 to 15 letters, digits, '-', '_', '.'; a unicast MAC; a restore keeps the saved MAC)"
+    )]
+    NetOption(String),
     /// A `--workload` spec the workload guest refuses (`why`: the spec
     /// parser's message; its error borrows the spec, so it is kept as text).
     #[error("invalid --workload '{spec}': {why}")]
@@ -54,6 +59,33 @@ pub fn disk(s: &str) -> Result<vmm::machine::DiskAttach, ArgError> {
     Ok(vmm::machine::DiskAttach {
         readonly,
         ..vmm::machine::DiskAttach::new(path.into())
+    })
+}
+
+/// `restore --net tap=NAME`: a restore keeps the saved MAC.
+pub fn restore_net(s: &str) -> Result<vmm::machine::NetAttach, ArgError> {
+    net(s).and_then(|n| match n.mac {
+        None => Ok(n),
+        Some(_) => Err(ArgError::NetOption(s.to_string())),
+    })
+}
+
+/// `run --net tap=NAME[,mac=MAC]`.
+pub fn net(s: &str) -> Result<vmm::machine::NetAttach, ArgError> {
+    let bad = || ArgError::NetOption(s.to_string());
+    let (mut tap, mut mac) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() && vmm::devices::virtio::tap::valid_name(name) => {
+                tap = Some(name.to_string())
+            }
+            Some(("mac", m)) if mac.is_none() => mac = Some(vmm::devices::virtio::net::parse_mac(m).ok_or_else(bad)?),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(vmm::machine::NetAttach {
+        tap: Some(tap.ok_or_else(bad)?),
+        mac,
     })
 }
 
@@ -182,6 +214,33 @@ pub fn workload_cmdline(spec: &str) -> Result<(String, Spec), ArgError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_options_name_a_tap_and_maybe_a_mac() {
+        let n = net("tap=tap0,mac=52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!(net("tap=t1").unwrap().mac, None);
+        for bad in [
+            "",
+            "tap=",
+            "mac=52:54:00:ab:cd:ef",
+            "tap=a/b",
+            "tap=t,tap=u",
+            "tap=t,mac=53:54:00:ab:cd:ef",
+            "tap=t,mac=52:54:00:ab:cd",
+            "tap=t,mac=52:54:00:ab:cd:ef:00",
+            "tap=t,mtu=9000",
+            "tap0",
+        ] {
+            assert_eq!(net(bad), Err(ArgError::NetOption(bad.into())), "{bad:?}");
+        }
+        assert!(restore_net("tap=t1").is_ok());
+        assert!(
+            restore_net("tap=t1,mac=52:54:00:ab:cd:ef").is_err(),
+            "a restore keeps the MAC"
+        );
+    }
 
     #[test]
     fn parses_and_rejects() {

@@ -416,6 +416,13 @@ pub struct Report {
     /// Replication to an object store (`--replicate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<Replication>,
+    /// Output commit (held and released output), when the machine has a
+    /// network or its console goes through the gate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<OutputFigures>,
+    /// Each network device's counters, in slot order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetFigures>,
 }
 
 /// What replication to an object store did (at the end of the run, or so
@@ -674,5 +681,82 @@ mod tests {
         assert_eq!(Percentiles::of(&[]).count, 0);
         let sp = Spread::of([5u64, 1, 3].into_iter());
         assert_eq!((sp.total, sp.p50, sp.max), (9, 3, 5));
+    }
+}
+
+/// What the output gate did (see `vmm::devices::output`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputFigures {
+    /// Output waited for its epoch (`--net-commit epoch` or `--console-commit epoch`).
+    pub commit: bool,
+    /// Frames and console writes sent, and their bytes.
+    pub released: u64,
+    pub released_bytes: u64,
+    /// Still held when the run ended, dropped (no durable epoch covered them).
+    pub dropped_at_exit: u64,
+    /// Most bytes held at once, and the times output did not fit (`--output-hold`).
+    pub held_bytes_max: u64,
+    pub at_cap: u64,
+    /// Writes a sink refused (a TAP gone, the console closed).
+    pub send_errors: u64,
+    /// From the guest's frame to the wire, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_ms: Option<Latency>,
+}
+
+/// p50, p99 and max of a latency, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl OutputFigures {
+    /// From the gate's counters.
+    pub fn of(s: &vmm::devices::output::OutputStats) -> OutputFigures {
+        OutputFigures {
+            commit: s.commit,
+            released: s.released_units,
+            released_bytes: s.released_bytes,
+            dropped_at_exit: s.dropped_at_exit,
+            held_bytes_max: s.held_bytes_max,
+            at_cap: s.at_cap,
+            send_errors: s.send_errors,
+            release_ms: s.release_ms.map(|[p50, p99, max]| Latency { p50, p99, max }),
+        }
+    }
+}
+
+/// One network device's counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetFigures {
+    pub tap: String,
+    pub mac: String,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Received frames larger than the guest's buffers.
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Malformed TX chains completed unsent.
+    pub tx_bad: u64,
+}
+
+impl NetFigures {
+    /// From a device.
+    pub fn of(n: &vmm::devices::virtio::net::Net) -> NetFigures {
+        let c = n.counters();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        NetFigures {
+            tap: n.tap().name().to_string(),
+            mac: vmm::devices::virtio::net::format_mac(&n.save().mac),
+            rx_frames: get(&c.rx_frames),
+            rx_bytes: get(&c.rx_bytes),
+            rx_dropped: get(&c.rx_dropped),
+            tx_frames: get(&c.tx_frames),
+            tx_bytes: get(&c.tx_bytes),
+            tx_bad: get(&c.tx_bad),
+        }
     }
 }

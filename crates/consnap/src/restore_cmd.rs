@@ -127,6 +127,10 @@ pub struct RestoreArgs {
     /// the image fills from the store while the VM runs.
     #[arg(long, value_name = "NEWPATH")]
     pub disk: Vec<PathBuf>,
+    /// Reattach the epoch's networks to these TAP devices (repeatable, in
+    /// order; by default each to the TAP of the same name it had).
+    #[arg(long, value_name = "tap=NAME", value_parser = crate::args::restore_net)]
+    pub net: Vec<vmm::machine::NetAttach>,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -223,15 +227,25 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, RestoreCmdError> {
     let (restored, pager) = if a.lazy {
         // cow snapshots share guest RAM's userfaultfd with the pager.
         let for_cow = a.session.snapshot_dir.is_some() && a.session.mode == session::ModeArg::Cow;
-        match snapshot::restore_lazy(&store, id, |c| session::attach(c, &a.disk), for_cow) {
+        match snapshot::restore_lazy(
+            &store,
+            id,
+            |c| session::attach(c, &a.disk, &a.net, &pre.output),
+            for_cow,
+        ) {
             Ok((r, p)) => (r, Some(p)),
             Err(e) => return Err(refusal(&store, id, e)),
         }
     } else {
         let bar = crate::progress::Bar::new(&format!("restoring epoch {id}"), true);
-        let restored = snapshot::restore(&store, id, |c| session::attach(c, &a.disk), &mut |done, total| {
-            bar.update(done, total);
-        });
+        let restored = snapshot::restore(
+            &store,
+            id,
+            |c| session::attach(c, &a.disk, &a.net, &pre.output),
+            &mut |done, total| {
+                bar.update(done, total);
+            },
+        );
         bar.finish();
         match restored {
             Ok(r) => (r, None),
@@ -300,7 +314,7 @@ fn restore_remote_lazy(
             *opened.lock().unwrap_or_else(|p| p.into_inner()) = Some((c.seconds, fetched));
             Ok(c.chain)
         },
-        |c| session::attach(c, &a.disk),
+        |c| session::attach(c, &a.disk, &a.net, &pre.output),
         for_cow,
     )
     .map_err(|source| RestoreCmdError::RemoteRefused {

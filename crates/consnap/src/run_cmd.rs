@@ -44,6 +44,12 @@ pub struct RunArgs {
     /// locked while the VM runs and captured in every snapshot with memory.
     #[arg(long, value_name = "PATH[,readonly]", value_parser = args::disk)]
     pub disk: Vec<vmm::machine::DiskAttach>,
+    /// Attach a virtio-net device on the TAP device NAME (repeatable),
+    /// opened, or created and brought up when absent (then removed when
+    /// consnap exits). With snapshots, what the guest sends waits until
+    /// its epoch is durable (--net-commit).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = args::net)]
+    pub net: Vec<vmm::machine::NetAttach>,
     /// Reporting and snapshot options.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -154,6 +160,8 @@ pub fn run(a: RunArgs) -> Result<i32, RunError> {
         None => vmm::machine::Attach::console(stdout),
     };
     attach.disks = a.disk;
+    attach.nets = a.net;
+    pre.output.apply(&mut attach);
     let machine = Machine::boot(plan.mem, &plan.boot, attach)?;
     Ok(session::execute(machine, "run", &a.session, pre, None, started)?)
 }

@@ -44,6 +44,12 @@ pub enum SessionError {
     /// set up on the machine.
     #[error(transparent)]
     Engine(#[from] snapshot::SnapshotError),
+    /// `--net-commit epoch` or `--console-commit epoch` without snapshots.
+    #[error("{0} epoch needs --snapshot-dir: output waits for epochs, and there would be none")]
+    CommitWithoutSnapshots(&'static str),
+    /// The output gate's thread cannot start.
+    #[error("cannot start the output commit thread: {0}")]
+    OutputThread(#[source] std::io::Error),
     /// `--replicate` names no object store, or replication cannot start.
     #[error("--replicate: {0}")]
     Replicate(#[source] remote::RemoteError),
@@ -220,6 +226,30 @@ pub struct SessionArgs {
     /// `throttle` (snapshots wait until replication catches up).
     #[arg(long, value_enum, default_value = "continue", requires = "replicate")]
     pub replicate_overflow: Overflow,
+    /// Output commit for the networks: `epoch` (the default with
+    /// snapshots) holds every frame the guest sends until the epoch it
+    /// belongs to is durable, so that no client ever sees a state a crash
+    /// and restore could undo; `none` sends at once (the default without
+    /// snapshots).
+    #[arg(long, value_enum)]
+    pub net_commit: Option<CommitArg>,
+    /// Output commit for the console (serial port) too: `epoch` holds its
+    /// bytes like frames; the default `none` writes them at once.
+    #[arg(long, value_enum, default_value = "none")]
+    pub console_commit: CommitArg,
+    /// Most output held at once for its epoch. A network whose frames do
+    /// not fit stops taking the guest's frames until some are released
+    /// (the guest sees its queue full); console bytes over it are dropped
+    /// and counted.
+    #[arg(long, default_value = "64M", value_parser = args::size)]
+    pub output_hold: u64,
+}
+
+/// `--net-commit`, `--console-commit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CommitArg {
+    Epoch,
+    None,
 }
 
 /// What happens when replication falls behind by more than its limit.
@@ -281,6 +311,46 @@ pub struct Preflight {
     pub api: Option<server::Listener>,
     /// `cow`'s hot-region policy (from `CONSNAP_COW_HOT`), when snapshots are on.
     hot: Option<HotPolicy>,
+    /// Where the machine's output goes (output commit).
+    pub output: Output,
+}
+
+/// The machine's output gate, and whether the console goes through it.
+#[derive(Debug, Clone)]
+pub struct Output {
+    gate: Arc<vmm::devices::output::OutputGate>,
+    console: bool,
+}
+
+impl Output {
+    /// From the session options (checked by [`preflight`]).
+    fn new(a: &SessionArgs) -> Result<Output, SessionError> {
+        let snapshots = a.snapshot_dir.is_some();
+        let net = a
+            .net_commit
+            .unwrap_or(if snapshots { CommitArg::Epoch } else { CommitArg::None });
+        for (flag, c) in [("--net-commit", net), ("--console-commit", a.console_commit)] {
+            if c == CommitArg::Epoch && !snapshots {
+                return Err(SessionError::CommitWithoutSnapshots(flag));
+            }
+        }
+        let console = a.console_commit == CommitArg::Epoch;
+        let gate = if net == CommitArg::Epoch || console {
+            vmm::devices::output::OutputGate::committed(a.output_hold).map_err(SessionError::OutputThread)?
+        } else {
+            vmm::devices::output::OutputGate::passthrough()
+        };
+        Ok(Output { gate, console })
+    }
+
+    /// Put the gate (and the console behind it, if asked) into `attach`.
+    pub fn apply(&self, attach: &mut vmm::machine::Attach) {
+        attach.output = self.gate.clone();
+        if self.console {
+            let out = std::mem::replace(&mut attach.serial_out, Box::new(std::io::sink()));
+            attach.serial_out = Box::new(vmm::devices::output::GatedWriter::new(self.gate.clone(), out));
+        }
+    }
 }
 
 /// Check the session options before any VM exists: the intervals must fit
@@ -311,8 +381,14 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, SessionError> {
         remote::SealKey::load(k)?;
     }
     let report = a.report.as_deref().map(ReportTarget::open).transpose()?;
+    let output = Output::new(a)?;
     let api = a.api_sock.as_deref().map(server::bind).transpose()?;
-    Ok(Preflight { report, api, hot })
+    Ok(Preflight {
+        report,
+        api,
+        hot,
+        output,
+    })
 }
 
 /// `cow`'s options from the command line, with the hot-region policy
@@ -479,15 +555,23 @@ fn serve_api(
 }
 
 /// What a restored machine gets attached: the console on stdout, for the
-/// workload guest its idle port and ops counter, and the new images its
-/// disks are restored into.
-pub fn attach(cfg: &vmm::state::MachineConfig, disks: &[std::path::PathBuf]) -> vmm::machine::Attach {
+/// workload guest its idle port and ops counter, the new images its disks
+/// are restored into, its networks (each on the TAP it had, or on those of
+/// `nets`) and the output gate.
+pub fn attach(
+    cfg: &vmm::state::MachineConfig,
+    disks: &[std::path::PathBuf],
+    nets: &[vmm::machine::NetAttach],
+    output: &Output,
+) -> vmm::machine::Attach {
     let stdout = Box::new(std::io::stdout());
     let mut a = match guest::host::workload_of(cfg) {
         Some(_) => guest::host::attach(stdout),
         None => vmm::machine::Attach::console(stdout),
     };
     a.disks = disks.iter().cloned().map(vmm::machine::DiskAttach::new).collect();
+    a.nets = nets.to_vec();
+    output.apply(&mut a);
     a
 }
 
@@ -558,6 +642,12 @@ pub fn execute(
     let sampler = ProgressSampler::new(a.sample_interval);
     let mut control = Control::new(engine, probe, sampler, cell, commands);
     let end = run_machine(&mut machine, &mut control, pager.as_ref());
+    // A guest that ended by itself is rolled back by nothing: what it said
+    // last may leave. Any other end drops what no durable epoch covers.
+    if matches!(end, Ok(RunEnd::Guest(_))) {
+        machine.output().release_all();
+    }
+    machine.output().shut();
     if let Some(l) = live {
         l.stop();
     }
@@ -616,6 +706,15 @@ fn build_report(
         .and_then(|_| guest::host::status::read(machine.ram()));
     let done = status_page.filter(|s| s.done());
     let spec = spec_words.as_deref().and_then(|w| workload::Spec::parse(w).ok());
+    let nets: Vec<_> = machine
+        .devices()
+        .virtio
+        .iter()
+        .filter_map(|s| match &s.device {
+            vmm::devices::virtio::SlotDevice::Net(n) => Some(crate::report::NetFigures::of(n)),
+            vmm::devices::virtio::SlotDevice::Block(_) => None,
+        })
+        .collect();
     Report {
         schema: SCHEMA,
         command,
@@ -641,6 +740,10 @@ fn build_report(
         restored_from: None,
         reclaim: None,
         replication: None,
+        output: Some(machine.output().stats())
+            .filter(|o| o.commit || !nets.is_empty())
+            .map(|o| crate::report::OutputFigures::of(&o)),
+        nets,
     }
 }
 

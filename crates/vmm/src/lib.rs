@@ -11,6 +11,7 @@
 //! - [`run`]: the controller loop and its periodic tasks;
 //! - [`testing`] (feature `testing`): support for the tests of consnap's crates.
 
+mod attach;
 pub mod boot;
 pub mod cpuid;
 pub mod devices;

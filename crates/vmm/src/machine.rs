@@ -8,8 +8,6 @@
 //! devices from their state → VM-wide KVM state (PIT, PIC, IOAPIC, clock) →
 //! vCPUs, each applying its own state on its own thread before it first runs.
 
-use std::io::Write;
-use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,18 +22,18 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::attach::build_devices;
+pub use crate::attach::{Attach, DiskAttach, NetAttach, PortDevice};
 use crate::boot::{self, BootConfig, BootError, layout};
 use crate::cpuid;
+use crate::devices::output::OutputGate;
 use crate::devices::serial::COM1_IRQ;
-use crate::devices::virtio::{self, VirtioSlot, block::Block, disk::DiskImage};
-use crate::devices::{BusDevice, DeviceError, Devices, SerialDevice};
+use crate::devices::virtio;
+use crate::devices::{DeviceError, Devices, SerialDevice};
 use crate::dirty::{DirtySet, PageBits};
 use crate::memory::{GuestRam, MemoryError, RamRange};
 use crate::region::Region;
-use crate::state::{
-    self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError, VirtioDeviceState,
-    VirtioState,
-};
+use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
 
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
@@ -128,140 +126,6 @@ pub trait ProgressCounter: Send + Sync {
     fn read(&self, ram: &GuestRam) -> Option<u64>;
 }
 
-/// A port device the embedding program adds: `len` ports from `base`.
-pub struct PortDevice {
-    /// First port.
-    pub base: u16,
-    /// Number of ports.
-    pub len: u16,
-    /// The device.
-    pub device: Arc<dyn BusDevice>,
-}
-
-/// A disk image to attach as a virtio-blk device.
-#[derive(Clone)]
-pub struct DiskAttach {
-    /// The raw image.
-    pub path: PathBuf,
-    /// The guest may only read it (on a boot; a restore keeps the saved
-    /// device's setting).
-    pub readonly: bool,
-    /// A lazily restored disk: where its units come from until the image
-    /// is whole (see `devices::virtio::disk`).
-    pub source: Option<Arc<dyn virtio::disk::UnitSource>>,
-}
-
-impl DiskAttach {
-    /// An image the guest reads and writes.
-    pub fn new(path: PathBuf) -> DiskAttach {
-        DiskAttach {
-            path,
-            readonly: false,
-            source: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for DiskAttach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiskAttach")
-            .field("path", &self.path)
-            .field("readonly", &self.readonly)
-            .field("lazy", &self.source.is_some())
-            .finish()
-    }
-}
-
-/// What the program running a machine attaches to it, on a boot as on a
-/// restore: files and hooks, nothing of which is part of the machine's
-/// saved state (a restore checks that the disks fit the saved devices).
-pub struct Attach {
-    /// Where the guest's console output goes.
-    pub serial_out: Box<dyn Write + Send>,
-    /// Port devices of the program's own (they hold no state).
-    pub ports: Vec<PortDevice>,
-    /// The guest's progress counter, if the program knows one.
-    pub progress: Option<Arc<dyn ProgressCounter>>,
-    /// Disk images, one virtio-blk device each, in slot order.
-    pub disks: Vec<DiskAttach>,
-}
-
-impl Attach {
-    /// The console alone.
-    pub fn console(serial_out: Box<dyn Write + Send>) -> Attach {
-        Attach {
-            serial_out,
-            ports: Vec::new(),
-            progress: None,
-            disks: Vec::new(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Attach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attach")
-            .field("ports", &self.ports.iter().map(|p| p.device.name()).collect::<Vec<_>>())
-            .field("progress", &self.progress.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// The devices of a machine: COM1 (from its saved state on a restore),
-/// the legacy stubs, the program's own port devices, and a virtio-blk
-/// device per disk (from its saved state on a restore).
-fn build_devices(
-    parts: &Parts,
-    serial: SerialDevice,
-    ports: Vec<PortDevice>,
-    disks: &[DiskAttach],
-    saved: Option<&[VirtioState]>,
-) -> Result<Devices, DeviceError> {
-    let mut d = Devices::new(serial)?;
-    for p in ports {
-        d.pio.insert(u64::from(p.base), u64::from(p.len), p.device)?;
-    }
-    if disks.len() > virtio::MAX_DEVICES {
-        return Err(DeviceError::Mismatch(format!(
-            "{} disks given: consnap attaches at most {}",
-            disks.len(),
-            virtio::MAX_DEVICES
-        )));
-    }
-    if let Some(s) = saved
-        && s.len() != disks.len()
-    {
-        return Err(DeviceError::Mismatch(format!(
-            "the saved machine has {} disk(s), {} given",
-            s.len(),
-            disks.len()
-        )));
-    }
-    for (i, disk) in disks.iter().enumerate() {
-        let saved = saved.map(|s| &s[i]);
-        let block = match saved.map(|s| &s.device) {
-            Some(VirtioDeviceState::Block(b)) => {
-                let image = match &disk.source {
-                    Some(src) => DiskImage::open_lazy(&disk.path, b.readonly, src.clone())?,
-                    None => DiskImage::open(&disk.path, b.readonly)?,
-                };
-                Block::restore(Arc::new(image), b)?
-            }
-            None => {
-                let image = Arc::new(DiskImage::open(&disk.path, disk.readonly)?);
-                let id = disk
-                    .path
-                    .file_name()
-                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
-                Block::new(image, &id)
-            }
-        };
-        let slot = VirtioSlot::block(&parts.vm, &parts.ram, i, Arc::new(block), saved.map(|s| &s.transport))?;
-        d.add_virtio(slot)?;
-    }
-    Ok(d)
-}
-
 /// A VM with its RAM, devices and vCPUs.
 pub struct Machine {
     kvm: Kvm,
@@ -307,10 +171,10 @@ impl std::fmt::Debug for PreparedVm {
     }
 }
 
-struct Parts {
+pub(crate) struct Parts {
     kvm: Kvm,
-    vm: VmFd,
-    ram: Arc<GuestRam>,
+    pub(crate) vm: VmFd,
+    pub(crate) ram: Arc<GuestRam>,
 }
 
 /// VM with irqchip, PIT and RAM slots (over `ram`, or fresh RAM of
@@ -434,7 +298,7 @@ impl Machine {
         let (parts, serial_evt) = create_vm(mem_size, boot.vcpus, None)?;
         // Linux finds virtio-mmio devices on its command line.
         let mut boot = boot.clone();
-        for i in 0..attach.disks.len() {
+        for i in 0..attach.disks.len() + attach.nets.len() {
             if !boot.cmdline.is_empty() {
                 boot.cmdline.push(' ');
             }
@@ -462,8 +326,16 @@ impl Machine {
             ports,
             progress,
             disks,
+            nets,
+            output,
         } = attach;
-        let devices = build_devices(&parts, SerialDevice::new(serial_evt, serial_out), ports, &disks, None)?;
+        let devices = build_devices(
+            &parts,
+            SerialDevice::new(serial_evt, serial_out),
+            ports,
+            (&disks, &nets, &output),
+            None,
+        )?;
         let config = MachineConfig {
             mem_size,
             vcpus: boot.vcpus,
@@ -506,9 +378,17 @@ impl Machine {
             ports,
             progress,
             disks,
+            nets,
+            output,
         } = attach;
         let serial = SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?;
-        let devices = build_devices(&parts, serial, ports, &disks, Some(&state.devices.virtio))?;
+        let devices = build_devices(
+            &parts,
+            serial,
+            ports,
+            (&disks, &nets, &output),
+            Some(&state.devices.virtio),
+        )?;
         InKernelDevices::restore(&parts.vm, &state.vm)?;
         let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
         Ok(Self::assemble(
@@ -605,7 +485,7 @@ impl Machine {
         }
         let devices = DeviceStates {
             serial: self.devices.serial.save()?,
-            virtio: self.devices.virtio.iter().map(VirtioSlot::save).collect(),
+            virtio: self.devices.virtio.iter().map(virtio::VirtioSlot::save).collect(),
         };
         let vm = InKernelDevices(&self.vm).save()?;
         Ok(MachineState {
@@ -758,12 +638,21 @@ impl Machine {
         &self.config
     }
 
+    /// The gate the machine's output (network frames, and the console when
+    /// attached through it) waits in for its epoch.
+    pub fn output(&self) -> &Arc<OutputGate> {
+        &self.devices.output
+    }
+
     /// The captured state besides guest RAM: each disk's blocks, in slot order.
     pub fn regions(&self) -> Vec<Arc<dyn Region>> {
         self.devices
             .virtio
             .iter()
-            .map(|s| s.block.disk().clone() as Arc<dyn Region>)
+            .filter_map(|s| match &s.device {
+                virtio::SlotDevice::Block(b) => Some(b.disk().clone() as Arc<dyn Region>),
+                virtio::SlotDevice::Net(_) => None,
+            })
             .collect()
     }
 

@@ -26,11 +26,22 @@ pub enum Kind {
     /// Disk throughput: blocks read or written in order or at random
     /// (always uses the disk).
     Diskio,
+    /// A UDP key-value server ([`crate::kv`]) at `ip=` and `port=`; with
+    /// `disk=on` it logs every applied put. It is served by the guest's
+    /// network driver, not by [`crate::run_share`].
+    Kv,
 }
 
 impl Kind {
     /// All workloads, in the order they are documented.
-    pub const ALL: [Kind; 5] = [Kind::Memstress, Kind::Build, Kind::Ftp, Kind::Dblog, Kind::Diskio];
+    pub const ALL: [Kind; 6] = [
+        Kind::Memstress,
+        Kind::Build,
+        Kind::Ftp,
+        Kind::Dblog,
+        Kind::Diskio,
+        Kind::Kv,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -40,6 +51,7 @@ impl Kind {
             Kind::Ftp => "ftp",
             Kind::Dblog => "dblog",
             Kind::Diskio => "diskio",
+            Kind::Kv => "kv",
         }
     }
 
@@ -51,6 +63,7 @@ impl Kind {
             Kind::Ftp => &["wss", "ops", "seed", "rate", "chunk", "disk", "irq", "dsize"],
             Kind::Dblog => &["wss", "ops", "seed", "rate", "flush", "dsize", "disk", "irq"],
             Kind::Diskio => &["wss", "ops", "seed", "pattern", "chunk", "io", "dsize", "disk", "irq"],
+            Kind::Kv => &["wss", "ip", "port", "disk", "irq", "dsize"],
         }
     }
 
@@ -122,7 +135,15 @@ pub struct Spec {
     pub flush: u64,
     /// diskio: write blocks (`io=write`) rather than read them.
     pub io_write: bool,
+    /// kv: the guest's IPv4 address (`ip=A.B.C.D`, required for kv and
+    /// taken by no other workload; 0.0.0.0 for them).
+    pub ip: [u8; 4],
+    /// kv: the UDP port the server listens on (`port=N`, 1..=65535).
+    pub port: u16,
 }
+
+/// kv's UDP port unless `port=` says otherwise.
+pub const DEFAULT_PORT: u16 = 7000;
 
 /// Why a command line was rejected. Borrows the offending text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,16 +174,27 @@ pub enum ParseError<'a> {
     },
     /// Values that do not fit together.
     Inconsistent(&'static str),
+    /// A key the workload requires was not given.
+    MissingKey {
+        /// The selected workload.
+        workload: Kind,
+        /// The key.
+        key: &'static str,
+    },
 }
 
 impl fmt::Display for ParseError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ParseError::MissingWorkload => {
-                write!(f, "no workload given (expected workload=memstress|build|ftp|dblog)")
+                write!(f, "no workload given (expected workload=")?;
+                write_names(f, "|")?;
+                write!(f, ")")
             }
             ParseError::UnknownWorkload(w) => {
-                write!(f, "unknown workload '{w}' (known: memstress, build, ftp, dblog)")
+                write!(f, "unknown workload '{w}' (known: ")?;
+                write_names(f, ", ")?;
+                write!(f, ")")
             }
             ParseError::NotKeyValue(w) => write!(f, "'{w}' is not key=value"),
             ParseError::UnknownKey { workload, key } => {
@@ -177,8 +209,26 @@ impl fmt::Display for ParseError<'_> {
                 write!(f, "bad value '{value}' for '{key}': expected {expected}")
             }
             ParseError::Inconsistent(why) => write!(f, "{why}"),
+            ParseError::MissingKey { workload, key } => {
+                write!(f, "workload {} needs {key}=", workload.name())?;
+                match *key {
+                    "ip" => write!(f, "A.B.C.D, the guest's IPv4 address"),
+                    _ => write!(f, "..."),
+                }
+            }
         }
     }
+}
+
+/// The workloads' names, separated by `sep`.
+fn write_names(f: &mut fmt::Formatter<'_>, sep: &str) -> fmt::Result {
+    for (i, k) in Kind::ALL.into_iter().enumerate() {
+        if i > 0 {
+            f.write_str(sep)?;
+        }
+        f.write_str(k.name())?;
+    }
+    Ok(())
 }
 
 /// Parse a size with an optional binary suffix: `4096`, `64K`, `64M`, `1G`, `1GiB`, `1T`.
@@ -241,6 +291,8 @@ impl Spec {
             dsize: 64 << 20,
             flush: 16,
             io_write: false,
+            ip: [0; 4],
+            port: DEFAULT_PORT,
         };
         match kind {
             Kind::Memstress => base,
@@ -269,6 +321,7 @@ impl Spec {
                 io_write: true,
                 ..base
             },
+            Kind::Kv => Spec { wss: 4 << 20, ..base },
         }
     }
 
@@ -358,6 +411,13 @@ impl Spec {
                     _ => return Err(bad("read or write")),
                 }
             }
+            "ip" => self.ip = parse_unicast_ipv4(value).ok_or(bad("a unicast IPv4 address such as 10.0.2.15"))?,
+            "port" => {
+                self.port = parse_decimal(value)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                    .ok_or(bad("a UDP port 1..=65535"))?
+            }
             _ => {
                 return Err(ParseError::UnknownKey {
                     workload: self.kind,
@@ -439,6 +499,15 @@ impl Spec {
                     return Err(Inconsistent("diskio takes pattern=seq or pattern=random"));
                 }
             }
+            Kind::Kv => {
+                // `ip=` never sets 0.0.0.0, so this is "not given".
+                if self.ip == [0; 4] {
+                    return Err(ParseError::MissingKey {
+                        workload: Kind::Kv,
+                        key: "ip",
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -446,6 +515,31 @@ impl Spec {
 
 fn parse_percent(s: &str) -> Option<u64> {
     parse_count(s).filter(|p| *p <= 100)
+}
+
+/// Plain decimal digits (no sign, no suffix), at most 19 of them.
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Dotted-quad IPv4 `A.B.C.D`, each part 0..=255 in decimal without
+/// leading zeros (so `010` is not mistaken for octal); an address a host
+/// can have: not 0.0.0.0, not multicast (224/4), not broadcast.
+fn parse_unicast_ipv4(s: &str) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in ip.iter_mut() {
+        let part = parts.next()?;
+        if part.len() > 1 && part.starts_with('0') {
+            return None;
+        }
+        *octet = u8::try_from(parse_decimal(part)?).ok()?;
+    }
+    let unicast = ip != [0; 4] && ip[0] < 224;
+    (parts.next().is_none() && unicast).then_some(ip)
 }
 
 fn parse_on_off(s: &str) -> Option<bool> {
@@ -457,139 +551,4 @@ fn parse_on_off(s: &str) -> Option<bool> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_all_keys_and_suffixes() {
-        let s =
-            Spec::parse("workload=memstress wss=64M ops=200k seed=9 rate=50k pattern=hotcold hot=5 hotw=95").unwrap();
-        assert_eq!(s.kind, Kind::Memstress);
-        assert_eq!(s.wss, 64 << 20);
-        assert_eq!(s.ops, 200_000);
-        assert_eq!(s.seed, 9);
-        assert_eq!(s.rate, 50_000);
-        assert_eq!(s.pattern, Pattern::HotCold);
-        assert_eq!((s.hot, s.hotw), (5, 95));
-        let f = Spec::parse("ops=10 workload=ftp rate=100M chunk=16K").unwrap();
-        assert_eq!((f.kind, f.rate, f.chunk, f.ops), (Kind::Ftp, 100 << 20, 16 << 10, 10));
-        assert_eq!(Spec::parse("workload=ftp rate=max").unwrap().rate, 0);
-        assert_eq!(Spec::parse("workload=build").unwrap(), Spec::defaults(Kind::Build));
-    }
-
-    #[test]
-    fn sizes_and_counts_up_to_tera() {
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        assert_eq!(parse_size("2TiB"), Some(2 << 40));
-        assert_eq!(parse_size("3G"), Some(3 << 30));
-        assert_eq!(parse_size("16777216T"), None, "2^64 overflows");
-        assert_eq!(parse_count("1T"), Some(1_000_000_000_000));
-        assert_eq!(parse_count("2t"), Some(2_000_000_000_000));
-        assert_eq!(parse_size("1P"), None);
-    }
-
-    #[test]
-    fn rejects_bad_input_with_named_culprit() {
-        assert_eq!(Spec::parse("wss=1M"), Err(ParseError::MissingWorkload));
-        assert_eq!(Spec::parse("workload=nope"), Err(ParseError::UnknownWorkload("nope")));
-        assert!(matches!(
-            Spec::parse("workload=build pattern=seq"),
-            Err(ParseError::UnknownKey { key: "pattern", .. })
-        ));
-        assert!(matches!(
-            Spec::parse("workload=memstress wss=12Q"),
-            Err(ParseError::BadValue {
-                key: "wss",
-                value: "12Q",
-                ..
-            })
-        ));
-        assert_eq!(
-            Spec::parse("workload=memstress ops=1 ops=2"),
-            Err(ParseError::Duplicate("ops"))
-        );
-        assert_eq!(
-            Spec::parse("workload=memstress junk"),
-            Err(ParseError::NotKeyValue("junk"))
-        );
-        assert!(matches!(
-            Spec::parse("workload=memstress wss=5000"),
-            Err(ParseError::Inconsistent(_))
-        ));
-        assert!(matches!(
-            Spec::parse("workload=ftp wss=64K chunk=64K"),
-            Err(ParseError::Inconsistent(_))
-        ));
-        assert!(Spec::parse("workload=memstress ops=99999999999999999999").is_err());
-        assert!(Spec::parse("workload=memstress hot=101").is_err());
-    }
-
-    #[test]
-    fn disk_keys_and_device_words_anywhere() {
-        let line = "virtio_mmio.device=512@0xfeb00000:5 workload=ftp disk=on irq=on dsize=16M \
-                    virtio_mmio.device=512@0xfeb00e00:12 chunk=64K virtio_mmio.device=4K@0xd0000000:5:1";
-        let s = Spec::parse(line).unwrap();
-        assert!(s.disk && s.irq && s.uses_disk());
-        assert_eq!((s.dsize, s.chunk), (16 << 20, 64 << 10));
-        assert_eq!(Spec::parse("workload=ftp disk=on irq=on dsize=16M chunk=64K"), Ok(s));
-        let d = Spec::parse("workload=dblog").unwrap();
-        assert_eq!(d, Spec::defaults(Kind::Dblog));
-        assert!(d.uses_disk() && !d.irq);
-        assert_eq!((d.flush, d.dsize, d.wss), (16, 64 << 20, 4 << 20));
-        let d = Spec::parse("workload=dblog flush=0 rate=2k disk=on wss=1M dsize=1M ops=10 seed=4").unwrap();
-        assert_eq!((d.flush, d.rate, d.dsize), (0, 2000, 1 << 20));
-        assert!(!Spec::parse("workload=build").unwrap().uses_disk());
-        assert!(Spec::parse("workload=build disk=on").unwrap().uses_disk());
-        // consnap's --workload sugar: the words are just more keys.
-        assert!(Spec::parse("workload=memstress virtio_mmio.device=4K@0xd0000000:5").is_ok());
-    }
-
-    #[test]
-    fn rejects_bad_disk_settings_and_dotted_words() {
-        assert!(matches!(
-            Spec::parse("workload=ftp virtio_mmio.device=4K@0xd0000000"),
-            Err(ParseError::BadValue {
-                key: "virtio_mmio.device",
-                value: "4K@0xd0000000",
-                ..
-            })
-        ));
-        assert!(matches!(
-            Spec::parse("workload=ftp foo.bar=1"),
-            Err(ParseError::UnknownKey { key: "foo.bar", .. })
-        ));
-        assert!(matches!(
-            Spec::parse("workload=ftp virtio_mmio.devices=4K@0x1000:5"),
-            Err(ParseError::UnknownKey { .. })
-        ));
-        assert!(matches!(
-            Spec::parse("workload=memstress disk=on"),
-            Err(ParseError::UnknownKey { key: "disk", .. })
-        ));
-        assert!(matches!(
-            Spec::parse("workload=ftp disk=yes"),
-            Err(ParseError::BadValue { key: "disk", .. })
-        ));
-        assert_eq!(
-            Spec::parse("workload=ftp disk=on disk=off"),
-            Err(ParseError::Duplicate("disk"))
-        );
-        for inconsistent in [
-            "workload=ftp irq=on",
-            "workload=dblog disk=off",
-            "workload=dblog wss=32K",
-            "workload=dblog dsize=128K",
-            "workload=ftp disk=on dsize=5000",
-            "workload=ftp disk=on chunk=1000",
-            "workload=ftp disk=on chunk=64K dsize=512K",
-            "workload=build disk=on dsize=1M",
-        ] {
-            assert!(
-                matches!(Spec::parse(inconsistent), Err(ParseError::Inconsistent(_))),
-                "{inconsistent}"
-            );
-        }
-        // dsize only matters with the disk.
-        assert!(Spec::parse("workload=ftp dsize=5000").is_ok());
-    }
-}
+mod tests;

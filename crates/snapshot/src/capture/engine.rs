@@ -577,6 +577,8 @@ impl SnapshotEngine {
             // The guest is powering off: there is nothing left to protect.
             return Ok(());
         };
+        // Everything the guest sent before this pause belongs to this epoch.
+        let output = t.seal_output();
         let (regions, taken_regions) = match RegionCapture::take(&self.regions, full) {
             Ok(r) => r,
             Err(f) => {
@@ -610,6 +612,16 @@ impl SnapshotEngine {
         };
         self.attempts += 1;
         let job = self.inject(job);
+        // Output made before the pause leaves once the epoch is durable:
+        // right after its commit, on the writer's thread.
+        let job: crate::capture::job::JobFn = match output {
+            Some(release) => Box::new(move |pause_ns| {
+                let committed = job(pause_ns)?;
+                release();
+                Ok(committed)
+            }),
+            None => job,
+        };
         let submitted = self
             .writer
             .as_ref()

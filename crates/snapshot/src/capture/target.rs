@@ -67,7 +67,17 @@ pub trait Target {
     fn regions(&self) -> Vec<Arc<dyn Region>> {
         Vec::new()
     }
+    /// While paused for an epoch: close the guest's output so far into a
+    /// generation (output commit, `vmm::devices::output`); the returned
+    /// call lets it out, once the epoch is durable.
+    fn seal_output(&mut self) -> Option<OutputRelease> {
+        None
+    }
 }
+
+/// Lets an epoch's output out (called by the writer right after the
+/// epoch's commit).
+pub type OutputRelease = Box<dyn FnOnce() + Send>;
 
 impl Target for Machine {
     fn ram(&self) -> &Arc<GuestRam> {
@@ -127,5 +137,14 @@ impl Target for Machine {
 
     fn regions(&self) -> Vec<Arc<dyn Region>> {
         Machine::regions(self)
+    }
+
+    fn seal_output(&mut self) -> Option<OutputRelease> {
+        let gate = self.output().clone();
+        if !gate.commits() {
+            return None;
+        }
+        let generation = gate.seal();
+        Some(Box::new(move || gate.release(generation)))
     }
 }

@@ -182,13 +182,19 @@ pub(crate) fn prepare_chain(chain: Vec<store::EpochReader>, id: u64) -> Result<P
             ),
         });
     }
-    if state.devices.virtio.len() != h.regions.len() {
+    // Each disk is a region; networks have none.
+    let disks = state
+        .devices
+        .virtio
+        .iter()
+        .filter(|v| matches!(v.device, vmm::state::VirtioDeviceState::Block(_)))
+        .count();
+    if disks != h.regions.len() {
         return Err(RestoreError::Mismatch {
             id,
             why: format!(
-                "header lists {}, state has {} virtio devices",
+                "header lists {}, state has {disks} virtio disk(s)",
                 store::format::describe_regions(&h.regions),
-                state.devices.virtio.len()
             ),
         });
     }

@@ -22,6 +22,7 @@
 //! all ones; writes are ignored.
 
 pub mod legacy;
+pub mod output;
 pub mod serial;
 pub mod virtio;
 
@@ -78,6 +79,9 @@ pub enum DeviceError {
     /// A disk image.
     #[error(transparent)]
     Disk(#[from] virtio::disk::DiskError),
+    /// A network's TAP device.
+    #[error(transparent)]
+    Tap(#[from] virtio::tap::TapError),
     /// The devices given to a restore do not fit the saved machine.
     #[error("{0}")]
     Mismatch(String),
@@ -235,6 +239,8 @@ pub struct Devices {
     pub virtio: Vec<virtio::VirtioSlot>,
     /// Devices quiesced at a snapshot's pause, in this order.
     quiesce: Vec<Arc<dyn Quiesce>>,
+    /// Where the devices' output waits for its epoch.
+    pub output: Arc<output::OutputGate>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -259,6 +265,7 @@ impl Devices {
             mmio: Bus::new("MMIO"),
             virtio: Vec::new(),
             quiesce: Vec::new(),
+            output: output::OutputGate::passthrough(),
         })
     }
 

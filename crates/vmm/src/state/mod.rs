@@ -188,6 +188,8 @@ pub struct VirtioState {
 pub enum VirtioDeviceState {
     /// virtio-blk.
     Block(crate::devices::virtio::block::BlockState),
+    /// virtio-net.
+    Net(crate::devices::virtio::net::NetState),
 }
 
 /// Everything but memory.

@@ -1,7 +1,7 @@
 //! Encoding of virtio device state (docs/FORMAT.md, "Machine state
 //! records"): a VIRTIO_MMIO record per slot (the transport's registers and
-//! every queue) and one record of the device's own state (BLOCK), both
-//! indexed by the slot, field by field, little-endian.
+//! every queue) and one record of the device's own state (BLOCK or NET),
+//! both indexed by the slot, field by field, little-endian.
 
 use virtio_queue::QueueState;
 
@@ -9,9 +9,11 @@ use super::records::{Enc, Reader};
 use super::{StateError, VirtioDeviceState, VirtioState};
 use crate::devices::virtio::block::BlockState;
 use crate::devices::virtio::mmio::TransportState;
+use crate::devices::virtio::net::NetState;
 
 pub(super) const VIRTIO_MMIO: u16 = 0x0202;
 pub(super) const BLOCK: u16 = 0x0203;
+pub(super) const NET: u16 = 0x0204;
 
 /// Bytes of one queue in a VIRTIO_MMIO record.
 const QUEUE_BYTES: usize = 40;
@@ -142,6 +144,33 @@ fn decode_block(p: &[u8]) -> Result<BlockState, StateError> {
     Ok(b)
 }
 
+fn net(n: &NetState) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12 + n.tap.len());
+    p.extend_from_slice(&n.mac);
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&(n.tap.len() as u32).to_le_bytes());
+    p.extend_from_slice(n.tap.as_bytes());
+    p
+}
+
+fn decode_net(p: &[u8]) -> Result<NetState, StateError> {
+    let mut r = Reader { b: p, what: "NET" };
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(r.take(6)?);
+    r.take(2)?;
+    let tap = r
+        .string()?
+        .filter(|t| crate::devices::virtio::tap::valid_name(t))
+        .ok_or_else(|| StateError::Corrupt("NET record holds no valid TAP name".into()))?;
+    if !r.b.is_empty() {
+        return Err(StateError::Corrupt(format!(
+            "NET record has {} bytes too many",
+            r.b.len()
+        )));
+    }
+    Ok(NetState { mac, tap })
+}
+
 /// Encode every virtio device, slot by slot.
 pub(super) fn encode(e: &mut Enc, devices: &[VirtioState]) {
     for (i, d) in devices.iter().enumerate() {
@@ -149,6 +178,7 @@ pub(super) fn encode(e: &mut Enc, devices: &[VirtioState]) {
         e.rec(VIRTIO_MMIO, i, &transport(&d.transport));
         match &d.device {
             VirtioDeviceState::Block(b) => e.rec(BLOCK, i, &block(b)),
+            VirtioDeviceState::Net(n) => e.rec(NET, i, &net(n)),
         }
     }
 }
@@ -163,7 +193,7 @@ pub(super) struct Slots {
 impl Slots {
     /// Whether `tag` is a virtio record.
     pub(super) fn takes(&self, tag: u16) -> bool {
-        matches!(tag, VIRTIO_MMIO | BLOCK)
+        matches!(tag, VIRTIO_MMIO | BLOCK | NET)
     }
 
     /// Take a virtio record for slot `index`.
@@ -184,7 +214,11 @@ impl Slots {
                 }
             }
             _ => {
-                let d = VirtioDeviceState::Block(decode_block(p)?);
+                let d = if tag == NET {
+                    VirtioDeviceState::Net(decode_net(p)?)
+                } else {
+                    VirtioDeviceState::Block(decode_block(p)?)
+                };
                 if self.devices[index].replace(d).is_some() {
                     return Err(twice());
                 }
@@ -249,7 +283,13 @@ mod tests {
     #[test]
     fn virtio_devices_round_trip_exactly() {
         let mut st = crate::state::codec::tests::sample();
-        st.devices.virtio = vec![slot(), slot()];
+        let mut net = slot();
+        net.transport.device_type = 1;
+        net.device = VirtioDeviceState::Net(NetState {
+            mac: [0x52, 1, 2, 3, 4, 5],
+            tap: "cs-tap0".into(),
+        });
+        st.devices.virtio = vec![slot(), slot(), net];
         st.devices.virtio[1].transport.queues[0].next_avail = 9;
         let back = decode(&encode_state(&st)).unwrap();
         assert_eq!(back.devices, st.devices);
@@ -268,6 +308,16 @@ mod tests {
         p[40] = 3;
         assert!(decode_transport(&p).is_err());
         assert!(decode_block(&[0; 31]).is_err());
+        let good = net(&NetState {
+            mac: [0x52, 0, 0, 0, 0, 1],
+            tap: "tap0".into(),
+        });
+        assert!(decode_net(&good).is_ok());
+        assert!(decode_net(&good[..good.len() - 1]).is_err());
+        let mut slash = good.clone();
+        *slash.last_mut().unwrap() = b'/';
+        assert!(decode_net(&slash).is_err(), "a TAP name with '/' is refused");
+        assert!(decode_net(&[good.clone(), vec![0]].concat()).is_err());
         let mut s = Slots::default();
         assert!(
             s.record(

@@ -20,9 +20,10 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::VirtioDevice;
+use super::chain::{Seg, gather, guest_slices, locate, scatter};
 use super::disk::{DiskImage, SECTOR};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemory;
@@ -68,13 +69,6 @@ pub struct Block {
     id: [u8; ID_BYTES],
     counters: BlockCounters,
     queues: [u16; 1],
-}
-
-/// One buffer of a chain.
-#[derive(Debug, Clone, Copy)]
-struct Seg {
-    addr: u64,
-    len: u64,
 }
 
 /// Why a request fails.
@@ -283,92 +277,6 @@ impl Block {
     }
 }
 
-/// The guest memory of bytes `[skip, skip + len)` of the buffers `segs`,
-/// as volatile slices; `None` if any part lies outside guest RAM.
-fn guest_slices<'m>(
-    mem: &'m GuestMemory,
-    segs: &[Seg],
-    mut skip: u64,
-    len: u64,
-) -> Option<Vec<vm_memory::VolatileSlice<'m, vm_memory::bitmap::BS<'m, vm_memory::bitmap::AtomicBitmap>>>> {
-    let mut out = Vec::new();
-    let mut left = len;
-    for s in segs {
-        if left == 0 {
-            break;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            continue;
-        }
-        let mut addr = s.addr.checked_add(skip)?;
-        let mut n = (s.len - skip).min(left);
-        skip = 0;
-        left -= n;
-        // A buffer may span two regions of RAM only at their border.
-        while n > 0 {
-            let slice = mem.get_slice(GuestAddress(addr), n as usize).ok().or_else(|| {
-                let r = mem.find_region(GuestAddress(addr))?;
-                let fit = r.len() - (addr - r.start_addr().0);
-                mem.get_slice(GuestAddress(addr), fit as usize).ok()
-            })?;
-            addr += slice.len() as u64;
-            n -= slice.len() as u64;
-            out.push(slice);
-        }
-    }
-    (left == 0).then_some(out)
-}
-
-/// The guest address of byte `at` of the buffers `segs`.
-fn locate(segs: &[Seg], mut at: u64) -> Option<u64> {
-    for s in segs {
-        if at < s.len {
-            return s.addr.checked_add(at);
-        }
-        at -= s.len;
-    }
-    None
-}
-
-/// Copy `dst.len()` bytes from byte `skip` of the buffers `segs`.
-fn gather(mem: &GuestMemory, segs: &[Seg], mut skip: u64, dst: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut done = 0;
-    for s in segs {
-        if done == dst.len() {
-            break;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            continue;
-        }
-        let n = ((s.len - skip) as usize).min(dst.len() - done);
-        mem.read_slice(&mut dst[done..done + n], GuestAddress(s.addr + skip))?;
-        done += n;
-        skip = 0;
-    }
-    Ok(())
-}
-
-/// Copy `src` into the buffers `segs` from their byte `skip`.
-fn scatter(mem: &GuestMemory, segs: &[Seg], mut skip: u64, src: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut done = 0;
-    for s in segs {
-        if done == src.len() {
-            break;
-        }
-        if skip >= s.len {
-            skip -= s.len;
-            continue;
-        }
-        let n = ((s.len - skip) as usize).min(src.len() - done);
-        mem.write_slice(&src[done..done + n], GuestAddress(s.addr + skip))?;
-        done += n;
-        skip = 0;
-    }
-    Ok(())
-}
-
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -390,13 +298,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config: capacity (u64 sectors) first; the rest
         // belongs to features not offered and reads as zero.
-        let capacity = (self.disk.bytes() / SECTOR).to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| capacity.get(o as usize).copied())
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&(self.disk.bytes() / SECTOR).to_le_bytes(), offset, data);
     }
 
     fn check(&self) -> Result<(), DeviceError> {

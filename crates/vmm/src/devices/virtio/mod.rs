@@ -9,12 +9,17 @@
 //! thread of its own ([`worker`]), never on a vCPU thread.
 //!
 //! - [`mmio`]: the transport's registers and state ([`mmio::MmioTransport`]);
-//! - [`block`]: virtio-blk over a [`disk::DiskImage`].
+//! - [`block`]: virtio-blk over a [`disk::DiskImage`];
+//! - [`net`]: virtio-net over a [`tap::Tap`], its output through the
+//!   machine's output gate (`devices::output`).
 
 pub mod block;
+pub(crate) mod chain;
 pub mod disk;
 pub mod mmio;
+pub mod net;
 pub(crate) mod pause;
+pub mod tap;
 pub(crate) mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -124,6 +129,23 @@ pub trait VirtioDevice: Send + Sync {
     fn check(&self) -> Result<(), crate::devices::DeviceError> {
         Ok(())
     }
+    /// File descriptors of the device's backend and the queue to serve
+    /// when one becomes readable (edge-triggered): a TAP's frames, a
+    /// wake-up after backpressure.
+    fn backend_events(&self) -> Vec<(std::os::fd::RawFd, usize)> {
+        Vec::new()
+    }
+}
+
+/// The driver reads `data.len()` bytes at `offset` of configuration space
+/// `config`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| config.get(usize::try_from(o).ok()?).copied())
+            .unwrap_or(0);
+    }
 }
 
 impl crate::devices::Quiesce for mmio::MmioTransport {
@@ -142,12 +164,19 @@ impl crate::devices::Quiesce for mmio::MmioTransport {
     }
 }
 
+/// The device in a slot.
+#[derive(Debug, Clone)]
+pub enum SlotDevice {
+    Block(std::sync::Arc<block::Block>),
+    Net(std::sync::Arc<net::Net>),
+}
+
 /// A virtio device in its slot, with the thread that serves it.
 pub struct VirtioSlot {
     /// The transport (on the MMIO bus).
     pub transport: std::sync::Arc<mmio::MmioTransport>,
-    /// The device: today always a block device.
-    pub block: std::sync::Arc<block::Block>,
+    /// The device.
+    pub device: SlotDevice,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// A lazily restored disk's fill thread, and what stops it.
     filler: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -201,7 +230,8 @@ fn spawn_filler(
 impl VirtioSlot {
     /// Wire block device `block` to the VM in slot `slot` (its irqfd and
     /// its queues' ioeventfds), from `saved` transport state on a restore,
-    /// and start the thread that serves it.
+    /// and start the thread that serves it (and a lazily restored disk's
+    /// fill thread).
     pub fn block(
         vm: &kvm_ioctls::VmFd,
         ram: &std::sync::Arc<crate::memory::GuestRam>,
@@ -209,8 +239,37 @@ impl VirtioSlot {
         block: std::sync::Arc<block::Block>,
         saved: Option<&mmio::TransportState>,
     ) -> Result<VirtioSlot, crate::devices::DeviceError> {
+        let mut s = Self::wire(vm, ram, slot, SlotDevice::Block(block.clone()), saved)?;
+        if block.disk().missing() > 0 {
+            s.filler = std::sync::Mutex::new(Some(spawn_filler(block.disk().clone(), s.stop_fill.clone())?));
+        }
+        Ok(s)
+    }
+
+    /// Wire network device `net` as [`VirtioSlot::block`] does a disk.
+    pub fn net(
+        vm: &kvm_ioctls::VmFd,
+        ram: &std::sync::Arc<crate::memory::GuestRam>,
+        slot: usize,
+        net: std::sync::Arc<net::Net>,
+        saved: Option<&mmio::TransportState>,
+    ) -> Result<VirtioSlot, crate::devices::DeviceError> {
+        Self::wire(vm, ram, slot, SlotDevice::Net(net), saved)
+    }
+
+    fn wire(
+        vm: &kvm_ioctls::VmFd,
+        ram: &std::sync::Arc<crate::memory::GuestRam>,
+        slot: usize,
+        device: SlotDevice,
+        saved: Option<&mmio::TransportState>,
+    ) -> Result<VirtioSlot, crate::devices::DeviceError> {
         use crate::devices::DeviceError;
-        let name = block.name();
+        let dev: std::sync::Arc<dyn VirtioDevice> = match &device {
+            SlotDevice::Block(b) => b.clone(),
+            SlotDevice::Net(n) => n.clone(),
+        };
+        let name = dev.name();
         let kvm = |op: &'static str| {
             let device = name.clone();
             move |source| DeviceError::Kvm { device, op, source }
@@ -220,7 +279,6 @@ impl VirtioSlot {
             source,
         })?;
         vm.register_irqfd(&irqfd, slot_irq(slot)).map_err(kvm("KVM_IRQFD"))?;
-        let dev: std::sync::Arc<dyn VirtioDevice> = block.clone();
         let t = std::sync::Arc::new(match saved {
             Some(s) => mmio::MmioTransport::restore(slot, dev, ram.clone(), irqfd, s)?,
             None => mmio::MmioTransport::new(slot, dev, ram.clone(), irqfd)?,
@@ -231,18 +289,12 @@ impl VirtioSlot {
                 .map_err(kvm("KVM_IOEVENTFD"))?;
         }
         let thread = worker::spawn(t.clone())?;
-        let stop_fill = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let filler = if block.disk().missing() > 0 {
-            Some(spawn_filler(block.disk().clone(), stop_fill.clone())?)
-        } else {
-            None
-        };
         Ok(VirtioSlot {
             transport: t,
-            block,
+            device,
             thread: std::sync::Mutex::new(Some(thread)),
-            filler: std::sync::Mutex::new(filler),
-            stop_fill,
+            filler: std::sync::Mutex::new(None),
+            stop_fill: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -265,7 +317,10 @@ impl VirtioSlot {
     pub fn save(&self) -> crate::state::VirtioState {
         crate::state::VirtioState {
             transport: self.transport.save(),
-            device: crate::state::VirtioDeviceState::Block(self.block.save()),
+            device: match &self.device {
+                SlotDevice::Block(b) => crate::state::VirtioDeviceState::Block(b.save()),
+                SlotDevice::Net(n) => crate::state::VirtioDeviceState::Net(n.save()),
+            },
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::devices::DeviceError;
 
 /// The wake-up eventfd's token in the epoll set (queues use their index).
 const WAKE: u64 = u64::MAX;
+/// Tokens of the device's backend events: this plus their position.
+const BACKEND: u64 = 1 << 32;
 
 /// Start the thread serving `t`'s queues.
 pub(crate) fn spawn(t: Arc<MmioTransport>) -> Result<JoinHandle<()>, DeviceError> {
@@ -63,11 +65,19 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
             EpollEvent::new(EventSet::IN, i as u64),
         )?;
     }
+    let backend = t.device.backend_events();
+    for (k, (fd, _)) in backend.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            *fd,
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, BACKEND + k as u64),
+        )?;
+    }
     let all = || (0..t.queue_evts.len()).collect::<Vec<_>>();
     // Serve every queue once at the start: after a restore, requests made
     // available before the snapshot wait in the rings.
     let mut pending = all();
-    let mut events = vec![EpollEvent::default(); t.queue_evts.len() + 1];
+    let mut events = vec![EpollEvent::default(); t.queue_evts.len() + backend.len() + 1];
     loop {
         let mut resumed = false;
         if !t.pauser.checkpoint(&mut resumed) {
@@ -94,10 +104,20 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
                     // A kick (activation) serves everything.
                     pending = all();
                 }
-                i => {
-                    let _ = t.queue_evts[i as usize].read();
-                    if !pending.contains(&(i as usize)) {
-                        pending.push(i as usize);
+                token => {
+                    let q = if token >= BACKEND {
+                        // The device drains its own backend.
+                        match backend.get((token - BACKEND) as usize) {
+                            Some(&(_, q)) => q,
+                            None => continue,
+                        }
+                    } else {
+                        let i = token as usize;
+                        let _ = t.queue_evts[i].read();
+                        i
+                    };
+                    if !pending.contains(&q) {
+                        pending.push(q);
                     }
                 }
             }
