@@ -230,7 +230,8 @@ macro_rules! say {
     }};
 }
 
-// After `say!`, which it uses.
+// After `say!`, which they use.
+mod nic;
 mod virtio;
 
 fn finish(code: u32) -> ! {
@@ -460,6 +461,12 @@ impl Env for GuestEnv {
 }
 
 fn run_cpu(cpu: u32, spec: &Spec) {
+    if spec.kind == workload::Kind::Kv {
+        // Every CPU serves requests until one says stop.
+        nic::serve(cpu as usize);
+        FINISHED.fetch_add(1, Release);
+        return;
+    }
     let ncpus = NCPUS.load(Acquire);
     let share = Share::new(spec, cpu, ncpus);
     let base = ARENA.load(Acquire) + u64::from(cpu) * share.bytes;
@@ -512,6 +519,51 @@ impl Backoff {
         } else {
             outw(abi::IDLE_PORT, Self::SLEEP_US);
         }
+    }
+}
+
+/// A ticket lock: whoever asks first is served first (a vCPU that keeps
+/// asking cannot starve the others, as it can with a plain spin lock);
+/// waiters back off ([`Backoff`]).
+pub(crate) struct Ticket<T> {
+    next: AtomicU32,
+    serving: AtomicU32,
+    value: core::cell::UnsafeCell<T>,
+}
+
+// SAFETY: `value` is only reached through `with`, by the holder of the
+// ticket being served, one at a time (or once, alone, through
+// `value_ptr`). No `Send` bound: the guest's CPUs share one address space
+// and have no thread-local state, so a value (such as a `&mut dyn Disk`)
+// may be used from any of them in turn.
+unsafe impl<T> Sync for Ticket<T> {}
+
+impl<T> Ticket<T> {
+    pub(crate) const fn new(value: T) -> Ticket<T> {
+        Ticket {
+            next: AtomicU32::new(0),
+            serving: AtomicU32::new(0),
+            value: core::cell::UnsafeCell::new(value),
+        }
+    }
+
+    /// The value, for a caller that makes sure it is the only user.
+    pub(crate) fn value_ptr(&self) -> *mut T {
+        self.value.get()
+    }
+
+    /// Run `f` on the value, alone.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let ticket = self.next.fetch_add(1, Relaxed);
+        let mut backoff = Backoff::new();
+        while self.serving.load(Acquire) != ticket {
+            backoff.wait();
+        }
+        // SAFETY: this ticket is served, so this is the only reference to
+        // the value until `serving` moves on.
+        let r = f(unsafe { &mut *self.value.get() });
+        self.serving.store(ticket.wrapping_add(1), Release);
+        r
     }
 }
 
@@ -580,6 +632,14 @@ fn bsp_main(start_info: u64) -> ! {
         }
         virtio::init(cmdline(start_info), spec.dsize, spec.irq);
     }
+    if spec.kind == workload::Kind::Kv {
+        let words = (share.bytes * u64::from(ncpus) / 8) as usize;
+        // SAFETY: the arena is RAM checked by `check_arena`, identity-mapped,
+        // and kv uses it only as this table (no CPU runs `run_share`).
+        let table = unsafe { core::slice::from_raw_parts_mut(base as *mut u64, words) };
+        let disk = spec.uses_disk().then(virtio::kv_disk);
+        nic::init(cmdline(start_info), &spec, table, disk.map(|d| d as &'static mut dyn workload::Disk));
+    }
     if ncpus > 1 {
         kernel_request(1);
         wait_until(0, "the other CPUs to start", || 0, || CHECKED_IN.load(Acquire) == ncpus - 1);
@@ -594,7 +654,12 @@ fn bsp_main(start_info: u64) -> ! {
         checksum: RES_SUM[i].load(Relaxed),
         errors: RES_ERR[i].load(Relaxed),
     });
-    let total = workload::combine(&outs[..ncpus as usize]);
+    let total = if spec.kind == workload::Kind::Kv {
+        let (ops, checksum) = nic::outcome();
+        Outcome { ops, checksum, errors: 0 }
+    } else {
+        workload::combine(&outs[..ncpus as usize])
+    };
     STATUS.ops.store(total.ops, Relaxed);
     STATUS.checksum.store(total.checksum, Relaxed);
     STATUS.errors.store(total.errors, Relaxed);

@@ -13,7 +13,6 @@
 //! device's interrupt, which the IOAPIC routes to [`IRQ_VECTOR`] on CPU 0.
 
 use core::arch::asm;
-use core::cell::UnsafeCell;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering::*, fence};
 
@@ -21,7 +20,7 @@ use workload::abi::exit;
 use workload::disk::{Disk, DiskError, SECTOR, SECTOR_WORDS, check_request};
 use workload::mmio::{self, MmioDevice};
 
-use crate::{Backoff, WAIT_TICKS, fail, kernel_request, ticks};
+use crate::{Backoff, Ticket, WAIT_TICKS, fail, kernel_request, ticks};
 
 // virtio-mmio registers (32-bit).
 const MAGIC_VALUE: u64 = 0x000;
@@ -35,7 +34,7 @@ const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
 const QUEUE_NUM: u64 = 0x038;
 const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
+pub(crate) const QUEUE_NOTIFY: u64 = 0x050;
 const INTERRUPT_STATUS: u64 = 0x060;
 const INTERRUPT_ACK: u64 = 0x064;
 const STATUS: u64 = 0x070;
@@ -46,7 +45,7 @@ const QUEUE_AVAIL_HIGH: u64 = 0x094;
 const QUEUE_USED_LOW: u64 = 0x0a0;
 const QUEUE_USED_HIGH: u64 = 0x0a4;
 const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+pub(crate) const CONFIG: u64 = 0x100;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const DEVICE_BLK: u32 = 2;
@@ -61,7 +60,7 @@ const S_FAILED: u32 = 128;
 // Feature bits.
 const F_BLK_RO: u64 = 1 << 5;
 const F_BLK_FLUSH: u64 = 1 << 9;
-const F_VERSION_1: u64 = 1 << 32;
+pub(crate) const F_VERSION_1: u64 = 1 << 32;
 
 // Request types and status values.
 const T_IN: u32 = 0;
@@ -72,10 +71,10 @@ const ST_OK: u8 = 0;
 
 // Descriptor flags.
 const D_NEXT: u16 = 1;
-const D_WRITE: u16 = 2;
+pub(crate) const D_WRITE: u16 = 2;
 
 /// Most entries a queue gets (min(QueueNumMax, this)).
-const QUEUE_MAX: usize = 128;
+pub(crate) const QUEUE_MAX: usize = 128;
 
 /// Largest data descriptor: requests are split at 128 KiB.
 const MAX_REQUEST_WORDS: usize = (128 << 10) / 8;
@@ -96,37 +95,37 @@ const IOAPIC: u64 = 0xfec0_0000;
 const MAPPED_END: u64 = 4 << 30;
 
 #[repr(C, align(16))]
-struct Desc {
-    addr: AtomicU64,
-    len: AtomicU32,
-    flags: AtomicU16,
-    next: AtomicU16,
+pub(crate) struct Desc {
+    pub(crate) addr: AtomicU64,
+    pub(crate) len: AtomicU32,
+    pub(crate) flags: AtomicU16,
+    pub(crate) next: AtomicU16,
 }
 
 #[repr(C, align(4))]
-struct UsedElem {
-    id: AtomicU32,
-    len: AtomicU32,
+pub(crate) struct UsedElem {
+    pub(crate) id: AtomicU32,
+    pub(crate) len: AtomicU32,
 }
 
 /// The split virtqueue: descriptor table, available ring, and used ring
 /// on a page of its own. Shared with the device; only the lock holder
 /// touches it.
 #[repr(C, align(4096))]
-struct Rings {
-    desc: [Desc; QUEUE_MAX],
+pub(crate) struct Rings {
+    pub(crate) desc: [Desc; QUEUE_MAX],
     avail_flags: AtomicU16,
-    avail_idx: AtomicU16,
-    avail_ring: [AtomicU16; QUEUE_MAX],
+    pub(crate) avail_idx: AtomicU16,
+    pub(crate) avail_ring: [AtomicU16; QUEUE_MAX],
     used_event: AtomicU16,
-    used: UsedRing,
+    pub(crate) used: UsedRing,
 }
 
 #[repr(C, align(4096))]
-struct UsedRing {
+pub(crate) struct UsedRing {
     flags: AtomicU16,
-    idx: AtomicU16,
-    ring: [UsedElem; QUEUE_MAX],
+    pub(crate) idx: AtomicU16,
+    pub(crate) ring: [UsedElem; QUEUE_MAX],
     avail_event: AtomicU16,
 }
 
@@ -139,31 +138,38 @@ struct Header {
     status: AtomicU8,
 }
 
-static RINGS: Rings = Rings {
-    desc: [const {
-        Desc {
-            addr: AtomicU64::new(0),
-            len: AtomicU32::new(0),
-            flags: AtomicU16::new(0),
-            next: AtomicU16::new(0),
+static RINGS: Rings = Rings::new();
+
+impl Rings {
+    /// Zeroed rings, for a static.
+    pub(crate) const fn new() -> Rings {
+        Rings {
+            desc: [const {
+                Desc {
+                    addr: AtomicU64::new(0),
+                    len: AtomicU32::new(0),
+                    flags: AtomicU16::new(0),
+                    next: AtomicU16::new(0),
+                }
+            }; QUEUE_MAX],
+            avail_flags: AtomicU16::new(0),
+            avail_idx: AtomicU16::new(0),
+            avail_ring: [const { AtomicU16::new(0) }; QUEUE_MAX],
+            used_event: AtomicU16::new(0),
+            used: UsedRing {
+                flags: AtomicU16::new(0),
+                idx: AtomicU16::new(0),
+                ring: [const {
+                    UsedElem {
+                        id: AtomicU32::new(0),
+                        len: AtomicU32::new(0),
+                    }
+                }; QUEUE_MAX],
+                avail_event: AtomicU16::new(0),
+            },
         }
-    }; QUEUE_MAX],
-    avail_flags: AtomicU16::new(0),
-    avail_idx: AtomicU16::new(0),
-    avail_ring: [const { AtomicU16::new(0) }; QUEUE_MAX],
-    used_event: AtomicU16::new(0),
-    used: UsedRing {
-        flags: AtomicU16::new(0),
-        idx: AtomicU16::new(0),
-        ring: [const {
-            UsedElem {
-                id: AtomicU32::new(0),
-                len: AtomicU32::new(0),
-            }
-        }; QUEUE_MAX],
-        avail_event: AtomicU16::new(0),
-    },
-};
+    }
+}
 
 static HEADER: Header = Header {
     kind: AtomicU32::new(0),
@@ -183,30 +189,14 @@ struct Device {
     used: u16,
 }
 
-/// A ticket lock around the device: one request at a time, from any vCPU,
-/// served in the order asked (a vCPU that keeps asking cannot starve the
-/// others, as it can with a plain spin lock).
-struct Locked {
-    next: AtomicU32,
-    serving: AtomicU32,
-    dev: UnsafeCell<Device>,
-}
-
-// SAFETY: `dev` is only reached through `with_device`, which holds the
-// ticket being served.
-unsafe impl Sync for Locked {}
-
-static DEVICE: Locked = Locked {
-    next: AtomicU32::new(0),
-    serving: AtomicU32::new(0),
-    dev: UnsafeCell::new(Device {
-        base: 0,
-        queue_size: 0,
-        irq: false,
-        avail: 0,
-        used: 0,
-    }),
-};
+/// The device: one request at a time, from any vCPU, in the order asked.
+static DEVICE: Ticket<Device> = Ticket::new(Device {
+    base: 0,
+    queue_size: 0,
+    irq: false,
+    avail: 0,
+    used: 0,
+});
 
 static CAPACITY: AtomicU64 = AtomicU64::new(0);
 static READ_ONLY: AtomicBool = AtomicBool::new(false);
@@ -223,26 +213,17 @@ pub fn stats() -> (u64, u64) {
 }
 
 fn with_device<R>(f: impl FnOnce(&mut Device) -> R) -> R {
-    let ticket = DEVICE.next.fetch_add(1, Relaxed);
-    let mut backoff = Backoff::new();
-    while DEVICE.serving.load(Acquire) != ticket {
-        backoff.wait();
-    }
-    // SAFETY: this ticket is served, so this is the only reference to the
-    // device state until `serving` moves on.
-    let r = f(unsafe { &mut *DEVICE.dev.get() });
-    DEVICE.serving.store(ticket.wrapping_add(1), Release);
-    r
+    DEVICE.with(f)
 }
 
-fn read32(addr: u64) -> u32 {
+pub(crate) fn read32(addr: u64) -> u32 {
     // SAFETY: `addr` is a device register (virtio-mmio window, IOAPIC or
     // local APIC) that the caller checked lies in the identity map below
     // 4 GiB; boot.s maps it user-accessible. MMIO has no Rust-visible memory.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
 }
 
-fn write32(addr: u64, val: u32) {
+pub(crate) fn write32(addr: u64, val: u32) {
     // SAFETY: as in `read32`.
     unsafe { core::ptr::write_volatile(addr as *mut u32, val) }
 }
@@ -250,7 +231,7 @@ fn write32(addr: u64, val: u32) {
 /// Tell the compiler that the memory at `ptr` may have been read or written
 /// by someone else (the device, by DMA): it keeps stores before this point
 /// and reloads after it.
-fn dma_barrier<T>(ptr: *const T) {
+pub(crate) fn dma_barrier<T>(ptr: *const T) {
     // SAFETY: an empty asm statement; it only acts as a compiler barrier for
     // the memory reachable from `ptr`.
     unsafe { asm!("/* {0} */", in(reg) ptr, options(nostack, preserves_flags)) }
@@ -383,6 +364,19 @@ fn report(what: &str, sector: u64, e: DiskError) {
     }
 }
 
+/// The disk of the kv server's log (CPU 0's view; the server is used
+/// under its own lock). Taken once, by `main` before the server starts.
+pub fn kv_disk() -> &'static mut GuestDisk {
+    static KV_DISK: Ticket<GuestDisk> = Ticket::new(GuestDisk { cpu: 0 });
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, AcqRel) {
+        fail(exit::RESOURCES, format_args!("the kv log's disk was taken twice"));
+    }
+    // SAFETY: `TAKEN` lets this run once, so this is the only reference
+    // ever made to the disk; the lock is never taken.
+    unsafe { &mut *KV_DISK.value_ptr() }
+}
+
 /// The virtio-blk disk as the workloads on CPU `cpu` see it.
 pub struct GuestDisk {
     pub cpu: usize,
@@ -420,15 +414,39 @@ impl Disk for GuestDisk {
 
 /// What [`find`] saw on the command line, for the error message.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     words: u32,
     unmapped: u32,
-    legacy_blk: u32,
+    legacy: u32,
 }
 
-/// The first virtio-mmio version-2 block device among the command line's
-/// `virtio_mmio.device=` words.
-fn find(cmdline: &str) -> Result<MmioDevice, Seen> {
+impl Seen {
+    /// Why no device was found, after "needs a ... device named by a
+    /// virtio_mmio.device= word below 4 GiB; ".
+    pub(crate) fn why(&self) -> impl fmt::Display + '_ {
+        struct Why<'a>(&'a Seen);
+        impl fmt::Display for Why<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "the command line names {} device(s)", self.0.words)?;
+                if self.0.unmapped > 0 {
+                    write!(f, ", some outside the identity map or too small")?;
+                }
+                if self.0.legacy > 0 {
+                    write!(
+                        f,
+                        ", a legacy one of that type (version 1; QEMU: -global virtio-mmio.force-legacy=false)"
+                    )?;
+                }
+                Ok(())
+            }
+        }
+        Why(self)
+    }
+}
+
+/// The first virtio-mmio version-2 device of type `id` (2 block, 1 net)
+/// among the command line's `virtio_mmio.device=` words.
+pub(crate) fn find(cmdline: &str, id: u32) -> Result<MmioDevice, Seen> {
     let mut seen = Seen::default();
     for d in mmio::devices(cmdline) {
         seen.words += 1;
@@ -436,16 +454,16 @@ fn find(cmdline: &str) -> Result<MmioDevice, Seen> {
             seen.unmapped += 1;
             continue;
         }
-        let (magic, version, id) = (
+        let (magic, version, dev) = (
             read32(d.base + MAGIC_VALUE),
             read32(d.base + VERSION),
             read32(d.base + DEVICE_ID),
         );
-        if magic != MAGIC || id != DEVICE_BLK {
+        if magic != MAGIC || dev != id {
             continue;
         }
         if version != 2 {
-            seen.legacy_blk += 1;
+            seen.legacy += 1;
             continue;
         }
         return Ok(d);
@@ -453,100 +471,108 @@ fn find(cmdline: &str) -> Result<MmioDevice, Seen> {
     Err(seen)
 }
 
-/// Give up on the device at `base`: mark it FAILED and exit with code 3.
-fn device_failed(base: u64, why: fmt::Arguments<'_>) -> ! {
+/// Give up on device `what` at `base`: mark it FAILED and exit with code 3.
+pub(crate) fn device_failed(what: &str, base: u64, why: fmt::Arguments<'_>) -> ! {
     write32(base + STATUS, read32(base + STATUS) | S_FAILED);
-    fail(exit::RESOURCES, format_args!("virtio-blk at {base:#x}: {why}"))
+    fail(exit::RESOURCES, format_args!("{what} at {base:#x}: {why}"))
 }
 
-/// Find the disk, bring it up (virtio 1.x driver initialization) and route
-/// its interrupt if `irq`. Fails the guest (exit code 3) if there is no
-/// usable disk or it is smaller than `need` bytes.
-pub fn init(cmdline: &str, need: u64, irq: bool) {
-    let found = match find(cmdline) {
-        Ok(d) => d,
-        Err(seen) => fail(
-            exit::RESOURCES,
-            format_args!(
-                "the workload uses a disk: it needs a virtio-blk device (virtio-mmio version 2) named by a \
-                 virtio_mmio.device= word below 4 GiB; the command line names {} device(s){}{}",
-                seen.words,
-                if seen.unmapped > 0 {
-                    ", some outside the identity map or too small"
-                } else {
-                    ""
-                },
-                if seen.legacy_blk > 0 {
-                    ", a legacy virtio-blk (version 1; QEMU: -global virtio-mmio.force-legacy=false)"
-                } else {
-                    ""
-                }
-            ),
-        ),
-    };
-    let base = found.base;
-    // Reset, then ACKNOWLEDGE and DRIVER.
+/// Reset the device at `base`, then ACKNOWLEDGE, DRIVER, and accept
+/// VERSION_1 and whatever of `want` it offers (FEATURES_OK). Returns the
+/// features offered and accepted.
+pub(crate) fn negotiate(what: &str, base: u64, want: u64) -> (u64, u64) {
     write32(base + STATUS, 0);
     while read32(base + STATUS) != 0 {
         core::hint::spin_loop();
     }
     write32(base + STATUS, S_ACKNOWLEDGE);
     write32(base + STATUS, S_ACKNOWLEDGE | S_DRIVER);
-    // Features: VERSION_1 and FLUSH if offered; RO is noted, not accepted.
     write32(base + DEVICE_FEATURES_SEL, 0);
     let low = read32(base + DEVICE_FEATURES);
     write32(base + DEVICE_FEATURES_SEL, 1);
     let offered = (u64::from(read32(base + DEVICE_FEATURES)) << 32) | u64::from(low);
     if offered & F_VERSION_1 == 0 {
-        device_failed(base, format_args!("the device does not offer VIRTIO_F_VERSION_1"));
+        device_failed(what, base, format_args!("the device does not offer VIRTIO_F_VERSION_1"));
     }
-    let accepted = F_VERSION_1 | (offered & F_BLK_FLUSH);
+    let accepted = F_VERSION_1 | (offered & want);
     write32(base + DRIVER_FEATURES_SEL, 0);
     write32(base + DRIVER_FEATURES, accepted as u32);
     write32(base + DRIVER_FEATURES_SEL, 1);
     write32(base + DRIVER_FEATURES, (accepted >> 32) as u32);
     write32(base + STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
     if read32(base + STATUS) & S_FEATURES_OK == 0 {
-        device_failed(base, format_args!("the device refused features {accepted:#x}"));
+        device_failed(what, base, format_args!("the device refused features {accepted:#x}"));
     }
-    // Queue 0.
-    write32(base + QUEUE_SEL, 0);
+    (offered, accepted)
+}
+
+/// Set up queue `q` of the device at `base` on `rings` (zeroed here);
+/// `irq`: whether the driver wants interrupts. Returns the queue size.
+pub(crate) fn setup_queue(what: &str, base: u64, q: u32, rings: &'static Rings, irq: bool) -> u16 {
+    write32(base + QUEUE_SEL, q);
     if read32(base + QUEUE_READY) != 0 {
-        device_failed(base, format_args!("queue 0 is already in use"));
+        device_failed(what, base, format_args!("queue {q} is already in use"));
     }
     let max = read32(base + QUEUE_NUM_MAX);
     if max == 0 {
-        device_failed(base, format_args!("queue 0 is not available"));
+        device_failed(what, base, format_args!("queue {q} is not available"));
     }
     // Split-ring sizes are powers of two.
     let fit = max.min(QUEUE_MAX as u32);
     let size = (1u32 << (31 - fit.leading_zeros())) as u16;
-    for d in &RINGS.desc {
+    for d in &rings.desc {
         d.addr.store(0, Relaxed);
         d.len.store(0, Relaxed);
         d.flags.store(0, Relaxed);
         d.next.store(0, Relaxed);
     }
     // Polling: VRING_AVAIL_F_NO_INTERRUPT, the device need not interrupt.
-    RINGS.avail_flags.store(if irq { 0 } else { 1 }, Relaxed);
-    RINGS.avail_idx.store(0, Relaxed);
-    RINGS.used.flags.store(0, Relaxed);
-    RINGS.used.idx.store(0, Relaxed);
+    rings.avail_flags.store(if irq { 0 } else { 1 }, Relaxed);
+    rings.avail_idx.store(0, Relaxed);
+    rings.used.flags.store(0, Relaxed);
+    rings.used.idx.store(0, Relaxed);
     fence(SeqCst);
     write32(base + QUEUE_NUM, u32::from(size));
     let addr_pair = |low: u64, high: u64, addr: u64| {
         write32(base + low, addr as u32);
         write32(base + high, (addr >> 32) as u32);
     };
-    addr_pair(QUEUE_DESC_LOW, QUEUE_DESC_HIGH, core::ptr::addr_of!(RINGS.desc) as u64);
+    addr_pair(QUEUE_DESC_LOW, QUEUE_DESC_HIGH, core::ptr::addr_of!(rings.desc) as u64);
     addr_pair(
         QUEUE_AVAIL_LOW,
         QUEUE_AVAIL_HIGH,
-        core::ptr::addr_of!(RINGS.avail_flags) as u64,
+        core::ptr::addr_of!(rings.avail_flags) as u64,
     );
-    addr_pair(QUEUE_USED_LOW, QUEUE_USED_HIGH, core::ptr::addr_of!(RINGS.used) as u64);
+    addr_pair(QUEUE_USED_LOW, QUEUE_USED_HIGH, core::ptr::addr_of!(rings.used) as u64);
     write32(base + QUEUE_READY, 1);
+    size
+}
+
+/// The driver is ready (DRIVER_OK).
+pub(crate) fn driver_ok(base: u64) {
     write32(base + STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+}
+
+/// Find the disk, bring it up (virtio 1.x driver initialization) and route
+/// its interrupt if `irq`. Fails the guest (exit code 3) if there is no
+/// usable disk or it is smaller than `need` bytes.
+pub fn init(cmdline: &str, need: u64, irq: bool) {
+    let found = match find(cmdline, DEVICE_BLK) {
+        Ok(d) => d,
+        Err(seen) => fail(
+            exit::RESOURCES,
+            format_args!(
+                "the workload uses a disk: it needs a virtio-blk device (virtio-mmio version 2) named by a \
+                 virtio_mmio.device= word below 4 GiB; {}",
+                seen.why()
+            ),
+        ),
+    };
+    let base = found.base;
+    // VERSION_1 and FLUSH if offered; RO is noted, not accepted.
+    let (offered, accepted) = negotiate("virtio-blk", base, F_BLK_FLUSH);
+    let size = setup_queue("virtio-blk", base, 0, &RINGS, irq);
+    driver_ok(base);
     // Capacity (u64 sectors at config offset 0), read consistently.
     let capacity = loop {
         let generation = read32(base + CONFIG_GENERATION);
@@ -621,10 +647,11 @@ fn route_irq(base: u64, pin: u32) {
     let version = ioapic(1);
     let pins = ((version >> 16) & 0xff) + 1;
     if version == 0 || version == u32::MAX {
-        device_failed(base, format_args!("irq=on: no IOAPIC answers at {IOAPIC:#x}"));
+        device_failed("virtio-blk", base, format_args!("irq=on: no IOAPIC answers at {IOAPIC:#x}"));
     }
     if pin >= pins {
         device_failed(
+            "virtio-blk",
             base,
             format_args!("irq=on: IRQ {pin} is beyond the IOAPIC's {pins} pins"),
         );
