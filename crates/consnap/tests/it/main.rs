@@ -20,6 +20,7 @@ mod disk;
 mod guest_time;
 mod lazy;
 mod linux;
+mod net;
 mod qemu;
 mod replicate;
 mod replicate_cluster;
