@@ -148,26 +148,9 @@ fn run_consnap(exe: &Path, cell: &Cell, img: &Path, scratch: &Path) -> Result<f6
 fn run_qemu(elf: &Path, cell: &Cell, img: &Path, scratch: &Path) -> Result<f64> {
     let out = scratch.join("diskio-qemu.out");
     let err = scratch.join("diskio-qemu.err");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-m",
-        "512M",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
-    .arg(elf)
-    .args(["-append", &guest_words(&cell.spec())])
-    .args(["-global", "virtio-mmio.force-legacy=false", "-drive"])
-    .arg(format!(
-        "id=d0,file={},format=raw,if=none,cache=writeback",
-        img.display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=d0"]);
+    let mut cmd = crate::microvm::command(elf, &guest_words(&cell.spec()), "512M", 1);
+    cmd.args(["-serial", "stdio"]);
+    crate::microvm::disk(&mut cmd, img, Some("writeback"));
     finish(&mut cmd, &out, &err, "qemu")
 }
 

@@ -13,6 +13,7 @@ mod consnap_run;
 pub mod disk_io;
 pub mod error;
 pub mod matrix;
+pub mod microvm;
 mod plot;
 mod proc;
 mod qemu;

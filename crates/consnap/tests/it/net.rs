@@ -388,3 +388,76 @@ fn without_output_commit_acknowledged_puts_are_lost() {
     eprintln!("without output commit: {} acknowledged puts lost", lost.len());
     assert!(!lost.is_empty(), "no acknowledged put was lost without output commit");
 }
+
+/// Run `puts` (key, value) through the peer, then stop the guest; returns
+/// the checksum its stop reply carries.
+fn drive(ns: &Netns, puts: &[(u64, u64)]) -> u64 {
+    let mut peer = Peer::new(&ns.name);
+    let mut it = puts.iter();
+    peer.run(
+        || it.next().map(|&(k, v)| (1, k, v)),
+        |_, _, value, (_, stored, _)| assert_eq!(stored, value),
+        Instant::now() + Duration::from_secs(120),
+    );
+    let mut sum = 0;
+    let mut once = Some((3, 0, 0));
+    peer.run(
+        || once.take(),
+        |_, _, _, (_, checksum, _)| sum = checksum,
+        Instant::now() + Duration::from_secs(60),
+    );
+    sum
+}
+
+/// The checksum a kv server holds after `puts`, computed on the host.
+fn reference(puts: &[(u64, u64)]) -> u64 {
+    use workload::kv::{KvServer, Op, Request};
+    let mut table = vec![0u64; (8 << 20) / 8];
+    let mut s = KvServer::new([0x52, 0x54, 0, 0x77, 0, 2], [10, 77, 0, 2], 7000, &mut table);
+    for (i, &(key, value)) in puts.iter().enumerate() {
+        s.execute(&Request {
+            seq: i as u64,
+            op: Op::Put,
+            key,
+            value,
+        });
+    }
+    s.checksum()
+}
+
+/// The same ELF and driver on QEMU's microvm with its virtio-net device on
+/// the same TAP answer the same peer, and hold what consnap's guest holds.
+#[test]
+fn kv_in_qemu_answers_the_same_peer() {
+    if !kvm_ready() || !crate::qemu::qemu_ready() {
+        return;
+    }
+    let Some(ns) = Netns::new("qemu") else { return };
+    let dir = tempdir("net-qemu");
+    let elf = dir.join("guest.elf");
+    run_ok(consnap().args(["guest", "export"]).arg(&elf));
+    let puts: Vec<(u64, u64)> = (0..300u64).map(|i| (i % 97, i * 7 + 1)).collect();
+    let want = reference(&puts);
+    for smp in [1, 2] {
+        let spec = format!("kv,ip={GUEST_IP},wss=8M");
+        let net = format!("tap={TAP},mac={GUEST_MAC}");
+        let child = spawn(&mut ns.consnap(&["run", "--workload", &spec, "--vcpus", &smp.to_string(), "--net", &net]));
+        assert_eq!(drive(&ns, &puts), want, "consnap, {smp} vCPUs");
+        let out = child.wait();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut qemu = bench::microvm::command(&elf, &guest_words(&spec), "256M", smp);
+        qemu.args(["-serial", "stdio"]);
+        bench::microvm::net(&mut qemu, TAP, GUEST_MAC);
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(qemu.get_program())
+            .args(qemu.get_args());
+        let child = spawn(&mut cmd);
+        assert_eq!(drive(&ns, &puts), want, "QEMU, {smp} vCPUs");
+        let out = child.wait();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // isa-debug-exit: QEMU exits with 2 * code + 1.
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(stdout.contains(&format!("checksum={want:#018x}")), "{stdout}");
+    }
+}

@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 
 use common::*;
 
-fn qemu_ready() -> bool {
+pub fn qemu_ready() -> bool {
     let ok = try_spawn(Command::new("qemu-system-x86_64").arg("--version")).is_ok_and(|c| c.wait().status.success());
     if !ok && std::env::var("CONSNAP_REQUIRE_QEMU").as_deref() == Ok("1") {
         panic!("CONSNAP_REQUIRE_QEMU=1 but qemu-system-x86_64 does not run");
@@ -82,45 +82,11 @@ fn exported_guest_gives_the_same_checksum_in_qemu() {
 }
 
 /// Run the guest `elf` on QEMU's microvm with a virtio-blk device on the raw
-/// `image`, `smp` vCPUs, command line `append`. One vCPU runs without ACPI:
-/// QEMU then appends a `virtio_mmio.device=` word for its transport. With
-/// more, the guest needs ACPI to find them (microvm has no MP table), and
-/// with ACPI QEMU describes its transports in the DSDT instead: the test
-/// names all 24 (at 0xfeb00000 + i × 512, on GSI 24 + i of the second
-/// IOAPIC; polling does not use the IRQ) and the guest probes each. The
-/// default firmware of microvm is qboot, so no `-bios`.
+/// `image`, `smp` vCPUs, command line `append` (see `bench::microvm`).
 fn qemu_disk(elf: &Path, image: &Path, append: &str, smp: u32) -> Output {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    let mut append = append.to_string();
-    if smp == 1 {
-        cmd.args(["-M", "microvm,acpi=off"]);
-    } else {
-        cmd.args(["-M", "microvm"]);
-        for i in 0..24u64 {
-            append += &format!(" virtio_mmio.device=512@{:#x}:{}", 0xfeb0_0000 + i * 512, 24 + i);
-        }
-    }
-    cmd.args([
-        "-enable-kvm",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ])
-    .args(["-serial", "stdio", "-no-reboot", "-smp", &smp.to_string()])
-    .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
-    .arg(elf)
-    .args([
-        "-append",
-        &append,
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-drive",
-    ])
-    .arg(format!("id=d0,file={},format=raw,if=none", image.display()))
-    .args(["-device", "virtio-blk-device,drive=d0"]);
+    let mut cmd = bench::microvm::command(elf, append, "256M", smp);
+    cmd.args(["-serial", "stdio"]);
+    bench::microvm::disk(&mut cmd, image, None);
     output(&mut cmd)
 }
 
@@ -287,20 +253,8 @@ fn disk_problems_in_qemu_fail_clearly_with_exit_code_3() {
         assert!(stdout.contains(says), "{append}: {stdout}");
     }
     // No disk at all.
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-enable-kvm",
-        "-m",
-        "256M",
-        "-nodefaults",
-        "-no-user-config",
-    ])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .args(["-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"])
-    .arg(&elf)
-    .args(["-append", "workload=ftp wss=4M disk=on"]);
+    let mut cmd = bench::microvm::command(&elf, "workload=ftp wss=4M disk=on", "256M", 1);
+    cmd.args(["-serial", "stdio"]);
     let out = output(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "{stdout}");
