@@ -33,6 +33,9 @@ pub enum BenchError {
     /// A disk throughput run failed.
     #[error(transparent)]
     DiskIo(#[from] crate::disk_io::DiskIoError),
+    /// A network run failed.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetBenchError),
     /// A plot of the report could not be drawn.
     #[error("{file}: {source}")]
     Plot {

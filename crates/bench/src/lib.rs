@@ -14,6 +14,7 @@ pub mod disk_io;
 pub mod error;
 pub mod matrix;
 pub mod microvm;
+pub mod net;
 mod plot;
 mod proc;
 mod qemu;

@@ -88,18 +88,26 @@ pub struct BenchArgs {
     /// Markdown table and writes it to RESULTS/DISK-IO.md.
     #[arg(long)]
     pub disk_io: bool,
+    /// Instead of the matrix: the kv guest's round trip and request rate
+    /// on consnap's virtio-net against QEMU's (no snapshots), and the round
+    /// trip with output commit at 20 ms, 100 ms and 1 s, each --repeats
+    /// times (default 3), in network namespaces of their own (root only);
+    /// prints a Markdown table and writes it to RESULTS/NET.md.
+    #[arg(long, conflicts_with = "disk_io")]
+    pub net: bool,
 }
 
 fn mem(s: &str) -> Result<String, ArgError> {
     args::size(s).map(|_| s.to_string())
 }
 
-/// `--disk-io`: the throughput table.
-fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
-    let results = a
-        .results
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("bench-results/disk-io"));
+/// Scratch space under `results`, consnap itself, and the exported guest
+/// when QEMU is installed (for the QEMU cells).
+fn side_bench_setup(
+    a: &BenchArgs,
+    default: &str,
+) -> Result<(PathBuf, PathBuf, PathBuf, Option<PathBuf>), BenchCmdError> {
+    let results = a.results.clone().unwrap_or_else(|| PathBuf::from(default));
     let scratch = results.join("scratch");
     std::fs::create_dir_all(&scratch).map_err(|e| bench::BenchError::Io {
         path: scratch.clone(),
@@ -107,7 +115,7 @@ fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
     })?;
     let exe = std::env::current_exe().map_err(BenchCmdError::Exe)?;
     let elf = scratch.join("guest.elf");
-    let qemu = std::process::Command::new("qemu-system-x86_64")
+    let qemu = std::process::Command::new(bench::microvm::QEMU)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
@@ -117,19 +125,52 @@ fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
             source: e,
         })?;
     }
-    let repeats = a.repeats.unwrap_or(3).max(1);
-    let rows = bench::disk_io::measure(&exe, qemu.then_some(elf.as_path()), &scratch, repeats)?;
-    let table = bench::disk_io::table(&rows, repeats);
+    Ok((results, scratch, exe, qemu.then_some(elf)))
+}
+
+/// Print `table`, write it to --doc or RESULTS/`name`, drop the scratch space.
+fn side_bench_done(
+    a: &BenchArgs,
+    results: &std::path::Path,
+    scratch: &std::path::Path,
+    name: &str,
+    table: &str,
+) -> Result<i32, BenchCmdError> {
     print!("{table}");
-    let doc = a.doc.clone().unwrap_or_else(|| results.join("DISK-IO.md"));
-    std::fs::write(&doc, &table).map_err(|e| bench::BenchError::Io { path: doc, source: e })?;
-    let _ = std::fs::remove_dir_all(&scratch);
+    let doc = a.doc.clone().unwrap_or_else(|| results.join(name));
+    std::fs::write(&doc, table).map_err(|e| bench::BenchError::Io { path: doc, source: e })?;
+    let _ = std::fs::remove_dir_all(scratch);
     Ok(0)
+}
+
+/// `--disk-io`: the throughput table.
+fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
+    let (results, scratch, exe, elf) = side_bench_setup(a, "bench-results/disk-io")?;
+    let repeats = a.repeats.unwrap_or(3).max(1);
+    let rows = bench::disk_io::measure(&exe, elf.as_deref(), &scratch, repeats)?;
+    let table = bench::disk_io::table(&rows, repeats);
+    side_bench_done(a, &results, &scratch, "DISK-IO.md", &table)
+}
+
+/// `--net`: the network table.
+fn net(a: &BenchArgs) -> Result<i32, BenchCmdError> {
+    let (results, scratch, exe, elf) = side_bench_setup(a, "bench-results/net")?;
+    let repeats = a.repeats.unwrap_or(3).max(1);
+    let ctx = bench::net::Ctx {
+        exe,
+        elf,
+        scratch: scratch.clone(),
+    };
+    let table = bench::net::bench(&ctx, repeats)?;
+    side_bench_done(a, &results, &scratch, "NET.md", &table)
 }
 
 pub fn bench(a: BenchArgs) -> Result<i32, BenchCmdError> {
     if a.disk_io {
         return disk_io(&a);
+    }
+    if a.net {
+        return net(&a);
     }
     let mut matrix = if a.quick {
         bench::Matrix::quick()

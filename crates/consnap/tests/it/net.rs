@@ -11,104 +11,45 @@
 //! none` acknowledged puts are lost: the mutation check.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bench::net::ns::{GUEST_IP, GUEST_MAC, Netns, TAP};
+use bench::net::peer::{Ask, Peer};
+use workload::kv::Op;
 
 use crate::common;
 
 use common::*;
 
-const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST_IP: &str = "10.77.0.2";
-const GUEST_MAC: &str = "52:54:00:77:00:02";
-const TAP: &str = "kv0";
 const KEYS: u64 = 512;
 const WINDOW: usize = 16;
 
-/// A network namespace with a TAP in it, removed on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Netns {
-    /// `None` (the test is skipped, and says so) where this process may not
-    /// make one; with `CONSNAP_REQUIRE_NETNS=1` that is a failure.
-    pub fn new(tag: &str) -> Option<Netns> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let name = format!("csn-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        let ns = Netns { name };
-        let n = ns.name.as_str();
-        let made = ip(&["netns", "add", n])
-            .and_then(|_| ip(&["-n", n, "link", "set", "lo", "up"]))
-            .and_then(|_| ip(&["-n", n, "tuntap", "add", "mode", "tap", "name", TAP]))
-            .and_then(|_| ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", TAP]))
-            .and_then(|_| ip(&["-n", n, "link", "set", TAP, "up"]))
-            .and_then(|_| {
-                ip(&[
-                    "-n",
-                    n,
-                    "neigh",
-                    "add",
-                    GUEST_IP,
-                    "lladdr",
-                    GUEST_MAC,
-                    "dev",
-                    TAP,
-                    "nud",
-                    "permanent",
-                ])
-            });
-        match made {
-            Ok(()) => Some(ns),
-            Err(e) => {
-                assert!(
-                    std::env::var("CONSNAP_REQUIRE_NETNS").as_deref() != Ok("1"),
-                    "CONSNAP_REQUIRE_NETNS=1 but no network namespace with a TAP: {e}"
-                );
-                eprintln!("skipped: cannot make a network namespace with a TAP here ({e})");
-                None
-            }
+/// A namespace for one test; `None` (the test is skipped, and says so)
+/// where this process may not make one, a failure under
+/// `CONSNAP_REQUIRE_NETNS=1`.
+fn netns(tag: &str) -> Option<Netns> {
+    match Netns::new(tag) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            assert!(
+                std::env::var("CONSNAP_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "CONSNAP_REQUIRE_NETNS=1 but no network namespace with a TAP: {e}"
+            );
+            eprintln!("skipped: cannot make a network namespace with a TAP here ({e})");
+            None
         }
     }
-
-    /// `consnap ARGS` inside the namespace.
-    pub fn consnap(&self, args: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_consnap")])
-            .args(args);
-        c
-    }
 }
 
-/// Move the calling thread into network namespace `name`.
-fn enter(name: &str) {
-    let f = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
-    // SAFETY: setns on an open namespace file; it changes only this thread.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
+/// `consnap ARGS` in `ns`.
+fn consnap_in(ns: &Netns, args: &[&str]) -> std::process::Command {
+    let mut c = consnap();
+    c.args(args);
+    ns.command(&c)
 }
 
 /// What the peer saw: per key, the highest value acknowledged, and every
@@ -120,127 +61,60 @@ struct Ledger {
     puts_acked: u64,
 }
 
-struct Peer {
-    sock: UdpSocket,
-    guest: SocketAddr,
-    seq: u64,
+fn ask(op: Op, key: u64, value: u64) -> Ask {
+    Ask { op, key, value }
 }
 
-fn request(seq: u64, op: u8, key: u64, value: u64) -> [u8; 25] {
-    let mut b = [0u8; 25];
-    b[..8].copy_from_slice(&seq.to_le_bytes());
-    b[8] = op;
-    b[9..17].copy_from_slice(&key.to_le_bytes());
-    b[17..].copy_from_slice(&value.to_le_bytes());
-    b
-}
-
-fn reply(b: &[u8]) -> Option<(u64, u64, u64)> {
-    let w = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-    (b.len() == 24).then(|| (w(0), w(8), w(16)))
-}
-
-impl Peer {
-    /// A socket in namespace `ns` (the calling thread moves there).
-    fn new(ns: &str) -> Peer {
-        enter(ns);
-        let sock = UdpSocket::bind((HOST_IP, 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
-        Peer {
-            sock,
-            guest: format!("{GUEST_IP}:7000").parse().unwrap(),
-            seq: 0,
-        }
-    }
-
-    /// Run `ops` (op, key, value), up to [`WINDOW`] at a time, each resent
-    /// every 100 ms until answered, until all are answered or `deadline`;
-    /// `more` is asked for further ones while it says so.
-    fn run(
-        &mut self,
-        mut next: impl FnMut() -> Option<(u8, u64, u64)>,
-        mut answered: impl FnMut(u8, u64, u64, (u64, u64, u64)),
-        deadline: Instant,
-    ) {
-        let mut out: HashMap<u64, (u8, u64, u64, Instant)> = HashMap::new();
-        let mut more = true;
-        let mut buf = [0u8; 64];
-        loop {
-            while more && out.len() < WINDOW {
-                let Some((op, key, value)) = next() else {
-                    more = false;
-                    break;
-                };
-                self.seq += 1;
-                self.sock
-                    .send_to(&request(self.seq, op, key, value), self.guest)
-                    .unwrap();
-                out.insert(self.seq, (op, key, value, Instant::now()));
-            }
-            if !more && out.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the guest stopped answering: {} requests open",
-                out.len()
-            );
-            if let Ok((n, _)) = self.sock.recv_from(&mut buf)
-                && let Some(r) = reply(&buf[..n])
-                && let Some((op, key, value, _)) = out.remove(&r.0)
-            {
-                answered(op, key, value, r);
-            }
-            for (seq, (op, key, value, at)) in out.iter_mut() {
-                if at.elapsed() > Duration::from_millis(100) {
-                    let _ = self.sock.send_to(&request(*seq, *op, *key, *value), self.guest);
-                    *at = Instant::now();
-                }
-            }
-        }
-    }
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(120)
 }
 
 /// Keys in flight are distinct: a put goes to a key only once the previous
 /// one to it was answered.
 fn put_loop(ns: &str, stop: &AtomicBool, ledger: &Mutex<Ledger>) {
-    let mut peer = Peer::new(ns);
-    let busy: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    let mut peer = Peer::new(ns).unwrap();
+    let busy: Mutex<HashSet<u64>> = Mutex::default();
     let mut value = 0u64;
-    let (b1, b2) = (busy.clone(), busy.clone());
     peer.run(
+        WINDOW,
         || {
             if stop.load(Ordering::Relaxed) {
                 return None;
             }
-            let mut b = b1.lock().unwrap();
+            let mut b = busy.lock().unwrap();
             let key = (0..KEYS).map(|k| (value + k) % KEYS).find(|k| !b.contains(k))?;
             b.insert(key);
             value += 1;
-            let mut l = ledger.lock().unwrap();
-            l.sent.entry(key).or_default().push(value);
-            Some((1, key, value))
+            ledger.lock().unwrap().sent.entry(key).or_default().push(value);
+            Some(ask(Op::Put, key, value))
         },
-        |_, key, value, (_, stored, _)| {
-            assert_eq!(stored, value, "a put of {value} under {key} was answered with {stored}");
-            b2.lock().unwrap().remove(&key);
+        |a| {
+            let (key, value) = (a.ask.key, a.ask.value);
+            assert_eq!(
+                a.reply.value, value,
+                "a put of {value} under {key} was answered otherwise"
+            );
+            busy.lock().unwrap().remove(&key);
             let mut l = ledger.lock().unwrap();
-            let a = l.acked.entry(key).or_insert(0);
-            *a = (*a).max(value);
+            let acked = l.acked.entry(key).or_insert(0);
+            *acked = (*acked).max(value);
             l.puts_acked += 1;
         },
-        Instant::now() + Duration::from_secs(120),
-    );
+        deadline(),
+    )
+    .unwrap();
 }
 
-/// Puts acknowledged but not found afterwards.
+/// Puts acknowledged but not found afterwards (key, acknowledged, found).
 fn lost_puts(ns: &Netns, ledger: &Ledger) -> Vec<(u64, u64, u64)> {
-    let mut peer = Peer::new(&ns.name);
+    let mut peer = Peer::new(ns.name()).unwrap();
     let mut keys = ledger.acked.keys().copied().collect::<Vec<_>>().into_iter();
     let mut lost = Vec::new();
     peer.run(
-        || keys.next().map(|k| (2, k, 0)),
-        |_, key, _, (_, stored, _)| {
+        WINDOW,
+        || keys.next().map(|k| ask(Op::Get, k, 0)),
+        |a| {
+            let (key, stored) = (a.ask.key, a.reply.value);
             let acked = ledger.acked[&key];
             if stored < acked {
                 lost.push((key, acked, stored));
@@ -251,20 +125,16 @@ fn lost_puts(ns: &Netns, ledger: &Ledger) -> Vec<(u64, u64, u64)> {
                 );
             }
         },
-        Instant::now() + Duration::from_secs(120),
-    );
+        deadline(),
+    )
+    .unwrap();
     lost
 }
 
-/// Ask the guest to stop; it answers with its state checksum.
-fn stop_guest(ns: &Netns) {
-    let mut peer = Peer::new(&ns.name);
-    let mut once = Some((3, 0, 0));
-    peer.run(
-        || once.take(),
-        |_, _, _, _| {},
-        Instant::now() + Duration::from_secs(60),
-    );
+/// Ask the guest to stop; returns the state checksum its reply carries.
+fn stop_guest(ns: &Netns) -> u64 {
+    let mut peer = Peer::new(ns.name()).unwrap();
+    peer.call(ask(Op::Stop, 0, 0), deadline()).unwrap().reply.value
 }
 
 /// The kill -9 test: `kills` times, a random moment after the guest
@@ -298,11 +168,11 @@ fn kill_restore(
     ];
     let mut run: Vec<&str> = vec!["run", "--workload", &spec, "--vcpus", &vcpus_s, "--net", &net];
     run.extend(session);
-    let mut child = spawn(&mut ns.consnap(&run));
+    let mut child = spawn(&mut consnap_in(ns, &run));
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let peer = {
-        let (ns_name, ledger, stop) = (ns.name.clone(), ledger.clone(), stop.clone());
+        let (ns_name, ledger, stop) = (ns.name().to_string(), ledger.clone(), stop.clone());
         std::thread::spawn(move || put_loop(&ns_name, &stop, &ledger))
     };
     let mut rng = Rng(seed());
@@ -318,7 +188,7 @@ fn kill_restore(
         assert_killed(&out, libc::SIGKILL, &run);
         let mut restore = vec!["restore", &snaps_s, "--at", "latest"];
         restore.extend(session);
-        child = spawn(&mut ns.consnap(&restore));
+        child = spawn(&mut consnap_in(ns, &restore));
         eprintln!("kill {k}: {} puts answered so far", ledger.lock().unwrap().puts_acked);
     }
     let acked_before = ledger.lock().unwrap().puts_acked;
@@ -338,7 +208,7 @@ fn no_acknowledged_put_is_lost(mode: &str, vcpus: u32, interval: &str) {
     if !kvm_ready() {
         return;
     }
-    let Some(ns) = Netns::new("kv") else { return };
+    let Some(ns) = netns("kv") else { return };
     let dir = tempdir(&format!("net-{mode}-{vcpus}-{interval}"));
     let lost = kill_restore(&ns, dir.path(), mode, vcpus, interval, "epoch", 2);
     assert!(lost.is_empty(), "acknowledged puts lost (key, acked, found): {lost:?}");
@@ -382,7 +252,7 @@ fn without_output_commit_acknowledged_puts_are_lost() {
     if !kvm_ready() {
         return;
     }
-    let Some(ns) = Netns::new("none") else { return };
+    let Some(ns) = netns("none") else { return };
     let dir = tempdir("net-none");
     let lost = kill_restore(&ns, dir.path(), "cow", 1, "20ms", "none", 3);
     eprintln!("without output commit: {} acknowledged puts lost", lost.len());
@@ -392,21 +262,16 @@ fn without_output_commit_acknowledged_puts_are_lost() {
 /// Run `puts` (key, value) through the peer, then stop the guest; returns
 /// the checksum its stop reply carries.
 fn drive(ns: &Netns, puts: &[(u64, u64)]) -> u64 {
-    let mut peer = Peer::new(&ns.name);
+    let mut peer = Peer::new(ns.name()).unwrap();
     let mut it = puts.iter();
     peer.run(
-        || it.next().map(|&(k, v)| (1, k, v)),
-        |_, _, value, (_, stored, _)| assert_eq!(stored, value),
-        Instant::now() + Duration::from_secs(120),
-    );
-    let mut sum = 0;
-    let mut once = Some((3, 0, 0));
-    peer.run(
-        || once.take(),
-        |_, _, _, (_, checksum, _)| sum = checksum,
-        Instant::now() + Duration::from_secs(60),
-    );
-    sum
+        WINDOW,
+        || it.next().map(|&(k, v)| ask(Op::Put, k, v)),
+        |a| assert_eq!(a.reply.value, a.ask.value),
+        deadline(),
+    )
+    .unwrap();
+    stop_guest(ns)
 }
 
 /// The checksum a kv server holds after `puts`, computed on the host.
@@ -432,7 +297,7 @@ fn kv_in_qemu_answers_the_same_peer() {
     if !kvm_ready() || !crate::qemu::qemu_ready() {
         return;
     }
-    let Some(ns) = Netns::new("qemu") else { return };
+    let Some(ns) = netns("qemu") else { return };
     let dir = tempdir("net-qemu");
     let elf = dir.join("guest.elf");
     run_ok(consnap().args(["guest", "export"]).arg(&elf));
@@ -441,18 +306,17 @@ fn kv_in_qemu_answers_the_same_peer() {
     for smp in [1, 2] {
         let spec = format!("kv,ip={GUEST_IP},wss=8M");
         let net = format!("tap={TAP},mac={GUEST_MAC}");
-        let child = spawn(&mut ns.consnap(&["run", "--workload", &spec, "--vcpus", &smp.to_string(), "--net", &net]));
+        let child = spawn(&mut consnap_in(
+            &ns,
+            &["run", "--workload", &spec, "--vcpus", &smp.to_string(), "--net", &net],
+        ));
         assert_eq!(drive(&ns, &puts), want, "consnap, {smp} vCPUs");
         let out = child.wait();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut qemu = bench::microvm::command(&elf, &guest_words(&spec), "256M", smp);
         qemu.args(["-serial", "stdio"]);
         bench::microvm::net(&mut qemu, TAP, GUEST_MAC);
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name])
-            .arg(qemu.get_program())
-            .args(qemu.get_args());
-        let child = spawn(&mut cmd);
+        let child = spawn(&mut ns.command(&qemu));
         assert_eq!(drive(&ns, &puts), want, "QEMU, {smp} vCPUs");
         let out = child.wait();
         let stdout = String::from_utf8_lossy(&out.stdout);
