@@ -217,13 +217,16 @@ fn serve_one(cpu: usize) -> Option<Action> {
                 virtio::dma_barrier(frame.as_ptr());
                 action = server.handle(&frame[HDR..len], &mut b.out);
             }
-            n.nic.post(id as u16);
-            n.nic.notify(RXQ);
+            // The reply first: the device's thread takes it at once,
+            // and only then the buffer back (one wake-up less before the
+            // reply leaves).
             if let Action::Reply(out) | Action::Stop(out) = action {
                 b.tx[..HDR].fill(0);
                 b.tx[HDR..HDR + out].copy_from_slice(&b.out[..out]);
                 n.nic.send(cpu, &b.tx, HDR + out);
             }
+            n.nic.post(id as u16);
+            n.nic.notify(RXQ);
             action
         });
         STATUS.ops_done[0].store(server.applied(), Relaxed);
