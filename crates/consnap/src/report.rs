@@ -689,6 +689,11 @@ mod tests {
 pub struct OutputFigures {
     /// Output waited for its epoch (`--net-commit epoch` or `--console-commit epoch`).
     pub commit: bool,
+    /// Frames and console writes waiting for their epoch now, and their bytes.
+    #[serde(default)]
+    pub held: u64,
+    #[serde(default)]
+    pub held_bytes: u64,
     /// Frames and console writes sent, and their bytes.
     pub released: u64,
     pub released_bytes: u64,
@@ -717,6 +722,8 @@ impl OutputFigures {
     pub fn of(s: &vmm::devices::output::OutputStats) -> OutputFigures {
         OutputFigures {
             commit: s.commit,
+            held: s.held_units,
+            held_bytes: s.held_bytes,
             released: s.released_units,
             released_bytes: s.released_bytes,
             dropped_at_exit: s.dropped_at_exit,

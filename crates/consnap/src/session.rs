@@ -535,7 +535,22 @@ fn board(
         probe: Vec::new(),
         snap: engine.map(EngineFigures::new),
         replica: replicator.map(remote::Replicator::watch),
+        output: Some(machine.output().clone()).filter(|g| g.commits() || !nets_of(machine).is_empty()),
+        nets: nets_of(machine),
     }
+}
+
+/// The machine's network devices, in slot order.
+fn nets_of(machine: &Machine) -> Vec<Arc<vmm::devices::virtio::net::Net>> {
+    machine
+        .devices()
+        .virtio
+        .iter()
+        .filter_map(|s| match &s.device {
+            vmm::devices::virtio::SlotDevice::Net(n) => Some(n.clone()),
+            vmm::devices::virtio::SlotDevice::Block(_) => None,
+        })
+        .collect()
 }
 
 /// Serve the control API on `listener`, if one was bound: the server, and
@@ -706,14 +721,9 @@ fn build_report(
         .and_then(|_| guest::host::status::read(machine.ram()));
     let done = status_page.filter(|s| s.done());
     let spec = spec_words.as_deref().and_then(|w| workload::Spec::parse(w).ok());
-    let nets: Vec<_> = machine
-        .devices()
-        .virtio
+    let nets: Vec<_> = nets_of(machine)
         .iter()
-        .filter_map(|s| match &s.device {
-            vmm::devices::virtio::SlotDevice::Net(n) => Some(crate::report::NetFigures::of(n)),
-            vmm::devices::virtio::SlotDevice::Block(_) => None,
-        })
+        .map(|n| crate::report::NetFigures::of(n))
         .collect();
     Report {
         schema: SCHEMA,

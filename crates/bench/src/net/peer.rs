@@ -4,7 +4,7 @@
 //! up to 2 s (as TCP backs off), so that replies held for a long epoch are
 //! not asked for over and over.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,8 @@ impl Peer {
         mut answered: impl FnMut(Answer),
         deadline: Instant,
     ) -> Result<(), PeerError> {
-        let mut open: HashMap<u64, Open> = HashMap::new();
+        // In sequence order, so that resends go out in the order of the first sends.
+        let mut open: BTreeMap<u64, Open> = BTreeMap::new();
         let mut more = true;
         let mut buf = [0u8; 64];
         loop {

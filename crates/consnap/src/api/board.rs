@@ -43,6 +43,10 @@ pub struct Board {
     pub snap: Option<EngineFigures>,
     /// Replication to an object store, when on.
     pub replica: Option<remote::ReplicaWatch>,
+    /// The output gate, when output commit is on or the VM has a network.
+    pub output: Option<std::sync::Arc<vmm::devices::output::OutputGate>>,
+    /// The network devices.
+    pub nets: Vec<std::sync::Arc<vmm::devices::virtio::net::Net>>,
 }
 
 /// Where the board lives between the controller and its readers: the
@@ -150,7 +154,16 @@ impl Board {
                 .replica
                 .as_ref()
                 .map(|w| crate::report::Replication::from_status(&w.status(), store::now_ns())),
+            output: self.output_figures(),
+            nets: self.nets.iter().map(|n| crate::report::NetFigures::of(n)).collect(),
         }
+    }
+
+    /// The output gate's figures now.
+    pub fn output_figures(&self) -> Option<crate::report::OutputFigures> {
+        self.output
+            .as_ref()
+            .map(|g| crate::report::OutputFigures::of(&g.stats()))
     }
 }
 

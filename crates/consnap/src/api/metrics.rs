@@ -91,6 +91,7 @@ pub fn render(board: &Board) -> String {
         &board.vcpu_pause(),
         probe_sum,
     );
+    output(&mut o, board);
     let Some(f) = &board.snap else {
         return o.0;
     };
@@ -166,4 +167,77 @@ pub fn render(board: &Board) -> String {
         s.delayed_ms / 1e3,
     );
     o.0
+}
+
+/// Output commit and the network devices.
+fn output(o: &mut Out, board: &Board) {
+    if let Some(g) = board.output_figures() {
+        o.one(
+            "consnap_output_held_frames",
+            "gauge",
+            "Frames (and console writes) waiting for their epoch to be durable.",
+            g.held as f64,
+        );
+        o.one(
+            "consnap_output_held_bytes",
+            "gauge",
+            "Their bytes.",
+            g.held_bytes as f64,
+        );
+        o.one(
+            "consnap_output_released_frames_total",
+            "counter",
+            "Frames (and console writes) sent once their epoch was durable.",
+            g.released as f64,
+        );
+        o.one(
+            "consnap_output_released_bytes_total",
+            "counter",
+            "Their bytes.",
+            g.released_bytes as f64,
+        );
+        o.one(
+            "consnap_output_at_cap_total",
+            "counter",
+            "Times output did not fit under --output-hold (the guest's TX queue waited).",
+            g.at_cap as f64,
+        );
+        if let Some(l) = g.release_ms {
+            o.head(
+                "consnap_output_release_seconds",
+                "summary",
+                "From a frame made available to it written out.",
+            );
+            for (q, ms) in [("0.5", l.p50), ("0.99", l.p99), ("1", l.max)] {
+                o.value("consnap_output_release_seconds", &format!("quantile=\"{q}\""), ms / 1e3);
+            }
+        }
+    }
+    let nets: Vec<_> = board.nets.iter().map(|n| crate::report::NetFigures::of(n)).collect();
+    for (name, help, get) in [
+        (
+            "consnap_net_rx_frames_total",
+            "Frames delivered to the guest.",
+            (|n: &crate::report::NetFigures| n.rx_frames) as fn(&crate::report::NetFigures) -> u64,
+        ),
+        (
+            "consnap_net_rx_dropped_total",
+            "Received frames larger than the guest's buffers.",
+            |n| n.rx_dropped,
+        ),
+        ("consnap_net_tx_frames_total", "Frames the guest sent.", |n| n.tx_frames),
+        (
+            "consnap_net_tx_bad_total",
+            "Malformed TX chains completed unsent.",
+            |n| n.tx_bad,
+        ),
+    ] {
+        if nets.is_empty() {
+            break;
+        }
+        o.head(name, "counter", help);
+        for n in &nets {
+            o.value(name, &format!("tap=\"{}\"", n.tap), get(n) as f64);
+        }
+    }
 }

@@ -118,6 +118,13 @@ pub struct Stats {
     /// Replication to an object store (null without `--replicate`).
     #[serde(default)]
     pub replication: Option<crate::report::Replication>,
+    /// Output commit: held, released, at the cap, release latency (null
+    /// without a network or `--console-commit epoch`).
+    #[serde(default)]
+    pub output: Option<crate::report::OutputFigures>,
+    /// Each network device's counters.
+    #[serde(default)]
+    pub nets: Vec<crate::report::NetFigures>,
 }
 
 /// Snapshot figures of `GET /stats`, over the whole run.

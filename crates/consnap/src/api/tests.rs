@@ -50,6 +50,8 @@ fn cell() -> Arc<BoardCell> {
         probe: Vec::new(),
         snap: None,
         replica: None,
+        output: None,
+        nets: Vec::new(),
     }))
 }
 

@@ -325,3 +325,149 @@ fn kv_in_qemu_answers_the_same_peer() {
         assert!(stdout.contains(&format!("checksum={want:#018x}")), "{stdout}");
     }
 }
+
+fn ctl_stats(sock: &Path) -> serde_json::Value {
+    let out = run_ok(consnap().arg("ctl").arg("--sock").arg(sock).args(["--json", "stats"]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// At the cap (`--output-hold`) the guest's replies wait in its TX ring;
+/// the API shows what is held; once epochs are durable everything is
+/// answered, in order, and nothing is dropped.
+#[test]
+fn at_the_cap_the_guest_waits_and_nothing_is_lost_or_reordered() {
+    if !kvm_ready() {
+        return;
+    }
+    let Some(ns) = netns("cap") else { return };
+    let dir = tempdir("net-cap");
+    let (snaps, sock, report) = (dir.join("snaps"), dir.join("api.sock"), dir.join("r.json"));
+    let spec = format!("kv,ip={GUEST_IP},wss=8M");
+    let net = format!("tap={TAP},mac={GUEST_MAC}");
+    let mut cmd = consnap();
+    cmd.args(["run", "--workload", &spec, "--net", &net, "--pause-probe", "0"])
+        .args(["--interval", "300ms", "--output-hold", "1K", "--snapshot-dir"])
+        .arg(&snaps)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--report")
+        .arg(&report);
+    let mut child = spawn(&mut ns.command(&cmd));
+    child.wait_for("the API socket", |_| sock.exists());
+    // 48 puts at once: a reply frame is 66 bytes, so about 15 fit.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let peer = {
+        let (name, order) = (ns.name().to_string(), order.clone());
+        std::thread::spawn(move || {
+            let mut p = Peer::new(&name).unwrap();
+            // The guest answers before the burst starts.
+            p.call(ask(Op::Get, 0, 0), deadline()).unwrap();
+            let mut i = 0u64;
+            p.run(
+                48,
+                || {
+                    i += 1;
+                    (i <= 48).then(|| ask(Op::Put, i, i * 10))
+                },
+                |a| order.lock().unwrap().push(a.ask.key),
+                deadline(),
+            )
+            .unwrap();
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        let s = ctl_stats(&sock);
+        if s["output"]["at_cap"].as_u64().unwrap_or(0) > 0 {
+            break s;
+        }
+        assert!(Instant::now() < until, "the cap was never reached: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(held["output"]["held_bytes"].as_u64().unwrap() <= 1024, "{held}");
+    let metrics = run_ok(consnap().arg("ctl").arg("--sock").arg(&sock).arg("metrics"));
+    let text = String::from_utf8(metrics.stdout).unwrap();
+    for name in [
+        "consnap_output_held_frames ",
+        "consnap_output_held_bytes ",
+        "consnap_output_at_cap_total ",
+        "consnap_output_released_frames_total ",
+        "consnap_net_tx_frames_total{tap=\"kv0\"} ",
+        "consnap_net_rx_frames_total{tap=\"kv0\"} ",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    peer.join().unwrap();
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order, (1..=48).collect::<Vec<_>>(), "replies out of order");
+    stop_guest(&ns);
+    let out = child.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_report(&report);
+    let o = &r["output"];
+    assert!(o["at_cap"].as_u64().unwrap() > 0, "{o}");
+    assert!(o["held_bytes_max"].as_u64().unwrap() <= 1024, "{o}");
+    assert_eq!(
+        (o["dropped_at_exit"].as_u64(), o["send_errors"].as_u64()),
+        (Some(0), Some(0)),
+        "{o}"
+    );
+    assert_eq!(o["released"], r["nets"][0]["tx_frames"], "{r}");
+}
+
+/// `--console-commit epoch`: what the guest prints waits for its epoch; a
+/// kill before that epoch is durable shows nothing of it, and a guest that
+/// powers off has all of it printed.
+#[test]
+fn console_output_waits_for_its_epoch() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("console-commit");
+    let snaps = dir.join("snaps");
+    let long = "memstress,wss=16M,ops=200000,rate=20000";
+    for (commit, shown) in [("epoch", false), ("none", true)] {
+        let _ = std::fs::remove_dir_all(&snaps);
+        let mut child = spawn(
+            consnap()
+                .args([
+                    "run",
+                    "--workload",
+                    long,
+                    "--interval",
+                    "30s",
+                    "--console-commit",
+                    commit,
+                ])
+                .arg("--snapshot-dir")
+                .arg(&snaps),
+        );
+        let seen = |c: &Child| c.stdout_contains("consnap-guest: workload=memstress");
+        if shown {
+            child.wait_for("the guest's first line", seen);
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+            assert!(!seen(&child), "printed before its epoch: {}", child.stdout());
+        }
+        let out = child.stop(libc::SIGKILL);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.contains("consnap-guest: workload=memstress"),
+            shown,
+            "{commit}: {stdout}"
+        );
+    }
+    let out = run_ok(
+        consnap()
+            .args([
+                "run",
+                "--workload",
+                "memstress,wss=16M,ops=1000",
+                "--console-commit",
+                "epoch",
+            ])
+            .arg("--snapshot-dir")
+            .arg(dir.join("short")),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("consnap-guest: done"));
+}
