@@ -216,7 +216,8 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         opts.results.display()
     );
     machines(&mut d, &all);
-    // The disk workloads and the disk throughput have pages of their own.
+    // The disk workloads, the disk throughput and the network have pages
+    // of their own.
     if opts.doc.with_file_name("BENCHMARKS-DISK.md").exists() && !opts.doc.ends_with("BENCHMARKS-DISK.md") {
         let _ = writeln!(
             d,
@@ -227,6 +228,12 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         let _ = writeln!(
             d,
             "The guest's disk throughput on consnap's virtio-blk against QEMU's is in [DISK-IO.md](DISK-IO.md) (`consnap bench --disk-io --doc docs/DISK-IO.md`).\n"
+        );
+    }
+    if opts.doc.with_file_name("NET.md").exists() {
+        let _ = writeln!(
+            d,
+            "The network (the kv guest's round trip and request rate against QEMU's, and the round trip under output commit) is in [NET.md](NET.md) (`consnap bench --net --doc docs/NET.md`).\n"
         );
     }
     method(&mut d, opts, all.iter().filter(|r| r.stopped_s.is_some()).count());

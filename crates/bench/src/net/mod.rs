@@ -358,7 +358,7 @@ fn table(ours: &[Figures], qemu: &[Figures], commit: &[Vec<Figures>], repeats: u
     );
     let _ = writeln!(
         s,
-        "\n## With output commit (`--mode cow`, `--net-commit epoch`)\n\nEvery reply waits until the epoch of the request's handling is durable. Round trip with {WINDOW} requests in flight; release: the output gate's own latency from frame made available to frame written to the TAP (the report's `output.release_ms`).\n\n| interval | round trip p50 (ms) | p99 (ms) | max (ms) | p99 / interval | release p50 (ms) | release p99 (ms) |\n|---|---|---|---|---|---|---|"
+        "\n## With output commit (`--mode cow`, `--net-commit epoch`)\n\nEvery reply waits until the epoch of the request's handling is durable. Round trip with {WINDOW} requests in flight; release: the output gate's own latency from frame made available to frame written to the TAP (the report's `output.release_ms`), over every reply frame, including the guest's answers to the peer's resends (after 100 ms, then 200, 400...), which wait less.\n\n| interval | round trip p50 (ms) | p99 (ms) | max (ms) | p99 / interval | release p50 (ms) | release p99 (ms) |\n|---|---|---|---|---|---|---|"
     );
     for (iv, runs) in INTERVALS.iter().zip(commit) {
         let ms = iv.as_secs_f64() * 1e3;
