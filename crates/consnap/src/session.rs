@@ -45,8 +45,16 @@ pub enum SessionError {
     #[error(transparent)]
     Engine(#[from] snapshot::SnapshotError),
     /// `--net-commit epoch` or `--console-commit epoch` without snapshots.
-    #[error("{0} epoch needs --snapshot-dir: output waits for epochs, and there would be none")]
+    #[error("{0} epoch or remote needs --snapshot-dir: output waits for epochs, and there would be none")]
     CommitWithoutSnapshots(&'static str),
+    /// `--net-commit remote` without `--replicate`.
+    #[error("--net-commit remote needs --replicate: output waits for the object store")]
+    RemoteWithoutReplication,
+    /// `--console-commit remote`.
+    #[error(
+        "--console-commit takes epoch or none; with --net-commit remote the console waits for the object store too"
+    )]
+    ConsoleRemote,
     /// The output gate's thread cannot start.
     #[error("cannot start the output commit thread: {0}")]
     OutputThread(#[source] std::io::Error),
@@ -229,8 +237,10 @@ pub struct SessionArgs {
     /// Output commit for the networks: `epoch` (the default with
     /// snapshots) holds every frame the guest sends until the epoch it
     /// belongs to is durable, so that no client ever sees a state a crash
-    /// and restore could undo; `none` sends at once (the default without
-    /// snapshots).
+    /// and restore could undo; `remote` (with --replicate) until it is on
+    /// the object store, so that losing this host undoes nothing a client
+    /// saw either (the console follows it under --console-commit epoch);
+    /// `none` sends at once (the default without snapshots).
     #[arg(long, value_enum)]
     pub net_commit: Option<CommitArg>,
     /// Output commit for the console (serial port) too: `epoch` holds its
@@ -249,6 +259,7 @@ pub struct SessionArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CommitArg {
     Epoch,
+    Remote,
     None,
 }
 
@@ -330,13 +341,20 @@ impl Output {
             .net_commit
             .unwrap_or(if snapshots { CommitArg::Epoch } else { CommitArg::None });
         for (flag, c) in [("--net-commit", net), ("--console-commit", a.console_commit)] {
-            if c == CommitArg::Epoch && !snapshots {
+            if c != CommitArg::None && !snapshots {
                 return Err(SessionError::CommitWithoutSnapshots(flag));
             }
         }
+        if a.console_commit == CommitArg::Remote {
+            return Err(SessionError::ConsoleRemote);
+        }
+        if net == CommitArg::Remote && a.replicate.is_none() {
+            return Err(SessionError::RemoteWithoutReplication);
+        }
         let console = a.console_commit == CommitArg::Epoch;
-        let gate = if net == CommitArg::Epoch || console {
-            vmm::devices::output::OutputGate::committed(a.output_hold).map_err(SessionError::OutputThread)?
+        let gate = if net != CommitArg::None || console {
+            vmm::devices::output::OutputGate::committed(a.output_hold, net == CommitArg::Remote)
+                .map_err(SessionError::OutputThread)?
         } else {
             vmm::devices::output::OutputGate::passthrough()
         };
@@ -461,6 +479,53 @@ const REPLICATION_GRACE: Duration = Duration::from_secs(120);
 struct Background {
     reclaimer: Option<crate::reclaimer::Reclaimer>,
     replicator: Option<remote::Replicator>,
+    /// With `--net-commit remote`: what lets output out once the object
+    /// store holds its epoch.
+    remote_release: Option<RemoteRelease>,
+}
+
+/// A thread that tells the output gate which epochs the object store
+/// holds, and the replicator when epochs wait for it.
+struct RemoteRelease {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How often the remote-release thread looks.
+const REMOTE_RELEASE_POLL: Duration = Duration::from_millis(2);
+
+impl RemoteRelease {
+    fn start(
+        gate: Arc<vmm::devices::output::OutputGate>,
+        watch: remote::ReplicaWatch,
+    ) -> Result<RemoteRelease, SessionError> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("remote-release".into())
+            .spawn(move || {
+                let mut asked = None;
+                while !s.load(Ordering::Relaxed) {
+                    let waiting = gate.newest_pending();
+                    if waiting.is_some() && waiting != asked {
+                        watch.notify();
+                        asked = waiting;
+                    }
+                    if let Some(id) = watch.newest() {
+                        gate.durable_remotely(id);
+                    }
+                    std::thread::sleep(REMOTE_RELEASE_POLL);
+                }
+            })
+            .map_err(SessionError::OutputThread)?;
+        Ok(RemoteRelease { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 impl Background {
@@ -470,6 +535,7 @@ impl Background {
         a: &SessionArgs,
         engine: Option<&SnapshotEngine>,
         parent: Option<u64>,
+        gate: &Arc<vmm::devices::output::OutputGate>,
     ) -> Result<Background, SessionError> {
         let reclaimer = engine.and_then(SnapshotEngine::store).map(|store| {
             store.set_compression(a.compress.codec());
@@ -484,7 +550,15 @@ impl Background {
             (Some(url), Some(dir)) => Some(start_replication(url, dir, a)?),
             _ => None,
         };
-        Ok(Background { reclaimer, replicator })
+        let remote_release = match &replicator {
+            Some(r) if gate.remote() => Some(RemoteRelease::start(gate.clone(), r.watch())?),
+            _ => None,
+        };
+        Ok(Background {
+            reclaimer,
+            replicator,
+            remote_release,
+        })
     }
 
     /// After the last epoch: the last reclamation, then ship what is left.
@@ -494,6 +568,9 @@ impl Background {
         Option<crate::reclaimer::ReclaimReport>,
         Option<crate::report::Replication>,
     ) {
+        if let Some(r) = self.remote_release {
+            r.stop();
+        }
         let reclaim = self.reclaimer.map(crate::reclaimer::Reclaimer::finish);
         let replication = self.replicator.map(|r| {
             let s = r.finish(REPLICATION_GRACE);
@@ -640,7 +717,7 @@ pub fn execute(
         None => (None, None, None),
     };
     let engine = start_engine(&mut machine, a, pre.hot, parent, pager.as_ref())?;
-    let background = Background::start(a, engine.as_ref(), parent)?;
+    let background = Background::start(a, engine.as_ref(), parent, machine.output())?;
     let cell = Arc::new(BoardCell::new(board(
         &machine,
         started,

@@ -60,6 +60,17 @@ impl Client {
         // default provider; already set is fine).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = AmazonS3Builder::from_env();
+        // Without credentials the S3 client would ask the cloud's instance
+        // metadata service (169.254.169.254) for some: an address the user
+        // did not name. Refuse instead.
+        let has_key = std::env::var_os("AWS_ACCESS_KEY_ID").is_some() || profile.get("aws_access_key_id").is_some();
+        if !has_key {
+            return Err(setup(
+                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or aws_access_key_id and \
+                 aws_secret_access_key in the profile)"
+                    .into(),
+            ));
+        }
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
             && let (Some(id), Some(secret)) = (profile.get("aws_access_key_id"), profile.get("aws_secret_access_key"))
         {

@@ -165,7 +165,7 @@ fn ours(frames: Vec<Vec<u8>>) -> Vec<u8> {
 
 #[test]
 fn tx_frames_wait_for_their_epoch_then_leave_in_order() {
-    let gate = OutputGate::committed(1 << 20).unwrap();
+    let gate = OutputGate::committed(1 << 20, false).unwrap();
     let Some((net, host, ram)) = rig(gate.clone()) else {
         return;
     };
@@ -237,7 +237,7 @@ fn without_commit_frames_leave_at_once_and_rx_reaches_the_guest() {
 
 #[test]
 fn the_cap_leaves_frames_in_the_guests_ring() {
-    let gate = OutputGate::committed(150).unwrap();
+    let gate = OutputGate::committed(150, false).unwrap();
     let Some((net, host, ram)) = rig(gate.clone()) else {
         return;
     };

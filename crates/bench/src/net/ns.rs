@@ -84,13 +84,20 @@ impl Netns {
         &self.name
     }
 
-    /// `program ARGS` run inside the namespace (`ip netns exec` execs it:
-    /// the child's pid is the program's).
+    /// `program ARGS` run inside the namespace, with the environment
+    /// changes made to `program` (`ip netns exec` execs it: the child's pid
+    /// is the program's).
     pub fn command(&self, program: &Command) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name])
             .arg(program.get_program())
             .args(program.get_args());
+        for (k, v) in program.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
         c
     }
 }

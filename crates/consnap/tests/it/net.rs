@@ -471,3 +471,69 @@ fn console_output_waits_for_its_epoch() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("consnap-guest: done"));
 }
+
+/// With `--net-commit remote` a reply waits until the object store holds
+/// its epoch: the host is lost (kill -9, and the restore comes from the
+/// object store, not the local directory) and still no acknowledged put
+/// is gone. With local commit the same loses puts (the object store lags).
+#[test]
+fn with_remote_commit_losing_the_host_loses_no_acknowledged_put() {
+    if !kvm_ready() {
+        return;
+    }
+    let Some(ns) = netns("remote") else { return };
+    let dir = tempdir("net-remote");
+    let Some(garage) = crate::garage_support::Garage::start_in(&dir.join("garage"), Some(ns.name())) else {
+        return;
+    };
+    for (commit, lossless) in [("remote", true), ("epoch", false)] {
+        let url = format!("s3://{}/kv-{commit}", crate::garage_support::BUCKET);
+        let snaps = dir.join(format!("snaps-{commit}"));
+        let spec = format!("kv,ip={GUEST_IP},wss=8M");
+        let net = format!("tap={TAP},mac={GUEST_MAC}");
+        let mut run = consnap();
+        run.args(["run", "--workload", &spec, "--net", &net, "--pause-probe", "0"])
+            .args(["--interval", "50ms", "--net-commit", commit, "--replicate", &url])
+            .arg("--snapshot-dir")
+            .arg(&snaps);
+        garage.env(&mut run);
+        let mut child = spawn(&mut ns.command(&run));
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let peer = {
+            let (name, ledger, stop) = (ns.name().to_string(), ledger.clone(), stop.clone());
+            std::thread::spawn(move || put_loop(&name, &stop, &ledger))
+        };
+        child.wait_for("puts answered", |_| ledger.lock().unwrap().puts_acked > 200);
+        let out = child.stop(libc::SIGKILL);
+        assert_killed(&out, libc::SIGKILL, &[commit]);
+        let mut restore = consnap();
+        restore
+            .args(["restore", &url, "--at", "latest", "--pause-probe", "0", "--cache"])
+            .arg(dir.join(format!("cache-{commit}")));
+        garage.env(&mut restore);
+        let mut child = spawn(&mut ns.command(&restore));
+        let acked = ledger.lock().unwrap().puts_acked;
+        child.wait_for("puts answered after the restore", |_| {
+            ledger.lock().unwrap().puts_acked > acked + 20
+        });
+        stop.store(true, Ordering::Relaxed);
+        peer.join().unwrap();
+        let lost = lost_puts(&ns, &ledger.lock().unwrap());
+        stop_guest(&ns);
+        let out = child.wait();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        if lossless {
+            assert!(lost.is_empty(), "--net-commit remote lost acknowledged puts: {lost:?}");
+        } else {
+            eprintln!(
+                "local commit, restored from the object store: {} acknowledged puts lost",
+                lost.len()
+            );
+            assert!(
+                !lost.is_empty(),
+                "local commit lost nothing though the object store lags"
+            );
+        }
+    }
+}

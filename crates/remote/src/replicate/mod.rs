@@ -342,6 +342,23 @@ impl ReplicaWatch {
     pub fn status(&self) -> ReplicaStatus {
         self.0.control.lock().unwrap_or_else(|p| p.into_inner()).status.clone()
     }
+
+    /// The newest epoch the remote store's manifest names.
+    pub fn newest(&self) -> Option<u64> {
+        self.0
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .newest_id
+    }
+
+    /// Look for new epochs now (something waits for them to be off-host).
+    pub fn notify(&self) {
+        let mut c = self.0.control.lock().unwrap_or_else(|p| p.into_inner());
+        c.wake = true;
+        self.0.cv.notify_all();
+    }
 }
 
 impl Drop for Replicator {

@@ -617,7 +617,7 @@ impl SnapshotEngine {
         let job: crate::capture::job::JobFn = match output {
             Some(release) => Box::new(move |pause_ns| {
                 let committed = job(pause_ns)?;
-                release();
+                release(id);
                 Ok(committed)
             }),
             None => job,

@@ -75,9 +75,9 @@ pub trait Target {
     }
 }
 
-/// Lets an epoch's output out (called by the writer right after the
-/// epoch's commit).
-pub type OutputRelease = Box<dyn FnOnce() + Send>;
+/// Tells the output gate that the epoch (its id given) is committed
+/// (called by the writer right after the epoch's commit).
+pub type OutputRelease = Box<dyn FnOnce(u64) + Send>;
 
 impl Target for Machine {
     fn ram(&self) -> &Arc<GuestRam> {
@@ -145,6 +145,6 @@ impl Target for Machine {
             return None;
         }
         let generation = gate.seal();
-        Some(Box::new(move || gate.release(generation)))
+        Some(Box::new(move |epoch| gate.durable_locally(generation, epoch)))
     }
 }

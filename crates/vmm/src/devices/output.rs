@@ -17,6 +17,12 @@
 //!
 //! Without output commit (`OutputGate::passthrough`), output is written at
 //! once by the thread that submits it.
+//!
+//! Durable may mean on the object store (`--net-commit remote`): then a
+//! locally committed epoch only records which generation it covers
+//! ([`OutputGate::durable_locally`]), and the generation goes out once the
+//! replication names that epoch, or a later one, in the remote store's
+//! manifest ([`OutputGate::durable_remotely`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -76,6 +82,9 @@ struct Inner {
     held_bytes: u64,
     /// A device was told [`Full`] and waits for space.
     blocked: bool,
+    /// With remote commit: (epoch, generation) committed locally, waiting
+    /// for the object store.
+    pending: VecDeque<(u64, u64)>,
     stopping: bool,
     /// Release latencies, nanoseconds (a bounded reservoir).
     latencies: Vec<u64>,
@@ -91,6 +100,7 @@ const LATENCIES: usize = 1 << 16;
 /// The output gate of one machine (see the module documentation).
 pub struct OutputGate {
     commit: bool,
+    remote: bool,
     cap: u64,
     inner: Mutex<Inner>,
     changed: Condvar,
@@ -110,12 +120,13 @@ impl std::fmt::Debug for OutputGate {
 impl OutputGate {
     /// Output goes out at once (no snapshots, or `--net-commit none`).
     pub fn passthrough() -> Arc<OutputGate> {
-        Arc::new(Self::make(false, u64::MAX))
+        Arc::new(Self::make(false, false, u64::MAX))
     }
 
-    /// Output waits for its epoch; at most `cap` bytes wait at once.
-    pub fn committed(cap: u64) -> Result<Arc<OutputGate>, std::io::Error> {
-        let gate = Arc::new(Self::make(true, cap.max(1)));
+    /// Output waits for its epoch to be durable (`remote`: on the object
+    /// store); at most `cap` bytes wait at once.
+    pub fn committed(cap: u64, remote: bool) -> Result<Arc<OutputGate>, std::io::Error> {
+        let gate = Arc::new(Self::make(true, remote, cap.max(1)));
         let g = gate.clone();
         let h = std::thread::Builder::new()
             .name("output".into())
@@ -124,9 +135,10 @@ impl OutputGate {
         Ok(gate)
     }
 
-    fn make(commit: bool, cap: u64) -> OutputGate {
+    fn make(commit: bool, remote: bool, cap: u64) -> OutputGate {
         OutputGate {
             commit,
+            remote,
             cap,
             inner: Mutex::new(Inner {
                 open: 1,
@@ -134,6 +146,7 @@ impl OutputGate {
                 queue: VecDeque::new(),
                 held_bytes: 0,
                 blocked: false,
+                pending: VecDeque::new(),
                 stopping: false,
                 latencies: Vec::new(),
                 stats: OutputStats {
@@ -234,6 +247,42 @@ impl OutputGate {
             g.released = generation;
             self.changed.notify_all();
         }
+    }
+
+    /// Epoch `epoch`, whose pause sealed `generation`, is committed
+    /// locally: with local commit that is durable; with remote commit it
+    /// waits for [`OutputGate::durable_remotely`].
+    pub fn durable_locally(&self, generation: u64, epoch: u64) {
+        if self.remote {
+            self.lock().pending.push_back((epoch, generation));
+        } else {
+            self.release(generation);
+        }
+    }
+
+    /// The object store holds epoch `epoch` (or a later one): what every
+    /// epoch up to it covers may leave.
+    pub fn durable_remotely(&self, epoch: u64) {
+        let mut g = self.lock();
+        let mut newest = None;
+        while g.pending.front().is_some_and(|&(e, _)| e <= epoch) {
+            newest = g.pending.pop_front().map(|(_, generation)| generation);
+        }
+        drop(g);
+        if let Some(generation) = newest {
+            self.release(generation);
+        }
+    }
+
+    /// The newest epoch committed locally whose output waits for the
+    /// object store.
+    pub fn newest_pending(&self) -> Option<u64> {
+        self.lock().pending.back().map(|&(e, _)| e)
+    }
+
+    /// Whether output waits for the object store.
+    pub fn remote(&self) -> bool {
+        self.remote
     }
 
     /// The guest ended by itself (nothing will roll it back): let all out.
@@ -414,7 +463,7 @@ mod tests {
 
     #[test]
     fn nothing_leaves_before_its_epoch_is_durable_and_all_in_order() {
-        let gate = OutputGate::committed(1 << 20).unwrap();
+        let gate = OutputGate::committed(1 << 20, false).unwrap();
         let rec = Arc::new(Record::default());
         let s = gate.add_sink(rec.clone(), None);
         gate.submit(s, b"a").unwrap();
@@ -441,7 +490,7 @@ mod tests {
 
     #[test]
     fn the_cap_pushes_back_and_space_wakes_the_device() {
-        let gate = OutputGate::committed(10).unwrap();
+        let gate = OutputGate::committed(10, false).unwrap();
         let rec = Arc::new(Record::default());
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let s = gate.add_sink(rec.clone(), Some(wake.clone()));
@@ -461,6 +510,29 @@ mod tests {
         gate.release_all();
         settle(&gate, 2);
         assert_eq!(sent(&rec), [vec![1; 6], vec![2; 6]]);
+        gate.shut();
+    }
+
+    #[test]
+    fn with_remote_commit_output_waits_for_the_object_store() {
+        let gate = OutputGate::committed(1 << 20, true).unwrap();
+        let rec = Arc::new(Record::default());
+        let s = gate.add_sink(rec.clone(), None);
+        gate.submit(s, b"a").unwrap();
+        let g1 = gate.seal();
+        gate.submit(s, b"b").unwrap();
+        let g2 = gate.seal();
+        gate.durable_locally(g1, 7);
+        gate.durable_locally(g2, 8);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(sent(&rec).is_empty(), "committed locally is not enough");
+        gate.durable_remotely(7);
+        settle(&gate, 1);
+        assert_eq!(sent(&rec), [b"a".to_vec()]);
+        // A merged upload past both covers what is left.
+        gate.durable_remotely(9);
+        settle(&gate, 2);
+        assert_eq!(sent(&rec), [b"a".to_vec(), b"b".to_vec()]);
         gate.shut();
     }
 

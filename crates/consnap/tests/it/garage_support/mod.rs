@@ -54,13 +54,27 @@ impl Garage {
     /// Start a single-node Garage with its data in `dir`, a default key and
     /// bucket, fsync on; `None` (the test skips) without a binary.
     pub fn start(dir: &Path) -> Option<Garage> {
+        Self::start_in(dir, None)
+    }
+
+    /// [`Garage::start`] inside network namespace `netns` (its endpoint is
+    /// that namespace's loopback).
+    pub fn start_in(dir: &Path, netns: Option<&str>) -> Option<Garage> {
         let bin = binary()?;
         std::fs::create_dir_all(dir).unwrap();
         let (rpc, s3) = (free_port(), free_port());
         let config = dir.join("garage.toml");
         write_config(&config, dir, 1, &format!("127.0.0.1:{rpc}"), &format!("127.0.0.1:{s3}"));
         let log = std::fs::File::create(dir.join("garage.log")).unwrap();
-        let child = Command::new(bin)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&config)
             .args(["server", "--single-node", "--default-bucket"])
@@ -78,19 +92,33 @@ impl Garage {
             endpoint: format!("http://127.0.0.1:{s3}"),
             dir: dir.to_path_buf(),
         };
-        g.wait_ready(s3);
+        g.wait_ready(s3, netns);
         Some(g)
     }
 
     /// Until the S3 port answers and the default bucket exists (Garage
     /// logs its creation, or that it was there, before serving).
-    fn wait_ready(&mut self, port: u16) {
+    fn wait_ready(&mut self, port: u16, netns: Option<&str>) {
         let until = Instant::now() + Duration::from_secs(30);
+        // Connect from the namespace Garage is in (a thread of its own
+        // moves there).
+        let answers = || {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    if let Some(ns) = netns {
+                        bench::net::ns::enter(ns).unwrap();
+                    }
+                    TcpStream::connect(("127.0.0.1", port)).is_ok()
+                })
+                .join()
+                .unwrap_or(false)
+            })
+        };
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("garage exited ({st}):\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if answers() {
                 // The default key and bucket are made before the API binds.
                 std::thread::sleep(Duration::from_millis(200));
                 return;
