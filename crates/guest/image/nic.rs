@@ -28,6 +28,9 @@ const HDR: usize = 12;
 const BUF: usize = 2048;
 /// RX buffers kept posted.
 const RX_BUFS: usize = 64;
+/// TX buffers: a reply goes out from the first and is waited for; a
+/// stream (kv's send) keeps up to all of them in flight.
+const TX_BUFS: usize = 32;
 const RXQ: u32 = 0;
 const TXQ: u32 = 1;
 
@@ -35,9 +38,7 @@ const TXQ: u32 = 1;
 #[repr(C, align(4096))]
 struct Buffers {
     rx: [[u8; BUF]; RX_BUFS],
-    tx: [u8; BUF],
-    /// The server's reply.
-    out: [u8; BUF],
+    tx: [[u8; BUF]; TX_BUFS],
 }
 
 static RX: Rings = Rings::new();
@@ -64,8 +65,7 @@ struct Net {
 /// image nothing).
 static BUFS: Ticket<Buffers> = Ticket::new(Buffers {
     rx: [[0; BUF]; RX_BUFS],
-    tx: [0; BUF],
-    out: [0; BUF],
+    tx: [[0; BUF]; TX_BUFS],
 });
 
 static NET: Ticket<Net> = Ticket::new(Net {
@@ -111,23 +111,29 @@ impl Nic {
         Some((id, len))
     }
 
-    /// Send `len` bytes of `tx` (header included) and wait until the
-    /// device took them (it may hold them back while its output waits for
-    /// an epoch: backpressure).
-    fn send(&mut self, cpu: usize, tx: &[u8; BUF], len: usize) {
-        let d = &TX.desc[0];
+    /// Put `len` bytes of TX buffer `tx` (header included) on the TX ring
+    /// and notify the device.
+    fn post_tx(&mut self, tx: &[u8; BUF], len: usize) {
+        let slot = usize::from(self.tx_avail % self.tx_size);
+        let d = &TX.desc[slot];
         d.addr.store(tx.as_ptr() as u64, Relaxed);
         d.len.store(len as u32, Relaxed);
         d.flags.store(0, Relaxed);
         d.next.store(0, Relaxed);
         virtio::dma_barrier(tx.as_ptr());
-        TX.avail_ring[usize::from(self.tx_avail % self.tx_size)].store(0, Relaxed);
+        TX.avail_ring[slot].store(slot as u16, Relaxed);
         self.tx_avail = self.tx_avail.wrapping_add(1);
         TX.avail_idx.store(self.tx_avail, Release);
         self.notify(TXQ);
+    }
+
+    /// Wait until at most `left` posted frames are not yet taken by the
+    /// device (it may hold them back while its output waits for an epoch:
+    /// backpressure).
+    fn wait_tx(&self, cpu: usize, left: u16) {
         let start = ticks(cpu);
         let mut backoff = Backoff::new();
-        while TX.used.idx.load(Acquire) != self.tx_avail {
+        while self.tx_avail.wrapping_sub(TX.used.idx.load(Acquire)) > left {
             backoff.wait();
             if ticks(cpu).saturating_sub(start) > WAIT_TICKS {
                 fail(exit::RESOURCES, format_args!("virtio-net: a frame was not sent in time"));
@@ -212,18 +218,24 @@ fn serve_one(cpu: usize) -> Option<Action> {
         let server = n.server.as_mut()?;
         let action = BUFS.with(|b| {
             let mut action = Action::Ignore;
+            let (rx, tx) = (&b.rx, &mut b.tx);
             if id < RX_BUFS && (HDR..=BUF).contains(&len) {
-                let frame = &b.rx[id];
+                let frame = &rx[id];
                 virtio::dma_barrier(frame.as_ptr());
-                action = server.handle(&frame[HDR..len], &mut b.out);
+                // The reply is written straight after the header of TX buffer 0.
+                tx[0][..HDR].fill(0);
+                action = server.handle(&frame[HDR..len], &mut tx[0][HDR..]);
             }
             // The reply first: the device's thread takes it at once,
             // and only then the buffer back (one wake-up less before the
             // reply leaves).
-            if let Action::Reply(out) | Action::Stop(out) = action {
-                b.tx[..HDR].fill(0);
-                b.tx[HDR..HDR + out].copy_from_slice(&b.out[..out]);
-                n.nic.send(cpu, &b.tx, HDR + out);
+            match action {
+                Action::Reply(out) | Action::Stop(out) => {
+                    n.nic.post_tx(&tx[0], HDR + out);
+                    n.nic.wait_tx(cpu, 0);
+                }
+                Action::Stream(count) => stream(cpu, &mut n.nic, server, tx, count),
+                Action::Ignore => {}
             }
             n.nic.post(id as u16);
             n.nic.notify(RXQ);
@@ -232,6 +244,22 @@ fn serve_one(cpu: usize) -> Option<Action> {
         STATUS.ops_done[0].store(server.applied(), Relaxed);
         Some(action)
     })
+}
+
+/// Answer a send request: `count` datagrams, up to [`TX_BUFS`] (and the
+/// ring) in flight.
+fn stream(cpu: usize, nic: &mut Nic, server: &mut KvServer<'static>, tx: &mut [[u8; BUF]; TX_BUFS], count: u64) {
+    let depth = TX_BUFS.min(usize::from(nic.tx_size)) as u16;
+    for i in 0..count {
+        nic.wait_tx(cpu, depth - 1);
+        let buf = &mut tx[(i % u64::from(depth)) as usize];
+        buf[..HDR].fill(0);
+        let Some(len) = server.stream_frame(i, &mut buf[HDR..]) else {
+            break;
+        };
+        nic.post_tx(buf, HDR + len);
+    }
+    nic.wait_tx(cpu, 0);
 }
 
 /// Serve requests on CPU `cpu` until one says stop.

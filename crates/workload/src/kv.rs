@@ -67,7 +67,7 @@ use crate::net::{self, Endpoint, Eth, IpError, Ipv4, Mac};
 use crate::spec::{Kind, Spec};
 
 mod wire;
-pub use wire::{Op, REFUSED, REPLY_LEN, REQUEST_LEN, Reply, Request};
+pub use wire::{MAX_PAYLOAD, MAX_STREAM, Op, REFUSED, REPLY_LEN, REQUEST_LEN, Reply, Request};
 
 /// Bytes of a whole reply frame; [`KvServer::handle`] needs an output
 /// buffer at least this long (an ARP reply is shorter).
@@ -102,6 +102,8 @@ pub enum Action {
     /// Send the first this many bytes of the output buffer (the reply to a
     /// stop), then report the checksum and power off.
     Stop(usize),
+    /// Send this many datagrams, each written by [`KvServer::stream_frame`].
+    Stream(u64),
 }
 
 /// What the server has seen, frame by frame: every frame counts once in
@@ -130,6 +132,10 @@ pub struct Counters {
     pub refused: u64,
     /// Failed disk writes and flushes.
     pub disk_errors: u64,
+    /// UDP payload bytes of sink requests.
+    pub sink_bytes: u64,
+    /// Datagrams sent for send requests.
+    pub streamed: u64,
 }
 
 /// Why [`KvServer::from_spec`] cannot serve a spec.
@@ -211,6 +217,16 @@ pub struct KvServer<'a> {
     log: Option<Log<'a>>,
     last: Option<Answered>,
     counters: Counters,
+    /// The send request being answered: to whom, its sequence number, and
+    /// the payload bytes of each datagram.
+    stream: Option<Stream>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    to: (Mac, Endpoint),
+    seq: u64,
+    payload: usize,
 }
 
 impl fmt::Debug for KvServer<'_> {
@@ -240,6 +256,7 @@ impl<'a> KvServer<'a> {
             log: None,
             last: None,
             counters: Counters::default(),
+            stream: None,
         }
     }
 
@@ -335,12 +352,54 @@ impl<'a> KvServer<'a> {
         if out.len() < REPLY_FRAME_LEN {
             return self.no_room();
         }
+        match req.op {
+            Op::Sink => {
+                self.counters.sink_bytes += d.payload.len() as u64;
+                if req.value != 1 {
+                    return Action::Ignore;
+                }
+            }
+            Op::Send => return self.start_stream(eth.src, d.src, &req),
+            _ => {}
+        }
         let reply = self.answer(d.src, &req).to_bytes();
         match net::write_udp_frame(out, (self.mac, eth.src), self.me, d.src, &reply) {
             Some(n) if req.op == Op::Stop => Action::Stop(n),
             Some(n) => Action::Reply(n),
             None => self.no_room(),
         }
+    }
+
+    fn start_stream(&mut self, mac: Mac, client: Endpoint, req: &Request) -> Action {
+        let payload = usize::try_from(req.value).unwrap_or(usize::MAX);
+        if req.key == 0 || req.key > MAX_STREAM || !(REPLY_LEN..=MAX_PAYLOAD).contains(&payload) {
+            return self.malformed();
+        }
+        self.counters.requests += 1;
+        self.stream = Some(Stream {
+            to: (mac, client),
+            seq: req.seq,
+            payload,
+        });
+        Action::Stream(req.key)
+    }
+
+    /// Datagram `index` of the send request being answered, into `out`
+    /// (which needs the headers and the payload); its length, or `None`
+    /// without such a request or room.
+    pub fn stream_frame(&mut self, index: u64, out: &mut [u8]) -> Option<usize> {
+        let s = self.stream?;
+        let header = Reply {
+            seq: s.seq,
+            value: index,
+            applied: self.applied,
+        }
+        .to_bytes();
+        let mut payload = [0u8; MAX_PAYLOAD];
+        payload[..REPLY_LEN].copy_from_slice(&header);
+        let n = net::write_udp_frame(out, (self.mac, s.to.0), self.me, s.to.1, &payload[..s.payload])?;
+        self.counters.streamed += 1;
+        Some(n)
     }
 
     fn other(&mut self) -> Action {
@@ -387,6 +446,8 @@ impl<'a> KvServer<'a> {
                 let _ = self.flush();
                 self.checksum()
             }
+            Op::Sink => self.counters.sink_bytes,
+            Op::Send => 0,
         };
         Reply {
             seq: req.seq,

@@ -64,6 +64,25 @@ impl Peer {
     pub fn new(netns: &str) -> Result<Peer, PeerError> {
         ns::enter(netns)?;
         let sock = UdpSocket::bind((HOST_IP, 0)).map_err(PeerError::Socket)?;
+        // Room for a burst of the guest's datagrams (kv's send): 16 MiB,
+        // past the system's limit where root may (a failure leaves the
+        // default, and the count of what arrived says so).
+        let size: libc::c_int = 16 << 20;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: setsockopt on our socket with an int of the size given.
+            let r = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+        }
         sock.set_read_timeout(Some(Duration::from_millis(5)))
             .map_err(PeerError::Socket)?;
         Ok(Peer {
@@ -149,5 +168,71 @@ impl Peer {
         let mut got = None;
         self.run(1, || once.take(), |a| got = Some(a), deadline)?;
         got.ok_or(PeerError::Deadline { open: 1 })
+    }
+}
+
+impl Peer {
+    /// Ask the guest for `count` datagrams of `payload` bytes (kv's send)
+    /// and take them; returns the payload bytes received and the seconds
+    /// from the request to the last one (datagrams the host drops are
+    /// missing from the bytes, not waited for: 300 ms of silence ends it).
+    pub fn take_stream(&mut self, count: u64, payload: usize) -> Result<(u64, f64), PeerError> {
+        self.seq += 1;
+        let seq = self.seq;
+        let ask = Ask {
+            op: Op::Send,
+            key: count,
+            value: payload as u64,
+        };
+        let start = Instant::now();
+        self.send(seq, &ask);
+        let mut buf = vec![0u8; 2048];
+        let (mut bytes, mut got, mut last) = (0u64, 0u64, None);
+        let mut quiet = Instant::now();
+        while got < count && quiet.elapsed() < Duration::from_millis(300) {
+            let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                continue;
+            };
+            if Reply::parse(&buf[..24.min(n)]).is_some_and(|r| r.seq == seq) {
+                bytes += n as u64;
+                got += 1;
+                last = Some(start.elapsed());
+                quiet = Instant::now();
+            }
+        }
+        match last {
+            Some(t) => Ok((bytes, t.as_secs_f64())),
+            None => Err(PeerError::Deadline { open: 1 }),
+        }
+    }
+
+    /// Send `count` datagrams of `payload` bytes into the guest (kv's
+    /// sink) as fast as the host takes them; returns the payload bytes the
+    /// guest counted meanwhile and the seconds until it said so.
+    pub fn fill_sink(&mut self, count: u64, payload: usize, deadline: Instant) -> Result<(u64, f64), PeerError> {
+        let report = Ask {
+            op: Op::Sink,
+            key: 0,
+            value: 1,
+        };
+        let before = self.call(report, deadline)?.reply.value;
+        let start = Instant::now();
+        let mut dgram = vec![0u8; payload.max(workload::kv::REQUEST_LEN)];
+        for _ in 0..count {
+            self.seq += 1;
+            let r = Request {
+                seq: self.seq,
+                op: Op::Sink,
+                key: 0,
+                value: 0,
+            };
+            dgram[..workload::kv::REQUEST_LEN].copy_from_slice(&r.to_bytes());
+            // A full socket buffer: let it drain a moment.
+            while self.sock.send_to(&dgram, self.guest).is_err() {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        let after = self.call(report, deadline)?.reply.value;
+        Ok((after.saturating_sub(before), start.elapsed().as_secs_f64()))
     }
 }

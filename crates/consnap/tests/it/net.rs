@@ -220,18 +220,13 @@ fn kv_cow_1_vcpu_20ms() {
 }
 
 #[test]
+fn kv_cow_1_vcpu_1s() {
+    no_acknowledged_put_is_lost("cow", 1, "1s");
+}
+
+#[test]
 fn kv_cow_2_vcpus_20ms() {
     no_acknowledged_put_is_lost("cow", 2, "20ms");
-}
-
-#[test]
-fn kv_stop_copy_2_vcpus_20ms() {
-    no_acknowledged_put_is_lost("stop-copy", 2, "20ms");
-}
-
-#[test]
-fn kv_stop_copy_full_1_vcpu_20ms() {
-    no_acknowledged_put_is_lost("stop-copy-full", 1, "20ms");
 }
 
 #[test]
@@ -240,8 +235,43 @@ fn kv_cow_2_vcpus_1s() {
 }
 
 #[test]
+fn kv_stop_copy_1_vcpu_20ms() {
+    no_acknowledged_put_is_lost("stop-copy", 1, "20ms");
+}
+
+#[test]
 fn kv_stop_copy_1_vcpu_1s() {
     no_acknowledged_put_is_lost("stop-copy", 1, "1s");
+}
+
+#[test]
+fn kv_stop_copy_2_vcpus_20ms() {
+    no_acknowledged_put_is_lost("stop-copy", 2, "20ms");
+}
+
+#[test]
+fn kv_stop_copy_2_vcpus_1s() {
+    no_acknowledged_put_is_lost("stop-copy", 2, "1s");
+}
+
+#[test]
+fn kv_stop_copy_full_1_vcpu_20ms() {
+    no_acknowledged_put_is_lost("stop-copy-full", 1, "20ms");
+}
+
+#[test]
+fn kv_stop_copy_full_1_vcpu_1s() {
+    no_acknowledged_put_is_lost("stop-copy-full", 1, "1s");
+}
+
+#[test]
+fn kv_stop_copy_full_2_vcpus_20ms() {
+    no_acknowledged_put_is_lost("stop-copy-full", 2, "20ms");
+}
+
+#[test]
+fn kv_stop_copy_full_2_vcpus_1s() {
+    no_acknowledged_put_is_lost("stop-copy-full", 2, "1s");
 }
 
 /// The mutation check: without output commit, a kill loses puts the peer
@@ -536,4 +566,60 @@ fn with_remote_commit_losing_the_host_loses_no_acknowledged_put() {
             );
         }
     }
+}
+
+/// `kv` with `disk=on`: every applied put is also appended to a log on the
+/// disk; the guest's checksum and the image's log are the host reference's.
+#[test]
+fn kv_logs_its_puts_on_the_disk() {
+    if !kvm_ready() {
+        return;
+    }
+    let Some(ns) = netns("kvdisk") else { return };
+    let dir = tempdir("net-kv-disk");
+    let image = dir.join("log.img");
+    let bytes = 1u64 << 20;
+    std::fs::File::create(&image).unwrap().set_len(bytes).unwrap();
+    let spec = format!("kv,ip={GUEST_IP},wss=8M,disk=on,dsize=1M");
+    let net = format!("tap={TAP},mac={GUEST_MAC}");
+    let child = spawn(&mut consnap_in(
+        &ns,
+        &[
+            "run",
+            "--workload",
+            &spec,
+            "--net",
+            &net,
+            "--disk",
+            image.to_str().unwrap(),
+        ],
+    ));
+    // One at a time: the log's order is the order sent.
+    let puts: Vec<(u64, u64)> = (0..150u64).map(|i| (i % 40, i + 1)).collect();
+    let mut peer = Peer::new(ns.name()).unwrap();
+    let mut it = puts.iter();
+    peer.run(1, || it.next().map(|&(k, v)| ask(Op::Put, k, v)), |_| {}, deadline())
+        .unwrap();
+    let sum = stop_guest(&ns);
+    let out = child.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut table = vec![0u64; (8 << 20) / 8];
+    let mut disk = workload::MemDisk::new(bytes);
+    let mut want = workload::kv::KvServer::new([0x52, 0x54, 0, 0x77, 0, 2], [10, 77, 0, 2], 7000, &mut table)
+        .with_log(&mut disk, bytes);
+    for (i, &(key, value)) in puts.iter().enumerate() {
+        want.execute(&workload::kv::Request {
+            seq: i as u64,
+            op: Op::Put,
+            key,
+            value,
+        });
+    }
+    want.flush().unwrap();
+    assert_eq!(sum, want.checksum(), "the stop reply's checksum");
+    assert_eq!(want.logged(), Some(150));
+    assert!(
+        std::fs::read(&image).unwrap() == disk.to_bytes(),
+        "the disk's log differs from the reference"
+    );
 }

@@ -50,7 +50,7 @@ impl Client {
         let action = kv.handle(frame, &mut out);
         let reply = match action {
             Action::Reply(n) | Action::Stop(n) => Some(self.parse_reply(&out[..n])),
-            Action::Ignore => None,
+            Action::Ignore | Action::Stream(_) => None,
         };
         (action, reply)
     }
@@ -475,6 +475,7 @@ fn handle_survives_truncated_changed_and_random_frames() {
                     assert_eq!(n, REPLY_FRAME_LEN);
                 }
                 Action::Stop(_) => panic!("byte {i} ^ {x:#x} stopped the server"),
+                Action::Stream(_) => panic!("byte {i} ^ {x:#x} started a stream"),
             }
         }
     }
@@ -509,7 +510,7 @@ fn requests_and_replies_have_the_documented_layout() {
     assert_eq!(&b[..9], &[8, 7, 6, 5, 4, 3, 2, 1, 2]);
     assert_eq!((b[9], b[16], b[17], b[24]), (0x18, 0x11, 0x28, 0x21));
     assert_eq!(Request::parse(&b), Some(r));
-    for op in [0u8, 4, 255] {
+    for op in [0u8, 6, 255] {
         let mut bad = b;
         bad[8] = op;
         assert_eq!(Request::parse(&bad), None, "op {op}");
@@ -520,4 +521,48 @@ fn requests_and_replies_have_the_documented_layout() {
     assert_eq!((bytes[0], bytes[8], bytes[16]), (1, 2, 3));
     assert_eq!(Reply::parse(&bytes), Some(rep));
     assert_eq!(Reply::parse(&bytes[..23]), None);
+}
+
+#[test]
+fn send_streams_datagrams_and_sink_counts_bytes_without_changing_state() {
+    let mut table = std::vec![0u64; 3 * 64];
+    let mut kv = server(&mut table);
+    CLIENT.send(&mut kv, 1, Op::Put, 5, 50);
+    let sum = kv.checksum();
+    // Send: 3 datagrams of 100 bytes, each a reply carrying its index.
+    let (action, _) = CLIENT.send_frame(&mut kv, &CLIENT.frame(2, Op::Send, 3, 100));
+    assert_eq!(action, Action::Stream(3));
+    for i in 0..3 {
+        let mut out = [0u8; 1600];
+        let n = kv.stream_frame(i, &mut out).unwrap();
+        let (_, packet) = net::parse_eth(&out[..n]).unwrap();
+        let d = net::parse_ipv4_udp(packet).unwrap();
+        assert_eq!((d.dst, d.payload.len()), (CLIENT.me, 100));
+        assert_eq!(Reply::parse(&d.payload[..REPLY_LEN]).unwrap(), reply(2, i, 1));
+    }
+    // Bad sizes are refused.
+    for (count, bytes) in [(0, 100), (MAX_STREAM + 1, 100), (1, 10), (1, MAX_PAYLOAD as u64 + 1)] {
+        let (action, _) = CLIENT.send_frame(&mut kv, &CLIENT.frame(3, Op::Send, count, bytes));
+        assert_eq!(action, Action::Ignore, "{count} x {bytes}");
+    }
+    // Sink: long requests are counted silently; value 1 asks for the count.
+    let mut long = Request {
+        seq: 4,
+        op: Op::Sink,
+        key: 0,
+        value: 0,
+    }
+    .to_bytes()
+    .to_vec();
+    long.resize(1000, 7);
+    for _ in 0..2 {
+        assert_eq!(CLIENT.send_frame(&mut kv, &CLIENT.raw(&long)).0, Action::Ignore);
+    }
+    assert_eq!(CLIENT.send(&mut kv, 5, Op::Sink, 0, 1).value, 2000 + REQUEST_LEN as u64);
+    // A long request of another op is malformed.
+    long[8] = Op::Put as u8;
+    let before = kv.counters().malformed;
+    assert_eq!(CLIENT.send_frame(&mut kv, &CLIENT.raw(&long)).0, Action::Ignore);
+    assert_eq!(kv.counters().malformed, before + 1);
+    assert_eq!(kv.checksum(), sum, "send and sink change nothing");
 }

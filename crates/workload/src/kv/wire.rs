@@ -19,7 +19,21 @@ pub enum Op {
     Get = 2,
     /// Flush, answer with the checksum and let the guest power off.
     Stop = 3,
+    /// Throughput out of the guest: answer with `key` datagrams (at most
+    /// [`MAX_STREAM`]) of `value` payload bytes each ([`REPLY_LEN`] to
+    /// [`MAX_PAYLOAD`]), each starting with a reply whose `value` is its
+    /// index. Changes nothing.
+    Send = 4,
+    /// Throughput into the guest: a request of [`REQUEST_LEN`] to
+    /// [`MAX_PAYLOAD`] bytes, whose bytes are counted; answered only when
+    /// `value` is 1, with the bytes counted so far. Changes nothing.
+    Sink = 5,
 }
+
+/// Most datagrams one send request asks for.
+pub const MAX_STREAM: u64 = 1 << 20;
+/// Largest UDP payload in one Ethernet frame (1500 − 20 − 8).
+pub const MAX_PAYLOAD: usize = 1472;
 
 impl Op {
     /// The op with this wire code.
@@ -28,6 +42,8 @@ impl Op {
             1 => Some(Op::Put),
             2 => Some(Op::Get),
             3 => Some(Op::Stop),
+            4 => Some(Op::Send),
+            5 => Some(Op::Sink),
             _ => None,
         }
     }
@@ -53,17 +69,19 @@ pub struct Request {
 }
 
 impl Request {
-    /// Parse a UDP payload: exactly [`REQUEST_LEN`] bytes and a known op.
+    /// Parse a UDP payload: exactly [`REQUEST_LEN`] bytes and a known op
+    /// (a sink request may be longer, up to [`MAX_PAYLOAD`]).
     pub fn parse(payload: &[u8]) -> Option<Request> {
-        if payload.len() != REQUEST_LEN {
+        if payload.len() < REQUEST_LEN || payload.len() > MAX_PAYLOAD {
             return None;
         }
-        Some(Request {
+        let r = Request {
             seq: le64(payload, 0)?,
             op: Op::from_code(*payload.get(8)?)?,
             key: le64(payload, 9)?,
             value: le64(payload, 17)?,
-        })
+        };
+        (payload.len() == REQUEST_LEN || r.op == Op::Sink).then_some(r)
     }
 
     /// The payload that carries this request.

@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -315,21 +315,6 @@ impl VirtioDevice for Block {
         mem: &GuestMemory,
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, virtio_queue::Error> {
-        let mut used = false;
-        loop {
-            queue.disable_notification(mem)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = self.execute(chain, mem);
-                queue.add_used(mem, head, len)?;
-                used = true;
-                if stop() {
-                    return Ok(used);
-                }
-            }
-            if !queue.enable_notification(mem)? {
-                return Ok(used);
-            }
-        }
+        super::serve_chains(queue, mem, stop, |chain| super::Step::Used(self.execute(chain, mem)))
     }
 }

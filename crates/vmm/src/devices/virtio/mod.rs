@@ -137,6 +137,55 @@ pub trait VirtioDevice: Send + Sync {
     }
 }
 
+/// What a device did with one descriptor chain ([`serve_chains`]).
+pub(crate) enum Step {
+    /// Done: put it in the used ring with this many bytes written.
+    Used(u32),
+    /// Leave it in the ring and take it again at once (what it was for
+    /// went elsewhere: a received frame too large for it).
+    Again,
+    /// Leave it in the ring and stop until woken (no frame to receive, no
+    /// room for output).
+    Wait,
+}
+
+/// Serve `queue`'s chains with `f` until the ring is empty (guest
+/// notifications are off meanwhile and on again at the end, checked for a
+/// chain that came in between), `f` says wait, or `stop()` (a pause) after
+/// a chain; returns whether any was used.
+pub(crate) fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    stop: &dyn Fn() -> bool,
+    mut f: impl FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Step,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut used = false;
+    loop {
+        queue.disable_notification(mem)?;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match f(chain) {
+                Step::Used(len) => {
+                    queue.add_used(mem, head, len)?;
+                    used = true;
+                    if stop() {
+                        return Ok(used);
+                    }
+                }
+                Step::Again => queue.go_to_previous_position(),
+                Step::Wait => {
+                    queue.go_to_previous_position();
+                    return Ok(used);
+                }
+            }
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(used);
+        }
+    }
+}
+
 /// The driver reads `data.len()` bytes at `offset` of configuration space
 /// `config`; bytes past its end read as zero.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

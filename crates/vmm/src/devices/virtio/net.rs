@@ -19,12 +19,12 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::VirtioDevice;
 use super::chain::{Seg, gather, scatter};
 use super::tap::Tap;
+use super::{Step, VirtioDevice, serve_chains};
 use crate::devices::DeviceError;
 use crate::devices::output::{OutputGate, Sink};
 use crate::memory::GuestMemory;
@@ -175,51 +175,37 @@ impl Net {
         mem: &GuestMemory,
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, virtio_queue::Error> {
-        let mut used = false;
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            queue.disable_notification(mem)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let n = match self.tap.0.read_frame(&mut buf[HDR..]) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        queue.go_to_previous_position();
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            tracing::warn!(tap = %self.tap.0.name(), "read: {e}");
-                        }
-                        return Ok(used);
+        serve_chains(queue, mem, stop, |chain| {
+            let n = match self.tap.0.read_frame(&mut buf[HDR..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        tracing::warn!(tap = %self.tap.0.name(), "read: {e}");
                     }
-                };
-                buf[..HDR].fill(0);
-                buf[HDR - 2] = 1; // num_buffers
-                let writable: Vec<Seg> = chain
-                    .filter(|d| d.is_write_only())
-                    .map(|d| Seg {
-                        addr: d.addr().0,
-                        len: u64::from(d.len()),
-                    })
-                    .collect();
-                let room: u64 = writable.iter().map(|s| s.len).sum();
-                let len = HDR + n;
-                if room < len as u64 || scatter(mem, &writable, 0, &buf[..len]).is_err() {
-                    // The frame is lost; the buffers stay the guest's.
-                    queue.go_to_previous_position();
-                    self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                    return Step::Wait;
                 }
-                queue.add_used(mem, head, len as u32)?;
-                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                used = true;
-                if stop() {
-                    return Ok(used);
-                }
+            };
+            buf[..HDR].fill(0);
+            buf[HDR - 2] = 1; // num_buffers
+            let writable: Vec<Seg> = chain
+                .filter(|d| d.is_write_only())
+                .map(|d| Seg {
+                    addr: d.addr().0,
+                    len: u64::from(d.len()),
+                })
+                .collect();
+            let room: u64 = writable.iter().map(|s| s.len).sum();
+            let len = HDR + n;
+            if room < len as u64 || scatter(mem, &writable, 0, &buf[..len]).is_err() {
+                // The frame is lost; the buffers stay the guest's.
+                self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                return Step::Again;
             }
-            if !queue.enable_notification(mem)? {
-                return Ok(used);
-            }
-        }
+            self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            Step::Used(len as u32)
+        })
     }
 
     /// Take the guest's TX frames and hand them to the gate.
@@ -230,48 +216,35 @@ impl Net {
         stop: &dyn Fn() -> bool,
     ) -> Result<bool, virtio_queue::Error> {
         let _ = self.wake.read();
-        let mut used = false;
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            queue.disable_notification(mem)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let mut readable = Vec::new();
-                let mut bad = false;
-                for d in chain {
-                    bad |= d.is_write_only();
-                    readable.push(Seg {
-                        addr: d.addr().0,
-                        len: u64::from(d.len()),
-                    });
-                }
-                let total: u64 = readable.iter().map(|s| s.len).sum();
-                bad |= total < (HDR + MIN_FRAME) as u64 || total > (HDR + MAX_FRAME) as u64;
-                let len = total as usize;
-                if !bad && gather(mem, &readable, 0, &mut buf[..len]).is_err() {
-                    bad = true;
-                }
-                if bad {
-                    self.counters.tx_bad.fetch_add(1, Ordering::Relaxed);
-                } else if self.gate.submit(self.sink, &buf[HDR..len]).is_err() {
-                    // Full: the chain waits in the ring until the gate
-                    // has room and wakes this device.
-                    queue.go_to_previous_position();
-                    return Ok(used);
-                } else {
-                    self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.counters.tx_bytes.fetch_add((len - HDR) as u64, Ordering::Relaxed);
-                }
-                queue.add_used(mem, head, 0)?;
-                used = true;
-                if stop() {
-                    return Ok(used);
-                }
+        serve_chains(queue, mem, stop, |chain| {
+            let mut readable = Vec::new();
+            let mut bad = false;
+            for d in chain {
+                bad |= d.is_write_only();
+                readable.push(Seg {
+                    addr: d.addr().0,
+                    len: u64::from(d.len()),
+                });
             }
-            if !queue.enable_notification(mem)? {
-                return Ok(used);
+            let total: u64 = readable.iter().map(|s| s.len).sum();
+            bad |= total < (HDR + MIN_FRAME) as u64 || total > (HDR + MAX_FRAME) as u64;
+            let len = total as usize;
+            if !bad && gather(mem, &readable, 0, &mut buf[..len]).is_err() {
+                bad = true;
             }
-        }
+            if bad {
+                self.counters.tx_bad.fetch_add(1, Ordering::Relaxed);
+            } else if self.gate.submit(self.sink, &buf[HDR..len]).is_err() {
+                // Full: the chain waits in the ring until the gate has
+                // room and wakes this device.
+                return Step::Wait;
+            } else {
+                self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters.tx_bytes.fetch_add((len - HDR) as u64, Ordering::Relaxed);
+            }
+            Step::Used(0)
+        })
     }
 }
 
