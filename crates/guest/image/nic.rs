@@ -85,10 +85,17 @@ static NET: Ticket<Net> = Ticket::new(Net {
 static STOPPED: AtomicBool = AtomicBool::new(false);
 
 impl Nic {
+    /// Tell the device about new buffers on queue `q`, unless it said it
+    /// needs no notification (VRING_USED_F_NO_NOTIFY: it is serving the
+    /// queue and will look again before it stops), which saves an exit a
+    /// frame while it is busy.
     fn notify(&self, q: u32) {
-        // The ring entries and index before the notification.
+        // The ring entries and index before the flag is read.
         fence(SeqCst);
-        write32(self.base + QUEUE_NOTIFY, q);
+        let rings = if q == RXQ { &RX } else { &TX };
+        if rings.used.flags.load(Acquire) & 1 == 0 {
+            write32(self.base + QUEUE_NOTIFY, q);
+        }
     }
 
     /// Hand RX buffer `id` (back) to the device.

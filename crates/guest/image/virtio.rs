@@ -123,7 +123,7 @@ pub(crate) struct Rings {
 
 #[repr(C, align(4096))]
 pub(crate) struct UsedRing {
-    flags: AtomicU16,
+    pub(crate) flags: AtomicU16,
     pub(crate) idx: AtomicU16,
     pub(crate) ring: [UsedElem; QUEUE_MAX],
     avail_event: AtomicU16,

@@ -269,21 +269,27 @@ impl MmioTransport {
     }
 
     /// Serve queue `i` if the device is active; interrupt the driver if
-    /// buffers were used and it wants to know.
-    pub(super) fn serve(&self, i: usize) {
+    /// buffers were used and it wants to know. `quiet`: leave the driver's
+    /// notifications off afterwards (the worker polls the queue a while).
+    /// Returns whether buffers were used.
+    pub(super) fn serve(&self, i: usize, quiet: bool) -> bool {
         let mut r = self.regs();
         if !r.activated || r.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-            return;
+            return false;
         }
         let Some(q) = r.queues.get_mut(i).filter(|q| q.ready()) else {
-            return;
+            return false;
         };
         let mem = self.ram.memory();
         let stop = || self.pauser.pausing();
-        let result = self
-            .device
-            .process(i, q, mem, &stop)
-            .and_then(|used| if used { q.needs_notification(mem) } else { Ok(false) });
+        let mut used = false;
+        let result = self.device.process(i, q, mem, &stop).and_then(|u| {
+            used = u;
+            if quiet {
+                q.disable_notification(mem)?;
+            }
+            if u { q.needs_notification(mem) } else { Ok(false) }
+        });
         match result {
             Ok(true) => self.interrupt.raise(INT_USED),
             Ok(false) => {}
@@ -297,6 +303,21 @@ impl MmioTransport {
                 self.interrupt.raise(super::INT_CONFIG);
             }
         }
+        used
+    }
+
+    /// Whether queue `i` holds chains the device has not taken yet (read
+    /// from the ring: no notification needed).
+    pub(super) fn has_new(&self, i: usize) -> bool {
+        let r = self.regs();
+        if !r.activated {
+            return false;
+        }
+        let mem = self.ram.memory();
+        r.queues.get(i).filter(|q| q.ready()).is_some_and(|q| {
+            q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        })
     }
 
     fn reset(&self, r: &mut Regs) {

@@ -10,6 +10,13 @@
 //! had not started stay in the available ring; after a resume (and when
 //! the thread starts, which covers a restore) every queue is served once,
 //! so none waits for another notification.
+//!
+//! After the device used buffers the thread polls its queues for a short
+//! while ([`POLL`]) with the driver's notifications off: a driver that
+//! honours VRING_USED_F_NO_NOTIFY then adds requests (and frames) without
+//! a VM exit each, and the next one is served without a thread wake-up
+//! (QEMU's virtio-net batches TX in a bottom half to the same end). Then
+//! it serves every queue once with notifications on again and sleeps.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -25,6 +32,8 @@ use crate::devices::DeviceError;
 const WAKE: u64 = u64::MAX;
 /// Tokens of the device's backend events: this plus their position.
 const BACKEND: u64 = 1 << 32;
+/// How long the thread polls after the device last used buffers.
+pub(crate) const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Start the thread serving `t`'s queues.
 pub(crate) fn spawn(t: Arc<MmioTransport>) -> Result<JoinHandle<()>, DeviceError> {
@@ -78,6 +87,7 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
     // available before the snapshot wait in the rings.
     let mut pending = all();
     let mut events = vec![EpollEvent::default(); t.queue_evts.len() + backend.len() + 1];
+    let mut busy_until: Option<std::time::Instant> = None;
     loop {
         let mut resumed = false;
         if !t.pauser.checkpoint(&mut resumed) {
@@ -85,18 +95,41 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
         }
         if resumed {
             pending = all();
+            busy_until = None;
         }
+        let quiet = busy_until.is_some_and(|u| std::time::Instant::now() < u);
+        let mut worked = false;
         for i in pending.drain(..) {
             if t.pauser.pausing() {
                 break;
             }
-            t.serve(i);
+            worked |= t.serve(i, quiet);
         }
-        let n = match epoll.wait(-1, &mut events) {
+        if worked {
+            busy_until = Some(std::time::Instant::now() + POLL);
+        }
+        let timeout = match busy_until {
+            Some(u) if std::time::Instant::now() < u => 0,
+            Some(_) => {
+                // The window is over: every queue once more with the
+                // driver's notifications on, then sleep.
+                busy_until = None;
+                pending = all();
+                continue;
+            }
+            None => -1,
+        };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if n == 0 && timeout == 0 {
+            // Polling: the queues whose rings got new chains.
+            core::hint::spin_loop();
+            pending = (0..t.queue_evts.len()).filter(|&i| t.has_new(i)).collect();
+            continue;
+        }
         for ev in &events[..n] {
             match ev.data() {
                 WAKE => {
