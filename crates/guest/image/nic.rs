@@ -4,8 +4,9 @@
 //! Queue 0 (RX) keeps [`RX_BUFS`] 2 KiB buffers posted, each a whole frame
 //! with its 12-byte `virtio_net_hdr` (no offloads, no merged buffers are
 //! negotiated); a buffer is posted again once its frame is handled. Queue 1
-//! (TX) sends one frame at a time from a buffer of its own and waits for
-//! the device to take it. A ticket lock serializes the vCPUs: whichever
+//! (TX) sends from 32 rotating buffers, up to all of them in flight (a
+//! reply does not wait for the device; a stop does). Notifications the
+//! device says it does not need are skipped. A ticket lock serializes the vCPUs: whichever
 //! holds it takes the next received frame, lets the key-value server
 //! ([`workload::kv::KvServer`]) answer it, and sends the reply. Waiting for
 //! frames spins, then sleeps in the VMM in short steps ([`Backoff`]).
@@ -52,6 +53,8 @@ struct Nic {
     rx_avail: u16,
     rx_used: u16,
     tx_avail: u16,
+    /// The TX buffer the next frame goes out from (they rotate).
+    tx_next: usize,
     mac: [u8; 6],
 }
 
@@ -76,6 +79,7 @@ static NET: Ticket<Net> = Ticket::new(Net {
         rx_avail: 0,
         rx_used: 0,
         tx_avail: 0,
+        tx_next: 0,
         mac: [0; 6],
     },
     server: None,
@@ -134,6 +138,16 @@ impl Nic {
         self.notify(TXQ);
     }
 
+    /// The TX buffer for the next frame, once the device took the frame
+    /// that last went out from it (at most [`TX_BUFS`] in flight).
+    fn tx_slot(&mut self, cpu: usize) -> usize {
+        let depth = TX_BUFS.min(usize::from(self.tx_size)).max(1);
+        self.wait_tx(cpu, depth as u16 - 1);
+        let k = self.tx_next % depth;
+        self.tx_next = self.tx_next.wrapping_add(1);
+        k
+    }
+
     /// Wait until at most `left` posted frames are not yet taken by the
     /// device (it may hold them back while its output waits for an epoch:
     /// backpressure).
@@ -184,6 +198,7 @@ pub fn init(cmdline: &str, spec: &Spec, table: &'static mut [u64], disk: Option<
             rx_avail: 0,
             rx_used: 0,
             tx_avail: 0,
+            tx_next: 0,
             mac,
         };
         let posted = RX_BUFS.min(usize::from(rx_size));
@@ -226,19 +241,22 @@ fn serve_one(cpu: usize) -> Option<Action> {
         let action = BUFS.with(|b| {
             let mut action = Action::Ignore;
             let (rx, tx) = (&b.rx, &mut b.tx);
+            // A reply goes out from the next TX buffer, without waiting
+            // for the device to take it (up to TX_BUFS in flight).
+            let k = n.nic.tx_slot(cpu);
             if id < RX_BUFS && (HDR..=BUF).contains(&len) {
                 let frame = &rx[id];
                 virtio::dma_barrier(frame.as_ptr());
-                // The reply is written straight after the header of TX buffer 0.
-                tx[0][..HDR].fill(0);
-                action = server.handle(&frame[HDR..len], &mut tx[0][HDR..]);
+                tx[k][..HDR].fill(0);
+                action = server.handle(&frame[HDR..len], &mut tx[k][HDR..]);
             }
             // The reply first: the device's thread takes it at once,
             // and only then the buffer back (one wake-up less before the
             // reply leaves).
             match action {
-                Action::Reply(out) | Action::Stop(out) => {
-                    n.nic.post_tx(&tx[0], HDR + out);
+                Action::Reply(out) => n.nic.post_tx(&tx[k], HDR + out),
+                Action::Stop(out) => {
+                    n.nic.post_tx(&tx[k], HDR + out);
                     n.nic.wait_tx(cpu, 0);
                 }
                 Action::Stream(count) => stream(cpu, &mut n.nic, server, tx, count),
@@ -256,17 +274,14 @@ fn serve_one(cpu: usize) -> Option<Action> {
 /// Answer a send request: `count` datagrams, up to [`TX_BUFS`] (and the
 /// ring) in flight.
 fn stream(cpu: usize, nic: &mut Nic, server: &mut KvServer<'static>, tx: &mut [[u8; BUF]; TX_BUFS], count: u64) {
-    let depth = TX_BUFS.min(usize::from(nic.tx_size)) as u16;
     for i in 0..count {
-        nic.wait_tx(cpu, depth - 1);
-        let buf = &mut tx[(i % u64::from(depth)) as usize];
+        let buf = &mut tx[nic.tx_slot(cpu)];
         buf[..HDR].fill(0);
         let Some(len) = server.stream_frame(i, &mut buf[HDR..]) else {
             break;
         };
         nic.post_tx(buf, HDR + len);
     }
-    nic.wait_tx(cpu, 0);
 }
 
 /// Serve requests on CPU `cpu` until one says stop.

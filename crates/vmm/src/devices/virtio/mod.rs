@@ -135,6 +135,11 @@ pub trait VirtioDevice: Send + Sync {
     fn backend_events(&self) -> Vec<(std::os::fd::RawFd, usize)> {
         Vec::new()
     }
+    /// How long the device's thread polls its queues (the driver's
+    /// notifications off) after it used buffers; zero: it sleeps at once.
+    fn poll_window(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// What a device did with one descriptor chain ([`serve_chains`]).

@@ -12,7 +12,8 @@
 //! so none waits for another notification.
 //!
 //! After the device used buffers the thread polls its queues for a short
-//! while ([`POLL`]) with the driver's notifications off: a driver that
+//! while (the device's `poll_window`: the network's, not the disk's) with
+//! the driver's notifications off, yielding the CPU to anything runnable: a driver that
 //! honours VRING_USED_F_NO_NOTIFY then adds requests (and frames) without
 //! a VM exit each, and the next one is served without a thread wake-up
 //! (QEMU's virtio-net batches TX in a bottom half to the same end). Then
@@ -32,8 +33,6 @@ use crate::devices::DeviceError;
 const WAKE: u64 = u64::MAX;
 /// Tokens of the device's backend events: this plus their position.
 const BACKEND: u64 = 1 << 32;
-/// How long the thread polls after the device last used buffers.
-pub(crate) const POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Start the thread serving `t`'s queues.
 pub(crate) fn spawn(t: Arc<MmioTransport>) -> Result<JoinHandle<()>, DeviceError> {
@@ -87,6 +86,7 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
     // available before the snapshot wait in the rings.
     let mut pending = all();
     let mut events = vec![EpollEvent::default(); t.queue_evts.len() + backend.len() + 1];
+    let window = t.device.poll_window();
     let mut busy_until: Option<std::time::Instant> = None;
     loop {
         let mut resumed = false;
@@ -105,8 +105,8 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
             }
             worked |= t.serve(i, quiet);
         }
-        if worked {
-            busy_until = Some(std::time::Instant::now() + POLL);
+        if worked && !window.is_zero() {
+            busy_until = Some(std::time::Instant::now() + window);
         }
         let timeout = match busy_until {
             Some(u) if std::time::Instant::now() < u => 0,
@@ -126,7 +126,7 @@ fn serve_loop(t: &MmioTransport) -> std::io::Result<()> {
         };
         if n == 0 && timeout == 0 {
             // Polling: the queues whose rings got new chains.
-            core::hint::spin_loop();
+            std::thread::yield_now();
             pending = (0..t.queue_evts.len()).filter(|&i| t.has_new(i)).collect();
             continue;
         }
