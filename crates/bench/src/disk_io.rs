@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::error::{BenchError, Result};
-use crate::matrix::guest_words;
 use crate::proc::{self, ProcError};
+use crate::words::guest_words;
 
 /// Why a disk throughput run failed (`what`: consnap or qemu).
 #[derive(Debug, Error)]
@@ -27,9 +26,25 @@ pub enum DiskIoError {
         #[source]
         source: ProcError,
     },
+    /// A file of the run could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// It printed no rate (the guest failed).
     #[error("{what}: no diskio rate in its output (last line: {last:?})")]
     NoRate { what: &'static str, last: String },
+}
+
+type Result<T> = std::result::Result<T, DiskIoError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskIoError + '_ {
+    move |source| DiskIoError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The disk area the workload uses, and the image (a MiB more).
@@ -133,7 +148,7 @@ fn image(path: &Path) -> Result<()> {
     while (data.len() as u64) < DSIZE + (1 << 20) {
         data.extend_from_slice(&block);
     }
-    std::fs::write(path, &data).map_err(BenchError::io(path))
+    std::fs::write(path, &data).map_err(io(path))
 }
 
 fn run_consnap(exe: &Path, cell: &Cell, img: &Path, scratch: &Path) -> Result<f64> {
@@ -158,17 +173,17 @@ fn finish(cmd: &mut Command, out: &Path, err: &Path, what: &'static str) -> Resu
     let failed = |source| DiskIoError::Proc { what, source };
     let mut child = proc::spawn(cmd, out, err).map_err(failed)?;
     proc::wait(&mut child, std::time::Instant::now(), Duration::from_secs(600), None).map_err(failed)?;
-    let stdout = std::fs::read_to_string(out).map_err(BenchError::io(out))?;
-    Ok(rate_of(&stdout).ok_or_else(|| DiskIoError::NoRate {
+    let stdout = std::fs::read_to_string(out).map_err(io(out))?;
+    rate_of(&stdout).ok_or_else(|| DiskIoError::NoRate {
         what,
         last: stdout.lines().last().unwrap_or("").to_string(),
-    })?)
+    })
 }
 
 /// Run every cell `repeats` times on consnap (`exe`) and on QEMU (with
 /// `elf`, the exported guest; `None` without QEMU), alternating.
 pub fn measure(exe: &Path, elf: Option<&Path>, scratch: &Path, repeats: u32) -> Result<Vec<(Cell, Rates)>> {
-    std::fs::create_dir_all(scratch).map_err(BenchError::io(scratch))?;
+    std::fs::create_dir_all(scratch).map_err(io(scratch))?;
     let img: PathBuf = scratch.join("diskio.img");
     let mut out = Vec::new();
     for cell in CELLS {

@@ -20,6 +20,7 @@ mod proc;
 mod qemu;
 mod render;
 pub mod results;
+mod words;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

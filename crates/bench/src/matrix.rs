@@ -150,15 +150,7 @@ impl Workload {
     }
 }
 
-/// The guest command-line words of a `--workload` spec: `ftp,wss=256M`
-/// is `workload=ftp wss=256M` (what QEMU's `-append` takes).
-pub fn guest_words(spec: &str) -> String {
-    spec.split(',')
-        .enumerate()
-        .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+pub use crate::words::guest_words;
 
 /// The length of a run at `interval`: at least `base`, and long enough for
 /// three snapshots (the first is due one interval after the start), with a

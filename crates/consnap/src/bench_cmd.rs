@@ -147,7 +147,7 @@ fn side_bench_done(
 fn disk_io(a: &BenchArgs) -> Result<i32, BenchCmdError> {
     let (results, scratch, exe, elf) = side_bench_setup(a, "bench-results/disk-io")?;
     let repeats = a.repeats.unwrap_or(3).max(1);
-    let rows = bench::disk_io::measure(&exe, elf.as_deref(), &scratch, repeats)?;
+    let rows = bench::disk_io::measure(&exe, elf.as_deref(), &scratch, repeats).map_err(bench::BenchError::from)?;
     let table = bench::disk_io::table(&rows, repeats);
     side_bench_done(a, &results, &scratch, "DISK-IO.md", &table)
 }
@@ -161,7 +161,7 @@ fn net(a: &BenchArgs) -> Result<i32, BenchCmdError> {
         elf,
         scratch: scratch.clone(),
     };
-    let table = bench::net::bench(&ctx, repeats)?;
+    let table = bench::net::bench(&ctx, repeats).map_err(bench::BenchError::from)?;
     side_bench_done(a, &results, &scratch, "NET.md", &table)
 }
 

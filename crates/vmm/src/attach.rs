@@ -11,8 +11,18 @@ use crate::devices::virtio::net::{Net, random_mac};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::{self, VirtioSlot, block::Block, disk::DiskImage};
 use crate::devices::{BusDevice, DeviceError, Devices, SerialDevice};
-use crate::machine::{Parts, ProgressCounter};
+use crate::memory::GuestRam;
 use crate::state::{VirtioDeviceState, VirtioState};
+
+/// A counter the guest keeps in its own memory (ops done, requests
+/// served...), read by the VMM without a VM exit: what the machine reports
+/// as its progress ([`Machine::progress`]), samples over a run and records
+/// in each snapshot. The VMM knows no guest: the program that runs one
+/// says where its counter is.
+pub trait ProgressCounter: Send + Sync {
+    /// The counter now, or `None` while the guest has not published it.
+    fn read(&self, ram: &GuestRam) -> Option<u64>;
+}
 
 /// A port device the embedding program adds: `len` ports from `base`.
 pub struct PortDevice {
@@ -123,7 +133,7 @@ pub(crate) type VirtioAttach<'a> = (&'a [DiskAttach], &'a [NetAttach], &'a Arc<O
 /// per disk and a virtio-net device per network after them (from their
 /// saved state on a restore).
 pub(crate) fn build_devices(
-    parts: &Parts,
+    (vm, ram): (&kvm_ioctls::VmFd, &Arc<GuestRam>),
     serial: SerialDevice,
     ports: Vec<PortDevice>,
     (disks, nets, output): VirtioAttach<'_>,
@@ -188,7 +198,7 @@ pub(crate) fn build_devices(
                 Block::new(image, &id)
             }
         };
-        let slot = VirtioSlot::block(&parts.vm, &parts.ram, i, Arc::new(block), saved.map(|s| &s.transport))?;
+        let slot = VirtioSlot::block(vm, ram, i, Arc::new(block), saved.map(|s| &s.transport))?;
         d.add_virtio(slot)?;
     }
     for (k, net) in nets.iter().enumerate() {
@@ -212,7 +222,7 @@ pub(crate) fn build_devices(
         };
         let tap = Tap::open(&tap)?;
         let dev = Arc::new(Net::new(tap, mac, output.clone())?);
-        let slot = VirtioSlot::net(&parts.vm, &parts.ram, i, dev, saved.map(|s| &s.transport))?;
+        let slot = VirtioSlot::net(vm, ram, i, dev, saved.map(|s| &s.transport))?;
         d.add_virtio(slot)?;
     }
     Ok(d)

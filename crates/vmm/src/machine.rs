@@ -23,7 +23,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::attach::build_devices;
-pub use crate::attach::{Attach, DiskAttach, NetAttach, PortDevice};
+pub use crate::attach::{Attach, DiskAttach, NetAttach, PortDevice, ProgressCounter};
 use crate::boot::{self, BootConfig, BootError, layout};
 use crate::cpuid;
 use crate::devices::output::OutputGate;
@@ -116,16 +116,6 @@ impl Waker {
     }
 }
 
-/// A counter the guest keeps in its own memory (ops done, requests
-/// served...), read by the VMM without a VM exit: what the machine reports
-/// as its progress ([`Machine::progress`]), samples over a run and records
-/// in each snapshot. The VMM knows no guest: the program that runs one
-/// says where its counter is.
-pub trait ProgressCounter: Send + Sync {
-    /// The counter now, or `None` while the guest has not published it.
-    fn read(&self, ram: &GuestRam) -> Option<u64>;
-}
-
 /// A VM with its RAM, devices and vCPUs.
 pub struct Machine {
     kvm: Kvm,
@@ -171,10 +161,10 @@ impl std::fmt::Debug for PreparedVm {
     }
 }
 
-pub(crate) struct Parts {
+struct Parts {
     kvm: Kvm,
-    pub(crate) vm: VmFd,
-    pub(crate) ram: Arc<GuestRam>,
+    vm: VmFd,
+    ram: Arc<GuestRam>,
 }
 
 /// VM with irqchip, PIT and RAM slots (over `ram`, or fresh RAM of
@@ -330,7 +320,7 @@ impl Machine {
             output,
         } = attach;
         let devices = build_devices(
-            &parts,
+            (&parts.vm, &parts.ram),
             SerialDevice::new(serial_evt, serial_out),
             ports,
             (&disks, &nets, &output),
@@ -383,7 +373,7 @@ impl Machine {
         } = attach;
         let serial = SerialDevice::restore((serial_evt, serial_out), &state.devices.serial)?;
         let devices = build_devices(
-            &parts,
+            (&parts.vm, &parts.ram),
             serial,
             ports,
             (&disks, &nets, &output),

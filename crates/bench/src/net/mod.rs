@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use workload::kv::Op;
 
-use crate::error::{BenchError, Result};
 use crate::proc::{self, ProcError};
 use ns::{GUEST_IP, GUEST_MAC, Netns, NetnsError, TAP};
 use peer::{Ask, Peer, PeerError};
@@ -32,6 +31,12 @@ use peer::{Ask, Peer, PeerError};
 pub enum NetBenchError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}: {source}")]
     Proc {
         what: &'static str,
@@ -97,14 +102,14 @@ struct Served {
 }
 
 impl Ctx {
-    fn start(&self, vmm: Vmm) -> std::result::Result<Served, NetBenchError> {
+    fn start(&self, vmm: Vmm) -> Result<Served, NetBenchError> {
         let ns = Netns::new("bench")?;
         let spec = format!("kv,ip={GUEST_IP},wss=8M");
         let report = self.scratch.join("net-report.json");
         let program = match vmm {
             Vmm::Qemu => {
                 let elf = self.elf.as_deref().unwrap_or(Path::new("guest.elf"));
-                let mut c = crate::microvm::command(elf, &crate::matrix::guest_words(&spec), "256M", 1);
+                let mut c = crate::microvm::command(elf, &crate::words::guest_words(&spec), "256M", 1);
                 c.args(["-serial", "stdio"]);
                 crate::microvm::net(&mut c, TAP, GUEST_MAC);
                 c
@@ -150,7 +155,7 @@ impl Served {
     }
 
     /// A peer in the namespace, once the guest answers.
-    fn peer(&self) -> std::result::Result<Peer, NetBenchError> {
+    fn peer(&self) -> Result<Peer, NetBenchError> {
         let mut p = Peer::new(self.ns.name()).map_err(|e| self.peer_failed(e))?;
         let ask = Ask {
             op: Op::Get,
@@ -163,7 +168,7 @@ impl Served {
     }
 
     /// Stop the guest and wait for its VMM; the consnap report, if any.
-    fn stop(mut self, peer: &mut Peer) -> std::result::Result<Option<serde_json::Value>, NetBenchError> {
+    fn stop(mut self, peer: &mut Peer) -> Result<Option<serde_json::Value>, NetBenchError> {
         let ask = Ask {
             op: Op::Stop,
             key: 0,
@@ -203,7 +208,7 @@ fn puts() -> impl FnMut() -> Option<Ask> {
 }
 
 /// `n` puts, `window` in flight; their round trips.
-fn round_trips(p: &mut Peer, n: usize, window: usize) -> std::result::Result<Vec<Duration>, PeerError> {
+fn round_trips(p: &mut Peer, n: usize, window: usize) -> Result<Vec<Duration>, PeerError> {
     let mut rtts = Vec::with_capacity(n);
     let mut next = puts();
     let mut left = n;
@@ -221,7 +226,7 @@ fn round_trips(p: &mut Peer, n: usize, window: usize) -> std::result::Result<Vec
 }
 
 /// Requests per second with `window` in flight, over `secs`.
-fn rate(p: &mut Peer, window: usize, secs: f64) -> std::result::Result<f64, PeerError> {
+fn rate(p: &mut Peer, window: usize, secs: f64) -> Result<f64, PeerError> {
     let start = Instant::now();
     let mut next = puts();
     let mut done = 0u64;
@@ -257,11 +262,11 @@ pub struct Figures {
 
 /// One run of `vmm`: without snapshots the one-at-a-time and rate cells,
 /// with them the output-commit cell.
-pub fn measure(ctx: &Ctx, vmm: Vmm) -> std::result::Result<Figures, NetBenchError> {
+pub fn measure(ctx: &Ctx, vmm: Vmm) -> Result<Figures, NetBenchError> {
     let served = ctx.start(vmm)?;
     let mut p = served.peer()?;
     let mut f = Figures::default();
-    let run = |p: &mut Peer, f: &mut Figures| -> std::result::Result<(), PeerError> {
+    let run = |p: &mut Peer, f: &mut Figures| -> Result<(), PeerError> {
         match vmm {
             Vmm::Consnap(Some(iv)) => {
                 // About ten intervals' worth, at least 3 s.
@@ -315,8 +320,11 @@ pub const INTERVALS: [Duration; 3] = [
 
 /// Every cell, `repeats` times, consnap and QEMU back to back; the
 /// Markdown table.
-pub fn bench(ctx: &Ctx, repeats: u32) -> Result<String> {
-    std::fs::create_dir_all(&ctx.scratch).map_err(BenchError::io(&ctx.scratch))?;
+pub fn bench(ctx: &Ctx, repeats: u32) -> Result<String, NetBenchError> {
+    std::fs::create_dir_all(&ctx.scratch).map_err(|source| NetBenchError::Io {
+        path: ctx.scratch.clone(),
+        source,
+    })?;
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
     let mut commit: Vec<Vec<Figures>> = vec![Vec::new(); INTERVALS.len()];

@@ -22,13 +22,7 @@ pub fn read_report(path: &Path) -> serde_json::Value {
 }
 
 /// Guest command-line words for a `NAME,k=v,...` spec, as consnap makes them.
-pub fn guest_words(spec: &str) -> String {
-    spec.split(',')
-        .enumerate()
-        .map(|(i, w)| if i == 0 { format!("workload={w}") } else { w.to_string() })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+pub use bench::matrix::guest_words;
 
 /// A `NAME,k=v,...` spec, parsed as the guest parses it.
 pub fn parse_spec(spec: &str) -> workload::Spec {
