@@ -43,6 +43,11 @@ export CONSNAP_GARAGE CONSNAP_REQUIRE_GARAGE=1
 # network namespace of its own: as root they must run.
 if [[ $(id -u) == 0 ]] && command -v ip >/dev/null; then
     export CONSNAP_REQUIRE_NETNS=1
+    # The network tests put a TAP in such a namespace: where the kernel
+    # offers TUN/TAP they must run.
+    if [[ -c /dev/net/tun ]]; then
+        export CONSNAP_REQUIRE_TAP=1
+    fi
 fi
 if [[ -e /dev/kvm ]]; then
     export CONSNAP_REQUIRE_KVM=1

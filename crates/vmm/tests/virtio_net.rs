@@ -1,6 +1,7 @@
 //! virtio-net against virtio-queue's mock driver, on a real TAP device the
-//! test creates (root only; `CONSNAP_REQUIRE_NETNS=1`, which the test
-//! script sets as root, makes a missing TAP a failure): frames both ways,
+//! test creates (root only; `CONSNAP_REQUIRE_TAP=1`, which the test
+//! script sets as root where /dev/net/tun exists, makes a missing TAP a
+//! failure): frames both ways,
 //! output commit holding TX frames until their epoch is released, the cap
 //! pushing back on the guest's queue, and chains the guest gets wrong.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -38,8 +39,8 @@ fn rig(gate: Arc<OutputGate>) -> Option<(Net, Host, GuestRam)> {
         Ok(t) => t,
         Err(e) => {
             assert!(
-                std::env::var("CONSNAP_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "CONSNAP_REQUIRE_NETNS=1 but no TAP: {e}"
+                std::env::var("CONSNAP_REQUIRE_TAP").as_deref() != Ok("1"),
+                "CONSNAP_REQUIRE_TAP=1 but no TAP: {e}"
             );
             eprintln!("skipped: cannot create a TAP here ({e})");
             return None;

@@ -30,14 +30,14 @@ const WINDOW: usize = 16;
 
 /// A namespace for one test; `None` (the test is skipped, and says so)
 /// where this process may not make one, a failure under
-/// `CONSNAP_REQUIRE_NETNS=1`.
+/// `CONSNAP_REQUIRE_TAP=1`.
 fn netns(tag: &str) -> Option<Netns> {
     match Netns::new(tag) {
         Ok(ns) => Some(ns),
         Err(e) => {
             assert!(
-                std::env::var("CONSNAP_REQUIRE_NETNS").as_deref() != Ok("1"),
-                "CONSNAP_REQUIRE_NETNS=1 but no network namespace with a TAP: {e}"
+                std::env::var("CONSNAP_REQUIRE_TAP").as_deref() != Ok("1"),
+                "CONSNAP_REQUIRE_TAP=1 but no network namespace with a TAP: {e}"
             );
             eprintln!("skipped: cannot make a network namespace with a TAP here ({e})");
             None
