@@ -757,7 +757,7 @@ impl NetFigures {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         NetFigures {
             tap: n.tap().name().to_string(),
-            mac: vmm::devices::virtio::net::format_mac(&n.save().mac),
+            mac: vmm::devices::virtio::net::format_mac(&n.mac()),
             rx_frames: get(&c.rx_frames),
             rx_bytes: get(&c.rx_bytes),
             rx_dropped: get(&c.rx_dropped),

@@ -612,22 +612,15 @@ fn board(
         probe: Vec::new(),
         snap: engine.map(EngineFigures::new),
         replica: replicator.map(remote::Replicator::watch),
-        output: Some(machine.output().clone()).filter(|g| g.commits() || !nets_of(machine).is_empty()),
-        nets: nets_of(machine),
+        output: shown_output(machine),
+        nets: machine.nets(),
     }
 }
 
-/// The machine's network devices, in slot order.
-fn nets_of(machine: &Machine) -> Vec<Arc<vmm::devices::virtio::net::Net>> {
-    machine
-        .devices()
-        .virtio
-        .iter()
-        .filter_map(|s| match &s.device {
-            vmm::devices::virtio::SlotDevice::Net(n) => Some(n.clone()),
-            vmm::devices::virtio::SlotDevice::Block(_) => None,
-        })
-        .collect()
+/// The machine's output gate, where it has something to show: output
+/// commit is on, or the machine has a network.
+fn shown_output(machine: &Machine) -> Option<Arc<vmm::devices::output::OutputGate>> {
+    Some(machine.output().clone()).filter(|g| g.commits() || !machine.nets().is_empty())
 }
 
 /// Serve the control API on `listener`, if one was bound: the server, and
@@ -798,7 +791,8 @@ fn build_report(
         .and_then(|_| guest::host::status::read(machine.ram()));
     let done = status_page.filter(|s| s.done());
     let spec = spec_words.as_deref().and_then(|w| workload::Spec::parse(w).ok());
-    let nets: Vec<_> = nets_of(machine)
+    let nets: Vec<_> = machine
+        .nets()
         .iter()
         .map(|n| crate::report::NetFigures::of(n))
         .collect();
@@ -827,9 +821,7 @@ fn build_report(
         restored_from: None,
         reclaim: None,
         replication: None,
-        output: Some(machine.output().stats())
-            .filter(|o| o.commit || !nets.is_empty())
-            .map(|o| crate::report::OutputFigures::of(&o)),
+        output: shown_output(machine).map(|g| crate::report::OutputFigures::of(&g.stats())),
         nets,
     }
 }

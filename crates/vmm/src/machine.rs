@@ -639,11 +639,13 @@ impl Machine {
         self.devices
             .virtio
             .iter()
-            .filter_map(|s| match &s.device {
-                virtio::SlotDevice::Block(b) => Some(b.disk().clone() as Arc<dyn Region>),
-                virtio::SlotDevice::Net(_) => None,
-            })
+            .filter_map(|s| s.as_block().map(|b| b.disk().clone() as Arc<dyn Region>))
             .collect()
+    }
+
+    /// The network devices, in slot order.
+    pub fn nets(&self) -> Vec<Arc<virtio::net::Net>> {
+        self.devices.virtio.iter().filter_map(|s| s.as_net().cloned()).collect()
     }
 
     /// The guest's progress counter now, when the program running the

@@ -108,12 +108,26 @@ impl Host {
         assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
     }
 
-    /// Frames of our EtherType that arrive within `wait`.
+    /// Frames of our EtherType that arrive within `wait` (to show that
+    /// none does).
     fn recv_all(&self, wait: Duration) -> Vec<Vec<u8>> {
+        self.recv_until(usize::MAX, wait)
+    }
+
+    /// The first `n` frames of our EtherType (failing after 10 s), and any
+    /// that follow within 50 ms (so that one too many shows).
+    fn recv(&self, n: usize) -> Vec<Vec<u8>> {
+        let mut out = self.recv_until(n, Duration::from_secs(10));
+        assert_eq!(out.len(), n, "frames expected within 10 s");
+        out.extend(self.recv_all(Duration::from_millis(50)));
+        out
+    }
+
+    fn recv_until(&self, n: usize, wait: Duration) -> Vec<Vec<u8>> {
         let until = Instant::now() + wait;
         let mut out = Vec::new();
         let mut buf = [0u8; 2048];
-        while Instant::now() < until {
+        while out.len() < n && Instant::now() < until {
             // SAFETY: `buf` is writable for its length.
             let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n > 0 {
@@ -180,7 +194,7 @@ fn tx_frames_wait_for_their_epoch_then_leave_in_order() {
     let sealed = gate.seal();
     assert!(host.recv_all(Duration::from_millis(50)).is_empty());
     gate.release(sealed);
-    assert_eq!(ours(host.recv_all(Duration::from_millis(300))), [1, 2]);
+    assert_eq!(ours(host.recv(2)), [1, 2]);
     gate.shut();
     assert_eq!(net.counters().tx_frames.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
@@ -192,7 +206,7 @@ fn without_commit_frames_leave_at_once_and_rx_reaches_the_guest() {
     };
     let (_mq, mut q) = tx_queue(&ram, &[frame(7, 64)]);
     net.process(1, &mut q, ram.memory(), &|| false).unwrap();
-    assert_eq!(ours(host.recv_all(Duration::from_millis(200))), [7]);
+    assert_eq!(ours(host.recv(1)), [7]);
     // RX: eight 2 KiB device-writable buffers (the kernel may send frames
     // of its own, IPv6 neighbour discovery, before ours).
     let mem = ram.memory();
@@ -248,11 +262,11 @@ fn the_cap_leaves_frames_in_the_guests_ring() {
     assert_eq!(gate.stats().at_cap, 1);
     let g = gate.seal();
     gate.release(g);
-    assert_eq!(ours(host.recv_all(Duration::from_millis(200))), [1]);
+    assert_eq!(ours(host.recv(1)), [1]);
     net.process(1, &mut q, ram.memory(), &|| false).unwrap();
     assert_eq!(used_idx(&ram, &mq), 2, "taken once space freed");
     gate.release_all();
-    assert_eq!(ours(host.recv_all(Duration::from_millis(200))), [2]);
+    assert_eq!(ours(host.recv(1)), [2]);
     gate.shut();
 }
 

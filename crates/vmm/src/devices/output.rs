@@ -207,27 +207,30 @@ impl OutputGate {
             at: Instant::now(),
         });
         g.held_bytes += len;
-        g.stats.held_units += 1;
-        g.stats.held_bytes = g.held_bytes;
         g.stats.held_bytes_max = g.stats.held_bytes_max.max(g.held_bytes);
         Ok(())
     }
 
     fn write_now(&self, sink: usize, data: &[u8]) {
-        let Some(s) = self.sink(sink) else { return };
-        let r = s.send(data);
-        let mut g = self.lock();
-        match r {
-            Ok(()) => {
-                g.stats.released_units += 1;
-                g.stats.released_bytes += data.len() as u64;
-            }
-            Err(e) => {
-                g.stats.send_errors += 1;
-                drop(g);
-                tracing::debug!(sink = %s.name(), "output not sent: {e}");
-            }
+        drop(self.send_counted(sink, data));
+    }
+
+    /// Write `data` to sink `sink` (no lock held meanwhile), then count
+    /// the outcome; returns the lock, taken for that.
+    fn send_counted(&self, sink: usize, data: &[u8]) -> MutexGuard<'_, Inner> {
+        let s = self.sink(sink);
+        let r = s.as_ref().map(|s| s.send(data));
+        if let (Some(s), Some(Err(e))) = (&s, &r) {
+            tracing::debug!(sink = %s.name(), "output not sent: {e}");
         }
+        let mut g = self.lock();
+        if let Some(Ok(())) = r {
+            g.stats.released_units += 1;
+            g.stats.released_bytes += data.len() as u64;
+        } else {
+            g.stats.send_errors += 1;
+        }
+        g
     }
 
     /// At a snapshot's pause (devices quiesced): close the open generation
@@ -344,25 +347,10 @@ impl OutputGate {
             }
             let Some(h) = g.queue.pop_front() else { continue };
             drop(g);
-            let sink = self.sink(h.sink);
-            let r = sink.as_ref().map(|s| s.send(&h.data));
+            g = self.send_counted(h.sink, &h.data);
             let waited = h.at.elapsed().as_nanos() as u64;
-            g = self.lock();
             let was_full = std::mem::take(&mut g.blocked);
             g.held_bytes -= h.data.len() as u64;
-            match r {
-                Some(Ok(())) => {
-                    g.stats.released_units += 1;
-                    g.stats.released_bytes += h.data.len() as u64;
-                }
-                Some(Err(e)) => {
-                    g.stats.send_errors += 1;
-                    if let Some(s) = &sink {
-                        tracing::debug!(sink = %s.name(), "output not sent: {e}");
-                    }
-                }
-                None => g.stats.send_errors += 1,
-            }
             if g.latencies.len() == LATENCIES {
                 let i = (g.stats.released_units as usize) % LATENCIES;
                 g.latencies[i] = waited;

@@ -367,6 +367,22 @@ impl VirtioSlot {
         }
     }
 
+    /// The block device, if the slot holds one.
+    pub fn as_block(&self) -> Option<&std::sync::Arc<block::Block>> {
+        match &self.device {
+            SlotDevice::Block(b) => Some(b),
+            SlotDevice::Net(_) => None,
+        }
+    }
+
+    /// The network device, if the slot holds one.
+    pub fn as_net(&self) -> Option<&std::sync::Arc<net::Net>> {
+        match &self.device {
+            SlotDevice::Net(n) => Some(n),
+            SlotDevice::Block(_) => None,
+        }
+    }
+
     /// The slot's saved state.
     pub fn save(&self) -> crate::state::VirtioState {
         crate::state::VirtioState {

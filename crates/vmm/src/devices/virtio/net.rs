@@ -160,6 +160,11 @@ impl Net {
         }
     }
 
+    /// Its MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
     /// What it did so far.
     pub fn counters(&self) -> &NetCounters {
         &self.counters
