@@ -13,7 +13,7 @@ pub enum ArgError {
     #[error("'{0}' is not a size (examples: 512M, 1G, 1T, 4096)")]
     NotASize(String),
     /// Not a duration.
-    #[error("'{0}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)")]
+    #[error("'{0}' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 7d, 0)")]
     NotADuration(String),
     /// A duration beyond [`MAX_DURATION`].
     #[error("'{0}' is longer than 1 year (365 days), the longest duration consnap accepts")]
@@ -27,6 +27,9 @@ pub enum ArgError {
     /// `--max-lag` that is neither a duration nor `never`.
     #[error("{0}, or 'never'")]
     NotALag(#[source] Box<ArgError>),
+    /// An `--on-snapshot-error` policy that is none of the three.
+    #[error("--on-snapshot-error '{0}': give stop, continue or stop-after=N (N at least 1)")]
+    OnSnapshotError(String),
     /// A `--disk` value with an unknown option.
     #[error("--disk '{0}': the only option after the path is ',readonly' (PATH[,readonly])")]
     DiskOption(String),
@@ -98,6 +101,14 @@ pub fn size(s: &str) -> Result<u64, ArgError> {
     workload::spec::parse_size(s).ok_or_else(|| ArgError::NotASize(s.to_string()))
 }
 
+/// `n` things for messages: `1 epoch`, `2 epochs`, `0 files`.
+pub fn counted(n: impl Into<u64>, thing: &str) -> String {
+    match n.into() {
+        1 => format!("1 {thing}"),
+        n => format!("{n} {thing}s"),
+    }
+}
+
 /// A size for messages, in the largest unit that shows it exactly:
 /// `256 MiB`, `1 GiB`, `12 KiB`, `1 bytes`.
 pub fn show_size(bytes: u64) -> String {
@@ -110,9 +121,6 @@ pub fn show_size(bytes: u64) -> String {
     format!("{bytes} bytes")
 }
 
-/// Parse a duration: a decimal number and a unit (`ns`, `us`, `ms`, `s`,
-/// `m` or `min`, `h`), such as `250us`, `0.5ms`, `1.5s`, `2m`, `1h`; `0`
-/// means off. At most [`MAX_DURATION`]; resolution 1 ns.
 /// `--max-lag`: a duration, or `never`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxLag(pub Option<Duration>);
@@ -129,6 +137,24 @@ pub fn max_lag(s: &str) -> Result<MaxLag, ArgError> {
     }
 }
 
+/// `--on-snapshot-error`: `stop`, `continue` or `stop-after=N` (N ≥ 1).
+pub fn on_snapshot_error(s: &str) -> Result<crate::session::OnError, ArgError> {
+    use crate::session::OnError;
+    match s {
+        "stop" => Ok(OnError::StopAfter(1)),
+        "continue" => Ok(OnError::Continue),
+        _ => s
+            .strip_prefix("stop-after=")
+            .and_then(|n| n.parse::<u32>().ok())
+            .filter(|n| *n >= 1)
+            .map(OnError::StopAfter)
+            .ok_or_else(|| ArgError::OnSnapshotError(s.to_string())),
+    }
+}
+
+/// Parse a duration: a decimal number and a unit (`ns`, `us`, `ms`, `s`,
+/// `m` or `min`, `h`, `d`), such as `250us`, `0.5ms`, `1.5s`, `2m`, `1h`,
+/// `7d`; `0` means off. At most [`MAX_DURATION`]; resolution 1 ns.
 pub fn duration(s: &str) -> Result<Duration, ArgError> {
     let err = || ArgError::NotADuration(s.to_string());
     let too_long = || ArgError::TooLong(s.to_string());
@@ -144,6 +170,7 @@ pub fn duration(s: &str) -> Result<Duration, ArgError> {
         "s" => 1_000_000_000,
         "m" | "min" => 60_000_000_000,
         "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
         _ => return Err(err()),
     };
     let (int, frac) = num.split_once('.').unwrap_or((num, ""));
@@ -332,6 +359,29 @@ mod tests {
             Err(ArgError::TooLong("31536000.000000001s".into()))
         );
         assert_eq!(duration("31536000s"), Ok(MAX_DURATION));
+        // Days parse as --retain's do; a year and a day is too long, not unknown.
+        assert_eq!(duration("365d"), Ok(MAX_DURATION));
+        assert_eq!(duration("1.5d"), Ok(Duration::from_secs(36 * 3600)));
+        assert_eq!(duration("366d"), Err(ArgError::TooLong("366d".into())));
+    }
+
+    #[test]
+    fn counts_agree_with_their_nouns() {
+        assert_eq!(counted(1u32, "epoch"), "1 epoch");
+        assert_eq!(counted(0u32, "file"), "0 files");
+        assert_eq!(counted(2u64, "vCPU"), "2 vCPUs");
+    }
+
+    #[test]
+    fn snapshot_error_policies() {
+        use crate::session::OnError;
+        assert_eq!(on_snapshot_error("stop"), Ok(OnError::StopAfter(1)));
+        assert_eq!(on_snapshot_error("continue"), Ok(OnError::Continue));
+        assert_eq!(on_snapshot_error("stop-after=10"), Ok(OnError::StopAfter(10)));
+        for bad in ["stop-after=0", "stop-after=", "stop-after=-1", "sometimes", ""] {
+            let e = on_snapshot_error(bad).unwrap_err().to_string();
+            assert!(e.contains("stop, continue or stop-after=N"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -82,8 +82,8 @@ pub fn inspect(a: InspectArgs) -> Result<i32, InspectError> {
     match vmm::state::decode(&state) {
         Ok(s) => {
             o += &format!(
-                "  machine: {} vCPUs, {} of RAM, kernel {}{}\n",
-                s.config.vcpus,
+                "  machine: {}, {} of RAM, kernel {}{}\n",
+                crate::args::counted(s.config.vcpus, "vCPU"),
                 human(s.config.mem_size),
                 s.config.kernel,
                 match guest::host::workload_of(&s.config) {

@@ -342,9 +342,11 @@ fn summary(rows: &[Row], ledger: Option<&store::Ledger>, policy: &store::Policy)
     let bytes: u64 = rows.iter().map(|r| r.bytes).sum();
     let longest = rows.iter().filter_map(|r| r.chain).max().unwrap_or(0);
     let mut line = format!(
-        "{epochs} epochs in {} files, {} in all; longest chain {longest} files; policy {}",
-        rows.len(),
+        "{} in {}, {} in all; longest chain {}; policy {}",
+        crate::args::counted(epochs as u64, "epoch"),
+        crate::args::counted(rows.len() as u64, "file"),
         human(bytes),
+        crate::args::counted(longest as u64, "file"),
         policy.text()
     );
     match ledger {

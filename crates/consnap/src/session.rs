@@ -73,12 +73,6 @@ pub enum SessionError {
     /// The `--api-sock` socket cannot be served.
     #[error(transparent)]
     Api(#[from] server::ServerError),
-    /// Another process writes the snapshot directory (the engine's message).
-    #[error("{0}")]
-    StoreInUse(String),
-    /// `--on-snapshot-error stop` and the engine failed before the run (its message).
-    #[error("stopping on snapshot failure: {0}")]
-    SnapshotFailed(String),
     /// The machine failed.
     #[error(transparent)]
     Machine(#[from] MachineError),
@@ -137,13 +131,25 @@ pub enum CowBlock {
     Huge,
 }
 
-/// What to do when a snapshot fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// What to do when snapshots fail (`--on-snapshot-error`): `stop` at
+/// the first failure, `continue` (keep the VM running unprotected for as
+/// long as they fail), or `stop-after=N` failures in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnError {
-    /// Report it and keep the VM running.
+    /// Report every failure and keep the VM running.
     Continue,
-    /// Stop the VM and exit non-zero.
-    Stop,
+    /// Stop the VM once this many snapshots in a row have failed.
+    StopAfter(u32),
+}
+
+impl OnError {
+    /// The engine's `stop_after`.
+    pub fn stop_after(self) -> Option<u32> {
+        match self {
+            OnError::Continue => None,
+            OnError::StopAfter(n) => Some(n),
+        }
+    }
 }
 
 /// Options shared by `run` and `restore`.
@@ -194,8 +200,11 @@ pub struct SessionArgs {
     /// Time between snapshots.
     #[arg(long, default_value = "1s", value_parser = args::duration, requires = "snapshot_dir")]
     pub interval: Duration,
-    /// When a snapshot fails: keep running, or stop with a non-zero exit.
-    #[arg(long, value_enum, default_value = "continue")]
+    /// When snapshots fail: `stop` the VM at the first failure,
+    /// `stop-after=N` failures in a row (a committed snapshot starts the
+    /// count again), or `continue` running unprotected for as long as they
+    /// fail. Any failed snapshot makes the exit status 3 (see README).
+    #[arg(long, default_value = "stop-after=10", value_parser = args::on_snapshot_error, value_name = "POLICY")]
     pub on_snapshot_error: OnError,
     /// Serve the control API (HTTP/1.1, JSON) on this Unix socket, created
     /// 0600; see docs/openapi.yaml and `consnap ctl`.
@@ -437,7 +446,7 @@ fn snapshot_config(a: &SessionArgs, dir: &Path, cow: CowOptions) -> SnapshotConf
         dir: dir.to_path_buf(),
         mode: a.mode.mode(),
         interval: a.interval,
-        stop_on_error: a.on_snapshot_error == OnError::Stop,
+        stop_after: a.on_snapshot_error.stop_after(),
         cow,
         direct_io: a.snapshot_io == SnapshotIo::Direct,
         max_lag: a.max_lag.0,
@@ -458,15 +467,7 @@ fn start_engine(
         return Ok(None);
     };
     let cow = cow_options(a, hot, pager.and_then(LazyPager::cow_link));
-    let mut e = SnapshotEngine::new(snapshot_config(a, dir, cow), parent);
-    // Another process writes this store: refuse before the guest runs
-    // (retrying would only fail the same way, quietly).
-    if e.store_in_use() {
-        return Err(SessionError::StoreInUse(e.errors.first().cloned().unwrap_or_default()));
-    }
-    if let (OnError::Stop, Some(why)) = (a.on_snapshot_error, e.errors.first()) {
-        return Err(SessionError::SnapshotFailed(why.clone()));
-    }
+    let mut e = SnapshotEngine::new(snapshot_config(a, dir, cow), parent)?;
     e.prepare(machine)?;
     Ok(Some(e))
 }
@@ -537,7 +538,7 @@ impl Background {
         parent: Option<u64>,
         gate: &Arc<vmm::devices::output::OutputGate>,
     ) -> Result<Background, SessionError> {
-        let reclaimer = engine.and_then(SnapshotEngine::store).map(|store| {
+        let reclaimer = engine.map(SnapshotEngine::store).map(|store| {
             store.set_compression(a.compress.codec());
             let opts = store::ReclaimOptions {
                 codec: Some(a.compress.codec()),
@@ -760,6 +761,11 @@ pub fn execute(
     Ok(report.exit_code)
 }
 
+/// The exit status of a run that had failed snapshots (it ran unprotected
+/// for a while) and would otherwise have exited 0, or that stopped
+/// because snapshots failed.
+pub const UNPROTECTED_EXIT: i32 = 3;
+
 /// The report of `machine`'s run, which ended with `end`; `measured`:
 /// what the controller measured. `read_guest`: whether guest memory may be read
 /// (the workload guest's status page).
@@ -782,6 +788,14 @@ fn build_report(
         RunEnd::Signal(sig) => ("signal", 128 + sig, None, None),
         RunEnd::Error(e) => ("error", 1, None, Some(e.to_string())),
         RunEnd::Task(why) => ("error", 1, None, Some(why.clone())),
+    };
+    // A run with failed snapshots was not protected the whole time: its
+    // exit status says so unless it already reports a failure of its own.
+    let failed_snapshots = measured.engine.as_ref().is_some_and(|e| !e.errors.is_empty());
+    let exit_code = match end {
+        RunEnd::Guest(_) if failed_snapshots && exit_code == 0 => UNPROTECTED_EXIT,
+        RunEnd::Task(_) if failed_snapshots => UNPROTECTED_EXIT,
+        _ => exit_code,
     };
     let cfg = machine.config();
     let spec_words = guest::host::workload_of(cfg);
@@ -849,7 +863,23 @@ fn summarize(r: &Report) {
     if let Some(e) = &r.error {
         line += &format!("; error: {e}");
     }
-    let _ = writeln!(std::io::stderr(), "{line}");
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "{line}");
+    if let Some(s) = &r.snapshots {
+        if s.failed > 0 {
+            let _ = writeln!(
+                err,
+                "consnap: warning: the run was not protected the whole time: {} failed (exit status {})",
+                crate::args::counted(s.failed as u64, "snapshot"),
+                r.exit_code
+            );
+        } else if s.count == 0 {
+            let _ = writeln!(
+                err,
+                "consnap: warning: the run ended before its first snapshot was due: nothing of it was saved"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -914,7 +944,12 @@ mod tests {
         assert_eq!(cow.hot, None);
         let cfg = snapshot_config(&a, Path::new("snaps"), cow);
         assert_eq!((cfg.mode, cfg.interval), (Mode::Cow, Duration::from_millis(20)));
-        assert!(!cfg.direct_io && !cfg.stop_on_error && cfg.max_lag.is_none());
+        assert!(!cfg.direct_io && cfg.max_lag.is_none());
+        assert_eq!(
+            cfg.stop_after,
+            Some(10),
+            "the default policy stops after 10 failures in a row"
+        );
     }
 
     #[test]

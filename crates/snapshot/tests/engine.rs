@@ -45,12 +45,12 @@ fn vmm_written_pages_reach_the_next_epoch() {
             dir: dir.clone(),
             mode,
             interval: Duration::from_secs(3600),
-            stop_on_error: true,
+            stop_after: Some(1),
             cow: Default::default(),
             direct_io: true,
             max_lag: None,
         };
-        let mut engine = SnapshotEngine::new(cfg, None);
+        let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
         m.start().unwrap();
         engine.run(&mut m);
@@ -146,7 +146,7 @@ fn device_written_pages_reach_the_next_epoch() {
             dir: snaps.clone(),
             mode,
             interval: Duration::from_secs(3600),
-            stop_on_error: true,
+            stop_after: Some(1),
             cow: snapshot::CowOptions {
                 tracker,
                 ..Default::default()
@@ -154,7 +154,7 @@ fn device_written_pages_reach_the_next_epoch() {
             direct_io: true,
             max_lag: None,
         };
-        let mut engine = SnapshotEngine::new(cfg, None);
+        let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
         m.start().unwrap();
         engine.run(&mut m);
@@ -248,7 +248,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             dir: dir.clone(),
             mode,
             interval: Duration::from_secs(3600),
-            stop_on_error: true,
+            stop_after: Some(1),
             // The saver starts late: KVM's writes meet protected pages.
             cow: snapshot::CowOptions {
                 capture_ahead: false,
@@ -261,7 +261,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             direct_io: true,
             max_lag: None,
         };
-        let mut engine = SnapshotEngine::new(cfg, None);
+        let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
         m.start().unwrap();
         let version = |m: &Machine| m.ram().read_u32(PVCLOCK).unwrap_or(0);
@@ -329,7 +329,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         dir: dir.clone(),
         mode: Mode::Cow,
         interval: Duration::from_secs(3600),
-        stop_on_error: true,
+        stop_after: Some(1),
         cow: snapshot::CowOptions {
             pause_copy_budget: Duration::ZERO,
             test: snapshot::CowTestHooks {
@@ -341,7 +341,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         direct_io: false,
         max_lag: None,
     };
-    let mut engine = SnapshotEngine::new(cfg, None);
+    let mut engine = SnapshotEngine::new(cfg, None).unwrap();
     engine.prepare(&mut m).unwrap();
     m.start().unwrap();
     // The arena is the 2 MiB block after the image (see docs/GUEST.md); wait

@@ -276,7 +276,7 @@ fn config(dir: &Path, mode: Mode, cow: CowOptions) -> SnapshotConfig {
         dir: dir.to_path_buf(),
         mode,
         interval: Duration::from_millis(5),
-        stop_on_error: false,
+        stop_after: None,
         cow,
         direct_io: true,
         max_lag: Some(Duration::from_secs(1)),
@@ -356,7 +356,7 @@ fn check_all(dir: &Path, fake: &Fake) -> usize {
 fn exact(name: &str, mode: Mode, cow: CowOptions, huge: bool) {
     let dir = Dir::new(name);
     let mut fake = Fake::new(huge);
-    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow), None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 12), TaskFlow::Continue));
@@ -446,7 +446,7 @@ fn a_disk_without_copy_aside_is_caught() {
         },
         ..CowOptions::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 8);
@@ -475,7 +475,7 @@ fn cow_without_copy_on_fault_is_caught() {
         },
         ..CowOptions::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 12);
@@ -492,7 +492,7 @@ fn with_failures(mode: Mode, fail: &[u64]) {
         fail_attempts: fail.to_vec(),
         ..Inject::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None).unwrap();
     engine.set_inject(inject);
     engine.prepare(&mut fake).unwrap();
     fake.start();
@@ -554,8 +554,8 @@ fn stop_on_error_stops_at_the_first_failure() {
         ..Inject::default()
     };
     let mut cfg = config(&dir.0, Mode::Cow, CowOptions::default());
-    cfg.stop_on_error = true;
-    let mut engine = SnapshotEngine::new(cfg, None);
+    cfg.stop_after = Some(1);
+    let mut engine = SnapshotEngine::new(cfg, None).unwrap();
     engine.set_inject(inject);
     engine.prepare(&mut fake).unwrap();
     fake.start();
@@ -579,6 +579,64 @@ fn stop_on_error_stops_at_the_first_failure() {
     check_all(&dir.0, &fake);
 }
 
+/// `stop_after`: failures in a row count; a committed epoch starts the
+/// count again; the run stops at the N-th in a row and says so.
+#[test]
+fn stop_after_counts_failures_in_a_row() {
+    let dir = Dir::new("stop-after");
+    let mut fake = Fake::new(true);
+    let inject = Inject {
+        // 2 and 3 fail, 4 commits (the count starts again), 6, 7, 8 fail.
+        fail_attempts: vec![2, 3, 6, 7, 8],
+        ..Inject::default()
+    };
+    let mut cfg = config(&dir.0, Mode::StopCopy, CowOptions::default());
+    cfg.stop_after = Some(3);
+    let mut engine = SnapshotEngine::new(cfg, None).unwrap();
+    engine.set_inject(inject);
+    engine.prepare(&mut fake).unwrap();
+    fake.start();
+    match run_epochs(&mut engine, &mut fake, 20) {
+        TaskFlow::Stop(why) => assert!(
+            why.contains("stopping after 3 failed snapshots in a row") && why.contains("injected"),
+            "{why}"
+        ),
+        TaskFlow::Continue => panic!("kept going after 3 failures in a row"),
+    }
+    engine.finish(&mut fake);
+    assert_eq!(engine.records.len(), 3, "attempts 1, 4 and 5 commit");
+    assert_eq!(engine.errors.len(), 5);
+    fake.stop();
+    check_all(&dir.0, &fake);
+}
+
+/// A directory that cannot be a store is refused when the engine is made,
+/// before any VM runs: a file, a directory of other files.
+#[test]
+fn an_unusable_directory_is_refused_up_front() {
+    let dir = Dir::new("unusable");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let junk = dir.0.join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("notes.txt"), b"mine").unwrap();
+    for bad in [file.join("snaps"), junk.clone()] {
+        let e = SnapshotEngine::new(config(&bad, Mode::StopCopy, CowOptions::default()), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("snapshot directory unusable") && msg.contains(&*bad.to_string_lossy()),
+            "{msg}"
+        );
+    }
+    assert_eq!(std::fs::read(junk.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read_dir(&junk).unwrap().count(),
+        1,
+        "nothing was written into junk"
+    );
+}
+
 #[test]
 fn a_dying_writer_stops_the_run_and_releases_the_guest() {
     for mode in [Mode::StopCopy, Mode::Cow] {
@@ -588,7 +646,7 @@ fn a_dying_writer_stops_the_run_and_releases_the_guest() {
             panic_attempts: vec![3],
             ..Inject::default()
         };
-        let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None);
+        let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None).unwrap();
         engine.set_inject(inject);
         engine.prepare(&mut fake).unwrap();
         fake.start();
@@ -614,7 +672,7 @@ fn a_vanished_store_directory_fails_epochs_then_recovers() {
     // A real I/O failure: the epochs directory disappears under the writer.
     let dir = Dir::new("vanish");
     let mut fake = Fake::new(true);
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, CowOptions::default()), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, CowOptions::default()), None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     run_epochs(&mut engine, &mut fake, 3);
@@ -649,7 +707,7 @@ fn run_time_mode_interval_and_epoch_now_keep_epochs_exact() {
     let dir = Dir::new("runtime");
     let mut fake = Fake::new(true);
     let cfg = config(&dir.0, Mode::StopCopy, CowOptions::default());
-    let mut engine = SnapshotEngine::new(cfg, None);
+    let mut engine = SnapshotEngine::new(cfg, None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 3), TaskFlow::Continue));
@@ -723,7 +781,7 @@ fn a_late_epoch_makes_the_writer_urgent() {
         },
         ..CowOptions::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None);
+    let mut engine = SnapshotEngine::new(config(&dir.0, Mode::Cow, cow), None).unwrap();
     engine.prepare(&mut fake).unwrap();
     fake.start();
     assert!(matches!(run_epochs(&mut engine, &mut fake, 2), TaskFlow::Continue));

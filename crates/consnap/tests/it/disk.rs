@@ -416,6 +416,8 @@ fn an_image_that_changes_size_under_the_vm_fails_its_snapshots() {
         "50ms",
         "--pause-probe",
         "0",
+        "--on-snapshot-error",
+        "continue",
         "--report",
         report.to_str().unwrap(),
     ];

@@ -1,7 +1,9 @@
 //! Bad snapshot input: restore from missing, truncated, corrupted or
 //! wrong-version snapshots fails clearly and modifies nothing; a snapshot
-//! directory that is unusable or fills up gives errors while the VM keeps
-//! running, or stops the run when asked to.
+//! directory that is unusable is refused before the guest starts; one
+//! that fills up gives errors while the VM keeps running, stops the run
+//! after failures in a row, and the exit status says the run was not
+//! protected.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
@@ -160,57 +162,59 @@ fn restore_rejects_damaged_epochs_and_changes_nothing() {
     );
 }
 
+/// A snapshot directory that cannot be a store (under a file, a directory
+/// of other files, /proc) is refused before the guest starts, with the
+/// reason; nothing is written into it and no report claims a run.
 #[test]
-fn unusable_snapshot_dir_keeps_the_vm_running() {
+fn an_unusable_snapshot_dir_is_refused_before_the_guest_starts() {
     if !kvm_ready() {
         return;
     }
     let dir = tempdir("unusable");
     let file = dir.join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let bad = file.join("snaps");
+    let junk = dir.join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("notes.txt"), b"mine").unwrap();
     let report = dir.join("r.json");
+    for (bad, why) in [
+        (file.join("snaps"), "Not a directory"),
+        (junk.clone(), "is not a consnap snapshot directory"),
+        (PathBuf::from("/proc/consnap-test"), "/proc/consnap-test"),
+    ] {
+        let err = fails_with(
+            consnap()
+                .args(["run", "--workload", "memstress,wss=16M,ops=3000", "--interval", "100ms"])
+                .arg("--snapshot-dir")
+                .arg(&bad)
+                .arg("--report")
+                .arg(&report),
+            &["snapshot directory unusable", &bad.to_string_lossy(), why],
+        );
+        assert!(!err.contains("consnap: poweroff"), "the guest ran: {err}");
+        assert!(!err.contains("retried"), "{err}");
+        assert!(!report.exists(), "a refused run wrote a report");
+    }
+    assert_eq!(std::fs::read_dir(&junk).unwrap().count(), 1, "junk was written to");
+}
+
+/// A run whose first snapshot was never due says that nothing was saved.
+#[test]
+fn a_run_that_ends_before_its_first_snapshot_says_so() {
+    if !kvm_ready() {
+        return;
+    }
+    let dir = tempdir("no-snapshot");
     let out = run_ok(
         consnap()
-            .args([
-                "run",
-                "--workload",
-                "memstress,wss=16M,ops=3000,rate=10000",
-                "--interval",
-                "100ms",
-            ])
+            .args(["run", "--workload", "memstress,wss=16M,ops=100", "--interval", "1h"])
             .arg("--snapshot-dir")
-            .arg(&bad)
-            .arg("--report")
-            .arg(&report),
+            .arg(dir.join("snaps")),
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("snapshot directory unusable") && err.contains("a-file/snaps"),
+        err.contains("0 snapshots") && err.contains("warning: the run ended before its first snapshot"),
         "{err}"
-    );
-    let r = read_report(&report);
-    assert_eq!(r["status"], "poweroff");
-    assert_eq!(
-        r["checksum"],
-        reference("memstress,wss=16M,ops=3000,rate=10000", 1).1.as_str()
-    );
-    assert_eq!(r["snapshots"]["count"], 0);
-    assert!(r["snapshots"]["failed"].as_u64().unwrap() >= 1);
-
-    // Asked to stop on snapshot failure: it says so and exits non-zero.
-    fails_with(
-        consnap()
-            .args([
-                "run",
-                "--workload",
-                "memstress,wss=16M,ops=3000",
-                "--on-snapshot-error",
-                "stop",
-            ])
-            .arg("--snapshot-dir")
-            .arg(&bad),
-        &["stopping on snapshot failure", "a-file/snaps"],
     );
 }
 
@@ -266,6 +270,8 @@ fn full_disk_errors_then_carries_on_or_stops() {
                 "stop-copy-full",
                 "--interval",
                 "25ms",
+                "--on-snapshot-error",
+                "continue",
             ])
             .arg("--snapshot-dir")
             .arg(&snaps)
@@ -276,7 +282,9 @@ fn full_disk_errors_then_carries_on_or_stops() {
     set_file_limit(child.id(), 2 << 20);
     let out = child.wait();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}: {err}", out.status);
+    // The VM ran on, unprotected: the exit status says so.
+    assert_eq!(out.status.code(), Some(3), "{}: {err}", out.status);
+    assert!(err.contains("not protected the whole time"), "{err}");
     assert!(
         err.contains("snapshot error") && err.contains("File too large"),
         "{err}"
@@ -316,6 +324,27 @@ fn full_disk_errors_then_carries_on_or_stops() {
             .arg(&snaps2),
         &["stopping on snapshot failure", "File too large"],
     );
+
+    // By default the run stops after 10 failures in a row, exit status 3.
+    let snaps3 = dir.join("snaps3");
+    let mut cmd = consnap();
+    with_file_limit(&mut cmd, 2 << 20)
+        .args([
+            "run",
+            "--workload",
+            spec,
+            "--mode",
+            "stop-copy-full",
+            "--interval",
+            "25ms",
+            "--snapshot-dir",
+        ])
+        .arg(&snaps3);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("stopping after 10 failed snapshots in a row"), "{err}");
+    assert!(err.contains("the run stops after 10 failures in a row"), "{err}");
 }
 
 #[test]
@@ -406,7 +435,11 @@ fn a_store_has_one_writer_at_a_time_compact_included() {
     let s = snaps.to_str().unwrap();
     let busy = "is in use by another consnap process";
     // A second writer: refused at once, naming the busy store.
-    let refused = |args: &[&str]| fails_with(consnap().args(args), &[busy, s]);
+    // One true message: refused, not "the VM keeps running".
+    let refused = |args: &[&str]| {
+        let err = fails_with(consnap().args(args), &[busy, s]);
+        assert!(!err.contains("retried") && !err.contains("keeps running"), "{err}");
+    };
     let second_run = ["run", "--workload", "memstress,ops=10", "--snapshot-dir", s];
     let mut child = spawn(consnap().args([
         "run",

@@ -40,8 +40,9 @@ pub struct SnapshotConfig {
     pub mode: Mode,
     /// Time between the starts of two epochs.
     pub interval: Duration,
-    /// Stop the VM when a snapshot fails (otherwise report it and keep running).
-    pub stop_on_error: bool,
+    /// Stop the VM once this many snapshots in a row have failed (`None`:
+    /// never; every failure is reported and the VM keeps running).
+    pub stop_after: Option<u32>,
     /// Tuning of `cow`.
     pub cow: CowOptions,
     /// Write page data with O_DIRECT (bypassing the page cache).
@@ -119,7 +120,7 @@ struct InFlight {
 /// The engine; see the module documentation.
 pub struct SnapshotEngine {
     cfg: SnapshotConfig,
-    store: Option<Arc<Store>>,
+    store: Arc<Store>,
     strategy: Box<dyn Strategy>,
     /// The machine's regions besides RAM (disks), from `prepare`.
     regions: Vec<Arc<dyn Region>>,
@@ -145,7 +146,8 @@ pub struct SnapshotEngine {
     /// A mode asked for at run time, applied when the next epoch starts.
     switch_to: Option<Mode>,
     /// The store was held by another process when the engine was made.
-    busy: bool,
+    /// Snapshots failed since the last committed one.
+    failed_in_row: u32,
     /// Test hook: which capture attempts fail on purpose.
     #[cfg(feature = "testing")]
     inject: Inject,
@@ -168,18 +170,23 @@ const RETRY: Duration = Duration::from_millis(1);
 impl SnapshotEngine {
     /// An engine writing to `cfg.dir`. `parent` is the epoch of that store
     /// the VM was restored from (the first epoch may then be incremental).
-    /// A store that cannot be opened is reported in `errors`.
-    pub fn new(cfg: SnapshotConfig, parent: Option<u64>) -> SnapshotEngine {
+    /// A store that cannot be opened (not a store, not a directory, in use
+    /// by another process) is refused before anything runs.
+    pub fn new(cfg: SnapshotConfig, parent: Option<u64>) -> Result<SnapshotEngine, SnapshotError> {
         let strategy: Box<dyn Strategy> = match cfg.mode {
             Mode::StopCopyFull => Box::<StopCopyFull>::default(),
             Mode::StopCopy => Box::<StopCopy>::default(),
             Mode::Cow => Box::new(Cow::new(cfg.cow.clone())),
         };
-        let mut e = SnapshotEngine {
+        let store = Store::open_or_create(&cfg.dir).map_err(|source| SnapshotError::Store {
+            dir: cfg.dir.clone(),
+            source,
+        })?;
+        let e = SnapshotEngine {
             next_due: Instant::now() + cfg.interval,
-            log: ErrorLog::new(cfg.stop_on_error),
+            log: ErrorLog::new(cfg.stop_after),
             cfg,
-            store: None,
+            store: Arc::new(store),
             strategy,
             regions: Vec::new(),
             health: Arc::default(),
@@ -195,15 +202,11 @@ impl SnapshotEngine {
             urgent: 0,
             attempts: 0,
             switch_to: None,
-            busy: false,
+            failed_in_row: 0,
             #[cfg(feature = "testing")]
             inject: Inject::from_env(),
         };
-        if let Err(f) = e.open_store() {
-            e.busy = matches!(f, store::StoreError::Busy(_));
-            e.report(&format!("snapshot directory unusable: {f}"));
-        }
-        e
+        Ok(e)
     }
 
     /// Test hook: make these capture attempts fail (replacing what
@@ -213,25 +216,17 @@ impl SnapshotEngine {
         self.inject = inject;
     }
 
-    /// True when the store could not be opened because another process
-    /// writes it: a caller should refuse to start rather than retry.
-    pub fn store_in_use(&self) -> bool {
-        self.busy && self.store.is_none()
-    }
-
-    fn open_store(&mut self) -> Result<Arc<Store>, store::StoreError> {
-        if let Some(s) = &self.store {
-            return Ok(s.clone());
-        }
-        let s = Arc::new(Store::open_or_create(&self.cfg.dir)?);
-        self.store = Some(s.clone());
-        Ok(s)
-    }
-
     fn report(&mut self, msg: &str) {
         tracing::debug!(error = %msg, "snapshot failed");
+        self.failed_in_row = self.failed_in_row.saturating_add(1);
         self.log.error(msg);
         self.errors.push(msg.to_string());
+    }
+
+    /// Whether the failures in a row reached `stop_after`: no more
+    /// snapshots are tried and the run stops.
+    fn giving_up(&self) -> bool {
+        self.cfg.stop_after.is_some_and(|n| self.failed_in_row >= n.max(1))
     }
 
     /// Check that `mode` can run on this host, before anything starts.
@@ -250,9 +245,9 @@ impl SnapshotEngine {
         Ok(())
     }
 
-    /// The store the engine writes, once it could be opened (it holds the
-    /// store's lock; a reclaimer in this process works through it).
-    pub fn store(&self) -> Option<Arc<Store>> {
+    /// The store the engine writes (it holds the store's lock; a reclaimer
+    /// in this process works through it).
+    pub fn store(&self) -> Arc<Store> {
         self.store.clone()
     }
 
@@ -376,7 +371,7 @@ impl SnapshotEngine {
                 w.set_urgent(false);
             }
         }
-        if failure.is_none() || !self.cfg.stop_on_error {
+        if !self.giving_up() {
             match self.capture(t) {
                 Ok(()) => {}
                 Err(Fatal(msg)) => return self.stop_now(t, msg),
@@ -392,7 +387,10 @@ impl SnapshotEngine {
 
     fn flow(&self, failure: Option<String>) -> TaskFlow {
         match failure {
-            Some(msg) if self.cfg.stop_on_error => TaskFlow::Stop(format!("stopping on snapshot failure: {msg}")),
+            Some(msg) if self.giving_up() => TaskFlow::Stop(match self.failed_in_row {
+                1 => format!("stopping on snapshot failure: {msg}"),
+                n => format!("stopping after {n} failed snapshots in a row: {msg}"),
+            }),
             _ => TaskFlow::Continue,
         }
     }
@@ -466,6 +464,7 @@ impl SnapshotEngine {
         match done.result {
             Ok(c) => {
                 self.parent = Some(f.id);
+                self.failed_in_row = 0;
                 if f.full {
                     self.need_full = false;
                 }
@@ -567,7 +566,7 @@ impl SnapshotEngine {
     fn capture(&mut self, t: &mut dyn Target) -> Result<(), CaptureError> {
         self.apply_switch(t)?;
         let unusable = |e: store::StoreError| Failed(format!("snapshot directory unusable: {e}"));
-        let store = self.open_store().map_err(unusable)?;
+        let store = self.store.clone();
         let id = store.next_id().map_err(unusable)?;
         let fail = |f: EpochFailure| Failed(EpochError::new(id, f).to_string());
         let full = self.need_full || self.strategy.always_full();

@@ -12,7 +12,8 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 /// Rate-limited printer of snapshot errors.
 #[derive(Debug)]
 pub(crate) struct ErrorLog {
-    stop_on_error: bool,
+    /// The engine's `stop_after`.
+    stop_after: Option<u32>,
     last: Option<String>,
     repeats: u64,
     since: Instant,
@@ -28,9 +29,9 @@ fn cause(msg: &str) -> &str {
 }
 
 impl ErrorLog {
-    pub(crate) fn new(stop_on_error: bool) -> ErrorLog {
+    pub(crate) fn new(stop_after: Option<u32>) -> ErrorLog {
         ErrorLog {
-            stop_on_error,
+            stop_after,
             last: None,
             repeats: 0,
             since: Instant::now(),
@@ -51,13 +52,16 @@ impl ErrorLog {
         self.flush();
         // stderr may be unwritable (a full file): never panic over a message.
         let mut err = std::io::stderr();
-        let _ = if self.stop_on_error {
-            writeln!(err, "consnap: snapshot error: {msg}")
-        } else {
-            writeln!(
+        let _ = match self.stop_after {
+            Some(1) => writeln!(err, "consnap: snapshot error: {msg}"),
+            Some(n) => writeln!(
                 err,
-                "consnap: snapshot error: {msg} (the VM keeps running; snapshots are retried)"
-            )
+                "consnap: snapshot error: {msg} (the VM keeps running unprotected and snapshots are retried; the run stops after {n} failures in a row)"
+            ),
+            None => writeln!(
+                err,
+                "consnap: snapshot error: {msg} (the VM keeps running unprotected; snapshots are retried)"
+            ),
         };
         self.last = Some(key.to_string());
         self.since = Instant::now();
@@ -93,7 +97,7 @@ mod tests {
             cause("snapshot directory unusable: no"),
             "snapshot directory unusable: no"
         );
-        let mut log = ErrorLog::new(false);
+        let mut log = ErrorLog::new(None);
         log.error("epoch 1: disk full");
         log.error("epoch 2: disk full");
         log.error("epoch 3: disk full");

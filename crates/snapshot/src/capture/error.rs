@@ -81,6 +81,15 @@ pub enum SnapshotError {
     /// userfaultfd is unavailable or refused.
     #[error("--mode cow cannot run on this host: {0}; --mode stop-copy works without it")]
     Cow(#[source] uffd::UffdError),
+    /// The snapshot directory cannot be used: not a directory, not a
+    /// store, unreadable, or in use by another process.
+    #[error("snapshot directory unusable: {source}")]
+    Store {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Cause.
+        source: store::StoreError,
+    },
     /// An engine thread could not start.
     #[error("cannot start the snapshot {thread} thread: {source}")]
     Thread {
