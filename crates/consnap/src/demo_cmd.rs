@@ -424,7 +424,7 @@ fn steps(dir: &Path) -> Result<i32, DemoError> {
         started.elapsed().as_secs_f64()
     ));
 
-    let rows: Vec<Row> = ls_cmd::rows(&snaps)?;
+    let rows: Vec<Row> = ls_cmd::rows(&snaps, store::Depth::Pages)?;
     let good: Vec<&Row> = rows.iter().filter(|r| r.restorable).collect();
     let (Some(latest), Some(first)) = (good.last(), good.first()) else {
         return Err(DemoError::NoEpoch);

@@ -32,7 +32,8 @@ pub struct InspectArgs {
 }
 
 /// Print epoch ID: its header, chain and files, what a restore reads from
-/// each, and the machine its state describes.
+/// each, the machine its state describes, and whether it restores (exit
+/// status 1 when it does not).
 pub fn inspect(a: InspectArgs) -> Result<i32, InspectError> {
     let store = Store::open(&a.dir, Access::Read)?;
     let id = crate::at::resolve(&store, &a.id)?;
@@ -134,6 +135,18 @@ pub fn inspect(a: InspectArgs) -> Result<i32, InspectError> {
             e.path().display()
         );
     }
+    // The answer of ls, verify and restore.
+    let verdict = store::assess_epoch(&store, id, store::Depth::Pages)?;
+    let code = match &verdict {
+        store::Verdict::Restores { .. } => {
+            o += "restores: yes (its chain, state and every page it takes were checked)\n";
+            0
+        }
+        store::Verdict::Fails(why) => {
+            o += &format!("restores: no: {why}\n");
+            1
+        }
+    };
     let _ = std::io::stdout().write_all(o.as_bytes());
-    Ok(0)
+    Ok(code)
 }

@@ -40,6 +40,12 @@ pub struct LsArgs {
     /// The key an object store's epochs are encrypted with.
     #[arg(long, value_name = "FILE")]
     pub encrypt_key: Option<PathBuf>,
+    /// Read headers, indexes, states and chains but not the pages: quick
+    /// on a large store, but `restorable` then means "unless a page is
+    /// damaged" (`pages_checked: false`). By default every page an epoch's
+    /// restore takes is checked, as `verify` and `restore` do.
+    #[arg(long)]
+    pub quick: bool,
 }
 
 /// One entry of the listing: a committed epoch, or a file in `epochs/`
@@ -79,13 +85,19 @@ pub struct Row {
     pub error: Option<String>,
     /// The parent epoch's file does not exist.
     pub parent_missing: bool,
-    /// Why the epoch cannot be restored although its own file is sound: an
-    /// ancestor is missing, damaged or describes another machine.
+    /// Why the epoch cannot be restored although its own header opens: an
+    /// ancestor is missing, damaged or describes another machine, its
+    /// state is damaged, or a page its restore takes fails its checksum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_error: Option<String>,
-    /// An epoch that `consnap restore --at ID` can restore: neither it nor
-    /// its chain is damaged or missing.
+    /// An epoch that `consnap restore --at ID` restores, as `verify` and
+    /// `restore` find it (`store::assess`): its chain is complete, its state
+    /// intact and, when `pages_checked`, every page it takes too.
     pub restorable: bool,
+    /// Whether the pages were read for `restorable` (not with `ls --quick`,
+    /// the control API or an object store).
+    #[serde(default)]
+    pub pages_checked: bool,
     /// Its retention tier under the store's policy (`10s:all`, ...).
     #[serde(default)]
     pub tier: Option<String>,
@@ -176,7 +188,14 @@ fn chain_error(rows: &BTreeMap<u64, &Row>, id: u64) -> Option<String> {
 pub fn ls(a: LsArgs) -> Result<i32, LsError> {
     let rows = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) => remote_rows(url, a.encrypt_key.as_deref())?,
-        None => rows(&a.dir)?,
+        None => {
+            let depth = if a.quick {
+                store::Depth::Structure
+            } else {
+                store::Depth::Pages
+            };
+            rows(&a.dir, depth)?
+        }
     };
     let ledger = store::Ledger::load(&a.dir).ok().flatten();
     let policy = ledger
@@ -200,10 +219,14 @@ pub fn ls(a: LsArgs) -> Result<i32, LsError> {
     Ok(i32::from(bad))
 }
 
-/// The rows of a listing, annotated with tiers and chain lengths (also
-/// served by the control API and shown by `ctl` and `demo`).
-pub fn rows(dir: &Path) -> Result<Vec<Row>, LsError> {
+/// The rows of a listing, annotated with which epochs restore (read to
+/// `depth`), tiers and chain lengths (also served by the control API and
+/// shown by `ctl` and `demo`).
+pub fn rows(dir: &Path, depth: store::Depth) -> Result<Vec<Row>, LsError> {
     let store = Store::open(dir, Access::Read)?;
+    let bar = crate::progress::Bar::new("checking", false);
+    let health = store::assess(&store, depth, &mut |done, total| bar.update(done, total))?;
+    bar.finish();
     let listed = store.list()?;
     let name_of = |id: u64| store::epoch_file_name(id);
     let mut rows: Vec<Row> = listed
@@ -236,7 +259,25 @@ pub fn rows(dir: &Path) -> Result<Vec<Row>, LsError> {
         .as_ref()
         .and_then(|l| store::Policy::parse(&l.policy).ok())
         .unwrap_or_default();
-    finish(&mut rows, &policy);
+    let ids: BTreeMap<u64, &Row> = rows.iter().filter_map(|r| Some((r.id?, r))).collect();
+    let missing: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.parent.is_some_and(|p| !ids.contains_key(&p)))
+        .filter_map(|r| r.id)
+        .collect();
+    for r in rows.iter_mut() {
+        r.parent_missing = r.id.is_some_and(|id| missing.contains(&id));
+        r.pages_checked = depth == store::Depth::Pages;
+        match r.id.and_then(|id| health.epochs.get(&id)) {
+            Some(store::Verdict::Restores { chain }) => {
+                r.restorable = true;
+                r.chain = Some(*chain);
+            }
+            Some(store::Verdict::Fails(why)) if !r.damaged => r.chain_error = Some(why.clone()),
+            _ => {}
+        }
+    }
+    annotate(&mut rows, &policy);
     Ok(rows)
 }
 
@@ -322,7 +363,7 @@ fn annotate(rows: &mut [Row], policy: &store::Policy) {
             Some(t) => policy.tier_name(t),
             None => "expired".into(),
         });
-        if r.restorable {
+        if r.restorable && r.chain.is_none() {
             let mut n = 1;
             let mut at = r.parent;
             while let Some(p) = at {
@@ -362,6 +403,17 @@ fn summary(rows: &[Row], ledger: Option<&store::Ledger>, policy: &store::Policy)
             );
         }
         None => line += "; nothing reclaimed yet",
+    }
+    let unrestorable = rows.iter().filter(|r| r.id.is_some() && !r.restorable).count();
+    if unrestorable > 0 {
+        let verb = if unrestorable == 1 { "does" } else { "do" };
+        line += &format!(
+            "; {} {verb} not restore",
+            crate::args::counted(unrestorable as u64, "epoch")
+        );
+    }
+    if rows.iter().any(|r| r.id.is_some() && !r.pages_checked) {
+        line += "; pages not read: restorable assumes they are intact (consnap verify reads them)";
     }
     line
 }

@@ -89,7 +89,7 @@ impl std::fmt::Display for Fallback {
             Fallback::Unsought => Ok(()),
             Fallback::Intact { id, dir } => write!(
                 f,
-                "; the newest intact epoch is {id}: consnap restore {} --at {id}",
+                "; the newest epoch that restores is {id}: consnap restore {} --at {id}",
                 dir.display()
             ),
             Fallback::NoneIntact => f.write_str("; no other epoch in the store can be restored"),
@@ -136,9 +136,8 @@ pub struct RestoreArgs {
     pub session: SessionArgs,
 }
 
-/// Why epoch `id` cannot be restored, and the newest epoch that can: each
-/// newer-first candidate is checked as a restore would read it (chain,
-/// state, every page it takes), skipping chains through the damaged file.
+/// Why epoch `id` cannot be restored, and the newest epoch that can (as
+/// [`store::assess`] finds: the answer of `ls` and `verify`).
 fn refusal(store: &Store, id: u64, e: snapshot::RestoreError) -> RestoreCmdError {
     let fallback = fallback(store, id, &e);
     RestoreCmdError::Refused {
@@ -160,27 +159,11 @@ fn fallback(store: &Store, id: u64, e: &snapshot::RestoreError) -> Fallback {
     ) {
         return Fallback::Unsought;
     }
-    let damaged = match e {
-        snapshot::RestoreError::Store(
-            store::StoreError::Corrupt { path, .. } | store::StoreError::Mismatch { path, .. },
-        ) => Some(path.clone()),
-        _ => None,
-    };
-    let intact = store
-        .ids()
-        .unwrap_or_default()
-        .into_iter()
-        .rev()
-        .filter(|c| *c != id)
-        .find(|c| {
-            let through_damage = damaged.as_ref().is_some_and(|d| {
-                store
-                    .chain(*c)
-                    .map(|chain| chain.iter().any(|r| r.path() == d.as_path()))
-                    .unwrap_or(true)
-            });
-            !through_damage && store::check_restore(store, *c).is_ok()
-        });
+    // The answer `ls` and `verify` give: every epoch's chain, state and
+    // every page it takes, read once.
+    let intact = store::assess(store, store::Depth::Pages, &mut |_, _| {})
+        .ok()
+        .and_then(|h| h.restorable().rev().find(|c| *c != id));
     match intact {
         Some(c) => Fallback::Intact {
             id: c,

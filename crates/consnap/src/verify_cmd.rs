@@ -107,10 +107,11 @@ pub fn verify(mut a: VerifyArgs) -> Result<i32, VerifyError> {
         }
         writeln!(
             out,
-            "{}: {} epochs, {} checked: {}",
+            "{}: {}, {} checked, {} restore: {}",
             a.dir.display(),
-            v.epochs,
+            crate::args::counted(v.epochs, "epoch"),
             crate::ls_cmd::human(v.bytes),
+            v.restorable,
             match v.problems.len() {
                 0 => "no problems".to_string(),
                 1 => "1 problem".to_string(),

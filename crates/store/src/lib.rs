@@ -38,7 +38,7 @@ pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, reclaim};
 pub use retain::{DEFAULT_POLICY, Policy, PolicyError};
 pub use ship::{Detached, merged_onto};
 pub use store::{Access, Store, Stray, epoch_file_name, epoch_id_of};
-pub use verify::{Problem, Verified, check_restore, verify};
+pub use verify::{Depth, Health, Problem, Verdict, Verified, assess, assess_epoch, verify};
 pub use writer::{EpochInfo, EpochMeta, EpochWriter};
 
 /// Now, in ns since the Unix epoch: the clock of epochs' capture times

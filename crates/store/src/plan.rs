@@ -4,6 +4,7 @@
 //! epoch has claimed. The chain ends at a full epoch, so every page of RAM
 //! is claimed exactly once, and each data page is read once.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use crate::error::{Result, StoreError};
@@ -86,11 +87,11 @@ impl Covered {
 
 /// Where each page listed by `chain` (newest first) comes from: the newest
 /// epoch that lists it. Runs ascend by frame number.
-pub fn claims(chain: &[EpochReader]) -> Vec<Run> {
+pub fn claims<R: Borrow<EpochReader>>(chain: &[R]) -> Vec<Run> {
     let mut covered = Covered::default();
     let mut runs = Vec::new();
     for (i, epoch) in chain.iter().enumerate() {
-        for ext in epoch.index() {
+        for ext in epoch.borrow().index() {
             let (a, b) = (ext.gfn, ext.gfn + u64::from(ext.count));
             for (s, e) in covered.claim(a, b) {
                 let source = match ext.kind {
@@ -113,8 +114,8 @@ pub fn claims(chain: &[EpochReader]) -> Vec<Run> {
 }
 
 /// Plan the restore of `chain[0]` (chain newest first, ending at a full epoch).
-pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
-    let Some(base) = chain.last() else {
+pub fn plan<R: Borrow<EpochReader>>(chain: &[R]) -> Result<Vec<Run>> {
+    let Some(base) = chain.last().map(Borrow::borrow) else {
         return Err(StoreError::Usage("empty chain"));
     };
     if !base.header().is_full() {
@@ -128,7 +129,7 @@ pub fn plan(chain: &[EpochReader]) -> Result<Vec<Run>> {
     let base_pages = base.header().pages_data + base.header().pages_zero;
     if covered != base_pages {
         return Err(StoreError::Corrupt {
-            path: chain[0].path().to_path_buf(),
+            path: chain[0].borrow().path().to_path_buf(),
             why: format!(
                 "chain covers {covered} pages but its full epoch has {base_pages}: an incremental epoch records pages outside guest RAM"
             ),

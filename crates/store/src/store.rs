@@ -8,6 +8,7 @@
 //!     .tmp-...                     an epoch being written (never read)
 //! ```
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::{Read, Write};
@@ -618,9 +619,21 @@ impl Store {
     }
 
     fn chain_once(&self, id: u64) -> Result<Vec<EpochReader>> {
-        let mut chain: Vec<EpochReader> = vec![self.open_epoch(id)?];
+        self.walk_chain(id, |i| self.open_epoch(i))
+    }
+
+    /// Epoch `id` and its ancestors, newest first, as `open` gives them,
+    /// with the checks every chain gets: it ends at a full epoch, parents
+    /// are older and exist, and every link describes the same machine.
+    /// (`open` may hand out readers opened once for many chains.)
+    pub(crate) fn walk_chain<R: Borrow<EpochReader>>(
+        &self,
+        id: u64,
+        mut open: impl FnMut(u64) -> Result<R>,
+    ) -> Result<Vec<R>> {
+        let mut chain: Vec<R> = vec![open(id)?];
         loop {
-            let last = &chain[chain.len() - 1];
+            let last = chain[chain.len() - 1].borrow();
             let h = last.header();
             if h.is_full() {
                 return Ok(chain);
@@ -632,7 +645,7 @@ impl Store {
                     why: format!("incremental epoch with invalid parent {parent}"),
                 });
             }
-            let p = match self.open_epoch(parent) {
+            let p = match open(parent) {
                 Ok(p) => p,
                 Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EMFILE) => {
                     return Err(StoreError::ChainTooLong {
@@ -651,9 +664,9 @@ impl Store {
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(why) = h.parent_mismatch(p.header()) {
+            if let Some(why) = h.parent_mismatch(p.borrow().header()) {
                 return Err(StoreError::Mismatch {
-                    path: p.path().to_path_buf(),
+                    path: p.borrow().path().to_path_buf(),
                     why,
                 });
             }

@@ -423,7 +423,7 @@ async fn list(State(app): State<App>) -> Response {
     let Ok(_one) = app.listing.acquire().await else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the API is stopping");
     };
-    match tokio::task::spawn_blocking(move || ls_cmd::rows(&dir)).await {
+    match tokio::task::spawn_blocking(move || ls_cmd::rows(&dir, store::Depth::Structure)).await {
         Ok(Ok(rows)) => json(&rows),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("listing failed: {e}")),

@@ -289,3 +289,106 @@ fn ls_names_non_canonical_files_by_their_real_name() {
     let out = run(consnap().arg("restore").arg(&snaps).args(["--at", "3"]), 30);
     expect_refusal(&out, "epoch 3 is not in", "restore --at 3");
 }
+
+/// Five epochs over 4 pages of RAM: 1 full; 2 writes page 1; 3 pages 2
+/// and 3; 4 page 2 again; 5 page 0. Returns the store.
+fn five_epochs(dir: &std::path::Path) {
+    let s = store::Store::open_or_create(dir).unwrap();
+    let writes: [&[u64]; 5] = [&[0, 1, 2, 3], &[1], &[2, 3], &[2], &[0]];
+    for (i, pages) in writes.iter().enumerate() {
+        let id = i as u64 + 1;
+        let mut w = s
+            .writer(store::EpochMeta {
+                id,
+                parent: (id > 1).then_some(id - 1),
+                mode: store::Mode::StopCopy,
+                full: id == 1,
+                created_ns: id * 1_000_000_000,
+                vcpus: 1,
+                mem_size: 4 * store::PAGE as u64,
+                progress: Some(id),
+                regions: Vec::new(),
+            })
+            .unwrap();
+        w.write_state(b"not a machine").unwrap();
+        let data: Vec<u8> = pages
+            .iter()
+            .flat_map(|p| vec![(id * 16 + p) as u8; store::PAGE])
+            .collect();
+        w.scattered_pages(pages, &data).unwrap();
+        w.commit(id * 1000).unwrap();
+    }
+}
+
+/// One flipped byte of page data in epoch 3 (its copy of page 2, which
+/// epoch 4 writes again): epoch 3 does not restore, 4 and 5 do, and `ls`
+/// (table and JSON), `verify`, `inspect` and the store's own verdict all
+/// say exactly that.
+#[test]
+fn ls_verify_and_inspect_agree_on_which_epochs_restore() {
+    let d = TempDir::new("one-truth");
+    let snaps = d.join("snaps");
+    five_epochs(&snaps);
+    let p3 = epoch_file(&snaps, 3);
+    let r3 = store::EpochReader::open(&p3).unwrap();
+    let data_at = r3.header().sections[3].offset as usize;
+    drop(r3);
+    let mut bytes = std::fs::read(&p3).unwrap();
+    // Data pages of epoch 3 are in guest-page order: page 2 is the first.
+    bytes[data_at + 100] ^= 0x40;
+    std::fs::write(&p3, &bytes).unwrap();
+
+    let s = store::Store::open(&snaps, store::Access::Read).unwrap();
+    let health = store::assess(&s, store::Depth::Pages, &mut |_, _| {}).unwrap();
+    assert_eq!(health.restorable().collect::<Vec<_>>(), vec![1, 2, 4, 5]);
+    for id in 1..=5 {
+        assert_eq!(
+            store::assess_epoch(&s, id, store::Depth::Pages).unwrap(),
+            health.epochs[&id],
+            "epoch {id}"
+        );
+    }
+
+    let (code, rows) = ls_json(&snaps);
+    assert_eq!(code, 1, "ls --json on a store with an epoch that does not restore");
+    let restorable: Vec<bool> = rows.iter().map(|r| r["restorable"].as_bool().unwrap()).collect();
+    assert_eq!(restorable, [true, true, false, true, true], "{rows:?}");
+    assert!(rows.iter().all(|r| r["pages_checked"] == true));
+    let why = rows[2]["chain_error"].as_str().unwrap();
+    assert!(why.contains("of epoch 3, which fails its checksum"), "{why}");
+    let table = text(&ls(&snaps, false).stdout);
+    assert!(table.contains("3  cannot be restored: it takes data page 0"), "{table}");
+    assert!(table.contains("; 1 epoch does not restore"), "{table}");
+    // --quick reads no pages and says so.
+    let quick = run(consnap().args(["ls", "--quick", "--json"]).arg(&snaps), 30);
+    expect_code(&quick, 0, "ls --quick");
+    let q: serde_json::Value = serde_json::from_slice(&quick.stdout).unwrap();
+    assert!(
+        q.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["pages_checked"] == false && r["restorable"] == true)
+    );
+
+    let v = run(consnap().arg("verify").arg(&snaps), 30);
+    expect_code(&v, 1, "verify");
+    let out = text(&v.stdout);
+    assert!(out.contains("epoch 3 does not restore"), "{out}");
+    for other in [1, 2, 4, 5] {
+        assert!(!out.contains(&format!("epoch {other} does not restore")), "{out}");
+    }
+    assert!(out.contains("5 epochs") && out.contains("4 restore"), "{out}");
+
+    let i3 = run(consnap().arg("inspect").arg(&snaps).arg("3"), 30);
+    expect_code(&i3, 1, "inspect 3");
+    assert!(
+        text(&i3.stdout).contains("restores: no: it takes data page 0"),
+        "{}",
+        text(&i3.stdout)
+    );
+    for id in ["4", "5"] {
+        let i = run(consnap().arg("inspect").arg(&snaps).arg(id), 30);
+        expect_code(&i, 0, "inspect");
+        assert!(text(&i.stdout).contains("restores: yes"), "{}", text(&i.stdout));
+    }
+}

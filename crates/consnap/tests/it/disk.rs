@@ -361,7 +361,7 @@ fn restores_need_one_new_image_per_disk() {
         for n in needles {
             assert!(err.contains(n), "{extra:?}: expected '{n}' in: {err}");
         }
-        assert!(!err.contains("newest intact"), "{err}");
+        assert!(!err.contains("newest epoch that restores"), "{err}");
     };
     restore(&[], &["epoch 1 has 1 disk(s) but 0", "--disk"]);
     let (a, b) = (dir.join("a.img"), dir.join("b.img"));

@@ -564,7 +564,7 @@ fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
         err.contains("more than this process may open at once (64)") && err.contains("--max-chain 64"),
         "{err}"
     );
-    assert!(!err.contains("newest intact epoch"), "{err}");
+    assert!(!err.contains("newest epoch that restores"), "{err}");
 }
 
 /// The product binary (a plain `cargo build --release`, without the test

@@ -2,7 +2,9 @@
 //! all its files (STORE, RECLAIM, epochs compressed and not, merged and
 //! folded). Each flip is found by `verify`; a restore of an epoch fails
 //! exactly when the flip is in something that restore reads (and names
-//! the file), and otherwise restores to exactly the same memory.
+//! the file), and otherwise restores to exactly the same memory; the
+//! store's verdict (`store::assess`, behind ls, verify, inspect and
+//! restore's suggestion) agrees with the restore every time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
@@ -111,6 +113,17 @@ fn four_hundred_flipped_bytes_are_all_detected() {
                 "{what}: {text}"
             );
         }
+        // The store's verdict (what ls, verify, inspect and restore's
+        // suggestion use) must match what a restore does, epoch by epoch.
+        let health = store::Store::open(&snaps, store::Access::Read)
+            .ok()
+            .and_then(|s| store::assess(&s, store::Depth::Pages, &mut |_, _| {}).ok());
+        let verdict = |id: u64| {
+            health
+                .as_ref()
+                .and_then(|h| h.epochs.get(&id))
+                .map(|v| matches!(v, store::Verdict::Restores { .. }))
+        };
         for (k, (id, sum)) in good.iter().enumerate() {
             let must_fail = path.ends_with("STORE") || is_needed(&needs[k], path, offset);
             let touches_chain = needs[k].contains_key(path);
@@ -120,11 +133,21 @@ fn four_hundred_flipped_bytes_are_all_detected() {
             match digest(&snaps, *id) {
                 Ok(d) => {
                     assert!(!must_fail, "{what}: restore of epoch {id} did not notice");
+                    assert_eq!(
+                        verdict(*id),
+                        Some(true),
+                        "{what}: epoch {id} restores, but the store says not"
+                    );
                     assert_eq!(d, *sum, "{what}: epoch {id} restored to different memory");
                     restores_ok += 1;
                 }
                 Err(e) => {
                     assert!(must_fail, "{what}: restore of epoch {id} failed needlessly: {e}");
+                    assert_ne!(
+                        verdict(*id),
+                        Some(true),
+                        "{what}: the store says epoch {id} restores: {e}"
+                    );
                     if !path.ends_with("STORE") {
                         assert!(e.contains(path.to_str().unwrap()), "{what}: {e}");
                     }
