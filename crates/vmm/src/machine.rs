@@ -233,8 +233,12 @@ fn set_slot(vm: &VmFd, ram: &GuestRam, r: &RamRange, log_dirty: bool) -> Result<
         memory_size: r.len,
         userspace_addr: ram.host_ptr(r) as u64,
     };
-    // SAFETY: the host range is a live mapping owned by `ram`, which outlives
-    // the VM (the Machine drops the VM first), and slots do not overlap.
+    // SAFETY: the host range is a live mapping owned by `ram`, and slots do
+    // not overlap. KVM reaches a slot's memory only on behalf of a vCPU
+    // (KVM_RUN and the ioctls on its thread), and every vCPU thread holds
+    // an `Arc<GuestRam>` until it ends, so the mapping outlives every
+    // access; the kernel's VM may outlive the VmFd (vCPU fds and irqfds
+    // keep it), but no vCPU can run once its thread has ended.
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
