@@ -188,6 +188,9 @@ pub enum Event {
 pub struct Uffd {
     fd: OwnedFd,
     features: u64,
+    /// Tests only: the next `UFFDIO_COPY` stops after this many bytes (0: off).
+    #[cfg(test)]
+    cut: std::sync::atomic::AtomicU64,
 }
 
 fn last_err() -> io::Error {
@@ -249,6 +252,8 @@ impl Uffd {
         Ok(Uffd {
             fd,
             features: api.features,
+            #[cfg(test)]
+            cut: Default::default(),
         })
     }
 
@@ -257,16 +262,23 @@ impl Uffd {
         self.features
     }
 
+    /// One ioctl: Ok, or its errno.
+    fn call<T>(&self, req: u64, arg: &mut T) -> Result<(), io::Error> {
+        // SAFETY: every caller passes the struct that `req` is defined on,
+        // and the kernel only reads and writes within it.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
+        if r == 0 { Ok(()) } else { Err(last_err()) }
+    }
+
+    /// An ioctl that can be repeated unchanged: `EAGAIN` (the range is being
+    /// remapped) and `EINTR` are retried. Not for the fill ioctls, which
+    /// report partial progress (see [`Uffd::fill`]).
     fn ioctl<T>(&self, op: &'static str, req: u64, arg: &mut T, start: u64, len: u64) -> Result<(), UffdError> {
         loop {
-            // SAFETY: every caller passes the struct that `req` is defined on,
-            // and the kernel only reads and writes within it.
-            let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg as *mut T) };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = last_err();
-            // EAGAIN: the range is being remapped; the operation can be retried.
+            let e = match self.call(req, arg) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
             if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EINTR) {
                 std::hint::spin_loop();
                 continue;
@@ -278,6 +290,53 @@ impl Uffd {
                 source: e,
             });
         }
+    }
+
+    /// Fill `[dst, dst + len)` with a fill ioctl (`UFFDIO_COPY`,
+    /// `UFFDIO_ZEROPAGE`). `once(offset, remaining)` makes one call over
+    /// `[dst + offset, dst + len)` and returns its errno (None: all of it
+    /// done) and the progress field the kernel wrote: bytes installed when
+    /// positive. The kernel stops at the first page it cannot fill; after
+    /// installing some it reports them with `EAGAIN`, so the next call
+    /// starts past them. A page already present (`EEXIST`) is left as it
+    /// is (the first installation wins), its waiters are woken, and the
+    /// fill goes on after it.
+    fn fill(
+        &self,
+        op: &'static str,
+        dst: u64,
+        len: u64,
+        mut once: impl FnMut(u64, u64) -> (Option<io::Error>, i64),
+    ) -> Result<(), UffdError> {
+        let page = page_size();
+        let mut at = 0;
+        while at < len {
+            let (err, progress) = once(at, len - at);
+            let Some(e) = err else {
+                return Ok(());
+            };
+            if progress > 0 {
+                at += (progress as u64).min(len - at);
+                continue;
+            }
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    let n = page.min(len - at);
+                    self.wake(dst + at, n)?;
+                    at += n;
+                }
+                Some(libc::EAGAIN) | Some(libc::EINTR) => std::hint::spin_loop(),
+                _ => {
+                    return Err(UffdError::Op {
+                        op,
+                        start: dst + at,
+                        len: len - at,
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Register `[start, start + len)` (page aligned) in `mode`.
@@ -323,36 +382,48 @@ impl Uffd {
 
     /// Install `len` bytes from `src` at the missing pages `[dst, dst + len)`
     /// and wake the faulting threads; with `wp` the pages arrive
-    /// write-protected. Pages that appeared meanwhile (`EEXIST`) are left as
-    /// they are: the first installation wins.
+    /// write-protected. Pages already present (`EEXIST`) are left as they
+    /// are, page by page: the first installation wins, and every other
+    /// page of the range is installed.
     ///
     /// # Safety
     /// `src` must be readable for `len` bytes.
     pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64, wp: bool) -> Result<(), UffdError> {
-        let mut arg = CopyArg {
-            dst,
-            src: src as u64,
-            len,
-            mode: if wp { COPY_MODE_WP } else { 0 },
-            copy: 0,
-        };
-        match self.ioctl("UFFDIO_COPY", UFFDIO_COPY, &mut arg, dst, len) {
-            Err(UffdError::Op { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => self.wake(dst, len),
-            r => r,
-        }
+        let mode = if wp { COPY_MODE_WP } else { 0 };
+        self.fill("UFFDIO_COPY", dst, len, |at, rest| {
+            let mut arg = CopyArg {
+                dst: dst + at,
+                src: src as u64 + at,
+                len: rest,
+                mode,
+                copy: 0,
+            };
+            let r = self.copy_once(&mut arg);
+            (r.err(), arg.copy)
+        })
     }
 
-    /// Install zero pages at the missing pages `[dst, dst + len)` and wake.
+    /// One `UFFDIO_COPY` call.
+    #[cfg(not(test))]
+    fn copy_once(&self, arg: &mut CopyArg) -> Result<(), io::Error> {
+        self.call(UFFDIO_COPY, arg)
+    }
+
+    /// Install zero pages at the missing pages `[dst, dst + len)` and wake;
+    /// pages already present are left as they are, as in [`Uffd::copy`].
     pub fn zeropage(&self, dst: u64, len: u64) -> Result<(), UffdError> {
-        let mut arg = ZeroPageArg {
-            range: Range { start: dst, len },
-            mode: 0,
-            zeropage: 0,
-        };
-        match self.ioctl("UFFDIO_ZEROPAGE", UFFDIO_ZEROPAGE, &mut arg, dst, len) {
-            Err(UffdError::Op { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => self.wake(dst, len),
-            r => r,
-        }
+        self.fill("UFFDIO_ZEROPAGE", dst, len, |at, rest| {
+            let mut arg = ZeroPageArg {
+                range: Range {
+                    start: dst + at,
+                    len: rest,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            let r = self.call(UFFDIO_ZEROPAGE, &mut arg);
+            (r.err(), arg.zeropage)
+        })
     }
 
     /// Read pending events without blocking; returns how many were stored.
@@ -399,6 +470,13 @@ impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// The base page size: the unit the fill ioctls install in on anonymous memory.
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
 }
 
 fn feature_names(bits: u64) -> &'static str {
@@ -457,6 +535,30 @@ pub fn poll2(fd: RawFd, stop: RawFd, timeout_ms: i32) -> io::Result<(bool, bool)
         return Err(e);
     }
     Ok((fds[0].revents != 0, fds[1].revents != 0))
+}
+
+/// Test seam: copies cut short as the kernel cuts them.
+#[cfg(test)]
+impl Uffd {
+    /// Make the next `UFFDIO_COPY` stop after `bytes` (a whole number of pages).
+    fn cut_next_copy(&self, bytes: u64) {
+        self.cut.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One `UFFDIO_COPY` call; a pending cut installs only its first bytes
+    /// and reports them as the kernel reports a copy it stopped part way:
+    /// the count in `copy`, `EAGAIN`.
+    fn copy_once(&self, arg: &mut CopyArg) -> Result<(), io::Error> {
+        let cut = self.cut.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if cut == 0 || cut >= arg.len {
+            return self.call(UFFDIO_COPY, arg);
+        }
+        let full = arg.len;
+        arg.len = cut;
+        let r = self.call(UFFDIO_COPY, arg);
+        arg.len = full;
+        r.and(Err(io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
 }
 
 #[cfg(test)]

@@ -151,3 +151,78 @@ fn bad_ranges_name_the_operation() {
     let e = u.protect(4096 * 3, 4096).unwrap_err().to_string();
     assert!(e.contains("UFFDIO_WRITEPROTECT") && e.contains("0x3000"), "{e}");
 }
+
+/// Which pages of `map` are mapped (mincore): a page still missing is not,
+/// and looking does not fault it in.
+fn present(map: &Map) -> Vec<bool> {
+    let mut v = vec![0u8; map.len / PAGE];
+    // SAFETY: `v` has one byte per page of the mapping, which is page aligned.
+    let r = unsafe { libc::mincore(map.ptr.cast(), map.len, v.as_mut_ptr()) };
+    assert_eq!(r, 0, "{}", io::Error::last_os_error());
+    v.iter().map(|b| b & 1 != 0).collect()
+}
+
+/// A registered 8-page mapping with page 3 already installed (value 0x33).
+fn with_page_three(u: &Uffd) -> Map {
+    let map = Map::new(8);
+    u.register(map.addr(0), map.len as u64, Mode::Missing).unwrap();
+    let one = vec![0x33u8; PAGE];
+    // SAFETY: `one` is one readable page.
+    unsafe { u.copy(map.addr(3), one.as_ptr(), PAGE as u64, false) }.unwrap();
+    assert_eq!(present(&map), [false, false, false, true, false, false, false, false]);
+    map
+}
+
+/// All of `map` is present, and reads `v` except page 3 (0x33); checked
+/// after unregistering, so a page left missing would read as zero, not hang.
+fn check_filled(u: &Uffd, map: &Map, v: u8) {
+    assert_eq!(present(map), vec![true; 8], "every page installed");
+    u.unregister(map.addr(0), map.len as u64).unwrap();
+    let got: Vec<u8> = (0..8).map(|p| map.read(p)).collect();
+    let want: Vec<u8> = (0..8).map(|p| if p == 3 { 0x33 } else { v }).collect();
+    assert_eq!(got, want, "first byte of each page");
+}
+
+#[test]
+fn copy_over_a_present_page_installs_the_rest_of_the_range() {
+    let Some(u) = uffd(0) else {
+        return;
+    };
+    let map = with_page_three(&u);
+    // The kernel copies pages 0-2, stops at page 3 (EAGAIN, 3 pages done),
+    // then refuses page 3 (EEXIST); pages 4-7 must still arrive.
+    let src = vec![0x5au8; map.len];
+    // SAFETY: `src` is readable for the whole range.
+    unsafe { u.copy(map.addr(0), src.as_ptr(), map.len as u64, false) }.unwrap();
+    check_filled(&u, &map, 0x5a);
+}
+
+#[test]
+fn zeropage_over_a_present_page_installs_the_rest_of_the_range() {
+    let Some(u) = uffd(0) else {
+        return;
+    };
+    let map = with_page_three(&u);
+    u.zeropage(map.addr(0), map.len as u64).unwrap();
+    check_filled(&u, &map, 0);
+}
+
+#[test]
+fn a_copy_cut_short_goes_on_from_where_it_stopped() {
+    let Some(u) = uffd(0) else {
+        return;
+    };
+    let map = Map::new(8);
+    u.register(map.addr(0), map.len as u64, Mode::Missing).unwrap();
+    let src: Vec<u8> = (0..map.len).map(|i| (i / PAGE) as u8 + 0x40).collect();
+    // Cut after 2 pages: the retry must start at page 2, not at page 0
+    // (which is present now: EEXIST there would end the copy).
+    u.cut_next_copy(2 * PAGE as u64);
+    // SAFETY: `src` is readable for the whole range.
+    unsafe { u.copy(map.addr(0), src.as_ptr(), map.len as u64, false) }.unwrap();
+    assert_eq!(present(&map), vec![true; 8], "every page installed");
+    u.unregister(map.addr(0), map.len as u64).unwrap();
+    for p in 0..8 {
+        assert_eq!(map.read(p), p as u8 + 0x40, "page {p}");
+    }
+}

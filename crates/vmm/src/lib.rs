@@ -14,6 +14,7 @@
 mod attach;
 pub mod boot;
 pub mod cpuid;
+pub mod cpuid_check;
 pub mod devices;
 pub mod dirty;
 pub mod machine;

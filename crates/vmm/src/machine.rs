@@ -25,7 +25,6 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::attach::build_devices;
 pub use crate::attach::{Attach, DiskAttach, NetAttach, PortDevice, ProgressCounter};
 use crate::boot::{self, BootConfig, BootError, layout};
-use crate::cpuid;
 use crate::devices::output::OutputGate;
 use crate::devices::serial::COM1_IRQ;
 use crate::devices::virtio;
@@ -35,6 +34,7 @@ use crate::memory::{GuestRam, MemoryError, RamRange};
 use crate::region::Region;
 use crate::state::{self, DeviceStates, InKernelDevices, MachineConfig, MachineState, Persist, StateError};
 use crate::vcpu::{PauseAction, Paused, Vcpu, VcpuError, VcpuEvent, Vcpus};
+use crate::{cpuid, cpuid_check};
 
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
 const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = (3 << 30) | (24 << 16) | (0xae << 8) | 0xc0;
@@ -79,6 +79,9 @@ pub enum MachineError {
     /// Machine state.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The saved vCPUs need CPU features this host lacks.
+    #[error(transparent)]
+    Cpu(#[from] cpuid_check::CpuidError),
     /// Filling guest memory from a snapshot failed.
     #[error("cannot restore guest memory: {0}")]
     RestoreMemory(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -233,22 +236,50 @@ fn set_slot(vm: &VmFd, ram: &GuestRam, r: &RamRange, log_dirty: bool) -> Result<
         memory_size: r.len,
         userspace_addr: ram.host_ptr(r) as u64,
     };
-    // SAFETY: the host range is a live mapping owned by `ram`, which outlives
-    // the VM (the Machine drops the VM first), and slots do not overlap.
+    // SAFETY: the host range is a live mapping owned by `ram`, and slots do
+    // not overlap. KVM reaches a slot's memory only on behalf of a vCPU
+    // (KVM_RUN and the ioctls on its thread), and every vCPU thread holds
+    // an `Arc<GuestRam>` until it ends, so the mapping outlives every
+    // access; the kernel's VM may outlive the VmFd (vCPU fds and irqfds
+    // keep it), but no vCPU can run once its thread has ended.
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
-fn create_vcpus(kvm: &Kvm, vm: &VmFd, n: u8) -> Result<Vec<Vcpu>, MachineError> {
+/// The CPUID a new machine gets on this host: what KVM supports, less what
+/// the host itself cannot run.
+fn host_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, MachineError> {
     let mut base = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     cpuid::filter_to_host(&mut base);
     cpuid::filter_host_quirks(&mut base);
+    Ok(base)
+}
+
+/// Refuse saved vCPUs that need CPU features this host's vCPUs lack. Each
+/// is compared with what a fresh vCPU here presents (KVM_GET_CPUID2 after
+/// [`create_vcpus`] set this host's CPUID), the same view the state was
+/// saved from: kvm_pvm reports host bits there that its
+/// KVM_GET_SUPPORTED_CPUID does not list.
+fn check_cpus(fresh: &[Vcpu], saved: &[state::VcpuState]) -> Result<(), MachineError> {
+    for s in saved {
+        let Some(v) = fresh.iter().find(|v| v.id == s.id) else {
+            continue;
+        };
+        let offered =
+            v.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("KVM_GET_CPUID2"))?;
+        cpuid_check::check_vcpu(s, offered.as_slice())?;
+    }
+    Ok(())
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, n: u8, base: &kvm_bindings::CpuId) -> Result<Vec<Vcpu>, MachineError> {
     let xsave_size = (kvm.check_extension_int(Cap::Xsave2).max(0) as usize).max(4096);
     let mut vcpus = Vec::with_capacity(n as usize);
     for id in 0..n {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(&base, id, n))
+        fd.set_cpuid2(&cpuid::for_vcpu(base, id, n))
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         vcpus.push(Vcpu {
             id,
@@ -296,7 +327,7 @@ impl Machine {
         }
         let boot = &boot;
         let entry = boot::load(&parts.ram, boot)?;
-        let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus)?;
+        let vcpus = create_vcpus(&parts.kvm, &parts.vm, boot.vcpus, &host_cpuid(&parts.kvm)?)?;
         for v in &vcpus {
             set_lint(v)?;
             v.fd.set_fpu(&boot::regs::initial_fpu())
@@ -362,6 +393,10 @@ impl Machine {
                 "prepared with another RAM size than its state describes",
             ));
         }
+        // Before the devices: a state saved on another host may need CPU
+        // features this one lacks.
+        let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus, &host_cpuid(&parts.kvm)?)?;
+        check_cpus(&vcpus, &state.vcpus)?;
         parts.ram.clear_vmm_dirty();
         let Attach {
             serial_out,
@@ -380,7 +415,6 @@ impl Machine {
             Some(&state.devices.virtio),
         )?;
         InKernelDevices::restore(&parts.vm, &state.vm)?;
-        let vcpus = create_vcpus(&parts.kvm, &parts.vm, cfg.vcpus)?;
         Ok(Self::assemble(
             parts,
             devices,

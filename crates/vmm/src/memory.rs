@@ -122,14 +122,36 @@ pub fn host_available_memory() -> Option<u64> {
 /// no Rust reference to its bytes is ever formed.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// Regions over `maps`, which they do not own. Declared before `maps`:
+    /// fields drop in declaration order, so the regions are gone before
+    /// the mappings are unmapped.
     mem: GuestMemory,
     ranges: Vec<RamRange>,
-    maps: Vec<(usize, usize)>,
+    maps: Mappings,
     size: u64,
     huge_pages: bool,
     /// Pages arrive on demand (a lazy restore): a page not mapped yet is
     /// not known to be zero.
     on_demand: std::sync::atomic::AtomicBool,
+}
+
+/// The mappings `map_aligned` made for one GuestRam, (start, length) each;
+/// unmapped when dropped.
+#[derive(Debug, Default)]
+struct Mappings(Vec<(usize, usize)>);
+
+impl Drop for Mappings {
+    fn drop(&mut self) {
+        for &(start, len) in &self.0 {
+            // SAFETY: unmapping a mapping `map_aligned` made, which only
+            // this value owns. Whatever refers into it is gone: the
+            // GuestRam's regions drop before its `maps` (field order), or
+            // before this local (declared first) when building fails; KVM
+            // reaches guest RAM only from vCPU threads, each of which holds
+            // an `Arc<GuestRam>` until it ends.
+            unsafe { libc::munmap(start as *mut libc::c_void, len) };
+        }
+    }
 }
 
 /// Alignment of each RAM mapping (one huge page).
@@ -194,16 +216,18 @@ impl GuestRam {
                 available: avail >> 20,
             });
         }
+        // Before `regions`, so that on an early return the regions drop first.
+        let mut maps = Mappings(Vec::with_capacity(ranges.len()));
         let mut regions = Vec::with_capacity(ranges.len());
-        let mut maps = Vec::with_capacity(ranges.len());
         for r in &ranges {
             let len = r.len as usize;
             let (ptr, start, mlen) = map_aligned(r.len, huge)?;
-            maps.push((start, mlen));
+            maps.0.push((start, mlen));
             let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
             // SAFETY: `ptr` is a live private anonymous mapping of `len` bytes,
-            // readable and writable, that outlives the region: GuestRam unmaps
-            // it in Drop, after the regions are gone.
+            // readable and writable, that outlives the region: `maps` owns it
+            // and drops after the regions (see `Mappings`). The GuestMemory
+            // holding the regions is lent out by reference only.
             let map = unsafe {
                 vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(len, bitmap)
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -240,6 +264,8 @@ impl GuestRam {
     }
 
     /// The vm-memory view (loaders and devices write through this, which marks pages dirty).
+    /// Its regions do not own their mappings, which go with this GuestRam:
+    /// use it through the reference, never keep a clone of it.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
     }
@@ -373,7 +399,7 @@ impl GuestRam {
                 && let Some((a, b)) = span.split_once('-')
                 && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
             {
-                inside = self.maps.iter().any(|&(s, l)| a < s + l && s < b);
+                inside = self.maps.0.iter().any(|&(s, l)| a < s + l && s < b);
                 continue;
             }
             if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
@@ -440,18 +466,6 @@ impl GuestRam {
     /// Read a little-endian u32 at `gpa`.
     pub fn read_u32(&self, gpa: u64) -> Option<u32> {
         self.read_array(gpa).map(u32::from_le_bytes)
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // The regions do not own their mappings (built from raw pointers).
-        for &(start, len) in &self.maps {
-            // SAFETY: unmapping the mappings `map_aligned` made for this RAM;
-            // nothing uses them once the GuestRam is dropped (KVM slots are
-            // removed with the VM, which the Machine drops first).
-            unsafe { libc::munmap(start as *mut libc::c_void, len) };
-        }
     }
 }
 

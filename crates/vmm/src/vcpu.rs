@@ -22,6 +22,9 @@ use crate::devices::{Devices, GuestStop, IoOutcome};
 use crate::memory::GuestRam;
 use crate::state::{self, Persist, VcpuState};
 
+mod ctrl;
+use ctrl::{Ctrl, Want};
+
 /// The longest one idle request may keep a vCPU thread asleep.
 pub const MAX_IDLE: Duration = Duration::from_millis(5);
 
@@ -142,24 +145,6 @@ pub enum PauseAction {
     Hold,
     /// Save the vCPU's complete state (on its own thread).
     SaveState,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause(PauseAction),
-    Stop,
-}
-
-#[derive(Debug)]
-struct Ctrl {
-    generation: u64,
-    want: Want,
-    parked: usize,
-    finished: usize,
-    saved: Vec<Option<Result<VcpuState, VcpuError>>>,
-    /// CPU use of each vCPU thread that has ended.
-    times: Vec<VcpuTimes>,
 }
 
 /// What one vCPU thread used, read when it ends.
@@ -393,14 +378,7 @@ impl Vcpus {
         let n = vcpus.len();
         let control = Arc::new(Control {
             requested: AtomicBool::new(false),
-            m: Mutex::new(Ctrl {
-                generation: 0,
-                want: Want::Run,
-                parked: 0,
-                finished: 0,
-                saved: (0..n).map(|_| None).collect(),
-                times: Vec::new(),
-            }),
+            m: Mutex::new(Ctrl::new(n)),
             cv: Condvar::new(),
         });
         let mut restore = restore.map(|v| v.into_iter().map(Some).collect::<Vec<_>>());
@@ -468,11 +446,7 @@ impl Vcpus {
         let start = Instant::now();
         let n = self.threads.len();
         {
-            let mut g = self.control.lock();
-            g.generation += 1;
-            g.want = Want::Pause(action);
-            g.parked = 0;
-            g.saved.iter_mut().for_each(|s| *s = None);
+            self.control.lock().begin_pause(action);
         }
         self.control.requested.store(true, Ordering::SeqCst);
         // Taking the lock orders the store before any idle vCPU's wait.
@@ -483,7 +457,7 @@ impl Vcpus {
         self.kick_all();
         let (mut g, timed_out) = self
             .control
-            .wait_while(self.control.lock(), start + timeout, |c| c.parked + c.finished < n);
+            .wait_while(self.control.lock(), start + timeout, |c| c.parked() + c.finished < n);
         if timed_out {
             drop(g);
             self.resume();
@@ -497,15 +471,14 @@ impl Vcpus {
             return Err(VcpuError::Stopping);
         }
         if action == PauseAction::SaveState {
-            for slot in g.saved.iter_mut() {
-                match slot.take() {
-                    Some(Ok(s)) => states.push(s),
-                    Some(Err(e)) => {
+            for saved in g.take_saved() {
+                match saved {
+                    Ok(s) => states.push(s),
+                    Err(e) => {
                         drop(g);
                         self.resume();
                         return Err(e);
                     }
-                    None => {}
                 }
             }
         }
@@ -665,18 +638,22 @@ impl Worker {
         self.vcpu.fd.set_kvm_immediate_exit(0);
         let mut g = self.control.lock();
         let generation = g.generation;
-        match g.want {
+        let saved = match g.want {
             Want::Stop => return false,
             Want::Run => return true,
             Want::Pause(PauseAction::SaveState) => {
                 drop(g);
                 let saved = self.vcpu.save().map_err(VcpuError::from);
                 g = self.control.lock();
-                g.saved[self.vcpu.id as usize] = Some(saved);
+                Some(saved)
             }
-            Want::Pause(PauseAction::Hold) => {}
+            Want::Pause(PauseAction::Hold) => None,
+        };
+        if !g.park(self.vcpu.id as usize, generation, saved) {
+            // That pause is over (it timed out, or a new one began while
+            // this vCPU saved): do what is wanted now.
+            return g.want != Want::Stop;
         }
-        g.parked += 1;
         self.control.cv.notify_all();
         while g.generation == generation && matches!(g.want, Want::Pause(_)) {
             g = self.control.cv.wait(g).unwrap_or_else(|p| p.into_inner());

@@ -276,3 +276,46 @@ fn vcpu_and_in_kernel_devices_persist_round_trip() {
     );
     assert_eq!(s1.devices, s2.devices, "VMM devices");
 }
+
+/// A bit that `cpuid` leaves clear in CPUID 7.0 EBX/EDX or 1 ECX, none of
+/// which KVM sets from guest state: (leaf, register index, bit).
+fn a_clear_feature_bit(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> (u32, usize, u32) {
+    for (leaf, r, skip) in [(7u32, 1usize, 0u32), (7, 3, 0), (1, 2, (1 << 27) | (1 << 31))] {
+        let Some(e) = cpuid.iter().find(|e| e.function == leaf && e.index == 0) else {
+            continue;
+        };
+        let v = [e.eax, e.ebx, e.ecx, e.edx][r];
+        if let Some(bit) = (0..32).find(|b| (v | skip) & (1 << b) == 0) {
+            return (leaf, r, bit);
+        }
+    }
+    panic!("no clear feature bit in leaves 1 and 7");
+}
+
+#[test]
+fn a_state_claiming_a_feature_this_host_lacks_is_refused() {
+    if !kvm_ready() {
+        return;
+    }
+    let mut a = machine(&[0xfa, 0xf4, 0xeb, 0xfc], 1); // cli; hlt; jmp back
+    a.start().unwrap();
+    let mut st = a.save_state(a.pause(PauseAction::SaveState).unwrap()).unwrap();
+    let image = copy_ram(a.ram());
+    a.stop();
+    // As if saved on a host with one more feature than this one offers.
+    let (leaf, r, bit) = a_clear_feature_bit(&st.vcpus[0].cpuid);
+    let e = st.vcpus[0]
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == leaf && e.index == 0)
+        .unwrap();
+    *[&mut e.eax, &mut e.ebx, &mut e.ecx, &mut e.edx][r] |= 1 << bit;
+    let ram = GuestRam::new(st.config.mem_size).unwrap();
+    ram.write_from(0, &image).unwrap();
+    let err = Machine::restore(&st, ram, Attach::console(Box::new(std::io::sink()))).unwrap_err();
+    let want = format!("CPUID {leaf:#x}.0 {}[{bit}]", ["EAX", "EBX", "ECX", "EDX"][r]);
+    assert!(
+        matches!(err, vmm::machine::MachineError::Cpu(_)) && err.to_string().contains(&want),
+        "{err}"
+    );
+}

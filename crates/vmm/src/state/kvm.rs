@@ -132,19 +132,38 @@ fn save_xsave(vcpu: &Vcpu) -> Result<Vec<u32>, StateError> {
     Ok(v)
 }
 
-fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
-    let base = std::mem::size_of::<kvm_xsave>() / 4;
-    if words.len() < base {
+/// The saved XSAVE area `words` laid out for a vCPU whose KVM area is
+/// `host_bytes` long (KVM_CAP_XSAVE2, at least 4096): KVM_SET_XSAVE reads
+/// that many bytes from the buffer it is given, whatever the buffer's
+/// length. A shorter area (saved where the area was smaller) is padded
+/// with zeros, which hold no component (XSTATE_BV in the header says which
+/// components the area holds; KVM refuses ones it cannot take). A longer
+/// one holds state this host's vCPUs have no room for and is refused.
+fn fit_xsave(vcpu: u8, words: &[u32], host_bytes: usize) -> Result<Vec<u32>, StateError> {
+    let saved = words.len() * 4;
+    let host = host_bytes.max(std::mem::size_of::<kvm_xsave>()).next_multiple_of(4);
+    if saved < std::mem::size_of::<kvm_xsave>() {
         return Err(StateError::Invalid(format!(
-            "vCPU {}: XSAVE area of {} bytes is smaller than 4096",
-            vcpu.id,
-            words.len() * 4
+            "vCPU {vcpu}: XSAVE area of {saved} bytes is smaller than 4096"
         )));
     }
+    if saved > host {
+        return Err(StateError::XsaveSize { vcpu, saved, host });
+    }
+    let mut v = words.to_vec();
+    v.resize(host / 4, 0);
+    Ok(v)
+}
+
+fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
+    let base = std::mem::size_of::<kvm_xsave>() / 4;
+    let words = fit_xsave(vcpu.id, words, vcpu.xsave_size)?;
     if words.len() == base {
         let mut x = kvm_xsave::default();
-        x.region.copy_from_slice(words);
-        // SAFETY: a plain 4096-byte kvm_xsave needs no trailing space.
+        x.region.copy_from_slice(&words);
+        // SAFETY: this vCPU's area is 4096 bytes (`fit_xsave`: xsave_size
+        // is at most the `words` length, 4096), the size of `x`, so the
+        // kernel reads within `x`.
         return unsafe { vcpu.fd.set_xsave(&x) }.map_err(kvm_err(vcpu.id, "KVM_SET_XSAVE"));
     }
     let mut x =
@@ -154,7 +173,8 @@ fn restore_xsave(vcpu: &Vcpu, words: &[u32]) -> Result<(), StateError> {
         .xsave
         .region
         .copy_from_slice(&words[..base]);
-    // SAFETY: `x` holds the full area saved on a host with the same XSAVE2 size.
+    // SAFETY: `x` holds `words.len() * 4` bytes, which `fit_xsave` made at
+    // least this vCPU's xsave_size (KVM_CAP_XSAVE2), all the kernel reads.
     unsafe { vcpu.fd.set_xsave2(&x) }.map_err(kvm_err(vcpu.id, "KVM_SET_XSAVE2"))
 }
 
@@ -280,6 +300,58 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn an_xsave_area_is_fitted_to_the_vcpu_or_refused() {
+        let area = |bytes: usize| (0..bytes / 4).map(|w| w as u32 + 1).collect::<Vec<u32>>();
+        // Same size: unchanged.
+        assert_eq!(fit_xsave(0, &area(4096), 4096).unwrap(), area(4096));
+        // Saved where the area was smaller: padded with zeros to this host's.
+        let fitted = fit_xsave(0, &area(4096), 4200).unwrap();
+        assert_eq!(fitted.len(), 1050);
+        assert_eq!(&fitted[..1024], &area(4096)[..]);
+        assert!(fitted[1024..].iter().all(|w| *w == 0));
+        // Larger than this host's vCPUs take: refused, naming both sizes.
+        let e = fit_xsave(1, &area(11008), 4096).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StateError::XsaveSize {
+                    vcpu: 1,
+                    saved: 11008,
+                    host: 4096
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("11008") && e.to_string().contains("4096"), "{e}");
+        // Shorter than the architectural 4096 bytes: not an XSAVE area.
+        assert!(matches!(fit_xsave(0, &area(512), 4096), Err(StateError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_larger_xsave_area_is_refused_before_kvm_sees_it() {
+        if !crate::testing::kvm_ready() {
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let xsave_size = (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize).max(4096);
+        let vcpu = Vcpu {
+            id: 0,
+            fd: vm.create_vcpu(0).unwrap(),
+            msr_list: Arc::new(Vec::new()),
+            xsave_size,
+        };
+        let mut words = save_xsave(&vcpu).unwrap();
+        restore_xsave(&vcpu, &words).unwrap();
+        words.resize(words.len() + 1024, 0);
+        let e = restore_xsave(&vcpu, &words).unwrap_err();
+        assert!(
+            matches!(e, StateError::XsaveSize { saved, host, .. } if saved == host + 4096),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_refused_tsc_frequency_leaves_the_previous_one() {

@@ -80,6 +80,19 @@ pub enum StateError {
         /// "read" or "restore".
         op: &'static str,
     },
+    /// A vCPU's saved XSAVE area does not fit this host's vCPUs.
+    #[error(
+        "vCPU {vcpu}: the saved XSAVE area is {saved} bytes, this host's vCPUs take {host} \
+         (KVM_CAP_XSAVE2; at least 4096): saved on a host with more extended state"
+    )]
+    XsaveSize {
+        /// vCPU index.
+        vcpu: u8,
+        /// Bytes saved.
+        saved: usize,
+        /// Bytes this host's KVM takes.
+        host: usize,
+    },
     /// Encoded state is malformed.
     #[error("machine state is corrupt: {0}")]
     Corrupt(String),

@@ -2,10 +2,15 @@
 //! hash, so that the `uffd` tracker saves only the pages of a written block
 //! that really changed.
 //!
-//! The hash is XXH3-64 with a random seed drawn at start: the guest cannot
-//! see it, so it cannot craft a page that collides with its old contents
-//! (with the public seed 0 of the store's checksums, a birthday search would
-//! let a guest make its own snapshot wrong). Updates of an epoch are staged
+//! The hash is XXH3-64 with a random seed drawn at start, which the guest
+//! cannot read: with the public seed 0 of the store's checksums a birthday
+//! search would let a guest make its own snapshot wrong. The seed makes
+//! chance collisions 2^-64 a page, but XXH3 is no pseudo-random function:
+//! nothing proves a guest cannot craft a page that keeps its hash whatever
+//! the seed. Such a page would be taken as unchanged and not saved, so the
+//! guest's own snapshots would restore its older contents; nothing else is
+//! affected (docs/COW.md, "Trackers", on why a keyed PRF is not used: 10-15
+//! times the cost). Updates of an epoch are staged
 //! and applied only once the epoch is committed; a failed epoch's updates
 //! are discarded, so the table always describes the last committed epoch.
 

@@ -13,6 +13,7 @@
 mod hashes;
 mod saver;
 mod shared;
+mod slab;
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

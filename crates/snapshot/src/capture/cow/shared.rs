@@ -26,6 +26,8 @@ use vmm::dirty::{DirtySet, PageBits};
 use vmm::memory::{GuestRam, PAGE_SIZE, RamRange};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::slab::Slab;
+
 /// How `cow` learns which pages changed since the last epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tracker {
@@ -721,46 +723,5 @@ pub(crate) fn handle_faults(shared: &CowState, faults: &Faults, stop: &EventFd, 
                 Err(e) => panic!("capturing ahead failed: {e}"),
             };
         }
-    }
-}
-
-/// Copy-aside memory: pages in slots. A slot belongs to the thread that
-/// took it from [`Inner::free`] under the lock until it goes back there (or
-/// to the one that took its entry out of [`Inner::aside`]), so it is read
-/// and written without the lock: the saver copies its pages out of the slab
-/// with the lock free for faults and the next pause.
-pub(crate) struct Slab {
-    buf: crate::pages::PageBuf,
-    base: *mut u8,
-}
-
-// SAFETY: the slab owns its buffer; each slot is accessed by one thread at
-// a time (its owner, see above), so sharing the base pointer is sound.
-unsafe impl Send for Slab {}
-// SAFETY: as for Send.
-unsafe impl Sync for Slab {}
-
-impl Slab {
-    /// `slots` pages, pre-faulted: a fresh host page costs a fault (about
-    /// 5 µs here) on its first copy, which would land on a waiting writer.
-    fn new(slots: usize) -> Slab {
-        let mut buf = crate::pages::PageBuf::new(slots * PAGE_SIZE as usize);
-        let base = buf.as_mut_ptr();
-        Slab { buf, base }
-    }
-
-    /// Run `f` on slot `slot`'s page.
-    ///
-    /// # Safety
-    /// The calling thread owns `slot` (see [`Slab`]): no other thread reads
-    /// or writes it meanwhile.
-    pub(crate) unsafe fn with_slot<R>(&self, slot: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let (slot, slots) = (slot as usize, self.buf.len() / PAGE_SIZE as usize);
-        assert!(slot < slots, "copy-aside slot {slot} out of {slots}");
-        // SAFETY: the slot lies inside the buffer (checked above), which
-        // lives as long as `self`; the caller guarantees exclusive access.
-        let page =
-            unsafe { std::slice::from_raw_parts_mut(self.base.add(slot * PAGE_SIZE as usize), PAGE_SIZE as usize) };
-        f(page)
     }
 }
