@@ -89,7 +89,7 @@ pub fn compact(a: CompactArgs) -> Result<i32, CompactError> {
         .filter_map(|(_, i)| i.as_ref().ok().map(|i| i.file_bytes))
         .sum();
     let line = format!(
-        "{}: --retain {} --max-chain {}: {} epochs merged, {} dropped, {} rewritten ({} folds); {} freed, {} written, {} reclaimed in {:.2}s; {} epochs, {} -> {}",
+        "{}: --retain {} --max-chain {}: {} epochs merged, {} dropped, {} rewritten ({} folds); {} in {:.2}s; {} epochs, {} -> {}",
         a.dir.display(),
         opts.policy.text(),
         opts.max_chain,
@@ -97,9 +97,7 @@ pub fn compact(a: CompactArgs) -> Result<i32, CompactError> {
         pass.dropped,
         pass.rewrites,
         pass.folds,
-        human(pass.bytes_freed),
-        human(pass.bytes_written),
-        human(pass.reclaimed().max(0) as u64),
+        crate::ls_cmd::net_reclaimed(pass.bytes_freed, pass.bytes_written),
         pass.time_ns as f64 / 1e9,
         ids.len(),
         human(before),

@@ -135,6 +135,22 @@ pub fn utc(ns: u64) -> String {
     )
 }
 
+/// What reclamation freed and wrote, net: `freed 1.2 GiB, wrote 300.0
+/// MiB, net 900.0 MiB reclaimed`. The net is negative when folds (which
+/// copy pages still needed elsewhere into shorter chains) wrote more than
+/// merges and drops freed: shown so, as the cost of short chains.
+pub fn net_reclaimed(freed: u64, written: u64) -> String {
+    let net = if freed >= written {
+        format!("net {} reclaimed", human(freed - written))
+    } else {
+        format!(
+            "net {} more used (folding copies pages to keep chains short)",
+            human(written - freed)
+        )
+    };
+    format!("freed {}, wrote {}, {net}", human(freed), human(written))
+}
+
 /// A size for people: `12.3 MiB`.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -393,13 +409,13 @@ fn summary(rows: &[Row], ledger: Option<&store::Ledger>, policy: &store::Policy)
     match ledger {
         Some(l) => {
             line += &format!(
-                "; reclaimed {} (merged {} epochs, dropped {}, {} rewrites, {} folds, in {:.1}s)",
-                human(l.reclaimed().max(0) as u64),
+                "; reclamation merged {} epochs, dropped {}, rewrote {} ({} folds) in {:.1}s: {}",
                 l.merged,
                 l.dropped,
                 l.rewrites,
                 l.folds,
-                l.time_ns as f64 / 1e9
+                l.time_ns as f64 / 1e9,
+                net_reclaimed(l.bytes_freed, l.bytes_written)
             );
         }
         None => line += "; nothing reclaimed yet",

@@ -1,7 +1,8 @@
 //! `DIR/RECLAIM`: the retention settings of a store and what reclamation
-//! has done to it, in all (docs/FORMAT.md). Replaced atomically after
-//! each reclamation pass; a crash may lose the figures of the last pass,
-//! never the epochs.
+//! has done to it, in all (docs/FORMAT.md). Replaced atomically before a
+//! pass with new settings rewrites anything, and after each pass; a crash
+//! may lose the figures of the last pass, never the epochs or the
+//! settings that chose them.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -47,7 +48,9 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Net bytes reclaimed: freed minus written.
+    /// Net bytes reclaimed: freed minus written; negative when folds
+    /// (copies of pages still needed elsewhere) wrote more than merges and
+    /// drops freed.
     pub fn reclaimed(&self) -> i64 {
         self.bytes_freed as i64 - self.bytes_written as i64
     }

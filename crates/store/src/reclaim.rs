@@ -297,6 +297,7 @@ pub fn reclaim(
         return Err(StoreError::Usage("reclamation needs the store's lock"));
     }
     let started = Instant::now();
+    record_settings(store, opts)?;
     let heads = healthy(store)?;
     let plan = plan_pass(&heads, opts, pinned);
     let mut pass = Ledger {
@@ -364,6 +365,21 @@ pub fn reclaim(
         pass.passes = 0;
     }
     Ok(pass)
+}
+
+/// Record `opts`' policy and `--max-chain` in RECLAIM before any epoch is
+/// rewritten or removed, when they differ from what it holds: a pass cut
+/// short (kill -9) must leave the settings that chose what it removed, or
+/// the next pass could run with others and drop what the user kept.
+fn record_settings(store: &Store, opts: &ReclaimOptions) -> Result<()> {
+    let mut ledger = crate::ledger::Ledger::load(store.dir())?.unwrap_or_default();
+    let max_chain = u32::try_from(opts.max_chain).unwrap_or(u32::MAX);
+    if ledger.policy == opts.policy.text() && ledger.max_chain == max_chain {
+        return Ok(());
+    }
+    ledger.policy = opts.policy.text().to_string();
+    ledger.max_chain = max_chain;
+    ledger.save(store.dir())
 }
 
 /// True when epoch `r.id` now has the parent the plan gave it.

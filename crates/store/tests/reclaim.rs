@@ -159,6 +159,13 @@ fn keep_all_only_folds() {
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     assert_eq!(s.ids().unwrap().len(), 40);
     assert!(pass.folds > 0);
+    // Folding removes nothing: it copies pages still needed by other
+    // epochs into the folded ones, so it costs space, and the ledger says
+    // so with a negative net (ls shows it signed, never as 0).
+    assert_eq!((pass.merged, pass.dropped), (0, 0));
+    assert!(pass.reclaimed() < 0, "{pass:?}");
+    let ledger = Ledger::load(&dir.join("s")).unwrap().unwrap();
+    assert_eq!(ledger.reclaimed(), pass.reclaimed());
     for id in 1..=40 {
         assert!(chain_len(&s, id) <= 8);
         assert_eq!(image(&s, id), before[&id]);
@@ -366,4 +373,31 @@ fn merged_epochs_to_ship_restore_like_the_epoch_they_stand_for() {
             "merged onto {parent:?} restores to another state"
         );
     }
+}
+
+/// The policy and --max-chain of a pass are in RECLAIM before it rewrites
+/// or removes anything: a pass cut short at once (as by kill -9) leaves
+/// them, so the next bare `compact` uses what the user asked for.
+#[test]
+fn the_policy_is_recorded_before_any_rewrite() {
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-policy-first");
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    let mut rng = Rng(7);
+    for id in 1..=20u64 {
+        write(&s, &mut rng, id, (id > 1).then(|| id - 1), T0 + id * 100 * MS);
+    }
+    let files = s.ids().unwrap();
+    let opts = ReclaimOptions {
+        policy: Policy::parse("1s:all,1m:1s").unwrap(),
+        max_chain: 5,
+        rate: None,
+        codec: None,
+        batch_merges: false,
+    };
+    // Stopped before its first rewrite.
+    let pass = reclaim(&s, &opts, &[], &AtomicBool::new(true), &mut |_, _| {}).unwrap();
+    assert_eq!((pass.rewrites, pass.merged, pass.dropped), (0, 0, 0));
+    assert_eq!(s.ids().unwrap(), files, "nothing was removed");
+    let ledger = Ledger::load(&dir.join("s")).unwrap().unwrap();
+    assert_eq!((ledger.policy.as_str(), ledger.max_chain), ("1s:all,1m:1s", 5));
 }
