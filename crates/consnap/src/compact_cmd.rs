@@ -45,6 +45,10 @@ pub struct CompactArgs {
     /// Compression of the epochs it rewrites (default: keep each one's).
     #[arg(long, value_enum)]
     pub compress: Option<CompressArg>,
+    /// Bound the store's size: the oldest epochs the policy keeps go too
+    /// while they take more (never the newest).
+    #[arg(long, value_parser = crate::args::size, value_name = "SIZE")]
+    pub max_store: Option<u64>,
 }
 
 /// Compact a store; prints what it did.
@@ -71,6 +75,7 @@ pub fn compact(a: CompactArgs) -> Result<i32, CompactError> {
         rate: None,
         codec: a.compress.map(CompressArg::codec),
         batch_merges: false,
+        max_store: a.max_store.filter(|m| *m > 0),
     };
     let before: u64 = store
         .list()?

@@ -44,6 +44,32 @@ pub struct ReclaimReport {
     pub time_s: f64,
     /// Failed passes and why (the first few).
     pub errors: Vec<String>,
+    /// `--max-store` in bytes, if bounded.
+    pub max_store: Option<u64>,
+    /// Epochs the policy keeps that went to stay under `--max-store`.
+    pub epochs_evicted: u64,
+    /// Passes run at the vCPUs' priority because the store was over
+    /// `--max-store` or a chain longer than `--max-chain`.
+    pub urgent_passes: u64,
+    /// The largest store size seen, bytes.
+    pub max_bytes_seen: u64,
+    /// The longest chain seen, files.
+    pub max_chain_seen: u64,
+    /// The store's size and longest chain, sampled every second.
+    pub usage: Vec<UsageSample>,
+}
+
+/// One sample of the store's usage.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct UsageSample {
+    /// Seconds since the reclaimer started.
+    pub t_s: f64,
+    /// Bytes of epoch files.
+    pub bytes: u64,
+    /// Epochs.
+    pub epochs: u64,
+    /// Files a restore of the epoch with the longest chain reads.
+    pub longest_chain: u64,
 }
 
 impl ReclaimReport {
@@ -58,8 +84,27 @@ impl ReclaimReport {
         self.bytes_reclaimed = self.bytes_freed as i64 - self.bytes_written as i64;
         self.bytes_read += p.bytes_read;
         self.time_s += p.time_ns as f64 / 1e9;
+        self.epochs_evicted += p.evicted;
+    }
+
+    fn sample(&mut self, started: Instant, u: store::Usage) {
+        self.max_bytes_seen = self.max_bytes_seen.max(u.bytes);
+        self.max_chain_seen = self.max_chain_seen.max(u.longest_chain);
+        if self.usage.len() < MAX_SAMPLES {
+            self.usage.push(UsageSample {
+                t_s: started.elapsed().as_secs_f64(),
+                bytes: u.bytes,
+                epochs: u.epochs,
+                longest_chain: u.longest_chain,
+            });
+        }
     }
 }
+
+/// Usage samples kept in the report (a day at one a second).
+const MAX_SAMPLES: usize = 86_400;
+/// Time between usage samples.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Time between passes.
 const PERIOD: Duration = Duration::from_millis(500);
@@ -75,18 +120,33 @@ pub struct Reclaimer {
     idle: ReclaimReport,
 }
 
-/// Lower this thread's CPU and I/O priority, so that capture and the guest
-/// come first.
-fn lower_priority() {
+/// Set this thread's CPU and I/O priority: `urgent`, that of the vCPUs
+/// (nice 0, the default I/O level), while the store is over its bounds;
+/// otherwise below them (nice 10, the lowest best-effort I/O level), so
+/// that capture and the guest come first. Raising it back needs
+/// CAP_SYS_NICE (root has it); without, it stays low and a warning says so.
+fn set_priority(urgent: bool) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    // SAFETY: setpriority on our own thread id; failure changes nothing.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) };
-    // ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_BE << 13 | 7).
+    let nice = if urgent { 0 } else { 10 };
+    // SAFETY: setpriority on our own thread id with a valid nice value.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 && urgent {
+        tracing::warn!(
+            "the reclaimer cannot raise its priority to catch up ({}): it stays below the vCPUs",
+            std::io::Error::last_os_error()
+        );
+    }
+    // ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_BE << 13 | level).
     const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const BE_LOWEST: libc::c_long = (2 << 13) | 7;
+    let level: libc::c_long = if urgent { 4 } else { 7 };
     // SAFETY: ioprio_set on our own thread id with a valid class and level.
-    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, BE_LOWEST) };
+    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, (2 << 13) | level) };
+}
+
+/// Whether `u` is over the bounds of `opts`.
+fn over_bounds(u: &store::Usage, opts: &ReclaimOptions) -> bool {
+    opts.max_store.is_some_and(|m| u.bytes > m) || (opts.max_chain > 0 && u.longest_chain > opts.max_chain as u64)
 }
 
 impl Reclaimer {
@@ -102,6 +162,7 @@ impl Reclaimer {
             retain: opts.policy.text().to_string(),
             max_chain: opts.max_chain,
             rate: opts.rate,
+            max_store: opts.max_store,
             ..ReclaimReport::default()
         };
         // Keeping every epoch in chains of any length leaves nothing to do:
@@ -113,33 +174,10 @@ impl Reclaimer {
                 idle,
             };
         }
-        let mut report = idle.clone();
-        let thread = std::thread::Builder::new().name("reclaim".into()).spawn(move || {
-            lower_priority();
-            let mut next = Instant::now() + PERIOD;
-            loop {
-                while Instant::now() < next {
-                    if flag.load(Ordering::Relaxed) {
-                        return report;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                next = Instant::now() + PERIOD;
-                let pin: Vec<u64> = match pinned {
-                    Some(p) if store.latest().unwrap_or(0) <= start_latest => vec![p],
-                    _ => Vec::new(),
-                };
-                match store::reclaim(&store, &opts, &pin, &flag, &mut |_, _| {}) {
-                    Ok(pass) => report.add(&pass),
-                    Err(e) => {
-                        tracing::warn!("reclamation pass failed: {e}");
-                        if report.errors.len() < MAX_ERRORS {
-                            report.errors.push(e.to_string());
-                        }
-                    }
-                }
-            }
-        });
+        let report = idle.clone();
+        let thread = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || run(&store, &opts, pinned, start_latest, &flag, report));
         match thread {
             Ok(t) => Reclaimer {
                 stop,
@@ -162,6 +200,80 @@ impl Reclaimer {
         self.stop.store(true, Ordering::Relaxed);
         let idle = std::mem::take(&mut self.idle);
         self.thread.take().and_then(|t| t.join().ok()).unwrap_or(idle)
+    }
+}
+
+/// The reclaimer thread: a pass every [`PERIOD`], or one after another at
+/// the vCPUs' priority while the store is over its bounds; the store's
+/// usage sampled every second, during passes too.
+fn run(
+    store: &Store,
+    opts: &ReclaimOptions,
+    pinned: Option<u64>,
+    start_latest: u64,
+    stop: &AtomicBool,
+    mut report: ReclaimReport,
+) -> ReclaimReport {
+    let started = Instant::now();
+    let mut urgent = false;
+    set_priority(urgent);
+    let mut last_sample = started - SAMPLE_EVERY;
+    let mut sample = |report: &mut ReclaimReport, force: bool| -> Option<store::Usage> {
+        if !force && last_sample.elapsed() < SAMPLE_EVERY {
+            return None;
+        }
+        let u = store::usage(store).ok()?;
+        if last_sample.elapsed() >= SAMPLE_EVERY {
+            last_sample = Instant::now();
+            report.sample(started, u);
+        }
+        Some(u)
+    };
+    let mut next = Instant::now() + PERIOD;
+    loop {
+        while Instant::now() < next {
+            if stop.load(Ordering::Relaxed) {
+                return report;
+            }
+            sample(&mut report, false);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pin: Vec<u64> = match pinned {
+            Some(p) if store.latest().unwrap_or(0) <= start_latest => vec![p],
+            _ => Vec::new(),
+        };
+        let mut during = ReclaimReport::default();
+        let pass = store::reclaim(store, opts, &pin, stop, &mut |_, _| {
+            sample(&mut during, false);
+        });
+        report.max_bytes_seen = report.max_bytes_seen.max(during.max_bytes_seen);
+        report.max_chain_seen = report.max_chain_seen.max(during.max_chain_seen);
+        report.usage.extend(during.usage);
+        match pass {
+            Ok(pass) => {
+                report.add(&pass);
+                if urgent {
+                    report.urgent_passes += pass.passes;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("reclamation pass failed: {e}");
+                if report.errors.len() < MAX_ERRORS {
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
+        let over = sample(&mut report, true).is_some_and(|u| over_bounds(&u, opts));
+        if over != urgent {
+            urgent = over;
+            set_priority(urgent);
+            tracing::info!(urgent, "the reclaimer's priority changes with the store's bounds");
+        }
+        next = if urgent {
+            Instant::now()
+        } else {
+            Instant::now() + PERIOD
+        };
     }
 }
 

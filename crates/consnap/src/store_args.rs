@@ -67,6 +67,12 @@ pub struct ReclaimArgs {
     /// Limit the reclaimer's reads plus writes to this many bytes per second (0: no limit).
     #[arg(long, default_value = "0", value_parser = rate)]
     pub reclaim_rate: u64,
+    /// Bound the store's size: while the epochs the policy keeps take more,
+    /// the oldest of them go too (never the newest). Over this bound, or
+    /// with a chain longer than --max-chain, the reclaimer runs at the
+    /// vCPUs' priority until it is back under (0: no bound but the policy).
+    #[arg(long, default_value = "0", value_parser = crate::args::size, value_name = "SIZE")]
+    pub max_store: u64,
 }
 
 impl ReclaimArgs {
@@ -78,6 +84,7 @@ impl ReclaimArgs {
             rate: (self.reclaim_rate > 0).then_some(self.reclaim_rate),
             codec: None,
             batch_merges: false,
+            max_store: (self.max_store > 0).then_some(self.max_store),
         }
     }
 }

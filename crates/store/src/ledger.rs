@@ -45,6 +45,9 @@ pub struct Ledger {
     pub bytes_read: u64,
     /// Time spent reclaiming, ns.
     pub time_ns: u64,
+    /// Epochs the policy keeps that went to keep the store under
+    /// `--max-store` (a pass's figure: RECLAIM does not record it).
+    pub evicted: u64,
 }
 
 impl Ledger {
@@ -66,6 +69,7 @@ impl Ledger {
         self.bytes_written += o.bytes_written;
         self.bytes_read += o.bytes_read;
         self.time_ns += o.time_ns;
+        self.evicted += o.evicted;
     }
 
     /// Serialize to the file's 512 bytes.
@@ -140,6 +144,7 @@ impl Ledger {
             bytes_written: f(6),
             bytes_read: f(7),
             time_ns: f(8),
+            evicted: 0,
         })
     }
 

@@ -49,6 +49,10 @@ pub struct ReclaimOptions {
     /// passes come every fraction of a second. Off, a pass leaves exactly
     /// the policy's epochs (offline compaction).
     pub batch_merges: bool,
+    /// Bound on the store's size (`--max-store`): while the epochs the
+    /// policy keeps would take more, the oldest of them go too (never the
+    /// newest or a pinned one), so that the store stays under it.
+    pub max_store: Option<u64>,
 }
 
 impl Default for ReclaimOptions {
@@ -59,6 +63,7 @@ impl Default for ReclaimOptions {
             rate: None,
             codec: None,
             batch_merges: false,
+            max_store: None,
         }
     }
 }
@@ -84,6 +89,8 @@ struct Plan {
     keep: BTreeSet<u64>,
     rebases: Vec<Rebase>,
     remove: Vec<u64>,
+    /// Epochs the policy keeps that go for `max_store`.
+    evicted: u64,
 }
 
 struct Throttle {
@@ -139,6 +146,9 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
         keep.extend(opts.policy.waiting(&times));
     }
     keep.extend(pinned.iter().filter(|p| heads.contains_key(p)));
+    let evicted = opts
+        .max_store
+        .map_or(0, |cap| evict_for_space(heads, &mut keep, pinned, cap));
     let pages = |id: u64| heads.get(&id).map_or(0, |(h, _)| h.pages_data);
     // The parent each kept epoch will have: its nearest kept ancestor, or
     // none when the chain's full epoch is not kept.
@@ -216,7 +226,72 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
         r.cross = r.onto.is_some_and(|a| !descends(heads, r.id, a));
     }
     rebases.sort_by_key(|r| (!r.cross, r.id));
-    Plan { keep, rebases, remove }
+    Plan {
+        keep,
+        rebases,
+        remove,
+        evicted,
+    }
+}
+
+/// Take the oldest kept epochs out of `keep` (never the newest epoch or a
+/// pinned one) while what is kept takes more than `cap` bytes. The
+/// estimate is the kept files' sizes: merging the rest into them changes
+/// it a little either way, and the next pass corrects what this one
+/// misjudged. Returns how many were taken out.
+fn evict_for_space(heads: &BTreeMap<u64, (Header, u64)>, keep: &mut BTreeSet<u64>, pinned: &[u64], cap: u64) -> u64 {
+    let newest = heads.keys().next_back().copied();
+    let size = |id: &u64| heads.get(id).map_or(0, |(_, b)| *b);
+    let mut kept: u64 = keep.iter().map(size).sum();
+    let mut evicted = 0;
+    let oldest_first: Vec<u64> = keep.iter().copied().collect();
+    for id in oldest_first {
+        if kept <= cap {
+            break;
+        }
+        if Some(id) == newest || pinned.contains(&id) {
+            continue;
+        }
+        keep.remove(&id);
+        kept = kept.saturating_sub(size(&id));
+        evicted += 1;
+    }
+    evicted
+}
+
+/// How big a store is and how long its chains are: what `--max-store`
+/// and `--max-chain` bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Epochs.
+    pub epochs: u64,
+    /// Bytes of epoch files.
+    pub bytes: u64,
+    /// Files a restore of the epoch with the longest chain reads.
+    pub longest_chain: u64,
+}
+
+/// The store's [`Usage`], from its headers (cached between calls).
+pub fn usage(store: &Store) -> Result<Usage> {
+    let mut u = Usage::default();
+    let mut parents: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    for (id, info) in store.list_cached()? {
+        let Ok(info) = info else { continue };
+        u.epochs += 1;
+        u.bytes += info.file_bytes;
+        parents.insert(id, (!info.header.is_full()).then_some(info.header.parent));
+    }
+    // Chain lengths, oldest first (parents are older): one step each.
+    let mut len: BTreeMap<u64, u64> = BTreeMap::new();
+    for (id, parent) in &parents {
+        let l = match parent {
+            None => 1,
+            Some(p) => len.get(p).map_or(1, |pl| pl + 1),
+        };
+        len.insert(*id, l);
+        u.longest_chain = u.longest_chain.max(l);
+    }
+    Ok(u)
 }
 
 /// Pages of the FULL epoch at the end of `id`'s current chain.
@@ -302,6 +377,7 @@ pub fn reclaim(
     let plan = plan_pass(&heads, opts, pinned);
     let mut pass = Ledger {
         passes: 1,
+        evicted: plan.evicted,
         ..Ledger::default()
     };
     let total: u64 = plan.rebases.iter().map(|r| r.bytes).sum::<u64>() * 2;
@@ -353,6 +429,12 @@ pub fn reclaim(
     }
     pass.time_ns = started.elapsed().as_nanos() as u64;
     if pass.rewrites + pass.merged + pass.dropped > 0 {
+        if pass.evicted > 0 {
+            tracing::warn!(
+                evicted = pass.evicted,
+                "the store is over --max-store: its oldest epochs go, though the policy keeps them"
+            );
+        }
         let mut ledger = crate::ledger::Ledger::load(store.dir())
             .ok()
             .flatten()
