@@ -7,9 +7,13 @@
 pub mod board;
 pub mod client;
 pub mod metrics;
+#[cfg(test)]
+mod openapi_check;
 pub mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_doc;
 
 use serde::{Deserialize, Serialize};
 
