@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::api::client::{self, Answer, ClientError};
-use crate::api::{ConfigPatch, SnapConfig, Stats, VmInfo};
+use crate::api::{ConfigPatch, SnapConfig, Stats, VmInfo, VmState};
+use crate::live::saver_words;
 use crate::ls_cmd::{self, Row};
 use crate::report::{EpochEntry, Percentiles};
 
@@ -50,8 +51,8 @@ pub struct CtlArgs {
     /// The API socket of the consnap to drive (its --api-sock).
     #[arg(long, value_name = "PATH")]
     pub sock: PathBuf,
-    /// Print the API's JSON answer instead of text.
-    #[arg(long)]
+    /// Print the API's JSON answer instead of text (before or after the operation).
+    #[arg(long, global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -111,6 +112,14 @@ fn percentiles(p: &Percentiles) -> String {
     )
 }
 
+/// ` (N ops/s)`, or nothing while paused (the guest does no ops then).
+fn rate_text(state: VmState, rate: Option<f64>) -> String {
+    match rate {
+        Some(r) if state != VmState::Paused => format!(" ({r:.0} ops/s)"),
+        _ => String::new(),
+    }
+}
+
 fn status_text(v: &VmInfo) -> String {
     let mut s = format!(
         "{}, {} vCPU{}, {} MiB, up {:.1}s",
@@ -125,9 +134,7 @@ fn status_text(v: &VmInfo) -> String {
         if let Some(ops) = v.ops {
             s += &format!(" {ops} ops");
         }
-        if let Some(r) = v.ops_per_s {
-            s += &format!(" ({r:.0} ops/s)");
-        }
+        s += &rate_text(v.state, v.ops_per_s);
     }
     s += if v.snapshots {
         "; snapshots on"
@@ -138,13 +145,13 @@ fn status_text(v: &VmInfo) -> String {
 }
 
 fn config_text(c: &SnapConfig) -> String {
-    format!(
-        "mode {} every {} into {} (can switch to: {})",
-        c.mode,
-        c.interval,
-        c.dir,
-        c.modes.join(", ")
-    )
+    let others: Vec<&str> = c.modes.iter().map(String::as_str).filter(|m| *m != c.mode).collect();
+    let switch = if others.is_empty() {
+        format!("{} cannot be switched at run time", c.mode)
+    } else {
+        format!("can switch to {}", others.join(", "))
+    };
+    format!("mode {} every {} into {} ({switch})", c.mode, c.interval, c.dir)
 }
 
 fn epoch_text(e: &EpochEntry) -> String {
@@ -164,9 +171,7 @@ fn stats_text(st: &Stats) -> String {
     if let Some(ops) = st.ops {
         s += &format!(", guest {ops} ops");
     }
-    if let Some(r) = st.ops_per_s {
-        s += &format!(" ({r:.0} ops/s)");
-    }
+    s += &rate_text(st.state, st.ops_per_s);
     s += &format!("\nvCPU pause    {}", percentiles(&st.vcpu_pause));
     let Some(n) = &st.snapshots else {
         return s + "\nsnapshots off";
@@ -181,13 +186,10 @@ fn stats_text(st: &Stats) -> String {
         "\npages/epoch   p50 {} max {}; bytes/epoch p50 {} max {}; faults/epoch p50 {} max {}",
         n.pages.p50, n.pages.max, n.bytes.p50, n.bytes.max, n.faults.p50, n.faults.max
     );
-    s += &format!("\nsaver         {:.0} MB/s", n.save_mb_s);
     s += &format!(
-        "\nbacklog       {}; {} late epochs ({:.0}ms)",
-        n.in_flight
-            .map_or_else(|| "nothing in flight".to_string(), |id| format!("saving epoch {id}")),
-        n.delayed,
-        n.delayed_ms
+        "\nsaver         {:.0} MB/s, {}",
+        n.save_mb_s,
+        saver_words(n.in_flight, n.delayed, n.delayed_ms)
     );
     for e in &n.errors {
         s += &format!("\nerror         {e}");
@@ -273,5 +275,58 @@ mod tests {
             "'speed=3' is not interval=DURATION or mode=MODE"
         );
         assert!(patch(&["interval".into()]).is_err());
+    }
+
+    #[test]
+    fn json_goes_before_or_after_the_operation() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            ctl: CtlArgs,
+        }
+        use clap::Parser;
+        for words in [
+            &["x", "--sock", "S", "--json", "ls"][..],
+            &["x", "--sock", "S", "ls", "--json"],
+        ] {
+            let cli = Cli::try_parse_from(words).unwrap_or_else(|e| panic!("{words:?}: {e}"));
+            assert!(cli.ctl.json && matches!(cli.ctl.op, CtlOp::Ls), "{words:?}");
+        }
+    }
+
+    #[test]
+    fn config_names_only_the_modes_to_switch_to() {
+        let config = |mode: &str, modes: &[&str]| SnapConfig {
+            dir: "/s".into(),
+            mode: mode.into(),
+            interval: "20ms".into(),
+            interval_ms: 20.0,
+            modes: modes.iter().map(|m| m.to_string()).collect(),
+        };
+        assert_eq!(
+            config_text(&config("cow", &["cow"])),
+            "mode cow every 20ms into /s (cow cannot be switched at run time)"
+        );
+        assert_eq!(
+            config_text(&config("stop-copy", &["stop-copy", "stop-copy-full"])),
+            "mode stop-copy every 20ms into /s (can switch to stop-copy-full)"
+        );
+    }
+
+    #[test]
+    fn a_paused_vm_shows_no_op_rate() {
+        let mut vm = VmInfo {
+            state: VmState::Running,
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            uptime_s: 2.0,
+            workload: Some("memstress".into()),
+            ops: Some(100),
+            ops_per_s: Some(50.0),
+            snapshots: true,
+        };
+        assert!(status_text(&vm).contains("100 ops (50 ops/s)"), "{}", status_text(&vm));
+        vm.state = VmState::Paused;
+        assert!(!status_text(&vm).contains("ops/s"), "{}", status_text(&vm));
     }
 }

@@ -1,5 +1,7 @@
 //! The live status line of a run that takes snapshots: epochs, the last
-//! pause, pause p99, saver MB/s, backlog and the guest's op rate, on
+//! pause, pause p99, the saver's MB/s and what it is doing (the epoch it
+//! writes, epochs that started late waiting for it) and the guest's op
+//! rate (not while paused), on
 //! stderr; redrawn in place every second on a terminal, a plain line every
 //! five seconds otherwise (or every `--status-interval`). It runs on a thread of its own and reads the
 //! board the controller publishes.
@@ -39,6 +41,29 @@ fn ms(us: f64) -> String {
     }
 }
 
+/// What the saver is doing, in words: the epoch it writes now, if any,
+/// and how many epochs started late because it was still busy with the
+/// one before (and by how long in all); "keeping up" when nothing of that.
+pub fn saver_words(in_flight: Option<u64>, late: u64, late_ms: f64) -> String {
+    let mut out = match in_flight {
+        Some(id) => format!("writing epoch {id}"),
+        None if late == 0 => return "keeping up".to_string(),
+        None => "idle".to_string(),
+    };
+    if late > 0 {
+        let total = if late_ms < 10_000.0 {
+            format!("{late_ms:.0}ms")
+        } else {
+            format!("{:.1}s", late_ms / 1e3)
+        };
+        out += &format!(
+            "; {late} epoch{} started late waiting for it ({total} in all)",
+            if late == 1 { "" } else { "s" }
+        );
+    }
+    out
+}
+
 /// The line for `board` (`None` without snapshots).
 pub fn line(board: &Board) -> Option<String> {
     let f = board.snap.as_ref()?;
@@ -51,18 +76,17 @@ pub fn line(board: &Board) -> Option<String> {
     if let Some(last) = &s.last {
         out += &format!(", last pause {}, p99 {}", ms(last.pause_us), ms(s.pause.p99_us));
     }
-    out += &format!(", saver {:.0} MB/s", s.save_mb_s);
-    out += ", backlog ";
-    out += &match (s.in_flight, s.delayed) {
-        (None, 0) => "none".to_string(),
-        (Some(id), 0) => format!("saving {id}"),
-        (None, n) => format!("{n} late ({:.0}ms)", s.delayed_ms),
-        (Some(id), n) => format!("saving {id}, {n} late ({:.0}ms)", s.delayed_ms),
-    };
+    out += &format!(
+        ", saver {:.0} MB/s, {}",
+        s.save_mb_s,
+        saver_words(s.in_flight, s.delayed, s.delayed_ms)
+    );
     if s.failed > 0 {
         out += &format!(", {} errors", s.failed);
     }
-    if let Some(rate) = board.ops_per_s {
+    if board.state != VmState::Paused
+        && let Some(rate) = board.ops_rate()
+    {
         out += &format!(", guest {} ops/s", short(rate));
     }
     Some(out)
@@ -122,5 +146,24 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saver_is_described_in_words() {
+        assert_eq!(saver_words(None, 0, 0.0), "keeping up");
+        assert_eq!(saver_words(Some(12), 0, 0.0), "writing epoch 12");
+        assert_eq!(
+            saver_words(Some(334), 334, 17_571.0),
+            "writing epoch 334; 334 epochs started late waiting for it (17.6s in all)"
+        );
+        assert_eq!(
+            saver_words(None, 1, 40.0),
+            "idle; 1 epoch started late waiting for it (40ms in all)"
+        );
     }
 }

@@ -108,6 +108,16 @@ impl Board {
         self.started.elapsed().as_secs_f64()
     }
 
+    /// The guest's op rate as shown: 0 while paused (the controller's
+    /// window still holds the last second before the pause), else the
+    /// published rate.
+    pub fn ops_rate(&self) -> Option<f64> {
+        match self.state {
+            VmState::Paused => self.ops.map(|_| 0.0),
+            _ => self.ops_per_s,
+        }
+    }
+
     /// `GET /vm`.
     pub fn vm_info(&self) -> VmInfo {
         VmInfo {
@@ -117,7 +127,7 @@ impl Board {
             uptime_s: self.uptime_s(),
             workload: self.workload.clone(),
             ops: self.ops,
-            ops_per_s: self.ops_per_s,
+            ops_per_s: self.ops_rate(),
             snapshots: self.snap.is_some(),
         }
     }
@@ -147,7 +157,7 @@ impl Board {
             state: self.state,
             uptime_s: self.uptime_s(),
             ops: self.ops,
-            ops_per_s: self.ops_per_s,
+            ops_per_s: self.ops_rate(),
             vcpu_pause: self.vcpu_pause(),
             snapshots: self.snap.as_ref().map(snap_stats),
             replication: self
@@ -339,6 +349,30 @@ pub fn parse_patch(body: &[u8]) -> Result<(Option<Duration>, Option<Mode>), Conf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paused_guest_does_no_ops_per_second() {
+        let mut board = Board {
+            state: VmState::Running,
+            vcpus: 1,
+            mem_bytes: 1 << 20,
+            started: Instant::now(),
+            workload: Some("memstress".into()),
+            ops: Some(1000),
+            ops_per_s: Some(500.0),
+            probe: Vec::new(),
+            snap: None,
+            replica: None,
+            output: None,
+            nets: Vec::new(),
+        };
+        assert_eq!(board.vm_info().ops_per_s, Some(500.0));
+        board.state = VmState::Paused;
+        assert_eq!(board.vm_info().ops_per_s, Some(0.0));
+        assert_eq!(board.stats().ops_per_s, Some(0.0));
+        board.ops = None;
+        assert_eq!(board.vm_info().ops_per_s, None, "no workload guest, no rate");
+    }
 
     #[test]
     fn config_patches_are_checked() {

@@ -72,7 +72,7 @@ pub fn render(board: &Board) -> String {
             ops as f64,
         );
     }
-    if let Some(rate) = board.ops_per_s {
+    if let Some(rate) = board.ops_rate() {
         o.one(
             "consnap_guest_ops_per_second",
             "gauge",

@@ -6,10 +6,17 @@
 
 pub mod board;
 pub mod client;
+pub mod conn;
 pub mod metrics;
+#[cfg(test)]
+mod openapi_check;
 pub mod server;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_conn;
+#[cfg(test)]
+mod tests_doc;
 
 use serde::{Deserialize, Serialize};
 

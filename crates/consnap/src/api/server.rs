@@ -4,11 +4,10 @@
 //! Reads (`GET`) are answered on that thread from the board; `GET
 //! /snapshots` reads the store on a small blocking pool. Commands go to the
 //! controller through a bounded queue (a full queue is refused with 503)
-//! and their replies come back on a oneshot channel with a deadline. At
-//! most [`MAX_CONNECTIONS`] connections are served at once; a client that
-//! does not send its request headers within [`HEADER_TIMEOUT`] (also
-//! between requests) is disconnected. Every error answer is one line of
-//! JSON, `{"error": "..."}`.
+//! and their replies come back on a oneshot channel with a deadline.
+//! Connections are bounded as [`super::conn`] describes; a request's body
+//! must arrive within [`BODY_TIMEOUT`] (else 408). Every error answer is
+//! one line of JSON, `{"error": "..."}`.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -26,7 +25,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::service::Service as _;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use thiserror::Error;
@@ -34,14 +34,13 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::ApiError;
 use super::board::{Answer, BoardCell, Command, Envelope, Refusal};
+use super::conn::{self, Admission, Busy, Conn, JsonErrors, Registry};
 use crate::ls_cmd;
 
-/// Connections served at once; more wait in the socket's backlog.
-pub const MAX_CONNECTIONS: usize = 32;
-/// Time a client has to send a request's headers (also while idle between requests).
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 << 10;
+/// Time a client has to send a request's body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Commands queued for the controller at most.
 pub const QUEUE: usize = 64;
 /// How long a pause, resume or configuration change may take.
@@ -187,6 +186,8 @@ struct App {
 /// The running server; [`ApiServer::stop`] ends it and removes the socket.
 pub struct ApiServer {
     stop: Option<oneshot::Sender<()>>,
+    #[cfg(test)]
+    registry: Arc<Registry>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
     inode: Option<(u64, u64)>,
@@ -209,19 +210,29 @@ impl ApiServer {
             listing: Arc::new(Semaphore::new(1)),
         };
         let (stop, stopped) = oneshot::channel();
+        let registry = Arc::new(Registry::default());
+        let served = Arc::clone(&registry);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve_thread(socket, router(app), stopped))
+            .spawn(move || serve_thread(socket, router(app), served, stopped))
             .map_err(|e| {
                 remove_if_ours(&path, inode);
                 ServerError::Thread(e)
             })?;
         Ok(ApiServer {
             stop: Some(stop),
+            #[cfg(test)]
+            registry,
             thread: Some(thread),
             path,
             inode,
         })
+    }
+
+    /// Connections with a request in progress now.
+    #[cfg(test)]
+    pub fn busy_connections(&self) -> usize {
+        self.registry.busy()
     }
 
     /// Stop serving (requests in progress are dropped) and remove the
@@ -249,7 +260,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve_thread(socket: UnixListener, app: Router, stopped: oneshot::Receiver<()>) {
+fn serve_thread(socket: UnixListener, app: Router, registry: Arc<Registry>, stopped: oneshot::Receiver<()>) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -262,11 +273,11 @@ fn serve_thread(socket: UnixListener, app: Router, stopped: oneshot::Receiver<()
             return;
         }
     };
-    rt.block_on(accept_loop(socket, app, stopped));
+    rt.block_on(accept_loop(socket, app, registry, stopped));
     rt.shutdown_timeout(Duration::from_millis(200));
 }
 
-async fn accept_loop(socket: UnixListener, app: Router, mut stopped: oneshot::Receiver<()>) {
+async fn accept_loop(socket: UnixListener, app: Router, registry: Arc<Registry>, mut stopped: oneshot::Receiver<()>) {
     let listener = match tokio::net::UnixListener::from_std(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -274,13 +285,7 @@ async fn accept_loop(socket: UnixListener, app: Router, mut stopped: oneshot::Re
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let slot = tokio::select! {
-            s = slots.clone().acquire_owned() => s,
-            _ = &mut stopped => return,
-        };
-        let Ok(slot) = slot else { return };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = &mut stopped => return,
@@ -294,18 +299,50 @@ async fn accept_loop(socket: UnixListener, app: Router, mut stopped: oneshot::Re
                 continue;
             }
         };
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(64 << 10);
-            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+        match registry.admit() {
+            Admission::Serve(conn) => {
+                tokio::spawn(serve_connection(stream, conn, Arc::clone(&registry), app.clone()));
+            }
+            Admission::Refuse(permit) => {
+                tracing::debug!("API: every connection is busy; refusing a client");
+                tokio::spawn(async move {
+                    conn::refuse(stream).await;
+                    drop(permit);
+                });
+            }
+            Admission::Drop => tracing::debug!("API: every connection is busy; closing a client"),
+        }
+    }
+}
+
+/// Serve one admitted connection until it ends, idles too long or is
+/// evicted; its requests mark it busy while they are handled.
+async fn serve_connection(stream: tokio::net::UnixStream, conn: Arc<Conn>, registry: Arc<Registry>, app: Router) {
+    let inner = TowerToHyperService::new(app);
+    let busy_conn = Arc::clone(&conn);
+    let service = hyper::service::service_fn(move |req| {
+        let busy = Busy::start(&busy_conn);
+        let answer = inner.call(req);
+        async move {
+            let res = answer.await;
+            drop(busy);
+            res
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Idle connections are closed by conn::must_close, which also covers
+    // half-sent headers.
+    http.header_read_timeout(None).max_buf_size(64 << 10);
+    let served = http.serve_connection(TokioIo::new(JsonErrors::new(stream)), service);
+    tokio::select! {
+        r = served => {
+            if let Err(e) = r {
                 tracing::debug!("API connection: {e}");
             }
-            drop(slot);
-        });
+        }
+        why = conn::must_close(&conn) => tracing::debug!("API connection closed: {why:?}"),
     }
+    registry.leave(&conn);
 }
 
 fn router(app: App) -> Router {
@@ -346,12 +383,25 @@ fn json<T: Serialize>(value: &T) -> Response {
     }
 }
 
-/// Around every request: no query strings, a deadline, and errors (also
-/// those axum and hyper produce, such as 405 and 413) as one-line JSON.
+/// Around every request: no query strings, the body within
+/// [`BODY_TIMEOUT`] and [`MAX_BODY`], a deadline, and errors (also those
+/// axum and hyper produce, such as 405) as one-line JSON.
 async fn guard(req: Request, next: Next) -> Response {
     if req.uri().query().is_some_and(|q| !q.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "this API takes no query parameters");
     }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return body_error(&e),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request's body did not arrive within {}s", BODY_TIMEOUT.as_secs()),
+            );
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(body));
     let res = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(res) => res,
         Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "the request timed out"),
@@ -378,6 +428,21 @@ async fn guard(req: Request, next: Next) -> Response {
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let (_, body) = fixed.into_parts();
     Response::from_parts(parts, body)
+}
+
+/// The answer to a body that could not be read: too large, or broken off.
+fn body_error(e: &axum::Error) -> Response {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {} KiB", MAX_BODY >> 10),
+            );
+        }
+        cause = c.source();
+    }
+    error(StatusCode::BAD_REQUEST, format!("cannot read the body: {e}"))
 }
 
 async fn not_found(req: Request) -> Response {

@@ -9,36 +9,23 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use tower::ServiceExt;
-use yaml_rust2::{Yaml, YamlLoader};
 
 use super::board::{Board, BoardCell, Refusal};
+use super::openapi_check::Document;
 use super::server::{body_text, test_router};
 use super::{ROUTES, VmState};
 
 const METHODS: [&str; 7] = ["GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE"];
 
 fn documented() -> BTreeSet<(String, String)> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
-    let doc = YamlLoader::load_from_str(&text).unwrap().remove(0);
-    let Yaml::Hash(paths) = &doc["paths"] else {
-        panic!("docs/openapi.yaml has no paths")
-    };
-    let mut ops = BTreeSet::new();
-    for (p, item) in paths {
-        let Yaml::Hash(item) = item else {
-            panic!("{p:?} is not a path item")
-        };
-        for (m, _) in item {
-            let m = m.as_str().unwrap().to_uppercase();
-            assert!(METHODS.contains(&m.as_str()), "unexpected key {m} under {p:?}");
-            ops.insert((m, p.as_str().unwrap().to_string()));
-        }
+    let ops = Document::load().operations();
+    for (m, p) in &ops {
+        assert!(METHODS.contains(&m.as_str()), "unexpected key {m} under {p}");
     }
     ops
 }
 
-fn cell() -> Arc<BoardCell> {
+pub(super) fn cell() -> Arc<BoardCell> {
     Arc::new(BoardCell::new(Board {
         state: VmState::Running,
         vcpus: 1,
@@ -55,7 +42,8 @@ fn cell() -> Arc<BoardCell> {
     }))
 }
 
-/// Send one request to a router whose controller refuses every command.
+/// Send one request to a router whose controller refuses every command;
+/// the answer to a documented operation must match the document.
 fn send(method: &str, path: &str, body: &str) -> (StatusCode, Option<String>, String) {
     let (tx, rx) = mpsc::sync_channel::<super::board::Envelope>(4);
     let controller = std::thread::spawn(move || {
@@ -80,11 +68,19 @@ fn send(method: &str, path: &str, body: &str) -> (StatusCode, Option<String>, St
         .headers()
         .get(header::ALLOW)
         .map(|v| v.to_str().unwrap().to_string());
-    let is_json = res
+    let content_type = res
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.to_str().unwrap().starts_with("application/json"));
+        .map_or(String::new(), |v| v.to_str().unwrap().to_string());
+    let is_json = content_type.starts_with("application/json");
     let text = rt.block_on(body_text(res));
+    let bare = path.split('?').next().unwrap_or(path);
+    let doc = Document::load();
+    if doc.operations().contains(&(method.to_string(), bare.to_string()))
+        && let Err(e) = doc.check(method, bare, status.as_u16(), &content_type, text.as_bytes())
+    {
+        panic!("docs/openapi.yaml does not describe the answer: {e}");
+    }
     if status.is_client_error() || status.is_server_error() {
         assert!(is_json, "{method} {path}: {status} is not JSON: {text}");
         assert_eq!(text.trim_end().lines().count(), 1, "{method} {path}: {text}");

@@ -1,12 +1,17 @@
 //! The control API end to end: a run driven through `--api-sock` with
 //! `consnap ctl` and raw requests (pause, resume, snapshot now, interval
 //! and mode changes, stats, metrics, bad requests, stuck clients) keeps its
-//! checksum, and so does an epoch taken while the VM was paused; the
-//! socket's rules (0600, stale replaced, live refused).
+//! checksum, and so does an epoch taken while the VM was paused; every
+//! answer matches docs/openapi.yaml (the drift check against a real
+//! server); the socket's rules (0600, stale replaced, live refused).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::common;
 
+#[path = "../../src/api/openapi_check.rs"]
+mod openapi_check;
+
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,6 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use openapi_check::Document;
 use serde_json::Value;
 
 /// `consnap ctl --sock SOCK --json ARGS`, which must succeed.
@@ -34,8 +40,15 @@ fn ctl_fails(sock: &Path, args: &[&str]) -> String {
     err
 }
 
-/// Send raw bytes, read the answer until the server closes; (status, body).
-fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
+/// An answer read off the socket: status, Content-Type and body.
+struct Raw {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+/// Send raw bytes, read the answer until the server closes.
+fn raw_answer(sock: &Path, request: &[u8]) -> Raw {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(request).unwrap();
@@ -47,8 +60,53 @@ fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let content_type = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map_or(String::new(), |(_, v)| v.trim().to_string());
+    Raw {
+        status,
+        content_type,
+        body: body.to_string(),
+    }
+}
+
+/// Send raw bytes; (status, body).
+fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
+    let a = raw_answer(sock, request);
+    (a.status, a.body)
+}
+
+/// `METHOD path` with `body`, whose answer must match docs/openapi.yaml;
+/// (status, body). Documented operations that answered 2xx go in `ok`.
+#[track_caller]
+fn checked(
+    doc: &Document,
+    ok: &mut BTreeSet<(String, String)>,
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    let a = raw_answer(sock, &request(method, path, body));
+    let bare = path.split('?').next().unwrap_or(path);
+    let documented = doc.operations().contains(&(method.to_string(), bare.to_string()));
+    let verdict = if documented {
+        doc.check(method, bare, a.status, &a.content_type, a.body.as_bytes())
+    } else {
+        // Not an operation: the answer is the document's error body.
+        let v: Value = serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", a.body));
+        doc.check_schema("Error", &v)
+    };
+    if let Err(e) = verdict {
+        panic!("docs/openapi.yaml does not describe the answer: {e}\n{}", a.body);
+    }
+    if documented && (200..300).contains(&a.status) {
+        ok.insert((method.to_string(), bare.to_string()));
+    }
+    (a.status, a.body)
 }
 
 fn request(method: &str, path: &str, body: &str) -> Vec<u8> {
@@ -227,44 +285,78 @@ fn a_run_driven_through_the_api_keeps_its_checksum() {
         assert!(text.contains(name), "no {name} in\n{text}");
     }
 
-    // Bad requests: one-line JSON errors, and the VM does not notice.
-    for (req, want, what) in [
-        (request("GET", "/nope", ""), 404, "unknown path"),
-        (request("DELETE", "/vm", ""), 405, "unknown method"),
-        (request("GET", "/stats?full=1", ""), 400, "query string"),
-        (
-            request("PATCH", "/snapshots/config", "{\"interval\":"),
-            400,
-            "broken JSON",
-        ),
-        (
-            request("PATCH", "/snapshots/config", "{\"interval\":\"1s\",\"x\":1}"),
-            400,
-            "unknown field",
-        ),
-        (request("PATCH", "/snapshots/config", "{\"mode\":null}"), 400, "null"),
-        (
-            request("PATCH", "/snapshots/config", &"x".repeat(20_000)),
-            413,
-            "huge body",
-        ),
+    // Every operation's answers, and the errors, match docs/openapi.yaml
+    // (the drift check against a real server).
+    let doc = Document::load();
+    let mut ok = BTreeSet::new();
+    for (method, path, body, want) in [
+        ("GET", "/vm", "", 200),
+        ("PUT", "/vm/pause", "", 200),
+        ("GET", "/stats", "", 200),
+        ("PUT", "/snapshots/take", "", 200),
+        ("PUT", "/vm/resume", "", 200),
+        ("GET", "/snapshots", "", 200),
+        ("GET", "/snapshots/config", "", 200),
+        ("PATCH", "/snapshots/config", r#"{"interval":"100ms"}"#, 200),
+        ("PUT", "/snapshots/take", "", 200),
+        ("GET", "/stats", "", 200),
+        ("GET", "/metrics", "", 200),
+        ("PATCH", "/snapshots/config", r#"{"mode":"cow"}"#, 409),
+        // Bad requests: one-line JSON errors, and the VM does not notice.
+        ("GET", "/nope", "", 404),
+        ("DELETE", "/vm", "", 405),
+        ("GET", "/stats?full=1", "", 400),
+        ("PATCH", "/snapshots/config", "{\"interval\":", 400),
+        ("PATCH", "/snapshots/config", "{\"interval\":\"1s\",\"x\":1}", 400),
+        ("PATCH", "/snapshots/config", "{\"mode\":null}", 400),
+        ("PATCH", "/snapshots/config", &"x".repeat(20_000), 413),
     ] {
-        assert_json_error(raw(&sock, &req), want, what);
+        let (status, text) = checked(&doc, &mut ok, &sock, method, path, body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        if status >= 400 {
+            assert_json_error((status, text), want, &format!("{method} {path}"));
+        }
     }
-    let (status, _) = raw(&sock, b"NOT HTTP AT ALL\r\n\r\n");
-    assert_eq!(status, 400, "a byte stream that is not HTTP");
+    assert_eq!(ok, doc.operations(), "not every documented operation was checked");
+    let wrong_type = b"PATCH /snapshots/config HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}";
+    let a = raw_answer(&sock, wrong_type);
+    doc.check(
+        "PATCH",
+        "/snapshots/config",
+        a.status,
+        &a.content_type,
+        a.body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(a.status, 415, "{}", a.body);
+    for garbage in [&b"NOT HTTP AT ALL\r\n\r\n"[..], b"\x00\x01garbage\r\n\r\n"] {
+        assert_json_error(raw(&sock, garbage), 400, "a byte stream that is not HTTP");
+    }
 
-    // Stuck clients (a request never finished, idle connections beyond the
-    // limit) block neither capture nor other clients for long.
-    let mut stuck = UnixStream::connect(&sock).unwrap();
-    stuck
-        .write_all(b"PATCH /snapshots/config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-        .unwrap();
-    let idle: Vec<UnixStream> = (0..40).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    // Stuck clients (half-sent headers and bodies, idle connections far
+    // beyond the limit of 32) block neither capture nor other clients: a
+    // client is answered while they are all open.
+    let stuck: Vec<UnixStream> = (0..8)
+        .map(|i| {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            let half: &[u8] = if i % 2 == 0 {
+                b"PATCH /snapshots/config HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            } else {
+                b"GET /stats HTTP/1.1\r\nHost: x\r\n"
+            };
+            s.write_all(half).unwrap();
+            s
+        })
+        .collect();
+    let idle: Vec<UnixStream> = (0..64).map(|_| UnixStream::connect(&sock).unwrap()).collect();
     let n = epoch_count(&snaps);
+    let a = raw_answer(&sock, &request("GET", "/vm", ""));
+    assert_eq!(a.status, 200, "a client among stuck ones: {}", a.body);
+    doc.check("GET", "/vm", a.status, &a.content_type, a.body.as_bytes())
+        .unwrap();
     child.wait_for("epochs while clients are stuck", |_| epoch_count(&snaps) >= n + 5);
-    drop(idle);
     assert_eq!(ctl(&sock, &["status"])["state"], "running");
+    drop(idle);
     drop(stuck);
 
     let out = child.wait();
@@ -338,6 +430,20 @@ fn the_socket_is_private_a_stale_one_is_replaced_a_live_one_refused() {
         );
     }
     assert_eq!(ctl(&sock, &["stats"])["snapshots"], Value::Null);
+    let doc = Document::load();
+    let mut ok = BTreeSet::new();
+    for (method, path, body, want) in [
+        ("GET", "/vm", "", 200),
+        ("GET", "/stats", "", 200),
+        ("GET", "/metrics", "", 200),
+        ("GET", "/snapshots", "", 409),
+        ("PUT", "/snapshots/take", "", 409),
+        ("GET", "/snapshots/config", "", 409),
+        ("PATCH", "/snapshots/config", r#"{"interval":"1s"}"#, 409),
+    ] {
+        let (status, text) = checked(&doc, &mut ok, &sock, method, path, body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+    }
     child.stop(libc::SIGTERM);
     assert!(!sock.exists());
     let err = ctl_fails(&sock, &["status"]);
