@@ -308,7 +308,7 @@ mod tests {
         );
         assert_eq!(
             max_lag("soon").unwrap_err().to_string(),
-            "'soon' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0), or 'never'"
+            "'soon' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 7d, 0), or 'never'"
         );
     }
 

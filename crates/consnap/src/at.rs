@@ -217,7 +217,7 @@ mod tests {
             ("4", "s has no epoch 4"),
             (
                 "-5",
-                "--at '-5': '5' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 0)",
+                "--at '-5': '5' is not a duration (examples: 250us, 0.5ms, 10ms, 1.5s, 2m, 1h, 7d, 0)",
             ),
             (
                 "soon",
