@@ -76,6 +76,7 @@ pub fn compact(a: CompactArgs) -> Result<i32, CompactError> {
         codec: a.compress.map(CompressArg::codec),
         batch_merges: false,
         max_store: a.max_store.filter(|m| *m > 0),
+        headroom: store::Headroom::default(),
     };
     let before: u64 = store
         .list()?

@@ -230,6 +230,11 @@ fn run(
         Some(u)
     };
     let mut next = Instant::now() + PERIOD;
+    // What the store gained between the starts of two passes: the room a
+    // pass leaves under the bounds (decaying slowly, so that one quiet
+    // cycle does not leave the next busy one without it).
+    let mut headroom = store::Headroom::default();
+    let mut last_start: Option<u64> = None;
     loop {
         while Instant::now() < next {
             if stop.load(Ordering::Relaxed) {
@@ -242,8 +247,23 @@ fn run(
             Some(p) if store.latest().unwrap_or(0) <= start_latest => vec![p],
             _ => Vec::new(),
         };
+        let latest = store.latest().unwrap_or(0);
+        if let Some(before) = last_start
+            && let Ok((_, bytes)) = store::usage_since(store, before)
+        {
+            let epochs = usize::try_from(latest.saturating_sub(before)).unwrap_or(usize::MAX);
+            headroom = store::Headroom {
+                epochs: (epochs + 1).max(headroom.epochs * 7 / 8),
+                bytes: bytes.max(headroom.bytes / 8 * 7),
+            };
+        }
+        last_start = Some(latest);
+        let pass_opts = ReclaimOptions {
+            headroom,
+            ..opts.clone()
+        };
         let mut during = ReclaimReport::default();
-        let pass = store::reclaim(store, opts, &pin, stop, &mut |_, _| {
+        let pass = store::reclaim(store, &pass_opts, &pin, stop, &mut |_, _| {
             sample(&mut during, false);
         });
         report.max_bytes_seen = report.max_bytes_seen.max(during.max_bytes_seen);

@@ -85,6 +85,7 @@ impl ReclaimArgs {
             codec: None,
             batch_merges: false,
             max_store: (self.max_store > 0).then_some(self.max_store),
+            headroom: store::Headroom::default(),
         }
     }
 }

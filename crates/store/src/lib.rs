@@ -34,7 +34,7 @@ pub use format::{Extent, ExtentKind, Header, Mode, PAGE, VERSION};
 pub use ledger::{LEDGER_FILE, Ledger};
 pub use plan::{Run, Source, claims, plan};
 pub use reader::{EpochReader, RangeRead};
-pub use reclaim::{DEFAULT_MAX_CHAIN, ReclaimOptions, Usage, reclaim, usage};
+pub use reclaim::{DEFAULT_MAX_CHAIN, Headroom, ReclaimOptions, Usage, reclaim, usage, usage_since};
 pub use retain::{DEFAULT_POLICY, Policy, PolicyError};
 pub use ship::{Detached, merged_onto};
 pub use store::{Access, Store, Stray, epoch_file_name, epoch_id_of};

@@ -53,6 +53,20 @@ pub struct ReclaimOptions {
     /// policy keeps would take more, the oldest of them go too (never the
     /// newest or a pinned one), so that the store stays under it.
     pub max_store: Option<u64>,
+    /// Room to leave under `max_chain` and `max_store` for what the writer
+    /// adds before the next pass ends (a running store's reclaimer
+    /// measures it); RECLAIM records the bounds without it.
+    pub headroom: Headroom,
+}
+
+/// Epochs and bytes a running store gains between the starts of two
+/// reclamation passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headroom {
+    /// Epochs (each lengthens the newest chain by one).
+    pub epochs: usize,
+    /// Bytes of epoch files.
+    pub bytes: u64,
 }
 
 impl Default for ReclaimOptions {
@@ -64,6 +78,7 @@ impl Default for ReclaimOptions {
             codec: None,
             batch_merges: false,
             max_store: None,
+            headroom: Headroom::default(),
         }
     }
 }
@@ -206,7 +221,13 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     let levels = fold::levels(&fold::ladder(&opts.policy), &kept_times);
     let planned_pages = |id: u64| planned.get(&id).copied().unwrap_or_else(|| pages(id));
     let ram_pages = heads.values().map(|(h, _)| h.mem_size / PAGE as u64).max().unwrap_or(0);
-    for f in fold::bound_chains(&keep, &mut parent, opts.max_chain, &levels, &planned_pages, ram_pages) {
+    // Chains grow by one an epoch until the next pass ends: fold below the
+    // bound by that much (at least 2 files a chain).
+    let max_chain = match opts.max_chain {
+        0 => 0,
+        m => m.saturating_sub(opts.headroom.epochs).max(2.min(m)),
+    };
+    for f in fold::bound_chains(&keep, &mut parent, max_chain, &levels, &planned_pages, ram_pages) {
         let r = rebases.entry(f.id).or_insert(Rebase {
             id: f.id,
             onto: f.onto,
@@ -273,12 +294,21 @@ pub struct Usage {
 
 /// The store's [`Usage`], from its headers (cached between calls).
 pub fn usage(store: &Store) -> Result<Usage> {
+    usage_since(store, u64::MAX).map(|(u, _)| u)
+}
+
+/// The store's [`Usage`] and the bytes of its epochs newer than `since`.
+pub fn usage_since(store: &Store, since: u64) -> Result<(Usage, u64)> {
+    let mut newer = 0;
     let mut u = Usage::default();
     let mut parents: BTreeMap<u64, Option<u64>> = BTreeMap::new();
     for (id, info) in store.list_cached()? {
         let Ok(info) = info else { continue };
         u.epochs += 1;
         u.bytes += info.file_bytes;
+        if id > since {
+            newer += info.file_bytes;
+        }
         parents.insert(id, (!info.header.is_full()).then_some(info.header.parent));
     }
     // Chain lengths, oldest first (parents are older): one step each.
@@ -291,7 +321,7 @@ pub fn usage(store: &Store) -> Result<Usage> {
         len.insert(*id, l);
         u.longest_chain = u.longest_chain.max(l);
     }
-    Ok(u)
+    Ok((u, newer))
 }
 
 /// Pages of the FULL epoch at the end of `id`'s current chain.
