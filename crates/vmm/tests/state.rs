@@ -73,6 +73,7 @@ fn frames(d: &vmm::dirty::DirtySet) -> Vec<u64> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dirty_log_reports_exactly_the_pages_written() {
     if !kvm_ready() {
         return;
@@ -138,6 +139,7 @@ fn restore(st: &MachineState, image: &[u8]) -> Machine {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn save_restore_continue_without_the_store() {
     if !kvm_ready() {
         return;
@@ -208,6 +210,7 @@ fn steady(msrs: &[(u32, u64)]) -> Vec<(u32, u64)> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn vcpu_and_in_kernel_devices_persist_round_trip() {
     if !kvm_ready() {
         return;

@@ -97,6 +97,7 @@ fn ops(sock: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_run_driven_through_the_api_keeps_its_checksum() {
     if !kvm_ready() {
         return;
@@ -286,6 +287,7 @@ fn a_run_driven_through_the_api_keeps_its_checksum() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_socket_is_private_a_stale_one_is_replaced_a_live_one_refused() {
     if !kvm_ready() {
         return;

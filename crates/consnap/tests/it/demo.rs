@@ -7,6 +7,7 @@ use crate::common;
 use common::*;
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_demo_passes_and_cleans_up() {
     if !kvm_ready() {
         return;

@@ -34,6 +34,7 @@ fn epoch_ops(snaps: &std::path::Path, id: u64) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_delayed_restore_runs_as_long_as_an_immediate_one() {
     if !kvm_ready() {
         return;
@@ -95,6 +96,7 @@ fn a_delayed_restore_runs_as_long_as_an_immediate_one() {
 /// time (about a tenth here; spinning, all of it), it keeps its rate and
 /// its checksum, and snapshots still pause it promptly.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_rate_limited_guest_idles() {
     if !kvm_ready() {
         return;

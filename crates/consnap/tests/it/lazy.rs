@@ -31,6 +31,7 @@ fn make_store(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_damaged_page_never_reaches_the_guest() {
     if !kvm_ready() {
         return;
@@ -133,6 +134,7 @@ fn restore_run<'a>(dir: &std::path::Path, store: &'a std::path::Path, id: u64, l
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
     if !kvm_ready() {
         return;
@@ -208,6 +210,7 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
     if !kvm_ready() {
         return;
@@ -243,6 +246,7 @@ fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     if !kvm_ready() {
         return;

@@ -282,6 +282,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn a_refused_tsc_frequency_leaves_the_previous_one() {
         if !crate::testing::kvm_ready() {
             return;
