@@ -11,14 +11,16 @@
 //! `#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]`; a test that is not
 //! ignored requires its dependency at run time (it never returns early).
 //!
-//! `CONSNAP_PRETEND_NO=kvm,qemu,...` (names as in [`Dep::name`], or `all`)
-//! makes the probe report those dependencies missing: a way to see the
-//! ignored tests on a host that has everything.
+//! `CONSNAP_PRETEND_NO_<NAME>=1` makes the probe report that dependency
+//! missing: a way to see the ignored tests on a host that has everything.
 //!
 //! The probe runs again when one of its inputs changes: the variables
-//! above, `PATH`, `HOME`, `CONSNAP_GARAGE`, `CONSNAP_LINUX_DIR`,
-//! `CONSNAP_PRODUCT_BIN`, and the files it found. A dependency installed
-//! since the last build is seen after `touch build-support/test_deps.rs`.
+//! above, those a probe reads (`PATH`, `HOME`, `CONSNAP_GARAGE`,
+//! `CONSNAP_LINUX_DIR`, `CONSNAP_PRODUCT_BIN`), and the files it found; a
+//! crate watches only the variables of the dependencies it names, so that
+//! changing one rebuilds only the crates whose tests need it. A dependency
+//! installed since the last build is seen after
+//! `touch build-support/test_deps.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,7 +56,7 @@ pub enum Dep {
 
 impl Dep {
     /// The lower-case name: the cfg is `no_<name>`, the variables are
-    /// `CONSNAP_REQUIRE_<NAME>` and `CONSNAP_PRETEND_NO=<name>`.
+    /// `CONSNAP_REQUIRE_<NAME>` and `CONSNAP_PRETEND_NO_<NAME>`.
     pub fn name(self) -> &'static str {
         match self {
             Dep::Kvm => "kvm",
@@ -67,6 +69,17 @@ impl Dep {
             Dep::UffdLimited => "uffd_limited",
             Dep::Linux => "linux",
             Dep::Product => "product",
+        }
+    }
+
+    /// The environment variables its probe reads.
+    fn reads(self) -> &'static [&'static str] {
+        match self {
+            Dep::Qemu | Dep::Netns => &["PATH"],
+            Dep::Garage => &["CONSNAP_GARAGE", "HOME"],
+            Dep::Linux => &["CONSNAP_LINUX_DIR"],
+            Dep::Product => &["CONSNAP_PRODUCT_BIN"],
+            Dep::Kvm | Dep::Tap | Dep::Uffd | Dep::Root | Dep::UffdLimited => &[],
         }
     }
 
@@ -110,21 +123,24 @@ impl Dep {
 pub fn emit(deps: &[Dep]) {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=../../build-support/test_deps.rs");
-    for var in ["CONSNAP_PRETEND_NO", "PATH", "HOME"] {
+    let mut watched: Vec<&str> = deps.iter().flat_map(|d| d.reads()).copied().collect();
+    watched.sort_unstable();
+    watched.dedup();
+    for var in watched {
         println!("cargo::rerun-if-env-changed={var}");
     }
-    let pretend = std::env::var("CONSNAP_PRETEND_NO").unwrap_or_default();
-    let pretend: Vec<&str> = pretend.split(',').map(str::trim).collect();
     for &dep in deps {
         let name = dep.name();
         let require = format!("CONSNAP_REQUIRE_{}", name.to_uppercase());
+        let pretend = format!("CONSNAP_PRETEND_NO_{}", name.to_uppercase());
         println!("cargo::rustc-check-cfg=cfg(no_{name})");
         println!("cargo::rerun-if-env-changed={require}");
+        println!("cargo::rerun-if-env-changed={pretend}");
         let (mut present, watch) = dep.probe();
         for f in watch {
             println!("cargo::rerun-if-changed={}", f.display());
         }
-        if pretend.contains(&name) || pretend.contains(&"all") {
+        if std::env::var(&pretend).as_deref() == Ok("1") {
             present = false;
         }
         let required = std::env::var(&require).as_deref() == Ok("1");
@@ -134,9 +150,6 @@ pub fn emit(deps: &[Dep]) {
                 "cargo::warning=tests that need {name} are ignored: it is missing here (set {require}=1 to run them anyway)"
             );
         }
-    }
-    for var in ["CONSNAP_GARAGE", "CONSNAP_LINUX_DIR", "CONSNAP_PRODUCT_BIN"] {
-        println!("cargo::rerun-if-env-changed={var}");
     }
 }
 
