@@ -181,7 +181,9 @@ fn measure(opts: &Options, res: &Results, summary: &mut Summary) -> Result<()> {
                         let runs_qemu = qemu_version.is_some() && m.runs(g, 0).iter().any(|(m, _)| m.is_qemu());
                         let r = if runs_qemu {
                             let deadline = Duration::from_secs(120);
-                            match qemu::calibrate(&qctx, &g.workload.spec, guess, deadline) {
+                            // About 1.5 s of work at consnap's rate.
+                            let ops = (r * 1.5).ceil() as u64;
+                            match qemu::calibrate(&qctx, &g.workload.spec, ops, deadline) {
                                 Ok(q) => {
                                     say(&mut log, &format!("{}: {q:.0} ops/s under QEMU", g.workload.name));
                                     r.max(q)

@@ -268,30 +268,25 @@ impl Qmp {
 }
 
 /// Guest ops per second of `spec` (without ops) under QEMU without
-/// snapshots, over the whole run (boot included, so never more than QEMU
-/// gives): a run sized from it lasts at least as long under QEMU. Starts
-/// with `guess_ops`, ten times more while a run lasts under a second.
+/// snapshots: the ops of a run over its wall time less that of a run of one
+/// op (QEMU's start, boot and exit), so that a run sized from it lasts at
+/// least as long under QEMU. Starts with `guess_ops`, ten times more while
+/// the work lasts under a second.
 pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64, deadline: Duration) -> Result<f64, QemuError> {
+    let wall = |ops: u64| -> Result<f64, QemuError> {
+        let mut rec = Record::default();
+        let spec = format!("{spec},ops={ops}");
+        run_inner(ctx, &spec, Mode::QemuNone, None, deadline, &mut rec)?;
+        Ok(rec.wall_s)
+    };
+    let overhead = wall(1)?;
     let mut ops = guess_ops.max(1);
     for _ in 0..4 {
-        let mut rec = Record::default();
-        run_inner(
-            ctx,
-            &format!("{spec},ops={ops}"),
-            Mode::QemuNone,
-            None,
-            deadline,
-            &mut rec,
-        )?;
-        if rec.wall_s >= 1.0 {
-            return Ok(ops as f64 / rec.wall_s);
+        let busy = wall(ops)? - overhead;
+        if busy >= 1.0 {
+            return Ok(ops as f64 / busy);
         }
-        tracing::info!(
-            spec,
-            ops,
-            wall = rec.wall_s,
-            "QEMU calibration run too short, trying more ops"
-        );
+        tracing::info!(spec, ops, busy, "QEMU calibration run too short, trying more ops");
         ops = ops.saturating_mul(10);
     }
     Err(QemuError::Calibration {
