@@ -65,9 +65,24 @@ pub enum QemuError {
         /// The last lines of QEMU's stderr.
         stderr: String,
     },
-    /// The guest finished before the first snapshot.
-    #[error("the guest finished before QEMU took a snapshot")]
-    NoSnapshot,
+    /// The guest finished before QEMU took a snapshot: after `ran`, the
+    /// first being due one `interval` after QMP was ready. `last` is why
+    /// the last attempt failed, if one was made (QEMU closing QMP as it
+    /// exits, or a refusal).
+    #[error(
+        "the guest finished after {:.2} s, before QEMU took a snapshot (the first was due at {:.2} s){}",
+        .ran.as_secs_f64(),
+        .interval.as_secs_f64(),
+        .last.as_ref().map_or_else(String::new, |e| format!("; the last attempt failed: {e}"))
+    )]
+    NoSnapshot {
+        ran: Duration,
+        interval: Duration,
+        last: Option<Box<QemuError>>,
+    },
+    /// A calibration run under QEMU did not last long enough to measure.
+    #[error("calibrating {spec} under QEMU: still under a second with {ops} ops")]
+    Calibration { spec: String, ops: u64 },
     /// The restored QEMU did not start running within its limit.
     #[error("the restored QEMU never ran (status {status}): {stderr}")]
     NeverRan {
@@ -252,6 +267,34 @@ impl Qmp {
     }
 }
 
+/// Guest ops per second of `spec` (without ops) under QEMU without
+/// snapshots: the ops of a run over its wall time less that of a run of one
+/// op (QEMU's start, boot and exit), so that a run sized from it lasts at
+/// least as long under QEMU. Starts with `guess_ops`, ten times more while
+/// the work lasts under a second.
+pub fn calibrate(ctx: &Ctx, spec: &str, guess_ops: u64, deadline: Duration) -> Result<f64, QemuError> {
+    let wall = |ops: u64| -> Result<f64, QemuError> {
+        let mut rec = Record::default();
+        let spec = format!("{spec},ops={ops}");
+        run_inner(ctx, &spec, Mode::QemuNone, None, deadline, &mut rec)?;
+        Ok(rec.wall_s)
+    };
+    let overhead = wall(1)?;
+    let mut ops = guess_ops.max(1);
+    for _ in 0..4 {
+        let busy = wall(ops)? - overhead;
+        if busy >= 1.0 {
+            return Ok(ops as f64 / busy);
+        }
+        tracing::info!(spec, ops, busy, "QEMU calibration run too short, trying more ops");
+        ops = ops.saturating_mul(10);
+    }
+    Err(QemuError::Calibration {
+        spec: spec.to_string(),
+        ops,
+    })
+}
+
 /// Run `spec` in QEMU in `mode` at `interval` and fill `rec`; then restore
 /// the newest snapshot and run it to the end.
 pub fn run(ctx: &Ctx, spec: &str, mode: Mode, interval: Option<Duration>, deadline: Duration, rec: &mut Record) {
@@ -332,6 +375,8 @@ fn drive(
         )?;
     }
     let (mut pauses, mut bytes, mut newest) = (Vec::new(), Vec::new(), None);
+    // Why the last snapshot was cut short by QEMU exiting, if it was.
+    let mut cut = None;
     let mut due = Instant::now() + interval;
     loop {
         while Instant::now() < due {
@@ -369,8 +414,12 @@ fn drive(
                 newest = Some(file);
             }
             // The guest finished while a snapshot was taken: QEMU closes
-            // the socket as it exits.
-            Err(_) if exits_soon(child) => break,
+            // the socket as it exits. An answer from QEMU (a refused
+            // command, a failed migration) is never taken for that.
+            Err(e) if closed(&e) && exits_soon(child) => {
+                cut = Some(Box::new(e));
+                break;
+            }
             Err(e) => {
                 return Err(QemuError::Snapshot {
                     source: Box::new(e),
@@ -387,11 +436,24 @@ fn drive(
     }
     rec.snapshots = pauses.len() as u64;
     if pauses.is_empty() {
-        return Err(QemuError::NoSnapshot);
+        return Err(QemuError::NoSnapshot {
+            ran: started.elapsed(),
+            interval,
+            last: cut,
+        });
     }
     rec.pause = Some(percentiles(&mut pauses));
     rec.bytes_p50 = Some(percentiles(&mut bytes).p50_us);
     Ok(newest)
+}
+
+/// Whether `e` is QMP going away (as it does when QEMU exits), not an
+/// answer from QEMU.
+fn closed(e: &QemuError) -> bool {
+    matches!(
+        e,
+        QemuError::Closed | QemuError::Io(_) | QemuError::Send { .. } | QemuError::BadReply { .. }
+    )
 }
 
 /// Whether `child` exits within a few seconds.

@@ -24,6 +24,7 @@ fn tempdir(name: &str) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn vmm_written_pages_reach_the_next_epoch() {
     if !kvm_ready() {
         return;
@@ -108,6 +109,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
 /// in the next epoch whatever the mode and tracker, and the epoch restores
 /// with the sector in place and the disk beside it.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn device_written_pages_reach_the_next_epoch() {
     if !kvm_ready() {
         return;
@@ -220,6 +222,7 @@ fn device_written_pages_reach_the_next_epoch() {
 /// registration): those writes reach the next epoch, and under `cow` they
 /// fault from kernel mode into the fault handler instead of failing KVM_RUN.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kvm_written_pages_reach_the_next_epoch() {
     if !kvm_ready() {
         return;
@@ -310,6 +313,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
 /// writes random pages of a one-block (2 MiB) working set without end, so
 /// every epoch must hold pages of that block.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_block_faulted_across_a_pause_stays_tracked() {
     if !kvm_ready() {
         return;

@@ -196,7 +196,7 @@ fn policies_and_ledgers_of_arbitrary_bytes_never_panic() {
 /// Write the seeds of the epoch, sealed_epoch and ledger targets into
 /// fuzz/corpus (run by hand; see the module comment).
 #[test]
-#[ignore]
+#[ignore = "writes the fuzz seeds: run by hand with CONSNAP_FUZZ_SEEDS=1"]
 fn write_fuzz_seeds() {
     if std::env::var_os("CONSNAP_FUZZ_SEEDS").is_none() {
         return;

@@ -46,18 +46,26 @@ pub fn may_lower_niceness() -> bool {
     .unwrap_or(false)
 }
 
-/// True when KVM tests can run. Under `CONSNAP_REQUIRE_KVM=1` a missing or
-/// unusable /dev/kvm panics (fails the test) instead of skipping it.
+/// Fails the calling test: it needs `what`, which is missing (`why`).
+///
+/// A test whose dependency the build found missing is ignored, with the
+/// reason (`#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]`, cfgs set by
+/// build-support/test_deps.rs); one that runs requires its dependency, and
+/// never passes without having checked anything.
+pub fn missing(what: &str, why: impl std::fmt::Display) -> ! {
+    panic!(
+        "this test needs {what}, which is missing here ({why}); it ran because the build found it \
+         or CONSNAP_REQUIRE_* asked for it (build-support/test_deps.rs: a rebuild probes again)"
+    )
+}
+
+/// /dev/kvm, for a test that needs it (and is ignored under the `no_kvm`
+/// cfg): always true, or the test fails ([`missing`]). The result is a bool
+/// only so that the tests' `if !kvm_ready() { return; }` lines read as before.
 pub fn kvm_ready() -> bool {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
-        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm unusable ({e})");
-            false
-        }
+        Err(e) => missing("/dev/kvm", e),
     }
 }
 

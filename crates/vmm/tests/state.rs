@@ -73,6 +73,7 @@ fn frames(d: &vmm::dirty::DirtySet) -> Vec<u64> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dirty_log_reports_exactly_the_pages_written() {
     if !kvm_ready() {
         return;
@@ -138,6 +139,7 @@ fn restore(st: &MachineState, image: &[u8]) -> Machine {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn save_restore_continue_without_the_store() {
     if !kvm_ready() {
         return;
@@ -208,6 +210,7 @@ fn steady(msrs: &[(u32, u64)]) -> Vec<(u32, u64)> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn vcpu_and_in_kernel_devices_persist_round_trip() {
     if !kvm_ready() {
         return;
@@ -293,6 +296,7 @@ fn a_clear_feature_bit(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> (u32, usize,
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_state_claiming_a_feature_this_host_lacks_is_refused() {
     if !kvm_ready() {
         return;

@@ -27,6 +27,7 @@ fn machine(code: &[u8], vcpus: u8, out: Capture) -> Machine {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn serial_output_and_debug_exit() {
     if !kvm_ready() {
         return;
@@ -50,6 +51,7 @@ fn serial_output_and_debug_exit() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
     if !kvm_ready() {
         return;
@@ -93,6 +95,7 @@ fn pause_kicks_a_spinning_vcpu_and_saves_its_registers() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn triple_fault_is_reported_with_rip() {
     if !kvm_ready() {
         return;
@@ -107,6 +110,7 @@ fn triple_fault_is_reported_with_rip() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_cpuid_has_topology_and_hides_what_the_host_cannot_run() {
     if !kvm_ready() {
         return;

@@ -12,6 +12,7 @@ use vmm::testing::{Capture, TestDir, kvm_ready};
 use vmm::tiny_guests;
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_guest_reads_a_sector_through_ioeventfd_and_irqfd() {
     if !kvm_ready() {
         return;

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use openapi_check::Document;
@@ -155,6 +155,7 @@ fn ops(sock: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_run_driven_through_the_api_keeps_its_checksum() {
     if !kvm_ready() {
         return;
@@ -218,14 +219,15 @@ fn a_run_driven_through_the_api_keeps_its_checksum() {
             .any(|r| r["id"] == id && r["restorable"] == true)
     );
 
-    // Interval and mode at run time.
+    // Interval and mode at run time. At 1 h no periodic epoch is due (one
+    // may still be under way): the ten that come next come from the new
+    // interval, or the harness deadline fails the test.
+    assert_eq!(ctl(&sock, &["set", "interval=1h"])["interval"], "1h");
+    let n = epoch_count(&snaps);
     let c = ctl(&sock, &["set", "interval=20ms"]);
     assert_eq!(c["interval"], "20ms");
     assert_eq!(ctl(&sock, &["config"])["interval_ms"], 20.0);
-    let n = epoch_count(&snaps);
-    let t = Instant::now();
-    child.wait_for("epochs at 20ms", |_| epoch_count(&snaps) >= n + 10);
-    assert!(t.elapsed() < Duration::from_secs(5), "the new interval did not take");
+    child.wait_for("epochs at 20ms", |_| epoch_count(&snaps) >= n + 11);
     let c = ctl(&sock, &["set", "mode=stop-copy-full", "interval=100ms"]);
     assert_eq!(
         (c["mode"].as_str(), c["interval"].as_str()),
@@ -378,6 +380,7 @@ fn a_run_driven_through_the_api_keeps_its_checksum() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_socket_is_private_a_stale_one_is_replaced_a_live_one_refused() {
     if !kvm_ready() {
         return;

@@ -43,6 +43,7 @@ fn bad_flags() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kernel_files() {
     if !kvm_ready() {
         return;
@@ -96,6 +97,7 @@ fn kernel_files() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memory_and_vcpus() {
     if !kvm_ready() {
         return;
@@ -117,6 +119,7 @@ fn memory_and_vcpus() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_guest_itself_rejects_what_does_not_fit() {
     if !kvm_ready() {
         return;
@@ -147,12 +150,15 @@ fn the_guest_itself_rejects_what_does_not_fit() {
 }
 
 /// Run consnap in a changed environment: as an unprivileged user, or with
-/// an empty /dev. Needs root (to drop privileges or mount); skipped otherwise.
+/// an empty /dev. Needs root (to drop privileges or mount): the tests are
+/// ignored under the `no_root` cfg, and fail without it. Always `Some`.
 fn privileged(wrapper: &[&str]) -> Option<std::process::Output> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || try_spawn(std::process::Command::new(wrapper[0]).arg("--help")).is_err() {
-        eprintln!("skipping: needs root and {}", wrapper[0]);
-        return None;
+    if unsafe { libc::geteuid() } != 0 {
+        vmm::testing::missing("root", "not running as root");
+    }
+    if let Err(e) = try_spawn(std::process::Command::new(wrapper[0]).arg("--help")) {
+        vmm::testing::missing(wrapper[0], e);
     }
     let bin = env!("CARGO_BIN_EXE_consnap");
     let mut cmd = std::process::Command::new(wrapper[0]);
@@ -162,6 +168,7 @@ fn privileged(wrapper: &[&str]) -> Option<std::process::Output> {
 }
 
 #[test]
+#[cfg_attr(no_root, ignore = "needs root")]
 fn missing_or_forbidden_dev_kvm() {
     let Some(out) = privileged(&[
         "unshare",

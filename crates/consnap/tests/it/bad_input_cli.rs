@@ -23,6 +23,7 @@ fn is_report(bytes: &[u8]) -> bool {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_report_into_a_fifo_leaves_the_fifo() {
     if !kvm() {
         return;
@@ -55,6 +56,7 @@ fn a_report_into_a_fifo_leaves_the_fifo() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_report_through_a_symlink_leaves_the_symlink() {
     if !kvm() {
         return;
@@ -78,6 +80,7 @@ fn a_report_through_a_symlink_leaves_the_symlink() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_regular_report_file_is_replaced_atomically() {
     if !kvm() {
         return;
@@ -117,6 +120,7 @@ fn the_report_path_is_checked_before_the_vm_starts() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failed_report_write_leaves_no_temporary_file() {
     if !kvm() {
         return;
@@ -160,6 +164,7 @@ fn durations_beyond_a_year_are_refused() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn fractional_durations_hours_and_tebibytes() {
     // Parsing only: each of these fails later, on purpose, for another reason.
     let out = run(
@@ -238,6 +243,7 @@ fn kernel_options_without_a_kernel_are_refused() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn logs_to_a_pipe_have_no_colour_codes() {
     if !kvm() {
         return;

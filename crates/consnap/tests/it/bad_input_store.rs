@@ -10,6 +10,7 @@ use bad_input_support::*;
 const SNAP_RUN: &str = "run --workload memstress,wss=8M,ops=3000000 --mode stop-copy --interval 20ms --pause-probe 0";
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn an_interrupted_store_creation_is_completed_by_the_next_run() {
     if !kvm() {
         return;
@@ -49,6 +50,7 @@ fn an_interrupted_store_creation_is_completed_by_the_next_run() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn store_modes_do_not_follow_the_umask() {
     if !kvm() {
         return;
@@ -75,6 +77,7 @@ fn store_modes_do_not_follow_the_umask() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn an_open_directory_is_made_private_with_a_warning() {
     if !kvm() {
         return;

@@ -48,36 +48,43 @@ fn check(spec: &str, vcpus: u32) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_1_vcpu() {
     check("memstress,wss=64M,ops=200000,seed=1", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_2_vcpus() {
     check("memstress,wss=64M,ops=200000,seed=1,pattern=hotcold", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_1_vcpu() {
     check("build,wss=64M,ops=200", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_2_vcpus() {
     check("build,wss=64M,ops=200", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_1_vcpu() {
     check("ftp,wss=64M,ops=3000,chunk=32K", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_2_vcpus_rate_limited() {
     check("ftp,wss=64M,ops=2000,rate=400M", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn pause_figures_are_reported() {
     if !kvm_ready() {
         return;

@@ -111,21 +111,25 @@ fn random_kill(workload: &str, vcpus: u32, pause_copy: &str) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_killed_at_random_1_vcpu() {
     random_kill("memstress", 1, "0ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_killed_at_random_2_vcpus() {
     random_kill("memstress", 2, "1ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_killed_at_random_1_vcpu() {
     random_kill("build", 1, "0ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_killed_at_random_2_vcpus() {
     random_kill("build", 2, "1ms");
 }
@@ -135,16 +139,21 @@ fn build_killed_at_random_2_vcpus() {
 /// says what is missing, how to fix it, and that stop-copy works; before
 /// any VM starts.
 #[test]
+#[cfg_attr(
+    any(no_root, no_uffd_limited),
+    ignore = "needs root and vm.unprivileged_userfaultfd=0"
+)]
 fn a_host_without_userfaultfd_is_told_what_is_missing() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to run consnap as another user");
-        return;
+        vmm::testing::missing("root", "to run consnap as another user");
     }
     let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     if unprivileged.trim() != "0" {
-        eprintln!("skipping: vm.unprivileged_userfaultfd is {unprivileged}, so any user may create one");
-        return;
+        vmm::testing::missing(
+            "vm.unprivileged_userfaultfd=0",
+            format!("it is {}, so any user may create one", unprivileged.trim()),
+        );
     }
     let dir = tempdir("cow-host");
     let snaps = dir.join("snaps");

@@ -140,61 +140,73 @@ fn kill_restore_disk(workload: &str, mode: &str, vcpus: u32, interval: &str) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_cow_1_vcpu_20ms() {
     kill_restore_disk("ftp", "cow", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_cow_2_vcpus_20ms() {
     kill_restore_disk("dblog", "cow", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_cow_1_vcpu_1s() {
     kill_restore_disk("dblog", "cow", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_cow_2_vcpus_1s() {
     kill_restore_disk("ftp", "cow", 2, "1s");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_stop_copy_1_vcpu_20ms() {
     kill_restore_disk("dblog", "stop-copy", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_stop_copy_2_vcpus_20ms() {
     kill_restore_disk("ftp", "stop-copy", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_stop_copy_1_vcpu_1s() {
     kill_restore_disk("ftp", "stop-copy", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_stop_copy_2_vcpus_1s() {
     kill_restore_disk("dblog", "stop-copy", 2, "1s");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_stop_copy_full_1_vcpu_20ms() {
     kill_restore_disk("ftp", "stop-copy-full", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_stop_copy_full_2_vcpus_20ms() {
     kill_restore_disk("dblog", "stop-copy-full", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dblog_stop_copy_full_1_vcpu_1s() {
     kill_restore_disk("dblog", "stop-copy-full", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_disk_stop_copy_full_2_vcpus_1s() {
     kill_restore_disk("ftp", "stop-copy-full", 2, "1s");
 }
@@ -218,6 +230,7 @@ fn refused(args: &[&str], needles: &[&str]) {
 const SHORT: &str = "dblog,wss=1M,ops=200,dsize=1M";
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn bad_disk_images_are_refused_with_their_name() {
     if !kvm_ready() {
         return;
@@ -294,6 +307,7 @@ fn read_only_image(dir: &Path, img: &Path) -> bool {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn two_vms_never_share_an_image() {
     if !kvm_ready() {
         return;
@@ -331,6 +345,7 @@ fn two_vms_never_share_an_image() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn restores_need_one_new_image_per_disk() {
     if !kvm_ready() {
         return;
@@ -395,6 +410,7 @@ fn restores_need_one_new_image_per_disk() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn an_image_that_changes_size_under_the_vm_fails_its_snapshots() {
     if !kvm_ready() {
         return;
@@ -440,6 +456,7 @@ fn an_image_that_changes_size_under_the_vm_fails_its_snapshots() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failing_flush_reaches_the_guest_and_loses_no_snapshot() {
     if !kvm_ready() {
         return;

@@ -31,6 +31,7 @@ fn make_store(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_damaged_page_never_reaches_the_guest() {
     if !kvm_ready() {
         return;
@@ -133,6 +134,7 @@ fn restore_run<'a>(dir: &std::path::Path, store: &'a std::path::Path, id: u64, l
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
     if !kvm_ready() {
         return;
@@ -208,6 +210,7 @@ fn a_lazily_restored_vm_takes_snapshots_that_restore_exactly() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
     if !kvm_ready() {
         return;
@@ -237,12 +240,15 @@ fn empty_regions_touched_before_the_fill_ends_fault_in_as_huge_pages() {
         (Some(ops), Some(sum.as_str())),
         "{r}"
     );
+    // The guest reached empty regions before the fill did (it writes 40
+    // MiB a second, the fill installs 1), and each came back huge.
     let regions = r["restored_from"]["lazy"]["zero_regions"].as_u64().unwrap();
     let huge = r["anon_huge_bytes"].as_u64().unwrap();
-    assert!(regions >= 16 && huge >= regions << 21, "{r}");
+    assert!(regions > 0 && huge >= regions << 21, "{r}");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     if !kvm_ready() {
         return;
@@ -259,6 +265,7 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
     let at = before[before.len() / 2];
     let report = dir.join("lazy.json");
     let sock = dir.join("api.sock");
+    let spawned = std::time::Instant::now();
     let mut child = spawn(
         consnap()
             .arg("restore")
@@ -289,6 +296,7 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
             .args(["compact", "--retain", "1s:all,1h:1s", "--max-chain", "2"])
             .arg(&snaps),
     );
+    let compacted = spawned.elapsed().as_secs_f64();
     let after = store_support::ids(&snaps);
     assert!(after.len() < before.len(), "compaction removed nothing: {after:?}");
     let out = child.wait();
@@ -299,7 +307,16 @@ fn compaction_never_pulls_a_file_from_under_a_running_lazy_restore() {
         (Some(ops), Some(sum.as_str())),
         "{r}"
     );
-    // The guest writes its 8,192 pages at random, 4,000 a second: most of
-    // its faults (pages read from the chain) come after the compaction.
-    assert!(r["restored_from"]["lazy"]["faults"].as_u64().unwrap() > 100, "{r}");
+    // The restore was still installing pages read from the chain when the
+    // compaction had rewritten it: resident after the compaction ended (the
+    // test's count starts before the restore's), or never (the run ended
+    // first, after the compaction). And the guest took faults on pages not
+    // installed yet.
+    let lazy = &r["restored_from"]["lazy"];
+    let resident = lazy["resident_s"].as_f64();
+    assert!(
+        resident.is_none_or(|t| t > compacted),
+        "resident at {resident:?} s, before the compaction ended ({compacted:.2} s): the test proves nothing\n{r}"
+    );
+    assert!(lazy["faults"].as_u64().unwrap() > 0, "{r}");
 }

@@ -28,20 +28,13 @@ use common::*;
 const KEYS: u64 = 512;
 const WINDOW: usize = 16;
 
-/// A namespace for one test; `None` (the test is skipped, and says so)
-/// where this process may not make one, a failure under
-/// `CONSNAP_REQUIRE_TAP=1`.
+/// A namespace for one test. Always `Some`: tests that need one are
+/// ignored under the `no_netns` and `no_tap` cfgs, and one that runs fails
+/// where this process may not make one.
 fn netns(tag: &str) -> Option<Netns> {
     match Netns::new(tag) {
         Ok(ns) => Some(ns),
-        Err(e) => {
-            assert!(
-                std::env::var("CONSNAP_REQUIRE_TAP").as_deref() != Ok("1"),
-                "CONSNAP_REQUIRE_TAP=1 but no network namespace with a TAP: {e}"
-            );
-            eprintln!("skipped: cannot make a network namespace with a TAP here ({e})");
-            None
-        }
+        Err(e) => vmm::testing::missing("a network namespace with a TAP", e),
     }
 }
 
@@ -215,61 +208,73 @@ fn no_acknowledged_put_is_lost(mode: &str, vcpus: u32, interval: &str) {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_cow_1_vcpu_20ms() {
     no_acknowledged_put_is_lost("cow", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_cow_1_vcpu_1s() {
     no_acknowledged_put_is_lost("cow", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_cow_2_vcpus_20ms() {
     no_acknowledged_put_is_lost("cow", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_cow_2_vcpus_1s() {
     no_acknowledged_put_is_lost("cow", 2, "1s");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_1_vcpu_20ms() {
     no_acknowledged_put_is_lost("stop-copy", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_1_vcpu_1s() {
     no_acknowledged_put_is_lost("stop-copy", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_2_vcpus_20ms() {
     no_acknowledged_put_is_lost("stop-copy", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_2_vcpus_1s() {
     no_acknowledged_put_is_lost("stop-copy", 2, "1s");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_full_1_vcpu_20ms() {
     no_acknowledged_put_is_lost("stop-copy-full", 1, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_full_1_vcpu_1s() {
     no_acknowledged_put_is_lost("stop-copy-full", 1, "1s");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_full_2_vcpus_20ms() {
     no_acknowledged_put_is_lost("stop-copy-full", 2, "20ms");
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_stop_copy_full_2_vcpus_1s() {
     no_acknowledged_put_is_lost("stop-copy-full", 2, "1s");
 }
@@ -278,6 +283,7 @@ fn kv_stop_copy_full_2_vcpus_1s() {
 /// saw acknowledged (the test above would catch a gate that lets frames
 /// out early).
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn without_output_commit_acknowledged_puts_are_lost() {
     if !kvm_ready() {
         return;
@@ -323,6 +329,10 @@ fn reference(puts: &[(u64, u64)]) -> u64 {
 /// The same ELF and driver on QEMU's microvm with its virtio-net device on
 /// the same TAP answer the same peer, and hold what consnap's guest holds.
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_qemu, no_netns, no_tap),
+    ignore = "needs /dev/kvm, QEMU and a TAP in a netns"
+)]
 fn kv_in_qemu_answers_the_same_peer() {
     if !kvm_ready() || !crate::qemu::qemu_ready() {
         return;
@@ -365,6 +375,7 @@ fn ctl_stats(sock: &Path) -> serde_json::Value {
 /// the API shows what is held; once epochs are durable everything is
 /// answered and nothing is dropped.
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn at_the_cap_the_guest_waits_and_nothing_is_lost() {
     if !kvm_ready() {
         return;
@@ -454,6 +465,7 @@ fn at_the_cap_the_guest_waits_and_nothing_is_lost() {
 /// kill before that epoch is durable shows nothing of it, and a guest that
 /// powers off has all of it printed.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn console_output_waits_for_its_epoch() {
     if !kvm_ready() {
         return;
@@ -512,6 +524,10 @@ fn console_output_waits_for_its_epoch() {
 /// object store, not the local directory) and still no acknowledged put
 /// is gone. With local commit the same loses puts (the object store lags).
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_garage, no_netns, no_tap),
+    ignore = "needs /dev/kvm, Garage and a TAP in a netns"
+)]
 fn with_remote_commit_losing_the_host_loses_no_acknowledged_put() {
     if !kvm_ready() {
         return;
@@ -576,6 +592,7 @@ fn with_remote_commit_losing_the_host_loses_no_acknowledged_put() {
 /// `kv` with `disk=on`: every applied put is also appended to a log on the
 /// disk; the guest's checksum and the image's log are the host reference's.
 #[test]
+#[cfg_attr(any(no_kvm, no_netns, no_tap), ignore = "needs /dev/kvm and a TAP in a netns")]
 fn kv_logs_its_puts_on_the_disk() {
     if !kvm_ready() {
         return;

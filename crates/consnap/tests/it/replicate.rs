@@ -40,6 +40,7 @@ fn run_spec<'a>(spec: &'a str, snaps: &'a str, url: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_garage), ignore = "needs /dev/kvm and Garage")]
 fn a_replicated_vm_restores_on_another_host() {
     if !kvm_ready() {
         return;
@@ -156,6 +157,7 @@ fn a_replicated_vm_restores_on_another_host() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_garage), ignore = "needs /dev/kvm and Garage")]
 fn the_object_store_mirrors_reclamation() {
     if !kvm_ready() {
         return;
@@ -240,6 +242,7 @@ fn the_object_store_mirrors_reclamation() {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_garage), ignore = "needs /dev/kvm and Garage")]
 fn a_wrong_key_or_bucket_is_refused_in_one_line() {
     if !kvm_ready() {
         return;
@@ -296,6 +299,7 @@ fn guest_pages(snaps: &std::path::Path, id: u64) -> Vec<Vec<u8>> {
 }
 
 #[test]
+#[cfg_attr(any(no_kvm, no_garage), ignore = "needs /dev/kvm and Garage")]
 fn encrypted_epochs_restore_only_with_their_key() {
     if !kvm_ready() {
         return;
@@ -414,6 +418,7 @@ fn encrypted_epochs_restore_only_with_their_key() {
 /// GETs) rebuild the disk onto a new image and finish with the
 /// uninterrupted checksum and disk.
 #[test]
+#[cfg_attr(any(no_kvm, no_garage), ignore = "needs /dev/kvm and Garage")]
 fn a_replicated_disk_restores_on_another_host() {
     if !kvm_ready() {
         return;

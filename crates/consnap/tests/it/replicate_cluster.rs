@@ -35,6 +35,10 @@ fn newest(sock: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_garage, no_netns),
+    ignore = "needs /dev/kvm, Garage and netns (root, ip)"
+)]
 fn replication_to_a_cluster_rides_out_a_dead_node_and_a_cut_network() {
     if !kvm_ready() {
         return;
@@ -168,6 +172,10 @@ fn replicated_big(dir: &Path) -> Option<(Cluster, Vec<u64>, String)> {
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_garage, no_netns),
+    ignore = "needs /dev/kvm, Garage and netns (root, ip)"
+)]
 fn an_eager_restore_from_a_cluster_goes_on_when_a_node_dies() {
     if !kvm_ready() {
         return;
@@ -209,6 +217,10 @@ fn an_eager_restore_from_a_cluster_goes_on_when_a_node_dies() {
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, no_garage, no_netns),
+    ignore = "needs /dev/kvm, Garage and netns (root, ip)"
+)]
 fn a_lazy_restore_from_a_cluster_goes_on_when_a_node_dies() {
     if !kvm_ready() {
         return;

@@ -51,6 +51,7 @@ fn epoch_file(snaps: &Path, id: u64) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn restore_rejects_missing_and_unknown() {
     if !kvm_ready() {
         return;
@@ -77,6 +78,7 @@ fn restore_rejects_missing_and_unknown() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn restore_rejects_damaged_epochs_and_changes_nothing() {
     if !kvm_ready() {
         return;
@@ -166,6 +168,7 @@ fn restore_rejects_damaged_epochs_and_changes_nothing() {
 /// of other files, /proc) is refused before the guest starts, with the
 /// reason; nothing is written into it and no report claims a run.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn an_unusable_snapshot_dir_is_refused_before_the_guest_starts() {
     if !kvm_ready() {
         return;
@@ -200,6 +203,7 @@ fn an_unusable_snapshot_dir_is_refused_before_the_guest_starts() {
 
 /// A run whose first snapshot was never due says that nothing was saved.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_run_that_ends_before_its_first_snapshot_says_so() {
     if !kvm_ready() {
         return;
@@ -248,6 +252,7 @@ fn set_file_limit(pid: u32, bytes: u64) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn full_disk_errors_then_carries_on_or_stops() {
     if !kvm_ready() {
         return;
@@ -348,11 +353,13 @@ fn full_disk_errors_then_carries_on_or_stops() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failed_incremental_epoch_loses_no_pages() {
     carry("stop-copy");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failed_incremental_cow_epoch_loses_no_pages() {
     carry("cow");
 }
@@ -427,6 +434,7 @@ fn carry(mode: &str) {
 /// --snapshot-dir` into it and `compact` do too, before any VM starts,
 /// and the store is unchanged.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_store_has_one_writer_at_a_time_compact_included() {
     if !kvm_ready() {
         return;
@@ -476,6 +484,7 @@ fn a_store_has_one_writer_at_a_time_compact_included() {
 /// (RFC 3339, or a time before now such as -1h), and names the store and
 /// the time when there is none.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn restore_at_a_time_picks_the_newest_epoch_at_or_before_it() {
     if !kvm_ready() {
         return;
@@ -508,6 +517,7 @@ fn restore_at_a_time_picks_the_newest_epoch_at_or_before_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
     if !kvm_ready() {
         return;
@@ -570,18 +580,16 @@ fn a_chain_longer_than_the_open_file_limit_is_refused_with_the_fix() {
 /// The product binary (a plain `cargo build --release`, without the test
 /// builds' `testing` feature) has no test hooks: `CONSNAP_FAIL_EPOCHS`
 /// fails nothing there. scripts/test.sh builds it first and names it in
-/// `CONSNAP_PRODUCT_BIN`; without it the test says it was skipped (and
-/// fails under `CONSNAP_REQUIRE_PRODUCT=1`, which the script sets).
+/// `CONSNAP_PRODUCT_BIN`; without it the test is ignored (the `no_product`
+/// cfg) or, under `CONSNAP_REQUIRE_PRODUCT=1`, which the script sets, fails.
 #[test]
+#[cfg_attr(any(no_kvm, no_product), ignore = "needs /dev/kvm and the product binary")]
 fn the_product_binary_ignores_the_failure_hook() {
     let Some(bin) = std::env::var_os("CONSNAP_PRODUCT_BIN") else {
-        assert_ne!(
-            std::env::var("CONSNAP_REQUIRE_PRODUCT").as_deref(),
-            Ok("1"),
-            "CONSNAP_REQUIRE_PRODUCT=1 but CONSNAP_PRODUCT_BIN is not set"
+        vmm::testing::missing(
+            "the product binary",
+            "CONSNAP_PRODUCT_BIN is not set (scripts/test.sh builds it)",
         );
-        eprintln!("SKIPPED: CONSNAP_PRODUCT_BIN is not set (scripts/test.sh builds the product binary)");
-        return;
     };
     if !kvm_ready() {
         return;

@@ -148,96 +148,115 @@ fn check_restored(
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_cow_1_vcpu() {
     kill_restore("memstress", "cow", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_cow_2_vcpus() {
     kill_restore("memstress", "cow", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_cow_1_vcpu() {
     kill_restore("build", "cow", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_cow_2_vcpus() {
     kill_restore("build", "cow", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_cow_1_vcpu() {
     kill_restore("ftp", "cow", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_cow_2_vcpus() {
     kill_restore("ftp", "cow", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_stop_copy_1_vcpu() {
     kill_restore("memstress", "stop-copy", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_stop_copy_2_vcpus() {
     kill_restore("memstress", "stop-copy", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_stop_copy_full_1_vcpu() {
     kill_restore("memstress", "stop-copy-full", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memstress_stop_copy_full_2_vcpus() {
     kill_restore("memstress", "stop-copy-full", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_stop_copy_1_vcpu() {
     kill_restore("build", "stop-copy", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_stop_copy_2_vcpus() {
     kill_restore("build", "stop-copy", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_stop_copy_full_1_vcpu() {
     kill_restore("build", "stop-copy-full", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn build_stop_copy_full_2_vcpus() {
     kill_restore("build", "stop-copy-full", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_stop_copy_1_vcpu() {
     kill_restore("ftp", "stop-copy", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_stop_copy_2_vcpus() {
     kill_restore("ftp", "stop-copy", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_stop_copy_full_1_vcpu() {
     kill_restore("ftp", "stop-copy-full", 1);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ftp_stop_copy_full_2_vcpus() {
     kill_restore("ftp", "stop-copy-full", 2);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn restoring_the_same_epoch_twice_gives_the_same_run() {
     if !kvm_ready() {
         return;
@@ -273,6 +292,7 @@ fn restoring_the_same_epoch_twice_gives_the_same_run() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn snapshot_a_restored_vm_and_restore_that() {
     if !kvm_ready() {
         return;
@@ -355,6 +375,7 @@ fn snapshot_a_restored_vm_and_restore_that() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn report_has_snapshot_figures() {
     if !kvm_ready() {
         return;
@@ -409,6 +430,7 @@ fn report_has_snapshot_figures() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn sigterm_stops_cleanly_and_the_last_snapshot_is_whole() {
     if !kvm_ready() {
         return;
@@ -452,6 +474,7 @@ fn gfn_span(snaps: &std::path::Path, id: u64) -> (u64, u64) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn ram_above_the_mmio_hole_round_trips() {
     if !kvm_ready() {
         return;

@@ -50,6 +50,7 @@ fn mixed_store(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn four_hundred_flipped_bytes_are_all_detected() {
     if !kvm_ready() {
         return;

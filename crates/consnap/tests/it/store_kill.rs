@@ -85,6 +85,7 @@ fn sleep_ms(ms: u64) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kill_9_while_writing_and_while_compacting() {
     if !kvm_ready() {
         return;

@@ -330,6 +330,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn a_larger_xsave_area_is_refused_before_kvm_sees_it() {
         if !crate::testing::kvm_ready() {
             return;
@@ -354,6 +355,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn a_refused_tsc_frequency_leaves_the_previous_one() {
         if !crate::testing::kvm_ready() {
             return;

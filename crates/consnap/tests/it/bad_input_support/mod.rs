@@ -119,19 +119,11 @@ pub fn expect_refusal(out: &Output, needle: &str, what: &str) {
     );
 }
 
-/// True when /dev/kvm can be used; under CONSNAP_REQUIRE_KVM=1 a test that
-/// needs it fails instead of being skipped.
+/// /dev/kvm, for a test that needs it: always true, or the test fails
+/// (tests that need it are ignored under the `no_kvm` cfg;
+/// `vmm::testing::kvm_ready`).
 pub fn kvm() -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) if std::env::var("CONSNAP_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("CONSNAP_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm unusable ({e})");
-            false
-        }
-    }
+    vmm::testing::kvm_ready()
 }
 
 /// Mode bits of `p` in octal, such as "0700".

@@ -39,9 +39,9 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Whether this process may build namespaces (root, and `ip` there). With
-/// `CONSNAP_REQUIRE_NETNS=1` (the test script sets it as root) a missing
-/// piece fails the test instead of skipping it.
+/// Whether this process may build namespaces (root, and `ip` there):
+/// always true, or the test fails (tests that need them are ignored under
+/// the `no_netns` cfg).
 fn can_build() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -50,12 +50,7 @@ fn can_build() -> bool {
         return true;
     }
     let why = if root { "no iproute2 (ip)" } else { "not root" };
-    assert!(
-        std::env::var("CONSNAP_REQUIRE_NETNS").as_deref() != Ok("1"),
-        "CONSNAP_REQUIRE_NETNS=1 but the cluster cannot be built: {why}"
-    );
-    eprintln!("skipping: a cluster in network namespaces needs root and iproute2 ({why})");
-    false
+    vmm::testing::missing("network namespaces", why)
 }
 
 impl Cluster {
@@ -82,8 +77,8 @@ impl Cluster {
     }
 
     /// Start the cluster with its files under `dir`: namespaces, bridge,
-    /// nodes, layout, key and bucket. `None` (the test skips) without a
-    /// Garage binary, or without root where that is allowed.
+    /// nodes, layout, key and bucket. Always `Some`: without a Garage binary
+    /// or root the test fails.
     pub fn start(dir: &Path) -> Option<Cluster> {
         let bin = super::binary()?;
         if !can_build() {

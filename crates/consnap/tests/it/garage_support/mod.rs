@@ -30,29 +30,24 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The Garage binary, if there is one: `CONSNAP_GARAGE`, else the cache
-/// scripts/garage.sh builds into. With `CONSNAP_REQUIRE_GARAGE=1` (the
-/// test script sets it) a missing binary fails the test.
+/// The Garage binary: `CONSNAP_GARAGE`, else the one the build found
+/// (build-support/test_deps.rs: `CONSNAP_GARAGE` then, or the cache
+/// scripts/garage.sh builds into). Tests that need it are ignored under the
+/// `no_garage` cfg; one that runs fails without it. Always `Some`.
 pub(super) fn binary() -> Option<PathBuf> {
-    let p = std::env::var_os("CONSNAP_GARAGE").map(PathBuf::from).or_else(|| {
-        let home = std::env::var_os("HOME")?;
-        Some(PathBuf::from(home).join(".cache/consnap/garage-2.5.0/bin/garage"))
-    });
-    match p.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None if std::env::var("CONSNAP_REQUIRE_GARAGE").as_deref() == Ok("1") => {
-            panic!("no Garage binary: run scripts/garage.sh and set CONSNAP_GARAGE")
-        }
-        None => {
-            eprintln!("skipping: no Garage binary (run scripts/garage.sh, set CONSNAP_GARAGE)");
-            None
-        }
+    let p = std::env::var_os("CONSNAP_GARAGE")
+        .map(PathBuf::from)
+        .or_else(|| option_env!("CONSNAP_BUILD_GARAGE").map(PathBuf::from));
+    match p {
+        Some(p) if p.exists() => Some(p),
+        Some(p) => vmm::testing::missing("Garage", format!("{} does not exist", p.display())),
+        None => vmm::testing::missing("Garage", "run scripts/garage.sh, set CONSNAP_GARAGE"),
     }
 }
 
 impl Garage {
     /// Start a single-node Garage with its data in `dir`, a default key and
-    /// bucket, fsync on; `None` (the test skips) without a binary.
+    /// bucket, fsync on. Always `Some`: without a binary the test fails.
     pub fn start(dir: &Path) -> Option<Garage> {
         Self::start_in(dir, None)
     }
