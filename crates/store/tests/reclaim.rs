@@ -91,6 +91,7 @@ fn check(codec: Codec, tree: bool) {
         rate: None,
         codec: None,
         batch_merges: false,
+        ..Default::default()
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     let kept: Vec<u64> = s.ids().unwrap();
@@ -155,6 +156,7 @@ fn keep_all_only_folds() {
         rate: None,
         codec: None,
         batch_merges: false,
+        ..Default::default()
     };
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
     assert_eq!(s.ids().unwrap().len(), 40);
@@ -186,6 +188,7 @@ fn a_pinned_epoch_is_kept_and_reclamation_needs_the_lock() {
         rate: None,
         codec: None,
         batch_merges: false,
+        ..Default::default()
     };
     let reader = Store::open(&dir.join("s"), Access::Read).unwrap();
     assert!(reclaim(&reader, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).is_err());
@@ -224,6 +227,7 @@ fn passes_at_20ms_keep_chains_short_and_copy_little() {
         rate: None,
         codec: Some(Codec::None),
         batch_merges: true,
+        ..Default::default()
     };
     // Which epoch last wrote each page, as of each epoch.
     let mut owner = vec![0u64; MEM as usize];
@@ -393,6 +397,7 @@ fn the_policy_is_recorded_before_any_rewrite() {
         rate: None,
         codec: None,
         batch_merges: false,
+        ..Default::default()
     };
     // Stopped before its first rewrite.
     let pass = reclaim(&s, &opts, &[], &AtomicBool::new(true), &mut |_, _| {}).unwrap();

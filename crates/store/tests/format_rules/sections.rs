@@ -420,6 +420,7 @@ fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
         rate: None,
         codec: None,
         batch_merges: false,
+        ..Default::default()
     };
     store::reclaim(
         &w,
