@@ -20,6 +20,7 @@ mod report;
 mod restore_cmd;
 mod run_cmd;
 mod session;
+mod space_cmd;
 mod store_args;
 mod verify_cmd;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Measure the capture modes against runs without snapshots and against
     /// QEMU, and write docs/BENCHMARKS.md-style reports.
     Bench(bench_cmd::BenchArgs),
+    /// Run a VM with snapshots beside busy processes and print its store's
+    /// size and longest chain, every second, against its bounds.
+    BenchSpace(space_cmd::SpaceArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -102,6 +106,8 @@ enum CliError {
     #[error(transparent)]
     Bench(#[from] bench_cmd::BenchCmdError),
     #[error(transparent)]
+    Space(#[from] space_cmd::SpaceError),
+    #[error(transparent)]
     ExportDisks(#[from] export_cmd::ExportError),
     /// `guest export` cannot write the ELF.
     #[error("cannot write {path}: {source}")]
@@ -125,6 +131,7 @@ fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Export(a) => export_cmd::export(a)?,
         Command::Compact(a) => compact_cmd::compact(a)?,
         Command::Bench(a) => bench_cmd::bench(a)?,
+        Command::BenchSpace(a) => space_cmd::bench_space(a)?,
         Command::Guest {
             command: GuestCommand::Export { path },
         } => match std::fs::write(&path, guest::GUEST_ELF) {
