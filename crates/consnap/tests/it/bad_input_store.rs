@@ -137,7 +137,8 @@ fn an_open_directory_is_made_private_with_a_warning() {
         )) && lines[0].contains("mode 0644"),
         "{err}"
     );
-    for f in &files {
+    // (The run's retention may have reclaimed some since.)
+    for f in files.iter().filter(|f| f.exists()) {
         assert_eq!(mode(f), "0600", "{}", f.display());
     }
 }
