@@ -133,10 +133,10 @@ fn the_restore_cache_is_keyed_by_endpoint_and_store_and_pruned_lru_first() {
     let out = run_ok(&mut cmd(&g1, &home, &["cache", "prune", "--max-size", &max]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("removed {}", ea.display())), "{text}");
-    assert_eq!(dirs(&cache_ls(&g1, &home)), [eb.clone()]);
+    assert_eq!(dirs(&cache_ls(&g1, &home)), std::slice::from_ref(&eb));
 
     // An entry in use is kept by `prune --all`.
-    let first = store_support_first_epoch(&g1, &home, &url);
+    let first = first_epoch(&g1, &home, &url);
     let mut c = cmd(&g1, &home, &["restore", &url, "--pause-probe", "0", "--at", &first]);
     let mut child = spawn(&mut c);
     child.wait_for("the restore cache entry in use", |_| {
@@ -151,13 +151,13 @@ fn the_restore_cache_is_keyed_by_endpoint_and_store_and_pruned_lru_first() {
     );
     let out = child.wait();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(dirs(&cache_ls(&g1, &home)), [ea.clone()]);
+    assert_eq!(dirs(&cache_ls(&g1, &home)), std::slice::from_ref(&ea));
 
     // Over CONSNAP_CACHE_MAX after a fetch: the least recently used entry
     // goes, never the one being restored.
     let (_, b2) = restore(&g2, &home, &url, &dir.join("r4.json"), &[(CACHE_MAX, "1")]);
     assert_eq!(b2, b);
-    assert_eq!(dirs(&cache_ls(&g1, &home)), [eb.clone()]);
+    assert_eq!(dirs(&cache_ls(&g1, &home)), std::slice::from_ref(&eb));
     // A bad limit is refused before anything is fetched.
     let out = output(cmd(&g1, &home, &["restore", &url]).env(CACHE_MAX, "lots"));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -169,7 +169,7 @@ fn the_restore_cache_is_keyed_by_endpoint_and_store_and_pruned_lru_first() {
 }
 
 /// The first epoch of the store at `url` through `g`.
-fn store_support_first_epoch(g: &Garage, home: &Path, url: &str) -> String {
+fn first_epoch(g: &Garage, home: &Path, url: &str) -> String {
     let out = run_ok(&mut cmd(g, home, &["ls", "--json", url]));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     rows[0]["id"].as_u64().unwrap().to_string()
