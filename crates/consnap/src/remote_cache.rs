@@ -40,7 +40,9 @@ const READABLE: usize = 120;
 #[derive(Debug, Error)]
 pub enum CacheError {
     /// No HOME to put the cache under.
-    #[error("--cache: no HOME to put the default cache under; give --cache DIR")]
+    #[error(
+        "no HOME: the restore cache lives in $HOME/.cache/consnap/remote; set HOME, or give restore or verify --cache DIR"
+    )]
     NoHome,
     /// `CONSNAP_CACHE_MAX` is not a size.
     #[error("{MAX_VAR}={0:?}: not a size (such as 4G or 500M) or `none`")]
