@@ -332,7 +332,7 @@ pub fn demo(a: DemoArgs) -> Result<i32, DemoError> {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
     }
     let work = Workdir::new(a.keep.as_deref())?;
-    let result = steps(&work.path);
+    let result = steps(&work.path, work.keep);
     if work.keep {
         say(&format!("The demo's files are in {}.", work.path.display()));
     }
@@ -347,7 +347,18 @@ fn stderr_file(path: PathBuf) -> Result<Stdio, DemoError> {
     }
 }
 
-fn steps(dir: &Path) -> Result<i32, DemoError> {
+/// The run `vm` ended by itself before it could be killed: the exit
+/// status of a failed one (its error is on stderr already, and is the only
+/// one printed), or [`DemoError::EndedEarly`].
+fn ended_early(vm: &mut Vm) -> Result<i32, DemoError> {
+    match vm.child.wait() {
+        Ok(s) if !s.success() => Ok(s.code().filter(|c| *c != 0).unwrap_or(1)),
+        Ok(_) => Err(DemoError::EndedEarly),
+        Err(source) => Err(vm.wait_failed(source)),
+    }
+}
+
+fn steps(dir: &Path, keep: bool) -> Result<i32, DemoError> {
     let snaps = dir.join("snapshots");
     let mut sock = dir.join("api.sock");
     if sock.as_os_str().len() > 100 {
@@ -403,7 +414,7 @@ fn steps(dir: &Path) -> Result<i32, DemoError> {
     // Kill it part-way: once the guest has done about half its work.
     let at = loop {
         if !vm.running()? {
-            return Err(DemoError::EndedEarly);
+            return ended_early(&mut vm);
         }
         if let Ok(ans) = client::call(&sock, "GET", "/vm", None, Duration::from_secs(5))
             && let Ok(info) = serde_json::from_slice::<VmInfo>(&ans.body)
@@ -431,11 +442,17 @@ fn steps(dir: &Path) -> Result<i32, DemoError> {
     };
     let earlier = good[good.len() / 3];
     let bytes: u64 = rows.iter().map(|r| r.bytes).sum();
+    // Only a command that will work: the directory goes at the end
+    // unless kept.
+    let listing = if keep {
+        format!("`consnap ls {}` lists them all", snaps.display())
+    } else {
+        "removed at the end; `consnap demo --keep DIR` keeps them for `consnap ls`".into()
+    };
     say(&format!(
-        "[3/5] {} epochs were committed ({} on disk; `consnap ls {}` lists them all):",
+        "[3/5] {} epochs were committed ({} on disk; {listing}):",
         good.len(),
         mib(bytes),
-        snaps.display()
     ));
     for r in good.iter().take(2) {
         say(&row_line(r));

@@ -205,6 +205,7 @@ pub fn ls(a: LsArgs) -> Result<i32, LsError> {
     let rows = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) => remote_rows(url, a.encrypt_key.as_deref())?,
         None => {
+            crate::remote_args::remote_only(&a.dir, "--encrypt-key", a.encrypt_key.is_some())?;
             let depth = if a.quick {
                 store::Depth::Structure
             } else {

@@ -4,6 +4,7 @@ mod api;
 mod args;
 mod at;
 mod bench_cmd;
+mod cache_cmd;
 mod compact_cmd;
 mod control;
 mod ctl_cmd;
@@ -16,6 +17,7 @@ mod ls_cmd;
 mod progress;
 mod reclaimer;
 mod remote_args;
+mod remote_cache;
 mod report;
 mod restore_cmd;
 mod run_cmd;
@@ -61,6 +63,9 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Reclaim space in a snapshot directory no process is writing.
     Compact(compact_cmd::CompactArgs),
+    /// List and prune the restore cache: the stores `restore` and `verify`
+    /// copied from object stores (under $HOME/.cache/consnap/remote).
+    Cache(cache_cmd::CacheArgs),
     /// Measure the capture modes against runs without snapshots and against
     /// QEMU, and write docs/BENCHMARKS.md-style reports.
     Bench(bench_cmd::BenchArgs),
@@ -108,6 +113,8 @@ enum CliError {
     #[error(transparent)]
     Space(#[from] space_cmd::SpaceError),
     #[error(transparent)]
+    Cache(#[from] cache_cmd::CacheCmdError),
+    #[error(transparent)]
     ExportDisks(#[from] export_cmd::ExportError),
     /// `guest export` cannot write the ELF.
     #[error("cannot write {path}: {source}")]
@@ -130,6 +137,7 @@ fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Verify(a) => verify_cmd::verify(a)?,
         Command::Export(a) => export_cmd::export(a)?,
         Command::Compact(a) => compact_cmd::compact(a)?,
+        Command::Cache(a) => cache_cmd::cache(a)?,
         Command::Bench(a) => bench_cmd::bench(a)?,
         Command::BenchSpace(a) => space_cmd::bench_space(a)?,
         Command::Guest {

@@ -106,8 +106,11 @@ pub struct RestoreArgs {
     /// for --replicate).
     pub dir: PathBuf,
     /// Where the chain of an epoch restored from an object store is
-    /// copied (a store directory; later restores reuse what it holds).
-    /// Default: $HOME/.cache/consnap/remote/BUCKET/PREFIX.
+    /// copied (a store directory holding that store or nothing; later
+    /// restores reuse what it holds). Default: an entry of the restore
+    /// cache, $HOME/.cache/consnap/remote/ (`consnap cache ls`), kept
+    /// under CONSNAP_CACHE_MAX (default 4G) by removing the least recently
+    /// used entries.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
     /// Epoch to restore: an id from `consnap ls`, `latest`, a time before
@@ -183,7 +186,14 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 /// Restore a VM and run it to its end; returns consnap's exit status.
 pub fn restore(mut a: RestoreArgs) -> Result<i32, RestoreCmdError> {
     let started = Instant::now();
+    let remote = a.dir.to_str().is_some_and(remote::RemoteUrl::is_remote);
+    if !remote {
+        remote_args::remote_only(&a.dir, "--cache", a.cache.is_some())?;
+        let key_unused = a.session.encrypt_key.is_some() && a.session.replicate.is_none();
+        remote_args::remote_only(&a.dir, "--encrypt-key", key_unused)?;
+    }
     let pre = session::preflight(&a.session)?;
+    let mut _copy = None;
     let fetched = match a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         Some(url) if a.lazy => {
             if a.cache.is_some() {
@@ -193,9 +203,11 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32, RestoreCmdError> {
             return restore_remote_lazy(a, &url, pre, started);
         }
         Some(url) => {
-            let (f, cache) = fetch_remote(url, &a.at, a.cache.as_deref(), a.session.encrypt_key.as_deref())?;
-            a.dir = cache;
+            let (f, copy) = fetch_remote(url, &a.at, a.cache.as_deref(), a.session.encrypt_key.as_deref())?;
+            a.dir = copy.dir.clone();
             a.at = f.1.to_string();
+            // The restore cache's entry stays in use until the end.
+            _copy = Some(copy);
             Some(f.0)
         }
         None => None,
@@ -361,21 +373,19 @@ fn remote_epoch(
 }
 
 /// Fetch the chain of the epoch `at` names in the object store `url` into
-/// a local store (`cache`, or the default under $HOME/.cache); returns
-/// what was fetched with the epoch's id, and the local store.
+/// a local store (`cache`, or the restore cache); returns what was fetched
+/// with the epoch's id, and the local copy.
 fn fetch_remote(
     url: &str,
     at: &str,
     cache: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
-) -> Result<((crate::report::RemoteFetch, u64), PathBuf), RestoreCmdError> {
+) -> Result<((crate::report::RemoteFetch, u64), remote_args::Copy), RestoreCmdError> {
     let (client, m, id) = remote_epoch(url, at, key)?;
     let u = client.url().clone();
-    let cache = match cache {
-        Some(c) => c.to_path_buf(),
-        None => remote_args::default_cache(&u)?,
-    };
-    let f = remote::fetch_chain(&client, &m, id, &cache)?;
+    let copy = remote_args::Copy::new(cache, &client, &m)?;
+    let f = remote::fetch_chain(&client, &m, id, &copy.dir)?;
+    copy.bound()?;
     tracing::info!(
         epoch = id,
         downloaded = f.downloaded,
@@ -387,13 +397,13 @@ fn fetch_remote(
         (
             crate::report::RemoteFetch {
                 url: u.to_string(),
-                cache: Some(cache.display().to_string()),
+                cache: Some(copy.dir.display().to_string()),
                 downloaded: f.downloaded,
                 bytes: f.bytes,
                 seconds: f.seconds,
             },
             id,
         ),
-        cache,
+        copy,
     ))
 }

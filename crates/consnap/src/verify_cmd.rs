@@ -53,7 +53,8 @@ pub struct VerifyArgs {
     /// (s3://BUCKET/PREFIX: every epoch is fetched into --cache, checked
     /// against its object name on the way, then verified there).
     pub dir: PathBuf,
-    /// Where a remote store is copied (as for `restore --cache`).
+    /// Where a remote store is copied (as for `restore --cache`; default:
+    /// the restore cache).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
     /// The key an object store's epochs are encrypted with.
@@ -70,15 +71,20 @@ pub struct VerifyArgs {
 /// with its file, byte offsets and what is wrong.
 pub fn verify(mut a: VerifyArgs) -> Result<i32, VerifyError> {
     let mut fetched = None;
+    let mut _copy = None;
+    if !a.dir.to_str().is_some_and(remote::RemoteUrl::is_remote) {
+        remote_args::remote_only(&a.dir, "--cache", a.cache.is_some())?;
+        remote_args::remote_only(&a.dir, "--encrypt-key", a.encrypt_key.is_some())?;
+    }
     if let Some(url) = a.dir.to_str().filter(|d| remote::RemoteUrl::is_remote(d)) {
         let client = remote_args::remote_client(url, a.encrypt_key.as_deref())?;
         let u = client.url().clone();
         let m = remote::manifest(&client)?;
-        let cache = match a.cache.take() {
-            Some(c) => c,
-            None => remote_args::default_cache(&u)?,
-        };
+        let copy = remote_args::Copy::new(a.cache.as_deref(), &client, &m)?;
+        let cache = copy.dir.clone();
         let f = remote::fetch_all(&client, &m, &cache)?;
+        copy.bound()?;
+        _copy = Some(copy);
         fetched = Some(format!(
             "{} epochs of {u} fetched into {} ({} downloaded, {} bytes, {:.2} s) and verified there",
             f.chain,

@@ -29,6 +29,8 @@ pub struct Client {
     rt: tokio::runtime::Runtime,
     /// Epoch objects are encrypted with this key (`--encrypt-key`).
     key: Option<SealKey>,
+    /// `AWS_ENDPOINT_URL` (or the profile's), if one was given.
+    endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -101,7 +103,7 @@ impl Client {
                 retry_timeout: Duration::from_secs(20),
                 ..RetryConfig::default()
             });
-        if let Some(e) = endpoint {
+        if let Some(e) = &endpoint {
             builder = builder.with_endpoint(e);
         }
         let store = builder.build().map_err(|e| setup(e.to_string()))?;
@@ -116,6 +118,7 @@ impl Client {
             store: Arc::new(store),
             rt,
             key: None,
+            endpoint,
         })
     }
 
@@ -142,6 +145,12 @@ impl Client {
     fn sealed_object(&self, name: &str) -> impl FnOnce(SealError) -> RemoteError + use<> {
         let (url, key) = (self.url.to_string(), self.url.key(name));
         move |source| RemoteError::SealedObject { url, key, source }
+    }
+
+    /// The endpoint requests go to, as given (`AWS_ENDPOINT_URL` or the
+    /// profile's `endpoint_url`); `None`: the S3 client's default (AWS).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
     }
 
     /// The store's URL.

@@ -60,6 +60,16 @@ pub enum RemoteError {
     /// `--at` names no epoch of the remote store.
     #[error("{url} has no epoch {what}")]
     NoEpoch { url: String, what: String },
+    /// The local copy to fetch into holds another store.
+    #[error(
+        "refusing to fetch into {dir}: it holds {have}, and {url} is store {want} (a local copy holds one store): give --cache a new or empty directory, or remove {dir}"
+    )]
+    OtherStore {
+        dir: std::path::PathBuf,
+        have: String,
+        url: String,
+        want: String,
+    },
     /// A local file could not be read or written.
     #[error("{what} {path}: {source}")]
     Io {

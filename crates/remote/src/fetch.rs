@@ -44,7 +44,6 @@ pub fn manifest(client: &Client) -> Result<Manifest> {
 /// encrypted with (or none when they are not).
 pub fn check_key(client: &Client, m: &Manifest) -> Result<()> {
     let url = client.url().to_string();
-    let hex = |k: &[u8; 16]| k.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let why = match (m.key_id, client.key().map(crate::SealKey::id)) {
         (None, None) => return Ok(()),
         (Some(r), Some(l)) if r == l => return Ok(()),
@@ -73,6 +72,11 @@ fn local_tag(path: &Path) -> Option<(u64, u64)> {
     let mut head = vec![0u8; HEADER_SIZE];
     f.read_exact_at(&mut head, 0).ok()?;
     Some((xxhash_rust::xxh3::xxh3_64(&head), len))
+}
+
+/// A store's UUID as 32 hex digits.
+pub fn hex(uuid: &[u8; 16]) -> String {
+    uuid.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn private_dir(p: &Path) -> Result<()> {
@@ -139,10 +143,15 @@ fn fetch_entries(client: &Client, m: &Manifest, chain: &[&Entry], into: &Path) -
     match std::fs::read(&store_path) {
         Ok(b) if b == remote_store => {}
         Ok(_) => {
-            return Err(RemoteError::Io {
-                what: "refusing to fetch into",
-                path: into.to_path_buf(),
-                source: std::io::Error::other(format!("it holds another store than {url}")),
+            let have = store::Store::open(into, store::Access::Read).map_or_else(
+                |_| "an unreadable STORE file".into(),
+                |s| format!("store {}", hex(&s.uuid())),
+            );
+            return Err(RemoteError::OtherStore {
+                dir: into.to_path_buf(),
+                have,
+                url,
+                want: hex(&m.store_uuid),
             });
         }
         Err(_) => {

@@ -23,7 +23,7 @@ mod url;
 
 pub use client::Client;
 pub use error::{RemoteError, Result};
-pub use fetch::{Fetched, check_key, fetch_all, fetch_chain, header, headers, manifest};
+pub use fetch::{Fetched, check_key, fetch_all, fetch_chain, header, headers, hex as uuid_hex, manifest};
 pub use manifest::{Entry, Manifest, ManifestError};
 pub use ranged::{RangeStats, RemoteChain, open_chain};
 pub use replicate::{BacklogLimit, ReplicaStatus, ReplicaWatch, Replicator};

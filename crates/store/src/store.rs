@@ -142,39 +142,40 @@ fn private_file(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Give `path` exactly `mode`; warn when it was open to other users. The
-/// mode is set through a descriptor opened without following a symbolic
-/// link (never on what a link planted in the store points to); a link is
-/// left alone.
-fn make_private(path: &Path, mode: u32) -> Result<()> {
+/// Give `path` exactly `mode`; the mode it had when that was open to
+/// other users (the caller warns). The mode is set through a descriptor
+/// opened without following a symbolic link (never on what a link
+/// planted in the store points to); a link is left alone.
+fn make_private(path: &Path, mode: u32) -> Result<Option<u32>> {
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             tracing::warn!("{} is a symbolic link; its mode is left as it is", path.display());
-            return Ok(());
+            return Ok(None);
         }
         Err(e) => return Err(io(path, "open")(e)),
     };
     let had = f.metadata().map_err(io(path, "stat"))?.permissions().mode() & 0o7777;
     if had == mode {
-        return Ok(());
+        return Ok(None);
     }
     f.set_permissions(Permissions::from_mode(mode))
         .map_err(io(path, "chmod"))?;
-    if had & 0o077 != 0 {
-        tracing::warn!(
-            "{} was mode {had:04o}, open to other users; set it to {mode:04o} (guest memory holds secrets)",
-            path.display()
-        );
-    } else {
-        tracing::info!("{}: mode {had:04o} set to {mode:04o}", path.display());
-    }
-    Ok(())
+    tracing::debug!("{}: mode {had:04o} set to {mode:04o}", path.display());
+    Ok(Some(had).filter(|h| h & 0o077 != 0))
+}
+
+/// Warn that `path` was mode `had`, open to other users, and is `mode` now.
+fn warn_opened(path: &Path, had: u32, mode: u32) {
+    tracing::warn!(
+        "{} was mode {had:04o}, open to other users; set it to {mode:04o} (guest memory holds secrets)",
+        path.display()
+    );
 }
 
 /// Whether `dir`, which has no STORE file, is a store whose creation was
@@ -407,11 +408,29 @@ impl Store {
     fn make_private(&self) -> Result<()> {
         // DIR itself may be a link the user gave: follow it.
         let dir = self.dir.canonicalize().map_err(io(&self.dir, "resolve"))?;
-        make_private(&dir, DIR_MODE)?;
-        make_private(&self.epochs, DIR_MODE)?;
-        make_private(&self.dir.join(STORE_FILE), FILE_MODE)?;
+        let store_file = self.dir.join(STORE_FILE);
+        for (path, mode) in [(&dir, DIR_MODE), (&self.epochs, DIR_MODE), (&store_file, FILE_MODE)] {
+            if let Some(had) = make_private(path, mode)? {
+                warn_opened(path, had, mode);
+            }
+        }
+        // One line for the epoch files, however many there are.
+        let (mut opened, mut first) = (0u64, None);
         for id in self.ids().unwrap_or_default() {
-            make_private(&self.epoch_path(id), FILE_MODE)?;
+            let path = self.epoch_path(id);
+            if let Some(had) = make_private(&path, FILE_MODE)? {
+                opened += 1;
+                first.get_or_insert((path, had));
+            }
+        }
+        match (opened, first) {
+            (1, Some((path, had))) => warn_opened(&path, had, FILE_MODE),
+            (n, Some((path, had))) => tracing::warn!(
+                "{n} epoch files in {} were open to other users ({} was mode {had:04o}); set them to {FILE_MODE:04o} (guest memory holds secrets)",
+                self.epochs.display(),
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            _ => {}
         }
         Ok(())
     }

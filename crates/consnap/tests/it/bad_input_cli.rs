@@ -219,6 +219,26 @@ fn sizes_in_messages_use_a_unit_that_shows_them() {
 }
 
 #[test]
+fn object_store_options_on_a_local_store_are_refused() {
+    let d = TempDir::new("local-remote-flags");
+    let snaps = d.join("snaps");
+    let dir = snaps.to_str().unwrap();
+    for (args, flag) in [
+        (&["ls", dir, "--encrypt-key", "/nonexistent"][..], "--encrypt-key"),
+        (&["verify", dir, "--encrypt-key", "/nonexistent"][..], "--encrypt-key"),
+        (&["verify", dir, "--cache", "/tmp/c"][..], "--cache"),
+        (&["restore", dir, "--cache", "/tmp/c"][..], "--cache"),
+        (&["restore", dir, "--encrypt-key", "/nonexistent"][..], "--encrypt-key"),
+    ] {
+        let out = run(consnap().args(args), 60);
+        let needle = format!("{flag}: {dir} is a local snapshot directory; {flag} is for a store in an object store");
+        expect_refusal(&out, &needle, &format!("{args:?}"));
+        assert_eq!(text(&out.stderr).lines().count(), 1, "{}", text(&out.stderr));
+    }
+    assert!(!snaps.exists());
+}
+
+#[test]
 fn kernel_options_without_a_kernel_are_refused() {
     for (args, needle) in [
         (

@@ -115,6 +115,35 @@ fn an_open_directory_is_made_private_with_a_warning() {
     expect_code(&out, 0, "run into an existing 0750 store");
     assert_eq!(mode(&snaps), "0700");
     assert!(text(&out.stderr).contains("was mode 0750"), "{}", text(&out.stderr));
+    // Epoch files opened to others: one line for all of them.
+    let files: Vec<_> = std::fs::read_dir(snaps.join("epochs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(files.len() >= 2, "{files:?}");
+    for f in &files {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let out = run(
+        consnap().args(SNAP_RUN.split(' ')).arg("--snapshot-dir").arg(&snaps),
+        120,
+    );
+    expect_code(&out, 0, "run into a store with 0644 epoch files");
+    let err = text(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("open to other users")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(&format!(
+            "{} epoch files in {}",
+            files.len(),
+            snaps.join("epochs").display()
+        )) && lines[0].contains("mode 0644"),
+        "{err}"
+    );
+    // (The run's retention may have reclaimed some since.)
+    for f in files.iter().filter(|f| f.exists()) {
+        assert_eq!(mode(f), "0600", "{}", f.display());
+    }
 }
 
 #[test]

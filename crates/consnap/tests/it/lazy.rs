@@ -83,6 +83,8 @@ fn a_damaged_page_never_reaches_the_guest() {
             && why.contains("never ran on that page"),
         "{why}"
     );
+    // Said once, on stderr too.
+    assert_eq!(err.matches("fails its checksum").count(), 1, "{err}");
     // The guest did not finish: no checksum was reported.
     assert!(r["checksum"].is_null(), "{r}");
     assert!(!err.contains("panicked"), "{err}");

@@ -23,6 +23,7 @@ mod linux;
 mod net;
 mod qemu;
 mod replicate;
+mod replicate_cache;
 mod replicate_cluster;
 mod snapshot_errors;
 mod snapshots;

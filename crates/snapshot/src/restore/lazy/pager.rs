@@ -201,7 +201,9 @@ impl Pager {
     pub(crate) fn fail(&self, why: PagerError) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
-            tracing::error!(%why, "lazy restore failed");
+            // Not an error line: the controller stops the VM with `why`,
+            // and the run's end says it (once).
+            tracing::debug!(%why, "lazy restore failed");
             *f = Some(Arc::new(why));
         }
         self.failed.store(true, Ordering::SeqCst);
