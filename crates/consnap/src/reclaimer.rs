@@ -236,6 +236,9 @@ fn run(
     let mut headroom = store::Headroom::default();
     let mut last_start: Option<u64> = None;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return report;
+        }
         while Instant::now() < next {
             if stop.load(Ordering::Relaxed) {
                 return report;

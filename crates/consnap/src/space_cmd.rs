@@ -130,6 +130,17 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         .arg("--report")
         .arg(&report)
         .stdout(Stdio::null());
+    // The run ends with this process, however it ends.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+    // only the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut run, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = run.spawn().map_err(|source| SpaceError::Spawn { what: "consnap run", source })?;
     let started = Instant::now();
     let mut early = None;

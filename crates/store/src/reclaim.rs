@@ -222,10 +222,11 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     let planned_pages = |id: u64| planned.get(&id).copied().unwrap_or_else(|| pages(id));
     let ram_pages = heads.values().map(|(h, _)| h.mem_size / PAGE as u64).max().unwrap_or(0);
     // Chains grow by one an epoch until the next pass ends: fold below the
-    // bound by that much (at least 2 files a chain).
+    // bound by that much, but never below half of it (folding to chains
+    // much shorter rewrites nearly every epoch as a full one).
     let max_chain = match opts.max_chain {
         0 => 0,
-        m => m.saturating_sub(opts.headroom.epochs).max(2.min(m)),
+        m => m.saturating_sub(opts.headroom.epochs).max(m.div_ceil(2)),
     };
     for f in fold::bound_chains(&keep, &mut parent, max_chain, &levels, &planned_pages, ram_pages) {
         let r = rebases.entry(f.id).or_insert(Rebase {
