@@ -261,6 +261,13 @@ fn run(
             };
         }
         last_start = Some(latest);
+        // Over a bound now: this pass runs at the vCPUs' priority.
+        let over = sample(&mut report, true).is_some_and(|u| over_bounds(&u, opts));
+        if over != urgent {
+            urgent = over;
+            set_priority(urgent);
+            tracing::info!(urgent, "the reclaimer's priority changes with the store's bounds");
+        }
         let pass_opts = ReclaimOptions {
             headroom,
             ..opts.clone()
@@ -274,6 +281,11 @@ fn run(
         report.usage.extend(during.usage);
         match pass {
             Ok(pass) => {
+                if pass.evicted > 0 && report.epochs_evicted == 0 {
+                    tracing::warn!(
+                        "the store is over --max-store: its oldest epochs go, though the policy keeps them (counted in the report's reclaim.epochs_evicted)"
+                    );
+                }
                 report.add(&pass);
                 if urgent {
                     report.urgent_passes += pass.passes;
@@ -287,12 +299,7 @@ fn run(
             }
         }
         let over = sample(&mut report, true).is_some_and(|u| over_bounds(&u, opts));
-        if over != urgent {
-            urgent = over;
-            set_priority(urgent);
-            tracing::info!(urgent, "the reclaimer's priority changes with the store's bounds");
-        }
-        next = if urgent {
+        next = if over {
             Instant::now()
         } else {
             Instant::now() + PERIOD

@@ -171,6 +171,10 @@ pub struct Snapshots {
     /// Times a snapshot over a second late made the writer run at the
     /// vCPUs' priority until the one before it was saved.
     pub urgent: u64,
+    /// Times a snapshot waited for the store to fall under --max-store.
+    pub space_waits: u64,
+    /// Total time snapshots waited for that.
+    pub space_wait_ms: f64,
     /// Error messages.
     pub errors: Vec<String>,
     /// Guest downtime per epoch.
@@ -213,6 +217,10 @@ pub struct EngineFigures {
     pub overload_time: Duration,
     /// Times the writer was made urgent.
     pub urgent: u64,
+    /// Times an epoch waited for the store to fall under --max-store.
+    pub space_waits: u64,
+    /// Total time epochs waited for that.
+    pub space_wait_time: Duration,
     /// The epoch being saved, if any.
     pub in_flight: Option<u64>,
 }
@@ -229,6 +237,8 @@ impl EngineFigures {
             overloads: 0,
             overload_time: Duration::ZERO,
             urgent: 0,
+            space_waits: 0,
+            space_wait_time: Duration::ZERO,
             in_flight: None,
         };
         f.update(e);
@@ -242,6 +252,8 @@ impl EngineFigures {
         self.overloads = e.overloads;
         self.overload_time = e.overload_time;
         self.urgent = e.urgent;
+        self.space_waits = e.space_waits;
+        self.space_wait_time = e.space_wait_time;
         self.in_flight = e.in_flight();
         if let Some(new) = e.records.get(self.records.len()..) {
             self.records.extend_from_slice(new);
@@ -270,6 +282,8 @@ impl Snapshots {
             delayed: f.overloads,
             delayed_ms: f.overload_time.as_secs_f64() * 1e3,
             urgent: f.urgent,
+            space_waits: f.space_waits,
+            space_wait_ms: f.space_wait_time.as_secs_f64() * 1e3,
             errors: f.errors.clone(),
             pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
             vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),

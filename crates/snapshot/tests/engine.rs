@@ -50,6 +50,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
             cow: Default::default(),
             direct_io: true,
             max_lag: None,
+            max_store: None,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -155,6 +156,7 @@ fn device_written_pages_reach_the_next_epoch() {
             },
             direct_io: true,
             max_lag: None,
+            max_store: None,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -263,6 +265,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             },
             direct_io: true,
             max_lag: None,
+            max_store: None,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -344,6 +347,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         },
         direct_io: false,
         max_lag: None,
+        max_store: None,
     };
     let mut engine = SnapshotEngine::new(cfg, None).unwrap();
     engine.prepare(&mut m).unwrap();

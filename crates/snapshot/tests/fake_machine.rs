@@ -280,6 +280,7 @@ fn config(dir: &Path, mode: Mode, cow: CowOptions) -> SnapshotConfig {
         cow,
         direct_io: true,
         max_lag: Some(Duration::from_secs(1)),
+        max_store: None,
     }
 }
 

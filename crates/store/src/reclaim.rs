@@ -161,9 +161,12 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
         keep.extend(opts.policy.waiting(&times));
     }
     keep.extend(pinned.iter().filter(|p| heads.contains_key(p)));
-    let evicted = opts
-        .max_store
-        .map_or(0, |cap| evict_for_space(heads, &mut keep, pinned, cap));
+    let evicted = opts.max_store.map_or(0, |cap| {
+        // Room for what the store gains until the next pass; and merging
+        // the rest into what is kept grows it: aim a tenth lower.
+        let target = cap.saturating_sub(opts.headroom.bytes) / 10 * 9;
+        evict_for_space(heads, &mut keep, pinned, target)
+    });
     let pages = |id: u64| heads.get(&id).map_or(0, |(h, _)| h.pages_data);
     // The parent each kept epoch will have: its nearest kept ancestor, or
     // none when the chain's full epoch is not kept.
@@ -460,12 +463,7 @@ pub fn reclaim(
     }
     pass.time_ns = started.elapsed().as_nanos() as u64;
     if pass.rewrites + pass.merged + pass.dropped > 0 {
-        if pass.evicted > 0 {
-            tracing::warn!(
-                evicted = pass.evicted,
-                "the store is over --max-store: its oldest epochs go, though the policy keeps them"
-            );
-        }
+        tracing::debug!(evicted = pass.evicted, "reclamation pass");
         let mut ledger = crate::ledger::Ledger::load(store.dir())
             .ok()
             .flatten()

@@ -406,3 +406,38 @@ fn the_policy_is_recorded_before_any_rewrite() {
     let ledger = Ledger::load(&dir.join("s")).unwrap().unwrap();
     assert_eq!((ledger.policy.as_str(), ledger.max_chain), ("1s:all,1m:1s", 5));
 }
+
+/// `max_store`: the oldest epochs the policy keeps go while the kept ones
+/// would take more than the bound; the newest stays; what is kept still
+/// restores as before; `usage` reports the size and the longest chain.
+#[test]
+fn max_store_evicts_the_oldest_kept_epochs() {
+    let dir = common::TestDir::new(env!("CARGO_TARGET_TMPDIR"), "reclaim-max-store");
+    let s = Store::open_or_create(&dir.join("s")).unwrap();
+    let mut rng = Rng(11);
+    for id in 1..=30u64 {
+        write(&s, &mut rng, id, (id > 1).then(|| id - 1), T0 + id * 100 * MS);
+    }
+    let before = images(&s);
+    let all = store::usage(&s).unwrap();
+    assert_eq!((all.epochs, all.longest_chain), (30, 30));
+    let cap = all.bytes / 3;
+    let opts = ReclaimOptions {
+        policy: Policy::keep_all(),
+        max_chain: 0,
+        max_store: Some(cap),
+        ..ReclaimOptions::default()
+    };
+    let pass = reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+    let kept = s.ids().unwrap();
+    assert!(pass.evicted > 0 && kept.len() < 30, "{pass:?}");
+    assert_eq!(kept.last(), Some(&30), "the newest stays");
+    assert!(kept.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*kept.first().unwrap(), 30 - kept.len() as u64 + 1, "the oldest went first: {kept:?}");
+    for id in &kept {
+        assert_eq!(image(&s, *id), before[id], "epoch {id}");
+    }
+    let after = store::usage(&s).unwrap();
+    assert!(after.bytes <= cap + cap / 5, "{after:?} against {cap}");
+    assert_eq!(after.epochs, kept.len() as u64);
+}

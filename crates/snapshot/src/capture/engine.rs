@@ -51,7 +51,18 @@ pub struct SnapshotConfig {
     /// saved makes the writer run at the vCPUs' priority until that one is
     /// durable (`None`: never). See `Writer::set_urgent`.
     pub max_lag: Option<Duration>,
+    /// While the store takes more than this, a due epoch waits (the
+    /// reclaimer frees space meanwhile), for at most
+    /// [`SPACE_PATIENCE`] or ten intervals: then it is taken anyway, since
+    /// protection comes before the bound.
+    pub max_store: Option<u64>,
 }
+
+/// How long an epoch waits at most for the store to fall under
+/// `max_store` (or ten intervals, if longer).
+pub const SPACE_PATIENCE: Duration = Duration::from_secs(5);
+/// How often a waiting epoch looks at the store's size again.
+const SPACE_RETRY: Duration = Duration::from_millis(10);
 
 /// Failures injected on purpose, for tests of what the engine does with
 /// them (feature `testing`; the product has none).
@@ -141,11 +152,16 @@ pub struct SnapshotEngine {
     pub overload_time: Duration,
     /// Times a late epoch made the writer urgent (see `SnapshotConfig::max_lag`).
     pub urgent: u64,
+    /// Times an epoch waited because the store was over `max_store`.
+    pub space_waits: u64,
+    /// Total time epochs waited for that.
+    pub space_wait_time: Duration,
+    /// Since when the due epoch waits for space, if it does.
+    space_waiting: Option<Instant>,
     log: ErrorLog,
     attempts: u64,
     /// A mode asked for at run time, applied when the next epoch starts.
     switch_to: Option<Mode>,
-    /// The store was held by another process when the engine was made.
     /// Snapshots failed since the last committed one.
     failed_in_row: u32,
     /// Test hook: which capture attempts fail on purpose.
@@ -200,6 +216,9 @@ impl SnapshotEngine {
             overloads: 0,
             overload_time: Duration::ZERO,
             urgent: 0,
+            space_waits: 0,
+            space_wait_time: Duration::ZERO,
+            space_waiting: None,
             attempts: 0,
             switch_to: None,
             failed_in_row: 0,
@@ -371,6 +390,10 @@ impl SnapshotEngine {
                 w.set_urgent(false);
             }
         }
+        if self.wait_for_space(started) {
+            self.next_due = started + SPACE_RETRY;
+            return self.flow(failure);
+        }
         if !self.giving_up() {
             match self.capture(t) {
                 Ok(()) => {}
@@ -383,6 +406,41 @@ impl SnapshotEngine {
         }
         self.next_due = (started + self.cfg.interval).max(Instant::now());
         self.flow(failure)
+    }
+
+    /// Whether the due epoch waits because the store is over `max_store`:
+    /// until the reclaimer brings it back under, or for at most
+    /// [`SPACE_PATIENCE`] (ten intervals if longer), after which it goes
+    /// ahead with a warning.
+    fn wait_for_space(&mut self, now: Instant) -> bool {
+        let Some(cap) = self.cfg.max_store else {
+            return false;
+        };
+        let over = store::usage(&self.store).is_ok_and(|u| u.bytes > cap);
+        let since = match (over, self.space_waiting) {
+            (false, None) => return false,
+            (false, Some(since)) => {
+                self.space_waiting = None;
+                self.space_wait_time += now.duration_since(since);
+                return false;
+            }
+            (true, None) => {
+                self.space_waits += 1;
+                self.space_waiting = Some(now);
+                now
+            }
+            (true, Some(since)) => since,
+        };
+        let patience = SPACE_PATIENCE.max(self.cfg.interval * 10);
+        if now.duration_since(since) < patience {
+            return true;
+        }
+        tracing::warn!(
+            "the store has been over --max-store for {patience:?}: the reclaimer cannot free enough, and this epoch is taken anyway"
+        );
+        self.space_waiting = None;
+        self.space_wait_time += now.duration_since(since);
+        false
     }
 
     fn flow(&self, failure: Option<String>) -> TaskFlow {
