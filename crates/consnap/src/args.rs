@@ -101,6 +101,36 @@ pub fn size(s: &str) -> Result<u64, ArgError> {
     workload::spec::parse_size(s).ok_or_else(|| ArgError::NotASize(s.to_string()))
 }
 
+/// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
+pub fn utc(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = store::civil::from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ns / 1_000_000 % 1000
+    )
+}
+
+/// A size for people: `12.3 MiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// `n` things for messages: `1 epoch`, `2 epochs`, `0 files`.
 pub fn counted(n: impl Into<u64>, thing: &str) -> String {
     match n.into() {
@@ -137,9 +167,29 @@ pub fn max_lag(s: &str) -> Result<MaxLag, ArgError> {
     }
 }
 
+/// What to do when snapshots fail (`--on-snapshot-error`): `stop` at
+/// the first failure, `continue` (keep the VM running unprotected for as
+/// long as they fail), or `stop-after=N` failures in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Report every failure and keep the VM running.
+    Continue,
+    /// Stop the VM once this many snapshots in a row have failed.
+    StopAfter(u32),
+}
+
+impl OnError {
+    /// The engine's `stop_after`.
+    pub fn stop_after(self) -> Option<u32> {
+        match self {
+            OnError::Continue => None,
+            OnError::StopAfter(n) => Some(n),
+        }
+    }
+}
+
 /// `--on-snapshot-error`: `stop`, `continue` or `stop-after=N` (N ≥ 1).
-pub fn on_snapshot_error(s: &str) -> Result<crate::session::OnError, ArgError> {
-    use crate::session::OnError;
+pub fn on_snapshot_error(s: &str) -> Result<OnError, ArgError> {
     match s {
         "stop" => Ok(OnError::StopAfter(1)),
         "continue" => Ok(OnError::Continue),
@@ -374,7 +424,6 @@ mod tests {
 
     #[test]
     fn snapshot_error_policies() {
-        use crate::session::OnError;
         assert_eq!(on_snapshot_error("stop"), Ok(OnError::StopAfter(1)));
         assert_eq!(on_snapshot_error("continue"), Ok(OnError::Continue));
         assert_eq!(on_snapshot_error("stop-after=10"), Ok(OnError::StopAfter(10)));

@@ -121,19 +121,7 @@ impl Row {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
-pub fn utc(ns: u64) -> String {
-    let secs = (ns / 1_000_000_000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = store::civil::from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        ns / 1_000_000 % 1000
-    )
-}
+pub use crate::args::{human, utc};
 
 /// What reclamation freed and wrote, net: `freed 1.2 GiB, wrote 300.0
 /// MiB, net 900.0 MiB reclaimed`. The net is negative when folds (which
@@ -149,22 +137,6 @@ pub fn net_reclaimed(freed: u64, written: u64) -> String {
         )
     };
     format!("freed {}, wrote {}, {net}", human(freed), human(written))
-}
-
-/// A size for people: `12.3 MiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Why epoch `id` cannot be restored because of its ancestors, following

@@ -22,6 +22,7 @@ mod report;
 mod restore_cmd;
 mod run_cmd;
 mod session;
+mod session_args;
 mod space_cmd;
 mod store_args;
 mod verify_cmd;

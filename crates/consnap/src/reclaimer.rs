@@ -299,11 +299,7 @@ fn run(
             }
         }
         let over = sample(&mut report, true).is_some_and(|u| over_bounds(&u, opts));
-        next = if over {
-            Instant::now()
-        } else {
-            Instant::now() + PERIOD
-        };
+        next = if over { Instant::now() } else { Instant::now() + PERIOD };
     }
 }
 

@@ -335,10 +335,10 @@ pub fn enforce(keep: &InUse, max: u64) -> Result<Vec<Entry>, CacheError> {
         total -= e.bytes;
         tracing::info!(
             "restore cache over {}: removed {} ({}, last used {})",
-            crate::ls_cmd::human(max),
+            crate::args::human(max),
             e.dir.display(),
-            crate::ls_cmd::human(e.bytes),
-            crate::ls_cmd::utc(e.last_used_ns)
+            crate::args::human(e.bytes),
+            crate::args::utc(e.last_used_ns)
         );
         removed.push(e);
     }
@@ -346,8 +346,8 @@ pub fn enforce(keep: &InUse, max: u64) -> Result<Vec<Entry>, CacheError> {
         tracing::warn!(
             "the restore cache {} holds {}, over its limit of {} ({MAX_VAR}): what is left is in use",
             root.display(),
-            crate::ls_cmd::human(total),
-            crate::ls_cmd::human(max)
+            crate::args::human(total),
+            crate::args::human(max)
         );
     }
     Ok(removed)

@@ -113,23 +113,33 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         let c = Command::new("sh")
             .args(["-c", "while :; do :; done"])
             .spawn()
-            .map_err(|source| SpaceError::Spawn { what: "a busy process", source })?;
+            .map_err(|source| SpaceError::Spawn {
+                what: "a busy process",
+                source,
+            })?;
         busy.0.push(c);
     }
     let mut run = Command::new(exe);
-    run.args(["run", "--quiet", "--pause-probe", "0", "--on-snapshot-error", "continue"])
-        .arg("--workload")
-        .arg(format!("{},ops=1000000000000", a.workload))
-        .args(["--mem", &a.mem, "--retain", &a.retain, "--max-store", &a.max_store])
-        .arg("--interval")
-        .arg(args::show_duration(a.interval))
-        .arg("--max-chain")
-        .arg(a.max_chain.to_string())
-        .arg("--snapshot-dir")
-        .arg(&dir)
-        .arg("--report")
-        .arg(&report)
-        .stdout(Stdio::null());
+    run.args([
+        "run",
+        "--quiet",
+        "--pause-probe",
+        "0",
+        "--on-snapshot-error",
+        "continue",
+    ])
+    .arg("--workload")
+    .arg(format!("{},ops=1000000000000", a.workload))
+    .args(["--mem", &a.mem, "--retain", &a.retain, "--max-store", &a.max_store])
+    .arg("--interval")
+    .arg(args::show_duration(a.interval))
+    .arg("--max-chain")
+    .arg(a.max_chain.to_string())
+    .arg("--snapshot-dir")
+    .arg(&dir)
+    .arg("--report")
+    .arg(&report)
+    .stdout(Stdio::null());
     // The run ends with this process, however it ends.
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
     // only the child.
@@ -141,7 +151,10 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
             Ok(())
         });
     }
-    let mut child = run.spawn().map_err(|source| SpaceError::Spawn { what: "consnap run", source })?;
+    let mut child = run.spawn().map_err(|source| SpaceError::Spawn {
+        what: "consnap run",
+        source,
+    })?;
     let started = Instant::now();
     let mut early = None;
     while started.elapsed() < a.duration {
@@ -156,7 +169,10 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         None => {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            child.wait().map_err(|source| SpaceError::Spawn { what: "consnap run", source })?
+            child.wait().map_err(|source| SpaceError::Spawn {
+                what: "consnap run",
+                source,
+            })?
         }
     };
     drop(busy);

@@ -433,7 +433,11 @@ fn max_store_evicts_the_oldest_kept_epochs() {
     assert!(pass.evicted > 0 && kept.len() < 30, "{pass:?}");
     assert_eq!(kept.last(), Some(&30), "the newest stays");
     assert!(kept.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(*kept.first().unwrap(), 30 - kept.len() as u64 + 1, "the oldest went first: {kept:?}");
+    assert_eq!(
+        *kept.first().unwrap(),
+        30 - kept.len() as u64 + 1,
+        "the oldest went first: {kept:?}"
+    );
     for id in &kept {
         assert_eq!(image(&s, *id), before[id], "epoch {id}");
     }
