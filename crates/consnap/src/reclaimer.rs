@@ -144,9 +144,9 @@ fn set_priority(urgent: bool) {
     unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, tid, (2 << 13) | level) };
 }
 
-/// Whether `u` is over the bounds of `opts`.
+/// Whether `u` is at the bounds of `opts` (the writer's test too).
 fn over_bounds(u: &store::Usage, opts: &ReclaimOptions) -> bool {
-    opts.max_store.is_some_and(|m| u.bytes > m) || (opts.max_chain > 0 && u.longest_chain > opts.max_chain as u64)
+    u.at_bounds(opts.max_store, opts.max_chain)
 }
 
 impl Reclaimer {

@@ -250,6 +250,7 @@ fn snapshot_config(a: &SessionArgs, dir: &Path, cow: CowOptions) -> SnapshotConf
         direct_io: a.snapshot_io == SnapshotIo::Direct,
         max_lag: a.max_lag.0,
         max_store: (a.reclaim.max_store > 0).then_some(a.reclaim.max_store),
+        max_chain: a.reclaim.max_chain,
     }
 }
 

@@ -51,6 +51,7 @@ fn vmm_written_pages_reach_the_next_epoch() {
             direct_io: true,
             max_lag: None,
             max_store: None,
+            max_chain: 0,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -157,6 +158,7 @@ fn device_written_pages_reach_the_next_epoch() {
             direct_io: true,
             max_lag: None,
             max_store: None,
+            max_chain: 0,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -266,6 +268,7 @@ fn kvm_written_pages_reach_the_next_epoch() {
             direct_io: true,
             max_lag: None,
             max_store: None,
+            max_chain: 0,
         };
         let mut engine = SnapshotEngine::new(cfg, None).unwrap();
         engine.prepare(&mut m).unwrap();
@@ -348,6 +351,7 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
         direct_io: false,
         max_lag: None,
         max_store: None,
+        max_chain: 0,
     };
     let mut engine = SnapshotEngine::new(cfg, None).unwrap();
     engine.prepare(&mut m).unwrap();

@@ -281,6 +281,7 @@ fn config(dir: &Path, mode: Mode, cow: CowOptions) -> SnapshotConfig {
         direct_io: true,
         max_lag: Some(Duration::from_secs(1)),
         max_store: None,
+        max_chain: 0,
     }
 }
 

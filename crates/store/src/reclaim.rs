@@ -296,6 +296,17 @@ pub struct Usage {
     pub longest_chain: u64,
 }
 
+impl Usage {
+    /// Whether the store is at its bounds: within a twentieth of
+    /// `max_store` (what one epoch and a pass's rewrites may add before
+    /// the removals), or with a chain of `max_chain` files (the next epoch
+    /// would make it longer). The writer waits and the reclaimer hurries
+    /// while this holds; both ask here.
+    pub fn at_bounds(&self, max_store: Option<u64>, max_chain: usize) -> bool {
+        max_store.is_some_and(|m| self.bytes > m - m / 20) || (max_chain > 0 && self.longest_chain >= max_chain as u64)
+    }
+}
+
 /// The store's [`Usage`], from its headers (cached between calls).
 pub fn usage(store: &Store) -> Result<Usage> {
     usage_since(store, u64::MAX).map(|(u, _)| u)

@@ -56,6 +56,9 @@ pub struct SnapshotConfig {
     /// [`SPACE_PATIENCE`] or ten intervals: then it is taken anyway, since
     /// protection comes before the bound.
     pub max_store: Option<u64>,
+    /// Likewise while a chain of the store has this many files (0: no
+    /// bound): the reclaimer folds it meanwhile.
+    pub max_chain: usize,
 }
 
 /// How long an epoch waits at most for the store to fall under
@@ -408,15 +411,16 @@ impl SnapshotEngine {
         self.flow(failure)
     }
 
-    /// Whether the due epoch waits because the store is over `max_store`:
-    /// until the reclaimer brings it back under, or for at most
+    /// Whether the due epoch waits because the store is at its bounds
+    /// (`max_store`, `max_chain`; [`store::Usage::at_bounds`]): until the
+    /// reclaimer brings it back under, or for at most
     /// [`SPACE_PATIENCE`] (ten intervals if longer), after which it goes
     /// ahead with a warning.
     fn wait_for_space(&mut self, now: Instant) -> bool {
-        let Some(cap) = self.cfg.max_store else {
+        if self.cfg.max_store.is_none() && self.cfg.max_chain == 0 {
             return false;
-        };
-        let over = store::usage(&self.store).is_ok_and(|u| u.bytes > cap);
+        }
+        let over = store::usage(&self.store).is_ok_and(|u| u.at_bounds(self.cfg.max_store, self.cfg.max_chain));
         let since = match (over, self.space_waiting) {
             (false, None) => return false,
             (false, Some(since)) => {
@@ -436,7 +440,7 @@ impl SnapshotEngine {
             return true;
         }
         tracing::warn!(
-            "the store has been over --max-store for {patience:?}: the reclaimer cannot free enough, and this epoch is taken anyway"
+            "the store has been at --max-store or --max-chain for {patience:?}: the reclaimer cannot keep up, and this epoch is taken anyway"
         );
         self.space_waiting = None;
         self.space_wait_time += now.duration_since(since);
