@@ -441,7 +441,22 @@ fn max_store_evicts_the_oldest_kept_epochs() {
     for id in &kept {
         assert_eq!(image(&s, *id), before[id], "epoch {id}");
     }
-    let after = store::usage(&s).unwrap();
-    assert!(after.bytes <= cap + cap / 5, "{after:?} against {cap}");
-    assert_eq!(after.epochs, kept.len() as u64);
+    // A pass judges what merging will cost from file sizes; the next ones
+    // correct it (a running store's reclaimer passes again at once while
+    // over the bound).
+    let mut after = store::usage(&s).unwrap();
+    for _ in 0..4 {
+        if after.bytes <= cap {
+            break;
+        }
+        reclaim(&s, &opts, &[], &AtomicBool::new(false), &mut |_, _| {}).unwrap();
+        after = store::usage(&s).unwrap();
+    }
+    assert!(after.bytes <= cap, "{after:?} against {cap}");
+    assert_eq!(s.ids().unwrap().last(), Some(&30));
+    assert_eq!(after.epochs, s.ids().unwrap().len() as u64);
+    let last = s.ids().unwrap();
+    for id in &last {
+        assert_eq!(image(&s, *id), before[id], "epoch {id}");
+    }
 }
