@@ -196,6 +196,8 @@ pub fn snap_stats(f: &EngineFigures) -> SnapStats {
         in_flight: f.in_flight,
         delayed: s.delayed,
         delayed_ms: s.delayed_ms,
+        space_waits: s.space_waits,
+        space_wait_ms: s.space_wait_ms,
         last: f.records.last().map(EpochEntry::from),
     }
 }

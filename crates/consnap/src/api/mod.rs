@@ -166,6 +166,11 @@ pub struct SnapStats {
     pub delayed: u64,
     /// Total time epochs were late because of that.
     pub delayed_ms: f64,
+    /// Times an epoch waited for the store to fall under --max-store or
+    /// --max-chain.
+    pub space_waits: u64,
+    /// Total time epochs waited for that.
+    pub space_wait_ms: f64,
     /// The last committed epoch.
     pub last: Option<EpochEntry>,
 }

@@ -70,6 +70,8 @@ fn snap_stats() -> SnapStats {
         in_flight: Some(8),
         delayed: 2,
         delayed_ms: 13.0,
+        space_waits: 1,
+        space_wait_ms: 40.0,
         last: Some(epoch()),
     }
 }

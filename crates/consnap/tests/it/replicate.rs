@@ -166,7 +166,11 @@ fn the_object_store_mirrors_reclamation() {
     let Some(garage) = Garage::start(&dir.join("garage")) else {
         return;
     };
-    let (ops, sum) = reference(SPEC, 1);
+    // Long enough for 40 epochs even when every one waits for the object
+    // store (--replicate-backlog 1) and for the folds that keep chains at
+    // 4 files (the run is stopped at epoch 40).
+    let spec = "memstress,wss=16M,ops=180000,rate=6000,pattern=hotcold";
+    let (ops, sum) = reference(spec, 1);
     // Epochs every 50 ms merged into 200 ms buckets once 200 ms old, and
     // chains folded beyond 4: the local store rewrites and deletes epochs
     // all the time, and the object store follows.
@@ -177,7 +181,7 @@ fn the_object_store_mirrors_reclamation() {
     garage.env(cmd.args([
         "run",
         "--workload",
-        SPEC,
+        spec,
         "--mem",
         "64M",
         "--snapshot-dir",

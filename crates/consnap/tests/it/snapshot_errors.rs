@@ -618,7 +618,7 @@ fn the_product_binary_ignores_the_failure_hook() {
     // The same run of the test build fails the hooked attempts: the
     // variable is not ignored by accident.
     let hooked = dir.join("hooked.json");
-    run_ok(
+    let out = output(
         consnap()
             .env("CONSNAP_FAIL_EPOCHS", "1,2")
             .args([
@@ -633,5 +633,7 @@ fn the_product_binary_ignores_the_failure_hook() {
             .arg("--snapshot-dir")
             .arg(dir.join("hooked")),
     );
+    // Unprotected for two epochs: exit status 3.
+    assert_eq!(out.status.code(), Some(3), "{}", tail(&out.stderr, 20));
     assert_eq!(read_report(&hooked)["snapshots"]["failed"].as_u64(), Some(2));
 }
