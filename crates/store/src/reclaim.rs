@@ -163,8 +163,9 @@ fn plan_pass(heads: &BTreeMap<u64, (Header, u64)>, opts: &ReclaimOptions, pinned
     keep.extend(pinned.iter().filter(|p| heads.contains_key(p)));
     let evicted = opts.max_store.map_or(0, |cap| {
         // Room for what the store gains until the next pass; and merging
-        // the rest into what is kept grows it: aim a tenth lower.
-        let target = cap.saturating_sub(opts.headroom.bytes) / 10 * 9;
+        // the rest into what is kept grows it: aim a fifth lower (below
+        // where the writer waits, `Usage::at_bounds`).
+        let target = cap.saturating_sub(opts.headroom.bytes) / 10 * 8;
         evict_for_space(heads, &mut keep, pinned, target)
     });
     let pages = |id: u64| heads.get(&id).map_or(0, |(h, _)| h.pages_data);
@@ -297,13 +298,14 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Whether the store is at its bounds: within a twentieth of
-    /// `max_store` (what one epoch and a pass's rewrites may add before
-    /// the removals), or with a chain of `max_chain` files (the next epoch
-    /// would make it longer). The writer waits and the reclaimer hurries
-    /// while this holds; both ask here.
+    /// Whether the store is at its bounds: within a tenth of `max_store`
+    /// (room for the epoch being written and for a pass's rewrites, which
+    /// are committed before the epochs they merge are removed: a rebased
+    /// full epoch can be a twentieth of the bound), or with a chain of
+    /// `max_chain` files (the next epoch would make it longer). The writer
+    /// waits and the reclaimer hurries while this holds; both ask here.
     pub fn at_bounds(&self, max_store: Option<u64>, max_chain: usize) -> bool {
-        max_store.is_some_and(|m| self.bytes > m - m / 20) || (max_chain > 0 && self.longest_chain >= max_chain as u64)
+        max_store.is_some_and(|m| self.bytes > m - m / 10) || (max_chain > 0 && self.longest_chain >= max_chain as u64)
     }
 }
 
