@@ -248,14 +248,8 @@ pub fn rows(dir: &Path, depth: store::Depth) -> Result<Vec<Row>, LsError> {
         .as_ref()
         .and_then(|l| store::Policy::parse(&l.policy).ok())
         .unwrap_or_default();
-    let ids: BTreeMap<u64, &Row> = rows.iter().filter_map(|r| Some((r.id?, r))).collect();
-    let missing: Vec<u64> = rows
-        .iter()
-        .filter(|r| r.parent.is_some_and(|p| !ids.contains_key(&p)))
-        .filter_map(|r| r.id)
-        .collect();
+    mark_missing_parents(&mut rows);
     for r in rows.iter_mut() {
-        r.parent_missing = r.id.is_some_and(|id| missing.contains(&id));
         r.pages_checked = depth == store::Depth::Pages;
         match r.id.and_then(|id| health.epochs.get(&id)) {
             Some(store::Verdict::Restores { chain }) => {
@@ -316,19 +310,18 @@ pub fn remote_rows(url: &str, key: Option<&Path>) -> Result<Vec<Row>, LsError> {
 
 /// Chain errors, restorability, tiers and chain lengths.
 fn finish(rows: &mut [Row], policy: &store::Policy) {
+    mark_missing_parents(rows);
     let ids: BTreeMap<u64, &Row> = rows.iter().filter_map(|r| Some((r.id?, r))).collect();
-    let broken: Vec<(u64, bool, Option<String>)> = rows
+    let broken: Vec<(u64, Option<String>)> = rows
         .iter()
         .filter(|r| !r.damaged)
         .filter_map(|r| {
             let id = r.id?;
-            let missing = r.parent.is_some_and(|p| !ids.contains_key(&p));
-            Some((id, missing, chain_error(&ids, id)))
+            Some((id, chain_error(&ids, id)))
         })
         .collect();
-    for (id, missing, why) in broken {
+    for (id, why) in broken {
         if let Some(r) = rows.iter_mut().find(|r| r.id == Some(id)) {
-            r.parent_missing = missing;
             r.chain_error = why;
         }
     }
@@ -336,6 +329,14 @@ fn finish(rows: &mut [Row], policy: &store::Policy) {
         r.restorable = r.id.is_some() && !r.is_bad();
     }
     annotate(rows, policy);
+}
+
+/// Mark the epochs whose parent epoch is not among `rows`.
+fn mark_missing_parents(rows: &mut [Row]) {
+    let ids: std::collections::BTreeSet<u64> = rows.iter().filter_map(|r| r.id).collect();
+    for r in rows.iter_mut() {
+        r.parent_missing = r.parent.is_some_and(|p| !ids.contains(&p));
+    }
 }
 
 /// Tier and chain length of each epoch.

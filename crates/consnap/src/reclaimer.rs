@@ -217,16 +217,22 @@ fn run(
     let started = Instant::now();
     let mut urgent = false;
     set_priority(urgent);
-    let mut last_sample = started - SAMPLE_EVERY;
-    let mut sample = |report: &mut ReclaimReport, force: bool| -> Option<store::Usage> {
-        if !force && last_sample.elapsed() < SAMPLE_EVERY {
+    let last_sample = std::cell::Cell::new(started - SAMPLE_EVERY);
+    // Keep `u` as a sample when the last one is a second old.
+    let record = |report: &mut ReclaimReport, u: store::Usage| {
+        if last_sample.get().elapsed() >= SAMPLE_EVERY {
+            last_sample.set(Instant::now());
+            report.sample(started, u);
+        }
+    };
+    // Look at the store when a sample is due (`force`: whatever the time)
+    // and keep it; returns what it saw.
+    let sample = |report: &mut ReclaimReport, force: bool| -> Option<store::Usage> {
+        if !force && last_sample.get().elapsed() < SAMPLE_EVERY {
             return None;
         }
         let u = store::usage(store).ok()?;
-        if last_sample.elapsed() >= SAMPLE_EVERY {
-            last_sample = Instant::now();
-            report.sample(started, u);
-        }
+        record(report, u);
         Some(u)
     };
     let mut next = Instant::now() + PERIOD;
@@ -246,14 +252,15 @@ fn run(
             sample(&mut report, false);
             std::thread::sleep(Duration::from_millis(20));
         }
+        let latest = store.latest().unwrap_or(0);
         let pin: Vec<u64> = match pinned {
-            Some(p) if store.latest().unwrap_or(0) <= start_latest => vec![p],
+            Some(p) if latest <= start_latest => vec![p],
             _ => Vec::new(),
         };
-        let latest = store.latest().unwrap_or(0);
-        if let Some(before) = last_start
-            && let Ok((_, bytes)) = store::usage_since(store, before)
-        {
+        // One look at the store: its usage now, and what it gained since
+        // the last pass started.
+        let now = store::usage_since(store, last_start.unwrap_or(u64::MAX)).ok();
+        if let (Some(before), Some((_, bytes))) = (last_start, now) {
             let epochs = usize::try_from(latest.saturating_sub(before)).unwrap_or(usize::MAX);
             headroom = store::Headroom {
                 epochs: (epochs + 1).max(headroom.epochs * 7 / 8),
@@ -261,8 +268,11 @@ fn run(
             };
         }
         last_start = Some(latest);
+        if let Some((u, _)) = now {
+            record(&mut report, u);
+        }
         // Over a bound now: this pass runs at the vCPUs' priority.
-        let over = sample(&mut report, true).is_some_and(|u| over_bounds(&u, opts));
+        let over = now.is_some_and(|(u, _)| over_bounds(&u, opts));
         if over != urgent {
             urgent = over;
             set_priority(urgent);
@@ -272,13 +282,9 @@ fn run(
             headroom,
             ..opts.clone()
         };
-        let mut during = ReclaimReport::default();
         let pass = store::reclaim(store, &pass_opts, &pin, stop, &mut |_, _| {
-            sample(&mut during, false);
+            sample(&mut report, false);
         });
-        report.max_bytes_seen = report.max_bytes_seen.max(during.max_bytes_seen);
-        report.max_chain_seen = report.max_chain_seen.max(during.max_chain_seen);
-        report.usage.extend(during.usage);
         match pass {
             Ok(pass) => {
                 if pass.evicted > 0 && report.epochs_evicted == 0 {
