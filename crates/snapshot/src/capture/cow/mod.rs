@@ -10,6 +10,7 @@
 //! `UFFD_FEATURE_WP_UNPOPULATED`, created without the user-mode-only flag
 //! (KVM's own accesses to guest memory fault too).
 
+mod arming;
 mod hashes;
 mod saver;
 mod shared;
@@ -260,29 +261,30 @@ impl Cow {
         shared: Arc<CowState>,
         t0: Instant,
     ) -> Result<JobFn, EpochFailure> {
-        // VMM writes went through protected pages too; forget the bitmap.
-        drop(t.take_dirty()?);
-        let mut pages = if ctx.meta.full {
-            // Written before tracking started, or in a block written since;
-            // the saver records every other page as zero.
-            let mut p = shared.unarmed_pages();
-            match self.written_before.take() {
-                Some(w) => p.or(&w),
-                None => p = DirtySet::all(t.ram().ranges()),
-            }
-            p
-        } else {
-            // A failure hands nothing back: it releases every block, and
-            // the next epoch examines them all against the last commit.
-            ctx.taken = Some(DirtySet::empty(t.ram().ranges()));
-            shared.unarmed_pages()
-        };
-        let t1 = Instant::now();
         if !ctx.meta.full {
+            // The blocks written since the last epoch, and no bitmap of all
+            // of RAM (see `arming`). VMM writes went through protected pages
+            // too, so vm-memory's bitmap is not needed (a full epoch clears
+            // it). A failure hands nothing back: it releases every block,
+            // and the next epoch examines them all against the last commit.
+            ctx.taken = Some(DirtySet::default());
+            let mut blocks = shared.unarmed_blocks();
+            let t1 = Instant::now();
             // Hot blocks: copied now and left writable (they are examined
             // again next epoch whatever happens to them).
-            shared.copy_hot(&mut pages, self.opts.pause_copy_budget);
+            shared.copy_hot(&mut blocks, self.opts.pause_copy_budget);
+            let calls = shared.arm_blocks(&blocks)?;
+            return Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()));
         }
+        drop(t.take_dirty()?);
+        // Written before tracking started, or in a block written since;
+        // the saver records every other page as zero.
+        let mut pages = shared.unarmed_pages();
+        match self.written_before.take() {
+            Some(w) => pages.or(&w),
+            None => pages = DirtySet::all(t.ram().ranges()),
+        }
+        let t1 = Instant::now();
         let calls = shared.arm(&pages)?;
         Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use uffd::{Event, Uffd, UffdError};
-use vmm::dirty::{DirtySet, PageBits};
+use vmm::dirty::PageBits;
 use vmm::memory::{GuestRam, PAGE_SIZE, RamRange};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -212,7 +212,7 @@ pub(crate) struct CaptureAt {
 }
 
 impl CaptureAt {
-    const START: CaptureAt = CaptureAt {
+    pub(crate) const START: CaptureAt = CaptureAt {
         ri: 0,
         block: 0,
         wrap: false,
@@ -295,149 +295,6 @@ impl CowState {
     pub(crate) fn block_pages(&self, ri: usize, b: u64) -> (u64, u64) {
         let bp = self.opts.block_pages;
         (b * bp, ((b + 1) * bp).min(self.ranges[ri].pages()))
-    }
-
-    /// Runs of set blocks of `blocks` within [b0, b1), merging gaps of up
-    /// to the configured number of pages, as page ranges.
-    pub(crate) fn merged_runs(&self, ri: usize, blocks: &PageBits, b0: u64, b1: u64) -> Vec<(u64, u64)> {
-        let gap = self.opts.merge_gap_pages.div_ceil(self.opts.block_pages);
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut b = b0;
-        while let Some(s) = blocks.next_set(b).filter(|s| *s < b1) {
-            let e = blocks.next_clear(s).min(b1);
-            let (ps, _) = self.block_pages(ri, s);
-            let (_, pe) = self.block_pages(ri, e - 1);
-            match out.last_mut() {
-                Some(last) if ps - last.1 <= gap * self.opts.block_pages => last.1 = pe,
-                _ => out.push((ps, pe)),
-            }
-            b = e;
-        }
-        out
-    }
-
-    /// While paused: make `pages` pending and write-protect their blocks,
-    /// in merged runs. Every protected block is marked armed, so that the
-    /// saver visits and lifts it. Returns the number of protect calls.
-    pub(crate) fn arm(&self, pages: &DirtySet) -> Result<u64, UffdError> {
-        let mut g = self.lock();
-        g.aborted = false;
-        let mut calls = 0;
-        for ri in 0..self.ranges.len() {
-            let Some(bits) = pages.ranges.get(ri) else { continue };
-            g.pending[ri] = bits.clone();
-            let nblocks = g.armed[ri].pages();
-            let mut blocks = PageBits::new(nblocks);
-            for (first, n) in bits.runs() {
-                for b in first / self.opts.block_pages..=(first + n - 1) / self.opts.block_pages {
-                    blocks.set(b);
-                }
-            }
-            let runs = self.merged_runs(ri, &blocks, 0, nblocks);
-            let mut armed = PageBits::new(nblocks);
-            for &(s, e) in &runs {
-                for b in s / self.opts.block_pages..e.div_ceil(self.opts.block_pages) {
-                    armed.set(b);
-                }
-            }
-            // Blocks still armed from earlier epochs stay armed (`Tracker::Uffd`).
-            g.armed[ri].or(&armed);
-            for (s, e) in runs {
-                let (addr, len) = self.span(ri, s, e);
-                if let Err(err) = self.uffd.protect(addr, len) {
-                    drop(g);
-                    self.release_all();
-                    return Err(err);
-                }
-                calls += 1;
-            }
-        }
-        g.capture = self.opts.capture_ahead.then_some(CaptureAt::START);
-        drop(g);
-        Ok(calls)
-    }
-
-    /// Start capturing ahead of the saver (armed by [`CowState::arm`]). Only
-    /// once the vCPUs run again: woken inside the pause, the fault handler
-    /// preempted the pausing thread on this 2-core host and made 1 pause in
-    /// 20 last 2-8 ms instead of 0.1 ms.
-    pub(crate) fn start_capture(&self) {
-        let _ = self.kick.write(1);
-    }
-
-    /// While paused, under `Tracker::Uffd`: copy the hot blocks of `pages`
-    /// aside, within `budget` and the free copy-aside memory (keeping a
-    /// quarter for faults), and take them out of `pages`, so that they are
-    /// not write-protected: they stay writable and are examined again next
-    /// epoch. Returns the pages copied.
-    pub(crate) fn copy_hot(&self, pages: &mut DirtySet, budget: std::time::Duration) -> u64 {
-        let t = std::time::Instant::now();
-        let bp = self.opts.block_pages;
-        let mut g = self.lock();
-        let reserve = ((g.free.len() + g.aside.len()) / 4).max(bp as usize);
-        let mut copied = 0;
-        for ri in 0..self.ranges.len() {
-            let Some(bits) = pages.ranges.get_mut(ri) else { continue };
-            let mut b = 0;
-            while let Some(hb) = g.hot[ri].next_set(b) {
-                b = hb + 1;
-                if t.elapsed() >= budget {
-                    self.counters.in_pause.fetch_add(copied, Ordering::Relaxed);
-                    return copied;
-                }
-                let (b0, b1) = self.block_pages(ri, hb);
-                let want = bits.take_span(b0, b1);
-                if want.is_empty() {
-                    continue;
-                }
-                if g.free.len() < want.len() + reserve {
-                    for q in want {
-                        bits.set(q);
-                    }
-                    break;
-                }
-                self.copy_aside(&mut g, ri, &want, false);
-                copied += want.len() as u64;
-            }
-        }
-        self.counters.in_pause.fetch_add(copied, Ordering::Relaxed);
-        copied
-    }
-
-    /// Write-protect all of RAM, with nothing pending (`Tracker::Uffd`,
-    /// before the vCPUs start).
-    pub(crate) fn protect_all(&self) -> Result<(), UffdError> {
-        let mut g = self.lock();
-        for ri in 0..self.ranges.len() {
-            let n = g.armed[ri].pages();
-            g.armed[ri] = PageBits::full(n);
-            let (addr, len) = self.span(ri, 0, self.ranges[ri].pages());
-            self.uffd.protect(addr, len)?;
-        }
-        Ok(())
-    }
-
-    /// Every page of the blocks that are not write-protected: under
-    /// `Tracker::Uffd`, the blocks written (or released) since the last epoch.
-    pub(crate) fn unarmed_pages(&self) -> DirtySet {
-        let g = self.lock();
-        let mut out = DirtySet::empty(&self.ranges);
-        for ri in 0..self.ranges.len() {
-            let blocks = &g.armed[ri];
-            let mut b = 0;
-            while b < blocks.pages() {
-                let s = blocks.next_clear(b);
-                if s >= blocks.pages() {
-                    break;
-                }
-                let e = blocks.next_set(s).unwrap_or(blocks.pages());
-                let (p0, _) = self.block_pages(ri, s);
-                let (_, p1) = self.block_pages(ri, e - 1);
-                out.ranges[ri].set_span(p0, p1);
-                b = e;
-            }
-        }
-        out
     }
 
     /// Give up on the epoch: lift every protection, forget pending and
@@ -545,7 +402,7 @@ impl CowState {
     /// `hash`: take each copy's keyed hash now, while it is in the cache
     /// (ahead of the saver); a fault leaves it to the saver, so that the
     /// writer waits for the copy only.
-    fn copy_aside(&self, g: &mut MutexGuard<'_, Inner>, ri: usize, pages: &[u64], hash: bool) {
+    pub(super) fn copy_aside(&self, g: &mut MutexGuard<'_, Inner>, ri: usize, pages: &[u64], hash: bool) {
         let inner = &mut **g;
         for q in pages {
             let Some(slot) = inner.free.pop() else {
