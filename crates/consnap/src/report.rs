@@ -119,6 +119,75 @@ pub struct EpochEntry {
     pub dirty_us: f64,
     /// Of the pause: copying (stop-copy) or write-protecting (cow) the pages.
     pub capture_us: f64,
+    /// `--cow-tracker auto`: the tracker that found this epoch's pages
+    /// (`uffd` or `dirty-log`; null for other modes).
+    #[serde(default)]
+    pub tracker: Option<String>,
+    /// `--cow-tracker auto`: `protect`, `copy-in-pause` (a dirty-log epoch's
+    /// pages all copied while paused) or `switch` (the tracker changed at
+    /// this pause).
+    #[serde(default)]
+    pub choice: Option<String>,
+    /// `--cow-tracker auto`: the cost model's prediction, from the epoch
+    /// before, of what each tracker costs the vCPUs an epoch, µs.
+    #[serde(default)]
+    pub predicted_uffd_us: Option<f64>,
+    #[serde(default)]
+    pub predicted_dirty_log_us: Option<f64>,
+}
+
+/// The name a report gives a tracker.
+fn tracker_name(t: snapshot::Tracker) -> &'static str {
+    match t {
+        snapshot::Tracker::Uffd => "uffd",
+        snapshot::Tracker::DirtyLog => "dirty-log",
+    }
+}
+
+/// What `--cow-tracker auto` chose over a run: epochs per tracker and per
+/// choice, and the cost it predicted for its choices against what was
+/// measured of them (fault service and pause copies; KVM's own dirty-log
+/// faults are not visible to consnap).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Adaptive {
+    pub epochs_uffd: u64,
+    pub epochs_dirty_log: u64,
+    pub switches: u64,
+    /// Dirty-log epochs copied during the pause, and those protected.
+    pub copied_in_pause: u64,
+    pub protected: u64,
+    pub predicted_ms: f64,
+    pub measured_ms: f64,
+}
+
+impl Adaptive {
+    /// From the epochs' records; `None` when no epoch was chosen adaptively.
+    pub fn of(records: &[EpochRecord]) -> Option<Adaptive> {
+        let mut a = Adaptive::default();
+        let mut any = false;
+        for r in records {
+            let Some(c) = r.stats.choice else { continue };
+            any = true;
+            match c.tracker {
+                snapshot::Tracker::Uffd => a.epochs_uffd += 1,
+                snapshot::Tracker::DirtyLog if c.copied_in_pause => a.copied_in_pause += 1,
+                snapshot::Tracker::DirtyLog => a.protected += 1,
+            }
+            a.switches += u64::from(c.switched);
+            a.predicted_ms += match c.tracker {
+                snapshot::Tracker::Uffd => c.predicted.uffd_us,
+                snapshot::Tracker::DirtyLog => c.predicted.dirty_log_us,
+            } / 1e3;
+            let pause_copy = if c.copied_in_pause {
+                r.stats.capture_time
+            } else {
+                Duration::ZERO
+            };
+            a.measured_ms += (r.stats.fault_time + pause_copy).as_secs_f64() * 1e3;
+        }
+        a.epochs_dirty_log = a.copied_in_pause + a.protected;
+        any.then_some(a)
+    }
 }
 
 impl From<&EpochRecord> for EpochEntry {
@@ -146,6 +215,19 @@ impl From<&EpochRecord> for EpochEntry {
             fault_max_us: r.stats.fault_max.as_secs_f64() * 1e6,
             dirty_us: r.stats.dirty_time.as_secs_f64() * 1e6,
             capture_us: r.stats.capture_time.as_secs_f64() * 1e6,
+            tracker: r.stats.choice.map(|c| tracker_name(c.tracker).to_string()),
+            choice: r.stats.choice.map(|c| {
+                if c.switched {
+                    "switch"
+                } else if c.copied_in_pause {
+                    "copy-in-pause"
+                } else {
+                    "protect"
+                }
+                .to_string()
+            }),
+            predicted_uffd_us: r.stats.choice.map(|c| c.predicted.uffd_us),
+            predicted_dirty_log_us: r.stats.choice.map(|c| c.predicted.dirty_log_us),
         }
     }
 }
@@ -191,6 +273,9 @@ pub struct Snapshots {
     pub faults: Spread,
     /// Page bytes saved per second of writer or saver time.
     pub save_mb_s: f64,
+    /// `--cow-tracker auto`: what the engine chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<Adaptive>,
     /// Every committed epoch.
     pub epochs: Vec<EpochEntry>,
 }
@@ -296,6 +381,7 @@ impl Snapshots {
                 let bytes: u64 = r.iter().map(|x| x.pages_data * 4096).sum();
                 if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 }
             },
+            adaptive: Adaptive::of(r),
             epochs: if epochs {
                 r.iter().map(EpochEntry::from).collect()
             } else {

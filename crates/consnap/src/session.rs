@@ -224,9 +224,10 @@ pub fn preflight(a: &SessionArgs) -> Result<Preflight, SessionError> {
 fn cow_options(a: &SessionArgs, hot: Option<HotPolicy>, lazy: Option<LazyLink>) -> CowOptions {
     CowOptions {
         tracker: match a.cow_tracker {
-            CowTracker::Uffd => snapshot::Tracker::Uffd,
+            CowTracker::Auto | CowTracker::Uffd => snapshot::Tracker::Uffd,
             CowTracker::DirtyLog => snapshot::Tracker::DirtyLog,
         },
+        adapt: (a.cow_tracker == CowTracker::Auto).then(snapshot::AdaptPolicy::default),
         block_pages: match a.cow_block {
             CowBlock::Small => 1,
             CowBlock::Huge => 512,
@@ -708,6 +709,7 @@ mod tests {
         let cli = cow_options(&a, hot_policy(None).unwrap(), None);
         let engine = CowOptions::default();
         assert_eq!(cli.tracker, engine.tracker);
+        assert_eq!(cli.adapt, engine.adapt);
         assert_eq!(cli.block_pages, engine.block_pages);
         assert_eq!(cli.aside_bytes, engine.aside_bytes);
         assert_eq!(cli.chunk_pages, engine.chunk_pages);
@@ -739,7 +741,7 @@ mod tests {
             "never",
         ]);
         let cow = cow_options(&a, None, None);
-        assert_eq!(cow.tracker, snapshot::Tracker::DirtyLog);
+        assert_eq!((cow.tracker, cow.adapt), (snapshot::Tracker::DirtyLog, None));
         assert_eq!((cow.block_pages, cow.aside_bytes), (1, 64 << 20));
         assert_eq!(cow.pause_copy_budget, Duration::from_millis(2));
         assert_eq!(cow.hot, None);

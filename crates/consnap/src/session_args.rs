@@ -44,6 +44,9 @@ pub enum SnapshotIo {
 /// How `cow` finds the pages written since the last epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CowTracker {
+    /// Either of the two, chosen and changed as the guest runs by a cost
+    /// model of what each would cost it (docs/COW.md, "Adaptive").
+    Auto,
     /// Write protection stays armed between epochs; a written block is
     /// compared page by page with its hashes at the last epoch.
     Uffd,
@@ -92,7 +95,7 @@ pub struct SessionArgs {
     #[arg(long, value_enum, default_value = "direct", requires = "snapshot_dir")]
     pub snapshot_io: SnapshotIo,
     /// cow: how pages written since the last epoch are found.
-    #[arg(long, value_enum, default_value = "uffd", requires = "snapshot_dir")]
+    #[arg(long, value_enum, default_value = "auto", requires = "snapshot_dir")]
     pub cow_tracker: CowTracker,
     /// cow: granularity of write protection.
     #[arg(long, value_enum, default_value = "2M", requires = "snapshot_dir")]

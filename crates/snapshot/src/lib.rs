@@ -12,8 +12,8 @@ pub mod pages;
 pub mod restore;
 
 pub use capture::{
-    Captured, CowOptions, EpochError, EpochFailure, EpochRecord, EpochStats, HotPolicy, SnapshotConfig, SnapshotEngine,
-    SnapshotError, Target, TargetError, Tracker,
+    AdaptPolicy, AdaptSummary, Captured, CowOptions, EpochChoice, EpochError, EpochFailure, EpochRecord, EpochStats,
+    HotPolicy, SnapshotConfig, SnapshotEngine, SnapshotError, Target, TargetError, Tracker,
 };
 #[cfg(feature = "testing")]
 pub use capture::{CowTestHooks, Inject};

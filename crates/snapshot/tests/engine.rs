@@ -406,3 +406,121 @@ fn a_block_faulted_across_a_pause_stays_tracked() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The adaptive engine run on a real guest, every epoch checked against
+/// what memstress wrote: `flip` forces a tracker switch every so many
+/// epochs (both directions, many times); without it the cost model
+/// decides. Returns the epochs' records.
+fn adaptive_run(name: &str, cmdline: &str, flip: u32, epochs: u64) -> Vec<snapshot::EpochRecord> {
+    let boot = BootConfig {
+        kernel: KernelSource::Bytes {
+            name: guest::host::KERNEL_NAME.into(),
+            image: guest::GUEST_ELF,
+        },
+        initrd: None,
+        cmdline: cmdline.into(),
+        vcpus: 1,
+    };
+    let mut m = Machine::boot(256 << 20, &boot, guest::host::attach(Box::new(std::io::sink()))).unwrap();
+    let dir = tempdir(name);
+    let cfg = SnapshotConfig {
+        dir: dir.clone(),
+        mode: Mode::Cow,
+        interval: Duration::from_secs(3600),
+        stop_after: Some(1),
+        cow: snapshot::CowOptions {
+            test: snapshot::CowTestHooks {
+                flip_tracker_every: flip,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        direct_io: false,
+        max_lag: None,
+        max_store: None,
+        max_chain: 0,
+    };
+    assert!(cfg.cow.adapt.is_some(), "the engine's default is adaptive");
+    let mut engine = SnapshotEngine::new(cfg, None).unwrap();
+    engine.prepare(&mut m).unwrap();
+    m.start().unwrap();
+    let t = std::time::Instant::now();
+    while m.progress().unwrap_or(0) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest never started its workload"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 0..epochs {
+        engine.run(&mut m);
+        assert!(engine.wait(&mut m).is_none(), "{:?}", engine.errors);
+        std::thread::sleep(Duration::from_millis(2 + (i % 5) * 3));
+    }
+    assert!(engine.finish(&mut m).is_none(), "{:?}", engine.errors);
+    assert!(m.next_event(Duration::ZERO).is_none(), "the vCPU failed");
+    m.stop();
+    let store = Store::open(&dir, Access::Read).unwrap();
+    let mut last_ops = 0;
+    let mut moved = 0;
+    for id in store.ids().unwrap() {
+        let r = snapshot::restore_ram(&store, id, &mut |_, _| {}).unwrap();
+        let spec = guest::host::workload_of(&r.state.config).unwrap();
+        match guest::host::check::check(&r.ram, &spec) {
+            Ok(c) => {
+                assert_eq!(Some(c.ops), r.progress, "epoch {id}: op count");
+                moved += u32::from(c.ops > last_ops);
+                last_ops = c.ops;
+            }
+            Err(e) => panic!("epoch {id} of {dir:?}: {e}"),
+        }
+    }
+    assert!(moved as u64 >= epochs / 2, "only {moved} epochs saw guest progress");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::mem::take(&mut engine.records)
+}
+
+fn switches(records: &[snapshot::EpochRecord]) -> (usize, usize, usize) {
+    let choices: Vec<_> = records.iter().filter_map(|r| r.stats.choice).collect();
+    let to = |t| choices.iter().filter(|c| c.switched && c.tracker == t).count();
+    let in_pause = choices.iter().filter(|c| c.copied_in_pause).count();
+    (to(snapshot::Tracker::DirtyLog), to(snapshot::Tracker::Uffd), in_pause)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn forced_tracker_switches_keep_every_epoch_exact() {
+    // Dense enough that dirty-log epochs protect pages and take faults,
+    // random so that both trackers see writes everywhere.
+    let recs = adaptive_run(
+        "adapt-flip",
+        "workload=memstress wss=16M ops=100000000000 pattern=random rate=400000",
+        3,
+        45,
+    );
+    let (to_dl, to_uffd, _) = switches(&recs);
+    assert!(
+        to_dl >= 5 && to_uffd >= 5,
+        "switches: {to_dl} to the dirty log, {to_uffd} to uffd"
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_sparse_writer_moves_to_the_dirty_log_and_stays_exact() {
+    // A few random pages an epoch over 64 MiB: a uffd fault per page.
+    let recs = adaptive_run(
+        "adapt-sparse",
+        "workload=memstress wss=64M ops=100000000000 pattern=random rate=3000",
+        0,
+        40,
+    );
+    let (to_dl, to_uffd, in_pause) = switches(&recs);
+    assert_eq!(
+        (to_dl, to_uffd),
+        (1, 0),
+        "{:?}",
+        recs.last().and_then(|r| r.stats.choice)
+    );
+    assert!(in_pause >= 10, "dirty-log epochs copied in the pause: {in_pause}");
+}

@@ -501,13 +501,17 @@ fn cow_without_copy_on_fault_is_caught() {
 }
 
 fn with_failures(mode: Mode, fail: &[u64]) {
-    let dir = Dir::new(&format!("fail-{mode:?}-{}", fail.len()));
+    with_failures_cow(mode, fail, CowOptions::default());
+}
+
+fn with_failures_cow(mode: Mode, fail: &[u64], cow: CowOptions) {
+    let dir = Dir::new(&format!("fail-{mode:?}-{}-{}", fail.len(), cow.test.flip_tracker_every));
     let mut fake = Fake::new(true);
     let inject = Inject {
         fail_attempts: fail.to_vec(),
         ..Inject::default()
     };
-    let mut engine = SnapshotEngine::new(config(&dir.0, mode, CowOptions::default()), None).unwrap();
+    let mut engine = SnapshotEngine::new(config(&dir.0, mode, cow), None).unwrap();
     engine.set_inject(inject);
     engine.prepare(&mut fake).unwrap();
     fake.start();
@@ -552,6 +556,25 @@ fn failed_incremental_epochs_carry_their_pages_stop_copy() {
 #[test]
 fn failed_incremental_epochs_carry_their_pages_cow() {
     with_failures(Mode::Cow, &[3, 4, 7]);
+}
+
+/// Tracker switches forced every other epoch (`--cow-tracker auto`'s two
+/// trackers in turn), with and without failed epochs among them, the
+/// switching epochs included.
+#[test]
+fn adaptive_tracker_switches_keep_epochs_exact() {
+    let flip = |n| CowOptions {
+        test: CowTestHooks {
+            flip_tracker_every: n,
+            ..CowTestHooks::default()
+        },
+        ..CowOptions::default()
+    };
+    let stats = exact("cow-flip", Mode::Cow, flip(2), true);
+    let switched = stats.iter().filter(|s| s.choice.is_some_and(|c| c.switched)).count();
+    assert!(switched >= 4, "{switched} switches");
+    with_failures_cow(Mode::Cow, &[3, 4, 7], flip(1));
+    with_failures_cow(Mode::Cow, &[5, 8], flip(2));
 }
 
 #[test]

@@ -198,6 +198,7 @@ pub fn snap_stats(f: &EngineFigures) -> SnapStats {
         delayed_ms: s.delayed_ms,
         space_waits: s.space_waits,
         space_wait_ms: s.space_wait_ms,
+        adaptive: s.adaptive,
         last: f.records.last().map(EpochEntry::from),
     }
 }

@@ -171,6 +171,8 @@ pub struct SnapStats {
     pub space_waits: u64,
     /// Total time epochs waited for that.
     pub space_wait_ms: f64,
+    /// `--cow-tracker auto`: what the engine chose (null otherwise).
+    pub adaptive: Option<crate::report::Adaptive>,
     /// The last committed epoch.
     pub last: Option<EpochEntry>,
 }

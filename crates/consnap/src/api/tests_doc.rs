@@ -34,6 +34,10 @@ fn epoch() -> EpochEntry {
         fault_max_us: 6.0,
         dirty_us: 100.0,
         capture_us: 600.0,
+        tracker: Some("dirty-log".into()),
+        choice: Some("copy-in-pause".into()),
+        predicted_uffd_us: Some(9000.0),
+        predicted_dirty_log_us: Some(300.0),
     }
 }
 
@@ -72,6 +76,15 @@ fn snap_stats() -> SnapStats {
         delayed_ms: 13.0,
         space_waits: 1,
         space_wait_ms: 40.0,
+        adaptive: Some(crate::report::Adaptive {
+            epochs_uffd: 8,
+            epochs_dirty_log: 30,
+            switches: 1,
+            copied_in_pause: 29,
+            protected: 1,
+            predicted_ms: 12.5,
+            measured_ms: 3.0,
+        }),
         last: Some(epoch()),
     }
 }

@@ -38,6 +38,8 @@ pub struct EpochStats {
     pub capture_time: Duration,
     /// Time the background part took (writer or saver), resume to commit.
     pub save_time: Duration,
+    /// `--cow-tracker auto`: what the engine chose for this epoch.
+    pub choice: Option<crate::capture::adapt::EpochChoice>,
 }
 
 /// A committed epoch.

@@ -5,6 +5,7 @@
 //! engine sees the machine through [`Target`] (a fake machine in the
 //! tests).
 
+pub mod adapt;
 pub(crate) mod cow;
 mod engine;
 mod errlog;
@@ -17,6 +18,7 @@ pub(crate) mod strategy;
 pub(crate) mod target;
 pub(crate) mod worker;
 
+pub use adapt::{AdaptPolicy, AdaptSummary, EpochChoice, Prediction};
 #[cfg(feature = "testing")]
 pub use cow::CowTestHooks;
 pub use cow::{CowOptions, Tracker};

@@ -183,4 +183,42 @@ impl CowState {
         }
         out
     }
+
+    /// While paused, under the dirty log: copy every page of `pages` aside
+    /// now and protect nothing (a small dirty set: the pause grows by the
+    /// copy, and the guest takes no fault). False, copying nothing, when
+    /// the copy-aside memory lacks room (keeping a quarter for faults).
+    pub(crate) fn copy_pages(&self, pages: &DirtySet) -> bool {
+        let mut g = self.lock();
+        let n = pages.count() as usize;
+        let reserve = ((g.free.len() + g.aside.len()) / 4).max(self.opts.block_pages as usize);
+        if g.free.len() < n + reserve {
+            return false;
+        }
+        g.aborted = false;
+        g.capture = None;
+        for (ri, bits) in pages.ranges.iter().enumerate() {
+            let want: Vec<u64> = bits.iter().collect();
+            if !want.is_empty() {
+                self.copy_aside(&mut g, ri, &want, false);
+            }
+        }
+        self.counters.in_pause.fetch_add(n as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Protection blocks holding at least one page of `pages`.
+    pub(crate) fn blocks_of(&self, pages: &DirtySet) -> u64 {
+        let words_per_block = (self.opts.block_pages / 64).max(1) as usize;
+        pages
+            .ranges
+            .iter()
+            .map(|bits| {
+                bits.words()
+                    .chunks(words_per_block)
+                    .filter(|c| c.iter().any(|w| *w != 0))
+                    .count() as u64
+            })
+            .sum()
+    }
 }

@@ -25,10 +25,11 @@ pub use shared::CowTestHooks;
 pub use shared::{CowOptions, Tracker};
 use store::Mode;
 use uffd::{Uffd, feature};
-use vmm::dirty::DirtySet;
+use vmm::dirty::{DirtySet, PageBits};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::shared::CowState;
+use crate::capture::adapt::{CostModel, EpochChoice, Observed};
 use crate::capture::error::{EpochFailure, SnapshotError};
 use crate::capture::hot::Hotness;
 use crate::capture::job::{Committed, EpochStats, JobFn};
@@ -46,18 +47,44 @@ pub(crate) struct Cow {
     hot: Option<Hotness>,
     /// `Tracker::Uffd`: the pages populated when tracking started.
     written_before: Option<DirtySet>,
+    /// The tracker in use.
+    tracker: Tracker,
+    /// `--cow-tracker auto`: the cost model.
+    model: Option<CostModel>,
+    /// What the model will learn from the incremental epoch in flight.
+    flight: Option<InFlight>,
+    /// Epochs the model learned from.
+    learned: u64,
+}
+
+/// The incremental epoch in flight, for the cost model.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    tracker: Tracker,
+    /// Committed.
+    ok: bool,
+    /// Dirty-log epochs: pages found dirty.
+    pages: u64,
+    /// Blocks written (uffd) or spanned by the dirty pages (dirty log).
+    blocks: u64,
+    pause_pages: u64,
+    pause_copy_time: std::time::Duration,
 }
 
 impl Cow {
     pub(crate) fn new(opts: CowOptions) -> Cow {
         Cow {
-            opts,
             shared: None,
             stop: None,
             handler: None,
             scratch: Arc::default(),
             hot: None,
             written_before: None,
+            tracker: opts.tracker,
+            model: opts.adapt.map(CostModel::new),
+            flight: None,
+            learned: 0,
+            opts,
         }
     }
 
@@ -99,13 +126,16 @@ impl Strategy for Cow {
                 (Arc::new(u), shared::Faults::Uffd)
             }
         };
+        if self.opts.tracker == Tracker::DirtyLog || self.opts.adapt.is_some() {
+            // Manual re-arming must be asked for before KVM logs anything.
+            if let Some(policy) = self.opts.hot
+                && t.set_manual_rearm()?
+            {
+                self.hot = Some(Hotness::new(policy));
+            }
+        }
         match self.opts.tracker {
             Tracker::DirtyLog => {
-                if let Some(policy) = self.opts.hot
-                    && t.set_manual_rearm()?
-                {
-                    self.hot = Some(Hotness::new(policy));
-                }
                 t.set_dirty_logging(true)?;
             }
             Tracker::Uffd => {
@@ -165,11 +195,27 @@ impl Strategy for Cow {
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
         let t0 = Instant::now();
-        // This epoch's counters start now (the previous epoch is done).
+        // Learn from the last epoch (its counters), then start this one's.
+        let next = self.learn(&shared);
         shared.counters.reset();
-        if self.opts.tracker == Tracker::Uffd {
-            return self.paused_uffd(t, ctx, shared, t0);
+        let mut choice = self.model.as_ref().map(|m| EpochChoice {
+            tracker: self.tracker,
+            copied_in_pause: false,
+            switched: false,
+            predicted: m.last,
+        });
+        if !ctx.meta.full && next != self.tracker {
+            if let Some(c) = &mut choice {
+                c.switched = true;
+                c.tracker = next;
+            }
+            return self.switch(t, ctx, shared, next, t0, choice);
         }
+        if self.tracker == Tracker::Uffd {
+            shared.save_as(Tracker::Uffd);
+            return self.paused_uffd(t, ctx, shared, t0, choice);
+        }
+        shared.save_as(Tracker::DirtyLog);
         let taken = t.take_dirty()?;
         // Re-protect the pages worth tracking (all of them, without a policy).
         if let Some(h) = &mut self.hot {
@@ -193,23 +239,49 @@ impl Strategy for Cow {
             taken
         };
         let t1 = Instant::now();
-        let calls = shared.arm(&pages)?;
-        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
+        let mut flight = InFlight {
+            tracker: Tracker::DirtyLog,
+            ok: false,
+            pages: pages.count(),
+            blocks: shared.blocks_of(&pages),
+            pause_pages: 0,
+            pause_copy_time: std::time::Duration::ZERO,
+        };
+        // A small dirty set is copied now, as stop-copy does: no
+        // protection, no fault, a pause longer by about a µs a page.
+        let budget = self.model.as_ref().map_or(0, CostModel::pause_pages);
+        let calls = if !ctx.meta.full && flight.pages <= budget && shared.copy_pages(&pages) {
+            flight.pause_pages = flight.pages;
+            flight.pause_copy_time = t1.elapsed();
+            if let Some(c) = &mut choice {
+                c.copied_in_pause = true;
+            }
+            0
+        } else {
+            shared.arm(&pages)?
+        };
+        self.flight = (!ctx.meta.full).then_some(flight);
+        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
     }
 
     fn finished(&mut self, ok: bool) {
-        if self.opts.tracker != Tracker::Uffd {
+        if let Some(f) = &mut self.flight {
+            f.ok = ok;
+        }
+        let Some(s) = &self.shared else { return };
+        let saved_as = s.saving_as();
+        if !s.keeps_hashes() {
             return;
         }
-        if let Some(s) = &self.shared {
-            let mut h = s.hashes.lock().unwrap_or_else(|p| p.into_inner());
-            if ok {
-                h.commit();
-            } else {
-                // The table keeps describing the last committed epoch; every
-                // block is examined again next time.
-                h.discard();
-                drop(h);
+        let mut h = s.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            h.commit();
+        } else {
+            // The table keeps describing the last committed epoch.
+            h.discard();
+            drop(h);
+            if saved_as == Tracker::Uffd {
+                // Every block is examined again next time.
                 s.release_all();
             }
         }
@@ -260,6 +332,7 @@ impl Cow {
         ctx: &mut EpochCtx,
         shared: Arc<CowState>,
         t0: Instant,
+        choice: Option<EpochChoice>,
     ) -> Result<JobFn, EpochFailure> {
         if !ctx.meta.full {
             // The blocks written since the last epoch, and no bitmap of all
@@ -273,9 +346,18 @@ impl Cow {
             // Hot blocks: copied now and left writable (they are examined
             // again next epoch whatever happens to them).
             shared.copy_hot(&mut blocks, self.opts.pause_copy_budget);
+            self.flight = Some(InFlight {
+                tracker: Tracker::Uffd,
+                ok: false,
+                pages: 0,
+                blocks: blocks.iter().map(PageBits::count).sum(),
+                pause_pages: 0,
+                pause_copy_time: std::time::Duration::ZERO,
+            });
             let calls = shared.arm_blocks(&blocks)?;
-            return Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()));
+            return Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice));
         }
+        self.flight = None;
         drop(t.take_dirty()?);
         // Written before tracking started, or in a block written since;
         // the saver records every other page as zero.
@@ -286,7 +368,91 @@ impl Cow {
         }
         let t1 = Instant::now();
         let calls = shared.arm(&pages)?;
-        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed()))
+        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
+    }
+
+    /// `--cow-tracker auto`: what the last epoch cost, told to the model
+    /// (only a committed incremental epoch teaches it); the tracker for
+    /// the next epoch.
+    fn learn(&mut self, shared: &CowState) -> Tracker {
+        let (Some(model), Some(f)) = (&mut self.model, self.flight.take()) else {
+            return self.tracker;
+        };
+        if !f.ok || f.tracker != self.tracker {
+            return self.tracker;
+        }
+        let c = &shared.counters;
+        let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let seen = Observed {
+            pages: match f.tracker {
+                Tracker::Uffd => ld(&c.kept),
+                Tracker::DirtyLog => f.pages,
+            },
+            blocks: f.blocks,
+            faults: ld(&c.faults),
+            fault_time: std::time::Duration::from_nanos(ld(&c.fault_ns)),
+            pause_pages: f.pause_pages,
+            pause_copy_time: f.pause_copy_time,
+        };
+        let next = model.observe(f.tracker, &seen);
+        self.learned += 1;
+        match self.opts.flip_tracker_every() {
+            0 => next,
+            n if self.learned.is_multiple_of(u64::from(n)) => match self.tracker {
+                Tracker::Uffd => Tracker::DirtyLog,
+                Tracker::DirtyLog => Tracker::Uffd,
+            },
+            _ => self.tracker,
+        }
+    }
+
+    /// While paused: an incremental epoch that moves to tracker `next`.
+    fn switch(
+        &mut self,
+        t: &mut dyn Target,
+        ctx: &mut EpochCtx,
+        shared: Arc<CowState>,
+        next: Tracker,
+        t0: Instant,
+        choice: Option<EpochChoice>,
+    ) -> Result<JobFn, EpochFailure> {
+        tracing::debug!(
+            "cow: switching to the {next:?} tracker ({:?})",
+            choice.map(|c| c.predicted)
+        );
+        self.flight = None;
+        match next {
+            Tracker::DirtyLog => {
+                // This epoch is the blocks written since the last one, saved
+                // as uffd saves them; KVM logs every write from now on. Its
+                // blocks stay protected until a dirty-log saver lifts them.
+                // Should it fail, the blocks it held are known nowhere else:
+                // no dirty set to hand back, so the next epoch is full.
+                t.set_dirty_logging(true)?;
+                self.tracker = Tracker::DirtyLog;
+                shared.save_as(Tracker::Uffd);
+                let job = self.paused_uffd(t, ctx, shared, t0, choice);
+                ctx.taken = None;
+                self.flight = None;
+                job
+            }
+            Tracker::Uffd => {
+                // This epoch is the pages the log found, saved as uffd saves
+                // them (compared with their hashes, which the dirty-log
+                // epochs kept up to date); all of RAM is protected again
+                // first, so that every write from now on is seen, and KVM
+                // stops logging (and maps huge pages again).
+                shared.save_as(Tracker::Uffd);
+                let taken = t.take_dirty()?;
+                ctx.taken = Some(taken.clone());
+                t.set_dirty_logging(false)?;
+                shared.protect_all()?;
+                self.tracker = Tracker::Uffd;
+                let t1 = Instant::now();
+                let calls = shared.arm(&taken)?;
+                Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
+            }
+        }
     }
 
     /// The background part: save the armed pages and commit.
@@ -297,6 +463,7 @@ impl Cow {
         calls: u64,
         dirty_time: std::time::Duration,
         capture_time: std::time::Duration,
+        choice: Option<EpochChoice>,
     ) -> JobFn {
         let file = ctx.take_file();
         let pool = self.scratch.clone();
@@ -328,6 +495,7 @@ impl Cow {
                     tracking_faults: ld(&c.spurious),
                     fault_time: std::time::Duration::from_nanos(ld(&c.fault_ns)),
                     fault_max: std::time::Duration::from_nanos(ld(&c.fault_max_ns)),
+                    choice,
                 },
             })
         })

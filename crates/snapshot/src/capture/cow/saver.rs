@@ -33,7 +33,7 @@ pub(crate) fn save_epoch(
     if !shared.opts.saver_delay().is_zero() {
         std::thread::sleep(shared.opts.saver_delay());
     }
-    if full && shared.opts.tracker == Tracker::Uffd {
+    if full && shared.keeps_hashes() {
         shared.hashes.lock().unwrap_or_else(|p| p.into_inner()).stage_full();
     }
     let r = (|| {
@@ -102,7 +102,7 @@ fn save_range(
         // Under `Tracker::DirtyLog` every armed block is visited, to lift it;
         // under `Tracker::Uffd` armed blocks stay armed, and only pending or
         // copied-aside pages need the saver.
-        let next_armed = if shared.opts.tracker == Tracker::DirtyLog {
+        let next_armed = if shared.saving_as() == Tracker::DirtyLog {
             g.armed[ri].next_set(cursor.div_ceil(bp)).map(|b| b * bp)
         } else {
             None
@@ -146,7 +146,7 @@ fn save_range(
         // free: (entry, slot); the slots are this thread's until freed.
         let mut from_slab: Vec<(usize, u32)> = Vec::with_capacity(aside.len());
         {
-            let uffd = shared.opts.tracker == Tracker::Uffd && !full;
+            let uffd = shared.saving_as() == Tracker::Uffd && !full;
             let mut hashes = uffd.then(|| shared.hashes.lock().unwrap_or_else(|p| p.into_inner()));
             let inner = &mut *g;
             let mut unchanged = 0u64;
@@ -188,7 +188,7 @@ fn save_range(
         // Copy, then release the span at once, then write: the guest waits
         // for a memory copy at most, never for the disk.
         let copied = copy_claimed(shared, ri, &entries, scratch);
-        let released = match shared.opts.tracker {
+        let released = match shared.saving_as() {
             Tracker::DirtyLog => lift(shared, ri, start, end),
             Tracker::Uffd => {
                 release(shared);
@@ -198,7 +198,7 @@ fn save_range(
         copied?;
         released?;
         let keep = changed(shared, ri, full, &entries, &known, scratch);
-        if shared.opts.tracker == Tracker::Uffd && !full {
+        if shared.saving_as() == Tracker::Uffd && !full {
             // A block with a changed page is hot: captured ahead next time.
             let mut g = shared.lock();
             for b in start / bp..end.div_ceil(bp) {
@@ -240,8 +240,10 @@ fn copy_claimed(shared: &CowState, ri: usize, entries: &[(u64, Src)], scratch: &
 
 /// Which entries go into the epoch: all of them under `Tracker::DirtyLog`
 /// (the dirty log named them) and in full epochs; under `Tracker::Uffd`
-/// those whose keyed hash differs from the last committed epoch's (their
-/// new hashes are staged, to apply once this epoch commits).
+/// those whose keyed hash differs from the last committed epoch's. The
+/// new hashes of what is saved are staged, to apply once this epoch
+/// commits (under the dirty log only when the engine may switch to uffd,
+/// which then needs a table that is right).
 fn changed(
     shared: &CowState,
     ri: usize,
@@ -250,12 +252,15 @@ fn changed(
     known: &[Option<u64>],
     scratch: &[u8],
 ) -> Vec<bool> {
-    if shared.opts.tracker == Tracker::DirtyLog {
-        return entries.iter().map(|e| e.1 != Src::Skip).collect();
+    let compare = shared.saving_as() == Tracker::Uffd && !full;
+    if !shared.keeps_hashes() {
+        let keep: Vec<bool> = entries.iter().map(|e| e.1 != Src::Skip).collect();
+        count_kept(shared, full, &keep);
+        return keep;
     }
     let mut hashes = shared.hashes.lock().unwrap_or_else(|p| p.into_inner());
     let mut examined = 0u64;
-    let keep = entries
+    let keep: Vec<bool> = entries
         .iter()
         .enumerate()
         .map(|(k, &(p, src))| {
@@ -268,18 +273,30 @@ fn changed(
                 (None, Src::Zero) => hashes.hash(&ZERO_PAGE),
                 (None, _) => hashes.hash(&scratch[k * PAGE..(k + 1) * PAGE]),
             };
-            let c = full || hashes.changed(ri, p, h);
+            let c = !compare || hashes.changed(ri, p, h);
             if c {
                 hashes.stage(ri, p, h);
             }
             c
         })
         .collect();
-    shared
-        .counters
-        .examined
-        .fetch_add(examined, std::sync::atomic::Ordering::Relaxed);
+    drop(hashes);
+    if compare {
+        shared
+            .counters
+            .examined
+            .fetch_add(examined, std::sync::atomic::Ordering::Relaxed);
+    }
+    count_kept(shared, full, &keep);
     keep
+}
+
+/// Count the pages an incremental epoch saves (for the cost model).
+fn count_kept(shared: &CowState, full: bool, keep: &[bool]) {
+    if !full {
+        let n = keep.iter().filter(|k| **k).count() as u64;
+        shared.counters.kept.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The saver's reused buffers.

@@ -57,6 +57,9 @@ pub struct CowOptions {
     /// Runs of protected blocks closer than this many pages are armed and
     /// lifted with one call.
     pub merge_gap_pages: u64,
+    /// Switch between the trackers as the guest's writing changes, by the
+    /// cost model (`--cow-tracker auto`); `tracker` is the first one.
+    pub adapt: Option<crate::capture::adapt::AdaptPolicy>,
     /// Leave pages of regions written in most epochs unprotected in KVM's
     /// dirty log (`None`: re-protect every page each epoch).
     pub hot: Option<crate::capture::hot::HotPolicy>,
@@ -91,6 +94,9 @@ pub struct CowTestHooks {
     /// (on a fault, or capturing ahead) and lifting its protection,
     /// widening the window in which a pause could re-arm it.
     pub lift_delay: std::time::Duration,
+    /// With `adapt`: switch trackers every this many incremental epochs,
+    /// whatever the cost model says (0: never forced).
+    pub flip_tracker_every: u32,
 }
 
 impl CowOptions {
@@ -110,6 +116,14 @@ impl CowOptions {
         std::time::Duration::ZERO
     }
 
+    /// Switch trackers every this many epochs (a test hook; 0: never).
+    pub(crate) fn flip_tracker_every(&self) -> u32 {
+        #[cfg(feature = "testing")]
+        return self.test.flip_tracker_every;
+        #[cfg(not(feature = "testing"))]
+        0
+    }
+
     /// The fault handler skips its copy (a test hook for mutation checks).
     pub(crate) fn skip_copy(&self) -> bool {
         #[cfg(feature = "testing")]
@@ -123,6 +137,7 @@ impl Default for CowOptions {
     fn default() -> Self {
         CowOptions {
             tracker: Tracker::Uffd,
+            adapt: Some(crate::capture::adapt::AdaptPolicy::default()),
             block_pages: 512,
             aside_bytes: 256 << 20,
             chunk_pages: 512,
@@ -148,8 +163,10 @@ pub(crate) struct EpochCounters {
     pub captured: AtomicU64,
     /// Pages whose hash the saver compared (`Tracker::Uffd`).
     pub examined: AtomicU64,
-    /// Pages of hot blocks copied during the pause (`Tracker::Uffd`).
+    /// Pages copied during the pause.
     pub in_pause: AtomicU64,
+    /// Pages the saver found changed and wrote (not full epochs).
+    pub kept: AtomicU64,
     /// Time spent serving faults (the writers waited at least this long), ns.
     pub fault_ns: AtomicU64,
     /// The longest fault service, ns.
@@ -166,6 +183,7 @@ impl EpochCounters {
             &self.captured,
             &self.examined,
             &self.in_pause,
+            &self.kept,
             &self.fault_ns,
             &self.fault_max_ns,
         ] {
@@ -239,11 +257,16 @@ pub(crate) struct CowState {
     pub hashes: Mutex<super::hashes::Hashes>,
     /// The key of those hashes, for hashing pages as they are copied aside.
     pub seed: u64,
+    /// The tracker whose rules save the epoch in flight (set while paused):
+    /// `Tracker::Uffd` compares hashes and keeps blocks protected,
+    /// `Tracker::DirtyLog` saves every pending page and lifts its block.
+    saving: std::sync::atomic::AtomicBool,
 }
 
 impl CowState {
     pub(crate) fn new(uffd: Arc<Uffd>, ram: Arc<GuestRam>, opts: CowOptions, kick: EventFd) -> CowState {
         let ranges = ram.ranges().to_vec();
+        let dirty_log = opts.tracker == Tracker::DirtyLog;
         let hashes = super::hashes::Hashes::new(&ranges);
         let seed = hashes.seed();
         let hashes = Mutex::new(hashes);
@@ -279,7 +302,28 @@ impl CowState {
             kick,
             hashes,
             seed,
+            saving: std::sync::atomic::AtomicBool::new(dirty_log),
         }
+    }
+
+    /// The rules the epoch in flight is saved by.
+    pub(crate) fn saving_as(&self) -> Tracker {
+        if self.saving.load(Ordering::Acquire) {
+            Tracker::DirtyLog
+        } else {
+            Tracker::Uffd
+        }
+    }
+
+    /// While paused, before arming: the rules of the epoch to come.
+    pub(crate) fn save_as(&self, t: Tracker) {
+        self.saving.store(t == Tracker::DirtyLog, Ordering::Release);
+    }
+
+    /// Hashes are kept for every saved page: under the uffd tracker, or
+    /// when the engine may switch to it.
+    pub(crate) fn keeps_hashes(&self) -> bool {
+        self.saving_as() == Tracker::Uffd || self.opts.adapt.is_some()
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -352,7 +396,7 @@ impl CowState {
                 continue;
             };
             let (b0, b1) = self.block_pages(ri, b);
-            let cold = self.opts.tracker == Tracker::Uffd && !g.hot[ri].get(b);
+            let cold = self.saving_as() == Tracker::Uffd && !g.hot[ri].get(b);
             if cold || g.held.is_some_and(|(hr, s, e)| hr == ri && s < b1 && b0 < e) {
                 // Cold blocks stay protected, so that their next write is
                 // seen; the saver has the ones it holds.
@@ -418,7 +462,7 @@ impl CowState {
                     if let Err(e) = self.ram.read_to(gpa, page) {
                         tracing::error!("cannot copy guest page {gpa:#x} aside: {e}");
                     }
-                    h = (hash && self.opts.tracker == Tracker::Uffd)
+                    h = (hash && self.saving_as() == Tracker::Uffd)
                         .then(|| xxhash_rust::xxh3::xxh3_64_with_seed(page, self.seed));
                 })
             };

@@ -1,0 +1,278 @@
+//! The cost model of the adaptive `cow` engine (`--cow-tracker auto`).
+//!
+//! Two ways to learn which pages an epoch must save cost the guest very
+//! different amounts depending on how it writes:
+//! - **uffd** (write protection per 2 MiB block): one fault per block the
+//!   guest writes in an epoch, served in user space (measured here: about
+//!   33 µs of handler work per tracking fault, up to 400 µs when the block
+//!   has pages to copy aside, plus about 110 µs for the woken vCPU to run
+//!   again and KVM mapping the block anew); huge pages stay whole.
+//! - **dirty-log** (KVM's dirty log, per 4 KiB page): one fault per page,
+//!   served inside KVM (6.7-11 µs here); the pages of a small dirty set are
+//!   copied during the pause (like stop-copy, no protection, no fault), a
+//!   large one is write-protected and saved copy-on-write.
+//!
+//! A guest writing a few pages in many blocks (a paced or sparse writer)
+//! pays a fault per block under uffd and one per page under the dirty log:
+//! 50 random writes an epoch cost about 45 uffd faults (10+ ms) or 50
+//! dirty-log faults (0.5 ms). A guest rewriting whole blocks pays a fault
+//! per block under uffd and 512 under the dirty log. The model predicts,
+//! from the last epoch, what each tracker would have cost the vCPUs, and
+//! the engine switches (at a pause) when the other is predicted to cost
+//! less than half for several epochs in a row.
+
+use std::time::Duration;
+
+use crate::capture::cow::Tracker;
+
+/// The model's constants (host measurements) and switching rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptPolicy {
+    /// vCPU time of one KVM dirty-log fault (this host: 6.7-11 µs).
+    pub dirty_log_fault: Duration,
+    /// What a userfaultfd fault costs the vCPU beyond the handler's work:
+    /// the wake-up and KVM mapping the block again (this host: ~110 µs).
+    pub uffd_wake: Duration,
+    /// A dirty-log epoch copies its pages during the pause when that is
+    /// predicted to take no longer than this; otherwise it protects them.
+    pub pause_copy: Duration,
+    /// Switch when the other tracker is predicted to cost less than this
+    /// fraction of the current one ...
+    pub switch_ratio: f64,
+    /// ... in this many epochs in a row ...
+    pub streak: u32,
+    /// ... and at least this many epochs after the last switch.
+    pub dwell: u32,
+}
+
+impl Default for AdaptPolicy {
+    fn default() -> Self {
+        AdaptPolicy {
+            dirty_log_fault: Duration::from_micros(10),
+            uffd_wake: Duration::from_micros(110),
+            pause_copy: Duration::from_micros(250),
+            switch_ratio: 0.5,
+            streak: 3,
+            dwell: 8,
+        }
+    }
+}
+
+/// What one committed epoch showed, for the model.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Observed {
+    /// Pages the epoch saved as changed (uffd) or found dirty (dirty log).
+    pub pages: u64,
+    /// Distinct 2 MiB blocks those pages (or the written blocks) span.
+    pub blocks: u64,
+    /// Write-protect faults served, and the handler's time on them.
+    pub faults: u64,
+    pub fault_time: Duration,
+    /// Pages copied during the pause, and the time it took.
+    pub pause_pages: u64,
+    pub pause_copy_time: Duration,
+}
+
+/// Predicted vCPU cost of one epoch under each tracker, µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Prediction {
+    pub uffd_us: f64,
+    pub dirty_log_us: f64,
+}
+
+/// The model's state, kept by the `cow` strategy.
+#[derive(Debug)]
+pub(crate) struct CostModel {
+    policy: AdaptPolicy,
+    /// Handler time per uffd fault, µs (moving average of what was measured).
+    fault_us: f64,
+    /// Pause copy time per page, µs (moving average).
+    copy_us: f64,
+    /// Epochs in a row in which the other tracker looked cheaper.
+    streak: u32,
+    /// Epochs since the last switch.
+    since_switch: u32,
+    /// The last prediction.
+    pub last: Prediction,
+}
+
+impl CostModel {
+    pub(crate) fn new(policy: AdaptPolicy) -> CostModel {
+        CostModel {
+            policy,
+            fault_us: 250.0,
+            copy_us: 0.7,
+            streak: 0,
+            since_switch: 0,
+            last: Prediction::default(),
+        }
+    }
+
+    /// Pages a dirty-log epoch may copy during the pause.
+    pub(crate) fn pause_pages(&self) -> u64 {
+        (self.policy.pause_copy.as_secs_f64() * 1e6 / self.copy_us.max(0.05)) as u64
+    }
+
+    /// Learn from the epoch just saved under `tracker`; returns the
+    /// tracker the next epoch should use.
+    pub(crate) fn observe(&mut self, tracker: Tracker, o: &Observed) -> Tracker {
+        let ewma = |old: f64, new: f64| 0.75 * old + 0.25 * new;
+        if o.faults > 0 {
+            self.fault_us = ewma(self.fault_us, o.fault_time.as_secs_f64() * 1e6 / o.faults as f64);
+        }
+        if o.pause_pages >= 16 {
+            self.copy_us = ewma(
+                self.copy_us,
+                o.pause_copy_time.as_secs_f64() * 1e6 / o.pause_pages as f64,
+            );
+        }
+        let per_fault = self.fault_us + self.policy.uffd_wake.as_secs_f64() * 1e6;
+        let dl_fault = self.policy.dirty_log_fault.as_secs_f64() * 1e6;
+        let pages = o.pages as f64;
+        let p = Prediction {
+            // Measured while under uffd: every fault the guest took.
+            uffd_us: match tracker {
+                Tracker::Uffd => o.faults as f64 * per_fault,
+                Tracker::DirtyLog => o.blocks as f64 * per_fault,
+            },
+            dirty_log_us: if o.pages <= self.pause_pages() {
+                pages * (dl_fault + self.copy_us)
+            } else {
+                // Too many to copy in the pause: protected, and each block
+                // written again faults too.
+                pages * dl_fault + o.blocks as f64 * per_fault
+            },
+        };
+        self.last = p;
+        self.since_switch = self.since_switch.saturating_add(1);
+        let (cur, other, next) = match tracker {
+            Tracker::Uffd => (p.uffd_us, p.dirty_log_us, Tracker::DirtyLog),
+            Tracker::DirtyLog => (p.dirty_log_us, p.uffd_us, Tracker::Uffd),
+        };
+        if other < cur * self.policy.switch_ratio {
+            self.streak += 1;
+        } else {
+            self.streak = 0;
+        }
+        if self.streak >= self.policy.streak && self.since_switch >= self.policy.dwell {
+            self.streak = 0;
+            self.since_switch = 0;
+            return next;
+        }
+        tracker
+    }
+}
+
+/// What the adaptive engine chose for one epoch (its report line).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochChoice {
+    /// The tracker that found this epoch's pages (after a switch: the new one).
+    pub tracker: Tracker,
+    /// A dirty-log epoch whose pages were all copied during the pause.
+    pub copied_in_pause: bool,
+    /// The engine switched trackers at this epoch's pause.
+    pub switched: bool,
+    /// What the model predicted, from the epoch before, for either tracker.
+    pub predicted: Prediction,
+}
+
+/// What the adaptive engine chose, over the run (the report's `adaptive`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdaptSummary {
+    /// Epochs saved under each tracker.
+    pub epochs_uffd: u64,
+    pub epochs_dirty_log: u64,
+    /// Switches between them.
+    pub switches: u64,
+    /// Dirty-log epochs whose pages were all copied during the pause, and
+    /// those whose pages were write-protected instead.
+    pub copied_in_pause: u64,
+    pub protected: u64,
+    /// Predicted cost of the chosen tracker, summed over the epochs, and the
+    /// cost measured of what can be measured (fault service, pause copies;
+    /// KVM's own dirty-log faults are not visible to consnap), µs.
+    pub predicted_us: f64,
+    pub measured_us: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uffd_epoch(faults: u64, pages: u64, blocks: u64) -> Observed {
+        Observed {
+            pages,
+            blocks,
+            faults,
+            fault_time: Duration::from_micros(150 * faults),
+            ..Observed::default()
+        }
+    }
+
+    #[test]
+    fn a_sparse_writer_moves_to_the_dirty_log_after_the_streak() {
+        let mut m = CostModel::new(AdaptPolicy::default());
+        // 50 pages in 45 blocks an epoch: 45 faults under uffd.
+        let mut t = Tracker::Uffd;
+        let mut switched_at = None;
+        for e in 1..=20 {
+            t = m.observe(t, &uffd_epoch(45, 50, 45));
+            if t == Tracker::DirtyLog {
+                switched_at = Some(e);
+                break;
+            }
+        }
+        assert_eq!(switched_at, Some(8), "after the dwell and the streak: {:?}", m.last);
+        assert!(m.last.dirty_log_us < m.last.uffd_us / 10.0, "{:?}", m.last);
+    }
+
+    #[test]
+    fn a_dense_writer_stays_on_uffd_and_returns_to_it() {
+        let mut m = CostModel::new(AdaptPolicy::default());
+        // 33,000 pages in 128 blocks an epoch.
+        for _ in 0..50 {
+            assert_eq!(m.observe(Tracker::Uffd, &uffd_epoch(128, 33_000, 128)), Tracker::Uffd);
+        }
+        // Under the dirty log, the same writer: back to uffd.
+        let mut m = CostModel::new(AdaptPolicy::default());
+        let dl = Observed {
+            pages: 33_000,
+            blocks: 128,
+            ..Observed::default()
+        };
+        let mut t = Tracker::DirtyLog;
+        for _ in 0..8 {
+            t = m.observe(t, &dl);
+        }
+        assert_eq!(t, Tracker::Uffd, "{:?}", m.last);
+    }
+
+    #[test]
+    fn a_writer_between_the_two_does_not_flap() {
+        let mut m = CostModel::new(AdaptPolicy::default());
+        // build-like: 700 pages in 6 blocks.
+        let mut t = Tracker::Uffd;
+        let mut switches = 0;
+        for _ in 0..200 {
+            let next = m.observe(t, &uffd_epoch(6, 700, 6));
+            switches += u32::from(next != t);
+            t = next;
+        }
+        assert_eq!((t, switches), (Tracker::Uffd, 0), "{:?}", m.last);
+    }
+
+    #[test]
+    fn pause_copies_are_learned() {
+        let mut m = CostModel::new(AdaptPolicy::default());
+        let before = m.pause_pages();
+        let slow = Observed {
+            pause_pages: 100,
+            pause_copy_time: Duration::from_micros(500),
+            ..Observed::default()
+        };
+        for _ in 0..20 {
+            m.observe(Tracker::DirtyLog, &slow);
+        }
+        assert!(m.pause_pages() < before / 3, "{} -> {}", before, m.pause_pages());
+    }
+}
