@@ -656,6 +656,7 @@ impl SnapshotEngine {
             taken: None,
             direct_io: self.cfg.direct_io,
             regions,
+            interval: self.cfg.interval,
         };
         let job = self.strategy.paused(t, &mut ctx);
         if let Err(e) = t.resume() {

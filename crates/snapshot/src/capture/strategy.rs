@@ -37,6 +37,8 @@ pub struct EpochCtx {
     pub direct_io: bool,
     /// The epoch's regions besides RAM (disks), taken and frozen.
     pub regions: RegionCapture,
+    /// The interval asked for (epochs may come later when saving lags).
+    pub interval: std::time::Duration,
 }
 
 impl EpochCtx {

@@ -55,6 +55,9 @@ pub(crate) struct Cow {
     flight: Option<InFlight>,
     /// Epochs the model learned from.
     learned: u64,
+    /// When the last epoch's pause began, and the time from it to this one's.
+    last_pause: Option<Instant>,
+    cur_span: std::time::Duration,
 }
 
 /// The incremental epoch in flight, for the cost model.
@@ -69,6 +72,10 @@ struct InFlight {
     blocks: u64,
     pause_pages: u64,
     pause_copy_time: std::time::Duration,
+    /// Time since the pause before.
+    span: std::time::Duration,
+    /// The interval asked for at its pause.
+    interval: std::time::Duration,
 }
 
 impl Cow {
@@ -84,6 +91,8 @@ impl Cow {
             model: opts.adapt.map(CostModel::new),
             flight: None,
             learned: 0,
+            last_pause: None,
+            cur_span: std::time::Duration::ZERO,
             opts,
         }
     }
@@ -195,6 +204,7 @@ impl Strategy for Cow {
     fn paused(&mut self, t: &mut dyn Target, ctx: &mut EpochCtx) -> Result<JobFn, EpochFailure> {
         let shared = self.shared.clone().ok_or(EpochFailure::ThreadGone("fault handler"))?;
         let t0 = Instant::now();
+        self.cur_span = self.span(t0);
         // Learn from the last epoch (its counters), then start this one's.
         let next = self.learn(&shared);
         shared.counters.reset();
@@ -238,7 +248,6 @@ impl Strategy for Cow {
             ctx.taken = Some(taken.clone());
             taken
         };
-        let t1 = Instant::now();
         let mut flight = InFlight {
             tracker: Tracker::DirtyLog,
             ok: false,
@@ -246,7 +255,10 @@ impl Strategy for Cow {
             blocks: shared.blocks_of(&pages),
             pause_pages: 0,
             pause_copy_time: std::time::Duration::ZERO,
+            span: self.cur_span,
+            interval: ctx.interval,
         };
+        let t1 = Instant::now();
         // A small dirty set is copied now, as stop-copy does: no
         // protection, no fault, a pause longer by about a µs a page.
         let budget = self.model.as_ref().map_or(0, CostModel::pause_pages);
@@ -353,6 +365,8 @@ impl Cow {
                 blocks: blocks.iter().map(PageBits::count).sum(),
                 pause_pages: 0,
                 pause_copy_time: std::time::Duration::ZERO,
+                span: self.cur_span,
+                interval: ctx.interval,
             });
             let calls = shared.arm_blocks(&blocks)?;
             return Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice));
@@ -393,8 +407,9 @@ impl Cow {
             fault_time: std::time::Duration::from_nanos(ld(&c.fault_ns)),
             pause_pages: f.pause_pages,
             pause_copy_time: f.pause_copy_time,
+            span: f.span,
         };
-        let next = model.observe(f.tracker, &seen);
+        let next = model.observe(f.tracker, &seen, f.interval);
         self.learned += 1;
         match self.opts.flip_tracker_every() {
             0 => next,
@@ -404,6 +419,13 @@ impl Cow {
             },
             _ => self.tracker,
         }
+    }
+
+    /// Time since the last pause began (the epoch's span); `now` begins this one.
+    fn span(&mut self, now: Instant) -> std::time::Duration {
+        let span = self.last_pause.map_or(std::time::Duration::ZERO, |t| now - t);
+        self.last_pause = Some(now);
+        span
     }
 
     /// While paused: an incremental epoch that moves to tracker `next`.
