@@ -21,6 +21,7 @@ mod remote_cache;
 mod report;
 mod restore_cmd;
 mod run_cmd;
+mod saver_cmd;
 mod session;
 mod session_args;
 mod space_cmd;
@@ -73,6 +74,9 @@ enum Command {
     /// Run a VM with snapshots beside busy processes and print its store's
     /// size and longest chain, every second, against its bounds.
     BenchSpace(space_cmd::SpaceArgs),
+    /// Time the cow saver's writes against `dd oflag=direct` on the same
+    /// directory, back to back.
+    BenchSaver(saver_cmd::SaverArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -114,6 +118,8 @@ enum CliError {
     #[error(transparent)]
     Space(#[from] space_cmd::SpaceError),
     #[error(transparent)]
+    Saver(#[from] saver_cmd::SaverBenchError),
+    #[error(transparent)]
     Cache(#[from] cache_cmd::CacheCmdError),
     #[error(transparent)]
     ExportDisks(#[from] export_cmd::ExportError),
@@ -141,6 +147,7 @@ fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Cache(a) => cache_cmd::cache(a)?,
         Command::Bench(a) => bench_cmd::bench(a)?,
         Command::BenchSpace(a) => space_cmd::bench_space(a)?,
+        Command::BenchSaver(a) => saver_cmd::bench_saver(a)?,
         Command::Guest {
             command: GuestCommand::Export { path },
         } => match std::fs::write(&path, guest::GUEST_ELF) {

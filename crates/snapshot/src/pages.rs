@@ -32,6 +32,16 @@ impl PageBuf {
     pub fn empty() -> PageBuf {
         PageBuf::new(PAGE)
     }
+
+    /// The store's buffer, to hand to a writer.
+    pub fn into_aligned(self) -> AlignedBuf {
+        self.0
+    }
+
+    /// A buffer back from a writer (it was pre-faulted when first made).
+    pub fn from_aligned(buf: AlignedBuf) -> PageBuf {
+        PageBuf(buf)
+    }
 }
 
 impl Default for PageBuf {

@@ -8,6 +8,7 @@
 //! full epoch. The layout is specified in docs/FORMAT.md.
 
 mod aligned;
+mod background;
 pub mod civil;
 mod codec;
 mod cursor;

@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use crate::aligned::AlignedBuf;
+use crate::background::BackgroundWriter;
 use crate::codec::{Codec, Compressor};
 use crate::durable::fsync_dir;
 use crate::error::{Result, StoreError, io};
@@ -109,6 +110,8 @@ pub struct EpochWriter {
     region_pages_data: u64,
     next_gfn: u64,
     packer: Option<Packer>,
+    /// Writes page data handed over by `pages_with_zeros_owned`.
+    background: Option<BackgroundWriter>,
     merged: u64,
     committed: bool,
 }
@@ -148,6 +151,7 @@ impl EpochWriter {
             region_pages_data: 0,
             next_gfn: 0,
             packer: None,
+            background: None,
             merged: 0,
             committed: false,
         }
@@ -276,6 +280,70 @@ impl EpochWriter {
         if bytes.len() != gfns.len() * PAGE {
             return Err(StoreError::Usage("page list and buffer differ in size"));
         }
+        if !self.order_merged(gfns, zeros)? {
+            return Ok(());
+        }
+        self.write_data(bytes)?;
+        self.index_merged(gfns, bytes, zeros);
+        Ok(())
+    }
+
+    /// As [`EpochWriter::pages_with_zeros`], with the data pages at the
+    /// start of a buffer handed over: with O_DIRECT its write goes to a
+    /// thread of its own, and the caller fills another buffer meanwhile.
+    /// Returns a buffer free to fill again: one of an earlier write, `buf`
+    /// itself when it was written at once (compression, no O_DIRECT), or
+    /// none while fewer writes than the writer's depth (2) are in flight.
+    /// Commit waits for every write, and [`EpochWriter::settle`] gives
+    /// their buffers back.
+    pub fn pages_with_zeros_owned(
+        &mut self,
+        gfns: &[u64],
+        buf: AlignedBuf,
+        zeros: &[u64],
+    ) -> Result<Option<AlignedBuf>> {
+        let len = gfns.len() * PAGE;
+        if buf.len() < len {
+            return Err(StoreError::Usage("page list longer than its buffer"));
+        }
+        let background = self.packer.is_none() && self.pos.is_multiple_of(PAGE as u64) && len > 0;
+        if !background || self.direct.is_none() {
+            self.pages_with_zeros(gfns, &buf[..len], zeros)?;
+            return Ok(Some(buf));
+        }
+        if !self.order_merged(gfns, zeros)? {
+            return Ok(Some(buf));
+        }
+        if self.background.is_none()
+            && let Some(direct) = &self.direct
+        {
+            let file = direct.try_clone().map_err(io(&self.tmp, "duplicate"))?;
+            self.background = Some(BackgroundWriter::new(file).map_err(io(&self.tmp, "start the data writer"))?);
+        }
+        self.index_merged(gfns, &buf[..len], zeros);
+        let at = self.pos;
+        self.pos += len as u64;
+        match self.background.as_mut() {
+            Some(b) => b.submit(buf, len, at).map_err(io(&self.tmp, "write (O_DIRECT)")),
+            None => Err(StoreError::Usage("no data writer")),
+        }
+    }
+
+    /// Wait for every data write in flight (see
+    /// [`EpochWriter::pages_with_zeros_owned`]); their buffers, free again.
+    pub fn settle(&mut self) -> Result<Vec<AlignedBuf>> {
+        let mut free = Vec::new();
+        if let Some(b) = self.background.as_mut() {
+            while let Some(buf) = b.wait().map_err(io(&self.tmp, "write (O_DIRECT)"))? {
+                free.push(buf);
+            }
+        }
+        Ok(free)
+    }
+
+    /// Check that the pages of `gfns` and `zeros` come after those written
+    /// so far and are in order; false when there are none.
+    fn order_merged(&mut self, gfns: &[u64], zeros: &[u64]) -> Result<bool> {
         let mut span: Option<(u64, u64)> = None;
         for (gfn, _) in merged(gfns, zeros) {
             span = match span {
@@ -285,11 +353,15 @@ impl EpochWriter {
             };
         }
         let Some((first, last)) = span else {
-            return Ok(());
+            return Ok(false);
         };
         self.check_order(first, 1)?;
         self.next_gfn = last + 1;
-        self.write_data(bytes)?;
+        Ok(true)
+    }
+
+    /// Index data pages `bytes` at `gfns` and zero pages at `zeros`.
+    fn index_merged(&mut self, gfns: &[u64], bytes: &[u8], zeros: &[u64]) {
         for (gfn, data) in merged(gfns, zeros) {
             match data {
                 Some(i) => self.index_data(std::iter::once(gfn), &bytes[i * PAGE..(i + 1) * PAGE]),
@@ -299,7 +371,6 @@ impl EpochWriter {
                 }
             }
         }
-        Ok(())
     }
 
     /// Write checked, ordered pages to DATA and index them at `gfns`, one per page.
@@ -462,6 +533,8 @@ impl EpochWriter {
     /// Write index and header; the header and the file's length.
     fn seal(&mut self, pause_ns: u64) -> Result<(Header, u64)> {
         let state = self.state.ok_or(StoreError::Usage("no state written"))?;
+        // Every data write is done before the index says the data is there.
+        self.settle()?;
         self.emit_frame()?;
         self.flush_stage(true)?;
         let (codec, frames, data_len) = match &self.packer {

@@ -41,7 +41,7 @@ pub(crate) fn save_epoch(
         for ri in 0..shared.ranges.len() {
             save_range(shared, ri, full, &mut w, scratch, out)?;
         }
-        out.flush(&mut w)?;
+        out.finish(&mut w)?;
         let (leftovers, aborted) = {
             let g = shared.lock();
             let n = g.aside.len() + g.pending.iter().map(|p| p.count() as usize).sum::<usize>();
@@ -319,9 +319,12 @@ impl Buffers {
 /// Data pages gathered across spans so that they reach the file in few,
 /// large writes (each O_DIRECT write costs a device notification), and the
 /// zero pages among them, which are only indexed: a zero page between two
-/// data pages does not split the write.
+/// data pages does not split the write. A full buffer goes to the store's
+/// writing thread while the saver fills another (`spare`: those not in
+/// flight), so that copying, hashing and checksumming overlap the disk's work.
 pub(crate) struct Out {
     buf: PageBuf,
+    spare: Vec<PageBuf>,
     gfns: Vec<u64>,
     zeros: Vec<u64>,
 }
@@ -335,6 +338,7 @@ impl Out {
     pub(crate) fn new() -> Out {
         Out {
             buf: pages::prefaulted(OUT_BYTES),
+            spare: Vec::new(),
             gfns: Vec::new(),
             zeros: Vec::new(),
         }
@@ -364,11 +368,29 @@ impl Out {
         Ok(())
     }
 
+    /// Hand what was gathered to the writer, and take the other buffer.
     pub(crate) fn flush(&mut self, w: &mut EpochWriter) -> Result<(), EpochFailure> {
-        if !self.gfns.is_empty() || !self.zeros.is_empty() {
-            w.pages_with_zeros(&self.gfns, &self.buf[..self.gfns.len() * PAGE], &self.zeros)?;
-            self.clear();
+        if self.gfns.is_empty() && self.zeros.is_empty() {
+            return Ok(());
         }
+        // A buffer in flight is the writer's until it comes back; one is
+        // made (once per saver's buffers, up to the writer's depth) when
+        // none is free.
+        let next = match self.spare.pop() {
+            Some(b) => b,
+            None => pages::prefaulted(OUT_BYTES),
+        };
+        let full = std::mem::replace(&mut self.buf, next);
+        let back = w.pages_with_zeros_owned(&self.gfns, full.into_aligned(), &self.zeros);
+        self.clear();
+        self.spare.extend(back?.map(PageBuf::from_aligned));
+        Ok(())
+    }
+
+    /// Flush, and wait for every write, getting their buffers back.
+    pub(crate) fn finish(&mut self, w: &mut EpochWriter) -> Result<(), EpochFailure> {
+        self.flush(w)?;
+        self.spare.extend(w.settle()?.into_iter().map(PageBuf::from_aligned));
         Ok(())
     }
 }
