@@ -15,6 +15,7 @@ mod lazy_watch;
 mod live;
 mod ls_cmd;
 mod progress;
+mod ram_cmd;
 mod reclaimer;
 mod remote_args;
 mod remote_cache;
@@ -77,6 +78,9 @@ enum Command {
     /// Time the cow saver's writes against `dd oflag=direct` on the same
     /// directory, back to back.
     BenchSaver(saver_cmd::SaverArgs),
+    /// Pause, arming and lazy restore's first instruction at several guest
+    /// RAM sizes and chain lengths, in one table.
+    BenchRam(ram_cmd::RamArgs),
     /// Operations on the embedded workload guest.
     Guest {
         #[command(subcommand)]
@@ -120,6 +124,8 @@ enum CliError {
     #[error(transparent)]
     Saver(#[from] saver_cmd::SaverBenchError),
     #[error(transparent)]
+    Ram(#[from] ram_cmd::RamBenchError),
+    #[error(transparent)]
     Cache(#[from] cache_cmd::CacheCmdError),
     #[error(transparent)]
     ExportDisks(#[from] export_cmd::ExportError),
@@ -148,6 +154,7 @@ fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Bench(a) => bench_cmd::bench(a)?,
         Command::BenchSpace(a) => space_cmd::bench_space(a)?,
         Command::BenchSaver(a) => saver_cmd::bench_saver(a)?,
+        Command::BenchRam(a) => ram_cmd::bench_ram(a)?,
         Command::Guest {
             command: GuestCommand::Export { path },
         } => match std::fs::write(&path, guest::GUEST_ELF) {

@@ -257,6 +257,9 @@ pub struct Snapshots {
     pub space_waits: u64,
     /// Total time snapshots waited for that.
     pub space_wait_ms: f64,
+    /// Preparing the capture before the vCPUs started (cow: registering
+    /// and write-protecting all of RAM).
+    pub arm_ms: f64,
     /// Error messages.
     pub errors: Vec<String>,
     /// Guest downtime per epoch.
@@ -306,6 +309,8 @@ pub struct EngineFigures {
     pub space_waits: u64,
     /// Total time epochs waited for that.
     pub space_wait_time: Duration,
+    /// Preparing the capture.
+    pub arm_time: Duration,
     /// The epoch being saved, if any.
     pub in_flight: Option<u64>,
 }
@@ -324,6 +329,7 @@ impl EngineFigures {
             urgent: 0,
             space_waits: 0,
             space_wait_time: Duration::ZERO,
+            arm_time: Duration::ZERO,
             in_flight: None,
         };
         f.update(e);
@@ -339,6 +345,7 @@ impl EngineFigures {
         self.urgent = e.urgent;
         self.space_waits = e.space_waits;
         self.space_wait_time = e.space_wait_time;
+        self.arm_time = e.arm_time;
         self.in_flight = e.in_flight();
         if let Some(new) = e.records.get(self.records.len()..) {
             self.records.extend_from_slice(new);
@@ -369,6 +376,7 @@ impl Snapshots {
             urgent: f.urgent,
             space_waits: f.space_waits,
             space_wait_ms: f.space_wait_time.as_secs_f64() * 1e3,
+            arm_ms: f.arm_time.as_secs_f64() * 1e3,
             errors: f.errors.clone(),
             pause: Percentiles::of(&r.iter().map(|x| x.pause).collect::<Vec<_>>()),
             vcpu_pause: Percentiles::of(&r.iter().map(|x| x.vcpu_pause).collect::<Vec<_>>()),

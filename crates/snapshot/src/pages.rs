@@ -28,6 +28,12 @@ impl PageBuf {
         PageBuf(buf)
     }
 
+    /// A buffer of `len` bytes whose pages fault in on first use (or
+    /// when the caller populates them).
+    pub fn unpopulated(len: usize) -> PageBuf {
+        PageBuf(AlignedBuf::new(len))
+    }
+
     /// An empty buffer (one page).
     pub fn empty() -> PageBuf {
         PageBuf::new(PAGE)

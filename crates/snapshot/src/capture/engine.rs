@@ -159,6 +159,9 @@ pub struct SnapshotEngine {
     pub space_waits: u64,
     /// Total time epochs waited for that.
     pub space_wait_time: Duration,
+    /// How long preparing the capture took, before the vCPUs started
+    /// (cow: registering and write-protecting all of RAM).
+    pub arm_time: Duration,
     /// Since when the due epoch waits for space, if it does.
     space_waiting: Option<Instant>,
     log: ErrorLog,
@@ -221,6 +224,7 @@ impl SnapshotEngine {
             urgent: 0,
             space_waits: 0,
             space_wait_time: Duration::ZERO,
+            arm_time: Duration::ZERO,
             space_waiting: None,
             attempts: 0,
             switch_to: None,
@@ -262,7 +266,9 @@ impl SnapshotEngine {
     /// Arm dirty tracking and start the engine's threads, before the vCPUs start.
     pub fn prepare(&mut self, t: &mut dyn Target) -> Result<(), SnapshotError> {
         self.regions = t.regions();
+        let t0 = Instant::now();
         self.strategy.prepare(t, &self.health)?;
+        self.arm_time = t0.elapsed();
         self.writer = Some(Writer::start(self.health.clone())?);
         Ok(())
     }
