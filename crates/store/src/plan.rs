@@ -88,12 +88,30 @@ impl Covered {
 /// Where each page listed by `chain` (newest first) comes from: the newest
 /// epoch that lists it. Runs ascend by frame number.
 pub fn claims<R: Borrow<EpochReader>>(chain: &[R]) -> Vec<Run> {
+    // Guest RAM's pages (region 0) are claimed in a bitmap, a word at a
+    // time: a chain of 64 epochs of scattered writes has about 100,000
+    // extents, and claiming them in the interval map took about 20 ms
+    // before a lazy restore's first instruction. Regions (up to 2^48 units
+    // each) keep the map.
+    let ram_end = chain
+        .iter()
+        .filter_map(|e| {
+            e.borrow()
+                .index()
+                .iter()
+                .rev()
+                .find(|x| crate::format::region_of(x.gfn) == 0)
+                .map(|x| x.gfn + u64::from(x.count))
+        })
+        .max()
+        .unwrap_or(0);
+    let mut ram = ClaimBits::new(ram_end);
     let mut covered = Covered::default();
     let mut runs = Vec::new();
     for (i, epoch) in chain.iter().enumerate() {
         for ext in epoch.borrow().index() {
             let (a, b) = (ext.gfn, ext.gfn + u64::from(ext.count));
-            for (s, e) in covered.claim(a, b) {
+            let mut add = |s: u64, e: u64| {
                 let source = match ext.kind {
                     ExtentKind::Zero => Source::Zero,
                     ExtentKind::Data => Source::Data {
@@ -106,14 +124,71 @@ pub fn claims<R: Borrow<EpochReader>>(chain: &[R]) -> Vec<Run> {
                     count: e - s,
                     source,
                 });
+            };
+            if b <= ram_end {
+                ram.claim(a, b, &mut add);
+            } else {
+                for (s, e) in covered.claim(a, b) {
+                    add(s, e);
+                }
             }
         }
     }
-    runs.sort_by_key(|r| r.gfn);
+    runs.sort_unstable_by_key(|r| r.gfn);
     runs
 }
 
-/// Plan the restore of `chain[0]` (chain newest first, ending at a full epoch).
+/// Pages claimed so far, one bit each, below a bound.
+struct ClaimBits(Vec<u64>);
+
+impl ClaimBits {
+    fn new(end: u64) -> ClaimBits {
+        ClaimBits(vec![0; end.div_ceil(64) as usize])
+    }
+
+    /// Claim [a, b): `new` gets each part not claimed before, in order.
+    fn claim(&mut self, a: u64, b: u64, new: &mut impl FnMut(u64, u64)) {
+        let mut p = a;
+        while p < b {
+            // The next unclaimed page at or after p.
+            let (w, bit) = ((p / 64) as usize, p % 64);
+            let free = !self.0[w] & (u64::MAX << bit);
+            if free == 0 {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            let s = p / 64 * 64 + u64::from(free.trailing_zeros());
+            if s >= b {
+                return;
+            }
+            // Where the unclaimed run ends (a claimed page, or b).
+            let mut e = s;
+            loop {
+                let (w, bit) = ((e / 64) as usize, e % 64);
+                let taken = self.0[w] & (u64::MAX << bit);
+                if taken != 0 {
+                    e = e / 64 * 64 + u64::from(taken.trailing_zeros());
+                    break;
+                }
+                e = (e / 64 + 1) * 64;
+                if e >= b {
+                    break;
+                }
+            }
+            let e = e.min(b);
+            new(s, e);
+            let mut q = s;
+            while q < e {
+                let (w, bit) = ((q / 64) as usize, q % 64);
+                let n = (64 - bit).min(e - q);
+                self.0[w] |= if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+                q += n;
+            }
+            p = e;
+        }
+    }
+}
+
 pub fn plan<R: Borrow<EpochReader>>(chain: &[R]) -> Result<Vec<Run>> {
     let Some(base) = chain.last().map(Borrow::borrow) else {
         return Err(StoreError::Usage("empty chain"));
@@ -141,6 +216,29 @@ pub fn plan<R: Borrow<EpochReader>>(chain: &[R]) -> Result<Vec<Run>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bitmap and the interval map claim alike, on random extents.
+    #[test]
+    fn the_bitmap_claims_what_the_interval_map_claims() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..50 {
+            let mut bits = ClaimBits::new(1000);
+            let mut map = Covered::default();
+            for _ in 0..60 {
+                let a = rnd(1000);
+                let b = (a + 1 + rnd(200)).min(1000);
+                let mut got = Vec::new();
+                bits.claim(a, b, &mut |s, e| got.push((s, e)));
+                assert_eq!(got, map.claim(a, b), "claiming {a}..{b}");
+            }
+        }
+    }
 
     #[test]
     fn claim_returns_only_new_parts() {

@@ -273,7 +273,22 @@ impl EpochReader {
         let (header, file_len) = header_in(&file, path, len)?;
         check_gaps(&file, path, &header, file_len)?;
         let [_, isec, ssec, _, fsec] = header.sections;
-        let index_bytes = read_at(&file, path, isec.len, isec.offset)?;
+        // INDEX, PAGE_SUMS and FRAMES lie end to end after DATA as consnap
+        // writes them: one read for the three (each cold read is a round
+        // trip to the disk, and a lazy restore opens every epoch of its
+        // chain before the guest's first instruction).
+        let (index_bytes, sum_bytes, frame_bytes) = if isec.end() == ssec.offset && ssec.end() == fsec.offset {
+            let mut tail = read_at(&file, path, fsec.end() - isec.offset, isec.offset)?;
+            let frames = tail.split_off((fsec.offset - isec.offset) as usize);
+            let sums = tail.split_off((ssec.offset - isec.offset) as usize);
+            (tail, sums, frames)
+        } else {
+            (
+                read_at(&file, path, isec.len, isec.offset)?,
+                read_at(&file, path, ssec.len, ssec.offset)?,
+                read_at(&file, path, fsec.len, fsec.offset)?,
+            )
+        };
         if checksum(&index_bytes) != isec.sum {
             return Err(corrupt(format!(
                 "INDEX section checksum mismatch (bytes {}..{})",
@@ -281,7 +296,6 @@ impl EpochReader {
                 isec.end()
             )));
         }
-        let sum_bytes = read_at(&file, path, ssec.len, ssec.offset)?;
         if checksum(&sum_bytes) != ssec.sum {
             return Err(corrupt(format!(
                 "PAGE_SUMS section checksum mismatch (bytes {}..{})",
@@ -289,7 +303,6 @@ impl EpochReader {
                 ssec.end()
             )));
         }
-        let frame_bytes = read_at(&file, path, fsec.len, fsec.offset)?;
         if checksum(&frame_bytes) != fsec.sum {
             return Err(corrupt(format!(
                 "FRAMES section checksum mismatch (bytes {}..{})",

@@ -261,7 +261,9 @@ pub fn restore_lazy_from(
         let plan = std::thread::Builder::new()
             .name("lazy-plan".into())
             .spawn_scoped(s, || {
-                let p = open_chain().and_then(|chain| crate::restore::prepare_chain(chain, id));
+                let chain = open_chain();
+                tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: chain opened");
+                let p = chain.and_then(|chain| crate::restore::prepare_chain(chain, id));
                 tracing::debug!(us = t0.elapsed().as_micros() as u64, "lazy restore: chain planned");
                 p
             });
