@@ -129,11 +129,11 @@ pub struct EpochEntry {
     #[serde(default)]
     pub choice: Option<String>,
     /// `--cow-tracker auto`: the cost model's prediction, from the epoch
-    /// before, of what each tracker costs the vCPUs an epoch, µs.
+    /// before, of what each tracker costs the vCPUs, µs per second.
     #[serde(default)]
-    pub predicted_uffd_us: Option<f64>,
+    pub predicted_uffd_us_per_s: Option<f64>,
     #[serde(default)]
-    pub predicted_dirty_log_us: Option<f64>,
+    pub predicted_dirty_log_us_per_s: Option<f64>,
 }
 
 /// The name a report gives a tracker.
@@ -174,10 +174,11 @@ impl Adaptive {
                 snapshot::Tracker::DirtyLog => a.protected += 1,
             }
             a.switches += u64::from(c.switched);
-            a.predicted_ms += match c.tracker {
-                snapshot::Tracker::Uffd => c.predicted.uffd_us,
-                snapshot::Tracker::DirtyLog => c.predicted.dirty_log_us,
-            } / 1e3;
+            let rate = match c.tracker {
+                snapshot::Tracker::Uffd => c.predicted.uffd_us_per_s,
+                snapshot::Tracker::DirtyLog => c.predicted.dirty_log_us_per_s,
+            };
+            a.predicted_ms += rate * c.span.as_secs_f64() / 1e3;
             let pause_copy = if c.copied_in_pause {
                 r.stats.capture_time
             } else {
@@ -226,8 +227,8 @@ impl From<&EpochRecord> for EpochEntry {
                 }
                 .to_string()
             }),
-            predicted_uffd_us: r.stats.choice.map(|c| c.predicted.uffd_us),
-            predicted_dirty_log_us: r.stats.choice.map(|c| c.predicted.dirty_log_us),
+            predicted_uffd_us_per_s: r.stats.choice.map(|c| c.predicted.uffd_us_per_s),
+            predicted_dirty_log_us_per_s: r.stats.choice.map(|c| c.predicted.dirty_log_us_per_s),
         }
     }
 }

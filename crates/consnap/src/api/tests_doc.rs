@@ -36,8 +36,8 @@ fn epoch() -> EpochEntry {
         capture_us: 600.0,
         tracker: Some("dirty-log".into()),
         choice: Some("copy-in-pause".into()),
-        predicted_uffd_us: Some(9000.0),
-        predicted_dirty_log_us: Some(300.0),
+        predicted_uffd_us_per_s: Some(450000.0),
+        predicted_dirty_log_us_per_s: Some(15000.0),
     }
 }
 

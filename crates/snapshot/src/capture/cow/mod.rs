@@ -213,6 +213,7 @@ impl Strategy for Cow {
             copied_in_pause: false,
             switched: false,
             predicted: m.last,
+            span: self.cur_span,
         });
         if !ctx.meta.full && next != self.tracker {
             if let Some(c) = &mut choice {
