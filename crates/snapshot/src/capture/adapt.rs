@@ -51,7 +51,7 @@ impl Default for AdaptPolicy {
             dirty_log_fault: Duration::from_micros(10),
             uffd_wake: Duration::from_micros(110),
             pause_copy: Duration::from_micros(500),
-            switch_ratio: 0.5,
+            switch_ratio: 0.8,
             streak: 3,
             dwell: 8,
         }
