@@ -3,6 +3,7 @@
 mod api;
 mod args;
 mod at;
+mod bench_child;
 mod bench_cmd;
 mod cache_cmd;
 mod compact_cmd;
@@ -122,9 +123,7 @@ enum CliError {
     #[error(transparent)]
     Space(#[from] space_cmd::SpaceError),
     #[error(transparent)]
-    Saver(#[from] saver_cmd::SaverBenchError),
-    #[error(transparent)]
-    Ram(#[from] ram_cmd::RamBenchError),
+    BenchChild(#[from] bench_child::BenchChildError),
     #[error(transparent)]
     Cache(#[from] cache_cmd::CacheCmdError),
     #[error(transparent)]

@@ -10,36 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use clap::Args;
-use thiserror::Error;
 
-/// Why the RAM benchmark cannot run or read its result.
-#[derive(Debug, Error)]
-pub enum RamBenchError {
-    /// The consnap binary cannot be started.
-    #[error("cannot start {what}: {source}")]
-    Spawn {
-        /// What.
-        what: &'static str,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The scratch directory cannot be made.
-    #[error("{path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A run failed or its report lacks what is measured.
-    #[error("{what} failed: {why}")]
-    Failed {
-        /// Which run.
-        what: String,
-        /// Why.
-        why: String,
-    },
-}
+use crate::bench_child::{BenchChildError as RamBenchError, consnap_report as consnap, scratch_dir};
 
 /// Options of `consnap bench-ram`.
 #[derive(Debug, Args)]
@@ -63,17 +35,7 @@ pub struct RamArgs {
 
 /// Run the benchmark; exit status 0.
 pub fn bench_ram(a: RamArgs) -> Result<i32, RamBenchError> {
-    let (dir, scratch) = match &a.dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("consnap-bench-ram-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir).map_err(|source| RamBenchError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
+    let (dir, scratch) = scratch_dir(a.dir.as_deref(), "consnap-bench-ram")?;
     let cold = drop_caches();
     println!(
         "`{}`, cow every 100 ms; lazy restores {}, median of {}",
@@ -136,36 +98,6 @@ fn drop_caches() -> bool {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
-}
-
-fn consnap(args: &[&str], what: String, report: &Path) -> Result<serde_json::Value, RamBenchError> {
-    let exe = std::env::current_exe().map_err(|source| RamBenchError::Spawn {
-        what: "consnap",
-        source,
-    })?;
-    let out = Command::new(exe)
-        .args(args)
-        .arg("--report")
-        .arg(report)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| RamBenchError::Spawn {
-            what: "consnap",
-            source,
-        })?;
-    let text = std::fs::read(report);
-    let _ = std::fs::remove_file(report);
-    let failed = |why: String| RamBenchError::Failed {
-        what: what.clone(),
-        why,
-    };
-    if !out.status.success() {
-        return Err(failed(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    text.map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(failed)
 }
 
 /// The protected run at `mem`: its report.

@@ -13,36 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use clap::Args;
-use thiserror::Error;
 
-/// Why the saver benchmark cannot run or read its result.
-#[derive(Debug, Error)]
-pub enum SaverBenchError {
-    /// dd or the consnap binary cannot be started.
-    #[error("cannot start {what}: {source}")]
-    Spawn {
-        /// What.
-        what: &'static str,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The scratch directory cannot be made or cleaned.
-    #[error("{path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A run failed or its report lacks what is measured.
-    #[error("{what} failed: {why}")]
-    Failed {
-        /// `dd` or the protected run.
-        what: &'static str,
-        /// Why.
-        why: String,
-    },
-}
+use crate::bench_child::{BenchChildError as SaverBenchError, consnap_report, scratch_dir};
 
 /// Options of `consnap bench-saver`.
 #[derive(Debug, Args)]
@@ -64,17 +36,7 @@ pub struct SaverArgs {
 
 /// Run the benchmark; exit status 0.
 pub fn bench_saver(a: SaverArgs) -> Result<i32, SaverBenchError> {
-    let (dir, scratch) = match &a.dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("consnap-bench-saver-{}", std::process::id())),
-            true,
-        ),
-    };
-    std::fs::create_dir_all(&dir).map_err(|source| SaverBenchError::Dir {
-        path: dir.clone(),
-        source,
-    })?;
+    let (dir, scratch) = scratch_dir(a.dir.as_deref(), "consnap-bench-saver")?;
     println!("saver against dd oflag=direct bs=4M on {}", dir.display());
     println!("| repeat | dd MB/s | saver MB/s (median epoch) | saver / dd | epochs |");
     println!("|---|---|---|---|---|");
@@ -111,7 +73,7 @@ fn dd_rate(dir: &Path, bytes: u64) -> Result<f64, SaverBenchError> {
     let _ = std::fs::remove_file(&file);
     if !out.status.success() {
         return Err(SaverBenchError::Failed {
-            what: "dd",
+            what: "dd".into(),
             why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
@@ -124,37 +86,29 @@ fn saver_rate(dir: &Path, workload: &str) -> Result<(f64, usize), SaverBenchErro
     let store = dir.join(".saver-probe");
     let report = dir.join(".saver-probe.json");
     let _ = std::fs::remove_dir_all(&store);
-    let exe = std::env::current_exe().map_err(|source| SaverBenchError::Spawn {
-        what: "consnap",
-        source,
-    })?;
-    let out = Command::new(exe)
-        .args(["run", "--workload", workload, "--mem", "1G", "--pause-probe", "0"])
-        .args(["--mode", "cow", "--interval", "1s", "--snapshot-dir"])
-        .arg(&store)
-        .arg("--report")
-        .arg(&report)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| SaverBenchError::Spawn {
-            what: "consnap run",
-            source,
-        })?;
-    let text = std::fs::read(&report);
+    let st = store.display().to_string();
+    let args = [
+        "run",
+        "--workload",
+        workload,
+        "--mem",
+        "1G",
+        "--pause-probe",
+        "0",
+        "--mode",
+        "cow",
+        "--interval",
+        "1s",
+        "--snapshot-dir",
+        &st,
+    ];
+    let v = consnap_report(&args, "the protected run".into(), &report);
     let _ = std::fs::remove_dir_all(&store);
-    let _ = std::fs::remove_file(&report);
+    let v = v?;
     let failed = |why: String| SaverBenchError::Failed {
-        what: "the protected run",
+        what: "the protected run".into(),
         why,
     };
-    if !out.status.success() {
-        return Err(failed(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    let v: serde_json::Value = text
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(failed)?;
     let mut rates: Vec<f64> = v["snapshots"]["epochs"]
         .as_array()
         .map(|es| {
