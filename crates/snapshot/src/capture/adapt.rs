@@ -23,7 +23,19 @@
 
 use std::time::Duration;
 
-use crate::capture::cow::Tracker;
+/// How `cow` learns which pages changed since the last epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracker {
+    /// Write protection itself: all of RAM stays write-protected between
+    /// epochs, so the first write to a block faults and marks it written;
+    /// a written block's pages are compared with their hashes at the last
+    /// epoch, and only changed pages are saved. No KVM dirty logging, so
+    /// KVM keeps mapping huge pages.
+    Uffd,
+    /// KVM's dirty log, re-armed on cold regions only; each epoch
+    /// write-protects and saves exactly the logged pages.
+    DirtyLog,
+}
 
 /// The model's constants (host measurements) and switching rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
