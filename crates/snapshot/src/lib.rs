@@ -12,8 +12,8 @@ pub mod pages;
 pub mod restore;
 
 pub use capture::{
-    AdaptPolicy, AdaptSummary, Captured, CowOptions, EpochChoice, EpochError, EpochFailure, EpochRecord, EpochStats,
-    HotPolicy, SnapshotConfig, SnapshotEngine, SnapshotError, Target, TargetError, Tracker,
+    AdaptPolicy, Captured, CowOptions, EpochChoice, EpochError, EpochFailure, EpochRecord, EpochStats, HotPolicy,
+    SnapshotConfig, SnapshotEngine, SnapshotError, Target, TargetError, Tracker,
 };
 #[cfg(feature = "testing")]
 pub use capture::{CowTestHooks, Inject};

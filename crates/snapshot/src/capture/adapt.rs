@@ -211,25 +211,6 @@ pub struct EpochChoice {
     pub span: Duration,
 }
 
-/// What the adaptive engine chose, over the run (the report's `adaptive`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AdaptSummary {
-    /// Epochs saved under each tracker.
-    pub epochs_uffd: u64,
-    pub epochs_dirty_log: u64,
-    /// Switches between them.
-    pub switches: u64,
-    /// Dirty-log epochs whose pages were all copied during the pause, and
-    /// those whose pages were write-protected instead.
-    pub copied_in_pause: u64,
-    pub protected: u64,
-    /// Predicted cost of the chosen tracker, summed over the epochs, and the
-    /// cost measured of what can be measured (fault service, pause copies;
-    /// KVM's own dirty-log faults are not visible to consnap), µs.
-    pub predicted_us: f64,
-    pub measured_us: f64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ pub(crate) mod strategy;
 pub(crate) mod target;
 pub(crate) mod worker;
 
-pub use adapt::{AdaptPolicy, AdaptSummary, EpochChoice, Prediction};
+pub use adapt::{AdaptPolicy, EpochChoice, Prediction};
 #[cfg(feature = "testing")]
 pub use cow::CowTestHooks;
 pub use cow::{CowOptions, Tracker};

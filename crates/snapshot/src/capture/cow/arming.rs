@@ -63,11 +63,7 @@ impl CowState {
     pub(crate) fn arm_blocks(&self, blocks: &[PageBits]) -> Result<u64, UffdError> {
         let mut g = self.lock();
         for (ri, b) in blocks.iter().enumerate() {
-            for (first, n) in b.runs() {
-                let (p0, _) = self.block_pages(ri, first);
-                let (_, p1) = self.block_pages(ri, first + n - 1);
-                g.pending[ri].set_span(p0, p1);
-            }
+            self.add_block_pages(ri, b, &mut g.pending[ri]);
         }
         self.protect_blocks(g, blocks)
     }
@@ -118,7 +114,7 @@ impl CowState {
         }
         let t = std::time::Instant::now();
         let mut g = self.lock();
-        let reserve = ((g.free.len() + g.aside.len()) / 4).max(self.opts.block_pages as usize);
+        let reserve = self.aside_reserve(&g);
         let mut copied = 0;
         'ranges: for (ri, bits) in blocks.iter_mut().enumerate() {
             let mut b = 0;
@@ -175,13 +171,19 @@ impl CowState {
     pub(crate) fn unarmed_pages(&self) -> DirtySet {
         let mut out = DirtySet::empty(&self.ranges);
         for (ri, blocks) in self.unarmed_blocks().iter().enumerate() {
-            for (first, n) in blocks.runs() {
-                let (p0, _) = self.block_pages(ri, first);
-                let (_, p1) = self.block_pages(ri, first + n - 1);
-                out.ranges[ri].set_span(p0, p1);
-            }
+            self.add_block_pages(ri, blocks, &mut out.ranges[ri]);
         }
         out
+    }
+
+    /// Add every page of the blocks `blocks` of range `ri` to `pages`, a
+    /// run of blocks at a time.
+    fn add_block_pages(&self, ri: usize, blocks: &PageBits, pages: &mut PageBits) {
+        for (first, n) in blocks.runs() {
+            let (p0, _) = self.block_pages(ri, first);
+            let (_, p1) = self.block_pages(ri, first + n - 1);
+            pages.set_span(p0, p1);
+        }
     }
 
     /// While paused, under the dirty log: copy every page of `pages` aside
@@ -191,8 +193,7 @@ impl CowState {
     pub(crate) fn copy_pages(&self, pages: &DirtySet) -> bool {
         let mut g = self.lock();
         let n = pages.count() as usize;
-        let reserve = ((g.free.len() + g.aside.len()) / 4).max(self.opts.block_pages as usize);
-        if g.free.len() < n + reserve {
+        if g.free.len() < n + self.aside_reserve(&g) {
             return false;
         }
         g.aborted = false;
@@ -209,15 +210,19 @@ impl CowState {
 
     /// Protection blocks holding at least one page of `pages`.
     pub(crate) fn blocks_of(&self, pages: &DirtySet) -> u64 {
-        let words_per_block = (self.opts.block_pages / 64).max(1) as usize;
+        let bp = self.opts.block_pages;
         pages
             .ranges
             .iter()
             .map(|bits| {
-                bits.words()
-                    .chunks(words_per_block)
-                    .filter(|c| c.iter().any(|w| *w != 0))
-                    .count() as u64
+                if bp >= 64 {
+                    // Whole words per block (blocks are 1 or 512 pages).
+                    let words = (bp / 64) as usize;
+                    bits.words().chunks(words).filter(|c| c.iter().any(|w| *w != 0)).count() as u64
+                } else {
+                    let mut last = None;
+                    bits.iter().filter(|p| last.replace(p / bp) != Some(p / bp)).count() as u64
+                }
             })
             .sum()
     }

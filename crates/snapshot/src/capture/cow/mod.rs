@@ -227,54 +227,7 @@ impl Strategy for Cow {
             return self.paused_uffd(t, ctx, shared, t0, choice);
         }
         shared.save_as(Tracker::DirtyLog);
-        let taken = t.take_dirty()?;
-        // Re-protect the pages worth tracking (all of them, without a policy).
-        if let Some(h) = &mut self.hot {
-            t.rearm_dirty(&h.rearm(&taken))?;
-        }
-        let pages = if ctx.meta.full {
-            // Every populated page; the rest is zero at this instant, and
-            // is not write-protected: a protected unpopulated page would be
-            // faulted in later as a small page, splitting the huge pages
-            // the guest has not touched yet.
-            let ram = t.ram();
-            DirtySet {
-                ranges: ram
-                    .ranges()
-                    .iter()
-                    .map(|r| crate::pages::may_hold_data(ram, r))
-                    .collect(),
-            }
-        } else {
-            ctx.taken = Some(taken.clone());
-            taken
-        };
-        let mut flight = InFlight {
-            tracker: Tracker::DirtyLog,
-            ok: false,
-            pages: pages.count(),
-            blocks: shared.blocks_of(&pages),
-            pause_pages: 0,
-            pause_copy_time: std::time::Duration::ZERO,
-            span: self.cur_span,
-            interval: ctx.interval,
-        };
-        let t1 = Instant::now();
-        // A small dirty set is copied now, as stop-copy does: no
-        // protection, no fault, a pause longer by about a µs a page.
-        let budget = self.model.as_ref().map_or(0, CostModel::pause_pages);
-        let calls = if !ctx.meta.full && flight.pages <= budget && shared.copy_pages(&pages) {
-            flight.pause_pages = flight.pages;
-            flight.pause_copy_time = t1.elapsed();
-            if let Some(c) = &mut choice {
-                c.copied_in_pause = true;
-            }
-            0
-        } else {
-            shared.arm(&pages)?
-        };
-        self.flight = (!ctx.meta.full).then_some(flight);
-        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
+        self.paused_dirty_log(t, ctx, shared, t0, choice)
     }
 
     fn finished(&mut self, ok: bool) {
@@ -386,6 +339,76 @@ impl Cow {
         Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
     }
 
+    /// While paused, under `Tracker::DirtyLog`: the pages KVM logged (a
+    /// full epoch: every populated page), copied now when the cost model
+    /// says they are few enough, otherwise write-protected.
+    fn paused_dirty_log(
+        &mut self,
+        t: &mut dyn Target,
+        ctx: &mut EpochCtx,
+        shared: Arc<CowState>,
+        t0: Instant,
+        mut choice: Option<EpochChoice>,
+    ) -> Result<JobFn, EpochFailure> {
+        let taken = t.take_dirty()?;
+        // Re-protect the pages worth tracking (all of them, without a policy).
+        if let Some(h) = &mut self.hot {
+            t.rearm_dirty(&h.rearm(&taken))?;
+        }
+        self.flight = None;
+        if ctx.meta.full {
+            // Every populated page; the rest is zero at this instant, and
+            // is not write-protected: a protected unpopulated page would be
+            // faulted in later as a small page, splitting the huge pages
+            // the guest has not touched yet.
+            let ram = t.ram();
+            let pages = DirtySet {
+                ranges: ram
+                    .ranges()
+                    .iter()
+                    .map(|r| crate::pages::may_hold_data(ram, r))
+                    .collect(),
+            };
+            let t1 = Instant::now();
+            let calls = shared.arm(&pages)?;
+            return Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice));
+        }
+        let interval = ctx.interval;
+        // Kept for a failure to hand back.
+        let pages: &DirtySet = ctx.taken.insert(taken);
+        // Only the cost model looks at the set's size (each count walks a
+        // bitmap of all RAM).
+        let mut flight = self.model.as_ref().map(|m| {
+            let f = InFlight {
+                tracker: Tracker::DirtyLog,
+                ok: false,
+                pages: pages.count(),
+                blocks: shared.blocks_of(pages),
+                pause_pages: 0,
+                pause_copy_time: std::time::Duration::ZERO,
+                span: self.cur_span,
+                interval,
+            };
+            (m.pause_pages(), f)
+        });
+        let t1 = Instant::now();
+        // A small dirty set is copied now, as stop-copy does: no
+        // protection, no fault, a pause longer by about a µs a page.
+        let calls = match &mut flight {
+            Some((budget, f)) if f.pages <= *budget && shared.copy_pages(pages) => {
+                f.pause_pages = f.pages;
+                f.pause_copy_time = t1.elapsed();
+                if let Some(c) = &mut choice {
+                    c.copied_in_pause = true;
+                }
+                0
+            }
+            _ => shared.arm(pages)?,
+        };
+        self.flight = flight.map(|(_, f)| f);
+        Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
+    }
+
     /// `--cow-tracker auto`: what the last epoch cost, told to the model
     /// (only a committed incremental epoch teaches it); the tracker for
     /// the next epoch.
@@ -443,7 +466,7 @@ impl Cow {
             "cow: switching to the {next:?} tracker ({:?})",
             choice.map(|c| c.predicted)
         );
-        self.flight = None;
+        // (`learn` took the last epoch's flight: none is in flight now.)
         match next {
             Tracker::DirtyLog => {
                 // This epoch is the blocks written since the last one, saved
@@ -466,13 +489,13 @@ impl Cow {
                 // first, so that every write from now on is seen, and KVM
                 // stops logging (and maps huge pages again).
                 shared.save_as(Tracker::Uffd);
-                let taken = t.take_dirty()?;
-                ctx.taken = Some(taken.clone());
+                // Kept for a failure to hand back.
+                let taken = ctx.taken.insert(t.take_dirty()?);
                 t.set_dirty_logging(false)?;
                 shared.protect_all()?;
                 self.tracker = Tracker::Uffd;
                 let t1 = Instant::now();
-                let calls = shared.arm(&taken)?;
+                let calls = shared.arm(taken)?;
                 Ok(self.job(ctx, shared, calls, t1 - t0, t1.elapsed(), choice))
             }
         }

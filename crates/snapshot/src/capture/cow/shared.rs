@@ -349,6 +349,13 @@ impl CowState {
         self.cv.notify_all();
     }
 
+    /// Copy-aside slots that copies made ahead of need (capture-ahead, the
+    /// pause's copies) leave free for faults: a quarter of them, and at
+    /// least a block's worth.
+    pub(crate) fn aside_reserve(&self, g: &Inner) -> usize {
+        ((g.free.len() + g.aside.len()) / 4).max(self.opts.block_pages as usize)
+    }
+
     /// Capture ahead of the saver while no fault waits: copy the pending
     /// pages of the next armed blocks into the copy-aside memory and lift
     /// their protection, so that the guest finds them writable. Keeps a
@@ -363,8 +370,7 @@ impl CowState {
         else {
             return Ok(Capture::Idle);
         };
-        let reserve = g.free.len() + g.aside.len();
-        let reserve = (reserve / 4).max(self.opts.block_pages as usize);
+        let reserve = self.aside_reserve(&g);
         let mut taken = 0u64;
         let mut lift: Vec<(usize, u64, u64)> = Vec::new();
         let bp = self.opts.block_pages;
