@@ -1,4 +1,4 @@
-//! What `consnap bench-saver` and `consnap bench-ram` share: running this
+//! What `consnap bench-saver`, `bench-ram` and `bench-space` share: running this
 //! consnap binary (or another program) as a child and reading the report
 //! it wrote.
 

@@ -13,27 +13,15 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::args;
+use crate::bench_child::{BenchChildError, scratch_dir};
 use crate::ls_cmd::human;
 
 /// Why the space benchmark cannot run or read its result.
 #[derive(Debug, Error)]
 pub enum SpaceError {
-    /// The consnap binary or a busy process cannot be started.
-    #[error("cannot start {what}: {source}")]
-    Spawn {
-        /// What.
-        what: &'static str,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The scratch directory cannot be made or removed.
-    #[error("{path}: {source}")]
-    Dir {
-        /// The directory.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
+    /// A program cannot be started, or the scratch directory made.
+    #[error(transparent)]
+    Child(#[from] BenchChildError),
     /// The run ended before its time, or wrote no usable report.
     #[error("the protected run failed ({status}); its report {report}: {why}")]
     Run {
@@ -97,14 +85,11 @@ impl Drop for Busy {
 /// Run the benchmark and print the curve; exit status 0 when the store
 /// stayed within both bounds at every sample, 1 otherwise.
 pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
-    let scratch = std::env::temp_dir().join(format!("consnap-space-{}", std::process::id()));
+    // The report, and the store unless --dir names one.
+    let (scratch, _) = scratch_dir(None, "consnap-space")?;
     let dir = a.dir.clone().unwrap_or_else(|| scratch.join("snaps"));
-    std::fs::create_dir_all(&scratch).map_err(|source| SpaceError::Dir {
-        path: scratch.clone(),
-        source,
-    })?;
     let report = scratch.join("report.json");
-    let exe = std::env::current_exe().map_err(|source| SpaceError::Spawn {
+    let exe = std::env::current_exe().map_err(|source| BenchChildError::Spawn {
         what: "consnap",
         source,
     })?;
@@ -113,7 +98,7 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         let c = Command::new("sh")
             .args(["-c", "while :; do :; done"])
             .spawn()
-            .map_err(|source| SpaceError::Spawn {
+            .map_err(|source| BenchChildError::Spawn {
                 what: "a busy process",
                 source,
             })?;
@@ -151,7 +136,7 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
             Ok(())
         });
     }
-    let mut child = run.spawn().map_err(|source| SpaceError::Spawn {
+    let mut child = run.spawn().map_err(|source| BenchChildError::Spawn {
         what: "consnap run",
         source,
     })?;
@@ -169,7 +154,7 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         None => {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            child.wait().map_err(|source| SpaceError::Spawn {
+            child.wait().map_err(|source| BenchChildError::Spawn {
                 what: "consnap run",
                 source,
             })?
@@ -189,9 +174,7 @@ pub fn bench_space(a: SpaceArgs) -> Result<i32, SpaceError> {
         return Err(fail(format!("it ended after {:.1}s", started.elapsed().as_secs_f64())));
     }
     let code = print_curve(&a, &r);
-    if a.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&scratch);
-    }
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(code)
 }
 
