@@ -1,7 +1,8 @@
-//! The on-disk layout, version 3 (docs/FORMAT.md is the normative text).
-//! Version 3 adds regions besides guest RAM (disks) to version 2; an epoch
-//! without regions is still written as version 2, and version 1 files,
-//! which are version 2 files without compression, are still read.
+//! The on-disk layout, version 4 (docs/FORMAT.md is the normative text).
+//! Version 4 makes the page checksums verifiable a block at a time (a
+//! table of block checksums ends PAGE_SUMS) and allows 0 regions; version
+//! 3 added regions besides guest RAM (disks) to version 2; versions 1 to 3
+//! are still read.
 //!
 //! Every integer is little-endian. Every file starts with a magic, a format
 //! version and ends its header with an XXH3-64 checksum.
@@ -10,9 +11,18 @@ use crate::codec::Codec;
 use crate::error::{Result, StoreError};
 use std::path::Path;
 
-/// Newest epoch format version this build reads and writes (for an epoch
-/// with regions; one without is written as version 2).
-pub const VERSION: u32 = 3;
+/// Epoch format version this build writes (and the newest it reads).
+pub const VERSION: u32 = 4;
+/// Page checksums per PAGE_SUMS block (version 4): 4096 bytes of
+/// checksums, covering 2 MiB of data pages, verified by one entry of the
+/// block table.
+pub const SUMS_PER_BLOCK: u64 = 512;
+
+/// Bytes of the block table that ends a version 4 PAGE_SUMS section for
+/// `pages` data pages: one checksum per block of [`SUMS_PER_BLOCK`].
+pub fn sum_table_len(pages: u64) -> u64 {
+    pages.div_ceil(SUMS_PER_BLOCK) * 8
+}
 /// Version of the STORE file this build writes (its layout never changed).
 pub const STORE_VERSION: u32 = 2;
 /// Bits of a unit address that number the unit inside its region; the
@@ -112,12 +122,14 @@ pub fn describe_regions(regions: &[RegionDesc]) -> String {
     }
 }
 
-/// The region table of a version 3 header.
-fn decode_regions(b: &[u8]) -> std::result::Result<Vec<RegionDesc>, String> {
+/// The region table of a version 3 or 4 header (version 3 has at least
+/// one region: without, an epoch was written as version 2).
+fn decode_regions(b: &[u8], version: u32) -> std::result::Result<Vec<RegionDesc>, String> {
     let n = le32(b, REGIONS_AT) as usize;
-    if n == 0 || n > MAX_REGIONS {
+    let least = if version == 3 { 1 } else { 0 };
+    if n < least || n > MAX_REGIONS {
         return Err(format!(
-            "the header lists {n} regions (version 3 epochs have 1 to {MAX_REGIONS}; without regions an epoch is version 2)"
+            "the header lists {n} regions (version {version} epochs have {least} to {MAX_REGIONS})"
         ));
     }
     (0..n)
@@ -216,7 +228,8 @@ pub struct Section {
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
-    /// XXH3-64 of the section (0 for DATA, covered by PAGE_SUMS and FRAMES).
+    /// XXH3-64 of the section (0 for DATA, covered by PAGE_SUMS and FRAMES;
+    /// for PAGE_SUMS in version 4, of its block table only).
     pub sum: u64,
 }
 
@@ -323,7 +336,7 @@ impl Extent {
 /// The epoch file header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// Format version of the file (1 or 2).
+    /// Format version of the file (1 to 4).
     pub version: u32,
     /// Epoch id (unique in the store, increasing).
     pub id: u64,
@@ -437,9 +450,17 @@ impl Header {
         self.mem_size / PAGE as u64 + self.regions.iter().map(RegionDesc::units).sum::<u64>()
     }
 
-    /// The version an epoch with these regions is written in.
-    pub fn version_for(regions: &[RegionDesc]) -> u32 {
-        if regions.is_empty() { 2 } else { VERSION }
+    /// Where the page checksums and, in version 4, the block table that
+    /// verifies them lie: `(sums_at, table_at, table_len)`. Before version
+    /// 4 the table is empty and the section checksum covers the sums.
+    pub fn sum_layout(&self) -> (u64, u64, u64) {
+        let s = self.sections[2];
+        let table = if self.version >= 4 {
+            sum_table_len(self.pages_data)
+        } else {
+            0
+        };
+        (s.offset, s.end().saturating_sub(table), table)
     }
 
     /// Section table entries this version has (4 in version 1, 5 in 2).
@@ -578,7 +599,7 @@ impl Header {
             )));
         }
         let regions = if version >= 3 {
-            decode_regions(b).map_err(|why| corrupt(format!("epoch {id}: {why}")))?
+            decode_regions(b, version).map_err(|why| corrupt(format!("epoch {id}: {why}")))?
         } else {
             Vec::new()
         };
@@ -699,16 +720,23 @@ impl Header {
         };
         let [state, index, sums, data, frames] = self.sections;
         let data_per_page = if self.codec == Codec::None { PAGE as u64 } else { 0 };
+        // Per section: its length, the header's count it follows, and the
+        // bytes per counted item (and fixed bytes besides).
+        let table = if self.version >= 4 {
+            sum_table_len(self.pages_data)
+        } else {
+            0
+        };
         let mut expect = vec![
-            ("INDEX", index.len, self.extents, EXTENT_SIZE as u64, "index extents"),
-            ("PAGE_SUMS", sums.len, self.pages_data, 8, "data pages"),
-            ("FRAMES", frames.len, self.frames, FRAME_SIZE as u64, "frames"),
+            ("INDEX", index.len, self.extents, EXTENT_SIZE as u64, 0, "index extents"),
+            ("PAGE_SUMS", sums.len, self.pages_data, 8, table, "data pages"),
+            ("FRAMES", frames.len, self.frames, FRAME_SIZE as u64, 0, "frames"),
         ];
         if data_per_page != 0 {
-            expect.push(("DATA", data.len, self.pages_data, PAGE as u64, "data pages"));
+            expect.push(("DATA", data.len, self.pages_data, PAGE as u64, 0, "data pages"));
         }
-        for (name, got, count, each, what) in expect {
-            match count.checked_mul(each) {
+        for (name, got, count, each, more, what) in expect {
+            match count.checked_mul(each).and_then(|n| n.checked_add(more)) {
                 Some(want) if want == got => {}
                 Some(want) => {
                     return Err(corrupt(format!(

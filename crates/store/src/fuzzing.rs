@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use crate::format::{Header, checksum};
+use crate::format::{Header, checksum, sum_table_len};
+use crate::sums::block_table;
 use crate::{EpochReader, Ledger, Policy, claims, plan};
 
 /// Offset of the header checksum in an epoch file.
@@ -51,20 +52,41 @@ pub fn sealed_epoch(path: &Path, data: &[u8]) {
 
 /// Recompute the section checksums (INDEX, PAGE_SUMS, FRAMES) that the
 /// section table describes, where they lie inside `b`, then the header
-/// checksum.
+/// checksum. In version 4, PAGE_SUMS ends with the checksums of its
+/// blocks: they are recomputed first, and the section checksum covers them.
 pub fn reseal(b: &mut [u8]) {
     if b.len() < 4096 {
         return;
     }
+    let get = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+    let v4 = u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])) >= 4;
     for i in [1usize, 2, 4] {
         let at = SECTIONS_AT + i * 32;
-        let off = u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap_or([0; 8]));
-        let len = u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap_or([0; 8]));
-        let Some(end) = off.checked_add(len) else { continue };
-        if end <= b.len() as u64 {
-            let sum = checksum(&b[off as usize..end as usize]);
-            b[at + 24..at + 32].copy_from_slice(&sum.to_le_bytes());
+        let (off, len) = (get(b, at + 8), get(b, at + 16));
+        let Some(end) = off.checked_add(len).filter(|&e| e <= b.len() as u64) else {
+            continue;
+        };
+        let (off, end) = (off as usize, end as usize);
+        let mut covered = off..end;
+        if i == 2 && v4 {
+            let pages = get(b, 88);
+            let table = sum_table_len(pages);
+            let Some(sums_end) = pages
+                .checked_mul(8)
+                .map(|n| n as usize)
+                .and_then(|n| n.checked_add(off))
+            else {
+                continue;
+            };
+            if sums_end.checked_add(table as usize) != Some(end) {
+                continue;
+            }
+            let t = block_table(&b[off..sums_end]);
+            b[sums_end..end].copy_from_slice(&t);
+            covered = sums_end..end;
         }
+        let sum = checksum(&b[covered]);
+        b[at + 24..at + 32].copy_from_slice(&sum.to_le_bytes());
     }
     let sum = checksum(&b[..HEADER_SUM_AT]);
     b[HEADER_SUM_AT..HEADER_SUM_AT + 8].copy_from_slice(&sum.to_le_bytes());

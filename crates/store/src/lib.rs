@@ -24,6 +24,7 @@ mod reclaim;
 pub mod retain;
 mod ship;
 mod store;
+mod sums;
 mod verify;
 mod writer;
 

@@ -11,6 +11,7 @@ use crate::format::{
     EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, FRAME_SIZE, Frame, HEADER_SIZE, Header, PAGE, checksum,
     describe_frames, le32, le64,
 };
+use crate::sums::PageSums;
 
 /// Bytes of an epoch that is not a local file, read by ranges: an object
 /// in an object store, fetched with ranged requests as pages are needed.
@@ -52,11 +53,9 @@ pub struct EpochReader {
     file: Backing,
     header: Header,
     index: Vec<Extent>,
-    /// The PAGE_SUMS section as read (8 bytes per data page, little
-    /// endian), decoded on use: a second copy of a table that grows with
-    /// the guest's RAM would cost a lazy restore's first instruction a
-    /// fresh page fault per 512 entries.
-    sums: Vec<u8>,
+    /// The page checksums (8 bytes per data page, little endian), decoded
+    /// on use; from version 4 read a block at a time when first needed.
+    sums: PageSums,
     frames: Vec<Frame>,
     /// First data page of each frame.
     frame_first: Vec<u64>,
@@ -77,6 +76,33 @@ fn read_at(file: &Backing, path: &Path, len: u64, at: u64) -> Result<Vec<u8>> {
     buf.resize(len as usize, 0);
     file.read_exact_at(&mut buf, at).map_err(io(path, "read"))?;
     Ok(buf)
+}
+
+/// Read the byte ranges `(offset, len)` of `file`: in one read when they
+/// lie end to end in some order, as consnap writes them (each cold read
+/// is a round trip to the disk or the object store, and a lazy restore
+/// opens every epoch of its chain before the guest's first instruction).
+fn read_ranges<const N: usize>(file: &Backing, path: &Path, ranges: [(u64, u64); N]) -> Result<[Vec<u8>; N]> {
+    let mut order: Vec<usize> = (0..N).filter(|&i| ranges[i].1 > 0).collect();
+    order.sort_by_key(|&i| ranges[i].0);
+    let end = |i: usize| ranges[i].0.saturating_add(ranges[i].1);
+    let joined = order.windows(2).all(|w| end(w[0]) == ranges[w[1]].0);
+    let mut out: [Vec<u8>; N] = std::array::from_fn(|_| Vec::new());
+    match (joined, order.first(), order.last()) {
+        (true, Some(&a), Some(&z)) if order.len() > 1 => {
+            let all = read_at(file, path, end(z) - ranges[a].0, ranges[a].0)?;
+            for &i in &order {
+                let from = (ranges[i].0 - ranges[a].0) as usize;
+                out[i] = all[from..from + ranges[i].1 as usize].to_vec();
+            }
+        }
+        _ => {
+            for &i in &order {
+                out[i] = read_at(file, path, ranges[i].1, ranges[i].0)?;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Open `path` for reading if it is a regular file (a FIFO planted under
@@ -273,22 +299,19 @@ impl EpochReader {
         let (header, file_len) = header_in(&file, path, len)?;
         check_gaps(&file, path, &header, file_len)?;
         let [_, isec, ssec, _, fsec] = header.sections;
-        // INDEX, PAGE_SUMS and FRAMES lie end to end after DATA as consnap
-        // writes them: one read for the three (each cold read is a round
-        // trip to the disk, and a lazy restore opens every epoch of its
-        // chain before the guest's first instruction).
-        let (index_bytes, sum_bytes, frame_bytes) = if isec.end() == ssec.offset && ssec.end() == fsec.offset {
-            let mut tail = read_at(&file, path, fsec.end() - isec.offset, isec.offset)?;
-            let frames = tail.split_off((fsec.offset - isec.offset) as usize);
-            let sums = tail.split_off((ssec.offset - isec.offset) as usize);
-            (tail, sums, frames)
+        // Of PAGE_SUMS only the block table is read now (version 4; older
+        // versions: all of it).
+        let (sums_at, table_at, table_len) = header.sum_layout();
+        let (read_from, read_len) = if header.version >= 4 {
+            (table_at, table_len)
         } else {
-            (
-                read_at(&file, path, isec.len, isec.offset)?,
-                read_at(&file, path, ssec.len, ssec.offset)?,
-                read_at(&file, path, fsec.len, fsec.offset)?,
-            )
+            (ssec.offset, ssec.len)
         };
+        let [index_bytes, sum_bytes, frame_bytes] = read_ranges(
+            &file,
+            path,
+            [(isec.offset, isec.len), (read_from, read_len), (fsec.offset, fsec.len)],
+        )?;
         if checksum(&index_bytes) != isec.sum {
             return Err(corrupt(format!(
                 "INDEX section checksum mismatch (bytes {}..{})",
@@ -297,10 +320,10 @@ impl EpochReader {
             )));
         }
         if checksum(&sum_bytes) != ssec.sum {
+            let what = if header.version >= 4 { " (its block table)" } else { "" };
             return Err(corrupt(format!(
-                "PAGE_SUMS section checksum mismatch (bytes {}..{})",
-                ssec.offset,
-                ssec.end()
+                "PAGE_SUMS section checksum mismatch{what} (bytes {read_from}..{})",
+                read_from + read_len
             )));
         }
         if checksum(&frame_bytes) != fsec.sum {
@@ -322,7 +345,11 @@ impl EpochReader {
             frame_first.push(first);
             first += u64::from(f.pages);
         }
-        let sums = sum_bytes;
+        let sums = if header.version >= 4 {
+            PageSums::blocks(sums_at, header.pages_data, &sum_bytes)
+        } else {
+            PageSums::Whole(sum_bytes)
+        };
         Ok(EpochReader {
             path: path.to_path_buf(),
             file,
@@ -378,12 +405,6 @@ impl EpochReader {
     pub fn frame_of(&self, page: u64) -> Option<(usize, u64)> {
         let i = self.frame_first.partition_point(|&f| f <= page).checked_sub(1)?;
         Some((i, self.frame_first[i]))
-    }
-
-    /// The checksum of data page `page`.
-    pub fn page_sum(&self, page: u64) -> Option<u64> {
-        let at = usize::try_from(page).ok()?.checked_mul(8)?;
-        self.sums.get(at..at.checked_add(8)?).map(|b| le64(b, 0))
     }
 
     /// The encoded machine state, verified.
@@ -467,18 +488,25 @@ impl EpochReader {
             .map_err(|e| corrupt(format!("compressed frame {fi} does not decompress: {e}")))
     }
 
-    /// Check `pages` (consecutive data pages from `first`) against their checksums.
+    /// Check `pages` (consecutive data pages from `first`) against their
+    /// checksums (reading the blocks of checksums they need, version 4).
     pub fn verify(&self, first: u64, pages: &[u8]) -> Result<()> {
-        for (i, page) in pages.chunks_exact(PAGE).enumerate() {
-            let p = first + i as u64;
-            if self.page_sum(p) != Some(checksum(page)) {
-                return Err(StoreError::Corrupt {
-                    path: self.path.clone(),
-                    why: format!("data page {p}{} fails its checksum", self.describe_page(p)),
-                });
+        let n = (pages.len() / PAGE) as u64;
+        let read = |buf: &mut [u8], at: u64| self.file.read_exact_at(buf, at);
+        self.sums.for_range(first, n, &self.path, &read, &mut |from, sums| {
+            let at = ((from - first) as usize) * PAGE;
+            let mine = &pages[at..at + sums.len() / 8 * PAGE];
+            for (i, (page, sum)) in mine.chunks_exact(PAGE).zip(sums.chunks_exact(8)).enumerate() {
+                if le64(sum, 0) != checksum(page) {
+                    let p = from + i as u64;
+                    return Err(StoreError::Corrupt {
+                        path: self.path.clone(),
+                        why: format!("data page {p}{} fails its checksum", self.describe_page(p)),
+                    });
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// ` (guest frame F, file offset O)` for data page `p`, for messages.

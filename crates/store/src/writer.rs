@@ -16,6 +16,7 @@ use crate::error::{Result, StoreError, io};
 use crate::format::{
     self, EXTENT_SIZE, Extent, ExtentKind, FRAME_PAGES, Frame, HEADER_SIZE, Header, Mode, PAGE, Section, checksum,
 };
+use crate::sums;
 
 /// A committed epoch as listed.
 #[derive(Debug, Clone)]
@@ -545,22 +546,28 @@ impl EpochWriter {
         for e in &self.extents {
             e.encode(&mut index);
         }
-        let sums: Vec<u8> = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        // PAGE_SUMS (the checksums, then their block table), INDEX and
+        // FRAMES end to end after DATA: a reader opening the epoch reads the
+        // table, INDEX and FRAMES in one read, and the checksums a block at
+        // a time when it needs them.
+        let mut sums: Vec<u8> = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let table = sums::block_table(&sums);
+        sums.extend_from_slice(&table);
         let mut frame_bytes = Vec::with_capacity(frames.len() * format::FRAME_SIZE);
         for f in &frames {
             f.encode(&mut frame_bytes);
         }
-        let index_at = self.data_start + data_len;
-        let sums_at = index_at + index.len() as u64;
-        let frames_at = sums_at + sums.len() as u64;
+        let sums_at = self.data_start + data_len;
+        let index_at = sums_at + sums.len() as u64;
+        let frames_at = index_at + index.len() as u64;
         let end = frames_at + frame_bytes.len() as u64;
-        let tail = [index.as_slice(), &sums, &frame_bytes].concat();
-        self.pwrite(&tail, index_at)?;
+        let tail = [sums.as_slice(), &index, &frame_bytes].concat();
+        self.pwrite(&tail, sums_at)?;
         // Without data pages (an idle guest) the file may end at the padding
         // after the state: set its length to the end of the last section.
         self.file.set_len(end).map_err(io(&self.tmp, "set length"))?;
         let header = Header {
-            version: Header::version_for(&self.meta.regions),
+            version: format::VERSION,
             id: self.meta.id,
             parent: self.meta.parent.unwrap_or(0),
             store_uuid: self.uuid,
@@ -589,7 +596,7 @@ impl EpochWriter {
                 Section {
                     offset: sums_at,
                     len: sums.len() as u64,
-                    sum: checksum(&sums),
+                    sum: checksum(&table),
                 },
                 Section {
                     offset: self.data_start,

@@ -74,7 +74,7 @@ fn disks_restore_through_the_chain_and_survive_folding() {
     let d = tempdir("regions-chain");
     let s = store_with_disk(&d.1);
     let h = s.open_epoch(3).unwrap().header().clone();
-    assert_eq!((h.version, h.regions.clone()), (3, vec![DISK]));
+    assert_eq!((h.version, h.regions.clone()), (4, vec![DISK]));
     let want_ram = [page(1).repeat(3), page(2), page(1).repeat(4)].concat();
     let want_disk = [page(8), page(7), page(6), page(0)].concat();
     assert_eq!(images(&s, 3), (want_ram.clone(), want_disk.clone()));

@@ -197,7 +197,7 @@ fn section_lengths_match_counts() {
             put64(b, entry(2) + 16, 8);
             reseal(b);
         },
-        "PAGE_SUMS section is 8 bytes, but the header's 5 data pages need 40",
+        "PAGE_SUMS section is 8 bytes, but the header's 5 data pages need 48",
     );
     refused_header(
         &s,

@@ -288,7 +288,7 @@ fn header_and_page_size() {
 fn magic_version_and_checksum() {
     let (_d, s) = build("magic");
     refused_header(&s, 2, |b| b[0] = b'X', "bad magic");
-    refused_header(&s, 2, |b| put32(b, 8, 4), "format version 4 is not supported");
+    refused_header(&s, 2, |b| put32(b, 8, 5), "format version 5 is not supported");
     refused_header(&s, 2, |b| put32(b, 8, 0), "format version 0 is not supported");
     refused_header(&s, 2, |b| b[300] ^= 1, "header checksum mismatch");
     refused_header(&s, 2, |b| b.truncate(100), "truncated header");

@@ -142,10 +142,92 @@ fn section_checksums() {
         &s,
         1,
         |b| {
+            let (off, len) = section(b, 2);
+            b[off + len - 1] ^= 1;
+        },
+        "PAGE_SUMS section checksum mismatch (its block table)",
+    );
+    // A page checksum itself is covered by its block's entry in the table:
+    // the epoch opens (the block is not read), and reading a page of the
+    // block fails, naming it.
+    let path = s.epoch_path(1);
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[section(&good, 2).0 + 8] ^= 1;
+    std::fs::write(&path, &bad).unwrap();
+    let r = s.open_epoch(1).unwrap();
+    let e = r.read_pages(4, &mut vec![0u8; PAGE]).unwrap_err().to_string();
+    assert!(
+        e.contains("00000000000000000001.epoch: page checksum block 0 (data pages 0..5"),
+        "{e}"
+    );
+    let v = store::verify(s.dir(), &mut |_, _| {}).unwrap();
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| format!("{p:?}").contains("page checksum block 0")),
+        "{:?}",
+        v.problems
+    );
+    std::fs::write(&path, &good).unwrap();
+}
+
+/// Rewrite epoch file `b` (version 4) as version `v` (1 to 3) wrote it:
+/// PAGE_SUMS without the block table (its checksum over the page
+/// checksums), the sections after it moved down, the header sealed again.
+fn as_version(b: &mut Vec<u8>, v: u32) {
+    let pages = get64(b, 88) as usize;
+    let (at, len) = section(b, 2);
+    let table = len - pages * 8;
+    b.drain(at + pages * 8..at + len);
+    for i in [0, 1, 3, 4] {
+        let (off, _) = section(b, i);
+        if off > at {
+            put64(b, entry(i) + 8, (off - table) as u64);
+        }
+    }
+    put64(b, entry(2) + 16, (pages * 8) as u64);
+    let sum = checksum(&b[at..at + pages * 8]);
+    put64(b, entry(2) + 24, sum);
+    put32(b, 8, v);
+    if v == 1 {
+        // No FRAMES entry, frame count or merged count in version 1.
+        b[256..304].fill(0);
+    }
+    reseal(b);
+}
+
+/// A store that an older consnap wrote (version 2: page checksums read
+/// whole) restores and verifies as it is, and a damaged checksum in it is
+/// still found.
+#[test]
+fn a_version_2_store_still_restores() {
+    let (_d, s) = build("v2-store");
+    let before: Vec<_> = (1..=3).map(|id| common::image(&s, id, 8)).collect();
+    for id in 1..=3 {
+        let path = s.epoch_path(id);
+        let mut b = std::fs::read(&path).unwrap();
+        as_version(&mut b, 2);
+        std::fs::write(&path, &b).unwrap();
+    }
+    for id in 1..=3 {
+        assert_eq!(s.open_epoch(id).unwrap().header().version, 2);
+        assert_eq!(
+            common::image(&s, id, 8),
+            before[id as usize - 1],
+            "epoch {id} of the v2 store"
+        );
+    }
+    let v = store::verify(s.dir(), &mut |_, _| {}).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    refused(
+        &s,
+        1,
+        |b| {
             let (off, _) = section(b, 2);
             b[off] ^= 1;
         },
-        "PAGE_SUMS section checksum mismatch",
+        "PAGE_SUMS section checksum mismatch (bytes",
     );
 }
 
@@ -294,8 +376,7 @@ fn a_huge_section_is_an_error_not_an_abort() {
     // Rebuild the file as header, DATA, INDEX, PAGE_SUMS, FRAMES, then the
     // STATE section at the next page boundary, so that every other rule holds.
     let (data_at, data_len) = section(&good, 3);
-    let (index_at, _) = section(&good, 1);
-    let rest = good[index_at..].to_vec();
+    let rest = good[data_at + data_len..].to_vec();
     let mut b = good[..4096].to_vec();
     b.extend_from_slice(&good[data_at..data_at + data_len]);
     let shift = data_at - 4096;
@@ -363,9 +444,10 @@ fn crafted_headers_and_indexes_never_panic() {
     }
 }
 
-/// A version 1 store (same layout, no compression: docs/FORMAT.md) opens,
-/// restores and verifies as it is, takes new version 2 epochs, and its
-/// epochs become version 2 when reclamation rewrites them.
+/// A version 1 store (no compression, page checksums read whole:
+/// docs/FORMAT.md) opens, restores and verifies as it is, takes new
+/// version 4 epochs, and its epochs become version 4 when reclamation
+/// rewrites them.
 #[test]
 fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
     let (dir, s) = build("v1-store");
@@ -384,10 +466,7 @@ fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
     for id in 1..=3 {
         let path = probe.epoch_path(id);
         let mut b = std::fs::read(&path).unwrap();
-        put32(&mut b, 8, 1);
-        // No FRAMES entry, frame count or merged count in version 1.
-        b[256..304].fill(0);
-        reseal(&mut b);
+        as_version(&mut b, 1);
         std::fs::write(&path, &b).unwrap();
     }
     drop(probe);
@@ -406,14 +485,10 @@ fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
     e.write_state(b"state-4").unwrap();
     e.scattered_pages(&[5], &vec![4u8; PAGE]).unwrap();
     e.commit(40).unwrap();
-    assert_eq!(
-        w.open_epoch(4).unwrap().header().version,
-        2,
-        "an epoch without disks is written as version 2"
-    );
+    assert_eq!(w.open_epoch(4).unwrap().header().version, 4, "new epochs are version 4");
     let four = image(&w, 4);
     assert_eq!(four.1[5 * PAGE], 4);
-    // Folding every chain to one file rewrites the v1 epochs as v2.
+    // Folding every chain to one file rewrites the v1 epochs as v4.
     let opts = store::ReclaimOptions {
         policy: store::Policy::keep_all(),
         max_chain: 1,
@@ -434,7 +509,7 @@ fn a_version_1_store_is_read_extended_and_upgraded_by_reclamation() {
         let h = w.open_epoch(id).unwrap().header().clone();
         assert!(h.is_full(), "epoch {id} not folded");
         if id > 1 {
-            assert_eq!(h.version, 2, "epoch {id} rewritten as v1");
+            assert_eq!(h.version, 4, "epoch {id} rewritten as v1");
         }
     }
     for id in 1..=3 {
