@@ -76,10 +76,11 @@ impl PageSums {
             }
             PageSums::Blocks { pages, .. } if end > *pages => Err(StoreError::Usage("page outside PAGE_SUMS")),
             PageSums::Blocks { .. } => {
+                self.load(first / SUMS_PER_BLOCK, (end - 1) / SUMS_PER_BLOCK, path, read)?;
                 let mut p = first;
                 while p < end {
                     let b = p / SUMS_PER_BLOCK;
-                    let block = self.block(b, path, read)?;
+                    let block = self.loaded_block(b)?;
                     let from = p - b * SUMS_PER_BLOCK;
                     let to = (end - b * SUMS_PER_BLOCK).min(SUMS_PER_BLOCK);
                     each(p, &block[from as usize * 8..to as usize * 8])?;
@@ -90,8 +91,10 @@ impl PageSums {
         }
     }
 
-    /// Block `b` of a version 4 epoch, read and verified on first use.
-    fn block(&self, b: u64, path: &Path, read: ReadAt<'_>) -> Result<&[u8]> {
+    /// Read and verify the blocks of `[b0, b1]` not loaded yet, each run
+    /// of them in one read (a restore reading megabytes of pages at a time
+    /// needs several blocks at once).
+    fn load(&self, b0: u64, b1: u64, path: &Path, read: ReadAt<'_>) -> Result<()> {
         let PageSums::Blocks {
             at,
             pages,
@@ -99,37 +102,61 @@ impl PageSums {
             loaded,
         } = self
         else {
-            return Err(StoreError::Usage("no PAGE_SUMS blocks before version 4"));
+            return Ok(());
         };
-        let slot = loaded
-            .get(b as usize)
-            .ok_or(StoreError::Usage("page outside PAGE_SUMS"))?;
-        if let Some(bytes) = slot.get() {
-            return Ok(bytes);
-        }
-        let first = b * SUMS_PER_BLOCK;
-        let count = (*pages - first).min(SUMS_PER_BLOCK);
-        let offset = at + first * 8;
-        let mut bytes = vec![0u8; count as usize * 8].into_boxed_slice();
-        read(&mut bytes, offset).map_err(|source| StoreError::Io {
-            path: path.to_path_buf(),
-            op: "read page checksums",
-            source,
-        })?;
-        if checksum(&bytes) != table[b as usize] {
-            return Err(StoreError::Corrupt {
+        let missing = |b: u64| loaded.get(b as usize).is_some_and(|l| l.get().is_none());
+        let mut b = b0;
+        while b <= b1 {
+            if !missing(b) {
+                b += 1;
+                continue;
+            }
+            let mut z = b;
+            while z < b1 && missing(z + 1) {
+                z += 1;
+            }
+            let first = b * SUMS_PER_BLOCK;
+            let last = ((z + 1) * SUMS_PER_BLOCK).min(*pages);
+            let offset = at + first * 8;
+            let mut bytes = vec![0u8; (last - first) as usize * 8];
+            read(&mut bytes, offset).map_err(|source| StoreError::Io {
                 path: path.to_path_buf(),
-                why: format!(
-                    "page checksum block {b} (data pages {first}..{}, bytes {offset}..{} of the file) fails its checksum in the PAGE_SUMS block table",
-                    first + count,
-                    offset + count * 8
-                ),
-            });
+                op: "read page checksums",
+                source,
+            })?;
+            for (i, chunk) in bytes.chunks(SUMS_PER_BLOCK as usize * 8).enumerate() {
+                let k = b + i as u64;
+                if checksum(chunk) != table[k as usize] {
+                    let (p0, o0) = (k * SUMS_PER_BLOCK, offset + i as u64 * SUMS_PER_BLOCK * 8);
+                    let n = chunk.len() as u64 / 8;
+                    return Err(StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        why: format!(
+                            "page checksum block {k} (data pages {p0}..{}, bytes {o0}..{} of the file) fails its checksum in the PAGE_SUMS block table",
+                            p0 + n,
+                            o0 + n * 8
+                        ),
+                    });
+                }
+                // Another thread may have loaded it meanwhile: the same
+                // verified bytes either way.
+                let _ = loaded[k as usize].set(chunk.into());
+            }
+            b = z + 1;
         }
-        // Another thread may have loaded it meanwhile: the same verified
-        // bytes either way.
-        let _ = slot.set(bytes);
-        Ok(slot.get().map_or(&[][..], |b| &b[..]))
+        Ok(())
+    }
+
+    /// Block `b`, loaded by [`PageSums::load`].
+    fn loaded_block(&self, b: u64) -> Result<&[u8]> {
+        match self {
+            PageSums::Blocks { loaded, .. } => loaded
+                .get(b as usize)
+                .and_then(OnceLock::get)
+                .map(|b| &b[..])
+                .ok_or(StoreError::Usage("page checksum block not loaded")),
+            PageSums::Whole(_) => Err(StoreError::Usage("no PAGE_SUMS blocks before version 4")),
+        }
     }
 
     /// Bytes of checksums held in memory (the table and loaded blocks).
@@ -194,15 +221,19 @@ mod tests {
         let s = PageSums::blocks(100, pages, &table);
         let reads = Cell::new(0);
         assert_eq!(s.held(), 32, "only the table at open");
-        // A range across blocks 0 and 1.
+        // A range across blocks 0 and 1: one read for both.
         let got = collect(&s, 510, 4, &f, &reads).unwrap();
         assert_eq!(got, (510..514).map(|p| p * 7 + 1).collect::<Vec<_>>());
-        assert_eq!(reads.get(), 2);
+        assert_eq!(reads.get(), 1);
         collect(&s, 0, 512, &f, &reads).unwrap();
-        assert_eq!(reads.get(), 2, "block 0 is kept");
+        assert_eq!(reads.get(), 1, "block 0 is kept");
         // The last, short block.
         let got = collect(&s, pages - 1, 1, &f, &reads).unwrap();
         assert_eq!(got, vec![(pages - 1) * 7 + 1]);
+        assert_eq!(reads.get(), 2);
+        // All of them: only block 2 is left to read.
+        let got = collect(&s, 0, pages, &f, &reads).unwrap();
+        assert_eq!(got, (0..pages).map(|p| p * 7 + 1).collect::<Vec<_>>());
         assert_eq!(reads.get(), 3);
         assert!(collect(&s, pages, 1, &f, &reads).is_err(), "past the last page");
     }
