@@ -75,6 +75,8 @@ impl PageSums {
                 each(first, piece)
             }
             PageSums::Blocks { pages, .. } if end > *pages => Err(StoreError::Usage("page outside PAGE_SUMS")),
+            // No pages: no block to read (and `end - 1` below needs one).
+            PageSums::Blocks { .. } if n == 0 => Ok(()),
             PageSums::Blocks { .. } => {
                 self.load(first / SUMS_PER_BLOCK, (end - 1) / SUMS_PER_BLOCK, path, read)?;
                 let mut p = first;
@@ -236,6 +238,8 @@ mod tests {
         assert_eq!(got, (0..pages).map(|p| p * 7 + 1).collect::<Vec<_>>());
         assert_eq!(reads.get(), 3);
         assert!(collect(&s, pages, 1, &f, &reads).is_err(), "past the last page");
+        assert_eq!(collect(&s, 0, 0, &f, &reads).unwrap(), Vec::<u64>::new(), "no pages");
+        assert_eq!(reads.get(), 3);
     }
 
     #[test]
