@@ -157,7 +157,13 @@ fn run_inner(
     let r = run_to_report(&mut cmd, &ctx.scratch, "run", &report, limits.deadline, cap)?;
     rec.wall_s = f(&r["wall_time_s"]).ok_or(ConsnapRunError::NoWallTime)?;
     let idle = f(&r["vcpu_idle_s"]).unwrap_or(0.0);
-    rec.busy_s = Some(rec.wall_s * ctx.vcpus as f64 - idle);
+    // The vCPUs' own run, from their start to their end: the VM's set-up,
+    // the engine's arming before it and the last epoch's save after it
+    // are no guest time (older reports have only the whole command's).
+    let ran = f(&r["vcpu_run_s"])
+        .filter(|t| *t > 0.0)
+        .unwrap_or(rec.wall_s * ctx.vcpus as f64);
+    rec.busy_s = Some(ran - idle);
     rec.checksum = r["checksum"].as_str().map(str::to_string);
     let expect = if rec.checksum.is_none() && r["status"].as_str() == Some("signal") && cap.is_some() {
         rec.stopped_s = Some(rec.wall_s);

@@ -12,6 +12,7 @@
 mod consnap_run;
 pub mod disk_io;
 pub mod error;
+mod goal;
 pub mod matrix;
 pub mod microvm;
 pub mod net;

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::error::{BenchError, Result};
 use crate::matrix::Mode;
 use crate::results::Record;
-use crate::{Options, plot};
+use crate::{Options, goal, plot};
 
 /// The paper's figures (ConSnap, ICPADS 2014, abstract): performance loss
 /// of stop-and-copy incremental snapshots and of ConSnap, intervals 1-60 s.
@@ -55,15 +55,16 @@ pub fn wrong_checksums(records: &[Record]) -> Vec<&Record> {
 
 /// One cell: a workload, an interval and a mode, over its repeats.
 #[derive(Default)]
-struct Cell<'a> {
-    runs: Vec<&'a Record>,
+pub(crate) struct Cell<'a> {
+    pub runs: Vec<&'a Record>,
     /// Extra wall time against the baseline of the same repeat, %.
-    loss: Vec<f64>,
+    pub loss: Vec<f64>,
     /// Extra busy vCPU time against the baseline (paced workloads), %.
-    cpu: Vec<f64>,
-    base_wall: Vec<f64>,
+    pub cpu: Vec<f64>,
+    pub base_wall: Vec<f64>,
+    pub base_busy: Vec<f64>,
     /// Runs stopped at the cap, whose loss is a lower bound.
-    stopped: usize,
+    pub stopped: usize,
 }
 
 impl Cell<'_> {
@@ -116,7 +117,7 @@ fn ratio(sc: Option<&Cell>, cow: Option<&Cell>, noise: f64, paced: bool) -> Stri
     }
 }
 
-fn median(xs: &[f64]) -> Option<f64> {
+pub(crate) fn median(xs: &[f64]) -> Option<f64> {
     if xs.is_empty() {
         return None;
     }
@@ -152,7 +153,7 @@ fn size(b: f64) -> String {
     }
 }
 
-fn interval(ms: u64) -> String {
+pub(crate) fn interval(ms: u64) -> String {
     if ms >= 1000 && ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else {
@@ -160,7 +161,7 @@ fn interval(ms: u64) -> String {
     }
 }
 
-type Cells<'a> = BTreeMap<(String, u64, Mode), Cell<'a>>;
+pub(crate) type Cells<'a> = BTreeMap<(String, u64, Mode), Cell<'a>>;
 
 fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
     let mut out: Cells<'a> = BTreeMap::new();
@@ -174,6 +175,7 @@ fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
             c.base_wall.push(b.wall_s);
             if let (Some(x), Some(y)) = (r.busy_s, b.busy_s) {
                 c.cpu.push((x / y - 1.0) * 100.0);
+                c.base_busy.push(y);
             }
         }
     }
@@ -238,6 +240,17 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
     }
     method(&mut d, opts, all.iter().filter(|r| r.stopped_s.is_some()).count());
     headline(&mut d, &cells);
+    let judged: Vec<(String, bool)> = workloads
+        .iter()
+        .map(|w| (w.clone(), paced(&spec_of(&all, w))))
+        .collect();
+    goal::section(&mut d, &cells, &judged, &|w, paced| {
+        if paced {
+            goal::cpu_noise(&cells, w, NOISE_FLOOR)
+        } else {
+            noise(&cells, w)
+        }
+    });
     let _ = writeln!(d, "## Loss per workload\n");
     for w in &workloads {
         loss_table(&mut d, w, &cells, &all, &plots_dir)?;
@@ -317,7 +330,9 @@ fn method(d: &mut String, opts: &Options, stopped: usize) {
          against a run without snapshots of the same repeat, made just before (consnap modes against consnap `none`, QEMU modes \
          against QEMU without snapshots). Figures are medians over the repeats, with the range and n. A paced workload (`rate=`) \
          catches up after each snapshot, so its wall time hides the loss; for those the *CPU* figure is the growth of the vCPU time \
-         not spent idling at the guest's request (`vcpu_idle_s` in the run report), against the baseline. **cow / stop-copy** is \
+         from the vCPUs' start to their end not spent idling at the guest's request (`vcpu_run_s` − `vcpu_idle_s` in the run \
+         report: snapshot pauses and faults included, the VM's set-up, the engine's arming and the last epoch's save after the \
+         guest's end not), against the baseline. Wall time is the whole command's, all of these included. **cow / stop-copy** is \
          the ratio of the median losses (for a paced workload, of the CPU figures), given only where stop-copy's loss is above the workload's *noise* (the widest spread \
          of one cell's baseline runs, at least {NOISE_FLOOR}%, shown with each workload); elsewhere the cell says *within noise*. Each run at interval I \
          lasts at least {} s and 3.3 × I + 1 s, so that it holds at least three snapshots. After every run with snapshots the newest \
@@ -388,6 +403,20 @@ fn headline(d: &mut String, cells: &Cells) {
     );
 }
 
+/// The workload spec `w`'s runs ran.
+fn spec_of(all: &[&Record], w: &str) -> String {
+    all.iter()
+        .find(|r| r.workload == w)
+        .map(|r| r.spec.clone())
+        .unwrap_or_default()
+}
+
+/// Whether `spec` is a paced workload (a rate): its wall time hides its loss.
+fn paced(spec: &str) -> bool {
+    spec.split(',')
+        .any(|x| x.starts_with("rate=") && x != "rate=max" && x != "rate=0")
+}
+
 /// The part of a plot's link after `plots/`: its report's own folder.
 fn plot_sub(plots: &Path) -> String {
     match plots.file_name().and_then(|n| n.to_str()) {
@@ -401,14 +430,8 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
     if ivs.is_empty() {
         return Ok(());
     }
-    let spec = all
-        .iter()
-        .find(|r| r.workload == w)
-        .map(|r| r.spec.clone())
-        .unwrap_or_default();
-    let paced = spec
-        .split(',')
-        .any(|x| x.starts_with("rate=") && x != "rate=max" && x != "rate=0");
+    let spec = spec_of(all, w);
+    let paced = paced(&spec);
     let noise = noise(cells, w);
     let _ = writeln!(d, "### {w}\n");
     let _ = writeln!(
@@ -720,6 +743,13 @@ mod tests {
         );
         assert!(
             doc.contains("| 100 ms | 10.00 | > +200.0% | +50.0% | +10.0% |"),
+            "{doc}"
+        );
+        // cow against the better baseline: stop-copy at 100 ms (full copies
+        // stopped at the cap lost more), 0.3 × 50 % allowed.
+        assert!(doc.contains("**2 of 2 cells meet the goal.**"), "{doc}");
+        assert!(
+            doc.contains("| build | 100 ms | stop-copy | +50.0% | +10.0% | 0.20 | ≤ 0.3 |"),
             "{doc}"
         );
         assert!(doc.contains("plots/loss-build.svg"));

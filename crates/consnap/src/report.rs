@@ -509,6 +509,12 @@ pub struct Report {
     /// Time the vCPU threads slept because the guest asked to idle (a
     /// rate-limited workload ahead of its rate), seconds: its slack.
     pub vcpu_idle_s: f64,
+    /// Time the vCPUs ran the guest, from their start (after the VM's
+    /// set-up and the snapshot engine's arming) to their end (before the
+    /// last epoch's save finishes), summed over vCPUs, seconds. Minus
+    /// `vcpu_idle_s`: the vCPU time the guest used, snapshots' pauses and
+    /// faults included.
+    pub vcpu_run_s: f64,
     /// Latency of pausing all vCPUs (pause probes and snapshots).
     pub pause: Percentiles,
     /// Guest progress over time: [milliseconds, ops].

@@ -631,6 +631,7 @@ fn build_report(
         vcpu_cpu_s: machine.vcpu_times().iter().map(|t| t.cpu_ns as f64 / 1e9).sum(),
         vcpu_wait_s: machine.vcpu_times().iter().map(|t| t.wait_ns as f64 / 1e9).sum(),
         vcpu_idle_s: machine.vcpu_times().iter().map(|t| t.idle_ns as f64 / 1e9).sum(),
+        vcpu_run_s: machine.vcpu_times().iter().map(|t| t.run_ns as f64 / 1e9).sum(),
         pause: Percentiles::of(&pauses),
         progress: measured.samples,
         snapshots: measured.engine.as_ref().map(Snapshots::from_engine),

@@ -159,6 +159,10 @@ pub struct VcpuTimes {
     /// Time the guest asked to idle ([`IoOutcome::Idle`]) and the thread
     /// slept, ns: a paced guest's slack.
     pub idle_ns: u64,
+    /// Time from the vCPUs' start (all of them had their state) to this
+    /// vCPU's end, ns: the guest's run, without the VM's set-up before it
+    /// or anything the VMM does after it.
+    pub run_ns: u64,
 }
 
 impl VcpuTimes {
@@ -181,6 +185,7 @@ impl VcpuTimes {
             cpu_ns,
             wait_ns,
             idle_ns: 0,
+            run_ns: 0,
         }
     }
 }
@@ -412,6 +417,7 @@ impl Vcpus {
                             devices,
                             events,
                             idle_ns: 0,
+                            began: Instant::now(),
                         }
                         .run(),
                         Err(e) => {
@@ -543,6 +549,8 @@ struct Worker {
     events: Sender<VcpuEvent>,
     /// Time slept on the guest's idle requests, ns.
     idle_ns: u64,
+    /// When the vCPUs were let go.
+    began: Instant,
 }
 
 impl Worker {
@@ -553,6 +561,7 @@ impl Worker {
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         let times = VcpuTimes {
             idle_ns: self.idle_ns,
+            run_ns: self.began.elapsed().as_nanos() as u64,
             ..VcpuTimes::of_this_thread(self.vcpu.id)
         };
         let mut g = self.control.lock();

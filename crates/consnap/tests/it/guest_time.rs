@@ -141,4 +141,11 @@ fn a_rate_limited_guest_idles() {
     let idle = r["vcpu_idle_s"].as_f64().unwrap();
     eprintln!("{VCPUS} rate-limited vCPUs: {wall:.2} s wall, {cpu:.2} s CPU, {idle:.2} s idle");
     assert!(idle > 0.0, "the rate-limited vCPUs never idled: they spin\n{r}");
+    // The vCPUs' run lies inside the command's time (each vCPU's), and
+    // holds their idling.
+    let run = r["vcpu_run_s"].as_f64().unwrap();
+    assert!(
+        run <= wall * VCPUS as f64 && run >= idle,
+        "vcpu_run_s {run} against wall {wall}, idle {idle}\n{r}"
+    );
 }
