@@ -160,10 +160,9 @@ fn run_inner(
     // The vCPUs' own run, from their start to their end: the VM's set-up,
     // the engine's arming before it and the last epoch's save after it
     // are no guest time (older reports have only the whole command's).
-    let ran = f(&r["vcpu_run_s"])
-        .filter(|t| *t > 0.0)
-        .unwrap_or(rec.wall_s * ctx.vcpus as f64);
-    rec.busy_s = Some(ran - idle);
+    let ran = f(&r["vcpu_run_s"]).filter(|t| *t > 0.0);
+    rec.run_s = ran.map(|t| t / f64::from(ctx.vcpus.max(1)));
+    rec.busy_s = Some(ran.unwrap_or(rec.wall_s * ctx.vcpus as f64) - idle);
     rec.checksum = r["checksum"].as_str().map(str::to_string);
     let expect = if rec.checksum.is_none() && r["status"].as_str() == Some("signal") && cap.is_some() {
         rec.stopped_s = Some(rec.wall_s);

@@ -171,8 +171,13 @@ fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
         c.runs.push(r);
         c.stopped += usize::from(r.stopped_s.is_some());
         if let Some(b) = baseline(all, r).filter(|_| mode.snapshots()) {
-            c.loss.push((r.wall_s / b.wall_s - 1.0) * 100.0);
-            c.base_wall.push(b.wall_s);
+            // The guest's own run where both have it, else the command's.
+            let (t, tb) = match (r.run_s, b.run_s) {
+                (Some(t), Some(tb)) if tb > 0.0 => (t, tb),
+                _ => (r.wall_s, b.wall_s),
+            };
+            c.loss.push((t / tb - 1.0) * 100.0);
+            c.base_wall.push(tb);
             if let (Some(x), Some(y)) = (r.busy_s, b.busy_s) {
                 c.cpu.push((x / y - 1.0) * 100.0);
                 c.base_busy.push(y);
@@ -238,7 +243,7 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
             "The network (the kv guest's round trip and request rate against QEMU's, and the round trip under output commit) is in [NET.md](NET.md) (`consnap bench --net --doc docs/NET.md`).\n"
         );
     }
-    method(&mut d, opts, all.iter().filter(|r| r.stopped_s.is_some()).count());
+    method(&mut d, opts, &all);
     headline(&mut d, &cells);
     let judged: Vec<(String, bool)> = workloads
         .iter()
@@ -320,7 +325,26 @@ fn machines(d: &mut String, all: &[&Record]) {
     let _ = writeln!(d);
 }
 
-fn method(d: &mut String, opts: &Options, stopped: usize) {
+/// Which consnap workloads' losses are taken on the command's wall time
+/// (runs recorded before `run_s` was), as a sentence.
+fn timed_by_wall(all: &[&Record]) -> String {
+    let old: BTreeSet<&str> = all
+        .iter()
+        .filter(|r| !r.mode.starts_with("qemu") && r.run_s.is_none() && r.error.is_none())
+        .map(|r| r.workload.as_str())
+        .collect();
+    if old.is_empty() {
+        return "Every consnap run here has its guest's own run time.\n".into();
+    }
+    format!(
+        "Runs recorded before the guest's own run time was ({}) are compared on the whole command's wall time, set-up, \
+         arming and the last save included; a paced workload's CPU figure is still the vCPUs' own.\n",
+        old.into_iter().collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn method(d: &mut String, opts: &Options, all: &[&Record]) {
+    let stopped = all.iter().filter(|r| r.stopped_s.is_some()).count();
     let m = &opts.matrix;
     let _ = writeln!(
         d,
@@ -328,11 +352,15 @@ fn method(d: &mut String, opts: &Options, stopped: usize) {
          Matrix: {}. Guest: {} of RAM, {} vCPU(s), the embedded workload guest (for QEMU the same ELF, `consnap guest export`, \
          booted with `-kernel` and qboot). **Loss** is the extra time a fixed amount of guest work takes, (T − T_none) / T_none, \
          against a run without snapshots of the same repeat, made just before (consnap modes against consnap `none`, QEMU modes \
-         against QEMU without snapshots). Figures are medians over the repeats, with the range and n. A paced workload (`rate=`) \
+         against QEMU without snapshots). For consnap T is the guest's own run, its vCPUs' time from their start to their end \
+         (`vcpu_run_s` in the run report): the VM's set-up and the engine's arming before it (reported apart, by `consnap \
+         bench-ram`) and the save of the last epoch after the guest's end are not in it, snapshot pauses and everything the \
+         snapshots cost the running guest are. For QEMU T is the QEMU process's wall time, its start and exit included, in its \
+         runs with snapshots and without alike. Figures are medians over the repeats, with the range and n. A paced workload (`rate=`) \
          catches up after each snapshot, so its wall time hides the loss; for those the *CPU* figure is the growth of the vCPU time \
          from the vCPUs' start to their end not spent idling at the guest's request (`vcpu_run_s` − `vcpu_idle_s` in the run \
          report: snapshot pauses and faults included, the VM's set-up, the engine's arming and the last epoch's save after the \
-         guest's end not), against the baseline. Wall time is the whole command's, all of these included. **cow / stop-copy** is \
+         guest's end not), against the baseline. **cow / stop-copy** is \
          the ratio of the median losses (for a paced workload, of the CPU figures), given only where stop-copy's loss is above the workload's *noise* (the widest spread \
          of one cell's baseline runs, at least {NOISE_FLOOR}%, shown with each workload); elsewhere the cell says *within noise*. Each run at interval I \
          lasts at least {} s and 3.3 × I + 1 s, so that it holds at least three snapshots. After every run with snapshots the newest \
@@ -340,6 +368,7 @@ fn method(d: &mut String, opts: &Options, stopped: usize) {
          the uninterrupted one.\n",
         opts.label, opts.mem, opts.vcpus, m.base_seconds
     );
+    let _ = writeln!(d, "{}", timed_by_wall(all));
     let _ = writeln!(
         d,
         "Budget: at intervals of {} s and more only {} run, modes {}, {} time(s); QEMU runs once per cell, for {}, at \
@@ -644,6 +673,19 @@ mod tests {
         bad[2].restore_ok = Some(false);
         bad[4].checksum = Some("0x2".into());
         assert_eq!(wrong_checksums(&bad).len(), 2);
+        // The guest's own run, where a run and its baseline both have it:
+        // the command's time around it (arming, the last save) is no loss.
+        let run = |r: Record, t: f64| Record { run_s: Some(t), ..r };
+        let timed = [run(rec("none", 0, 0, 10.5), 10.0), run(rec("cow", 1000, 0, 12.0), 11.0)];
+        let all = latest(&timed);
+        let c = cells(&all);
+        let cow = &c[&("build".to_string(), 1000, Mode::Cow)];
+        assert_eq!(median(&cow.loss).map(|x| x.round()), Some(10.0));
+        let mixed = [rec("none", 0, 0, 10.5), run(rec("cow", 1000, 0, 12.6), 11.0)];
+        let all = latest(&mixed);
+        let c = cells(&all);
+        let cow = &c[&("build".to_string(), 1000, Mode::Cow)];
+        assert_eq!(median(&cow.loss).map(|x| x.round()), Some(20.0));
         // A rerun of a key replaces the older record.
         let mut again = recs.clone();
         again.push(rec("cow", 1000, 0, 12.0));

@@ -43,6 +43,13 @@ pub struct Record {
     /// run stopped at its cap (`stopped_s`), the time to the stop: a lower
     /// bound.
     pub wall_s: f64,
+    /// The guest's own run, seconds: its vCPUs' time from their start to
+    /// their end (consnap's `vcpu_run_s` over the vCPUs), without the VM's
+    /// set-up, the engine's arming before it and the last epoch's save
+    /// after it. Losses are taken on it where a run and its baseline both
+    /// have it (consnap runs since it was recorded), else on `wall_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_s: Option<f64>,
     /// The run lost so much that it was stopped at this many seconds (the
     /// matrix's cap, a multiple of the run's length without snapshots)
     /// before its work was done; its `wall_s` and `busy_s` are lower bounds
