@@ -10,8 +10,8 @@
 
 use std::fmt::Write as _;
 
+use crate::cells::{Cell, Cells, interval, median};
 use crate::matrix::Mode;
-use crate::render::{Cell, Cells, interval, median};
 
 /// Where the better baseline loses more than this (%), cow must lose at
 /// most [`BIG_RATIO`] of it.
@@ -62,21 +62,6 @@ pub(crate) fn verdict(sc: Option<&Cell>, full: Option<&Cell>, cow: &Cell, noise:
         goal,
         met,
     })
-}
-
-/// The noise of a paced workload's CPU figure, %: the widest spread of one
-/// cell's baseline busy times, at least `floor`.
-pub(crate) fn cpu_noise(cells: &Cells, workload: &str, floor: f64) -> f64 {
-    cells
-        .iter()
-        .filter(|((w, _, _), c)| w == workload && c.base_busy.len() >= 2)
-        .filter_map(|(_, c)| {
-            let m = median(&c.base_busy).filter(|m| *m > 0.0)?;
-            let lo = c.base_busy.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = c.base_busy.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            Some((hi - lo) / m * 100.0)
-        })
-        .fold(floor, f64::max)
 }
 
 /// The section of the report: one row per workload and interval where cow

@@ -9,6 +9,7 @@
 //! interrupted matrix resumes. The report (docs/BENCHMARKS.md) and the SVG
 //! plots are generated from those lines alone.
 
+mod cells;
 mod consnap_run;
 pub mod disk_io;
 pub mod error;
@@ -78,7 +79,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
         measure(opts, &res, &mut summary)?;
     }
     let records = res.load()?;
-    summary.wrong_checksums = render::wrong_checksums(&records).len();
+    summary.wrong_checksums = cells::wrong_checksums(&records).len();
     render::write(opts, &records)?;
     Ok(summary)
 }

@@ -1,9 +1,10 @@
 //! docs/BENCHMARKS.md and its plots, generated from the results alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::cells::{Cell, Cells, NOISE_FLOOR, cells, cpu_noise, interval, latest, median, noise, pct, wrong_checksums};
 use crate::error::{BenchError, Result};
 use crate::matrix::Mode;
 use crate::results::Record;
@@ -12,88 +13,6 @@ use crate::{Options, goal, plot};
 /// The paper's figures (ConSnap, ICPADS 2014, abstract): performance loss
 /// of stop-and-copy incremental snapshots and of ConSnap, intervals 1-60 s.
 const PAPER: [(&str, &str, f64, f64); 2] = [("build", "Compilation", 71.1, 10.2), ("ftp", "Ftp", 14.5, 4.7)];
-
-/// The newest record of each key.
-fn latest(records: &[Record]) -> Vec<&Record> {
-    let mut by_key: BTreeMap<&str, &Record> = BTreeMap::new();
-    for r in records {
-        by_key.insert(&r.key, r);
-    }
-    let mut out: Vec<&Record> = by_key.into_values().collect();
-    out.sort_by_key(|r| (r.workload.clone(), r.interval_ms, r.mode.clone(), r.rep));
-    out
-}
-
-/// The run without snapshots that `r` is compared with.
-fn baseline<'a>(all: &[&'a Record], r: &Record) -> Option<&'a Record> {
-    let base = Mode::parse(&r.mode)?.baseline().name();
-    all.iter().copied().find(|b| {
-        b.spec == r.spec
-            && b.mode == base
-            && b.rep == r.rep
-            && b.mem == r.mem
-            && b.vcpus == r.vcpus
-            && b.error.is_none()
-    })
-}
-
-/// Runs whose checksum (or whose restore's) is not the uninterrupted one.
-pub fn wrong_checksums(records: &[Record]) -> Vec<&Record> {
-    let all = latest(records);
-    all.iter()
-        .copied()
-        .filter(|r| r.error.is_none())
-        .filter(|r| {
-            // A run stopped at its cap has no checksum of its own; its
-            // restore is checked against the baseline's.
-            let own = r.stopped_s.is_none()
-                && baseline(&all, r).is_some_and(|b| b.checksum.is_some() && b.checksum != r.checksum);
-            own || r.restore_ok == Some(false)
-        })
-        .collect()
-}
-
-/// One cell: a workload, an interval and a mode, over its repeats.
-#[derive(Default)]
-pub(crate) struct Cell<'a> {
-    pub runs: Vec<&'a Record>,
-    /// Extra wall time against the baseline of the same repeat, %.
-    pub loss: Vec<f64>,
-    /// Extra busy vCPU time against the baseline (paced workloads), %.
-    pub cpu: Vec<f64>,
-    pub base_wall: Vec<f64>,
-    pub base_busy: Vec<f64>,
-    /// Runs stopped at the cap, whose loss is a lower bound.
-    pub stopped: usize,
-}
-
-impl Cell<'_> {
-    /// The loss, median and range; `> ` when a run was stopped at the cap
-    /// (its loss is a lower bound, so the median is one too).
-    fn loss_text(&self) -> String {
-        let bound = if self.stopped > 0 { "> " } else { "" };
-        format!("{bound}{}", pct(&self.loss))
-    }
-}
-
-/// The smallest noise [`noise`] assumes for a workload, %.
-const NOISE_FLOOR: f64 = 5.0;
-
-/// The noise of `workload`'s timings on this machine, %: the widest spread
-/// (max − min over the median) of one cell's baseline runs, over the
-/// workload's cells with two or more repeats, and at least [`NOISE_FLOOR`].
-fn noise(cells: &Cells, workload: &str) -> f64 {
-    cells
-        .iter()
-        .filter(|((w, _, _), c)| w == workload && c.base_wall.len() >= 2)
-        .filter_map(|(_, c)| {
-            let m = median(&c.base_wall).filter(|m| *m > 0.0)?;
-            let lo = c.base_wall.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = c.base_wall.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            Some((hi - lo) / m * 100.0)
-        })
-        .fold(NOISE_FLOOR, f64::max)
-}
 
 /// cow's median loss over stop-copy's, as a bound where one of them was
 /// stopped at the cap; no ratio where stop-copy's loss is within `noise`
@@ -117,32 +36,6 @@ fn ratio(sc: Option<&Cell>, cow: Option<&Cell>, noise: f64, paced: bool) -> Stri
     }
 }
 
-pub(crate) fn median(xs: &[f64]) -> Option<f64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-fn pct(xs: &[f64]) -> String {
-    let Some(m) = median(xs) else {
-        return "—".into();
-    };
-    if xs.len() == 1 {
-        return format!("{m:+.1}%");
-    }
-    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{m:+.1}% ({lo:+.0}…{hi:+.0}, n={})", xs.len())
-}
-
 fn size(b: f64) -> String {
     if b >= 1e9 {
         format!("{:.2} GB", b / 1e9)
@@ -151,40 +44,6 @@ fn size(b: f64) -> String {
     } else {
         format!("{:.0} kB", b / 1e3)
     }
-}
-
-pub(crate) fn interval(ms: u64) -> String {
-    if ms >= 1000 && ms.is_multiple_of(1000) {
-        format!("{} s", ms / 1000)
-    } else {
-        format!("{ms} ms")
-    }
-}
-
-pub(crate) type Cells<'a> = BTreeMap<(String, u64, Mode), Cell<'a>>;
-
-fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
-    let mut out: Cells<'a> = BTreeMap::new();
-    for &r in all.iter().filter(|r| r.error.is_none()) {
-        let Some(mode) = Mode::parse(&r.mode) else { continue };
-        let c = out.entry((r.workload.clone(), r.interval_ms, mode)).or_default();
-        c.runs.push(r);
-        c.stopped += usize::from(r.stopped_s.is_some());
-        if let Some(b) = baseline(all, r).filter(|_| mode.snapshots()) {
-            // The guest's own run where both have it, else the command's.
-            let (t, tb) = match (r.run_s, b.run_s) {
-                (Some(t), Some(tb)) if tb > 0.0 => (t, tb),
-                _ => (r.wall_s, b.wall_s),
-            };
-            c.loss.push((t / tb - 1.0) * 100.0);
-            c.base_wall.push(tb);
-            if let (Some(x), Some(y)) = (r.busy_s, b.busy_s) {
-                c.cpu.push((x / y - 1.0) * 100.0);
-                c.base_busy.push(y);
-            }
-        }
-    }
-    out
 }
 
 /// Write the report and its plots.
@@ -250,11 +109,7 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
         .map(|w| (w.clone(), paced(&spec_of(&all, w))))
         .collect();
     goal::section(&mut d, &cells, &judged, &|w, paced| {
-        if paced {
-            goal::cpu_noise(&cells, w, NOISE_FLOOR)
-        } else {
-            noise(&cells, w)
-        }
+        if paced { cpu_noise(&cells, w) } else { noise(&cells, w) }
     });
     let _ = writeln!(d, "## Loss per workload\n");
     for w in &workloads {
