@@ -151,16 +151,24 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
     // The socket must never be open to others, not even for a moment: bind
     // under a umask that leaves 0600. This runs before any other thread
     // that creates files exists.
+    // It is bound (and listening) under a temporary name and renamed into
+    // place, so that whoever waits for `path` to appear never finds a
+    // socket not yet listening (bind and listen are two calls).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
     // SAFETY: umask only swaps the process's file mode mask.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&tmp);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let socket = bound.map_err(|source| ServerError::Listen { path: at(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
         .and_then(|()| socket.set_nonblocking(true))
+        .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
-            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(&tmp);
             io(e)
         })?;
     Ok(Listener {
