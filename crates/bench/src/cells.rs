@@ -50,11 +50,14 @@ pub fn wrong_checksums(records: &[Record]) -> Vec<&Record> {
 #[derive(Default)]
 pub(crate) struct Cell<'a> {
     pub runs: Vec<&'a Record>,
-    /// Extra wall time against the baseline of the same repeat, %.
+    /// Extra time against the baseline of the same repeat (the guest's own
+    /// run where both have it, else the command's wall time), %.
     pub loss: Vec<f64>,
     /// Extra busy vCPU time against the baseline (paced workloads), %.
     pub cpu: Vec<f64>,
-    pub base_wall: Vec<f64>,
+    /// The baselines' times the losses were taken against, s.
+    pub base_time: Vec<f64>,
+    /// The baselines' busy vCPU times the CPU figures were taken against, s.
     pub base_busy: Vec<f64>,
     /// Runs stopped at the cap, whose loss is a lower bound.
     pub stopped: usize,
@@ -67,6 +70,16 @@ impl Cell<'_> {
         let bound = if self.stopped > 0 { "> " } else { "" };
         format!("{bound}{}", pct(&self.loss))
     }
+
+    /// The losses a cell is judged on: the CPU figures for a paced
+    /// workload (when measured), the time losses otherwise.
+    pub(crate) fn judged(&self, paced: bool) -> &[f64] {
+        if paced && !self.cpu.is_empty() {
+            &self.cpu
+        } else {
+            &self.loss
+        }
+    }
 }
 
 /// The smallest noise [`noise`] assumes for a workload, %.
@@ -76,7 +89,7 @@ pub(crate) const NOISE_FLOOR: f64 = 5.0;
 /// (max − min over the median) of one cell's baseline runs, over the
 /// workload's cells with two or more repeats, and at least [`NOISE_FLOOR`].
 pub(crate) fn noise(cells: &Cells, workload: &str) -> f64 {
-    widest_spread(cells, workload, |c| &c.base_wall)
+    widest_spread(cells, workload, |c| &c.base_time)
 }
 
 /// The noise of a paced workload's CPU figure, %: the widest spread of one
@@ -152,7 +165,7 @@ pub(crate) fn cells<'a>(all: &[&'a Record]) -> Cells<'a> {
                 _ => (r.wall_s, b.wall_s),
             };
             c.loss.push((t / tb - 1.0) * 100.0);
-            c.base_wall.push(tb);
+            c.base_time.push(tb);
             if let (Some(x), Some(y)) = (r.busy_s, b.busy_s) {
                 c.cpu.push((x / y - 1.0) * 100.0);
                 c.base_busy.push(y);

@@ -35,7 +35,7 @@ pub(crate) struct Verdict {
 
 /// The loss a cell's comparison uses: CPU growth for a paced workload.
 fn loss(c: &Cell, paced: bool) -> Option<f64> {
-    median(if paced && !c.cpu.is_empty() { &c.cpu } else { &c.loss })
+    median(c.judged(paced))
 }
 
 /// cow against the better of `sc` and `full` in one cell; `noise` in %.

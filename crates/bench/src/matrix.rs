@@ -67,6 +67,13 @@ impl Mode {
     }
 }
 
+/// Whether the workload spec `spec` is paced (a `rate=` other than 0 or
+/// max): it idles ahead of its rate, so its wall time hides its loss.
+pub fn spec_is_paced(spec: &str) -> bool {
+    spec.split(',')
+        .any(|w| w.strip_prefix("rate=").is_some_and(|r| r != "0" && r != "max"))
+}
+
 /// A workload of the matrix: a name and a `consnap run --workload` spec
 /// without `ops` (the bench sizes the work).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,9 +146,7 @@ impl Workload {
     }
 
     pub fn paced(&self) -> bool {
-        self.spec
-            .split(',')
-            .any(|w| w.strip_prefix("rate=").is_some_and(|r| r != "0" && r != "max"))
+        spec_is_paced(&self.spec)
     }
 
     /// The spec with `ops` set.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::cells::{Cell, Cells, NOISE_FLOOR, cells, cpu_noise, interval, latest, median, noise, pct, wrong_checksums};
 use crate::error::{BenchError, Result};
-use crate::matrix::Mode;
+use crate::matrix::{Mode, spec_is_paced};
 use crate::results::Record;
 use crate::{Options, goal, plot};
 
@@ -23,7 +23,7 @@ fn ratio(sc: Option<&Cell>, cow: Option<&Cell>, noise: f64, paced: bool) -> Stri
     let (Some(a), Some(b)) = (sc, cow) else {
         return "—".into();
     };
-    let loss = |c: &Cell| median(if paced && !c.cpu.is_empty() { &c.cpu } else { &c.loss });
+    let loss = |c: &Cell| median(c.judged(paced));
     match (loss(a), loss(b)) {
         (Some(x), _) if a.stopped == 0 && x < noise => "within noise".into(),
         (Some(x), Some(y)) => match (a.stopped > 0, b.stopped > 0) {
@@ -106,7 +106,7 @@ pub fn write(opts: &Options, records: &[Record]) -> Result<()> {
     headline(&mut d, &cells);
     let judged: Vec<(String, bool)> = workloads
         .iter()
-        .map(|w| (w.clone(), paced(&spec_of(&all, w))))
+        .map(|w| (w.clone(), spec_is_paced(&spec_of(&all, w))))
         .collect();
     goal::section(&mut d, &cells, &judged, &|w, paced| {
         if paced { cpu_noise(&cells, w) } else { noise(&cells, w) }
@@ -185,7 +185,7 @@ fn machines(d: &mut String, all: &[&Record]) {
 fn timed_by_wall(all: &[&Record]) -> String {
     let old: BTreeSet<&str> = all
         .iter()
-        .filter(|r| !r.mode.starts_with("qemu") && r.run_s.is_none() && r.error.is_none())
+        .filter(|r| Mode::parse(&r.mode).is_some_and(|m| !m.is_qemu()) && r.run_s.is_none() && r.error.is_none())
         .map(|r| r.workload.as_str())
         .collect();
     if old.is_empty() {
@@ -295,12 +295,6 @@ fn spec_of(all: &[&Record], w: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Whether `spec` is a paced workload (a rate): its wall time hides its loss.
-fn paced(spec: &str) -> bool {
-    spec.split(',')
-        .any(|x| x.starts_with("rate=") && x != "rate=max" && x != "rate=0")
-}
-
 /// The part of a plot's link after `plots/`: its report's own folder.
 fn plot_sub(plots: &Path) -> String {
     match plots.file_name().and_then(|n| n.to_str()) {
@@ -315,7 +309,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
         return Ok(());
     }
     let spec = spec_of(all, w);
-    let paced = paced(&spec);
+    let paced = spec_is_paced(&spec);
     let noise = noise(cells, w);
     let _ = writeln!(d, "### {w}\n");
     let _ = writeln!(
@@ -348,7 +342,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
     let _ = writeln!(d, "{head}\n|{}", "---|".repeat(modes.len() + 3));
     for &ms in &ivs {
         let get = |m: Mode| cells.get(&(w.to_string(), ms, m));
-        let base = modes.iter().find_map(|&m| get(m).and_then(|c| median(&c.base_wall)));
+        let base = modes.iter().find_map(|&m| get(m).and_then(|c| median(&c.base_time)));
         let mut row = format!(
             "| {} | {} |",
             interval(ms),
@@ -378,8 +372,7 @@ fn loss_table(d: &mut String, w: &str, cells: &Cells, all: &[&Record], plots: &P
                 .iter()
                 .filter_map(|&ms| {
                     let c = cells.get(&(w.to_string(), ms, m))?;
-                    let v = if paced && !c.cpu.is_empty() { &c.cpu } else { &c.loss };
-                    Some((ms as f64 / 1e3, median(v)?))
+                    Some((ms as f64 / 1e3, median(c.judged(paced))?))
                 })
                 .collect::<Vec<_>>();
             (m.name().to_string(), pts)

@@ -148,9 +148,6 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(e)),
     }
-    // The socket must never be open to others, not even for a moment: bind
-    // under a umask that leaves 0600. This runs before any other thread
-    // that creates files exists.
     // It is bound (and listening) under a temporary name and renamed into
     // place, so that whoever waits for `path` to appear never finds a
     // socket not yet listening (bind and listen are two calls).
@@ -158,6 +155,9 @@ pub fn bind(path: &Path) -> Result<Listener, ServerError> {
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
+    // The socket must never be open to others, not even for a moment: bind
+    // under a umask that leaves 0600. This runs before any other thread
+    // that creates files exists.
     // SAFETY: umask only swaps the process's file mode mask.
     let old = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(&tmp);
